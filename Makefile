@@ -1,0 +1,37 @@
+# Two commands for people (see README): `make demo` and `make test`. Everything else is plumbing.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed
+SLIDE ?= ../shared/data/slides/CMU-1-Small-Region.svs
+OUT ?= out/demo
+PYTEST_ARGS ?=
+
+.PHONY: venv sysdeps demo test lint bench
+
+# Create .venv if missing, reuse it if present; reinstall only when the dependency files change.
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip wheel setuptools
+	$(VENV)/bin/pip install -c constraints.txt -e '.[all]'
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+# Debian services the integration tests start and stop themselves (root on Debian 12; skipped when present).
+sysdeps:
+	@bash tests/sysdeps.sh
+
+demo: venv
+	$(VENV)/bin/mstar analyze $(SLIDE) --out $(OUT)
+
+test: venv sysdeps
+	$(VENV)/bin/ruff check service training tests bench
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+lint: venv
+	$(VENV)/bin/ruff check service training tests bench
+	$(VENV)/bin/ruff format --check service training tests bench
+
+bench: venv
+	$(VENV)/bin/python bench/tiling.py

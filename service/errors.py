@@ -1,0 +1,71 @@
+"""Typed refusals. Every error a user can cause maps to one class with a stable `code` and HTTP status.
+
+The CLI prints `str(err)` on one line and exits non-zero; the API turns it into a 4xx JSON body;
+a worker marks the job failed with `code` and the message. Nothing here should ever be a crash.
+"""
+
+from __future__ import annotations
+
+
+class MstarError(Exception):
+    """Base of all expected, user-facing failures."""
+
+    code: str = "error"
+    http_status: int = 422
+
+    def __init__(self, message: str, *, slide: str | None = None) -> None:
+        self.slide = slide
+        super().__init__(f"{slide}: {message}" if slide else message)
+
+
+class SlideError(MstarError):
+    code = "slide_error"
+
+
+class SlideNotFoundError(SlideError):
+    code = "slide_not_found"
+    http_status = 404
+
+
+class UnsupportedFormatError(SlideError):
+    code = "unsupported_format"
+    http_status = 415
+
+
+class CorruptSlideError(SlideError):
+    code = "corrupt_slide"
+    http_status = 422
+
+
+class MissingMppError(SlideError):
+    code = "missing_mpp"
+    http_status = 422
+
+
+class SlideTooLargeError(SlideError):
+    code = "slide_too_large"
+    http_status = 413
+
+
+class NoTissueError(SlideError):
+    code = "no_tissue"
+    http_status = 422
+
+
+class InvalidParameterError(MstarError):
+    code = "invalid_parameter"
+    http_status = 422
+
+
+class BundleError(MstarError):
+    """A model bundle that the service cannot serve (schema, checksum, missing file)."""
+
+    code = "invalid_bundle"
+    http_status = 500
+
+
+class BackendUnavailableError(MstarError):
+    """An inference backend (Triton server, GPU provider) that cannot be reached or started."""
+
+    code = "backend_unavailable"
+    http_status = 503
