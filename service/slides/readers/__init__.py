@@ -1,0 +1,1 @@
+"""Concrete `SlideReader`s, one per decoding library; `service.slides.open.open_slide` picks one."""

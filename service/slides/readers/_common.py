@@ -1,0 +1,127 @@
+"""Small helpers every reader shares: argument checks, alpha compositing, white canvases."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from service.errors import InvalidParameterError, SlideTooLargeError
+
+# One read_region call may not allocate more than this (≈300 MB of RGB): a bad caller must not OOM a worker.
+MAX_REGION_PIXELS = 100_000_000
+
+
+def check_region(
+    location: tuple[int, int], level: int, size: tuple[int, int], level_count: int, slide: str
+) -> tuple[int, int, int, int, int]:
+    """Validated `(x, y, level, w, h)` as ints, or a typed refusal."""
+    try:
+        x, y = (int(v) for v in location)
+        w, h = (int(v) for v in size)
+        level = int(level)
+    except (TypeError, ValueError):
+        msg = f"bad region {location!r} / {size!r} / level {level!r}"
+        raise InvalidParameterError(msg, slide=slide) from None
+    if not 0 <= level < level_count:
+        raise InvalidParameterError(f"level {level} does not exist (slide has {level_count})", slide=slide)
+    if w <= 0 or h <= 0:
+        raise InvalidParameterError(f"region size must be positive, got {w}x{h}", slide=slide)
+    if w * h > MAX_REGION_PIXELS:
+        raise SlideTooLargeError(f"region {w}x{h} exceeds {MAX_REGION_PIXELS} pixels per read", slide=slide)
+    return x, y, level, w, h
+
+
+def white(h: int, w: int) -> np.ndarray:
+    return np.full((h, w, 3), 255, dtype=np.uint8)
+
+
+def to_rgb(arr: np.ndarray) -> np.ndarray:
+    """uint8 RGB from grey / grey+alpha / RGB / RGBA; transparent pixels are composited onto white."""
+    arr = np.asarray(arr)
+    if arr.dtype != np.uint8:
+        if np.issubdtype(arr.dtype, np.integer) and arr.size and arr.max() > 255:
+            arr = (arr.astype(np.float32) * (255.0 / float(np.iinfo(arr.dtype).max))).round()
+        arr = np.clip(arr, 0, 255).astype(np.uint8)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    c = arr.shape[2]
+    if c in (2, 4):
+        rgb = arr[:, :, :-1] if c == 4 else np.repeat(arr[:, :, :1], 3, axis=2)
+        a = arr[:, :, -1:].astype(np.uint16)
+        if int(a.min(initial=255)) == 255:
+            return np.ascontiguousarray(rgb)
+        out = (rgb.astype(np.uint16) * a + 255 * (255 - a) + 127) // 255
+        return out.astype(np.uint8)
+    if c == 1:
+        return np.ascontiguousarray(np.repeat(arr, 3, axis=2))
+    if c == 3:
+        return np.ascontiguousarray(arr)
+    return np.ascontiguousarray(arr[:, :, :3])
+
+
+def downsamples_from(dims: list[tuple[int, int]]) -> tuple[float, ...]:
+    """Per-level downsample as OpenSlide defines it: the mean of the width and height ratios to level 0."""
+    w0, h0 = dims[0]
+    return tuple((w0 / w + h0 / h) / 2.0 for w, h in dims)
+
+
+def check_dimensions(dims: list[tuple[int, int]], max_side: int, slide: str) -> None:
+    """Decompression-bomb guard on declared sizes, before any pixel is decoded."""
+    for i, (w, h) in enumerate(dims):
+        if w <= 0 or h <= 0:
+            from service.errors import CorruptSlideError
+
+            raise CorruptSlideError(f"level {i} declares an empty size {w}x{h}", slide=slide)
+        if max(w, h) > max_side:
+            raise SlideTooLargeError(
+                f"declared size {w}x{h} px exceeds the limit of {max_side} px per side (raise max_side "
+                "if the slide is genuine)",
+                slide=slide,
+            )
+
+
+def tile_grid(width: int, height: int, tw: int, th: int) -> tuple[int, int]:
+    return math.ceil(width / tw), math.ceil(height / th)
+
+
+class TileCache:
+    """Thread-safe LRU of decoded tiles, bounded in bytes.
+
+    Patches on a grid straddle stored tiles, so neighbouring reads decode the same tile again; keeping the
+    last few decoded tiles makes a row-major grid decode each stored tile about once."""
+
+    def __init__(self, max_bytes: int = 64 * 1024 * 1024) -> None:
+        import threading
+        from collections import OrderedDict
+
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[object, np.ndarray] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: object) -> np.ndarray | None:
+        with self._lock:
+            arr = self._items.get(key)
+            if arr is not None:
+                self._items.move_to_end(key)
+            return arr
+
+    def put(self, key: object, arr: np.ndarray) -> None:
+        if arr.nbytes > self.max_bytes:
+            return
+        arr.setflags(write=False)  # shared between callers: never mutated
+        with self._lock:
+            old = self._items.pop(key, None)
+            if old is not None:
+                self._bytes -= old.nbytes
+            self._items[key] = arr
+            self._bytes += arr.nbytes
+            while self._bytes > self.max_bytes and self._items:
+                _, dropped = self._items.popitem(last=False)
+                self._bytes -= dropped.nbytes
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self._bytes = 0

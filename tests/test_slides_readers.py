@@ -1,0 +1,394 @@
+"""Readers on the real slides in ../shared/data: geometry, µm/px and its source, pixels, and every refusal."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from service.errors import (
+    CorruptSlideError,
+    InvalidParameterError,
+    MissingMppError,
+    MstarError,
+    SlideError,
+    SlideNotFoundError,
+    SlideTooLargeError,
+    UnsupportedFormatError,
+)
+from service.slides import mpp as mppmod
+from service.slides.base import Mpp
+from service.slides.open import open_slide, require_mpp
+from service.slides.readers.dicom_reader import jpeg_stream_colour
+from service.slides.sniff import sniff_format
+
+# (fixture, format, vendor, level-0 (w, h), level count, µm/px or None, µm/px source)
+REAL = [
+    ("cmu_svs", "svs", "aperio", (2220, 2967), 1, 0.499, "aperio"),
+    ("tcga_j2k_svs", "svs", "aperio", (4443, 3567), 2, None, None),
+    ("ndpi", "ndpi", "hamamatsu", (3968, 4864), 7, 0.22818, "tiff-resolution"),
+    ("dicom_dir", "dicom-dir", "dicom", (2220, 2967), 3, 0.499, "dicom-pixel-spacing"),
+]
+
+
+@pytest.mark.parametrize(("fix", "fmt", "vendor", "dims", "nlev", "mpp", "source"), REAL)
+def test_real_slide_geometry_and_mpp(request, fix, fmt, vendor, dims, nlev, mpp, source):
+    path = request.getfixturevalue(fix)
+    assert sniff_format(path) == fmt
+    with open_slide(path) as r:
+        assert r.format == fmt and r.vendor == vendor
+        assert r.dimensions == dims and r.level_count == nlev
+        assert r.level_downsamples[0] == 1.0
+        assert all(b > a for a, b in zip(r.level_downsamples, r.level_downsamples[1:], strict=False))
+        if mpp is None:
+            assert r.mpp is None
+            with pytest.raises(MissingMppError, match=r"--mpp-override") as err:
+                require_mpp(r)
+            assert path.name in str(err.value)
+        else:
+            assert r.mpp.source == source
+            assert r.mpp.x == pytest.approx(mpp, rel=1e-3) and r.mpp.y == pytest.approx(mpp, rel=1e-3)
+            assert require_mpp(r) is r.mpp
+        d = r.describe()
+        assert d["level_dimensions"][0] == list(dims) and "label" not in d["associated_images"]
+
+
+@pytest.mark.parametrize(("fix", "fmt", "vendor", "dims", "nlev", "mpp", "source"), REAL)
+def test_real_slide_read_region(request, fix, fmt, vendor, dims, nlev, mpp, source):
+    path = request.getfixturevalue(fix)
+    with open_slide(path) as r:
+        w, h = r.dimensions
+        for level in (0, r.level_count - 1):
+            a = r.read_region((w // 3, h // 3), level, (173, 91))
+            assert a.shape == (91, 173, 3) and a.dtype == np.uint8 and a.flags.c_contiguous
+        # Entirely outside -> white; straddling the bottom-right corner -> white only outside.
+        assert (r.read_region((w + 10, h + 10), 0, (64, 64)) == 255).all()
+        assert (r.read_region((-500, -500), 0, (100, 100)) == 255).all()
+        edge = r.read_region((w - 50, h - 50), 0, (100, 100))
+        assert (edge[50:, :] == 255).all() and (edge[:, 50:] == 255).all()
+        thumb = r.thumbnail(300)
+        assert max(thumb.shape[:2]) == 300 and thumb.dtype == np.uint8
+        assert abs(thumb.shape[1] / thumb.shape[0] - w / h) < 0.02
+
+
+def test_fluorescence_background_is_black_inside_white_outside(ndpi):
+    with open_slide(ndpi) as r:
+        a = r.read_region((0, 0), 2, (300, 300))
+        assert a.mean() < 60  # DAPI on black
+        assert (r.read_region((r.dimensions[0], 0), 0, (10, 10)) == 255).all()
+
+
+def test_override_replaces_and_is_validated(tcga_j2k_svs, cmu_svs):
+    with open_slide(tcga_j2k_svs, mpp_override=0.25) as r:
+        assert r.mpp == Mpp(0.25, 0.25, "override") and require_mpp(r).mean == 0.25
+        assert r.read_region((1000, 1000), 0, (64, 64)).std() > 0  # JPEG 2000 tiles decode
+    with open_slide(cmu_svs, mpp_override=0.5) as r:
+        assert r.mpp.source == "override"
+    for bad in (0.0, 72.0, -1, float("nan"), "abc"):
+        with pytest.raises(InvalidParameterError):
+            open_slide(cmu_svs, mpp_override=bad)
+
+
+def test_associated_images_phi_guard(cmu_svs, ndpi):
+    with open_slide(cmu_svs) as r:
+        assert set(r.associated_names) == {"label", "macro", "thumbnail"}
+        assert r.read_associated("thumbnail").shape[2] == 3
+        for name in ("label", "macro"):
+            with pytest.raises(SlideError, match="patient identity"):
+                r.read_associated(name)
+        assert r.read_associated("label", allow_phi=True).shape == (463, 387, 3)
+        with pytest.raises(SlideError, match="not available"):
+            r.read_associated("nonexistent")
+    with open_slide(ndpi) as r, pytest.raises(SlideError):
+        r.read_associated("macro")
+
+
+def test_bad_region_arguments(cmu_svs):
+    with open_slide(cmu_svs) as r:
+        with pytest.raises(InvalidParameterError):
+            r.read_region((0, 0), 5, (10, 10))
+        with pytest.raises(InvalidParameterError):
+            r.read_region((0, 0), 0, (0, 10))
+        with pytest.raises(SlideTooLargeError):
+            r.read_region((0, 0), 0, (100_000, 100_000))
+
+
+# ---- format sniffing: bytes, not names -------------------------------------------------------------
+
+
+def test_sniff_uses_bytes_not_names(tmp_path, cmu_svs, shared_data, bad_dicom, dicom_dir):
+    disguised = tmp_path / "slide.png"
+    shutil.copy(cmu_svs, disguised)
+    assert sniff_format(disguised) == "svs"
+    png_as_svs = tmp_path / "tile.svs"
+    shutil.copy(shared_data / "tiles" / "TCGA-HE-7130-01Z-00-DX1.png", png_as_svs)
+    assert sniff_format(png_as_svs) == "png"
+    assert sniff_format(shared_data / "tiles" / "kather1.tif") == "tiff"
+    assert sniff_format(bad_dicom) == "dicom"
+    assert sniff_format(next(dicom_dir.glob("*.dcm"))) == "dicom"
+    jpg = tmp_path / "x.bin"
+    Image.new("RGB", (8, 8), (200, 100, 50)).save(jpg, format="JPEG")
+    assert sniff_format(jpg) == "jpeg"
+    mrxs = tmp_path / "a.dat"
+    mrxs.write_text("[GENERAL]\nSLIDE_VERSION = 01.02\n")
+    assert sniff_format(mrxs) == "mrxs"
+
+
+@pytest.mark.parametrize(
+    ("content", "error", "match"),
+    [
+        (b"", CorruptSlideError, "empty"),
+        (b"hello, not a slide at all" * 10, UnsupportedFormatError, "not a recognised"),
+        (b"PK\x03\x04" + bytes(100), UnsupportedFormatError, "ZIP"),
+        (b"ZISRAWFILE" + bytes(100), UnsupportedFormatError, "CZI"),
+        (b"II*\x00" + bytes(100), CorruptSlideError, "truncated or damaged"),
+    ],
+)
+def test_unknown_and_broken_files_refused(tmp_path, content, error, match):
+    p = tmp_path / "upload.svs"
+    p.write_bytes(content)
+    with pytest.raises(error, match=match) as err:
+        open_slide(p)
+    assert "upload.svs" in str(err.value)
+
+
+def test_missing_path_and_empty_folder(tmp_path):
+    with pytest.raises(SlideNotFoundError):
+        open_slide(tmp_path / "nope.svs")
+    with pytest.raises(UnsupportedFormatError, match="no DICOM"):
+        open_slide(tmp_path)
+
+
+def test_mrxs_without_data_folder_refused_cleanly(tmp_path):
+    p = tmp_path / "slide.mrxs"
+    p.write_text("[GENERAL]\nSLIDE_VERSION = 01.02\n")
+    with pytest.raises(SlideError):
+        open_slide(p)
+
+
+# ---- corrupt, truncated, bombs ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fraction", [0.01, 0.5, 0.9, 0.999])
+def test_truncated_svs_refused(tmp_path, cmu_svs, fraction):
+    data = cmu_svs.read_bytes()
+    p = tmp_path / "truncated.svs"
+    p.write_bytes(data[: int(len(data) * fraction)])
+    with pytest.raises(CorruptSlideError, match=r"truncated|damaged|incomplete"), open_slide(p) as r:
+        r.read_region((0, 0), 0, r.dimensions)
+
+
+def test_damaged_tile_data_refused_on_read(tmp_path, cmu_svs):
+    b = bytearray(cmu_svs.read_bytes())
+    b[200_000:600_000] = bytes(400_000)  # zero out tile bytes in the middle of level 0
+    p = tmp_path / "zeroed.svs"
+    p.write_bytes(bytes(b))
+    with open_slide(p) as r, pytest.raises(CorruptSlideError, match="cannot be decoded"):
+        r.read_region((0, 0), 0, r.dimensions)
+
+
+def _tiff_declaring(tmp_path: Path, width: int, height: int) -> Path:
+    """A real 256x256 tiled TIFF whose header is then rewritten to claim `width`x`height`."""
+    p = tmp_path / "bomb.tif"
+    tifffile.imwrite(p, np.zeros((256, 256, 3), np.uint8), tile=(256, 256), photometric="rgb",
+                     compression="zlib")
+    with tifffile.TiffFile(p, mode="r+b") as tif:
+        tif.pages[0].tags["ImageWidth"].overwrite(width)
+        tif.pages[0].tags["ImageLength"].overwrite(height)
+    return p
+
+
+def test_decompression_bomb_refused_before_decoding(tmp_path, cmu_svs):
+    with pytest.raises(SlideTooLargeError, match="300000x300000"):
+        open_slide(_tiff_declaring(tmp_path, 300_000, 300_000))
+    with pytest.raises(SlideTooLargeError, match="limit of 1000"):
+        open_slide(cmu_svs, max_side=1000)
+
+
+def test_implausible_tile_count_refused(tmp_path):
+    # 4096x4096 in 256 px tiles needs 256 tiles; the file lists one.
+    with pytest.raises(CorruptSlideError, match="lists 1 tiles"):
+        open_slide(_tiff_declaring(tmp_path, 4096, 4096))
+
+
+def test_nonconformant_dicom_refused(bad_dicom, tmp_path):
+    with pytest.raises(UnsupportedFormatError, match="not a readable whole-slide image") as err:
+        open_slide(bad_dicom)
+    assert bad_dicom.name in str(err.value) and err.value.http_status == 415
+    d = tmp_path / "series"
+    d.mkdir()
+    shutil.copy(bad_dicom, d / "x.dcm")
+    with pytest.raises(UnsupportedFormatError):
+        open_slide(d)
+
+
+# ---- plain image tiles -----------------------------------------------------------------------------
+
+
+def test_plain_tiles_need_explicit_mpp(shared_data):
+    kather = shared_data / "tiles" / "kather1.tif"
+    with pytest.raises(MissingMppError, match="--mpp-override"):
+        open_slide(kather)  # its tag says 72 dpi: not a microscope scale
+    with open_slide(kather, mpp_override=0.5) as r:
+        assert r.dimensions == (224, 224) and r.mpp == Mpp(0.5, 0.5, "override")
+        a = r.read_region((200, 200), 0, (50, 50))
+        assert a.shape == (50, 50, 3) and (a[24:, :] == 255).all() and a[:24, :24].std() > 0
+    rgba = shared_data / "tiles" / "histolab-tissue-level0-4302-10273-4814-10785.png"
+    with open_slide(rgba, mpp_override=0.25) as r:
+        assert r.read_region((0, 0), 0, (512, 512)).shape == (512, 512, 3)
+
+
+def test_transparent_png_composited_on_white(tmp_path):
+    arr = np.zeros((20, 20, 4), np.uint8)
+    arr[..., 0] = 200
+    arr[:10, :, 3] = 255  # top half opaque red-ish, bottom fully transparent
+    p = tmp_path / "t.png"
+    Image.fromarray(arr, "RGBA").save(p)
+    with open_slide(p, mpp_override=0.5) as r:
+        a = r.read_region((0, 0), 0, (20, 20))
+    assert (a[:10] == [200, 0, 0]).all() and (a[10:] == 255).all()
+
+
+# ---- µm/px parsing -----------------------------------------------------------------------------------
+
+
+def test_mpp_parsers():
+    assert mppmod.from_tiff_resolution(72, 72, 2) is None  # 72 dpi = 352 µm/px: implausible
+    m = mppmod.from_tiff_resolution(20040.08, 20040.08, 3)
+    assert m.source == "tiff-resolution" and m.x == pytest.approx(0.499, rel=1e-4)
+    assert mppmod.from_tiff_resolution(50800, 50800, "inch").x == pytest.approx(0.5)
+    assert mppmod.from_tiff_resolution(1000, 1000, 1) is None  # no absolute unit
+    xml = ('<OME xmlns="http://www.openmicroscopy.org/Schemas/OME/2016-06"><Image ID="Image:0">'
+           '<Pixels PhysicalSizeX="250" PhysicalSizeXUnit="nm" '
+           'PhysicalSizeY="0.00025" PhysicalSizeYUnit="mm"/>'
+           "</Image></OME>")
+    m = mppmod.from_ome_xml(xml)
+    assert (m.x, m.y, m.source) == (pytest.approx(0.25), pytest.approx(0.25), "ome")
+    assert mppmod.from_ome_xml("<not xml") is None
+    m = mppmod.from_pixel_spacing((0.000498, 0.000499))  # (row = y, column = x), mm
+    assert (m.x, m.y) == (pytest.approx(0.499), pytest.approx(0.498))
+    assert mppmod.from_pixel_spacing((0.5, 0.5)) is None  # 500 µm/px
+    assert mppmod.from_openslide_properties({"aperio.MPP": "0.2520"}).source == "aperio"
+    assert mppmod.from_openslide_properties({"aperio.MPP": "0"}) is None
+
+
+# ---- DICOM colour mislabel ------------------------------------------------------------------------
+
+
+def _regions():
+    return [(0, 0), (700, 900), (1500, 2000), (200, 1200), (1200, 300)]
+
+
+def test_dicom_jfif_frames_labelled_rgb_are_detected(dicom_dir):
+    with open_slide(dicom_dir) as r:
+        assert r.photometric == "RGB"
+        assert r.colour_correction == "jfif-ycbcr-labelled-rgb"
+        frame = r._wsi.read_encoded_tile(0, (0, 0), crop_to_image_boundary=False)
+    assert jpeg_stream_colour(frame) == "ycbcr"
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (10, 200, 30)).save(buf, format="JPEG")
+    assert jpeg_stream_colour(buf.getvalue()) == "ycbcr"  # Pillow writes JFIF
+    assert jpeg_stream_colour(b"not a jpeg") is None
+
+
+# Same region of CMU-1-Small-Region as SVS (Aperio JPEG Q30) and as DICOM (re-encoded by wsi2dcm): the
+# measured mean |Δ| is 1-7.5 per 400x400 region (JPEG re-encoding noise in dense tissue) and ~4 on average;
+# trusting the RGB label (what wsidicom/OpenSlide do) gives 55-80.
+DICOM_MAX_REGION_DIFF = 9.0
+DICOM_MAX_MEAN_DIFF = 6.0
+
+
+@pytest.mark.parametrize("which", ["folder", "level-0 file", "level-2 file"])
+def test_dicom_pixels_match_svs(dicom_dir, cmu_svs, which):
+    src = {"folder": dicom_dir, "level-0 file": dicom_dir / "level-0-frames-0-30.dcm",
+           "level-2 file": dicom_dir / "level-2-frames-0-4.dcm"}[which]
+    with open_slide(cmu_svs) as svs, open_slide(src) as dcm:
+        assert dcm.level_count == 3 and dcm.mpp.source == "dicom-pixel-spacing"
+        diffs = [np.abs(dcm.read_region(loc, 0, (400, 400)).astype(int)
+                        - svs.read_region(loc, 0, (400, 400)).astype(int)).mean() for loc in _regions()]
+    assert max(diffs) < DICOM_MAX_REGION_DIFF and np.mean(diffs) < DICOM_MAX_MEAN_DIFF, diffs
+
+
+def test_trusting_the_label_would_fail_this_check(dicom_dir, cmu_svs):
+    """The control: wsidicom's own decode (label trusted) is far off, so the parity check above can fail."""
+    from wsidicom import WsiDicom
+
+    with open_slide(cmu_svs) as svs, WsiDicom.open(dicom_dir) as w:
+        diffs = [np.abs(np.asarray(w.read_region(loc, 0, (400, 400))).astype(int)[..., :3]
+                        - svs.read_region(loc, 0, (400, 400)).astype(int)).mean() for loc in _regions()]
+    assert min(diffs) > 5 * DICOM_MAX_MEAN_DIFF
+
+
+def test_concurrent_reads_match_serial(dicom_dir):
+    with open_slide(dicom_dir) as r:
+        locs = [(x, y) for x in range(0, 2200, 450) for y in range(0, 2900, 700)]
+        serial = [r.read_region(loc, 0, (300, 300)) for loc in locs]
+        results: dict[int, np.ndarray] = {}
+
+        def work(i: int) -> None:
+            results[i] = r.read_region(locs[i], 0, (300, 300))
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(len(locs))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert all(np.array_equal(serial[i], results[i]) for i in range(len(locs)))
+
+
+def test_errors_are_mstar_errors():
+    for cls in (UnsupportedFormatError, CorruptSlideError, MissingMppError, SlideTooLargeError,
+                SlideNotFoundError):
+        assert issubclass(cls, MstarError) and cls.code != "error"
+
+
+def _write_dicom(path: Path, sop_class: str, **attrs) -> Path:
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.SeriesInstanceUID = generate_uid()
+    for k, v in attrs.items():
+        setattr(ds, k, v)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_non_wsi_dicom_refused_with_its_kind(tmp_path):
+    ct = _write_dicom(tmp_path / "ct.dcm", "1.2.840.10008.5.1.4.1.1.2", Rows=4, Columns=4)
+    assert sniff_format(ct) == "dicom"
+    with pytest.raises(UnsupportedFormatError, match="CT Image Storage"):
+        open_slide(ct)
+
+
+def test_dicom_header_bomb_refused(tmp_path):
+    wsi = "1.2.840.10008.5.1.4.1.1.77.1.6"
+    big = _write_dicom(tmp_path / "big.dcm", wsi, Rows=512, Columns=512, TotalPixelMatrixRows=900_000,
+                       TotalPixelMatrixColumns=400_000, NumberOfFrames=1)
+    with pytest.raises(SlideTooLargeError, match="400000x900000"):
+        open_slide(big)
+    many = _write_dicom(tmp_path / "many.dcm", wsi, Rows=512, Columns=512, TotalPixelMatrixRows=1024,
+                        TotalPixelMatrixColumns=1024, NumberOfFrames=10_000)
+    with pytest.raises(CorruptSlideError, match="10000 frames"):
+        open_slide(many)
+
+
+def test_dicom_folder_ignores_non_wsi_objects(tmp_path, dicom_dir):
+    d = tmp_path / "series"
+    shutil.copytree(dicom_dir, d)
+    _write_dicom(d / "zz-annotation.dcm", "1.2.840.10008.5.1.4.1.1.91.1")  # bulk annotations
+    with open_slide(d) as r:
+        assert r.dimensions == (2220, 2967) and r.level_count == 3
