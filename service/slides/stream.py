@@ -1,0 +1,192 @@
+"""Stream the patches of a grid as uint8 batches, in grid order, with bounded memory.
+
+Batches are read by a thread pool (OpenSlide, libjpeg-turbo and numpy copies release the GIL) and at most
+`max_inflight` batches exist at any time, so memory is bounded by batch size x in-flight count plus the tile
+cache, whatever the slide size.
+
+Two ways to get pixels, chosen per slide:
+- fast: tiled JPEG TIFF pyramids (SVS, generic tiled TIFF, OME-TIFF) are cut from stored tiles decoded once
+  (`fasttiles.py`); pixels equal `read_region` exactly on the slides tested here;
+- generic: the reader's `read_region`, one call per run of horizontally adjacent patches (up to `run_length`),
+  which removes most of OpenSlide's per-call overhead; used for NDPI, JPEG 2000, DICOM and anything else.
+Both resize the same way (area interpolation) when the grid reads more pixels than it delivers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING
+
+import cv2
+import numpy as np
+
+from service.errors import InvalidParameterError
+from service.slides.fasttiles import FastTiffSource, open_tiff_level
+
+if TYPE_CHECKING:
+    from service.slides.base import SlideReader
+    from service.slides.grid import TileGrid
+
+
+MAX_RUN_PIXELS = 4_000_000  # one generic read_region call covers at most this many level pixels
+
+
+def resize_patch(region: np.ndarray, size: int) -> np.ndarray:
+    """Area interpolation when shrinking (anti-aliased, like a box filter), linear if ever enlarging."""
+    if region.shape[0] == size and region.shape[1] == size:
+        return region
+    interp = cv2.INTER_AREA if region.shape[0] >= size else cv2.INTER_LINEAR
+    return cv2.resize(region, (size, size), interpolation=interp)
+
+
+def _level_coords(coords: np.ndarray, downsample: float) -> np.ndarray:
+    """Level pixel of each level-0 coordinate: the nearest one, as the readers land (pyramids written by
+    halving odd sizes have downsamples like 2.0003, so exact division is the exception)."""
+    if downsample == 1.0:
+        return coords
+    return np.rint(coords / downsample).astype(np.int64)
+
+
+class PatchReader:
+    """Reads patches of one grid; `read_batch(start, stop)` is thread-safe (readers must be too: OpenSlide,
+    wsidicom and the pread-based tiff reader are)."""
+
+    def __init__(
+        self,
+        reader: SlideReader,
+        grid: TileGrid,
+        *,
+        fast: bool | str = "auto",
+        cache_mb: int = 64,
+        run_length: int = 8,
+    ) -> None:
+        self.reader = reader
+        self.grid = grid
+        self.coords = np.asarray(grid.coords, dtype=np.int64).reshape(-1, 2)
+        self.run_length = max(1, int(run_length))
+        self.fast_source: FastTiffSource | None = None
+        if fast not in (True, False, "auto"):
+            raise InvalidParameterError(f"fast must be True, False or 'auto', got {fast!r}")
+        level_coords = _level_coords(self.coords, grid.level_downsample)
+        if fast and self._same_pixels_as_reader(level_coords):
+            lw, lh = reader.level_dimensions[grid.read_level]
+            level = open_tiff_level(getattr(reader, "path", ""), int(lw), int(lh))
+            if level is not None:
+                self.fast_source = FastTiffSource(level, cache_bytes=int(cache_mb) << 20)
+                self.level_coords = level_coords
+        if fast is True and self.fast_source is None:
+            raise InvalidParameterError("the fast tile path does not apply to this slide/grid")
+
+    def _same_pixels_as_reader(self, level_coords: np.ndarray) -> bool:
+        """Cutting stored tiles reproduces `read_region` when level coordinates are whole numbers, or when
+        the reader itself snaps to the nearest level pixel (tifffile reader). OpenSlide resamples fractional
+        positions (sub-pixel cairo translation), so those grids keep the generic path."""
+        from service.slides.readers.tiff_reader import TiffReader
+
+        if isinstance(self.reader, TiffReader):
+            return True
+        exact = self.coords / self.grid.level_downsample
+        return bool(np.abs(exact - level_coords).max(initial=0.0) < 1e-6)
+
+    @property
+    def mode(self) -> str:
+        return "fast-tiff" if self.fast_source is not None else "read_region"
+
+    def read_batch(self, start: int, stop: int) -> np.ndarray:
+        g = self.grid
+        n = stop - start
+        out = np.empty((n, g.patch_size, g.patch_size, 3), np.uint8)
+        if self.fast_source is not None:
+            rs = g.read_size
+            buf = None if rs == g.patch_size else np.empty((rs, rs, 3), np.uint8)
+            for i, (lx, ly) in enumerate(self.level_coords[start:stop]):
+                if buf is None:
+                    self.fast_source.read(int(lx), int(ly), rs, out=out[i])
+                else:
+                    out[i] = resize_patch(self.fast_source.read(int(lx), int(ly), rs, out=buf), g.patch_size)
+            return out
+        self._read_generic(start, stop, out)
+        return out
+
+    def _read_generic(self, start: int, stop: int, out: np.ndarray) -> None:
+        """Runs of patches on one row whose level-pixel offsets are integers are read with one call."""
+        g = self.grid
+        rs, ds = g.read_size, g.level_downsample
+        coords = self.coords
+        run_length = max(1, min(self.run_length, MAX_RUN_PIXELS // (rs * rs)))  # bounded region per call
+        i = start
+        while i < stop:
+            x, y = (int(v) for v in coords[i])
+            j = i + 1
+            while (
+                j < stop
+                and j - i < run_length
+                and coords[j, 1] == y
+                and coords[j, 0] - coords[j - 1, 0] == g.step_level0
+                and (ds == 1.0 or float(g.step_level0 / ds).is_integer())
+            ):
+                j += 1
+            if j - i == 1:
+                region = self.reader.read_region((x, y), g.read_level, (rs, rs))
+                out[i - start] = resize_patch(region, g.patch_size)
+            else:
+                step_l = round(g.step_level0 / ds)
+                width = step_l * (j - i - 1) + rs
+                region = self.reader.read_region((x, y), g.read_level, (width, rs))
+                for k in range(j - i):
+                    out[i - start + k] = resize_patch(region[:, k * step_l : k * step_l + rs], g.patch_size)
+            i = j
+
+    def close(self) -> None:
+        if self.fast_source is not None:
+            self.fast_source.close()
+
+
+def iter_batches(
+    reader: SlideReader,
+    grid: TileGrid,
+    batch_size: int = 64,
+    workers: int = 2,
+    *,
+    fast: bool | str = "auto",
+    max_inflight: int | None = None,
+    cache_mb: int = 64,
+    run_length: int = 8,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield `(patches uint8 [B, S, S, 3], coords int64 [B, 2])` in grid order.
+
+    At most `max_inflight` batches (default `workers + 1`) are being read or waiting to be consumed; closing
+    the generator early cancels what has not started.
+    """
+    if batch_size < 1 or workers < 1:
+        raise InvalidParameterError(f"batch_size and workers must be ≥ 1, got {batch_size}, {workers}")
+    n = len(grid.coords)
+    if n == 0:
+        return
+    inflight = max(1, max_inflight if max_inflight is not None else workers + 1)
+    patches = PatchReader(reader, grid, fast=fast, cache_mb=cache_mb, run_length=run_length)
+    starts = range(0, n, batch_size)
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mstar-tiles")
+    pending: deque[tuple[int, int, Future]] = deque()
+    try:
+        for start in starts:
+            stop = min(start + batch_size, n)
+            pending.append((start, stop, pool.submit(patches.read_batch, start, stop)))
+            if len(pending) >= inflight:
+                s, e, fut = pending.popleft()
+                yield fut.result(), patches.coords[s:e]
+        while pending:
+            s, e, fut = pending.popleft()
+            yield fut.result(), patches.coords[s:e]
+    finally:
+        for _, _, fut in pending:
+            fut.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)
+        patches.close()
+
+
+def count_batches(grid: TileGrid, batch_size: int = 64) -> int:
+    return math.ceil(len(grid.coords) / batch_size)

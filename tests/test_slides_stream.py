@@ -1,0 +1,211 @@
+"""Tile streaming: grid order, shapes, bounded in-flight work, and the fast tile path's exact pixels."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import openslide
+import pytest
+from slide_fixtures import write_generic_tiff, write_ome_tiff
+
+from service.errors import InvalidParameterError
+from service.slides.grid import build_grid
+from service.slides.open import open_slide
+from service.slides.stream import PatchReader, iter_batches, resize_patch
+
+
+@pytest.fixture(scope="module")
+def derived(cmu_svs: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("derived-stream")
+    return {
+        "generic": write_generic_tiff(cmu_svs, d / "cmu.generic.tif"),
+        "ome": write_ome_tiff(cmu_svs, d / "cmu.pyramid.ome.tif"),
+    }
+
+
+def _collect(reader, grid, **kw) -> tuple[np.ndarray, np.ndarray]:
+    pats, coords = [], []
+    for b, c in iter_batches(reader, grid, **kw):
+        assert b.dtype == np.uint8 and b.ndim == 4 and b.shape[1:] == (grid.patch_size, grid.patch_size, 3)
+        assert c.dtype == np.int64 and len(c) == len(b)
+        pats.append(b)
+        coords.append(c)
+    return np.concatenate(pats), np.concatenate(coords)
+
+
+def _openslide_patches(path: Path, grid) -> np.ndarray:
+    with openslide.OpenSlide(str(path)) as s:
+        return np.stack(
+            [
+                np.asarray(s.read_region((int(x), int(y)), grid.read_level, (grid.read_size,) * 2).convert("RGB"))
+                for x, y in grid.coords
+            ]
+        )
+
+
+def test_svs_fast_path_equals_openslide_exactly(cmu_svs: Path) -> None:
+    with open_slide(cmu_svs) as r:
+        g = build_grid(r)
+        assert PatchReader(r, g).mode == "fast-tiff"
+        fast, coords = _collect(r, g, batch_size=7, workers=2)
+        generic, _ = _collect(r, g, batch_size=16, workers=2, fast=False)
+    np.testing.assert_array_equal(coords, g.coords)  # grid order, every patch once
+    ref = _openslide_patches(cmu_svs, g)
+    assert np.array_equal(fast, ref), f"max |diff| {np.abs(fast.astype(int) - ref).max()}"
+    assert np.array_equal(generic, ref)
+
+
+@pytest.mark.parametrize(
+    ("container", "target", "level", "mode"),
+    [
+        ("generic", 0.5, 0, "fast-tiff"),
+        # Level 1 has downsample 2.0003 (odd sizes halved): OpenSlide resamples the fractional position,
+        # so the grid keeps OpenSlide's own pixels ...
+        ("generic", 1.0, 1, "read_region"),
+        ("ome", 0.5, 0, "fast-tiff"),
+        # ... while the tifffile reader (OME SubIFDs) snaps to the nearest level pixel, as the fast path does.
+        ("ome", 1.0, 1, "fast-tiff"),
+    ],
+)
+def test_derived_tiffs_fast_path_matches_reader(
+    container: str, target: float, level: int, mode: str, derived: dict[str, Path]
+) -> None:
+    with open_slide(derived[container]) as r:
+        g = build_grid(r, target_mpp=target)
+        assert g.read_level == level
+        assert PatchReader(r, g).mode == mode
+        fast, _ = _collect(r, g, batch_size=16)
+        generic, _ = _collect(r, g, batch_size=16, fast=False)
+    diff = np.abs(fast.astype(int) - generic)
+    # Same libjpeg-turbo decode of the same stored tiles: identical pixels.
+    assert diff.max() == 0, (container, target, diff.max(), diff.mean())
+
+
+def test_ndpi_generic_path_with_resize(ndpi: Path) -> None:
+    with open_slide(ndpi) as r:
+        g = build_grid(r)
+        assert PatchReader(r, g).mode == "read_region"  # NDPI is not cut from TIFF tiles
+        pats, coords = _collect(r, g, batch_size=10, workers=2, run_length=4)
+        one, _ = _collect(r, g, batch_size=10, workers=1, run_length=1)
+        np.testing.assert_array_equal(coords, g.coords)
+        assert np.array_equal(pats, one)  # runs of patches read in one call give the same pixels
+        x, y = (int(v) for v in g.coords[3])
+        region = r.read_region((x, y), g.read_level, (g.read_size, g.read_size))
+        np.testing.assert_array_equal(pats[3], resize_patch(region, g.patch_size))
+        assert (pats.reshape(len(pats), -1, 3).max(axis=2) > 30).mean(axis=1).min() > 0.02
+
+
+def test_j2k_svs_streams_with_override(tcga_j2k_svs: Path) -> None:
+    with open_slide(tcga_j2k_svs, mpp_override=0.25) as r:
+        g = build_grid(r)
+        assert PatchReader(r, g).mode == "read_region"
+        pats, _coords = _collect(r, g, batch_size=32)
+    assert len(pats) == len(g) and pats.mean() < 230
+
+
+def test_bounded_inflight_with_slow_consumer_and_early_close(cmu_svs: Path) -> None:
+    """A slow consumer never has more than `max_inflight` batches started but not yet taken."""
+    import time
+
+    with open_slide(cmu_svs) as r:
+        g = build_grid(r, tissue_threshold=0.0)
+        started = 0
+        lock = threading.Lock()
+        original = PatchReader.read_batch
+
+        def counting(self, start: int, stop: int) -> np.ndarray:
+            nonlocal started
+            with lock:
+                started += 1
+            return original(self, start, stop)
+
+        PatchReader.read_batch = counting  # count the real reads; nothing is replaced
+        try:
+            ahead, total = [], 0
+            for consumed, (b, _) in enumerate(iter_batches(r, g, batch_size=4, workers=3, max_inflight=3), 1):
+                time.sleep(0.01)  # slow consumer: unbounded readers would race through the whole slide
+                with lock:
+                    ahead.append(started - consumed)
+                total += len(b)
+            assert total == len(g) and len(ahead) > 10
+            assert max(ahead) <= 3, max(ahead)
+            started = 0
+            it = iter_batches(r, g, batch_size=4, workers=2, max_inflight=2)
+            first, _ = next(it)
+            it.close()  # early stop: pending work cancelled, pool shut down, no hang
+            time.sleep(0.05)
+            assert started <= 3 and first.shape == (4, 224, 224, 3)
+        finally:
+            PatchReader.read_batch = original
+
+
+def test_bad_stream_parameters(cmu_svs: Path, ndpi: Path) -> None:
+    with open_slide(cmu_svs) as r:
+        g = build_grid(r)
+        with pytest.raises(InvalidParameterError):
+            list(iter_batches(r, g, batch_size=0))
+    with open_slide(ndpi) as r:
+        g = build_grid(r)
+        with pytest.raises(InvalidParameterError, match="fast tile path"):
+            PatchReader(r, g, fast=True)
+
+
+def test_tile_cache_decodes_each_tile_once_and_stays_bounded(cmu_svs: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from service.slides.fasttiles import TileCache, open_tiff_level
+
+    level = open_tiff_level(cmu_svs, 2220, 2967)
+    assert level is not None and (level.tile_w, level.tile_h) == (240, 240)
+    calls: list[tuple[int, int]] = []
+
+    def load(key: tuple[int, int]) -> np.ndarray:
+        calls.append(key)
+        return level.decode_tile(key)
+
+    tile_bytes = 240 * 240 * 3
+    cache = TileCache(max_bytes=3 * tile_bytes)
+    keys = [(x, y) for y in range(2) for x in range(4)] * 4
+    with ThreadPoolExecutor(4) as pool:
+        tiles = list(pool.map(lambda k: cache.get(k, load), keys[:8]))  # 8 distinct tiles, concurrently
+    assert sorted(calls) == sorted(set(keys))
+    assert cache._bytes <= 3 * tile_bytes and len(cache._data) == 3
+    with openslide.OpenSlide(str(cmu_svs)) as s:
+        ref = np.asarray(s.read_region((3 * 240, 240), 0, (240, 240)).convert("RGB"))
+    np.testing.assert_array_equal(tiles[7], ref)  # key (3, 1)
+    calls.clear()
+    cache.get((3, 1), load)  # most recent: still cached
+    cache.get((0, 0), load)  # evicted long ago: decoded again
+    assert calls == [(0, 0)]
+    level.close()
+    assert open_tiff_level(Path("/nonexistent.svs"), 1, 1) is None
+
+
+def test_damaged_tile_is_a_typed_error(cmu_svs: Path, tmp_path: Path) -> None:
+    import shutil
+
+    import tifffile
+
+    from service.errors import CorruptSlideError
+
+    bad = tmp_path / "damaged.svs"
+    shutil.copy(cmu_svs, bad)
+    with open_slide(bad) as r:
+        g = build_grid(r)
+    x, y = (int(v) for v in g.coords[len(g) // 2])
+    with tifffile.TiffFile(bad) as tif:
+        page = tif.pages[0]
+        index = (y // page.tilelength) * (-(-page.imagewidth // page.tilewidth)) + x // page.tilewidth
+        offset, count = page.dataoffsets[index], page.databytecounts[index]
+    with open(bad, "r+b") as fh:  # keep the JPEG markers' start, garble the entropy-coded data
+        fh.seek(offset + count // 4)
+        fh.write(b"\xff\x00" * (count // 4))
+        fh.seek(offset)
+        fh.write(b"\x00" * 16)
+    with open_slide(bad) as r:
+        assert PatchReader(r, g).mode == "fast-tiff"
+        with pytest.raises(CorruptSlideError, match="cannot be decoded"):
+            for _ in iter_batches(r, g, batch_size=8):
+                pass
