@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 from importlib.metadata import entry_points
 
@@ -12,7 +13,45 @@ from service.errors import MstarError
 
 
 class _Cli(click.Group):
-    """Turns expected refusals into one line on stderr and a non-zero exit, never a traceback."""
+    """Turns expected refusals into one line on stderr and a non-zero exit, never a traceback.
+
+    Plugins may register *lazy* commands (`add_lazy_command`): the module is imported only when that command
+    runs, so `mstar tile` does not pay for importing torch and timm."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._lazy: dict[str, tuple[str, str]] = {}
+
+    def add_lazy_command(self, name: str, target: str, short_help: str = "") -> None:
+        """`target` is "package.module:attribute" of a click command."""
+        self._lazy[name] = (target, short_help)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(super().list_commands(ctx)) | set(self._lazy))
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        cmd = super().get_command(ctx, name)
+        if cmd is None and name in self._lazy:
+            module, attr = self._lazy[name][0].split(":")
+            try:
+                cmd = getattr(importlib.import_module(module), attr)
+            except ModuleNotFoundError as err:
+                raise click.ClickException(f"`mstar {name}` needs the training extra ({err.name} is missing)") from err
+            self.add_command(cmd, name)
+        return cmd
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = []
+        for name in self.list_commands(ctx):
+            if name in self.commands:
+                cmd = self.commands[name]
+                if not cmd.hidden:
+                    rows.append((name, cmd.get_short_help_str(formatter.width - 6 - len(name))))
+            else:
+                rows.append((name, self._lazy[name][1]))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
 
     def invoke(self, ctx: click.Context):  # type: ignore[override]
         try:
@@ -30,7 +69,7 @@ def main() -> None:
 
 def _load_commands() -> None:
     # Each module registers its command on `main` when imported; a module not written yet is skipped.
-    for module in ("tile", "analyze", "serve", "keys"):
+    for module in ("tile", "analyze", "serve", "keys", "worker", "batch"):
         try:
             __import__(f"service.cli.{module}")
         except ModuleNotFoundError as err:
