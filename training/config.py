@@ -1,0 +1,180 @@
+"""Training configurations: pydantic models loaded from YAML or TOML files.
+
+Every open point of the method reference (§7) is a field here with its documented default; unpublished
+optimisation settings follow the reference's §9 [ASSUME] values.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from service.errors import InvalidParameterError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(_Strict):
+    cohort: Path = Field(description="cohort.csv (case_id, slide_id, cancer_type, split)")
+    features_dir: Path = Field(description="directory of <slide_id>.h5 feature files")
+    reports: Path | None = Field(None, description="reports.jsonl; default <cohort dir>/reports.jsonl")
+    rna: Path | None = Field(None, description="genes x cases CSV; default <cohort dir>/rna/expression.csv")
+    n_patches: int = Field(4096, ge=1, description="patches per slide, sampled/repeated (§1.1, §7.5)")
+    standardize: bool = Field(
+        False,
+        description="z-score feature dims with train statistics (saved in the checkpoint); off = raw features as "
+        "in mSTAR (UNI features are well scaled), on for hand-made features of very different scales",
+    )
+    train_split: str = "train"
+    val_split: str = "val"
+    num_workers: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _defaults(self) -> DataConfig:
+        root = self.cohort.parent
+        if self.reports is None:
+            self.reports = root / "reports.jsonl"
+        if self.rna is None:
+            self.rna = root / "rna" / "expression.csv"
+        return self
+
+
+class AggregatorConfig(_Strict):
+    dim: int = Field(512, description="shared embedding width; TransMIL width")
+    heads: int = 8
+    dim_head: int | None = Field(None, description="default dim // heads (64)")
+    num_landmarks: int | None = Field(None, description="default dim // 2 (256)")
+    pinv_iterations: int = 6
+    fc_dropout: float = 0.25
+    attn_dropout: float = 0.1
+
+
+class TinyBertConfig(_Strict):
+    """A small random BERT whose WordPiece vocabulary is trained on the training reports (fast CPU runs)."""
+
+    vocab_size: int = 1000
+    hidden: int = 64
+    layers: int = 2
+    heads: int = 2
+
+
+class TextConfig(_Strict):
+    enabled: bool = True
+    model_dir: Path | None = Field(None, description="local HF model directory; default: packaged MiniLM-L6")
+    tiny_bert: TinyBertConfig | None = Field(
+        None, description="instead of model_dir: build a tiny BERT from the training reports into <out_dir>"
+    )
+    max_length: int = 512
+    lr: float = Field(1e-5, description="lower lr for the pretrained language model (§9 ASSUME)")
+    freeze: bool = False
+
+
+class GeneConfig(_Strict):
+    enabled: bool = True
+    n_bins: int = Field(5, description="scBERT bin count (§7.6)")
+    binning: Literal["scbert", "quantile"] = Field(
+        "quantile", description="scbert = floor+clip of log1p(RSEM); quantile = per-gene train quantiles"
+    )
+    dim: int = 200
+    depth: int = Field(1, description="Performer depth; ~1 layer matches the 0.94M count (§1.4)")
+    heads: int = 10
+    dim_head: int = 64
+    gene2vec: Path | None = Field(None, description="Gene2Vec text table; absent -> learned gene embedding")
+    freeze_gene2vec: bool = True
+
+
+class ModelConfig(_Strict):
+    aggregator: AggregatorConfig = AggregatorConfig()
+    text: TextConfig = TextConfig()
+    gene: GeneConfig = GeneConfig()
+    init_temperature: float = 0.07
+    learn_temperature: bool = True
+
+
+class LossConfig(_Strict):
+    slide_report: float = 1.0
+    slide_rna: float = 1.0
+    report_rna: float = 1.0
+    triplet: float = 1.0
+    margin: float = 0.3
+
+
+class OptimConfig(_Strict):
+    epochs: int = 50
+    batch_size: int = Field(128, description="global batch (all ranks together)")
+    per_class: int = Field(4, description="patients per cancer type chunk in a batch (triplet positives)")
+    lr: float = 1e-4
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.98)
+    warmup_frac: float = 0.05
+    grad_clip: float | None = 1.0
+    max_steps: int | None = Field(None, description="stop after this many steps (tests, smoke runs)")
+
+    @model_validator(mode="after")
+    def _batch(self) -> OptimConfig:
+        if self.per_class < 2 or self.batch_size % self.per_class:
+            raise ValueError("batch_size must be a multiple of per_class (>= 2)")
+        return self
+
+
+class EvalConfig(_Strict):
+    knn_k: int = 5
+    recall_at: list[int] = [1, 5, 10]
+    every_epochs: int = 1
+
+
+class Stage1Config(_Strict):
+    data: DataConfig
+    model: ModelConfig = ModelConfig()
+    loss: LossConfig = LossConfig()
+    optim: OptimConfig = OptimConfig()
+    eval: EvalConfig = EvalConfig()
+    out_dir: Path = Path("runs/stage1")
+    seed: int = 0
+    amp: bool = Field(True, description="bf16 autocast, only when running on CUDA")
+    checkpoint_every: int = Field(0, description="also checkpoint every N steps (0: at epoch ends only)")
+    tensorboard: bool = False
+    num_threads: int | None = Field(
+        None, description="torch intra-op threads; 1 is much faster on an oversubscribed CPU (OpenMP spin-waits)"
+    )
+
+
+def load_config(path: str | Path, model: type[BaseModel] = Stage1Config, overrides: dict | None = None):
+    """Parse a YAML/TOML file into `model`; relative paths are resolved against the file's directory."""
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidParameterError(f"config file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        raw = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+    except (yaml.YAMLError, tomllib.TOMLDecodeError) as err:
+        raise InvalidParameterError(f"{path}: cannot parse: {err}") from err
+    if not isinstance(raw, dict):
+        raise InvalidParameterError(f"{path}: expected a mapping at the top level")
+    for key, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    try:
+        cfg = model.model_validate(raw)
+    except ValidationError as err:
+        raise InvalidParameterError(f"{path}: invalid config:\n{err}") from err
+    return _resolve_paths(cfg, path.parent.resolve())
+
+
+def _resolve_paths(cfg: BaseModel, base: Path) -> BaseModel:
+    for name in type(cfg).model_fields:
+        value = getattr(cfg, name)
+        if isinstance(value, Path) and not value.is_absolute():
+            setattr(cfg, name, (base / value).resolve())
+        elif isinstance(value, BaseModel):
+            _resolve_paths(value, base)
+    return cfg
