@@ -69,3 +69,10 @@ class BackendUnavailableError(MstarError):
 
     code = "backend_unavailable"
     http_status = 503
+
+
+class JobTimeLimitError(MstarError):
+    """A job ran past its time limit (a hung decoder, a slide far larger than planned) and was stopped."""
+
+    code = "time_limit"
+    http_status = 504

@@ -3,25 +3,46 @@
 The CLI (`mstar analyze`), the embedded job runner and the Celery tasks are thin wrappers around
 `run_analysis`. Contract (stable, other modules code against it):
 
-    run_analysis(slide_path, out_dir, options, *, bundle_dir=None, progress=None, should_cancel=None) -> dict
+    run_analysis(slide_path, out_dir, options, *, bundle_dir=None, backend=None, progress=None,
+                 should_cancel=None) -> dict
 
 writes into `out_dir` (atomically, file by file): `result.json`, `features.h5` (CLAM/TRIDENT layout), `heatmap.png`
-when an aggregator gives attention, and returns the result dict that `result.json` holds.
-`progress(stage, fraction)` is called with stages "open", "tissue", "grid", "embed", "aggregate", "heads", "report",
+when an aggregator gives attention, and returns the result dict that `result.json` holds. Without a bundle it
+stops after tiling (coordinates only) and says so in the result.
+`progress(stage, fraction)` is called with stages "open", "grid", "embed", "aggregate", "heads", "report",
 "write"; `should_cancel()` is polled between batches and raises `JobCanceled` when true.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from service.errors import MstarError
+import numpy as np
+
+from service.errors import InvalidParameterError, MstarError
+
+if TYPE_CHECKING:
+    from service.inference.backend import BundleBackend
+    from service.inference.bundle import Bundle
 
 ProgressFn = Callable[[str, float], None]
 CancelFn = Callable[[], bool]
 
 TASKS = ("embedding", "classification", "survival", "report", "zeroshot")
+DEFAULT_TASKS = ("embedding", "classification", "survival", "report")
+RESULT_SCHEMA = "mstar.result/1"
+DEMO_NOTICE = (
+    "DEMO MODEL: trained on a small synthetic cohort for demonstration only. "
+    "Its outputs are not a diagnosis and must not be used for patient care."
+)
+AI_REPORT_NOTICE = "AI-drafted text; a pathologist must review and sign any report."
 
 
 class JobCanceled(MstarError):
@@ -31,9 +52,255 @@ class JobCanceled(MstarError):
 
 @dataclass(frozen=True)
 class AnalysisOptions:
-    tasks: tuple[str, ...] = ("embedding", "classification", "survival", "report")
+    tasks: tuple[str, ...] = DEFAULT_TASKS
     prompts: tuple[str, ...] = ()
     mpp_override: float | None = None
-    target_mpp: float | None = None  # None: the bundle's µm/px
-    patch_size: int | None = None  # None: the bundle's patch size
+    target_mpp: float | None = None  # None: the bundle's µm/px (0.5 without a bundle)
+    patch_size: int | None = None  # None: the bundle's patch size (224 without a bundle)
+    batch_size: int = 64
+    read_workers: int = 2
+    tissue_threshold: float = 0.25
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.tasks) - set(TASKS))
+        if unknown:
+            raise InvalidParameterError(f"unknown task(s) {unknown}; choose from {list(TASKS)}")
+        if "zeroshot" in self.tasks and not self.prompts:
+            raise InvalidParameterError("the zeroshot task needs at least one prompt")
+        if self.batch_size < 1 or self.read_workers < 1:
+            raise InvalidParameterError("batch_size and read_workers must be >= 1")
+
+    def to_json(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+class _Progress:
+    """Calls the user's callback, and keeps stage timings for the result."""
+
+    def __init__(self, fn: ProgressFn | None, should_cancel: CancelFn | None) -> None:
+        self.fn = fn
+        self.should_cancel = should_cancel
+        self.timings: dict[str, float] = {}
+        self._stage: str | None = None
+        self._t = time.perf_counter()
+
+    def __call__(self, stage: str, fraction: float) -> None:
+        now = time.perf_counter()
+        if stage != self._stage:
+            if self._stage is not None:
+                self.timings[self._stage] = round(self.timings.get(self._stage, 0.0) + now - self._t, 4)
+            self._stage, self._t = stage, now
+        if self.fn is not None:
+            self.fn(stage, float(min(max(fraction, 0.0), 1.0)))
+        self.check_cancel()
+
+    def check_cancel(self) -> None:
+        if self.should_cancel is not None and self.should_cancel():
+            raise JobCanceled("the job was canceled")
+
+    def finish(self) -> dict[str, float]:
+        self("done", 1.0)
+        return self.timings
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def slide_fingerprint(path: Path) -> str:
+    """sha256 of the slide's bytes (all files of a DICOM folder, in name order): results name the slide by
+    content, never by its file name, which may carry patient identity."""
+    h = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        with open(f, "rb") as fh:
+            while block := fh.read(1 << 22):
+                h.update(block)
+    return h.hexdigest()
+
+
+def open_backend(bundle: Bundle, kind: str = "onnxruntime", **kwargs: Any) -> BundleBackend:
+    """The backend the settings ask for: in-process onnxruntime (default) or a Triton server."""
+    if kind == "onnxruntime":
+        from service.inference.ort_backend import OrtBackend
+
+        return OrtBackend(bundle, **kwargs)
+    if kind == "triton":
+        from service.inference.triton_backend import TritonBackend
+
+        return TritonBackend(bundle, **kwargs)
+    raise InvalidParameterError(f"unknown backend {kind!r} (onnxruntime or triton)")
+
+
+def _embed(reader, grid, backend: BundleBackend, options: AnalysisOptions, prog: _Progress) -> np.ndarray:
+    from service.slides.stream import iter_batches
+
+    n = len(grid)
+    dim = backend.bundle.manifest.embed_dim
+    feats = np.empty((n, dim), np.float32)
+    done = 0
+    prog("embed", 0.0)
+    batches = iter_batches(reader, grid, batch_size=options.batch_size, workers=options.read_workers)
+    try:
+        for patches, _coords in batches:
+            b = len(patches)
+            feats[done : done + b] = backend.embed_patches(patches)
+            done += b
+            prog("embed", done / n)
+    finally:
+        batches.close()
+    return feats
+
+
+def _model_refs(bundle: Bundle) -> dict:
+    return {m.name: {"role": m.role, "version": m.version, "sha256": m.sha256} for m in bundle.manifest.models}
+
+
+def run_analysis(
+    slide_path: str | Path,
+    out_dir: str | Path,
+    options: AnalysisOptions | None = None,
+    *,
+    bundle_dir: str | Path | None = None,
+    backend: BundleBackend | None = None,
+    progress: ProgressFn | None = None,
+    should_cancel: CancelFn | None = None,
+) -> dict:
+    """Analyse one slide end to end and write the result files into `out_dir`. See the module docstring."""
+    from service.inference.bundle import load_bundle
+    from service.slides.grid import build_grid
+    from service.slides.h5io import write_h5
+    from service.slides.open import open_slide
+
+    options = options or AnalysisOptions()
+    slide_path = Path(slide_path)
+    out_dir = Path(out_dir)
+    prog = _Progress(progress, should_cancel)
+    started = time.time()
+
+    prog("open", 0.0)
+    bundle = backend.bundle if backend is not None else (load_bundle(bundle_dir) if bundle_dir else None)
+    pre = bundle.manifest.preprocessing if bundle is not None else None
+    target_mpp = options.target_mpp or (pre.target_mpp if pre else 0.5)
+    patch_size = options.patch_size or (pre.patch_size if pre else 224)
+    if pre is not None and patch_size != pre.patch_size:
+        raise InvalidParameterError(f"the bundle's patch encoder takes {pre.patch_size} px patches, not {patch_size}")
+    if pre is not None and abs(target_mpp - pre.target_mpp) / pre.target_mpp > 0.05:
+        raise InvalidParameterError(
+            f"the bundle was trained at {pre.target_mpp} µm/px; analysing at {target_mpp} µm/px would "
+            "feed it patches at the wrong scale"
+        )
+    owns_backend = backend is None and bundle is not None
+    if owns_backend:
+        backend = open_backend(bundle)
+    try:
+        with open_slide(slide_path, mpp_override=options.mpp_override) as reader:
+            prog("grid", 0.0)
+            grid = build_grid(
+                reader, target_mpp=target_mpp, patch_size=patch_size, tissue_threshold=options.tissue_threshold
+            )
+            result: dict[str, Any] = {
+                "schema": RESULT_SCHEMA,
+                "slide": {"sha256": slide_fingerprint(slide_path), **reader.describe()},
+                "tiling": grid.summary(),
+                "options": options.to_json(),
+            }
+            out_dir.mkdir(parents=True, exist_ok=True)
+            if bundle is None:
+                prog("write", 0.0)
+                write_h5(out_dir / "features.h5", grid)
+                result["status"] = "tiled"
+                result["note"] = "no model bundle given: stopped after tiling (coordinates only)"
+            else:
+                result.update(_analyze_with_models(reader, grid, bundle, backend, options, prog, out_dir))
+        result["timings"] = {"started": started, "stages_s": prog.finish(), "total_s": round(time.time() - started, 3)}
+        n_embed = result["tiling"]["patches"]
+        embed_s = result["timings"]["stages_s"].get("embed")
+        if embed_s:
+            result["timings"]["patches_per_s"] = round(n_embed / embed_s, 2)
+        _write_json_atomic(out_dir / "result.json", result)
+        return result
+    finally:
+        if owns_backend and backend is not None:
+            backend.close()
+
+
+def _analyze_with_models(
+    reader, grid, bundle: Bundle, backend: BundleBackend, options: AnalysisOptions, prog: _Progress, out_dir: Path
+) -> dict:
+    from service.heatmap import render_heatmap
+    from service.slides.h5io import write_h5
+
+    m = bundle.manifest
+    res: dict[str, Any] = {
+        "status": "analyzed",
+        "bundle": {"name": m.name, "demo": m.demo, "models": _model_refs(bundle)},
+    }
+    if m.demo:
+        res["notice"] = DEMO_NOTICE
+    feats = _embed(reader, grid, backend, options, prog)
+    prog("write", 0.0)
+    write_h5(
+        out_dir / "features.h5",
+        grid,
+        feats,
+        extra_attrs={"encoder": bundle.patch_encoder.name, "encoder_sha256": bundle.patch_encoder.sha256},
+    )
+    slide_emb = None
+    if bundle.aggregator is not None:
+        prog("aggregate", 0.0)
+        agg = backend.aggregate(feats)
+        slide_emb = np.asarray(agg["embedding"], np.float32).reshape(-1)
+        attention = np.asarray(agg["attention"], np.float64).reshape(-1)
+        if "embedding" in options.tasks:
+            res["embedding"] = {"dim": int(slide_emb.size), "values": slide_emb.round(6).tolist()}
+        render_heatmap(out_dir / "heatmap.png", reader, grid, attention, title="Aggregator attention")
+        top = np.argsort(-attention)[: min(10, attention.size)]
+        res["attention"] = {
+            "top_patches": [
+                {"x": int(grid.coords[i, 0]), "y": int(grid.coords[i, 1]), "score": round(float(attention[i]), 6)}
+                for i in top
+            ]
+        }
+    elif "embedding" in options.tasks:
+        mean = feats.mean(axis=0)
+        res["embedding"] = {"dim": int(mean.size), "values": mean.round(6).tolist(), "pooling": "mean of patches"}
+    prog("heads", 0.0)
+    heads = backend.run_heads(feats, slide_emb)
+    specs = {h.name: h for h in bundle.heads}
+    if "classification" in options.tasks:
+        res["classification"] = {k: v for k, v in heads.items() if specs[k].role == "classifier"}
+    if "survival" in options.tasks:
+        surv = {}
+        for k, v in heads.items():
+            if specs[k].role == "survival":
+                surv[k] = {**v, "interpretation": "risk = -sum of the survival curve; higher means worse"}
+        res["survival"] = surv
+    if "report" in options.tasks:
+        prog("report", 0.0)
+        res["report"] = _report(bundle, backend, feats)
+    if "zeroshot" in options.tasks:
+        res["zeroshot"] = _zeroshot(bundle, backend, feats, slide_emb, options.prompts)
+    return res
+
+
+def _report(bundle: Bundle, backend: BundleBackend, feats: np.ndarray) -> dict:
+    from service.inference import report as report_mod
+
+    if not report_mod.available(bundle):
+        return {"available": False, "reason": "this bundle has no report decoder"}
+    text = report_mod.generate(bundle, backend, feats)
+    return {"available": True, "text": text, "ai_generated": True, "notice": AI_REPORT_NOTICE}
+
+
+def _zeroshot(
+    bundle: Bundle, backend: BundleBackend, feats: np.ndarray, slide_emb: np.ndarray | None, prompts: tuple[str, ...]
+) -> dict:
+    from service.inference import zeroshot as zs
+
+    if not zs.available(bundle):
+        raise InvalidParameterError("this bundle has no text encoder, so zero-shot prompts cannot be scored")
+    return zs.score(bundle, backend, feats, slide_emb, list(prompts))

@@ -1,0 +1,289 @@
+"""The model bundle: the contract between `training` (which writes it) and `service` (which serves it).
+
+A bundle is a Triton model repository (`<name>/config.pbtxt`, `<name>/<version>/model.onnx`) plus one
+manifest, `bundle.json`, at its root. The manifest says everything the service needs to run the models
+without torch: names, versions, tensor names/dtypes/shapes, preprocessing, class labels, survival bins,
+tokenizer, checksums and provenance. `load_bundle` validates all of it at start-up, so a worker refuses a
+bundle it cannot serve before it accepts a job rather than failing on the first slide.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from service.errors import BundleError
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "bundle.json"
+
+Role = Literal[
+    "patch_encoder", "aggregator", "classifier", "survival", "text_encoder", "report_encoder", "report_decoder", "head"
+]
+DType = Literal["uint8", "int8", "int32", "int64", "float16", "float32", "bool"]
+HEAD_ROLES: tuple[str, ...] = ("classifier", "survival", "head")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TensorSpec(_Strict):
+    """One input or output. `shape` is the full ONNX shape; a string is a named dynamic axis."""
+
+    name: str = Field(min_length=1)
+    dtype: DType
+    shape: list[int | str]
+
+    @field_validator("shape")
+    @classmethod
+    def _dims(cls, shape: list[int | str]) -> list[int | str]:
+        for d in shape:
+            if isinstance(d, int) and d < 1:
+                raise ValueError(f"static dims must be >= 1 (use a name for a dynamic axis), got {d}")
+        return shape
+
+
+class ModelSpec(_Strict):
+    """One servable model. `max_batch_size > 0` means axis 0 of every input and output is the batch axis
+    (Triton may batch requests); 0 means the shapes are taken as they are (e.g. the aggregator's [N, D])."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    role: Role
+    version: int = Field(default=1, ge=1)
+    file: str  # relative to the bundle root
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    inputs: list[TensorSpec] = Field(min_length=1)
+    outputs: list[TensorSpec] = Field(min_length=1)
+    max_batch_size: int = Field(default=0, ge=0)
+    consumes: Literal["pixels", "patch_features", "slide_embedding", "text", "tokens", "memory"] | None = None
+    labels: list[str] | None = None
+    bin_edges: list[float] | None = None
+    description: str = ""
+
+    @model_validator(mode="after")
+    def _role_fields(self) -> ModelSpec:
+        if self.role == "classifier" and not self.labels:
+            raise ValueError(f"classifier {self.name!r} needs class labels")
+        if self.role == "survival":
+            if not self.bin_edges or len(self.bin_edges) < 2:
+                raise ValueError(f"survival head {self.name!r} needs >= 2 bin edges")
+            if any(b <= a for a, b in zip(self.bin_edges, self.bin_edges[1:], strict=False)):
+                raise ValueError(f"survival head {self.name!r}: bin edges must increase")
+        if Path(self.file).is_absolute() or ".." in Path(self.file).parts:
+            raise ValueError(f"model file {self.file!r} must be a relative path inside the bundle")
+        for group in (self.inputs, self.outputs):
+            names = [t.name for t in group]
+            if len(set(names)) != len(names):
+                raise ValueError(f"{self.name!r}: duplicate tensor names {names}")
+        return self
+
+    def input(self, name: str | None = None) -> TensorSpec:
+        return self.inputs[0] if name is None else next(t for t in self.inputs if t.name == name)
+
+    def output(self, name: str) -> TensorSpec:
+        return next(t for t in self.outputs if t.name == name)
+
+
+class Preprocessing(_Strict):
+    """How patches are cut and fed: the pipeline hands exactly `patch_size`² uint8 RGB patches (NHWC)
+    read at `target_mpp`; when `uint8_input` the graph itself does /255 and mean/std."""
+
+    patch_size: int = Field(ge=8, le=4096)
+    target_mpp: float = Field(gt=0.05, lt=20)
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    uint8_input: bool = True
+    layout: Literal["NHWC"] = "NHWC"
+
+
+class TokenizerSpec(_Strict):
+    path: str  # a directory or file relative to the bundle root (HF tokenizer.json)
+    sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")  # of the file, when a file
+    max_length: int = Field(default=128, ge=1)
+
+
+class VocabSpec(_Strict):
+    """The report decoder's word vocabulary: a JSON file `{"itos": [...], "pad", "bos", "eos", "unk"}`."""
+
+    path: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    max_len: int = Field(default=100, ge=1)
+
+
+class Provenance(_Strict):
+    source: str  # "mstar export", "mstar import-encoder", ...
+    created: datetime
+    run_id: str | None = None
+    config_hash: str | None = None
+    git_commit: str | None = None
+    checkpoint: str | None = None
+    checkpoint_sha256: str | None = None
+    notes: str = ""
+
+
+class BundleManifest(_Strict):
+    schema_version: int
+    name: str
+    demo: bool
+    embed_dim: int = Field(ge=1)  # patch feature dimension D
+    slide_dim: int | None = Field(default=None, ge=1)
+    preprocessing: Preprocessing
+    models: list[ModelSpec] = Field(min_length=1)
+    tokenizer: TokenizerSpec | None = None
+    report_vocab: VocabSpec | None = None
+    provenance: Provenance
+
+    @model_validator(mode="after")
+    def _consistent(self) -> BundleManifest:
+        if self.schema_version != SCHEMA_VERSION:
+            raise ValueError(
+                f"schema_version {self.schema_version} is not supported (this service reads {SCHEMA_VERSION})"
+            )
+        names = [m.name for m in self.models]
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate model names {names}")
+        roles = [m.role for m in self.models]
+        if roles.count("patch_encoder") != 1:
+            raise ValueError("a bundle needs exactly one patch_encoder")
+        if roles.count("aggregator") > 1:
+            raise ValueError("a bundle has at most one aggregator")
+        enc = next(m for m in self.models if m.role == "patch_encoder")
+        s = self.preprocessing.patch_size
+        want_in = ["uint8", [s, s, 3]] if self.preprocessing.uint8_input else ["float32", [3, s, s]]
+        x = enc.inputs[0]
+        if [x.dtype, x.shape[1:]] != want_in:
+            raise ValueError(f"patch encoder input {x.dtype} {x.shape} does not match preprocessing {want_in}")
+        if enc.outputs[0].shape[1:] != [self.embed_dim]:
+            raise ValueError(f"patch encoder output {enc.outputs[0].shape} is not [batch, {self.embed_dim}]")
+        agg = next((m for m in self.models if m.role == "aggregator"), None)
+        if agg is not None and agg.inputs[0].shape[-1] != self.embed_dim:
+            raise ValueError(f"aggregator input {agg.inputs[0].shape} does not take {self.embed_dim}-d features")
+        if "text_encoder" in roles and self.tokenizer is None:
+            raise ValueError("a text_encoder needs a tokenizer")
+        if "report_decoder" in roles and ("report_encoder" not in roles or self.report_vocab is None):
+            raise ValueError("a report_decoder needs a report_encoder and a report_vocab")
+        return self
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A validated bundle on disk."""
+
+    root: Path
+    manifest: BundleManifest
+
+    def model(self, name: str) -> ModelSpec:
+        for m in self.manifest.models:
+            if m.name == name:
+                return m
+        raise BundleError(f"bundle {self.root} has no model {name!r} (has {[m.name for m in self.manifest.models]})")
+
+    def path(self, name: str) -> Path:
+        return self.root / self.model(name).file
+
+    def by_role(self, *roles: str) -> list[ModelSpec]:
+        return [m for m in self.manifest.models if m.role in roles]
+
+    @property
+    def patch_encoder(self) -> ModelSpec:
+        return self.by_role("patch_encoder")[0]
+
+    @property
+    def aggregator(self) -> ModelSpec | None:
+        found = self.by_role("aggregator")
+        return found[0] if found else None
+
+    @property
+    def heads(self) -> list[ModelSpec]:
+        return self.by_role(*HEAD_ROLES)
+
+    @property
+    def text_encoder(self) -> ModelSpec | None:
+        found = self.by_role("text_encoder")
+        return found[0] if found else None
+
+    @property
+    def report_models(self) -> tuple[ModelSpec, ModelSpec] | None:
+        """(report_encoder, report_decoder) when the bundle can write reports."""
+        enc, dec = self.by_role("report_encoder"), self.by_role("report_decoder")
+        return (enc[0], dec[0]) if enc and dec else None
+
+    @property
+    def tokenizer_path(self) -> Path | None:
+        tok = self.manifest.tokenizer
+        return None if tok is None else self.root / tok.path
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _check_file(root: Path, rel: str, sha: str | None, what: str, verify: bool) -> None:
+    p = (root / rel).resolve()
+    if not p.is_relative_to(root.resolve()):
+        raise BundleError(f"{what} {rel!r} points outside the bundle {root}")
+    if not p.exists():
+        raise BundleError(f"{what} file {rel!r} is missing from bundle {root} (weights are written by `mstar export`)")
+    if verify and sha is not None and p.is_file():
+        got = sha256_file(p)
+        if got != sha:
+            raise BundleError(f"{what} file {rel!r} fails its checksum (manifest {sha[:12]}…, file {got[:12]}…)")
+
+
+def parse_manifest(data: dict | str | bytes) -> BundleManifest:
+    """Validate a manifest document; any schema problem becomes a `BundleError` naming the field."""
+    try:
+        if isinstance(data, str | bytes):
+            return BundleManifest.model_validate_json(data)
+        return BundleManifest.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"]) or "(root)"
+        raise BundleError(f"invalid bundle manifest at {loc}: {first['msg']} ({err.error_count()} error(s))") from err
+
+
+def load_bundle(root: str | Path, *, verify_checksums: bool = True) -> Bundle:
+    """Read and validate `root/bundle.json` (or a manifest path) and every file it names.
+
+    Refuses with `BundleError`: no manifest, bad JSON, schema violations, missing files, checksum mismatch.
+    """
+    root = Path(root)
+    manifest_path = root if root.is_file() else root / MANIFEST_NAME
+    root = manifest_path.parent
+    if not manifest_path.is_file():
+        raise BundleError(f"no bundle manifest at {manifest_path}")
+    try:
+        raw = json.loads(manifest_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise BundleError(f"bundle manifest {manifest_path} is not readable JSON: {err}") from err
+    if not isinstance(raw, dict):
+        raise BundleError(f"bundle manifest {manifest_path} must be a JSON object")
+    manifest = parse_manifest(raw)
+    for m in manifest.models:
+        _check_file(root, m.file, m.sha256, f"model {m.name!r}", verify_checksums)
+    if manifest.tokenizer is not None:
+        _check_file(root, manifest.tokenizer.path, manifest.tokenizer.sha256, "tokenizer", verify_checksums)
+    if manifest.report_vocab is not None:
+        v = manifest.report_vocab
+        _check_file(root, v.path, v.sha256, "report vocabulary", verify_checksums)
+    return Bundle(root=root, manifest=manifest)
+
+
+def write_manifest(root: str | Path, manifest: BundleManifest) -> Path:
+    """Write `bundle.json` atomically (a reader never sees half a manifest)."""
+    path = Path(root) / MANIFEST_NAME
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(manifest.model_dump_json(indent=2) + "\n")
+    tmp.replace(path)
+    return path

@@ -1,0 +1,129 @@
+"""ONNX export (dynamo) + Triton repository: parity gate, configs that Triton's own schema accepts, the CLIs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from inference_fixtures import PATCH, build_tiny_bundle, real_patches
+
+from service.cli import main
+from service.errors import BundleError, InvalidParameterError
+from service.inference.bundle import load_bundle
+from service.inference.ort_backend import OrtBackend
+from training.export import ExportParityError, SlideAggregator, check_parity, export_onnx
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    return load_bundle(build_tiny_bundle(tmp_path_factory.getbasetemp()))
+
+
+def _parse(path: Path):
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+
+
+def test_configs_are_valid_triton_model_configs(bundle) -> None:
+    for spec in bundle.manifest.models:
+        mdir = bundle.root / spec.name
+        gpu, cpu, py = (
+            _parse(p) for p in (mdir / "config.pbtxt", mdir / "configs/cpu.pbtxt", mdir / "configs/cpu_python.pbtxt")
+        )
+        for cfg in (gpu, cpu, py):
+            assert cfg.name == spec.name and cfg.max_batch_size == spec.max_batch_size
+            assert list(cfg.version_policy.specific.versions) == [spec.version]
+            assert [i.name for i in cfg.input] == [t.name for t in spec.inputs]
+            assert [o.name for o in cfg.output] == [t.name for t in spec.outputs]
+            assert len(cfg.model_warmup) == 1
+        assert gpu.backend == cpu.backend == "onnxruntime" and py.backend == "python"
+        assert gpu.instance_group[0].kind == gpu.instance_group[0].KIND_GPU
+        assert py.instance_group[0].kind == py.instance_group[0].KIND_CPU
+        assert (bundle.root / Path(spec.file).parent / "model.py").is_file()
+        if spec.max_batch_size:  # batch-first: dynamic batching with two priority levels and a queue policy
+            assert gpu.dynamic_batching.priority_levels == 2
+            assert gpu.dynamic_batching.default_queue_policy.max_queue_size > 0
+            # the batch axis is implicit: dims are the per-item shape
+            assert [len(i.dims) for i in gpu.input] == [len(t.shape) - 1 for t in spec.inputs]
+        else:
+            assert not gpu.HasField("dynamic_batching")
+            assert [len(i.dims) for i in gpu.input] == [len(t.shape) for t in spec.inputs]
+    assert list(_parse(bundle.root / "mstar_patch_encoder/config.pbtxt").input[0].dims) == [PATCH, PATCH, 3]
+    assert list(_parse(bundle.root / "mstar_aggregator/config.pbtxt").input[0].dims) == [-1, 96]
+    assert {s.name for s in bundle.manifest.models if s.max_batch_size} == {"mstar_patch_encoder", "mstar_text_encoder"}
+    enc = _parse(bundle.root / "mstar_patch_encoder" / "config.pbtxt")
+    acc = enc.optimization.execution_accelerators.gpu_execution_accelerator[0]
+    assert acc.name == "tensorrt" and acc.parameters["precision_mode"] == "FP16"
+    assert acc.parameters["trt_profile_max_shapes"] == f"pixels_u8:256x{PATCH}x{PATCH}x3"
+
+
+def test_parity_gate_catches_a_wrong_graph(tmp_path: Path) -> None:
+    from training.models.transmil import TransMIL
+
+    torch.manual_seed(0)
+    a = SlideAggregator(TransMIL(n_features=16, dim=16, heads=2, num_landmarks=4)).eval()
+    b = SlideAggregator(TransMIL(n_features=16, dim=16, heads=2, num_landmarks=4)).eval()
+    path = export_onnx(
+        a,
+        (torch.randn(30, 16),),
+        tmp_path / "a.onnx",
+        input_names=["features"],
+        output_names=["embedding", "attention", "tokens"],
+        dynamic_axes={0: {0: ("n_patches", 1, 100_000)}},
+    )
+    rng = np.random.default_rng(0)
+    cases = [(rng.standard_normal((n, 16)).astype(np.float32),) for n in (2, 30, 31, 257)]
+    ok = check_parity("a", a, path, cases, ["features"], ["embedding", "attention", "tokens"])
+    assert ok.ok and ok.max_abs["embedding"] < 1e-4 and ok.min_cosine["tokens"] > 0.9999
+    with pytest.raises(ExportParityError, match="disagrees"):
+        check_parity("b", b, path, cases, ["features"], ["embedding", "attention", "tokens"])
+
+
+def test_export_refuses_foreign_run_dir(tmp_path: Path) -> None:
+    from training.export_cli import export_run
+
+    with pytest.raises(InvalidParameterError, match=r"has no export\.pt"):
+        export_run(tmp_path, tmp_path / "out")
+    torch.save({"weights": 1}, tmp_path / "export.pt")
+    with pytest.raises(InvalidParameterError, match="not an mstar-export/1"):
+        export_run(tmp_path, tmp_path / "out")
+    res = CliRunner().invoke(main, ["export", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "invalid_parameter" in res.output
+
+
+def test_import_encoder_wrapped_checkpoint(tmp_path: Path) -> None:
+    """A `{'model_state_dict': {'module.…'}}` wrapper loads strictly; a mismatched one is refused."""
+    from training.models.patch_encoder import Preprocessing, build_patch_encoder
+
+    torch.manual_seed(1)
+    enc, _ = build_patch_encoder("vit_micro_112")
+    ckpt = tmp_path / "micro.pth"
+    torch.save({"model_state_dict": {f"module.{k}": v for k, v in enc.state_dict().items()}}, ckpt)
+    res = CliRunner().invoke(
+        main,
+        ["import-encoder", str(ckpt), "--out", str(tmp_path / "b"), "--arch", "vit_micro_112", "--target-mpp", "0.5"],
+        catch_exceptions=False,
+    )
+    assert res.exit_code == 0, res.output
+    b = load_bundle(tmp_path / "b")
+    assert [m.role for m in b.manifest.models] == ["patch_encoder"] and not b.manifest.demo
+    assert b.manifest.provenance.source == "mstar import-encoder"
+    px = real_patches(3)
+    with torch.no_grad():
+        ref = enc(Preprocessing(PATCH)(torch.from_numpy(px))).numpy()
+    got = OrtBackend(b, device="cpu").embed_patches(px)
+    assert np.abs(got - ref).max() < 1e-3
+
+    bad = tmp_path / "bad.pth"
+    state = enc.state_dict()
+    state.pop("norm.weight")
+    torch.save(state, bad)
+    with pytest.raises(BundleError, match="does not match"):
+        from training.export_cli import import_encoder
+
+        import_encoder(bad, tmp_path / "b2", arch="vit_micro_112")

@@ -1,0 +1,180 @@
+"""onnxruntime in-process backend on a real exported bundle: equals PyTorch, refuses bad input and bad bundles."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from inference_fixtures import BIN_EDGES, LABELS, PATCH, build_tiny_bundle, real_patches, tiny_models
+
+from service.errors import BundleError, InvalidParameterError
+from service.inference.backend import Backend
+from service.inference.bundle import load_bundle
+from service.inference.ort_backend import OrtBackend, choose_providers
+from training.export import U8PatchEncoder
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(tmp_path_factory) -> Path:
+    return build_tiny_bundle(tmp_path_factory.getbasetemp())
+
+
+@pytest.fixture(scope="module")
+def backend(bundle_dir: Path):
+    with OrtBackend(load_bundle(bundle_dir), device="cpu", max_chunk=8) as b:
+        yield b
+
+
+@pytest.fixture(scope="module")
+def models(bundle_dir: Path) -> dict:
+    return tiny_models(bundle_dir.parent)
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+
+
+def test_manifest_describes_the_export(bundle_dir: Path) -> None:
+    b = load_bundle(bundle_dir)
+    m = b.manifest
+    assert m.demo and m.name == "tiny" and m.embed_dim == 96 and m.slide_dim == 64
+    assert m.preprocessing.patch_size == PATCH and m.preprocessing.uint8_input
+    assert [x.name for x in m.models] == [
+        "mstar_patch_encoder",
+        "mstar_aggregator",
+        "subtype",
+        "survival",
+        "mstar_text_encoder",
+        "mstar_report_encoder",
+        "mstar_report_decoder",
+    ]
+    assert b.model("subtype").labels == LABELS and b.model("survival").bin_edges == BIN_EDGES
+    assert m.provenance.run_id == "tiny" and m.provenance.source == "mstar export"
+    parity = json.loads((bundle_dir / "parity.json").read_text())
+    assert all(p["ok"] for p in parity) and len(parity) == 7
+
+
+def test_embed_real_patches_matches_torch(backend: OrtBackend, models: dict) -> None:
+    assert isinstance(backend, Backend)
+    px = real_patches(19)  # > max_chunk: three chunks, concatenated in order
+    got = backend.embed_patches(px)
+    ref_mod = U8PatchEncoder(models["encoder"], (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)).eval()
+    with torch.no_grad():
+        ref = ref_mod(torch.from_numpy(px)).numpy()
+    assert got.shape == (19, 96) and got.dtype == np.float32
+    assert np.abs(got - ref).max() < 1e-3
+    assert _cos(got, ref).min() > 0.9999
+    # the in-graph normalisation is the one the training side uses (training.models.patch_encoder)
+    from training.models.patch_encoder import Preprocessing
+
+    with torch.no_grad():
+        ref2 = models["encoder"](Preprocessing(PATCH)(torch.from_numpy(px))).numpy()
+    assert np.abs(got - ref2).max() < 1e-3
+    # a single patch [S, S, 3] gets a batch axis
+    assert backend.embed_patches(px[0]).shape == (1, 96)
+
+
+@pytest.mark.parametrize("n", [1, 5, 260])
+def test_aggregate_matches_torch(backend: OrtBackend, models: dict, n: int) -> None:
+    feats = np.random.default_rng(n).standard_normal((n, 96)).astype(np.float32)
+    out = backend.aggregate(feats)
+    with torch.no_grad():
+        ref = models["aggregator"](torch.from_numpy(feats)[None])
+    assert out["embedding"].shape == (64,) and out["attention"].shape == (n,) and out["tokens"].shape == (n, 64)
+    assert np.abs(out["embedding"] - ref.embedding[0].numpy()).max() < 1e-3
+    assert np.abs(out["attention"] - ref.attention[0].numpy()).max() < 1e-4
+    assert _cos(out["tokens"], ref.tokens[0].numpy()).min() > 0.9999
+
+
+def test_heads_summarised(backend: OrtBackend, models: dict) -> None:
+    feats = np.random.default_rng(7).standard_normal((40, 96)).astype(np.float32)
+    res = backend.run_heads(feats)
+    probs = res["subtype"]["probabilities"]
+    assert list(probs) == LABELS and sum(probs.values()) == pytest.approx(1.0, abs=1e-6)
+    with torch.no_grad():
+        ref = models["survival"](torch.from_numpy(feats)[None])
+    assert res["survival"]["risk"] == pytest.approx(float(ref.risk[0]), abs=1e-4)
+    assert res["survival"]["survival"] == pytest.approx(ref.survival[0].tolist(), abs=1e-5)
+
+
+def test_bad_inputs_are_typed_errors(backend: OrtBackend) -> None:
+    with pytest.raises(InvalidParameterError, match="expected uint8"):
+        backend.embed_patches(np.zeros((2, PATCH, PATCH, 3), dtype=np.float32))
+    with pytest.raises(InvalidParameterError, match="expected shape"):
+        backend.embed_patches(np.zeros((2, 64, 64, 3), dtype=np.uint8))
+    with pytest.raises(InvalidParameterError, match="empty"):
+        backend.aggregate(np.zeros((0, 96), dtype=np.float32))
+    with pytest.raises(InvalidParameterError, match="takes inputs"):
+        backend.infer("mstar_aggregator", {"x": np.zeros((3, 96), dtype=np.float32)})
+    with pytest.raises(BundleError, match="no model"):
+        backend.run_head("nope", np.zeros((3, 96), dtype=np.float32))
+    h = backend.health()
+    assert h["ok"] and h["providers"] == ["CPUExecutionProvider"]
+
+
+def test_onnx_disagreeing_with_manifest_refused(bundle_dir: Path, tmp_path: Path) -> None:
+    dst = tmp_path / "b"
+    shutil.copytree(bundle_dir, dst)
+    doc = json.loads((dst / "bundle.json").read_text())
+    doc["models"][1]["outputs"][0]["name"] = "slide_vec"
+    (dst / "bundle.json").write_text(json.dumps(doc))
+    b = OrtBackend(load_bundle(dst), device="cpu")
+    with pytest.raises(BundleError, match="no output 'slide_vec'"):
+        b.aggregate(np.zeros((4, 96), dtype=np.float32))
+    # a truncated ONNX with a matching checksum in the manifest is still refused cleanly
+    f = dst / doc["models"][2]["file"]
+    f.write_bytes(f.read_bytes()[:1000])
+    from service.inference.bundle import sha256_file
+
+    doc["models"][2]["sha256"] = sha256_file(f)
+    doc["models"][1]["outputs"][0]["name"] = "embedding"
+    (dst / "bundle.json").write_text(json.dumps(doc))
+    with pytest.raises(BundleError, match="cannot load"):
+        OrtBackend(load_bundle(dst), device="cpu", preload=True)
+
+
+def test_gpu_providers_refused_without_gpu_build() -> None:
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA")
+    from service.errors import BackendUnavailableError
+
+    with pytest.raises(BackendUnavailableError, match="CUDAExecutionProvider"):
+        choose_providers("cuda")
+    assert choose_providers("auto") == ["CPUExecutionProvider"]
+
+
+def test_report_generation_matches_torch_greedy(backend: OrtBackend, models: dict) -> None:
+    from service.inference import report
+
+    assert report.available(backend.bundle)
+    for n in (3, 150):
+        feats = np.random.default_rng(n).standard_normal((n, 96)).astype(np.float32)
+        got = report.generate_report(backend, feats)
+        want = models["report"].greedy(torch.from_numpy(feats))
+        assert got["token_ids"] == want
+        assert got["text"] == models["vocab"].decode(want)
+        assert report.generate(backend.bundle, backend, feats) == got["text"]
+
+
+def test_zeroshot_prompts_match_torch(backend: OrtBackend, models: dict) -> None:
+    from service.inference import zeroshot
+
+    prompts = ["squamous cell carcinoma", "benign lung parenchyma with no tumour", "adenocarcinoma, acinar"]
+    feats = np.random.default_rng(11).standard_normal((60, 96)).astype(np.float32)
+    res = zeroshot.score(backend.bundle, backend, feats, None, prompts)
+    tok = models["text"].tokenize(prompts)
+    with torch.no_grad():
+        t = models["text_proj"](models["text"](tok["input_ids"], tok["attention_mask"])).numpy()
+        s = models["aggregator"](torch.from_numpy(feats)[None]).embedding[0].numpy()
+    cos = t @ s / np.linalg.norm(t, axis=-1) / np.linalg.norm(s)
+    assert [p["cosine"] for p in res["prompts"]] == pytest.approx(cos.tolist(), abs=1e-5)
+    assert sum(p["probability"] for p in res["prompts"]) == pytest.approx(1.0)
+    assert res["best"] == prompts[int(cos.argmax())]
+    with pytest.raises(InvalidParameterError, match="prompts"):
+        zeroshot.score(backend.bundle, backend, feats, None, [])

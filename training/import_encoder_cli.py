@@ -1,0 +1,34 @@
+"""`mstar import-encoder CHECKPOINT --out DIR` (own module: `_COMMANDS` maps one module to one command)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from training.export_cli import import_encoder
+
+
+@click.command("import-encoder")
+@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--out", "out", type=click.Path(path_type=Path), required=True, help="Bundle directory to write.")
+@click.option(
+    "--arch",
+    default="mstar_vit_l16",
+    show_default=True,
+    help="Patch encoder configuration (training.models.patch_encoder.PATCH_ENCODERS).",
+)
+@click.option("--target-mpp", type=float, default=0.5, show_default=True, help="µm/px the encoder was trained at.")
+@click.option("--name", default=None, help="Bundle name (default: the checkpoint's file name).")
+def import_encoder_cmd(checkpoint: Path, out: Path, arch: str, target_mpp: float, name: str | None) -> None:
+    """Build an encoder-only bundle around a released mSTAR/UNI ViT checkpoint (a local file)."""
+    rep = import_encoder(
+        checkpoint,
+        out,
+        arch=arch,
+        target_mpp=target_mpp,
+        name=name,
+        progress=lambda m: click.echo(m, err=True),
+    )
+    click.echo(json.dumps(rep.summary(), indent=2))
