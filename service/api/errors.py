@@ -1,0 +1,109 @@
+"""API-only refusals (auth, lookups, state conflicts) and the handlers that render every error the same way:
+`{"error": {"code", "message"}}` with the error's HTTP status. Bad input never becomes a 500."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.errors import MstarError
+
+log = logging.getLogger("mstar.api")
+
+
+class UnauthorizedError(MstarError):
+    code = "unauthorized"
+    http_status = 401
+
+
+class ForbiddenError(MstarError):
+    code = "forbidden"
+    http_status = 403
+
+
+class NotFoundError(MstarError):
+    code = "not_found"
+    http_status = 404
+
+
+class NotReadyError(MstarError):
+    """The job has not (successfully) finished, so it has no result yet."""
+
+    code = "not_ready"
+    http_status = 409
+
+
+class RequestError(MstarError):
+    code = "invalid_request"
+    http_status = 400
+
+
+class UnsupportedMediaTypeError(MstarError):
+    code = "unsupported_media_type"
+    http_status = 415
+
+
+def error_body(code: str, message: str) -> dict:
+    return {"error": {"code": code, "message": message}}
+
+
+def mstar_error_class(code: str) -> type[MstarError]:
+    """The most specific `MstarError` subclass with this code (to re-raise what a subprocess reported)."""
+    stack: list[type[MstarError]] = [MstarError]
+    while stack:
+        cls = stack.pop()
+        if cls.code == code:
+            return cls
+        stack.extend(cls.__subclasses__())
+    return MstarError
+
+
+def install_handlers(app: FastAPI) -> None:
+    @app.exception_handler(MstarError)
+    async def _mstar(_request: Request, err: MstarError) -> JSONResponse:
+        headers = {"WWW-Authenticate": 'Bearer realm="mstar"'} if err.http_status == 401 else None
+        return JSONResponse(error_body(err.code, str(err)), status_code=err.http_status, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_request: Request, err: RequestValidationError) -> JSONResponse:
+        errors = err.errors()
+        first = errors[0] if errors else {}
+        loc = ".".join(str(p) for p in first.get("loc", ())) or "request"
+        body = error_body("invalid_request", f"{loc}: {first.get('msg', 'invalid')}")
+        body["error"]["details"] = [
+            {"loc": [str(p) for p in e.get("loc", ())], "msg": str(e.get("msg", ""))} for e in errors[:20]
+        ]
+        return JSONResponse(body, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        code = {
+            404: "not_found",
+            405: "method_not_allowed",
+            401: "unauthorized",
+            403: "forbidden",
+            413: "too_large",
+        }.get(err.status_code, f"http_{err.status_code}")
+        headers = dict(getattr(err, "headers", None) or {})
+        if err.status_code == 405:  # Starlette names one route's methods; list every route on this path
+            methods = {
+                m
+                for r in request.app.router.routes
+                if getattr(r, "path_regex", None) is not None and r.path_regex.match(request.url.path)
+                for m in (getattr(r, "methods", None) or ())
+            }
+            headers["Allow"] = ", ".join(sorted(methods))
+        return JSONResponse(error_body(code, str(err.detail)), status_code=err.status_code, headers=headers)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, err: Exception) -> JSONResponse:
+        log.exception(
+            "unhandled error on %s %s",
+            request.method,
+            request.scope.get("route") and request.scope["route"].path,
+        )
+        return JSONResponse(error_body("internal_error", "internal server error"), status_code=500)

@@ -1,0 +1,54 @@
+"""OpenAPI fragments shared by routers: documented error responses and the streamed upload body."""
+
+from __future__ import annotations
+
+from service.api.schemas import ErrorBody
+
+_DESCRIPTIONS = {
+    400: "malformed request",
+    401: "missing or invalid API key",
+    403: "needs an admin key",
+    404: "no such object for this tenant",
+    409: "the job is not in a state that allows this",
+    413: "body too large (uploads: MSTAR_UPLOAD_MAX_BYTES; JSON bodies: 1 MiB)",
+    415: "not multipart/form-data, or not a supported slide format",
+    422: "invalid parameters, corrupt slide, or slide without µm/px",
+    503: "not ready",
+}
+
+
+def ERRORS(*codes: int) -> dict:
+    return {c: {"model": ErrorBody, "description": _DESCRIPTIONS[c]} for c in codes}
+
+
+UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {
+                        "file": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "the slide (SVS, NDPI, OME-TIFF, tiled TIFF, DICOM, PNG/JPEG)",
+                        },
+                        "analyze": {
+                            "type": "boolean",
+                            "default": True,
+                            "description": "queue an analysis with default options",
+                        },
+                        "mpp_override": {
+                            "type": "number",
+                            "minimum": 0.05,
+                            "maximum": 20,
+                            "description": "µm/px when the slide carries none",
+                        },
+                    },
+                }
+            }
+        },
+    }
+}

@@ -1,0 +1,41 @@
+"""Liveness, readiness (store, runner and model backend checked for real) and Prometheus metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, Response
+
+from service.api.deps import ContextDep
+from service.api.schemas import HealthOut
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz", response_model=HealthOut, summary="The process is up")
+async def healthz() -> HealthOut:
+    return HealthOut(status="ok")
+
+
+@router.get(
+    "/readyz",
+    response_model=HealthOut,
+    responses={503: {"model": HealthOut, "description": "not ready"}},
+    summary="Store, runner and model backend all usable",
+)
+async def readyz(ctx: ContextDep) -> JSONResponse:
+    checks = await run_in_threadpool(ctx.readiness)
+    ok = all(c.get("ok") for c in checks.values())
+    body = HealthOut(status="ok" if ok else "unavailable", checks=checks)
+    return JSONResponse(body.model_dump(mode="json"), status_code=200 if ok else 503)
+
+
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {}}}},
+    summary="Prometheus metrics",
+)
+def metrics(ctx: ContextDep) -> Response:
+    data, ctype = ctx.metrics.render()
+    return Response(data, media_type=ctype)

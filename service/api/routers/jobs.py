@@ -1,0 +1,127 @@
+"""`/jobs`: status, cancel and results. Every lookup is scoped to the caller's tenant."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+from fastapi.responses import FileResponse, Response
+
+from service.api.deps import ContextDep, SessionDep, TenantDep
+from service.api.errors import NotFoundError, NotReadyError
+from service.api.responses import ERRORS
+from service.api.schemas import JobOut, JobPage, JobState
+from service.api.views import job_out
+from service.store import repo
+from service.store.db import transaction
+from service.store.models import TERMINAL_STATES
+
+router = APIRouter(tags=["jobs"])
+
+
+@router.get("/jobs", response_model=JobPage, responses=ERRORS(401, 422), summary="List your jobs")
+def list_jobs(
+    principal: TenantDep,
+    session: SessionDep,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    offset: Annotated[int, Query(ge=0, le=10**9)] = 0,
+    state: JobState | None = None,
+    slide_id: Annotated[str | None, Query(max_length=64)] = None,
+) -> JobPage:
+    rows, total = repo.list_jobs(
+        session, principal.tenant_id, limit=limit, offset=offset, state=state, slide_id=slide_id
+    )
+    nxt = offset + len(rows) if offset + len(rows) < total else None
+    return JobPage(items=[job_out(r) for r in rows], total=total, limit=limit, offset=offset, next_offset=nxt)
+
+
+@router.get("/jobs/{job_id}", response_model=JobOut, responses=ERRORS(401, 404))
+def get_job(job_id: str, principal: TenantDep, session: SessionDep) -> JobOut:
+    job = repo.get_job(session, principal.tenant_id, job_id)
+    if job is None:
+        raise NotFoundError("no such job")
+    return job_out(job, repo.get_result(session, principal.tenant_id, job_id))
+
+
+@router.post(
+    "/jobs/{job_id}/cancel",
+    status_code=202,
+    response_model=JobOut,
+    responses=ERRORS(401, 404, 409),
+    summary="Cancel a queued or running job",
+)
+def cancel_job(job_id: str, principal: TenantDep, ctx: ContextDep) -> JobOut:
+    with transaction(ctx.sessions) as s:
+        job = repo.get_job(s, principal.tenant_id, job_id)
+        if job is None:
+            raise NotFoundError("no such job")
+        if job.state in TERMINAL_STATES:
+            raise NotReadyError(f"job already {job.state}")
+        job = repo.request_cancel(s, job)
+        out = job_out(job)
+    if out.state == "canceled":
+        ctx.job_terminal(out.id)
+    return out
+
+
+def _file(ctx, principal, job_id: str, name: str) -> tuple[str, dict]:
+    with transaction(ctx.sessions) as s:
+        job = repo.get_job(s, principal.tenant_id, job_id)
+        if job is None:
+            raise NotFoundError("no such job")
+        if job.state != "succeeded":
+            detail = f": {job.error_code}" if job.error_code else ""
+            raise NotReadyError(f"job is {job.state}{detail}; results exist only for succeeded jobs")
+        result = repo.get_result(s, principal.tenant_id, job_id)
+        files = (result.files if result is not None else {}) or {}
+    if name not in files or not ctx.blobs.exists(files[name]["key"]):
+        raise NotFoundError(f"this job produced no {name}")
+    return files[name]["key"], files[name]
+
+
+@router.get(
+    "/jobs/{job_id}/result",
+    responses={
+        200: {"content": {"application/json": {}}, "description": "result.json as the pipeline wrote it"},
+        **ERRORS(401, 404, 409),
+    },
+)
+def get_result(job_id: str, principal: TenantDep, ctx: ContextDep) -> Response:
+    key, meta = _file(ctx, principal, job_id, "result.json")
+    with ctx.blobs.open(key) as fh:  # the bytes the pipeline wrote, checksum and all: no re-encoding
+        data = fh.read()
+    return Response(data, media_type="application/json", headers={"X-Content-SHA256": meta["sha256"]})
+
+
+@router.get(
+    "/jobs/{job_id}/features",
+    response_class=FileResponse,
+    responses={
+        200: {
+            "content": {"application/x-hdf5": {}},
+            "description": "features.h5: `features` [N, D] float32, `coords` [N, 2] level-0",
+        },
+        **ERRORS(401, 404, 409),
+    },
+)
+def get_features(job_id: str, principal: TenantDep, ctx: ContextDep) -> FileResponse:
+    key, meta = _file(ctx, principal, job_id, "features.h5")
+    return FileResponse(
+        ctx.blobs.local_path(key),
+        media_type="application/x-hdf5",
+        filename=f"{job_id}-features.h5",
+        headers={"X-Content-SHA256": meta["sha256"]},
+    )
+
+
+@router.get(
+    "/jobs/{job_id}/heatmap.png",
+    response_class=FileResponse,
+    responses={
+        200: {"content": {"image/png": {}}, "description": "attention heatmap"},
+        **ERRORS(401, 404, 409),
+    },
+)
+def get_heatmap(job_id: str, principal: TenantDep, ctx: ContextDep) -> FileResponse:
+    key, meta = _file(ctx, principal, job_id, "heatmap.png")
+    return FileResponse(ctx.blobs.local_path(key), media_type="image/png", headers={"X-Content-SHA256": meta["sha256"]})

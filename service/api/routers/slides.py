@@ -1,0 +1,201 @@
+"""`/slides`: streamed upload (with an optional analysis), listing, lookup and deletion, all per tenant."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated
+
+from fastapi import APIRouter, Body, Header, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+
+from service.api.deps import ContextDep, SessionDep, TenantDep
+from service.api.errors import NotFoundError
+from service.api.responses import ERRORS, UPLOAD_BODY
+from service.api.schemas import AnalysisRequest, JobOut, SlideOut, SlidePage, UploadAccepted
+from service.api.upload import parse_bool, parse_mpp, probe_slide, receive_upload
+from service.api.views import job_out, slide_out
+from service.store import repo
+from service.store.db import transaction
+from service.store.models import Slide, new_id, utcnow
+
+log = logging.getLogger("mstar.api")
+router = APIRouter(tags=["slides"])
+
+_EXT = {
+    "svs": "svs",
+    "ndpi": "ndpi",
+    "ome-tiff": "ome.tiff",
+    "tiff": "tiff",
+    "dicom": "dcm",
+    "png": "png",
+    "jpeg": "jpg",
+}
+UNCAPPED = 1 << 62
+IdemHeader = Annotated[str | None, Header(alias="Idempotency-Key", min_length=1, max_length=255)]
+
+
+@router.post(
+    "/slides",
+    status_code=202,
+    response_model=UploadAccepted,
+    openapi_extra=UPLOAD_BODY,
+    max_body_size=UNCAPPED,  # overrides the app's JSON cap: `receive_upload` enforces MSTAR_UPLOAD_MAX_BYTES
+    responses={
+        200: {"model": SlideOut, "description": "these bytes were uploaded before (analyze=false)"},
+        201: {"model": SlideOut, "description": "stored (analyze=false)"},
+        202: {"description": "stored and an analysis queued; `Location` names the job"},
+        **ERRORS(400, 401, 413, 415, 422),
+    },
+    summary="Upload a slide (multipart `file`), optionally queueing an analysis",
+)
+async def upload_slide(
+    request: Request, principal: TenantDep, ctx: ContextDep, idempotency_key: IdemHeader = None
+) -> Response:
+    settings = ctx.settings
+    parsed = await receive_upload(request, ctx.blobs, settings)
+    writer = parsed.writer
+    try:
+        if writer is None:
+            from service.errors import InvalidParameterError
+
+            raise InvalidParameterError("multipart part `file` (the slide) is required")
+        ctx.metrics.upload_bytes.inc(writer.size)
+        analyze = parse_bool(parsed.fields.get("analyze"), "analyze", True)
+        mpp = parse_mpp(parsed.fields.get("mpp_override"))
+        with transaction(ctx.sessions) as s:
+            existing = repo.find_slide_by_sha(s, principal.tenant_id, writer.sha256)
+        if existing is None:
+            probed = await probe_slide(writer.path, mpp, settings)
+            fmt = probed.get("format") or "unknown"
+            slide_id = new_id()
+            key = f"slides/{principal.tenant_id}/{slide_id}.{_EXT.get(fmt, 'bin')}"
+            size, sha = writer.size, writer.sha256
+            await run_in_threadpool(writer.commit, key)
+            writer = None
+            slide = Slide(
+                id=slide_id,
+                tenant_id=principal.tenant_id,
+                sha256=sha,
+                format=fmt,
+                size_bytes=size,
+                blob_key=key,
+                mpp_override=mpp,
+                info=probed.get("info") or {},
+                created_at=utcnow(),
+            )
+            with transaction(ctx.sessions) as s:
+                stored = repo.add_slide(s, slide)
+            if stored.id != slide_id:  # an identical upload won a race: keep one copy
+                ctx.blobs.delete(key)
+            created, slide = stored.id == slide_id, stored
+            log.info("slide %s stored for tenant %s (%s, %d bytes)", slide.id, principal.tenant, fmt, size)
+        else:
+            writer.discard()
+            writer = None
+            created, slide = False, existing
+        ctx.metrics.uploads.labels("created" if created else "duplicate").inc()
+    except BaseException as err:
+        if writer is not None:
+            writer.discard()
+        code = getattr(err, "code", None)
+        if code:
+            ctx.metrics.uploads.labels(code).inc()
+        raise
+
+    if not analyze:
+        return JSONResponse(
+            slide_out(slide).model_dump(mode="json"),
+            status_code=201 if created else 200,
+            headers={"Location": f"/slides/{slide.id}"},
+        )
+    job = await run_in_threadpool(
+        _queue, ctx, principal.tenant_id, slide.id, AnalysisRequest(mpp_override=mpp), idempotency_key
+    )
+    body = UploadAccepted(slide=slide_out(slide), job=job).model_dump(mode="json")
+    return JSONResponse(body, status_code=202, headers={"Location": f"/jobs/{job.id}"})
+
+
+def _queue(ctx, tenant_id: str, slide_id: str, req: AnalysisRequest, idempotency_key: str | None) -> JobOut:
+    from service import webhooks
+
+    if req.webhook_url:  # syntax here; the network checks (SSRF) run before every delivery
+        webhooks.check_url(req.webhook_url, allow_private=True)
+    ctx.check_bundle_version(req.bundle_version)
+    with transaction(ctx.sessions) as s:
+        job, created = repo.create_job(
+            s,
+            tenant_id=tenant_id,
+            slide_id=slide_id,
+            options=req.to_options(),
+            idempotency_key=idempotency_key,
+            webhook_url=req.webhook_url,
+        )
+        out = job_out(job)
+    if created:
+        log.info("job %s queued for slide %s", out.id, slide_id)
+        ctx.queue.notify(out.id)
+    return out
+
+
+@router.get("/slides", response_model=SlidePage, responses=ERRORS(401, 422), summary="List your slides")
+def list_slides(
+    principal: TenantDep,
+    session: SessionDep,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    offset: Annotated[int, Query(ge=0, le=10**9)] = 0,
+) -> SlidePage:
+    rows, total = repo.list_slides(session, principal.tenant_id, limit=limit, offset=offset)
+    nxt = offset + len(rows) if offset + len(rows) < total else None
+    return SlidePage(items=[slide_out(r) for r in rows], total=total, limit=limit, offset=offset, next_offset=nxt)
+
+
+@router.get("/slides/{slide_id}", response_model=SlideOut, responses=ERRORS(401, 404))
+def get_slide(slide_id: str, principal: TenantDep, session: SessionDep) -> SlideOut:
+    slide = repo.get_slide(session, principal.tenant_id, slide_id)
+    if slide is None:
+        raise NotFoundError("no such slide")
+    return slide_out(slide)
+
+
+@router.delete(
+    "/slides/{slide_id}",
+    status_code=204,
+    responses=ERRORS(401, 404),
+    summary="Delete a slide with its jobs, results and files",
+)
+def delete_slide(slide_id: str, principal: TenantDep, ctx: ContextDep) -> Response:
+    with transaction(ctx.sessions) as s:
+        slide = repo.get_slide(s, principal.tenant_id, slide_id)
+        if slide is None:
+            raise NotFoundError("no such slide")
+        key = slide.blob_key
+        job_ids = repo.delete_slide(s, slide)
+    ctx.blobs.delete(key)
+    for job_id in job_ids:
+        ctx.blobs.delete_prefix(f"results/{principal.tenant_id}/{job_id}")
+    log.info("slide %s deleted with %d job(s)", slide_id, len(job_ids))
+    return Response(status_code=204)
+
+
+@router.post(
+    "/slides/{slide_id}/analyses",
+    status_code=202,
+    response_model=JobOut,
+    responses=ERRORS(401, 404, 422),
+    summary="Queue an analysis of a stored slide",
+)
+def create_analysis(
+    slide_id: str,
+    principal: TenantDep,
+    ctx: ContextDep,
+    response: Response,
+    req: Annotated[AnalysisRequest | None, Body()] = None,
+    idempotency_key: IdemHeader = None,
+) -> JobOut:
+    with transaction(ctx.sessions) as s:
+        if repo.get_slide(s, principal.tenant_id, slide_id) is None:
+            raise NotFoundError("no such slide")
+    job = _queue(ctx, principal.tenant_id, slide_id, req or AnalysisRequest(), idempotency_key)
+    response.headers["Location"] = f"/jobs/{job.id}"
+    return job

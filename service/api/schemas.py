@@ -1,0 +1,159 @@
+"""Request and response models (pydantic v2). Responses are allow-lists: internal paths, blob keys, hashes of
+keys and tenant ids never leave the service."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_serializer, model_validator
+
+from service.slides.base import MPP_MAX, MPP_MIN
+
+Task = Literal["embedding", "classification", "survival", "report", "zeroshot"]
+JobState = Literal["queued", "running", "succeeded", "failed", "canceled"]
+DEFAULT_TASKS: list[Task] = ["embedding", "classification", "survival", "report"]
+
+
+def _utc(dt: datetime | None) -> datetime | None:
+    """SQLite hands back naive datetimes; they were written in UTC."""
+    if dt is None:
+        return None
+    return dt if dt.tzinfo is not None else dt.replace(tzinfo=UTC)
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+class SlideOut(BaseModel):
+    id: str
+    sha256: str
+    format: str
+    size_bytes: int
+    mpp_override: float | None = None
+    info: dict = Field(description="levels, µm/px and its source, vendor; never label or macro images")
+    created_at: datetime
+
+    @field_serializer("created_at")
+    def _ts(self, v: datetime) -> datetime | None:
+        return _utc(v)
+
+
+class Page(BaseModel):
+    total: int
+    limit: int
+    offset: int
+    next_offset: int | None
+
+
+class SlidePage(Page):
+    items: list[SlideOut]
+
+
+Prompt = Annotated[str, Field(min_length=1, max_length=500)]
+
+
+class AnalysisRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    tasks: list[Task] = Field(default_factory=lambda: list(DEFAULT_TASKS), min_length=1, max_length=5)
+    prompts: list[Prompt] = Field(
+        default_factory=list, max_length=64, description="class descriptions for zero-shot scoring"
+    )
+    mpp_override: float | None = Field(
+        None, ge=MPP_MIN, le=MPP_MAX, description="µm/px to use instead of the slide's metadata"
+    )
+    bundle_version: str | None = Field(
+        None,
+        min_length=1,
+        max_length=128,
+        description="refuse to run unless the served bundle has this version",
+    )
+    webhook_url: str | None = Field(
+        None,
+        max_length=2048,
+        pattern=r"^https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[!-~]*)?$",
+        description="POSTed a signed JSON event when the job finishes",
+    )
+
+    @model_validator(mode="after")
+    def _zeroshot_needs_prompts(self) -> AnalysisRequest:
+        if "zeroshot" in self.tasks and len(self.prompts) < 2:
+            raise ValueError("zero-shot scoring needs at least two prompts")
+        self.tasks = list(dict.fromkeys(self.tasks))
+        return self
+
+    def to_options(self) -> dict:
+        return {
+            "tasks": list(self.tasks),
+            "prompts": list(self.prompts),
+            "mpp_override": self.mpp_override,
+            "bundle_version": self.bundle_version,
+        }
+
+
+class JobLinks(BaseModel):
+    self: str
+    slide: str
+    result: str | None = None
+    features: str | None = None
+    heatmap: str | None = None
+
+
+class JobOut(BaseModel):
+    id: str
+    slide_id: str
+    state: JobState
+    stage: str | None
+    progress: float = Field(ge=0, le=1)
+    error: ErrorDetail | None = None
+    attempts: int
+    options: dict
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    stage_seconds: dict[str, float] = Field(default_factory=dict)
+    links: JobLinks
+
+    @field_serializer("created_at", "started_at", "finished_at")
+    def _ts(self, v: datetime | None) -> datetime | None:
+        return _utc(v)
+
+
+class JobPage(Page):
+    items: list[JobOut]
+
+
+class UploadAccepted(BaseModel):
+    slide: SlideOut
+    job: JobOut
+
+
+class ModelInfo(BaseModel):
+    name: str
+    role: str
+    version: int
+    labels: list[str] | None = None
+    bin_edges: list[float] | None = None
+
+
+class ModelsOut(BaseModel):
+    bundle: str | None = Field(description="bundle name, or null when no bundle is configured")
+    version: str | None = None
+    demo: bool | None = None
+    embed_dim: int | None = None
+    preprocessing: dict | None = None
+    provenance: dict | None = None
+    models: list[ModelInfo] = Field(default_factory=list)
+    detail: str | None = None
+
+
+class HealthOut(BaseModel):
+    status: Literal["ok", "unavailable"]
+    checks: dict[str, dict] = Field(default_factory=dict)

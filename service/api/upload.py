@@ -1,0 +1,202 @@
+"""Streaming multipart upload straight into the blob store, and the out-of-process slide check.
+
+Starlette's `request.form()` spools the whole body before the handler runs and has no total cap, so the
+upload route parses the stream itself (python-multipart's push parser): file bytes go to a staging file in
+the blob store in chunks with a byte counter and a running SHA-256; past the cap the file is dropped at once
+and at most `upload_drain_bytes` more are read so the client gets the 413 rather than a reset connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from python_multipart import MultipartParser
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import parse_options_header
+from starlette.requests import ClientDisconnect, Request
+
+from service.api.errors import RequestError, UnsupportedMediaTypeError, mstar_error_class
+from service.config import Settings
+from service.errors import CorruptSlideError, InvalidParameterError, SlideTooLargeError
+from service.store.blobs import BlobWriter, FileBlobStore
+
+FILE_FIELD = "file"
+TEXT_FIELDS = ("analyze", "mpp_override")
+MAX_FIELD_BYTES = 1024
+MAX_PARTS = 8
+_ROOT = str(Path(__file__).resolve().parents[2])
+
+
+@dataclass
+class ParsedUpload:
+    writer: BlobWriter | None = None
+    fields: dict[str, str] = field(default_factory=dict)
+    too_large: bool = False
+    received: int = 0
+
+
+async def receive_upload(request: Request, blobs: FileBlobStore, settings: Settings) -> ParsedUpload:
+    """Parse the multipart body; the caller must `discard()` or `commit()` the returned writer."""
+    ctype, params = parse_options_header(request.headers.get("content-type", ""))
+    boundary = params.get(b"boundary")
+    if ctype != b"multipart/form-data" or not boundary:
+        raise UnsupportedMediaTypeError("upload the slide as multipart/form-data with a `file` part")
+    cap = settings.upload_max_bytes
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > cap + settings.upload_drain_bytes + (1 << 20):
+        raise SlideTooLargeError(f"upload of {int(declared)} bytes exceeds the limit of {cap} bytes")
+
+    out = ParsedUpload()
+    cur: dict = {"headers": {}, "name": None, "is_file": False, "buf": bytearray(), "hf": b"", "hv": b""}
+    parts = {"n": 0}
+
+    def on_part_begin() -> None:
+        parts["n"] += 1
+        if parts["n"] > MAX_PARTS:
+            raise RequestError(f"too many multipart parts (at most {MAX_PARTS})")
+        cur.update(headers={}, name=None, is_file=False, buf=bytearray(), hf=b"", hv=b"")
+
+    def on_header_field(data: bytes, start: int, end: int) -> None:
+        cur["hf"] += data[start:end]
+
+    def on_header_value(data: bytes, start: int, end: int) -> None:
+        cur["hv"] += data[start:end]
+
+    def on_header_end() -> None:
+        cur["headers"][cur["hf"].lower()] = cur["hv"]
+        cur["hf"], cur["hv"] = b"", b""
+
+    def on_headers_finished() -> None:
+        disp, opts = parse_options_header(cur["headers"].get(b"content-disposition", b""))
+        name = opts.get(b"name", b"").decode("utf-8", "replace")
+        if disp != b"form-data" or not name:
+            raise RequestError("each multipart part needs `Content-Disposition: form-data; name=...`")
+        cur["name"] = name
+        cur["is_file"] = name == FILE_FIELD
+        if cur["is_file"]:
+            if out.writer is not None or out.too_large:
+                raise RequestError("send exactly one `file` part")
+            out.writer = blobs.writer()
+
+    def on_part_data(data: bytes, start: int, end: int) -> None:
+        n = end - start
+        if cur["is_file"]:
+            if out.too_large:
+                return
+            if out.writer.size + n > cap:
+                out.too_large = True
+                out.writer.discard()
+                out.writer = None
+                return
+            out.writer.write(data[start:end])
+        else:
+            cur["buf"] += data[start:end]
+            if len(cur["buf"]) > MAX_FIELD_BYTES:
+                raise RequestError(f"form field {cur['name']!r} is too long")
+
+    def on_part_end() -> None:
+        if not cur["is_file"] and cur["name"] in TEXT_FIELDS:
+            out.fields[cur["name"]] = cur["buf"].decode("utf-8", "replace").strip()
+
+    parser = MultipartParser(
+        boundary,
+        callbacks={
+            "on_part_begin": on_part_begin,
+            "on_part_data": on_part_data,
+            "on_part_end": on_part_end,
+            "on_header_field": on_header_field,
+            "on_header_value": on_header_value,
+            "on_header_end": on_header_end,
+            "on_headers_finished": on_headers_finished,
+        },
+    )
+    try:
+        async for chunk in request.stream():
+            out.received += len(chunk)
+            if out.too_large:
+                if out.received - cap > settings.upload_drain_bytes:
+                    break
+                continue
+            parser.write(chunk)
+        if not out.too_large:
+            parser.finalize()
+    except MultipartParseError as err:
+        _drop(out)
+        raise RequestError(f"malformed multipart body ({type(err).__name__})") from None
+    except ClientDisconnect:
+        _drop(out)
+        raise RequestError("the client disconnected during the upload") from None
+    except BaseException:
+        _drop(out)
+        raise
+    if out.too_large:
+        raise SlideTooLargeError(f"upload exceeds the limit of {cap} bytes")
+    if out.writer is not None:
+        out.writer.close()
+    return out
+
+
+def _drop(out: ParsedUpload) -> None:
+    if out.writer is not None:
+        out.writer.discard()
+        out.writer = None
+
+
+def parse_bool(value: str | None, name: str, default: bool) -> bool:
+    if value is None or value == "":
+        return default
+    v = value.lower()
+    if v in ("true", "1", "yes", "on"):
+        return True
+    if v in ("false", "0", "no", "off"):
+        return False
+    raise InvalidParameterError(f"{name} must be true or false, got {value[:20]!r}")
+
+
+def parse_mpp(value: str | None) -> float | None:
+    if value is None or value == "":
+        return None
+    from service.slides.mpp import override_mpp
+
+    return override_mpp(value[:32]).x
+
+
+async def probe_slide(path: Path, mpp_override: float | None, settings: Settings) -> dict:
+    """Open the slide in a separate process (`service.api.probe`); `{"format", "info"}` or a typed error."""
+    args = [sys.executable, "-m", "service.api.probe", str(path)]
+    if mpp_override is not None:
+        args += ["--mpp", repr(float(mpp_override))]
+    if settings.validate_memory_mb:
+        args += ["--max-memory-mb", str(settings.validate_memory_mb)]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(p for p in (_ROOT, os.environ.get("PYTHONPATH")) if p),
+        "OMP_NUM_THREADS": "1",
+    }
+    proc = await asyncio.create_subprocess_exec(
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+    )
+    try:
+        stdout, _ = await asyncio.wait_for(proc.communicate(), settings.validate_timeout_s)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise CorruptSlideError(f"the slide could not be opened within {settings.validate_timeout_s:g} s") from None
+    try:
+        out = json.loads(stdout.decode().strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        raise CorruptSlideError(
+            f"the slide reader stopped unexpectedly (exit status {proc.returncode}); the file is damaged "
+            "or not a supported slide"
+        ) from None
+    if "error" in out:
+        raise mstar_error_class(out["error"]["code"])(out["error"]["message"])
+    return out

@@ -1,0 +1,97 @@
+"""Service settings: one class, read from `MSTAR_*` environment variables and an optional `.env` file.
+
+Everything the gateway, the embedded runner and (later) Celery workers need to agree on lives here, so a
+deployment is configured in one place. `docs/service.md` documents every variable.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class BootstrapKey(BaseModel):
+    """An API key to install at start-up (e.g. from a secret manager), so a fresh deployment is usable."""
+
+    tenant: str = Field(min_length=1, max_length=64)
+    key: SecretStr
+    admin: bool = False
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MSTAR_", env_file=".env", env_file_encoding="utf-8", extra="ignore")
+
+    # storage
+    data_dir: Path = Field(Path("mstar-data"), description="slides, results and the default SQLite database")
+    database_url: str | None = Field(
+        None,
+        description="SQLAlchemy URL; default sqlite under data_dir. Production: postgresql+psycopg://user:pass@host/db",
+    )
+    upload_max_bytes: int = Field(8 * 1024**3, gt=0, description="larger uploads are refused with 413")
+    upload_drain_bytes: int = Field(
+        64 * 1024**2,
+        ge=0,
+        description="after the cap trips, read at most this much more so the "
+        "client sees the 413 instead of a reset connection",
+    )
+    validate_timeout_s: float = Field(60.0, gt=0, description="limit for the upload check subprocess")
+    validate_memory_mb: int = Field(2048, ge=0, description="address-space cap of the check process; 0 = none")
+
+    # models and runner
+    bundle_dir: Path | None = Field(None, description="model bundle (manifest + Triton repository)")
+    runner_workers: int = Field(1, ge=1, le=64, description="embedded runner: worker processes")
+    runner_poll_s: float = Field(0.5, gt=0, description="how often the dispatcher looks for queued jobs")
+    job_max_attempts: int = Field(2, ge=1, description="a job whose worker died is retried this many times")
+    broker_url: str | None = Field(None, description="Celery broker; None = the embedded runner")
+    # distributed workers (service/worker; docs/workers.md)
+    task_time_limit_s: float = Field(3600.0, gt=0, description="hard limit per job: the worker child is killed")
+    task_soft_time_limit_s: float | None = Field(
+        None, gt=0, description="soft limit (job fails with time_limit); default 90% of the hard limit"
+    )
+    broker_visibility_timeout_s: float | None = Field(
+        None, gt=0, description="unacked message redelivery; must exceed the hard limit (default hard + 10% + 60 s)"
+    )
+    broker_restore_interval_s: float = Field(
+        5.0, gt=0, description="how often a worker sweeps the broker for lost (unacked, timed-out) jobs"
+    )
+    worker_max_memory_mb: int = Field(0, ge=0, description="replace a worker child above this RSS; 0 = no cap")
+    worker_lease_s: float = Field(
+        30.0, gt=0, description="a running job whose heartbeat is older than this may be taken over"
+    )
+    pipeline: str = Field(
+        "service.pipeline:run_analysis",
+        description="`module:function` with run_analysis's signature (tests swap it)",
+    )
+
+    # auth
+    api_keys: list[BootstrapKey] = Field(
+        default_factory=list, description='JSON list: [{"tenant": "lab", "key": "...", "admin": false}]'
+    )
+
+    # webhooks
+    webhook_secret: SecretStr | None = Field(None, description="HMAC-SHA256 key for webhook signatures")
+    webhook_timeout_s: float = Field(10.0, gt=0, description="per delivery attempt")
+    webhook_max_attempts: int = Field(5, ge=1, description="attempts before a webhook is given up")
+    webhook_backoff_s: float = Field(1.0, ge=0, description="first retry delay; doubles per attempt")
+    webhook_allow_private: bool = Field(False, description="allow webhook hosts on loopback/private networks")
+
+    # http
+    docs_enabled: bool = Field(True, description="serve /docs and /openapi.json")
+    log_level: str = Field("info", description="debug, info, warning, error")
+
+    @property
+    def db_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'mstar.db').resolve()}"
+
+    @property
+    def blob_dir(self) -> Path:
+        return self.data_dir / "blobs"
+
+    @property
+    def work_dir(self) -> Path:
+        """Scratch space for jobs in progress; on the same filesystem as the blobs so moves are renames."""
+        return self.data_dir / "work"

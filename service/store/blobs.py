@@ -1,0 +1,167 @@
+"""Blob store for slides and results. Keys are opaque relative paths built from ids, never client names.
+
+`FileBlobStore` keeps them on a filesystem path (local disk or a shared mount). Writes are atomic: bytes go to
+a temporary file in the same directory and are renamed into place, so a reader never sees half a file and a
+crash leaves only a `.part` file that `sweep_partials` removes. An object store (S3) can implement
+`BlobStore` later; workers then copy a slide to local scratch with `local_path`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import BinaryIO
+
+_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*$")
+
+
+class BlobWriter:
+    """A streaming write with a byte count and a running SHA-256; `commit(key)` publishes it atomically."""
+
+    def __init__(self, store: FileBlobStore) -> None:
+        self._store = store
+        store.staging.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=store.staging, suffix=".part")
+        self._fh: BinaryIO = os.fdopen(fd, "wb")
+        self.path = Path(name)
+        self.size = 0
+        self._sha = hashlib.sha256()
+
+    def write(self, data: bytes) -> None:
+        self._fh.write(data)
+        self._sha.update(data)
+        self.size += len(data)
+
+    @property
+    def sha256(self) -> str:
+        return self._sha.hexdigest()
+
+    def close(self) -> None:
+        if not self._fh.closed:
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+            self._fh.close()
+
+    def commit(self, key: str) -> None:
+        self.close()
+        self._store.put_file(key, self.path, move=True)
+
+    def discard(self) -> None:
+        if not self._fh.closed:
+            self._fh.close()
+        self.path.unlink(missing_ok=True)
+
+
+class BlobStore(ABC):
+    @abstractmethod
+    def put_file(self, key: str, src: Path, *, move: bool = False) -> None: ...
+
+    @abstractmethod
+    def open(self, key: str) -> BinaryIO: ...
+
+    @abstractmethod
+    def exists(self, key: str) -> bool: ...
+
+    @abstractmethod
+    def size(self, key: str) -> int: ...
+
+    @abstractmethod
+    def delete(self, key: str) -> None: ...
+
+    @abstractmethod
+    def delete_prefix(self, prefix: str) -> None: ...
+
+    @abstractmethod
+    def local_path(self, key: str) -> Path:
+        """A path on this machine holding the blob (a copy for remote stores)."""
+
+    @abstractmethod
+    def writer(self) -> BlobWriter: ...
+
+
+class FileBlobStore(BlobStore):
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root).resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.staging = self.root / ".staging"
+        self.staging.mkdir(exist_ok=True)
+
+    def _path(self, key: str) -> Path:
+        if not _KEY_RE.match(key) or ".." in key.split("/"):
+            raise ValueError(f"invalid blob key {key!r}")
+        return self.root / key
+
+    def put_file(self, key: str, src: Path, *, move: bool = False) -> None:
+        dest = self._path(key)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if move and Path(src).stat().st_dev == self.root.stat().st_dev:
+            os.replace(src, dest)
+            return
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
+                shutil.copyfileobj(inp, out, 1 << 20)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, dest)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        if move:
+            Path(src).unlink(missing_ok=True)
+
+    def open(self, key: str) -> BinaryIO:
+        return self._path(key).open("rb")
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def size(self, key: str) -> int:
+        return self._path(key).stat().st_size
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+    def delete_prefix(self, prefix: str) -> None:
+        path = self._path(prefix.rstrip("/"))
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+    def local_path(self, key: str) -> Path:
+        return self._path(key)
+
+    def writer(self) -> BlobWriter:
+        return BlobWriter(self)
+
+    def sweep_partials(self) -> int:
+        """Remove temporary files left by a crash mid-write; returns how many."""
+        n = 0
+        for p in self.root.rglob("*.part"):
+            p.unlink(missing_ok=True)
+            n += 1
+        return n
+
+    def files(self) -> Iterator[Path]:
+        """Every committed blob (used by tests to prove nothing is orphaned)."""
+        for p in sorted(self.root.rglob("*")):
+            if p.is_file() and ".staging" not in p.parts:
+                yield p
+
+
+@contextmanager
+def scratch_dir(parent: Path, prefix: str) -> Iterator[Path]:
+    parent.mkdir(parents=True, exist_ok=True)
+    path = Path(tempfile.mkdtemp(dir=parent, prefix=prefix))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)

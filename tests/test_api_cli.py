@@ -1,0 +1,65 @@
+"""`mstar keys create` and `mstar serve` as a user runs them: real processes, settings from MSTAR_* variables."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+from services import free_port, wait_http
+
+MSTAR = str(Path(sys.executable).with_name("mstar"))
+
+
+def test_keys_and_serve(tmp_path: Path, cmu_svs: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MSTAR_")}
+    env.update(MSTAR_DATA_DIR=str(tmp_path / "data"), MSTAR_LOG_LEVEL="warning")
+    keys = [
+        subprocess.run(
+            [MSTAR, "keys", "create", "--tenant", t, *extra],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+        ).stdout.strip()
+        for t, extra in (("lab", []), ("ops", ["--admin"]))
+    ]
+    assert all(k.startswith("mstar_") for k in keys) and keys[0] != keys[1]
+    bad = subprocess.run(
+        [MSTAR, "keys", "create", "--tenant", " "], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert bad.returncode != 0 and "tenant" in bad.stderr
+
+    port = free_port()
+    server = subprocess.Popen(
+        [MSTAR, "serve", "--port", str(port)],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{url}/healthz", timeout=60)
+        lab, ops = ({"Authorization": f"Bearer {k}"} for k in keys)
+        assert httpx.get(f"{url}/readyz").json()["status"] == "ok"
+        r = httpx.post(
+            f"{url}/slides",
+            headers=lab,
+            files={"file": ("s.svs", cmu_svs.read_bytes())},
+            data={"analyze": "false"},
+            timeout=60,
+        )
+        assert r.status_code == 201 and r.json()["format"] == "svs"
+        assert httpx.post(f"{url}/models/reload", headers=lab).status_code == 403
+        assert httpx.post(f"{url}/models/reload", headers=ops).status_code == 200
+        assert httpx.get(f"{url}/slides/{r.json()['id']}", headers=ops).status_code == 404  # other tenant
+    finally:
+        server.terminate()
+        out, _ = server.communicate(timeout=30)
+    assert "s.svs" not in out  # the client's filename never reaches the log
+    assert server.returncode in (0, -15)

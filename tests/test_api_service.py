@@ -1,0 +1,311 @@
+"""The gateway over real HTTP (uvicorn on loopback): tenants, hostile uploads, jobs, cancel, webhooks, metrics.
+
+Jobs run through the production runner with a small real pipeline (`runner_pipelines:tiny`), so these tests
+do not depend on model weights; `test_api_e2e.py` runs the real `run_analysis`.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from services import live_server
+
+from service import webhooks
+from service.api import create_app
+from service.config import Settings
+
+KEY_A, KEY_B, KEY_ADMIN = "tenant-a-key-0123456789abcdef", "tenant-b-key-0123456789abcdef", "admin-key-0123456789abc"
+CAP = 5 * 1024 * 1024
+SECRET = "whsec-test"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    data = tmp_path_factory.mktemp("svc")
+    settings = Settings(
+        data_dir=data,
+        pipeline="runner_pipelines:tiny",
+        runner_workers=1,
+        runner_poll_s=0.1,
+        upload_max_bytes=CAP,
+        upload_drain_bytes=8 * 1024 * 1024,
+        webhook_allow_private=True,
+        webhook_secret=SECRET,
+        webhook_backoff_s=0.05,
+        api_keys=[
+            {"tenant": "a", "key": KEY_A},
+            {"tenant": "b", "key": KEY_B},
+            {"tenant": "ops", "key": KEY_ADMIN, "admin": True},
+        ],
+    )
+    with live_server(create_app(settings)) as url:
+        yield url, settings
+
+
+def _client(url: str, key: str | None, bearer: bool = False) -> httpx.Client:
+    headers = {} if key is None else ({"Authorization": f"Bearer {key}"} if bearer else {"X-API-Key": key})
+    return httpx.Client(base_url=url, headers=headers, timeout=60)
+
+
+def _wait(c: httpx.Client, job_id: str, timeout: float = 90) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        j = c.get(f"/jobs/{job_id}").json()
+        if j["state"] in ("succeeded", "failed", "canceled"):
+            return j
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id} did not finish: {j}")
+
+
+def _blob_files(settings: Settings) -> list[Path]:
+    root = settings.blob_dir
+    return sorted(p for p in root.rglob("*") if p.is_file())
+
+
+def test_auth_is_required_and_checked(server) -> None:
+    url, _ = server
+    with _client(url, None) as c:
+        r = c.get("/slides")
+        assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
+        assert "Bearer" in r.headers["www-authenticate"]
+        assert c.get("/healthz").status_code == 200
+    with _client(url, "wrong-key-0123456789") as c:
+        assert c.get("/jobs").status_code == 401
+    with _client(url, KEY_A, bearer=True) as c:
+        assert c.get("/slides").status_code == 200
+        assert c.post("/models/reload").status_code == 403  # admin scope only
+    with _client(url, KEY_ADMIN) as c:
+        r = c.post("/models/reload")
+        assert r.status_code == 200 and r.json()["bundle"] is None
+
+
+def test_upload_analyse_and_fetch_results(server, cmu_svs: Path) -> None:
+    url, settings = server
+    with _client(url, KEY_A) as c:
+        r = c.post("/slides", files={"file": ("patient-name.svs", cmu_svs.read_bytes())})
+        assert r.status_code == 202, r.text
+        body = r.json()
+        assert r.headers["location"] == f"/jobs/{body['job']['id']}"
+        slide = body["slide"]
+        assert slide["format"] == "svs" and slide["info"]["mpp"]["x"] == pytest.approx(0.499)
+        assert "patient-name" not in r.text  # the client's filename is never kept
+        assert not any("patient-name" in p.name for p in _blob_files(settings))
+        job = _wait(c, body["job"]["id"])
+        assert job["state"] == "succeeded" and job["progress"] == 1.0 and job["attempts"] == 1
+        assert job["links"]["heatmap"].endswith("/heatmap.png")
+        res = c.get(job["links"]["result"])
+        assert res.status_code == 200 and res.json()["n_patches"] == 16
+        feats = c.get(job["links"]["features"])
+        assert feats.status_code == 200 and feats.content[:8] == b"\x89HDF\r\n\x1a\n"
+        png = c.get(job["links"]["heatmap"])
+        assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+
+        # the same bytes again: the same slide, a new job; analyze=false: the slide alone (200, not 201)
+        again = c.post("/slides", files={"file": ("x", cmu_svs.read_bytes())}).json()
+        assert again["slide"]["id"] == slide["id"] and again["job"]["id"] != job["id"]
+        plain = c.post("/slides", files={"file": ("x", cmu_svs.read_bytes())}, data={"analyze": "false"})
+        assert plain.status_code == 200 and plain.json()["id"] == slide["id"]
+        _wait(c, again["job"]["id"])
+
+        # explicit analyses with an idempotency key
+        opts = {"tasks": ["embedding", "zeroshot"], "prompts": ["tumour", "normal"]}
+        a1 = c.post(f"/slides/{slide['id']}/analyses", json=opts, headers={"Idempotency-Key": "k-1"})
+        a2 = c.post(f"/slides/{slide['id']}/analyses", json=opts, headers={"Idempotency-Key": "k-1"})
+        assert a1.status_code == a2.status_code == 202 and a1.json()["id"] == a2.json()["id"]
+        assert a1.headers["location"] == f"/jobs/{a1.json()['id']}"
+        assert _wait(c, a1.json()["id"])["state"] == "succeeded"
+        assert c.get(f"/jobs/{a1.json()['id']}/result").json()["tasks"] == ["embedding", "zeroshot"]
+        bad = c.post(f"/slides/{slide['id']}/analyses", json={"tasks": ["zeroshot"]})
+        assert bad.status_code == 422 and bad.json()["error"]["code"] == "invalid_request"
+        bad = c.post(f"/slides/{slide['id']}/analyses", json={"tasks": ["teleport"]})
+        assert bad.status_code == 422
+        huge = c.post(f"/slides/{slide['id']}/analyses", json={"prompts": ["x" * 400] * 3000})
+        assert huge.status_code == 413  # JSON bodies are capped at 1 MiB before parsing
+        page = c.get("/jobs", params={"slide_id": slide["id"], "limit": 2}).json()
+        assert page["total"] == 3 and len(page["items"]) == 2 and page["next_offset"] == 2
+
+
+def test_tenants_cannot_see_each_others_anything(server, cmu_svs: Path) -> None:
+    url, _ = server
+    with _client(url, KEY_A) as a, _client(url, KEY_B) as b:
+        up = a.post("/slides", files={"file": ("s.svs", cmu_svs.read_bytes())}).json()
+        sid, jid = up["slide"]["id"], up["job"]["id"]
+        _wait(a, jid)
+        for path in (
+            f"/slides/{sid}",
+            f"/jobs/{jid}",
+            f"/jobs/{jid}/result",
+            f"/jobs/{jid}/features",
+            f"/jobs/{jid}/heatmap.png",
+        ):
+            r = b.get(path)
+            assert r.status_code == 404 and r.json()["error"]["code"] == "not_found", path
+        assert b.post(f"/jobs/{jid}/cancel").status_code == 404
+        assert b.post(f"/slides/{sid}/analyses", json={}).status_code == 404
+        assert b.delete(f"/slides/{sid}").status_code == 404
+        assert all(s["id"] != sid for s in b.get("/slides").json()["items"])
+        assert all(j["id"] != jid for j in b.get("/jobs").json()["items"])
+        # B uploading the same bytes gets its own slide, not A's
+        mine = b.post("/slides", files={"file": ("s.svs", cmu_svs.read_bytes())}, data={"analyze": "false"})
+        assert mine.status_code == 201 and mine.json()["id"] != sid
+        assert a.get(f"/slides/{sid}").status_code == 200  # still there for A
+
+
+@pytest.mark.parametrize(
+    ("case", "status", "code"),
+    [
+        ("corrupt", 422, "corrupt_slide"),
+        ("truncated", 422, "corrupt_slide"),
+        ("oversized", 413, "slide_too_large"),
+        ("wrong_type", 415, "unsupported_format"),
+        ("zip", 415, "unsupported_format"),
+        ("no_mpp", 422, "missing_mpp"),
+        ("empty", 422, "corrupt_slide"),
+        ("no_file", 422, "invalid_parameter"),
+        ("not_multipart", 415, None),
+        ("bad_mpp", 422, "invalid_parameter"),
+        ("bad_analyze", 422, "invalid_parameter"),
+    ],
+)
+def test_bad_uploads_are_refused_and_leave_nothing_behind(server, case, status, code, cmu_svs, tcga_j2k_svs):
+    url, settings = server
+    cmu = cmu_svs.read_bytes()
+    files = {
+        "corrupt": b"II*\x00" + os.urandom(200_000),
+        "truncated": cmu[: len(cmu) // 2],
+        "oversized": b"II*\x00" + b"\0" * (CAP + 1024),
+        "wrong_type": b"%PDF-1.4 not a slide\n" * 100,
+        "zip": b"PK\x03\x04" + os.urandom(1000),
+        "no_mpp": tcga_j2k_svs.read_bytes(),
+        "empty": b"",
+    }
+    before = _blob_files(settings)
+    with _client(url, KEY_A) as c:
+        jobs_before = c.get("/jobs").json()["total"]
+        if case == "no_file":
+            r = c.post("/slides", files={"other": ("x", b"abc")})
+        elif case == "not_multipart":
+            r = c.post("/slides", json={"file": "abc"})
+        elif case in ("bad_mpp", "bad_analyze"):
+            field = {"bad_mpp": {"mpp_override": "72"}, "bad_analyze": {"analyze": "maybe"}}[case]
+            r = c.post("/slides", files={"file": ("x.svs", cmu)}, data=field)
+        else:
+            r = c.post("/slides", files={"file": ("x.svs", files[case])})
+        assert r.status_code == status, r.text
+        err = r.json()["error"]
+        assert code is None or err["code"] == code
+        assert err["message"] and str(settings.data_dir) not in err["message"]  # no server paths
+        assert ".part" not in err["message"] and "/tmp" not in err["message"]
+        assert _blob_files(settings) == before  # nothing stored, nothing half-written
+        assert c.get("/jobs").json()["total"] == jobs_before
+        assert c.get("/healthz").status_code == 200  # the server survives
+        if case == "no_mpp":  # with the scanner's µm/px given, the same file is accepted
+            ok = c.post(
+                "/slides", files={"file": ("x.svs", files[case])}, data={"mpp_override": "0.5", "analyze": "false"}
+            )
+            assert ok.status_code == 201 and ok.json()["info"]["mpp"]["source"] == "override"
+
+
+def test_cancel_delete_and_listing(server, cmu_svs: Path) -> None:
+    url, settings = server
+    with _client(url, KEY_B) as c:
+        sid = c.post("/slides", files={"file": ("x", cmu_svs.read_bytes())}, data={"analyze": "false"}).json()["id"]
+        jobs = [c.post(f"/slides/{sid}/analyses", json={}).json()["id"] for _ in range(3)]
+        r = c.post(f"/jobs/{jobs[-1]}/cancel")  # the last one is still queued behind the others
+        assert r.status_code == 202 and r.json()["state"] in ("canceled", "running")
+        final = [_wait(c, j) for j in jobs]
+        assert final[-1]["state"] == "canceled" or final[-1]["state"] == "succeeded"
+        if final[-1]["state"] == "canceled":
+            res = c.get(f"/jobs/{jobs[-1]}/result")
+            assert res.status_code == 409 and res.json()["error"]["code"] == "not_ready"
+        assert c.post(f"/jobs/{jobs[0]}/cancel").status_code == 409  # already finished
+        listing = c.get("/slides", params={"limit": 1}).json()
+        assert listing["total"] >= 1 and len(listing["items"]) == 1
+        assert c.get("/slides", params={"limit": 0}).status_code == 422
+        assert c.delete(f"/slides/{sid}").status_code == 204
+        assert c.get(f"/slides/{sid}").status_code == 404
+        for j in jobs:
+            assert c.get(f"/jobs/{j}").status_code == 404
+    assert not any(sid in p.name for p in _blob_files(settings))
+    assert not any(j in str(p) for p in _blob_files(settings) for j in jobs)
+
+
+def test_signed_webhook_is_delivered(server, cmu_svs: Path) -> None:
+    url, _ = server
+    received: list[tuple[dict, bytes]] = []
+
+    class Hook(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            received.append((dict(self.headers), body))
+            self.send_response(500 if len(received) == 1 else 204)  # first attempt fails: retried
+            self.end_headers()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    hook = http.server.HTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=hook.serve_forever, daemon=True).start()
+    try:
+        with _client(url, KEY_A) as c:
+            sid = c.post("/slides", files={"file": ("x", cmu_svs.read_bytes())}, data={"analyze": "false"}).json()["id"]
+            bad = c.post(f"/slides/{sid}/analyses", json={"webhook_url": "ftp://example.org/x"})
+            assert bad.status_code == 422
+            job = c.post(
+                f"/slides/{sid}/analyses", json={"webhook_url": f"http://127.0.0.1:{hook.server_port}/hook"}
+            ).json()
+            _wait(c, job["id"])
+            deadline = time.monotonic() + 20
+            while len(received) < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+    finally:
+        hook.shutdown()
+    assert len(received) == 2
+    headers, body = received[-1]
+    assert webhooks.verify(SECRET, headers[webhooks.TIMESTAMP_HEADER], body, headers[webhooks.SIGNATURE_HEADER])
+    assert not webhooks.verify("other", headers[webhooks.TIMESTAMP_HEADER], body, headers[webhooks.SIGNATURE_HEADER])
+    payload = json.loads(body)
+    assert payload["job_id"] == job["id"] and payload["state"] == "succeeded" and headers["X-Mstar-Attempt"] == "2"
+
+
+def test_readiness_models_and_metrics(server) -> None:
+    url, _ = server
+    ready = httpx.get(f"{url}/readyz")
+    assert ready.status_code == 200
+    checks = ready.json()["checks"]
+    assert checks["store"]["ok"] and checks["runner"]["ok"] and checks["runner"]["kind"] == "embedded"
+    with _client(url, KEY_A) as c:
+        models = c.get("/models").json()
+        assert models["bundle"] is None and "MSTAR_BUNDLE_DIR" in models["detail"]
+        c.get("/jobs/does-not-exist")
+    text = httpx.get(f"{url}/metrics").text
+    assert 'route="/jobs/{job_id}"' in text and "does-not-exist" not in text
+    assert "mstar_queue_depth" in text and 'mstar_jobs{state="succeeded"}' in text
+    assert "mstar_upload_bytes_total" in text and 'mstar_job_stage_duration_seconds_count{stage="embed"}' in text
+    assert "mstar_patches_per_second_count" in text
+
+
+def test_probe_runs_outside_the_api_process(server, cmu_svs: Path, monkeypatch) -> None:
+    """A reader that hangs or dies takes only the check process with it."""
+    import asyncio
+
+    from service.api.upload import probe_slide
+    from service.errors import CorruptSlideError, SlideError
+
+    _, settings = server
+    info = asyncio.run(probe_slide(cmu_svs, None, settings))
+    assert info["format"] == "svs"
+    tight = settings.model_copy(update={"validate_timeout_s": 0.01})
+    with pytest.raises(CorruptSlideError, match="within"):
+        asyncio.run(probe_slide(cmu_svs, None, tight))
+    capped = settings.model_copy(update={"validate_memory_mb": 64})  # too little to load the decoders at all
+    with pytest.raises(SlideError) as err:
+        asyncio.run(probe_slide(cmu_svs, None, capped))
+    assert err.value.code in ("corrupt_slide", "slide_too_large")
