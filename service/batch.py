@@ -1,0 +1,460 @@
+"""Batch jobs: a CSV manifest of slides becomes one batch of analysis jobs on the distributed workers.
+
+Manifest: a CSV with a header and one slide per line. The slide column is `slide` (or `path`, `uri`, `source`,
+`file`): a path (relative to the manifest) or a `file://` / `http(s)://` URI. Optional columns: `id` (or
+`name`) as the display id, `mpp` (µm/px override). Other columns are kept as item metadata and appear in the
+summary table.
+
+`BatchService.submit` copies each slide into the shared blob store (deduplicated by SHA-256 per tenant), creates
+one job per line and publishes it on the `batch` queue. The batch id is stable for one tenant and manifest path,
+so submitting the same manifest again resumes it: succeeded lines are skipped, failed ones re-run, queued or
+running ones re-published (duplicates are dropped by the workers' conditional claim).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import shutil
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+from sqlalchemy import select
+
+from service.config import Settings
+from service.errors import InvalidParameterError, MstarError, SlideNotFoundError, UnsupportedFormatError
+from service.store import repo
+from service.store.batches import Batch, BatchItem
+from service.store.blobs import FileBlobStore
+from service.store.db import init_db, make_engine, session_factory, transaction
+from service.store.models import TERMINAL_STATES, Job, Result, Slide, new_id, utcnow
+
+SOURCE_COLUMNS = ("slide", "path", "uri", "source", "file")
+NAME_COLUMNS = ("id", "name", "slide_id")
+MPP_COLUMNS = ("mpp", "mpp_override")
+_EXT = {"svs": "svs", "ndpi": "ndpi", "ome-tiff": "ome.tif", "tiff": "tif", "mrxs": "mrxs", "png": "png", "jpeg": "jpg"}
+_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+MAX_ROWS = 100_000
+
+
+@dataclass(frozen=True)
+class ManifestRow:
+    idx: int
+    source: str
+    name: str
+    mpp_override: float | None = None
+    meta: dict = field(default_factory=dict)
+
+
+def parse_manifest(path: str | Path) -> list[ManifestRow]:
+    """Read and check a manifest; raises `InvalidParameterError` naming the line of the first problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidParameterError(f"manifest {path} does not exist")
+    with path.open(newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        header = {(h or "").strip().lower(): h for h in reader.fieldnames or []}
+        col = next((header[c] for c in SOURCE_COLUMNS if c in header), None)
+        if col is None:
+            raise InvalidParameterError(
+                f"manifest {path.name}: needs a column named one of {', '.join(SOURCE_COLUMNS)}"
+            )
+        name_col = next((header[c] for c in NAME_COLUMNS if c in header), None)
+        mpp_col = next((header[c] for c in MPP_COLUMNS if c in header), None)
+        rows: list[ManifestRow] = []
+        seen: dict[str, int] = {}
+        for line, rec in enumerate(reader, start=2):
+            raw = (rec.get(col) or "").strip()
+            if not raw:
+                continue
+            source = _resolve(raw, path.parent)
+            if source in seen:
+                raise InvalidParameterError(f"manifest {path.name} line {line}: {raw!r} repeats line {seen[source]}")
+            seen[source] = line
+            mpp = None
+            if mpp_col and (rec.get(mpp_col) or "").strip():
+                try:
+                    mpp = float(rec[mpp_col])
+                except ValueError:
+                    raise InvalidParameterError(
+                        f"manifest {path.name} line {line}: mpp {rec[mpp_col]!r} is not a number"
+                    ) from None
+                if not 0.01 <= mpp <= 100:
+                    raise InvalidParameterError(f"manifest {path.name} line {line}: mpp {mpp} is out of range")
+            name = (rec.get(name_col) or "").strip() if name_col else ""
+            meta = {k: v for k, v in rec.items() if k and k not in (col, name_col, mpp_col) and v not in (None, "")}
+            rows.append(ManifestRow(len(rows), source, name or Path(urlparse(source).path).name, mpp, meta))
+            if len(rows) > MAX_ROWS:
+                raise InvalidParameterError(f"manifest {path.name}: more than {MAX_ROWS} slides; split it")
+    if not rows:
+        raise InvalidParameterError(f"manifest {path.name} lists no slides")
+    return rows
+
+
+def _resolve(raw: str, base: Path) -> str:
+    parsed = urlparse(raw)
+    if parsed.scheme in ("http", "https", "s3"):
+        return raw
+    if parsed.scheme == "file":
+        return str(Path(unquote(parsed.path)).resolve())
+    if parsed.scheme and len(parsed.scheme) > 1:
+        raise InvalidParameterError(
+            f"unsupported URI scheme {parsed.scheme!r} in {raw!r} (use a path, file://, http(s)://)"
+        )
+    p = Path(raw).expanduser()
+    return str((p if p.is_absolute() else base / p).resolve())
+
+
+def default_batch_id(tenant: str, manifest: str | Path) -> str:
+    """Stable per tenant and manifest path, so a resubmission resumes the same batch."""
+    return uuid.uuid5(uuid.NAMESPACE_URL, f"mstar-batch:{tenant}:{Path(manifest).resolve()}").hex
+
+
+@dataclass
+class SubmitReport:
+    batch_id: str
+    queued: list[str] = field(default_factory=list)  # job ids published now
+    skipped_done: int = 0
+    in_flight: int = 0
+    failed_ingest: int = 0
+
+
+@dataclass
+class ItemStatus:
+    idx: int
+    name: str
+    source: str
+    state: str  # queued | running | succeeded | failed | canceled
+    error_code: str | None
+    reason: str | None
+    job_id: str | None
+    slide_id: str | None
+    attempts: int
+    stage: str | None
+    progress: float
+    seconds: float | None
+    meta: dict
+
+
+@dataclass
+class BatchStatus:
+    batch_id: str
+    name: str
+    items: list[ItemStatus]
+
+    def counts(self) -> dict[str, int]:
+        out = {"total": len(self.items), "queued": 0, "running": 0, "succeeded": 0, "failed": 0, "canceled": 0}
+        for it in self.items:
+            out[it.state] = out.get(it.state, 0) + 1
+        out["remaining"] = out["queued"] + out["running"]
+        return out
+
+    @property
+    def finished(self) -> bool:
+        return all(it.state in TERMINAL_STATES for it in self.items)
+
+
+class BatchService:
+    """Batch submission, status and result gathering against the job store (needs database and blob access)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.engine = make_engine(settings.db_url)
+        init_db(self.engine)
+        self.sessions = session_factory(self.engine)
+        self.blobs = FileBlobStore(settings.blob_dir)
+        self._patches: dict[str, int] = {}
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # --- submit -------------------------------------------------------------------------------------------
+
+    def submit(
+        self,
+        manifest: str | Path,
+        *,
+        tenant: str = "default",
+        batch_id: str | None = None,
+        options: dict | None = None,
+        queue: Any = None,
+    ) -> SubmitReport:
+        """Create/resume the batch and its jobs; publish them with `queue.notify(job_id, queue="batch")`."""
+        rows = parse_manifest(manifest)
+        batch_id = batch_id or default_batch_id(tenant, manifest)
+        if not re.fullmatch(r"[0-9a-f]{32}", batch_id):
+            raise InvalidParameterError("a batch id is 32 lowercase hex characters")
+        options = dict(options or {})
+        with transaction(self.sessions) as s:
+            tenant_row = repo.ensure_tenant(s, tenant)
+            tenant_id = tenant_row.id
+            batch = s.get(Batch, batch_id)
+            if batch is None:
+                s.add(Batch(id=batch_id, tenant_id=tenant_id, name=Path(manifest).name, options=options))
+            elif batch.tenant_id != tenant_id:
+                raise InvalidParameterError(f"batch {batch_id} belongs to another tenant")
+            else:
+                batch.submitted_at = utcnow()
+            items = {it.source: it for it in s.scalars(select(BatchItem).where(BatchItem.batch_id == batch_id))}
+        report = SubmitReport(batch_id)
+        next_idx = max((it.idx for it in items.values()), default=-1) + 1
+        republish: list[str] = []
+        for row in rows:
+            with transaction(self.sessions) as s:
+                item = s.get(BatchItem, (batch_id, items[row.source].idx)) if row.source in items else None
+                job = s.get(Job, item.job_id) if item is not None and item.job_id else None
+                if job is not None and job.state == "succeeded":
+                    report.skipped_done += 1
+                    continue
+                if job is not None and job.state in ("queued", "running"):
+                    report.in_flight += 1
+                    if job.state == "queued":
+                        republish.append(job.id)
+                    continue
+                if item is None:
+                    item = BatchItem(
+                        batch_id=batch_id, idx=next_idx, source=row.source, name=row.name[:255], meta=row.meta
+                    )
+                    next_idx += 1
+                    s.add(item)
+                    s.flush()
+                item_key = (batch_id, item.idx)
+            try:
+                slide_id = self._ingest(tenant_id, row)
+            except MstarError as err:
+                with transaction(self.sessions) as s:
+                    item = s.get(BatchItem, item_key)
+                    item.job_id, item.error_code, item.error_message = None, err.code, str(err)
+                report.failed_ingest += 1
+                continue
+            job_options = {**options, "batch_id": batch_id}
+            if row.mpp_override is not None:
+                job_options["mpp_override"] = row.mpp_override
+            with transaction(self.sessions) as s:
+                new_job, _ = repo.create_job(s, tenant_id=tenant_id, slide_id=slide_id, options=job_options)
+                item = s.get(BatchItem, item_key)
+                item.slide_id, item.job_id, item.error_code, item.error_message = slide_id, new_job.id, None, None
+                report.queued.append(new_job.id)
+        if queue is not None:
+            for job_id in [*report.queued, *republish]:
+                queue.notify(job_id, queue="batch")
+        return report
+
+    def _ingest(self, tenant_id: str, row: ManifestRow) -> str:
+        """Copy the slide into the blob store once per tenant (by content); returns the slide id."""
+        from service.slides.sniff import sniff_format
+
+        writer = self.blobs.writer()
+        try:
+            self._fetch(row.source, writer)
+            writer.close()
+            with transaction(self.sessions) as s:
+                found = repo.find_slide_by_sha(s, tenant_id, writer.sha256)
+            if found is not None:
+                writer.discard()
+                return found.id
+            fmt = sniff_format(writer.path)
+            if fmt in ("dicom", "dicom-dir"):
+                raise UnsupportedFormatError(
+                    "DICOM series are analysed through PACS or upload, not batch manifests", slide=row.name
+                )
+            slide_id = new_id()
+            key = f"slides/{tenant_id}/{slide_id}.{_EXT.get(fmt, 'bin')}"
+            size, sha = writer.size, writer.sha256
+            writer.commit(key)
+        except BaseException:
+            writer.discard()
+            raise
+        slide = Slide(
+            id=slide_id,
+            tenant_id=tenant_id,
+            sha256=sha,
+            format=fmt,
+            size_bytes=size,
+            blob_key=key,
+            mpp_override=row.mpp_override,
+            info={"batch_name": row.name[:255]},
+            created_at=utcnow(),
+        )
+        with transaction(self.sessions) as s:
+            stored = repo.add_slide(s, slide)
+        if stored.id != slide_id:
+            self.blobs.delete(key)
+        return stored.id
+
+    def _fetch(self, source: str, writer) -> None:
+        parsed = urlparse(source)
+        if parsed.scheme in ("http", "https"):
+            import httpx
+
+            try:
+                with httpx.stream("GET", source, timeout=60.0, follow_redirects=True) as resp:
+                    if resp.status_code != 200:
+                        raise SlideNotFoundError(f"{source} answered HTTP {resp.status_code}")
+                    for chunk in resp.iter_bytes(1 << 20):
+                        writer.write(chunk)
+                        if writer.size > self.settings.upload_max_bytes:
+                            raise InvalidParameterError(f"{source} is larger than the upload limit")
+            except httpx.HTTPError as err:
+                raise SlideNotFoundError(f"{source} could not be downloaded ({type(err).__name__})") from None
+            return
+        if parsed.scheme == "s3":
+            raise InvalidParameterError("s3:// sources need the object-store option, which this build does not have")
+        path = Path(source)
+        if path.is_dir():
+            raise UnsupportedFormatError("a folder (DICOM series) is not supported in batch manifests", slide=path.name)
+        if not path.is_file():
+            raise SlideNotFoundError(f"{source} does not exist")
+        if path.stat().st_size > self.settings.upload_max_bytes:
+            raise InvalidParameterError(f"{source} is larger than the upload limit")
+        with path.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                writer.write(chunk)
+
+    # --- status and results ---------------------------------------------------------------------------------
+
+    def status(self, batch_id: str, *, tenant: str | None = None) -> BatchStatus:
+        with transaction(self.sessions) as s:
+            batch = s.get(Batch, batch_id)
+            if batch is None or (tenant is not None and repo.ensure_tenant(s, tenant).id != batch.tenant_id):
+                raise InvalidParameterError(f"no batch {batch_id}")
+            rows = s.execute(
+                select(BatchItem, Job)
+                .outerjoin(Job, Job.id == BatchItem.job_id)
+                .where(BatchItem.batch_id == batch_id)
+                .order_by(BatchItem.idx)
+            ).all()
+            items = []
+            for item, job in rows:
+                if job is None:
+                    state = "failed" if item.error_code else "queued"
+                    items.append(
+                        ItemStatus(
+                            item.idx,
+                            item.name,
+                            item.source,
+                            state,
+                            item.error_code,
+                            item.error_message,
+                            None,
+                            item.slide_id,
+                            0,
+                            None,
+                            0.0,
+                            None,
+                            dict(item.meta or {}),
+                        )
+                    )
+                    continue
+                secs = None
+                if job.started_at and job.finished_at:
+                    secs = round((job.finished_at - job.started_at).total_seconds(), 3)
+                items.append(
+                    ItemStatus(
+                        item.idx,
+                        item.name,
+                        item.source,
+                        job.state,
+                        job.error_code,
+                        job.error_message,
+                        job.id,
+                        item.slide_id,
+                        job.attempts or 0,
+                        job.stage,
+                        float(job.progress or 0.0),
+                        secs,
+                        dict(item.meta or {}),
+                    )
+                )
+            return BatchStatus(batch_id, batch.name, items)
+
+    def patches(self, item: ItemStatus) -> int | None:
+        """Patches the job tiled (from its result.json; cached)."""
+        if item.state != "succeeded" or item.job_id is None:
+            return None
+        if item.job_id not in self._patches:
+            result = self._result_json(item.job_id)
+            n = (result.get("tiling") or {}).get("patches", result.get("n_patches"))
+            self._patches[item.job_id] = int(n) if isinstance(n, int | float) else 0
+        return self._patches[item.job_id]
+
+    def _files(self, job_id: str) -> dict:
+        with transaction(self.sessions) as s:
+            row = s.get(Result, job_id)
+            return dict(row.files) if row is not None else {}
+
+    def _result_json(self, job_id: str) -> dict:
+        meta = self._files(job_id).get("result.json")
+        if not meta or not self.blobs.exists(meta["key"]):
+            return {}
+        with self.blobs.open(meta["key"]) as fh:
+            return json.load(fh)
+
+    def results(self, batch_id: str, out_dir: str | Path, *, tenant: str | None = None) -> Path:
+        """Copy each succeeded slide's features into `out_dir/features/` and write the summary table.
+
+        Returns the CSV path; a Parquet copy is written too when pyarrow is installed."""
+        status = self.status(batch_id, tenant=tenant)
+        out = Path(out_dir)
+        (out / "features").mkdir(parents=True, exist_ok=True)
+        records = []
+        for item in status.items:
+            features = ""
+            if item.state == "succeeded" and item.job_id:
+                meta = self._files(item.job_id).get("features.h5")
+                if meta and self.blobs.exists(meta["key"]):
+                    dest = out / "features" / f"{item.idx:05d}_{_SAFE.sub('_', item.name)[:80]}.h5"
+                    tmp = dest.with_suffix(".h5.part")
+                    with self.blobs.open(meta["key"]) as src, tmp.open("wb") as dst:
+                        shutil.copyfileobj(src, dst, 1 << 20)
+                    tmp.replace(dest)
+                    features = str(dest.relative_to(out))
+            records.append(
+                {
+                    "idx": item.idx,
+                    "name": item.name,
+                    "source": item.source,
+                    "state": item.state,
+                    "error_code": item.error_code or "",
+                    "reason": item.reason or "",
+                    "attempts": item.attempts,
+                    "n_patches": self.patches(item) if item.state == "succeeded" else "",
+                    "seconds": item.seconds if item.seconds is not None else "",
+                    "features": features,
+                    "job_id": item.job_id or "",
+                    "slide_id": item.slide_id or "",
+                    **{f"meta_{k}": v for k, v in item.meta.items()},
+                }
+            )
+        columns = list(dict.fromkeys(k for r in records for k in r))
+        csv_path = out / "summary.csv"
+        with csv_path.open("w", newline="", encoding="utf-8") as fh:
+            w = csv.DictWriter(fh, fieldnames=columns, restval="")
+            w.writeheader()
+            w.writerows(records)
+        try:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+        except ImportError:
+            return csv_path
+        table = pa.Table.from_pylist(
+            [{k: ("" if r.get(k) is None else str(r.get(k, ""))) for k in columns} for r in records]
+        )
+        pq.write_table(table, out / "summary.parquet")
+        return csv_path
+
+    def iter_until_done(self, batch_id: str, poll_s: float = 1.0) -> Iterator[BatchStatus]:
+        """Yield the batch status every `poll_s` until every item is terminal (the caller may stop early)."""
+        import time
+
+        while True:
+            st = self.status(batch_id)
+            yield st
+            if st.finished:
+                return
+            time.sleep(poll_s)

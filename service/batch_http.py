@@ -1,0 +1,181 @@
+"""Batches through the HTTP gateway (`mstar submit --server URL`), for machines without database access.
+
+Each slide is uploaded with `POST /slides` (which queues its analysis); the batch itself is a JSON record on
+this machine (`~/.mstar/batches/<id>.json`) mapping manifest lines to job ids, rewritten atomically after each
+upload so an interrupted submission resumes where it stopped. Status and results come from `GET /jobs/{id}`
+and `GET /jobs/{id}/features`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from service.batch import _SAFE, default_batch_id, parse_manifest
+from service.errors import InvalidParameterError, MstarError
+
+TERMINAL = ("succeeded", "failed", "canceled")
+
+
+class HttpBatch:
+    def __init__(self, server: str, api_key: str | None, state_dir: str | Path | None = None) -> None:
+        if not api_key:
+            raise InvalidParameterError("--server needs an API key (--api-key or MSTAR_API_KEY)")
+        self.server = server.rstrip("/")
+        self.client = httpx.Client(
+            base_url=self.server,
+            headers={"Authorization": f"Bearer {api_key}"},
+            timeout=httpx.Timeout(30.0, write=600.0),
+        )
+        self.state_dir = Path(state_dir) if state_dir else Path.home() / ".mstar" / "batches"
+
+    def _path(self, batch_id: str) -> Path:
+        return self.state_dir / f"{batch_id}.json"
+
+    def _load(self, batch_id: str) -> dict:
+        p = self._path(batch_id)
+        if not p.is_file():
+            raise InvalidParameterError(f"no batch {batch_id} in {self.state_dir}")
+        return json.loads(p.read_text())
+
+    def _save(self, rec: dict) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        p = self._path(rec["batch_id"])
+        tmp = p.with_suffix(".json.part")
+        tmp.write_text(json.dumps(rec, indent=1))
+        os.replace(tmp, p)
+
+    def _job(self, job_id: str) -> dict:
+        r = self.client.get(f"/jobs/{job_id}")
+        if r.status_code != 200:
+            return {"state": "failed", "error": {"code": "job_not_found", "message": f"HTTP {r.status_code}"}}
+        return r.json()
+
+    def submit(self, manifest: str | Path, *, batch_id: str | None = None) -> dict:
+        rows = parse_manifest(manifest)
+        batch_id = batch_id or default_batch_id(self.server, manifest)
+        try:
+            rec = self._load(batch_id)
+        except InvalidParameterError:
+            rec = {"batch_id": batch_id, "server": self.server, "manifest": str(Path(manifest).resolve()), "items": {}}
+        out = {"batch_id": batch_id, "queued": 0, "skipped_done": 0, "in_flight": 0, "failed_ingest": 0}
+        for row in rows:
+            item = rec["items"].get(row.source)
+            if item and item.get("job_id"):
+                state = self._job(item["job_id"])["state"]
+                if state == "succeeded":
+                    out["skipped_done"] += 1
+                    continue
+                if state in ("queued", "running"):
+                    out["in_flight"] += 1
+                    continue
+            item = {
+                "idx": item["idx"] if item else len(rec["items"]),
+                "name": row.name,
+                "job_id": None,
+                "error_code": None,
+                "reason": None,
+            }
+            rec["items"][row.source] = item
+            try:
+                item["job_id"] = self._upload(row.source, row.mpp_override)
+                out["queued"] += 1
+            except MstarError as err:
+                item["error_code"], item["reason"] = err.code, str(err)
+                out["failed_ingest"] += 1
+            self._save(rec)
+        self._save(rec)
+        return out
+
+    def _upload(self, source: str, mpp: float | None) -> str:
+        path = Path(source)
+        if not path.is_file():
+            raise InvalidParameterError(f"{source}: --server batches take local files")
+        data = {"analyze": "true"}
+        if mpp is not None:
+            data["mpp_override"] = str(mpp)
+        with path.open("rb") as fh:
+            r = self.client.post("/slides", files={"file": (path.name, fh)}, data=data)
+        if r.status_code != 202:
+            try:
+                err = r.json().get("error") or {}
+            except ValueError:
+                err = {}
+            exc = MstarError(err.get("message") or f"upload answered HTTP {r.status_code}")
+            exc.code = err.get("code") or f"http_{r.status_code}"
+            raise exc
+        return r.json()["job"]["id"]
+
+    def status(self, batch_id: str) -> list[dict]:
+        rec = self._load(batch_id)
+        items = []
+        for source, it in sorted(rec["items"].items(), key=lambda kv: kv[1]["idx"]):
+            row = {
+                "idx": it["idx"],
+                "name": it["name"],
+                "source": source,
+                "job_id": it.get("job_id"),
+                "state": "failed",
+                "error_code": it.get("error_code"),
+                "reason": it.get("reason"),
+                "attempts": 0,
+            }
+            if it.get("job_id"):
+                job = self._job(it["job_id"])
+                err = job.get("error") or {}
+                row.update(
+                    state=job["state"],
+                    error_code=err.get("code"),
+                    reason=err.get("message"),
+                    attempts=job.get("attempts", 0),
+                )
+            items.append(row)
+        return items
+
+    def follow(self, batch_id: str, *, poll_s: float = 1.0) -> dict[str, int]:
+        while True:
+            items = self.status(batch_id)
+            counts = {
+                s: sum(1 for i in items if i["state"] == s)
+                for s in ("queued", "running", "succeeded", "failed", "canceled")
+            }
+            counts["remaining"] = counts["queued"] + counts["running"]
+            print(
+                f"\rdone {counts['succeeded']}  failed {counts['failed'] + counts['canceled']}  "
+                f"remaining {counts['remaining']}",
+                end="",
+                file=sys.stderr,
+                flush=True,
+            )
+            if counts["remaining"] == 0:
+                print(file=sys.stderr)
+                return counts
+            time.sleep(poll_s)
+
+    def results(self, batch_id: str, out_dir: Path) -> Path:
+        items = self.status(batch_id)
+        (out_dir / "features").mkdir(parents=True, exist_ok=True)
+        for it in items:
+            it["features"] = ""
+            if it["state"] == "succeeded":
+                dest = out_dir / "features" / f"{it['idx']:05d}_{_SAFE.sub('_', it['name'])[:80]}.h5"
+                with self.client.stream("GET", f"/jobs/{it['job_id']}/features") as r:
+                    if r.status_code == 200:
+                        tmp = dest.with_suffix(".h5.part")
+                        with tmp.open("wb") as fh:
+                            for chunk in r.iter_bytes(1 << 20):
+                                fh.write(chunk)
+                        tmp.replace(dest)
+                        it["features"] = str(dest.relative_to(out_dir))
+        path = out_dir / "summary.csv"
+        with path.open("w", newline="", encoding="utf-8") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(items[0]) if items else ["idx"])
+            w.writeheader()
+            w.writerows(items)
+        return path

@@ -1,0 +1,90 @@
+"""`mstar worker`: a Celery worker that runs analysis jobs from the broker (MSTAR_BROKER_URL)."""
+
+from __future__ import annotations
+
+import click
+
+from service.cli import main
+
+
+@main.command()
+@click.option(
+    "--queues",
+    "-Q",
+    default="interactive,batch",
+    show_default=True,
+    help="queues to consume, in order of preference (interactive first)",
+)
+@click.option(
+    "--concurrency",
+    "-c",
+    type=click.IntRange(1, 256),
+    default=1,
+    show_default=True,
+    help="pool processes (one job each)",
+)
+@click.option("--name", "-n", default=None, help="node name (default mstar-<pid>@<host>)")
+@click.option("--broker", default=None, help="overrides MSTAR_BROKER_URL")
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None, help="overrides MSTAR_DATA_DIR")
+@click.option(
+    "--pool",
+    type=click.Choice(["prefork", "solo"]),
+    default="prefork",
+    show_default=True,
+    help="prefork isolates decoder crashes and enforces time limits; solo for one in-process GPU model",
+)
+def worker(
+    queues: str, concurrency: int, name: str | None, broker: str | None, data_dir: str | None, pool: str
+) -> None:
+    """Run jobs from the broker (settings from MSTAR_* variables; see docs/workers.md)."""
+    import logging
+    import os
+    import socket
+    import time
+
+    from sqlalchemy.exc import DBAPIError
+
+    from service.config import Settings
+    from service.errors import InvalidParameterError
+    from service.store import batches  # noqa: F401  (registers the batch tables for init_db)
+    from service.store.db import init_db, make_engine
+    from service.worker.celery_app import QUEUES, make_celery
+
+    overrides = {k: v for k, v in {"broker_url": broker, "data_dir": data_dir}.items() if v is not None}
+    settings = Settings(**overrides)
+    wanted = [q.strip() for q in queues.split(",") if q.strip()]
+    unknown = [q for q in wanted if q not in QUEUES]
+    if not wanted or unknown:
+        raise InvalidParameterError(f"unknown queue(s) {unknown or queues!r}; choose from {', '.join(QUEUES)}")
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s[%(process)d] %(message)s"
+    )
+    engine = make_engine(settings.db_url)
+    for attempt in range(5):  # workers starting together race on CREATE TABLE: the loser retries, sees them
+        try:
+            init_db(engine)
+            break
+        except DBAPIError:
+            if attempt == 4:
+                raise
+            time.sleep(0.5 + attempt)
+    engine.dispose()
+    app = make_celery(settings)
+    node = name or f"mstar-{os.getpid()}@{socket.gethostname()}"
+    app.worker_main(
+        [
+            "worker",
+            "--queues",
+            ",".join(wanted),
+            "--concurrency",
+            str(concurrency),
+            "--pool",
+            pool,
+            "--hostname",
+            node,
+            "--loglevel",
+            settings.log_level.upper(),
+            "--without-gossip",
+            "--without-mingle",
+        ]
+    )

@@ -1,0 +1,340 @@
+"""Distributed workers against real services: Redis (AOF), PostgreSQL and two `mstar worker` processes.
+
+Slides are copies of the real CMU SVS with a trailer telling the test pipeline (`worker_pipelines:marked`)
+to run normally, slowly, abort like a crashing decoder, or hang; the normal path is the real tiling pipeline.
+Time limits are shrunk (hard 8 s, visibility 10 s, restore sweep 1 s) so crash recovery takes seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import pytest
+from services import postgres_url, redis_server  # noqa: F401
+from sqlalchemy import create_engine, text
+from worker_pipelines import make_slide
+
+from service.batch import BatchService
+from service.config import Settings
+from service.runner import make_queue
+from service.store.db import transaction
+from service.store.models import Job, Result
+from service.worker.queue import CeleryQueue
+
+pytestmark = pytest.mark.services
+
+HARD_S, VISIBILITY_S = 8, 10
+TESTS_DIR = Path(__file__).resolve().parent
+MSTAR = Path(sys.executable).with_name("mstar")
+
+
+class Cluster:
+    """Worker subprocesses (each in its own process group, so SIGKILL takes the master and its pool)."""
+
+    def __init__(self, root: Path, env: dict[str, str], kwargs: dict) -> None:
+        self.root, self.env, self.kwargs = root, env, kwargs
+        self.settings = Settings(**kwargs)
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def start(self, name: str) -> None:
+        log = (self.root / f"{name}.log").open("ab")
+        self.procs[name] = subprocess.Popen(
+            [str(MSTAR), "worker", "--name", f"{name}@test", "--concurrency", "1"],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def wait_ready(self, names: list[str], timeout: float = 90.0) -> None:
+        deadline = time.monotonic() + timeout
+        for name in names:
+            while f"{name}@test ready" not in (self.root / f"{name}.log").read_text(errors="replace"):
+                if self.procs[name].poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"worker {name} did not start:\n{self.log(name)[-3000:]}")
+                time.sleep(0.2)
+
+    def log(self, name: str) -> str:
+        return (self.root / f"{name}.log").read_text(errors="replace")
+
+    def kill(self, name: str) -> None:
+        proc = self.procs[name]
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+    def ensure(self) -> None:
+        dead = [n for n, p in self.procs.items() if p.poll() is not None]
+        for name in dead:
+            with (self.root / f"{name}.log").open("w"):  # a fresh log, so `ready` means this start
+                pass
+            self.start(name)
+        if dead:
+            self.wait_ready(dead)
+
+    def stop_all(self) -> None:
+        for name in list(self.procs):
+            self.kill(name)
+
+
+@pytest.fixture(scope="module")
+def pg_db(postgres_url: str) -> str:  # noqa: F811
+    """A database of our own on the shared server: no other test's runner can see these jobs."""
+    admin = create_engine(postgres_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text("DROP DATABASE IF EXISTS mstar_workers"))
+        conn.execute(text("CREATE DATABASE mstar_workers"))
+    admin.dispose()
+    return postgres_url.rsplit("/", 1)[0] + "/mstar_workers"  # workers create the schema (racing: see cli)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, pg_db: str, redis_server):  # noqa: F811
+    import redis
+
+    redis.Redis.from_url(redis_server.url).flushdb()
+    root = tmp_path_factory.mktemp("cluster")
+    values = {
+        "MSTAR_DATA_DIR": str(root / "data"),
+        "MSTAR_DATABASE_URL": pg_db,
+        "MSTAR_BROKER_URL": redis_server.url,
+        "MSTAR_PIPELINE": "worker_pipelines:marked",
+        "MSTAR_TASK_TIME_LIMIT_S": str(HARD_S),
+        "MSTAR_BROKER_VISIBILITY_TIMEOUT_S": str(VISIBILITY_S),
+        "MSTAR_BROKER_RESTORE_INTERVAL_S": "1",
+        "MSTAR_WORKER_LEASE_S": "3",
+        "MSTAR_JOB_MAX_ATTEMPTS": "2",
+    }
+    env = {
+        **os.environ,
+        **values,
+        "MSTAR_TEST_RUNLOG": str(root / "runs.log"),
+        "PYTHONPATH": os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")]),
+    }
+    c = Cluster(root, env, {k.removeprefix("MSTAR_").lower(): v for k, v in values.items()})
+    c.start("w1")
+    c.start("w2")
+    try:
+        c.wait_ready(["w1", "w2"])
+        yield c
+    finally:
+        c.stop_all()
+
+
+@pytest.fixture()
+def svc(cluster: Cluster):
+    cluster.ensure()
+    service = BatchService(cluster.settings)
+    queue = CeleryQueue(cluster.settings, default_queue="batch")
+    yield service, queue
+    queue.stop()
+    service.close()
+
+
+def _slides(root: Path, src: Path, actions: list[str]) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    names = [make_slide(src, root / f"s{i}_{a.replace('=', '')}.svs", a).name for i, a in enumerate(actions)]
+    manifest = root / "manifest.csv"
+    manifest.write_text("slide,id,label\n" + "".join(f"{n},case{i},L{i % 2}\n" for i, n in enumerate(names)))
+    return manifest
+
+
+def _wait(service: BatchService, batch_id: str, timeout: float):
+    deadline = time.monotonic() + timeout
+    while True:
+        st = service.status(batch_id)
+        if st.finished:
+            return st
+        if time.monotonic() > deadline:
+            raise AssertionError(f"batch not finished in {timeout} s: {st.counts()}")
+        time.sleep(0.3)
+
+
+def _runs(cluster: Cluster, job_id: str) -> int:
+    log = cluster.root / "runs.log"
+    lines = log.read_text().split() if log.exists() else []
+    return sum(1 for line in lines if line.startswith(f"job-{job_id}-"))
+
+
+def test_batch_through_cli_completes_gathers_and_resumes(cluster: Cluster, svc, cmu_svs: Path, tmp_path: Path):
+    service, queue = svc
+    manifest = _slides(tmp_path / "b1", cmu_svs, ["ok", "ok", "ok", "ok"])
+    with manifest.open("a") as fh:
+        fh.write("missing.svs,case9,L1\n")
+    run = subprocess.run(
+        [str(MSTAR), "submit", str(manifest), "--poll", "0.3"],
+        env=cluster.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    first, last = (json.loads(line) for line in run.stdout.strip().splitlines()[-2:])
+    assert first["queued"] == 4 and first["failed_ingest"] == 1
+    assert last["succeeded"] == 4 and last["failed"] == 1 and last["remaining"] == 0
+    assert "patches/s" in run.stderr and "remaining 0" in run.stderr  # the progress bar
+    batch_id = first["batch_id"]
+
+    status = subprocess.run(
+        [str(MSTAR), "batch", "status", batch_id, "--json"], env=cluster.env, capture_output=True, text=True, timeout=60
+    )
+    assert status.returncode == 0, status.stderr
+    body = json.loads(status.stdout)
+    assert body["counts"]["succeeded"] == 4 and body["counts"]["failed"] == 1
+    assert [i["state"] for i in body["items"]] == ["succeeded"] * 4 + ["failed"]
+
+    out = tmp_path / "results"
+    got = subprocess.run(
+        [str(MSTAR), "batch", "results", batch_id, "--out", str(out)],
+        env=cluster.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert got.returncode == 0, got.stderr
+    import csv
+
+    rows = list(csv.DictReader((out / "summary.csv").open()))
+    assert [r["state"] for r in rows] == ["succeeded"] * 4 + ["failed"]
+    assert rows[4]["error_code"] == "slide_not_found" and "does not exist" in rows[4]["reason"]
+    assert rows[0]["meta_label"] == "L0" and rows[0]["name"] == "case0"
+    for r in rows[:4]:
+        assert int(r["n_patches"]) > 0
+        with h5py.File(out / r["features"]) as f:
+            assert f["coords"].shape == (int(r["n_patches"]), 2)
+
+    again = service.submit(manifest, tenant="default", queue=queue)  # same manifest path: same batch
+    assert again.batch_id == batch_id
+    assert again.skipped_done == 4 and again.queued == [] and again.failed_ingest == 1
+    for it in service.status(batch_id).items[:4]:
+        assert _runs(cluster, it.job_id) == 1 and it.attempts == 1
+
+
+def test_sigkill_worker_mid_job_completes_once_on_the_other(cluster: Cluster, svc, cmu_svs: Path, tmp_path: Path):
+    service, queue = svc
+    manifest = _slides(tmp_path / "b2", cmu_svs, ["slow=3"])
+    ref = service.submit(manifest, tenant="default", batch_id="0" * 31 + "1", queue=queue)
+    ref_item = _wait(service, ref.batch_id, 60).items[0]
+    assert ref_item.state == "succeeded"
+
+    victim = service.submit(manifest, tenant="default", batch_id="0" * 31 + "2", queue=queue)
+    job_id = victim.queued[0]
+    deadline = time.monotonic() + 30
+    while True:  # until a worker is inside the job's pipeline
+        with transaction(service.sessions) as s:
+            job = s.get(Job, job_id)
+            if job.state == "running" and job.stage == "wait" and job.progress > 0.2:
+                node = job.worker.split("@")[0]
+                break
+        assert time.monotonic() < deadline, "the job never started"
+        time.sleep(0.1)
+    t_kill = time.monotonic()
+    cluster.kill(node)
+    st = _wait(service, victim.batch_id, VISIBILITY_S + 40)
+    recovered_s = time.monotonic() - t_kill
+    item = st.items[0]
+    assert item.state == "succeeded", (item.error_code, item.reason)
+    assert item.attempts == 2
+    with transaction(service.sessions) as s:
+        job = s.get(Job, job_id)
+        assert not job.worker.startswith(node)
+        files = dict(s.get(Result, job_id).files)
+        ref_files = dict(s.get(Result, ref_item.job_id).files)
+    assert _runs(cluster, job_id) == 1  # the killed attempt never completed; the second ran once
+    assert not list(cluster.settings.work_dir.glob(f"job-{job_id}-*"))  # its scratch was cleaned up
+    assert files.keys() == ref_files.keys()
+    assert files["features.h5"]["sha256"] == ref_files["features.h5"]["sha256"]
+    with service.blobs.open(files["result.json"]["key"]) as a, service.blobs.open(ref_files["result.json"]["key"]) as b:
+        ra, rb = json.load(a), json.load(b)
+    assert ra["tiling"] == rb["tiling"] and ra["slide"] == rb["slide"]
+    assert recovered_s < VISIBILITY_S + 30
+
+
+def test_decoder_crash_and_hang_fail_with_reasons_rest_completes(cluster: Cluster, svc, cmu_svs: Path, tmp_path: Path):
+    service, queue = svc
+    manifest = _slides(tmp_path / "b3", cmu_svs, ["ok", "abort", "hang", "ok", "ok", "sleep"])
+    rep = service.submit(manifest, tenant="default", queue=queue)
+    st = _wait(service, rep.batch_id, HARD_S * 2 + 40)
+    states = {it.name: it for it in st.items}
+    assert [states[f"case{i}"].state for i in (0, 3, 4)] == ["succeeded"] * 3
+    crash = states["case1"]
+    assert crash.state == "failed" and crash.error_code == "worker_crashed"
+    assert "SIGABRT" in crash.reason and crash.attempts == 2
+    hang = states["case2"]
+    assert hang.state == "failed" and hang.error_code == "time_limit" and "time limit" in hang.reason
+    assert hang.seconds is not None and hang.seconds < HARD_S + 5
+    soft = states["case5"]  # interrupted by the soft limit (90% of the hard one) inside the pipeline
+    assert soft.state == "failed" and soft.error_code == "time_limit" and "soft time limit" in soft.reason
+    assert soft.seconds is not None and soft.seconds < HARD_S
+    for name, proc in cluster.procs.items():  # the workers carried on
+        assert proc.poll() is None, cluster.log(name)[-2000:]
+
+
+def test_redis_restart_during_batch_loses_no_job(cluster: Cluster, svc, cmu_svs: Path, tmp_path: Path, redis_server):  # noqa: F811
+    service, queue = svc
+    manifest = _slides(tmp_path / "b4", cmu_svs, ["slow=1"] * 6)
+    rep = service.submit(manifest, tenant="default", queue=queue)
+    deadline = time.monotonic() + 40
+    while service.status(rep.batch_id).counts()["succeeded"] < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    redis_server.kill()  # SIGKILL: AOF with appendfsync always keeps the queues and the unacked set
+    time.sleep(1.0)
+    redis_server.start()
+    st = _wait(service, rep.batch_id, 90)
+    assert [it.state for it in st.items] == ["succeeded"] * 6, [(it.error_code, it.reason) for it in st.items]
+    for it in st.items:
+        assert _runs(cluster, it.job_id) == 1
+
+
+def test_gateway_upload_runs_on_workers_ahead_of_batch(cluster: Cluster, svc, cmu_svs: Path, tmp_path: Path):
+    """`mstar serve` with a broker: uploads go to the interactive queue and overtake a waiting batch."""
+    import httpx
+    from services import live_server
+
+    from service.api import create_app
+    from service.batch_http import HttpBatch
+
+    service, queue = svc
+    key = "mstar-test-key-0123456789abcdef"
+    settings = Settings(**cluster.kwargs, api_keys=[{"tenant": "default", "key": key}])
+    assert isinstance(make_queue(settings), CeleryQueue)
+    manifest = _slides(tmp_path / "b5", cmu_svs, ["slow=2"] * 8)
+    upload = make_slide(cmu_svs, tmp_path / "upload.svs", "slow=0.5")
+    with live_server(create_app(settings)) as url:
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as c:
+            assert c.get("/readyz").status_code == 200
+            rep = service.submit(manifest, tenant="default", queue=queue)
+            r = c.post("/slides", files={"file": ("upload.svs", upload.read_bytes())})
+            assert r.status_code == 202, r.text
+            job_id = r.json()["job"]["id"]
+            st = _wait(service, rep.batch_id, 60)
+            deadline = time.monotonic() + 30
+            while (job := c.get(f"/jobs/{job_id}").json())["state"] != "succeeded":
+                assert time.monotonic() < deadline, job
+                time.sleep(0.2)
+        with transaction(service.sessions) as s:
+            interactive = s.get(Job, job_id).started_at
+            started = sorted(s.get(Job, it.job_id).started_at for it in st.items)
+        # Published after all eight batch jobs (two run at a time), it starts ahead of the last ones.
+        assert interactive < started[-2], [(t - interactive).total_seconds() for t in started]
+
+        # `mstar submit --server`: the same batch machinery through the HTTP API.
+        small = _slides(tmp_path / "b6", cmu_svs, ["ok", "ok"])
+        hb = HttpBatch(url, key, tmp_path / "state")
+        first = hb.submit(small)
+        assert first["queued"] == 2
+        counts = hb.follow(first["batch_id"], poll_s=0.3)
+        assert counts["succeeded"] == 2
+        assert hb.submit(small)["skipped_done"] == 2
+        summary = hb.results(first["batch_id"], tmp_path / "http-results")
+        rows = summary.read_text().splitlines()
+        assert len(rows) == 3 and all(",succeeded," in r for r in rows[1:])
+        assert len(list((tmp_path / "http-results" / "features").glob("*.h5"))) == 2

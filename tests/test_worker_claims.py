@@ -1,0 +1,155 @@
+"""Job-row guards of the distributed workers on a real (SQLite) job store, and the Celery settings they rely on."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+
+from service.config import Settings
+from service.errors import InvalidParameterError
+from service.store import repo
+from service.store.db import init_db, make_engine, session_factory, transaction
+from service.store.models import Job, Slide, new_id, utcnow
+from service.worker import jobs
+from service.worker.celery_app import BATCH, INTERACTIVE, PRIORITY, limits, make_celery, transport_options
+
+
+@pytest.fixture()
+def sessions(tmp_path):
+    engine = make_engine(f"sqlite:///{tmp_path / 'jobs.db'}")
+    init_db(engine)
+    factory = session_factory(engine)
+    yield factory
+    engine.dispose()
+
+
+def _job(factory) -> str:
+    with transaction(factory) as s:
+        tenant = repo.ensure_tenant(s, "lab")
+        slide = Slide(
+            id=new_id(),
+            tenant_id=tenant.id,
+            sha256=new_id() * 2,
+            format="svs",
+            size_bytes=1,
+            blob_key="slides/x.svs",
+            info={},
+        )
+        s.add(slide)
+        s.flush()
+        job, _ = repo.create_job(s, tenant_id=tenant.id, slide_id=slide.id, options={})
+        return job.id
+
+
+def _claim(factory, job_id, worker, max_attempts=2, lease_s=30.0):
+    with transaction(factory) as s:
+        return jobs.claim(s, job_id, worker, max_attempts=max_attempts, lease_s=lease_s)
+
+
+def _get(factory, job_id) -> Job:
+    with transaction(factory) as s:
+        return s.get(Job, job_id)
+
+
+def test_claim_runs_once_and_drops_duplicates(sessions):
+    job_id = _job(sessions)
+    first = _claim(sessions, job_id, "a@h:1")
+    assert (first.action, first.attempt) == ("run", 1)
+    dup = _claim(sessions, job_id, "b@h:2")  # fresh heartbeat: another worker is on it
+    assert dup.action == "skip" and "duplicate" in dup.reason
+    job = _get(sessions, job_id)
+    assert (job.state, job.attempts, job.worker) == ("running", 1, "a@h:1")
+    with transaction(sessions) as s:
+        repo.finish_job(s, job_id, "succeeded")
+    late = _claim(sessions, job_id, "b@h:2")
+    assert late.action == "skip" and late.reason == "already succeeded"
+
+
+def test_stale_lease_is_taken_over_then_attempts_run_out(sessions):
+    job_id = _job(sessions)
+    assert _claim(sessions, job_id, "a@h:1").attempt == 1
+    with transaction(sessions) as s:  # the whole worker died: no heartbeat since
+        s.get(Job, job_id).heartbeat_at = utcnow() - timedelta(seconds=60)
+    with transaction(sessions) as s:
+        assert not jobs.heartbeat(s, job_id, "b@h:2", 1)  # not b's job
+    take = _claim(sessions, job_id, "b@h:2")
+    assert (take.action, take.attempt) == ("run", 2)
+    with transaction(sessions) as s:
+        assert not jobs.heartbeat(s, job_id, "a@h:1", 1)  # the old attempt lost its lease
+        assert jobs.heartbeat(s, job_id, "b@h:2", 2)
+        s.get(Job, job_id).heartbeat_at = utcnow() - timedelta(seconds=60)
+    out = _claim(sessions, job_id, "c@h:3")
+    assert out.action == "skip" and out.reason == "out of attempts"
+    job = _get(sessions, job_id)
+    assert (job.state, job.error_code) == ("failed", "worker_lost")
+
+
+def test_child_lost_requeues_then_fails_with_reason(sessions):
+    job_id = _job(sessions)
+    _claim(sessions, job_id, "a@h:1")
+    with transaction(sessions) as s:
+        assert jobs.on_child_lost(s, job_id, "other@h:9", max_attempts=2, why="signal 6") == "ignored"
+        assert jobs.on_child_lost(s, job_id, "a@h:1", max_attempts=2, why="signal 6 (SIGABRT)") == "requeued"
+    assert _get(sessions, job_id).state == "queued"
+    assert _claim(sessions, job_id, "a@h:2").attempt == 2
+    with transaction(sessions) as s:
+        assert jobs.on_child_lost(s, job_id, "a@h:2", max_attempts=2, why="signal 6 (SIGABRT)") == "failed"
+    job = _get(sessions, job_id)
+    assert job.state == "failed" and job.error_code == "worker_crashed" and "SIGABRT" in job.error_message
+
+
+def test_hard_timeout_fails_only_the_owners_job(sessions):
+    job_id = _job(sessions)
+    _claim(sessions, job_id, "a@h:1")
+    with transaction(sessions) as s:
+        assert not jobs.on_hard_timeout(s, job_id, "b@h:2", 8)
+        assert jobs.on_hard_timeout(s, job_id, "a@h:1", 8)
+    job = _get(sessions, job_id)
+    assert job.error_code == "time_limit" and "8 s" in job.error_message
+
+
+def test_canceled_before_delivery_is_not_run(sessions):
+    job_id = _job(sessions)
+    with transaction(sessions) as s:
+        s.get(Job, job_id).cancel_requested = True
+    assert _claim(sessions, job_id, "a@h:1").action == "skip"
+    assert _get(sessions, job_id).state == "canceled"
+
+
+def test_limits_and_reliability_settings(tmp_path):
+    s = Settings(
+        data_dir=tmp_path, broker_url="redis://127.0.0.1:1/0", task_time_limit_s=100, worker_max_memory_mb=2048
+    )
+    soft, hard, vis = limits(s)
+    assert soft == 90 and hard == 100 and vis == 170
+    opts = transport_options(s)
+    assert opts["visibility_timeout"] > hard and opts["unacked_restore_throttle"] == 1
+    assert opts["queue_order_strategy"] == "priority" and opts["unacked_mutex_expire"] < 300
+    with pytest.raises(InvalidParameterError, match="must exceed"):
+        limits(Settings(data_dir=tmp_path, task_time_limit_s=100, broker_visibility_timeout_s=50))
+    with pytest.raises(InvalidParameterError, match="below"):
+        limits(Settings(data_dir=tmp_path, task_time_limit_s=100, task_soft_time_limit_s=120))
+    app = make_celery(s)
+    conf = app.conf
+    assert conf.task_acks_late and conf.task_reject_on_worker_lost and conf.worker_prefetch_multiplier == 1
+    assert conf.task_ignore_result and "mstar.run_job" in app.tasks
+    assert conf.task_time_limit == 100 and conf.task_soft_time_limit == 90
+    assert conf.worker_max_memory_per_child == 2048 * 1024  # KiB
+    assert PRIORITY[INTERACTIVE] < PRIORITY[BATCH]  # Redis serves lower numbers first
+    with pytest.raises(InvalidParameterError, match="no broker"):
+        make_celery(Settings(data_dir=tmp_path))
+
+
+def test_reaper_requeues_silent_jobs_and_fails_exhausted_ones(sessions):
+    fresh, silent, exhausted = _job(sessions), _job(sessions), _job(sessions)
+    for job_id in (fresh, silent, exhausted):
+        _claim(sessions, job_id, "a@h:1")
+    with transaction(sessions) as s:
+        s.get(Job, silent).heartbeat_at = utcnow() - timedelta(seconds=61)
+        gone = s.get(Job, exhausted)
+        gone.heartbeat_at, gone.attempts = utcnow() - timedelta(seconds=61), 2
+    with transaction(sessions) as s:
+        assert jobs.reap_stale(s, lease_s=30, max_attempts=2) == [silent]
+    assert [_get(sessions, j).state for j in (fresh, silent, exhausted)] == ["running", "queued", "failed"]
+    assert _get(sessions, exhausted).error_code == "worker_lost"
