@@ -1,0 +1,173 @@
+"""End to end on a small feature-level synthetic cohort: train heads, save/load, few-shot, eval report, CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+
+from service.errors import InvalidParameterError
+from training.downstream import DownstreamConfig, load_head, run
+from training.downstream_data import FeatureStore, load_cases
+from training.downstream_synth import make_feature_cohort
+from training.evaluate import evaluate_run
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cohort")
+    make_feature_cohort(root, n_cases=200, n_classes=3, dim=24, patches=(12, 30), signal=1.5, seed=3)
+    return root
+
+
+def _cfg(cohort, tmp_path, **kw) -> DownstreamConfig:
+    raw = {
+        "cohort": str(cohort / "cohort.csv"),
+        "features_dir": str(cohort / "features"),
+        "reports": str(cohort / "reports.jsonl"),
+        "dim": 32,
+        "n_boot": 50,
+        "epochs": 4,
+        "lr": 1e-3,
+        **kw,
+    }
+    path = tmp_path / f"{kw['task']}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return DownstreamConfig.from_yaml(path, out_dir=str(tmp_path / "runs" / kw["task"]))
+
+
+def test_classification_abmil_trains_saves_and_reloads(cohort, tmp_path) -> None:
+    cfg = _cfg(cohort, tmp_path, task="classification")
+    m = run(cfg)
+    assert m["test"]["macro_auc"]["value"] > 0.85
+    assert 0 <= m["best_epoch"] < 4 and len(m["history"]) == 4
+    head, meta = load_head(cfg.out_dir / "head.pt")
+    assert meta["labels"] == ["COAD", "HNSC", "LUSC"] and meta["mil"]["kind"] == "abmil"
+    # the reloaded head reproduces the saved test predictions
+    preds = json.loads((cfg.out_dir / "predictions.json").read_text())["test"]
+    store = FeatureStore(cfg.features_dir)
+    case = next(c for c in load_cases(cfg.cohort) if c.case_id == preds["case_ids"][0])
+    with torch.no_grad():
+        p = head(store.case(case)).logits.softmax(-1)[0].numpy()
+    assert np.allclose(p, preds["probs"][0], atol=1e-5)
+
+
+def test_classification_transmil(cohort, tmp_path) -> None:
+    cfg = _cfg(
+        cohort,
+        tmp_path,
+        task="classification",
+        aggregator="transmil",
+        epochs=3,
+        transmil={"heads": 2, "num_landmarks": 8},
+    )
+    m = run(cfg)
+    assert m["test"]["macro_auc"]["value"] > 0.7
+    head, meta = load_head(cfg.out_dir / "head.pt")
+    assert meta["mil"]["num_landmarks"] == 8 and head.kind == "transmil"
+
+
+def test_survival_head(cohort, tmp_path) -> None:
+    cfg = _cfg(cohort, tmp_path, task="survival", epochs=6)
+    m = run(cfg)
+    assert m["test"]["c_index"]["value"] > 0.58
+    _, meta = load_head(cfg.out_dir / "head.pt")
+    edges = meta["bin_edges"]
+    assert len(edges) == 5 and all(np.diff(edges) > 0)
+    preds = json.loads((cfg.out_dir / "predictions.json").read_text())["test"]
+    s = np.array(preds["survival"])
+    assert s.shape[1] == 4 and np.all(np.diff(s, axis=1) <= 1e-7)
+
+
+def test_report_fewshot_retrieval_and_eval(cohort, tmp_path) -> None:
+    rep = {
+        "d_model": 32,
+        "n_memory": 4,
+        "heads": 2,
+        "d_ff": 64,
+        "decoder_layers": 2,
+        "min_freq": 1,
+        "lr": 3e-3,
+        "beam": 2,
+        "meteor": False,
+        "batch_size": 8,
+    }
+    m = run(_cfg(cohort, tmp_path, task="report", epochs=3, report=rep))
+    assert set(m["test"]) == {"generated", "retrieval_baseline"}
+    assert 0.0 <= m["test"]["generated"]["BLEU_4"] <= 1.0
+    ckpt = torch.load(tmp_path / "runs" / "report" / "head.pt", weights_only=False)
+    assert ckpt["meta"]["vocabulary"]["itos"][:4] == ["<pad>", "<bos>", "<eos>", "<unk>"]
+    assert ckpt["meta"]["decoder"]["vocab_size"] == len(ckpt["meta"]["vocabulary"]["itos"])
+
+    fs = run(_cfg(cohort, tmp_path, task="fewshot", fewshot_repeats=3))
+    curve = fs["test"]["mean_patch_features"]["prototype"]
+    ks = sorted(curve, key=int)
+    assert ks[0] == "1" and len(ks) >= 3
+    assert curve[ks[-1]]["balanced_accuracy_mean"] > curve[ks[0]]["balanced_accuracy_mean"] - 0.05
+    assert curve[ks[-1]]["balanced_accuracy_mean"] > 0.6
+
+    rt = run(_cfg(cohort, tmp_path, task="retrieval"))
+    assert set(rt["test"]["slide_to_slide"]["mean_patch_features"]) == {"R@1", "R@5", "R@10"}
+
+    run(_cfg(cohort, tmp_path, task="classification", epochs=2))
+    run(_cfg(cohort, tmp_path, task="survival", epochs=2))
+    out = evaluate_run(tmp_path / "runs")
+    assert set(out) == {"classification", "survival", "report", "fewshot", "retrieval"}
+    report = (tmp_path / "runs" / "report.md").read_text().lower()
+    for heading in ("classification", "survival", "report generation", "few-shot", "retrieval", "log-rank"):
+        assert heading in report
+    plots = {p.name for p in (tmp_path / "runs" / "plots").glob("*.png")}
+    assert {
+        "classification_roc.png",
+        "classification_confusion.png",
+        "classification_calibration.png",
+        "survival_km.png",
+        "report_examples.png",
+        "fewshot_curve.png",
+    } <= plots
+    assert json.loads((tmp_path / "runs" / "metrics.json").read_text())["survival"]["test"]["logrank_p"] >= 0
+
+
+def test_cli_and_errors(cohort, tmp_path) -> None:
+    from service.cli import main
+
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text(
+        yaml.safe_dump(
+            {
+                "task": "classification",
+                "cohort": str(cohort / "cohort.csv"),
+                "features_dir": str(cohort / "features"),
+                "dim": 16,
+                "n_boot": 20,
+                "epochs": 1,
+            }
+        )
+    )
+    runner = CliRunner()
+    res = runner.invoke(main, ["train", "downstream", "--config", str(cfg_path), "--out", str(tmp_path / "cli")])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output.strip().splitlines()[-1])["test"]["macro_auc"] >= 0
+    res = runner.invoke(main, ["eval", str(tmp_path / "cli")])
+    assert res.exit_code == 0 and (tmp_path / "cli" / "report.md").is_file()
+    # a bad config is one clear error line, not a traceback
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("task: classification\ncohort: nowhere.csv\nfeatures_dir: nowhere\nbogus: 1\n")
+    res = runner.invoke(main, ["train", "downstream", "--config", str(bad)])
+    assert res.exit_code == 2 and "invalid downstream config" in res.output
+    with pytest.raises(InvalidParameterError, match="does not exist"):
+        run(DownstreamConfig(task="classification", cohort=tmp_path / "none.csv", features_dir=cohort))
+    with pytest.raises(InvalidParameterError, match="no downstream task results"):
+        evaluate_run((tmp_path / "empty").mkdir() or tmp_path / "empty")

@@ -1,0 +1,230 @@
+"""Zero-shot slide classification with a Stage-1 model (§3.4).
+
+Class embeddings: every template × synonym prompt goes through the text encoder + `proj_text`, is
+L2-normalised, averaged per class and renormalised (CONCH/MI-Zero recipe) -> a classifier W `[C, E]`.
+
+Two ways to score a slide, compared side by side:
+- **MI-Zero, patch level** (the official method): patch embeddings in the shared space, cosine logits
+  against W, mean of the top-k patch logits per class, k ∈ `topk`. The official patch embeddings are
+  `proj(mSTAR(patch))` from the Stage-2 extractor; with `patch_proj` (a checkpoint holding
+  `proj.weight/bias`) we use exactly that. Without Stage 2 we use the Stage-1 aggregator's per-patch output
+  tokens — the very targets Stage 2 distils `proj(student)` towards — so the method runs on a Stage-1
+  checkpoint alone.
+- **Slide level**: the aggregator's slide embedding (normed CLS) against W.
+
+Probabilities = softmax(14.29 · cosine), the official fixed CLIP scale. The k reported as "selected" is
+chosen on the validation split; test is scored for every method.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from service.errors import InvalidParameterError
+
+log = logging.getLogger(__name__)
+
+LOGIT_SCALE = 14.29  # exp(log(1/0.07)), the scale the official zero-shot code applies
+
+
+@dataclass
+class PromptSet:
+    templates: list[str]
+    classes: dict[str, list[str]]
+
+    def texts(self, label: str) -> list[str]:
+        return [t.replace("CLASSNAME", syn) for syn in self.classes[label] for t in self.templates]
+
+    def to_dict(self) -> dict:
+        return {"templates": self.templates, "classes": self.classes}
+
+
+def load_prompts(path: str | Path) -> PromptSet:
+    """Read `{templates: [...CLASSNAME...], classes: {label: [synonyms]}}` and check it."""
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidParameterError(f"prompt file {path} does not exist")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise InvalidParameterError(f"prompt file {path} is not valid JSON: {err}") from err
+    templates, classes = raw.get("templates"), raw.get("classes")
+    if not isinstance(templates, list) or not templates or not all(isinstance(t, str) for t in templates):
+        raise InvalidParameterError(f"{path}: 'templates' must be a non-empty list of strings")
+    bad = [t for t in templates if "CLASSNAME" not in t]
+    if bad:
+        raise InvalidParameterError(f"{path}: templates without the CLASSNAME placeholder: {bad[:3]}")
+    if not isinstance(classes, dict) or not classes:
+        raise InvalidParameterError(f"{path}: 'classes' must map each label to a list of synonyms")
+    for label, syns in classes.items():
+        if not isinstance(syns, list) or not syns or not all(isinstance(s, str) and s for s in syns):
+            raise InvalidParameterError(f"{path}: class {label!r} needs a non-empty list of synonyms")
+    return PromptSet(list(templates), {str(k): list(v) for k, v in classes.items()})
+
+
+def default_prompts_path() -> Path:
+    return Path(__file__).parent / "prompts" / "synthetic_cohort.json"
+
+
+@torch.no_grad()
+def class_embeddings(
+    encode: Callable[[list[str]], torch.Tensor], prompts: PromptSet, labels: Sequence[str]
+) -> torch.Tensor:
+    """Classifier `[C, E]`: per class, the renormalised mean of the normalised prompt embeddings."""
+    rows = []
+    for label in labels:
+        if label not in prompts.classes:
+            raise InvalidParameterError(f"no prompts for class {label!r}")
+        emb = F.normalize(encode(prompts.texts(label)).float(), dim=-1)
+        rows.append(F.normalize(emb.mean(0), dim=-1))
+    return torch.stack(rows)
+
+
+def mi_zero_scores(patch_emb: torch.Tensor, classifier: torch.Tensor, topk: Sequence[int]) -> dict[int, torch.Tensor]:
+    """MI-Zero top-k pooling: for each k, the mean of the k highest patch cosine logits per class `[C]`."""
+    logits = F.normalize(patch_emb.float(), dim=-1) @ classifier.T  # [N, C]
+    n = logits.shape[0]
+    return {k: logits.topk(min(k, n), dim=0).values.mean(0) for k in topk}
+
+
+def slide_scores(slide_emb: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:
+    """Cosine logits `[C]` of one slide embedding."""
+    return F.normalize(slide_emb.float(), dim=-1) @ classifier.T
+
+
+# ---- Stage-1 encoders ----------------------------------------------------------------------------
+class Stage1Encoders(nn.Module):
+    """The frozen Stage-1 aggregator, text encoder and `proj_text` read back from a Stage-1 checkpoint."""
+
+    def __init__(self, vision: nn.Module, text: nn.Module | None, proj_text: nn.Module | None) -> None:
+        super().__init__()
+        self.vision, self.text, self.proj_text = vision, text, proj_text
+
+    @torch.no_grad()
+    def encode_text(self, texts: list[str], batch_size: int = 32) -> torch.Tensor:
+        if self.text is None or self.proj_text is None:
+            raise InvalidParameterError("the Stage-1 checkpoint has no text encoder")
+        out = []
+        for i in range(0, len(texts), batch_size):
+            tok = self.text.tokenize(texts[i : i + batch_size])
+            out.append(self.proj_text(self.text(tok["input_ids"], tok["attention_mask"])))
+        return torch.cat(out)
+
+
+def _strip(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def load_stage1_encoders(path: str | Path, with_text: bool = True) -> Stage1Encoders:
+    """Rebuild the Stage-1 towers from `training.stage1`'s checkpoint (`model_state_dict` + `config`)."""
+    from training.models.heads import load_stage1_state, load_stage1_vision
+
+    vision = load_stage1_vision(path)
+    _, config = load_stage1_state(path)
+    text = proj = None
+    ckpt = torch.load(Path(path), map_location="cpu", weights_only=False)
+    state = {k.removeprefix("module."): v for k, v in ckpt.get("model_state_dict", ckpt).items()}
+    tstate, pstate = _strip(state, "text_encoder."), _strip(state, "proj_text.")
+    if with_text and tstate and pstate:
+        from training.models.text_encoder import TextEncoder
+
+        text_dir = ckpt.get("text_model_dir") or (config.get("model", {}).get("text", {}) or {}).get("model_dir")
+        max_len = (config.get("model", {}).get("text", {}) or {}).get("max_length", 512)
+        text = TextEncoder(text_dir, max_len)
+        missing, unexpected = text.load_state_dict(tstate, strict=False)
+        if unexpected or missing:
+            raise InvalidParameterError(
+                f"text encoder weights do not match {text_dir}: missing {missing[:3]}, unexpected {unexpected[:3]}"
+            )
+        proj = nn.Linear(pstate["weight"].shape[1], pstate["weight"].shape[0])
+        proj.load_state_dict(pstate)
+    return Stage1Encoders(vision, text, proj).eval()
+
+
+def load_patch_proj(path: str | Path) -> nn.Linear:
+    """Stage-2 `proj` (1024 -> 512) from a checkpoint holding `proj.weight` / `proj.bias`."""
+    ckpt = torch.load(Path(path), map_location="cpu", weights_only=False)
+    state = ckpt.get("model_state_dict", ckpt) if isinstance(ckpt, dict) else {}
+    state = _strip({k.removeprefix("module."): v for k, v in state.items()}, "proj.")
+    if "weight" not in state:
+        raise InvalidParameterError(f"{path} holds no 'proj.weight'")
+    proj = nn.Linear(state["weight"].shape[1], state["weight"].shape[0], bias="bias" in state)
+    proj.load_state_dict(state)
+    return proj.eval()
+
+
+# ---- the task ------------------------------------------------------------------------------------
+def run_zeroshot(cfg: Any) -> dict:
+    from training.downstream import _finish
+    from training.downstream_data import FeatureStore, by_split, load_cases
+    from training.metrics import classification_metrics
+
+    if cfg.stage1_checkpoint is None:
+        raise InvalidParameterError("zero-shot needs stage1_checkpoint (aggregator + text encoder)")
+    prompts = load_prompts(cfg.prompts or default_prompts_path())
+    enc = load_stage1_encoders(cfg.stage1_checkpoint)
+    patch_proj = load_patch_proj(cfg.patch_proj) if cfg.patch_proj else None
+    store = FeatureStore(cfg.features_dir)
+    cases = load_cases(cfg.cohort)
+    present = {c.fields.get(cfg.label_column) for c in cases}
+    labels = [lab for lab in prompts.classes if lab in present]
+    if len(labels) < 2:
+        raise InvalidParameterError(
+            f"prompt classes {sorted(prompts.classes)} match fewer than two cohort labels {sorted(map(str, present))}"
+        )
+    classifier = class_embeddings(enc.encode_text, prompts, labels)
+    lab_idx = {lab: i for i, lab in enumerate(labels)}
+    splits = by_split([c for c in cases if c.fields.get(cfg.label_column) in lab_idx])
+    methods = ["slide_level"] + [f"mi_zero_top{k}" for k in cfg.topk]
+    result: dict[str, Any] = {}
+    preds: dict[str, Any] = {}
+    for split in ("val", "test"):
+        cs = splits[split]
+        if not cs:
+            continue
+        scores: dict[str, list[np.ndarray]] = {m: [] for m in methods}
+        with torch.no_grad():
+            for c in cs:
+                feats = store.case(c)
+                out = enc.vision(feats.unsqueeze(0))
+                scores["slide_level"].append(slide_scores(out.embedding[0], classifier).numpy())
+                patches = patch_proj(feats) if patch_proj is not None else out.tokens[0]
+                for k, s in mi_zero_scores(patches, classifier, cfg.topk).items():
+                    scores[f"mi_zero_top{k}"].append(s.numpy())
+        y = np.array([lab_idx[c.fields[cfg.label_column]] for c in cs])
+        result[split] = {}
+        preds[split] = {"case_ids": [c.case_id for c in cs], "y_true": y.tolist(), "methods": {}}
+        for m in methods:
+            logits = np.stack(scores[m])
+            probs = torch.from_numpy(LOGIT_SCALE * logits).softmax(-1).numpy()
+            result[split][m] = classification_metrics(y, probs, n_boot=cfg.n_boot, seed=cfg.seed)
+            preds[split]["methods"][m] = probs.tolist()
+    if "test" not in result:
+        raise InvalidParameterError("the cohort has no test cases with a prompted label")
+    ref = result.get("val", result["test"])
+    mi = [m for m in methods if m.startswith("mi_zero")]
+    best_mi = max(mi, key=lambda m: ref[m]["balanced_accuracy"]["value"])
+    result["selected_on_val"] = {"mi_zero": best_mi, "slide_level": "slide_level"}
+    result["chance_accuracy"] = 1.0 / len(labels)
+    result["patch_embedding"] = "stage2_proj" if patch_proj is not None else "stage1_aggregator_tokens"
+    preds["best"] = best_mi
+    meta = {
+        "labels": labels,
+        "prompts": prompts.to_dict(),
+        "logit_scale": LOGIT_SCALE,
+        "topk": int(best_mi.removeprefix("mi_zero_top")),
+        "text_model_dir": getattr(enc.text, "model_dir", None),
+    }
+    holder = nn.Module()
+    holder.register_buffer("classifier", classifier)
+    return _finish(cfg, holder, meta, result, preds, [], -1)
