@@ -1,0 +1,247 @@
+"""Stage 2: teacher targets, streamed patch data, EMA, the training loop (no collapse) and the export layout.
+
+The teacher is a freshly initialised TransMIL written in the Stage-1 checkpoint layout (a trained Stage-1 run would
+take too long here); `bench/stage2_compare.py` runs the real chain with a trained Stage-1 aggregator.
+"""
+
+from __future__ import annotations
+
+import csv
+
+import h5py
+import numpy as np
+import pytest
+import timm
+import torch
+import yaml
+
+from service.errors import InvalidParameterError
+from training.data.patches import (
+    BlockShuffleSampler,
+    PatchTargetDataset,
+    augment,
+    compute_targets,
+    load_slide_targets,
+    load_teacher,
+    slide_targets,
+)
+from training.ema import EMA, momentum_at
+from training.extract import ExtractOptions, extract_cohort
+from training.models.patch_encoder import build_patch_encoder
+from training.models.transmil import TransMIL
+from training.stage2 import (
+    Student,
+    cohort_slides,
+    init_random_stage0,
+    similarity_loss,
+)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> dict:
+    from training.data.synth import SynthConfig, generate_cohort
+
+    root = tmp_path_factory.mktemp("s2")
+    generate_cohort(root / "cohort", SynthConfig(cases=5, seed=1, size=1536, workers=1))
+    cohort = root / "cohort" / "cohort.csv"
+    stage0 = init_random_stage0("vit_micro_112", root / "stage0.pt", seed=0)
+    extract_cohort(cohort, stage0, root / "feats", options=ExtractOptions(0.5, 112, batch_size=32, workers=1))
+    torch.manual_seed(0)
+    teacher = TransMIL(n_features=96, dim=64, heads=2, num_landmarks=16)
+    state = {f"vision_encoder.{k}": v for k, v in teacher.state_dict().items()}
+    state["logit_scale"] = torch.tensor(2.0)  # other Stage-1 keys are ignored
+    torch.save({"model_state_dict": state, "config": {"model": {"aggregator": {"num_landmarks": 16}}}},
+               root / "teacher.pt")
+    return {"root": root, "cohort": cohort, "stage0": stage0, "teacher": root / "teacher.pt",
+            "teacher_model": teacher.eval()}
+
+
+def test_teacher_targets_are_the_aggregator_tokens(setup, tmp_path):
+    slides = cohort_slides(setup["cohort"], None)
+    counts = compute_targets([s for s, _ in slides], setup["root"] / "feats", setup["teacher"], tmp_path,
+                             n_patches=64, seed=3)
+    assert counts and all(n > 0 for n in counts.values())
+    sid = max(counts, key=counts.get)
+    with h5py.File(setup["root"] / "feats" / f"{sid}.h5", "r") as f:
+        feats, coords = f["features"][...], f["coords"][...]
+    with h5py.File(tmp_path / f"{sid}.h5", "r") as f:
+        t_coords, targets, rows = f["coords"][...], f["targets"][...], f["feature_rows"][...]
+        assert f["coords"].attrs["patch_size"] == 112 and f.attrs["n_patches"] == 64
+    assert targets.shape == (len(rows), 64) and len(np.unique(rows)) == len(rows)
+    np.testing.assert_array_equal(t_coords, coords[rows])
+    # same result as running the teacher by hand on the same sample (rows unique, raster order)
+    from training.data.patches import _slide_seed
+
+    r2, t2 = slide_targets(setup["teacher_model"], feats, 64, np.random.default_rng(_slide_seed(3, sid)))
+    np.testing.assert_array_equal(rows, r2)
+    np.testing.assert_allclose(targets, t2, atol=1e-6)
+    if len(feats) >= 64:
+        idx = np.sort(rows)
+        with torch.no_grad():
+            tok = setup["teacher_model"](torch.from_numpy(feats[idx])[None]).tokens[0].numpy()
+        np.testing.assert_allclose(targets, tok, atol=1e-5)
+    # post-LayerNorm tokens (unit weight, zero bias at init): zero mean, unit spread per token
+    np.testing.assert_allclose(targets.mean(1), 0, atol=1e-4)
+    # fewer patches than n_patches: duplicates averaged, one target per distinct patch
+    few = feats[:5]
+    rows_f, t_f = slide_targets(setup["teacher_model"], few, 16, np.random.default_rng(0))
+    assert list(rows_f) == [0, 1, 2, 3, 4] and t_f.shape == (5, 64)
+    _, t_1 = slide_targets(setup["teacher_model"], few, 16, np.random.default_rng(0), duplicates="first")
+    assert not np.allclose(t_f, t_1)
+
+
+def test_load_teacher_refuses_non_stage1(tmp_path):
+    torch.save({"model_state_dict": {"foo.weight": torch.zeros(2)}}, tmp_path / "x.pt")
+    with pytest.raises(InvalidParameterError, match="vision_encoder"):
+        load_teacher(tmp_path / "x.pt")
+    with pytest.raises(InvalidParameterError, match="not found"):
+        load_teacher(tmp_path / "missing.pt")
+
+
+def test_patch_dataset_reads_the_target_patch(setup, tmp_path):
+    slides = cohort_slides(setup["cohort"], None)
+    compute_targets([s for s, _ in slides], setup["root"] / "feats", setup["teacher"], tmp_path, n_patches=32)
+    st = load_slide_targets(slides, tmp_path)
+    ds = PatchTargetDataset(st, augment_flips=False, augment_rot90=False, open_slides=2)
+    from service.slides.open import open_slide
+
+    for i in (0, len(ds) // 2, len(ds) - 1):
+        img, tgt = ds[i]
+        k, r = ds.locate(i)
+        s = st[k]
+        with open_slide(s.slide_path) as rd:
+            g = s.grid()
+            from service.slides.stream import resize_patch
+
+            ref = resize_patch(rd.read_region(tuple(int(v) for v in s.coords[r]), g.read_level, (g.read_size,) * 2),
+                               g.patch_size)
+        np.testing.assert_array_equal(img.numpy(), ref)
+        np.testing.assert_array_equal(tgt.numpy(), s.targets[r])
+    assert len(ds._cache) <= 2
+    ds.close()
+
+
+def test_sampler_shards_and_shuffles_blocks():
+    offsets = np.array([0, 10, 25, 40])
+    one = list(BlockShuffleSampler(offsets, block=4, seed=1))
+    assert sorted(one) == list(range(40))
+    assert one != list(range(40))
+    s0 = BlockShuffleSampler(offsets, block=4, seed=1, rank=0, world_size=3)
+    s1 = BlockShuffleSampler(offsets, block=4, seed=1, rank=1, world_size=3)
+    a, b = list(s0), list(s1)
+    assert len(a) == len(b) == len(s0) == 13 and not set(a) & set(b)
+    s0.set_epoch(1)
+    assert list(s0) != a
+
+
+def test_augment_keeps_pixels():
+    rng = np.random.default_rng(0)
+    p = rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)
+    seen = set()
+    for k in range(20):
+        q = augment(p, np.random.default_rng(k))
+        assert sorted(q.reshape(-1, 3).tolist()) == sorted(p.reshape(-1, 3).tolist())
+        seen.add(q.tobytes())
+    assert len(seen) > 3
+
+
+def test_ema_update_and_schedule():
+    assert momentum_at(0, 100) == pytest.approx(0.996)
+    assert momentum_at(99, 100) == pytest.approx(1.0)
+    assert 0.996 < momentum_at(50, 100) < 1.0
+    assert momentum_at(50, 100, schedule="constant") == 0.996
+    lin = torch.nn.Linear(3, 2)
+    ema = EMA(lin)
+    before = ema.module.weight.clone()
+    with torch.no_grad():
+        lin.weight.add_(1.0)
+    ema.update(lin, 0.9)
+    torch.testing.assert_close(ema.module.weight, 0.9 * before + 0.1 * lin.weight)
+    assert not any(p.requires_grad for p in ema.parameters())
+    x, y = torch.randn(4, 5), torch.randn(4, 5)
+    assert similarity_loss(x, x, "cosine").item() == pytest.approx(0.0, abs=1e-6)
+    assert similarity_loss(x, -x, "cosine").item() == pytest.approx(2.0, abs=1e-6)
+    assert similarity_loss(x, y, "mse").item() == pytest.approx(((x - y) ** 2).mean().item(), rel=1e-6)
+
+
+def test_export_key_layout_is_released_mstar():
+    """The backbone part of the Stage-2 model has exactly the released `mSTAR.pth` keys (ViT-L, built on meta)."""
+    from training.models.patch_encoder import PATCH_ENCODERS
+
+    spec = PATCH_ENCODERS["mstar_vit_l16"]
+    with torch.device("meta"):
+        vit = timm.create_model(spec.arch, pretrained=False, **spec.kwargs)
+        student = Student(vit, 1024, 512)
+    keys = {k.removeprefix("backbone.") for k in student.state_dict() if k.startswith("backbone.")}
+    expected = {"cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias", "norm.weight",
+                "norm.bias"}
+    for i in range(24):
+        for part in ("norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight",
+                     "attn.proj.bias", "ls1.gamma", "norm2.weight", "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias",
+                     "mlp.fc2.weight", "mlp.fc2.bias", "ls2.gamma"):
+            expected.add(f"blocks.{i}.{part}")
+    assert keys == expected
+    assert set(student.state_dict()) - {f"backbone.{k}" for k in keys} == {"proj.weight", "proj.bias"}
+    assert tuple(student.backbone.pos_embed.shape) == (1, 197, 1024)
+
+
+def test_stage2_losses_fall_without_collapse(setup, tmp_path):
+    from training.config import load_config
+    from training.stage2 import Stage2Config, train_stage2
+    from training.zeroshot import load_patch_proj
+
+    cfg_path = tmp_path / "stage2.yaml"
+    cfg_path.write_text(yaml.safe_dump({
+        "data": {"cohort": str(setup["cohort"]), "features_dir": str(setup["root"] / "feats"), "n_patches": 48,
+                 "splits": ["train", "val", "test"], "num_workers": 1, "block": 4},
+        "teacher": {"checkpoint": str(setup["teacher"])},
+        "student": {"encoder": "vit_micro_112", "init_checkpoint": str(setup["stage0"])},
+        "optim": {"epochs": 20, "batch_size": 16, "lr": 1e-4, "proj_lr": 3e-3, "max_steps": 16, "warmup_frac": 0.1},
+        "out_dir": str(tmp_path / "run"),
+    }))
+    cfg = load_config(cfg_path, Stage2Config)
+    assert cfg.loss.ema_weight == 0.6 and cfg.loss.similarity == "cosine" and cfg.ema.momentum == 0.996
+    res = train_stage2(cfg)
+    assert res["step"] == 16
+    rows = list(csv.DictReader((tmp_path / "run" / "metrics.csv").open()))
+    col = {k: np.array([float(r[k]) for r in rows]) for k in ("distill", "ema", "feat_std", "target_cos", "loss")}
+    print({k: np.round(v, 4).tolist() for k, v in col.items()})
+    assert len(rows) == 16 and all(np.isfinite(v).all() for v in col.values())
+    assert col["distill"][-4:].mean() < 0.7 * col["distill"][:3].mean()  # the distillation loss falls
+    assert col["target_cos"][-4:].mean() > col["target_cos"][:3].mean() + 0.1
+    assert col["feat_std"][-4:].mean() > 0.3 * col["feat_std"][:3].mean()  # no collapse of the features
+    assert col["ema"].max() < 0.3  # the EMA term stays bounded
+    assert col["ema"][0] < 1e-5  # EMA == student at step 1
+
+    # export: strict timm load into the same config, proj separately (what zero-shot reads)
+    state = torch.load(res["backbone"], weights_only=True)
+    assert not any(k.startswith(("proj", "backbone", "module", "ema")) for k in state)
+    model, _ = build_patch_encoder("vit_micro_112", res["backbone"])
+    init, _ = build_patch_encoder("vit_micro_112", setup["stage0"])
+    assert any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), init.state_dict().values(),
+                                                      strict=True))
+    proj = load_patch_proj(res["proj"])
+    assert (proj.in_features, proj.out_features) == (96, 64)
+    # the student is usable by `mstar extract` without naming its config (sidecar)
+    one = tmp_path / "one"
+    one.mkdir()
+    first = cohort_slides(setup["cohort"], None)[0][1]
+    (one / first.name).symlink_to(first)
+    out = extract_cohort(one, res["backbone"], tmp_path / "f2", options=ExtractOptions(1.0, 112, workers=1))
+    assert out["done"] == 1
+    with h5py.File(next((tmp_path / "f2").glob("*.h5")), "r") as f:
+        assert f.attrs["encoder"] == "vit_micro_112"
+
+
+def test_default_config_documents_the_paper_defaults():
+    from pathlib import Path
+
+    from training.config import load_config
+    from training.stage2 import Stage2Config
+
+    path = Path(__file__).resolve().parents[1] / "training" / "configs" / "stage2_default.yaml"
+    cfg = load_config(path, Stage2Config)
+    assert cfg.student.encoder == "mstar_vit_l16" and cfg.loss.ema_weight == 0.6
+    assert (cfg.ema.momentum, cfg.ema.final_momentum, cfg.ema.schedule) == (0.996, 1.0, "cosine")
+    with pytest.raises(InvalidParameterError):
+        load_config(path, Stage2Config, {"loss.similarity": "l1"})

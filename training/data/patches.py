@@ -1,0 +1,358 @@
+"""Stage-2 data: teacher targets per slide, and patch images streamed from the slides with their targets.
+
+Targets (mSTAR §2, §7.7-8): for each slide, sample `n_patches` rows of its Stage-0 feature file (as Stage 1 does:
+without replacement when the slide has more, all rows plus repeats when it has fewer, raster order kept), run the
+frozen Stage-1 aggregator once and keep, for every sampled patch, its output token after the final LayerNorm
+(`TransMILOutput.tokens`: CLS and square-padding repeats already excluded). A patch drawn more than once (small
+slides) gets the mean of its tokens (config `duplicates: first` keeps the first). Written per slide as
+`<targets_dir>/<slide_id>.h5` with `targets` [U, 512] + `coords` [U, 2] + the geometry attributes of the feature
+file, so a training item is (the patch at `coords[i]`, `targets[i]`).
+
+Patches are read on the fly from the slide by the tiling engine (`PatchReader`), never dumped to image files.
+`BlockShuffleSampler` shuffles runs of `block` raster-adjacent patches of a slide across all slides (neighbouring
+patches share decoded JPEG tiles, so a block costs little more than one patch), and gives each DDP rank its own
+equal-length share of the epoch, like `DistributedSampler`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from service.errors import InvalidParameterError
+from service.slides.h5io import read_h5
+from training.data.features import sample_indices
+from training.models.transmil import TransMIL
+
+# ---------------------------------------------------------------------------------------------- teacher
+
+
+def load_teacher(checkpoint: str | os.PathLike, num_landmarks: int | None = None) -> tuple[TransMIL, dict]:
+    """The frozen Stage-1 aggregator from a Stage-1 checkpoint (`vision_encoder.*` keys, `module.` tolerated).
+
+    Sizes are read from the weights (input dim, width, heads, head dim); the landmark count, which has no weight,
+    comes from `num_landmarks`, else the checkpoint's config, else the TransMIL default (dim // 2).
+    """
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise InvalidParameterError(f"Stage-1 checkpoint not found: {path}")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    state = ckpt.get("model_state_dict", ckpt) if isinstance(ckpt, dict) else {}
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    vision = {k.removeprefix("vision_encoder."): v for k, v in state.items() if k.startswith("vision_encoder.")}
+    if "_fc1.0.weight" not in vision:
+        raise InvalidParameterError(f"{path} holds no Stage-1 aggregator (`vision_encoder.*` keys)")
+    dim, n_features = vision["_fc1.0.weight"].shape
+    heads = int(vision["layer1.attn.res_conv.weight"].shape[0])
+    dim_head = int(vision["layer1.attn.to_qkv.weight"].shape[0]) // 3 // heads
+    agg = ((ckpt.get("config") or {}).get("model") or {}).get("aggregator") or {} if isinstance(ckpt, dict) else {}
+    landmarks = num_landmarks or agg.get("num_landmarks")
+    pinv = int(agg.get("pinv_iterations", 6))
+    n_classes = int(vision["_fc2.weight"].shape[0]) if "_fc2.weight" in vision else 0
+    model = TransMIL(
+        n_features=int(n_features), dim=int(dim), n_classes=n_classes, heads=heads, dim_head=dim_head,
+        num_landmarks=landmarks, pinv_iterations=pinv,
+    )
+    model.load_state_dict(vision, strict=True)
+    model.requires_grad_(False)
+    info = {
+        "checkpoint": str(path.resolve()),
+        "n_features": int(n_features),
+        "dim": int(dim),
+        "heads": heads,
+        "dim_head": dim_head,
+        "num_landmarks": int(model.layer1.attn.num_landmarks),
+    }
+    return model.eval(), info
+
+
+def _slide_seed(seed: int, slide_id: str) -> list[int]:
+    return [seed, int.from_bytes(hashlib.sha256(slide_id.encode()).digest()[:4], "little")]
+
+
+@torch.inference_mode()
+def slide_targets(
+    teacher: TransMIL,
+    features: np.ndarray,
+    n_patches: int,
+    rng: np.random.Generator,
+    duplicates: str = "mean",
+    device: str | torch.device = "cpu",
+) -> tuple[np.ndarray, np.ndarray]:
+    """`(rows [U] of the feature file, targets [U, dim])` for one slide's sampled patches."""
+    idx = sample_indices(features.shape[0], n_patches, rng)
+    out = teacher(torch.from_numpy(features[idx]).to(device)[None])
+    tokens = out.tokens[0].float().cpu().numpy()  # [n_patches, dim], input order
+    rows, inverse = np.unique(idx, return_inverse=True)
+    if duplicates == "mean":
+        sums = np.zeros((len(rows), tokens.shape[1]), np.float64)
+        np.add.at(sums, inverse, tokens)
+        targets = (sums / np.bincount(inverse, minlength=len(rows))[:, None]).astype(np.float32)
+    elif duplicates == "first":
+        first = np.full(len(rows), -1)
+        for pos in range(len(idx) - 1, -1, -1):
+            first[inverse[pos]] = pos
+        targets = tokens[first]
+    else:
+        raise InvalidParameterError(f"duplicates must be 'mean' or 'first', got {duplicates!r}")
+    return rows, targets
+
+
+def write_targets(
+    path: Path, coords: np.ndarray, rows: np.ndarray, targets: np.ndarray, attrs: dict[str, Any]
+) -> None:
+    """Atomic write of one slide's target file (temporary sibling, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        with h5py.File(tmp, "w") as f:
+            ds = f.create_dataset("coords", data=np.asarray(coords, np.int64))
+            f.create_dataset("targets", data=np.asarray(targets, np.float32))
+            f.create_dataset("feature_rows", data=np.asarray(rows, np.int64))
+            for k, v in attrs.items():
+                ds.attrs[k] = v
+                f.attrs[k] = v
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def compute_targets(
+    slide_ids: list[str],
+    features_dir: str | os.PathLike,
+    teacher_checkpoint: str | os.PathLike,
+    targets_dir: str | os.PathLike,
+    *,
+    n_patches: int = 4096,
+    seed: int = 0,
+    duplicates: str = "mean",
+    num_landmarks: int | None = None,
+    device: str = "cpu",
+    overwrite: bool = False,
+) -> dict[str, int]:
+    """Cache the teacher targets of every slide that has a feature file; returns {slide_id: targets kept}."""
+    teacher, info = load_teacher(teacher_checkpoint, num_landmarks)
+    teacher.to(device)
+    out_dir = Path(targets_dir)
+    counts: dict[str, int] = {}
+    for sid in slide_ids:
+        dst = out_dir / f"{sid}.h5"
+        if dst.is_file() and not overwrite:
+            with h5py.File(dst, "r") as f:
+                counts[sid] = int(f["targets"].shape[0])
+            continue
+        src = Path(features_dir) / f"{sid}.h5"
+        if not src.is_file():
+            continue
+        coords, feats, attrs = read_h5(src)
+        if feats is None:
+            raise InvalidParameterError(f"{src}: no 'features' dataset")
+        if feats.shape[1] != info["n_features"]:
+            raise InvalidParameterError(
+                f"{src}: {feats.shape[1]}-d features, but the Stage-1 aggregator takes {info['n_features']}-d"
+            )
+        rng = np.random.default_rng(_slide_seed(seed, sid))
+        rows, targets = slide_targets(teacher, feats, n_patches, rng, duplicates, device)
+        keep = {k: v for k, v in attrs.items() if not isinstance(v, np.ndarray) or v.size < 64}
+        keep.update(
+            teacher=json.dumps(info, sort_keys=True), n_patches=int(n_patches), seed=int(seed),
+            duplicates=duplicates, features_file=str(src.resolve()),
+        )
+        write_targets(dst, coords[rows], rows, targets, keep)
+        counts[sid] = len(rows)
+    return counts
+
+
+# ---------------------------------------------------------------------------------------------- dataset
+
+
+@dataclass
+class SlideTargets:
+    """One slide's cached targets plus what is needed to reopen the slide and rebuild its grid."""
+
+    slide_id: str
+    slide_path: Path
+    coords: np.ndarray  # int64 [U, 2]
+    targets: np.ndarray  # float32 [U, dim]
+    attrs: dict[str, Any]
+    mpp_override: float | None = None
+
+    def grid(self) -> Any:
+        """A `TileGrid` over exactly these coordinates with the geometry the features were extracted with."""
+        from service.slides.grid import TileGrid
+
+        a = self.attrs
+        ds = a.get("downsample", 1.0)
+        return TileGrid(
+            coords=self.coords,
+            patch_size=int(a["patch_size"]),
+            patch_size_level0=int(a["patch_size_level0"]),
+            step_level0=int(a.get("step_size_level0", a["patch_size_level0"])),
+            target_mpp=float(a["target_mpp"]),
+            effective_mpp=float(a["effective_mpp"]),
+            read_level=int(a["read_level"]),
+            read_size=int(a["read_size"]),
+            level_downsample=float(np.asarray(ds).reshape(-1)[0]),
+            level0_width=int(a["level0_width"]),
+            level0_height=int(a["level0_height"]),
+            mpp_source=str(a.get("mpp_source", "")),
+            mpp=float(a.get("mpp", a["target_mpp"])),
+            overlap=int(a.get("overlap", 0)),
+            tissue_threshold=float(a.get("tissue_threshold", 0.0)),
+            tissue_fraction=np.ones(len(self.coords), np.float32),
+        )
+
+
+def load_slide_targets(
+    slides: list[tuple[str, Path]], targets_dir: str | os.PathLike, mpp_override: float | None = None
+) -> list[SlideTargets]:
+    """`SlideTargets` for each `(slide_id, slide_path)` with a target file (others are skipped)."""
+    out = []
+    for sid, spath in slides:
+        p = Path(targets_dir) / f"{sid}.h5"
+        if not p.is_file():
+            continue
+        with h5py.File(p, "r") as f:
+            coords = np.asarray(f["coords"][...], np.int64)
+            targets = np.asarray(f["targets"][...], np.float32)
+            attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f["coords"].attrs.items()}
+        out.append(SlideTargets(sid, Path(spath), coords, targets, attrs, mpp_override))
+    return out
+
+
+def augment(patch: np.ndarray, rng: np.random.Generator, hflip: bool = True, vflip: bool = True,
+            rot90: bool = True) -> np.ndarray:
+    """Flips and quarter turns only: they keep the tissue (and so the teacher's target) of the tile unchanged."""
+    if rot90:
+        patch = np.rot90(patch, int(rng.integers(4)))
+    if hflip and rng.random() < 0.5:
+        patch = patch[:, ::-1]
+    if vflip and rng.random() < 0.5:
+        patch = patch[::-1]
+    return np.ascontiguousarray(patch)
+
+
+class PatchTargetDataset(Dataset):
+    """Item `i` = (uint8 patch `[S, S, 3]`, float target `[dim]`), read from the slide when asked.
+
+    Each process (DataLoader worker) keeps up to `open_slides` slides open (LRU), with a small decoded-tile cache
+    each; augmentation draws come from `(seed, epoch, i)`, so they do not depend on the worker layout.
+    """
+
+    def __init__(
+        self,
+        slides: list[SlideTargets],
+        *,
+        seed: int = 0,
+        augment_flips: bool = True,
+        augment_rot90: bool = True,
+        open_slides: int = 8,
+        cache_mb: int = 16,
+    ) -> None:
+        if not slides:
+            raise InvalidParameterError("no slide has cached Stage-2 targets")
+        self.slides = slides
+        self.offsets = np.cumsum([0] + [len(s.coords) for s in slides])
+        self.seed, self.epoch = seed, 0
+        self.flips, self.rot90 = augment_flips, augment_rot90
+        self.open_slides, self.cache_mb = max(1, open_slides), cache_mb
+        self._cache: OrderedDict[int, tuple[Any, Any]] = OrderedDict()
+        self._pid = os.getpid()
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    @property
+    def target_dim(self) -> int:
+        return int(self.slides[0].targets.shape[1])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def locate(self, i: int) -> tuple[int, int]:
+        k = int(np.searchsorted(self.offsets, i, side="right") - 1)
+        return k, i - int(self.offsets[k])
+
+    def _patch_reader(self, k: int) -> Any:
+        if self._pid != os.getpid():  # a forked worker must not share the parent's open files
+            self._cache, self._pid = OrderedDict(), os.getpid()
+        if k in self._cache:
+            self._cache.move_to_end(k)
+            return self._cache[k][1]
+        from service.slides.mpp import override_mpp
+        from service.slides.open import open_slide
+        from service.slides.stream import PatchReader
+
+        s = self.slides[k]
+        reader = open_slide(s.slide_path)
+        if reader.mpp is None and s.mpp_override is not None:
+            reader.mpp = override_mpp(s.mpp_override)
+        patches = PatchReader(reader, s.grid(), cache_mb=self.cache_mb)
+        self._cache[k] = (reader, patches)
+        while len(self._cache) > self.open_slides:
+            _, (old_reader, old_patches) = self._cache.popitem(last=False)
+            old_patches.close()
+            old_reader.close()
+        return patches
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        k, r = self.locate(int(i))
+        patch = self._patch_reader(k).read_batch(r, r + 1)[0]
+        rng = np.random.default_rng([self.seed, self.epoch, int(i)])
+        patch = augment(patch, rng, self.flips, self.flips, self.rot90)
+        return torch.from_numpy(patch), torch.from_numpy(self.slides[k].targets[r])
+
+    def close(self) -> None:
+        for reader, patches in self._cache.values():
+            patches.close()
+            reader.close()
+        self._cache.clear()
+
+
+class BlockShuffleSampler(Sampler[int]):
+    """Runs of `block` consecutive rows of a slide, shuffled across all slides per epoch; rank `r` of `world`
+    takes the r-th contiguous equal share (the remainder is dropped so every rank runs the same step count)."""
+
+    def __init__(self, offsets: np.ndarray, block: int = 8, seed: int = 0, rank: int = 0, world_size: int = 1):
+        self.offsets = np.asarray(offsets)
+        self.block, self.seed, self.rank, self.world = max(1, block), seed, rank, max(1, world_size)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _blocks(self) -> list[np.ndarray]:
+        blocks = []
+        for a, b in zip(self.offsets[:-1], self.offsets[1:], strict=True):
+            blocks.extend(np.arange(s, min(s + self.block, b)) for s in range(int(a), int(b), self.block))
+        return blocks
+
+    def __iter__(self) -> Iterator[int]:
+        rng = np.random.default_rng([self.seed, self.epoch, 11])
+        blocks = self._blocks()
+        flat = np.concatenate([blocks[j] for j in rng.permutation(len(blocks))]) if blocks else np.zeros(0, int)
+        share = len(flat) // self.world
+        return iter(int(i) for i in flat[self.rank * share : (self.rank + 1) * share])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1]) // self.world
+
+
+def collate_patches(items: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.stack([p for p, _ in items]), torch.stack([t for _, t in items])
