@@ -142,6 +142,8 @@ def export_run(run_dir: str | Path, out: str | Path, *, progress=None):
             dim=int(h.get("dim", 512)),
             transmil_kwargs=h.get("transmil_kwargs"),
         )
+        if "feature_mean" in h["state_dict"]:  # the head standardises its input as Stage 1 did
+            module.set_standardization(h["state_dict"]["feature_mean"], h["state_dict"]["feature_std"])
         module.load_state_dict(h["state_dict"], strict=True)
         heads.append(
             HeadSpec(h["name"], module.eval(), h["task"], int(h["n_outputs"]), h.get("labels"), h.get("bin_edges"))

@@ -24,6 +24,9 @@ DEFAULT_MASK_MPP = 8.0
 MAX_DIRECT_READ_PIXELS = 16_000_000  # one read_region of the mask level (64 MB RGBA in OpenSlide)
 
 
+MAX_FILTER_SHARE = 0.01  # speck/hole filters never drop more than 1 % of the image per component
+
+
 @dataclass(frozen=True)
 class TissueParams:
     """Segmentation knobs; areas in µm² and lengths in µm so they mean the same at any thumbnail scale."""
@@ -36,6 +39,7 @@ class TissueParams:
     min_saturation: int = 15  # floor for Otsu on saturation (0-255): glass never counts as tissue
     min_brightness: int = 20  # floor for Otsu on brightness for dark-background (fluorescence) slides
     max_thumbnail_side: int = 4096  # caps mask memory on giant slides (coarser than mask_mpp then)
+    min_thumbnail_side: int = 512  # small regions get a finer mask (at 8 µm/px a 2 mm crop is only 250 px)
 
 
 @dataclass(frozen=True)
@@ -125,8 +129,11 @@ def segment_tissue(
         mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, kernel)
 
     px_area = pixel_um * pixel_um
-    mask = _drop_small_components(mask, params.min_tissue_um2 / px_area)
-    mask = _fill_small_holes(mask, params.min_hole_um2 / px_area)
+    # On a small crop (a TMA core, a biopsy region) the absolute minimum areas can exceed the tissue itself:
+    # cap them at a small share of the image so they only ever remove specks relative to what is there.
+    cap = MAX_FILTER_SHARE * mask.size
+    mask = _drop_small_components(mask, min(params.min_tissue_um2 / px_area, cap))
+    mask = _fill_small_holes(mask, min(params.min_hole_um2 / px_area, cap))
     return mask.astype(bool), background, threshold
 
 
@@ -167,6 +174,8 @@ def mask_image(reader: SlideReader, mpp: float, params: TissueParams = TissuePar
     longest = max(w0, h0)
     if longest / want > params.max_thumbnail_side:
         want = longest / params.max_thumbnail_side
+    elif longest / want < params.min_thumbnail_side:
+        want = max(1.0, longest / params.min_thumbnail_side)
     ds = reader.level_downsamples
     usable = [i for i in range(len(ds)) if ds[i] <= want * 1.25] or [0]
     level = max(usable, key=lambda i: ds[i])

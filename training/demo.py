@@ -1,0 +1,270 @@
+"""The demo bundle: the whole mSTAR chain, small enough to train on a laptop CPU in minutes.
+
+synthetic cohort -> patch features -> Stage 1 (slide aggregator + report and RNA towers) -> downstream heads
+(cancer-type classifier on the Stage-1 aggregator, survival, report generator) -> ONNX export into a Triton model
+repository with a bundle manifest flagged `demo: true`.
+
+The patch encoder is `tissue_stats_112`, a weight-free colour/texture statistics encoder standing in for UNI/mSTAR
+ViT-L (no weights can be downloaded here, and a random ViT carries little signal); a real deployment imports its
+ViT-L with `mstar import-encoder` and trains the rest on its own cohort. `mstar analyze` calls `build_demo_bundle`
+through the `mstar.bundle_builders` entry point the first time it needs the demo bundle.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from service.errors import InvalidParameterError
+
+ENCODER = "tissue_stats_112"
+PATCH_SIZE = 112
+TARGET_MPP = 0.5
+STAGE1_CONFIG = Path(__file__).parent / "configs" / "stage1_demo.yaml"
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """Sizes of the demo build. The defaults take a few minutes on 2 CPU cores; tests shrink them."""
+
+    cases: int = 120
+    slide_size: int = 2048
+    seed: int = 7
+    stage1_epochs: int = 20
+    head_epochs: int = 25
+    report_epochs: int = 12
+    threads: int = 1  # oversubscribed small CPUs spin-wait with more OpenMP threads
+
+
+def fold_standardization(aggregator: torch.nn.Module, mean: torch.Tensor, std: torch.Tensor) -> torch.nn.Module:
+    """A copy of a TransMIL whose input Linear absorbs `(x - mean) / std`, so the exported graph takes raw features.
+
+    W((x - m) / s) + b = (W / s) x + (b - W (m / s)): exact, and keeps the official parameter layout."""
+    agg = copy.deepcopy(aggregator)
+    fc = agg._fc1[0] if isinstance(agg._fc1, torch.nn.Sequential) else agg._fc1
+    with torch.no_grad():
+        scale = 1.0 / std.to(fc.weight.dtype)
+        fc.bias.sub_(fc.weight @ (mean.to(fc.weight.dtype) * scale))
+        fc.weight.mul_(scale[None, :])
+    return agg
+
+
+def build_demo_bundle(
+    bundle_dir: str | Path,
+    *,
+    log: Callable[[str], None] = print,
+    settings: DemoSettings | None = None,
+    workdir: str | Path | None = None,
+    keep_workdir: bool = False,
+) -> Path:
+    """Train every demo model on a fresh synthetic cohort and export the bundle into `bundle_dir`."""
+    s = settings or DemoSettings()
+    bundle_dir = Path(bundle_dir)
+    work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="mstar-demo-"))
+    work.mkdir(parents=True, exist_ok=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(s.threads)
+    t0 = time.perf_counter()
+
+    def step(msg: str) -> None:
+        log(f"[{time.perf_counter() - t0:6.1f} s] {msg}")
+
+    try:
+        cohort = _synth(work, s, step)
+        features = _extract(work, cohort, step)
+        stage1_ckpt = _stage1(work, cohort, features, s, step)
+        heads, report = _downstream(work, cohort, features, stage1_ckpt, s, step)
+        run_dir = _export_checkpoint(work, stage1_ckpt, heads, report, s)
+        step("exporting ONNX models into the Triton model repository ...")
+        from training.export_cli import export_run
+
+        export_run(run_dir, bundle_dir)
+        step(f"demo bundle ready in {bundle_dir}")
+        return bundle_dir
+    finally:
+        torch.set_num_threads(threads)
+        if not keep_workdir and workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _synth(work: Path, s: DemoSettings, step) -> Path:
+    from training.data.synth import SynthConfig, generate_cohort
+
+    out = work / "cohort"
+    if not (out / "cohort.csv").is_file():
+        step(f"synthetic cohort: {s.cases} cases ...")
+        generate_cohort(out, SynthConfig(cases=s.cases, seed=s.seed, size=s.slide_size, workers=2))
+    return out
+
+
+def _extract(work: Path, cohort: Path, step) -> Path:
+    from training.extract import ExtractOptions, extract_cohort
+
+    out = work / "features"
+    step(f"patch features ({ENCODER}, {PATCH_SIZE} px at {TARGET_MPP} µm/px) ...")
+    res = extract_cohort(
+        cohort / "cohort.csv",
+        ENCODER,
+        out,
+        options=ExtractOptions(target_mpp=TARGET_MPP, patch_size=PATCH_SIZE),
+    )
+    if res["failed"]:
+        raise InvalidParameterError(f"demo feature extraction failed on {res['failed']} slide(s): see {out}")
+    step(f"  {res['patches']} patches from {res['done']} slides")
+    return out
+
+
+def _stage1(work: Path, cohort: Path, features: Path, s: DemoSettings, step) -> Path:
+    from training.config import load_config
+    from training.stage1 import train_stage1
+
+    step(f"Stage 1: aggregator + report + RNA contrastive pretraining, {s.stage1_epochs} epochs ...")
+    cfg = load_config(
+        STAGE1_CONFIG,
+        overrides={
+            "data.cohort": str(cohort / "cohort.csv"),
+            "data.features_dir": str(features),
+            "data.reports": None,
+            "data.rna": None,
+            "out_dir": str(work / "stage1"),
+            "optim.epochs": s.stage1_epochs,
+            "seed": s.seed,
+            "num_threads": s.threads,
+        },
+    )
+    res = train_stage1(cfg)
+    m = res["metrics"]
+    step(f"  val kNN cancer-type accuracy {m.get('knn_acc', float('nan')):.3f}")
+    return Path(res["checkpoint"])
+
+
+def _downstream(work: Path, cohort: Path, features: Path, stage1: Path, s: DemoSettings, step):
+    from training.downstream import DownstreamConfig, load_head, run
+
+    common = {"cohort": cohort / "cohort.csv", "features_dir": features, "n_boot": 200, "seed": s.seed}
+    heads = []
+    for name, task, extra in (
+        (
+            "cancer_type",
+            "classification",
+            {"aggregator": "transmil_pre", "stage1_checkpoint": stage1, "epochs": s.head_epochs, "lr_pretrained": 2e-4},
+        ),
+        ("survival", "survival", {"aggregator": "abmil", "dim": 64, "epochs": s.head_epochs}),
+    ):
+        step(f"downstream {task} head ...")
+        cfg = DownstreamConfig(task=task, out_dir=work / "heads" / name, **common, **extra)
+        metrics = run(cfg)
+        step(f"  test: {_headline(metrics)}")
+        module, meta = load_head(work / "heads" / name / "head.pt")
+        heads.append((name, task, module, meta))
+    step("report generator ...")
+    rcfg = DownstreamConfig(
+        task="report",
+        out_dir=work / "heads" / "report",
+        reports=cohort / "reports.jsonl",
+        epochs=s.report_epochs,
+        report={
+            "d_model": 64,
+            "n_memory": 16,
+            "heads": 4,
+            "d_ff": 128,
+            "decoder_layers": 2,
+            "min_freq": 2,
+            "meteor": False,
+            "beam": 1,
+        },
+        **common,
+    )
+    metrics = run(rcfg)
+    step(f"  test: {_headline(metrics)}")
+    ckpt = torch.load(work / "heads" / "report" / "head.pt", map_location="cpu", weights_only=False)
+    return heads, ckpt
+
+
+def _headline(metrics: dict) -> str:
+    test = metrics.get("test") or {}
+    keys = ("macro_auc", "balanced_accuracy", "c_index", "bleu_4", "rouge_l")
+    parts = []
+    for k in keys:
+        v = test.get(k)
+        if isinstance(v, dict):
+            v = v.get("value", v.get("mean"))
+        if isinstance(v, int | float):
+            parts.append(f"{k} {v:.3f}")
+    return ", ".join(parts) or "done"
+
+
+def _export_checkpoint(work: Path, stage1: Path, heads, report_ckpt: dict, s: DemoSettings) -> Path:
+    from training.export_cli import save_export_checkpoint
+    from training.models.report_decoder import ReportGenerator
+    from training.zeroshot import load_stage1_encoders
+
+    enc = load_stage1_encoders(stage1, with_text=True)
+    vision = enc.vision
+    aggregator = vision.aggregator
+    if vision.feature_mean is not None:
+        aggregator = fold_standardization(aggregator, vision.feature_mean, vision.feature_std)
+    head_rows = []
+    for name, task, module, meta in heads:
+        row = {
+            "name": name,
+            "module": module,
+            "task": task,
+            "n_outputs": meta["mil"]["n_outputs"],
+            "dim": meta["mil"]["dim"],
+            "kind": meta["mil"]["kind"],
+        }
+        tkw = {k: meta["mil"][k] for k in ("heads", "num_landmarks", "pinv_iterations", "dim_head") if k in meta["mil"]}
+        if tkw:
+            row["transmil_kwargs"] = tkw
+        if task == "classification":
+            row["labels"] = meta["labels"]
+        else:
+            row["bin_edges"] = [float(b) for b in meta["bin_edges"]]
+        head_rows.append(row)
+    rmeta = report_ckpt["meta"]
+    dec = rmeta["decoder"]
+    kwargs = {
+        k: dec[k]
+        for k in ("d_model", "n_memory", "encoder_layers", "decoder_layers", "heads", "d_ff", "dropout", "max_len")
+    }
+    kwargs["vocab_size"] = dec["vocab_size"]
+    kwargs["n_features"] = int(report_ckpt["state_dict"]["encoder_module.in_proj.0.weight"].shape[1])
+    report = ReportGenerator(**kwargs)
+    report.load_state_dict(report_ckpt["state_dict"], strict=True)
+    run_dir = work / "run"
+    save_export_checkpoint(
+        run_dir / "export.pt",
+        encoder_name=ENCODER,
+        encoder_state=None,
+        target_mpp=TARGET_MPP,
+        aggregator=aggregator,
+        heads=head_rows,
+        text={"module": enc.text, "proj": enc.proj_text} if enc.text is not None else None,
+        report={"module": report, "kwargs": kwargs, "itos": rmeta["vocabulary"]["itos"]},
+        provenance={
+            "run_id": f"demo-seed{s.seed}",
+            "notes": f"synthetic cohort, {s.cases} cases",
+            "config_hash": f"{hash((s.cases, s.seed, s.stage1_epochs)) & 0xFFFFFFFF:08x}",
+        },
+        demo=True,
+        name="mstar-demo",
+    )
+    return run_dir
+
+
+if __name__ == "__main__":  # pragma: no cover - manual use: python -m training.demo OUT_DIR
+    import sys
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    build_demo_bundle(
+        sys.argv[1] if len(sys.argv) > 1 else "model_repository", keep_workdir=True, workdir="out/demo-build"
+    )
