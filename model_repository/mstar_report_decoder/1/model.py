@@ -22,9 +22,7 @@ class TritonPythonModel:
         self.max_batch = int(cfg.get("max_batch_size", 0))
         self.inputs = [t["name"] for t in cfg["input"]]
         self.outputs = [t["name"] for t in cfg["output"]]
-        path = os.path.join(
-            args["model_repository"], args["model_version"], params.get("onnx_file", "model.onnx")
-        )
+        path = os.path.join(args["model_repository"], args["model_version"], params.get("onnx_file", "model.onnx"))
         so = ort.SessionOptions()
         so.intra_op_num_threads = int(params.get("intra_op_threads", "0") or 0)
         self.session = ort.InferenceSession(path, sess_options=so, providers=["CPUExecutionProvider"])
@@ -38,15 +36,11 @@ class TritonPythonModel:
         )
 
     def _error(self, err):
-        return pb_utils.InferenceResponse(
-            output_tensors=[], error=pb_utils.TritonError(f"{type(err).__name__}: {err}")
-        )
+        return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(f"{type(err).__name__}: {err}"))
 
     def execute(self, requests):
         try:
-            arrays = [
-                [pb_utils.get_input_tensor_by_name(r, n).as_numpy() for n in self.inputs] for r in requests
-            ]
+            arrays = [[pb_utils.get_input_tensor_by_name(r, n).as_numpy() for n in self.inputs] for r in requests]
         except Exception as err:  # a malformed request fails alone, with a message
             return [self._error(err) for _ in requests]
         if self.max_batch > 0 and len(requests) > 1:

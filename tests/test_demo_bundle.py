@@ -1,0 +1,83 @@
+"""The demo bundle: built from a synthetic cohort on first use of `mstar analyze`, then served without torch.
+
+Run here at a small scale (the real default trains on 160 cases; see training/demo.py)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from service.cli.analyze import ensure_demo_bundle
+from service.inference.bundle import load_bundle
+from training import demo
+
+MSTAR = Path(sys.executable).parent / "mstar"
+SMALL = demo.DemoSettings(cases=24, slide_size=1024, stage1_epochs=2, head_epochs=2, report_epochs=2)
+
+
+def test_fold_standardization_is_exact() -> None:
+    import torch
+
+    from training.models.transmil import TransMIL
+
+    torch.manual_seed(0)
+    agg = TransMIL(n_features=12, dim=16, heads=2, num_landmarks=4).eval()
+    mean, std = torch.randn(12), torch.rand(12) + 0.5
+    x = torch.randn(1, 30, 12)
+    folded = demo.fold_standardization(agg, mean, std)
+    with torch.no_grad():
+        a, b = agg((x - mean) / std), folded(x)
+    torch.testing.assert_close(a.embedding, b.embedding, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(a.attention, b.attention, atol=1e-5, rtol=1e-5)
+
+
+def test_first_use_builds_the_demo_bundle_then_analyze_serves_it(monkeypatch, capsys, tmp_path, cmu_svs) -> None:
+    # the real first-use path (entry point -> training.demo.build_demo_bundle), at a small scale
+    monkeypatch.setattr(demo, "DemoSettings", functools.partial(demo.DemoSettings, **SMALL.__dict__))
+    bundle_dir = tmp_path / "model_repository"
+    assert ensure_demo_bundle(bundle_dir) == bundle_dir
+    logs = capsys.readouterr().err.splitlines()
+    bundle = load_bundle(bundle_dir)
+    m = bundle.manifest
+    assert m.demo is True and m.preprocessing.patch_size == demo.PATCH_SIZE
+    roles = {x.role for x in m.models}
+    assert {"patch_encoder", "aggregator", "classifier", "survival", "text_encoder", "report_decoder"} <= roles
+    labels = next(x for x in m.models if x.role == "classifier").labels
+    assert labels == ["BRCA", "COAD", "HNSC", "LUSC"]
+    assert any("building the demo bundle" in line for line in logs)
+    assert any("Stage 1" in line for line in logs) and any("ready" in line for line in logs)
+    assert ensure_demo_bundle(bundle_dir) == bundle_dir  # second use: loads, no rebuild
+    assert "building" not in capsys.readouterr().err
+
+    env = {**os.environ, "MSTAR_BUNDLE_DIR": str(bundle_dir), "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "out"
+    res = subprocess.run(
+        [
+            str(MSTAR),
+            "analyze",
+            str(cmu_svs),
+            "--out",
+            str(out),
+            "--prompt",
+            "squamous cell carcinoma",
+            "--prompt",
+            "colon adenocarcinoma",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert res.returncode == 0, res.stderr
+    summary = json.loads(res.stdout)
+    assert "not a diagnosis" in summary["notice"]
+    assert set(summary["classification"]["cancer_type"]["probabilities"]) == set(labels)
+    assert isinstance(summary["report"], str) and summary["report"]
+    scores = summary["zeroshot"]
+    assert scores["best"] in ("squamous cell carcinoma", "colon adenocarcinoma")
+    result = json.loads((out / "result.json").read_text())
+    assert result["report"]["ai_generated"] is True
