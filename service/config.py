@@ -7,6 +7,7 @@ deployment is configured in one place. `docs/service.md` documents every variabl
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -41,6 +42,12 @@ class Settings(BaseSettings):
 
     # models and runner
     bundle_dir: Path | None = Field(None, description="model bundle (manifest + Triton repository)")
+    backend: Literal["onnxruntime", "triton"] = Field(
+        "onnxruntime", description="where models run: in-process onnxruntime, or a Triton server"
+    )
+    ort_device: Literal["auto", "cpu", "cuda", "tensorrt"] = Field("auto", description="onnxruntime providers")
+    triton_url: str = Field("127.0.0.1:8001", description="Triton address (gRPC port, or HTTP with triton_protocol)")
+    triton_protocol: Literal["grpc", "http"] = Field("grpc", description="Triton client protocol")
     runner_workers: int = Field(1, ge=1, le=64, description="embedded runner: worker processes")
     runner_poll_s: float = Field(0.5, gt=0, description="how often the dispatcher looks for queued jobs")
     job_max_attempts: int = Field(2, ge=1, description="a job whose worker died is retried this many times")

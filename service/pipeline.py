@@ -135,6 +135,16 @@ def open_backend(bundle: Bundle, kind: str = "onnxruntime", **kwargs: Any) -> Bu
     raise InvalidParameterError(f"unknown backend {kind!r} (onnxruntime or triton)")
 
 
+def backend_from_settings(bundle: Bundle) -> BundleBackend:
+    """The backend `MSTAR_BACKEND` names (onnxruntime by default; `triton` at `MSTAR_TRITON_URL`)."""
+    from service.config import Settings
+
+    s = Settings()
+    if s.backend == "triton":
+        return open_backend(bundle, "triton", url=s.triton_url, protocol=s.triton_protocol)
+    return open_backend(bundle, "onnxruntime", device=s.ort_device)
+
+
 def _embed(reader, grid, backend: BundleBackend, options: AnalysisOptions, prog: _Progress) -> np.ndarray:
     from service.slides.stream import iter_batches
 
@@ -195,7 +205,7 @@ def run_analysis(
         )
     owns_backend = backend is None and bundle is not None
     if owns_backend:
-        backend = open_backend(bundle)
+        backend = backend_from_settings(bundle)
     try:
         with open_slide(slide_path, mpp_override=options.mpp_override) as reader:
             prog("grid", 0.0)

@@ -153,15 +153,22 @@ def test_cli_analyze_and_refusal(cmu_svs, tcga_j2k_svs, tiny_bundle, tmp_path) -
 
 
 @pytest.mark.services
-def test_triton_backend_gives_the_same_analysis(cmu_svs, tiny_bundle, tmp_path) -> None:
+def test_triton_backend_gives_the_same_analysis(cmu_svs, tiny_bundle, tmp_path, monkeypatch) -> None:
     pytest.importorskip("pytriton")
     from service.inference.triton_backend import TritonBackend
     from service.inference.triton_server import TritonServer
 
     bundle = load_bundle(tiny_bundle)
     local = run_analysis(cmu_svs, tmp_path / "ort", bundle_dir=tiny_bundle)
-    with TritonServer(bundle.root, startup_timeout_s=120) as srv, TritonBackend(bundle, srv.grpc_url) as be:
-        remote = run_analysis(cmu_svs, tmp_path / "triton", backend=be)
+    with TritonServer(bundle.root, startup_timeout_s=120) as srv:
+        with TritonBackend(bundle, srv.grpc_url) as be:
+            remote = run_analysis(cmu_svs, tmp_path / "triton", backend=be)
+        # the same through the settings a deployment uses (MSTAR_BACKEND / MSTAR_TRITON_URL), over HTTP
+        monkeypatch.setenv("MSTAR_BACKEND", "triton")
+        monkeypatch.setenv("MSTAR_TRITON_URL", srv.http_url)
+        monkeypatch.setenv("MSTAR_TRITON_PROTOCOL", "http")
+        via_settings = run_analysis(cmu_svs, tmp_path / "settings", bundle_dir=tiny_bundle)
+    assert via_settings["embedding"]["values"] == pytest.approx(remote["embedding"]["values"], abs=1e-6)
     a, b = np.asarray(local["embedding"]["values"]), np.asarray(remote["embedding"]["values"])
     assert float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)) >= 0.9999
     pa = local["classification"]["subtype"]["probabilities"]

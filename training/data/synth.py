@@ -272,7 +272,9 @@ def generate_cohort(out_dir: str | os.PathLike, cfg: SynthConfig) -> dict:
         if cfg.workers > 1 and len(jobs) > 1:
             import multiprocessing as mp
 
-            with ProcessPoolExecutor(min(cfg.workers, len(jobs)), mp_context=mp.get_context("fork")) as ex:
+            # spawn, not fork: a forked child of a process that already runs threads (torch, onnxruntime, a
+            # server) can deadlock on a lock held by another thread at fork time.
+            with ProcessPoolExecutor(min(cfg.workers, len(jobs)), mp_context=mp.get_context("spawn")) as ex:
                 levels = list(ex.map(_render_job, jobs))
         else:
             levels = [_render_job(j) for j in jobs]
