@@ -90,3 +90,20 @@ def test_bad_inputs_are_refused() -> None:
         segment_tissue(np.zeros((10, 10, 3), np.uint8), pixel_um=0.0)
     with pytest.raises(InvalidParameterError):
         segment_tissue(np.zeros((10, 10, 3), np.uint8), pixel_um=8.0, background="grey")
+
+
+def test_small_crop_gets_a_finer_mask_and_keeps_its_tissue(cmu_svs: Path, tmp_path: Path) -> None:
+    """A 0.3 mm crop (a biopsy region, a TMA core) is 38 px at 8 µm/px, and its whole tissue is smaller than the
+    default minimum tissue area: the mask goes finer and the area filters scale down instead of erasing it."""
+    with open_slide(cmu_svs) as r:
+        crop = r.read_region((600, 1300), 0, (600, 600))
+    path = tmp_path / "crop.png"
+    Image.fromarray(crop).save(path)
+    with open_slide(path, mpp_override=0.5) as r:
+        m = tissue_mask(r, mpp=0.5)
+    assert max(m.mask.shape) >= TissueParams().min_thumbnail_side
+    assert m.mask_mpp < 8.0
+    assert m.tissue_fraction > 0.2
+    sat = _saturation(m.thumbnail)
+    if (~m.mask).any():
+        assert sat[m.mask].mean() > sat[~m.mask].mean()

@@ -150,10 +150,11 @@ def _drop(out: ParsedUpload) -> None:
 def parse_bool(value: str | None, name: str, default: bool) -> bool:
     if value is None or value == "":
         return default
+    # exactly the OpenAPI boolean spellings: a form field the schema calls boolean accepts nothing else
     v = value.lower()
-    if v in ("true", "1", "yes", "on"):
+    if v == "true":
         return True
-    if v in ("false", "0", "no", "off"):
+    if v == "false":
         return False
     raise InvalidParameterError(f"{name} must be true or false, got {value[:20]!r}")
 

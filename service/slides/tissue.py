@@ -39,7 +39,7 @@ class TissueParams:
     min_saturation: int = 15  # floor for Otsu on saturation (0-255): glass never counts as tissue
     min_brightness: int = 20  # floor for Otsu on brightness for dark-background (fluorescence) slides
     max_thumbnail_side: int = 4096  # caps mask memory on giant slides (coarser than mask_mpp then)
-    min_thumbnail_side: int = 512  # small regions get a finer mask (at 8 µm/px a 2 mm crop is only 250 px)
+    min_thumbnail_side: int = 128  # small crops get a finer mask (at 8 µm/px a 0.5 mm crop is only 64 px)
 
 
 @dataclass(frozen=True)
