@@ -50,6 +50,7 @@ from training.data.patches import (
 )
 from training.ema import EMA, momentum_at
 from training.models.patch_encoder import PATCH_ENCODERS, build_patch_encoder
+from training.stage1 import lr_lambda
 
 log = logging.getLogger(__name__)
 
@@ -161,17 +162,6 @@ def param_groups(student: Student, cfg: Stage2OptimConfig) -> list[dict[str, Any
         g["lr"] = cfg.lr * g.get("lr_scale", 1.0)
     groups.append({"params": list(student.proj.parameters()), "lr": cfg.proj_lr, "weight_decay": 0.0})
     return groups
-
-
-def _lr_lambda(total: int, warmup_frac: float):
-    warm = max(1, int(total * warmup_frac))
-
-    def f(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
-
-    return f
 
 
 def init_random_stage0(encoder: str, path: str | os.PathLike, seed: int = 0, layer_scale: float | None = 1.0) -> Path:
@@ -286,7 +276,7 @@ def train_stage2(cfg: Stage2Config, resume: bool = False) -> dict[str, Any]:
         raise InvalidParameterError("proj_dim must equal the target width for the MSE distillation loss")
     ema = EMA(student.backbone).to(device)
     opt = torch.optim.AdamW(param_groups(student, cfg.optim), lr=cfg.optim.lr, betas=cfg.optim.betas)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, cfg.optim.warmup_frac))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, cfg.optim.warmup_frac))
     step = epoch = 0
     ckpt_path = out_dir / "last.pt"
     if resume:
