@@ -7,12 +7,12 @@ visible underneath, so a reader can tell "low attention" from "not analysed".
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from service.atomic import atomic_path
 from service.errors import InvalidParameterError
 
 if TYPE_CHECKING:
@@ -83,9 +83,9 @@ def render_heatmap(
     bar.set_ticks([0, 0.5, 1])
     bar.set_ticklabels(["low", "mid", "high"])
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fig.savefig(tmp, format="png", bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", bbox_inches="tight")
+    finally:
+        plt.close(fig)
     return path

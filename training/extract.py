@@ -15,13 +15,11 @@ Several devices: one process per device, slides dealt round-robin, each process 
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -33,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from service.atomic import atomic_path
 from service.errors import InvalidParameterError, MstarError
 from training.models.patch_encoder import PATCH_ENCODERS, Preprocessing, build_patch_encoder
 
@@ -174,20 +173,6 @@ def find_slides(source: str | os.PathLike, mpp_override: float | None = None) ->
     return jobs
 
 
-def _atomic_write(path: Path, write) -> None:
-    """`write(tmp_path)` then rename into place (same folder, so the rename is atomic)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def outputs_for(out_dir: Path, slide_id: str, pt: bool) -> list[Path]:
     """The files that make a slide complete; the contract HDF5 (written last) comes last."""
     files = [out_dir / "pt_files" / f"{slide_id}.pt", out_dir / "h5_files" / f"{slide_id}.h5"] if pt else []
@@ -234,9 +219,7 @@ def extract_slide(
     reader = open_slide(reader_or_path, mpp_override=mpp_override) if own else reader_or_path
     try:
         if grid is None:
-            grid = build_grid(
-                reader, target_mpp=target_mpp, patch_size=patch_size, tissue_threshold=tissue_threshold
-            )
+            grid = build_grid(reader, target_mpp=target_mpp, patch_size=patch_size, tissue_threshold=tissue_threshold)
         n = len(grid)
         if n == 0:
             from service.errors import NoTissueError
@@ -261,7 +244,8 @@ def extract_slide(
         attrs = {**encoder.attrs(), "slide_id": slide_id, "slide_path": str(getattr(reader, "path", "") or "")}
         if pt_dir is not None:
             pt_dir = Path(pt_dir)
-            _atomic_write(pt_dir / "pt_files" / f"{slide_id}.pt", lambda t: torch.save(torch.from_numpy(feats), t))
+            with atomic_path(pt_dir / "pt_files" / f"{slide_id}.pt") as tmp:
+                torch.save(torch.from_numpy(feats), tmp)
             write_h5(pt_dir / "h5_files" / f"{slide_id}.h5", grid, None, attrs, name=slide_id)
         write_h5(out_path, grid, feats, attrs, name=slide_id)
     finally:
@@ -309,9 +293,13 @@ def _settings_clash(path: Path, encoder: Encoder, opts: ExtractOptions) -> str:
     mixes features of two encoders or scales in one folder."""
     import h5py
 
-    want = {"encoder": encoder.name, "encoder_sha256": encoder.checkpoint_sha256 or None,
-            "target_mpp": float(opts.target_mpp), "patch_size": int(opts.patch_size),
-            "tissue_threshold": float(opts.tissue_threshold)}
+    want = {
+        "encoder": encoder.name,
+        "encoder_sha256": encoder.checkpoint_sha256 or None,
+        "target_mpp": float(opts.target_mpp),
+        "patch_size": int(opts.patch_size),
+        "tissue_threshold": float(opts.tissue_threshold),
+    }
     with h5py.File(path, "r") as f:
         have = dict(f["coords"].attrs)
     diff = []
@@ -346,15 +334,23 @@ def _run_shard(
             if is_done(out_dir, job.slide_id, opts.pt):
                 clash = _settings_clash(out_dir / f"{job.slide_id}.h5", encoder, opts)
                 if clash:
-                    rec = {"slide_id": job.slide_id, "status": "failed", "error": "settings_mismatch",
-                           "reason": f"an existing file was made with other settings ({clash}); use another --out"}
+                    rec = {
+                        "slide_id": job.slide_id,
+                        "status": "failed",
+                        "error": "settings_mismatch",
+                        "reason": f"an existing file was made with other settings ({clash}); use another --out",
+                    }
                 else:
                     rec = {"slide_id": job.slide_id, "status": "skipped", "reason": "already done"}
             else:
                 try:
                     with open_for_extraction(job) as reader:
-                        grid = build_grid(reader, target_mpp=opts.target_mpp, patch_size=opts.patch_size,
-                                          tissue_threshold=opts.tissue_threshold)
+                        grid = build_grid(
+                            reader,
+                            target_mpp=opts.target_mpp,
+                            patch_size=opts.patch_size,
+                            tissue_threshold=opts.tissue_threshold,
+                        )
                         bar.total += len(grid)
                         bar.refresh()
                         rec = extract_slide(
@@ -482,24 +478,42 @@ def parse_devices(text: str) -> list[str]:
 @click.option("--mpp", "target_mpp", default=0.5, show_default=True, help="target µm/px of the patches")
 @click.option("--patch-size", default=224, show_default=True, help="patch side in pixels at the target µm/px")
 @click.option("--tissue-threshold", default=0.25, show_default=True, help="minimum tissue fraction per patch")
-@click.option("--mpp-override", type=float, default=None,
-              help="µm/px for slides whose file has none (files with a µm/px keep theirs)")
+@click.option(
+    "--mpp-override",
+    type=float,
+    default=None,
+    help="µm/px for slides whose file has none (files with a µm/px keep theirs)",
+)
 @click.option("--batch-size", default=64, show_default=True)
-@click.option("--workers", default=max(1, min(8, (os.cpu_count() or 2) - 1)), show_default=True,
-              help="reader threads per device")
+@click.option(
+    "--workers", default=max(1, min(8, (os.cpu_count() or 2) - 1)), show_default=True, help="reader threads per device"
+)
 @click.option("--devices", default="cpu", show_default=True, help="cpu, or cuda:0,cuda:1 (one process each)")
 @click.option("--pt", is_flag=True, help="also write pt_files/<id>.pt + h5_files/<id>.h5 (official layout)")
 @click.option("--seed", default=0, show_default=True, help="init seed when --encoder is a config name")
-def extract(source: str, encoder: str, arch: str | None, out_dir: str, target_mpp: float, patch_size: int,
-            tissue_threshold: float, mpp_override: float | None, batch_size: int, workers: int, devices: str,
-            pt: bool, seed: int) -> None:
+def extract(
+    source: str,
+    encoder: str,
+    arch: str | None,
+    out_dir: str,
+    target_mpp: float,
+    patch_size: int,
+    tissue_threshold: float,
+    mpp_override: float | None,
+    batch_size: int,
+    workers: int,
+    devices: str,
+    pt: bool,
+    seed: int,
+) -> None:
     """Extract patch features for a cohort manifest (cohort.csv) or a folder of slides."""
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("wsidicom").setLevel(logging.ERROR)  # per-file UID chatter on every DICOM series
     opts = ExtractOptions(target_mpp, patch_size, tissue_threshold, batch_size, workers, pt, arch, seed)
     try:
-        summary = extract_cohort(source, encoder, out_dir, options=opts, devices=parse_devices(devices),
-                                 mpp_override=mpp_override)
+        summary = extract_cohort(
+            source, encoder, out_dir, options=opts, devices=parse_devices(devices), mpp_override=mpp_override
+        )
     except MstarError as err:
         raise click.ClickException(str(err)) from None
     summary.pop("records")

@@ -8,15 +8,13 @@ a crashed job leaves no truncated output behind.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import h5py
 import numpy as np
 
+from service.atomic import atomic_path
 from service.errors import InvalidParameterError, MstarError
 
 if TYPE_CHECKING:
@@ -74,23 +72,14 @@ def write_h5(
             )
     attrs = grid_attrs(grid, name=name)
     attrs.update(extra_attrs or {})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        with h5py.File(tmp, "w") as f:
-            chunk_rows = max(1, min(len(coords), 4096))
-            ds = f.create_dataset("coords", data=coords, maxshape=(None, 2), chunks=(chunk_rows, 2))
-            if features is not None:
-                f.create_dataset("features", data=features, chunks=True)
-            for key, value in attrs.items():
-                ds.attrs[key] = value
-                f.attrs[key] = value
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        chunk_rows = max(1, min(len(coords), 4096))
+        ds = f.create_dataset("coords", data=coords, maxshape=(None, 2), chunks=(chunk_rows, 2))
+        if features is not None:
+            f.create_dataset("features", data=features, chunks=True)
+        for key, value in attrs.items():
+            ds.attrs[key] = value
+            f.attrs[key] = value
     return path
 
 

@@ -16,11 +16,9 @@ equal-length share of the epoch, like `DistributedSampler`.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import tempfile
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -32,6 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from service.atomic import atomic_path
 from service.errors import InvalidParameterError
 from service.slides.h5io import read_h5
 from training.data.features import sample_indices
@@ -63,8 +62,13 @@ def load_teacher(checkpoint: str | os.PathLike, num_landmarks: int | None = None
     pinv = int(agg.get("pinv_iterations", 6))
     n_classes = int(vision["_fc2.weight"].shape[0]) if "_fc2.weight" in vision else 0
     model = TransMIL(
-        n_features=int(n_features), dim=int(dim), n_classes=n_classes, heads=heads, dim_head=dim_head,
-        num_landmarks=landmarks, pinv_iterations=pinv,
+        n_features=int(n_features),
+        dim=int(dim),
+        n_classes=n_classes,
+        heads=heads,
+        dim_head=dim_head,
+        num_landmarks=landmarks,
+        pinv_iterations=pinv,
     )
     model.load_state_dict(vision, strict=True)
     model.requires_grad_(False)
@@ -111,26 +115,15 @@ def slide_targets(
     return rows, targets
 
 
-def write_targets(
-    path: Path, coords: np.ndarray, rows: np.ndarray, targets: np.ndarray, attrs: dict[str, Any]
-) -> None:
+def write_targets(path: Path, coords: np.ndarray, rows: np.ndarray, targets: np.ndarray, attrs: dict[str, Any]) -> None:
     """Atomic write of one slide's target file (temporary sibling, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        with h5py.File(tmp, "w") as f:
-            ds = f.create_dataset("coords", data=np.asarray(coords, np.int64))
-            f.create_dataset("targets", data=np.asarray(targets, np.float32))
-            f.create_dataset("feature_rows", data=np.asarray(rows, np.int64))
-            for k, v in attrs.items():
-                ds.attrs[k] = v
-                f.attrs[k] = v
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        ds = f.create_dataset("coords", data=np.asarray(coords, np.int64))
+        f.create_dataset("targets", data=np.asarray(targets, np.float32))
+        f.create_dataset("feature_rows", data=np.asarray(rows, np.int64))
+        for k, v in attrs.items():
+            ds.attrs[k] = v
+            f.attrs[k] = v
 
 
 def compute_targets(
@@ -171,8 +164,11 @@ def compute_targets(
         rows, targets = slide_targets(teacher, feats, n_patches, rng, duplicates, device)
         keep = {k: v for k, v in attrs.items() if not isinstance(v, np.ndarray) or v.size < 64}
         keep.update(
-            teacher=json.dumps(info, sort_keys=True), n_patches=int(n_patches), seed=int(seed),
-            duplicates=duplicates, features_file=str(src.resolve()),
+            teacher=json.dumps(info, sort_keys=True),
+            n_patches=int(n_patches),
+            seed=int(seed),
+            duplicates=duplicates,
+            features_file=str(src.resolve()),
         )
         write_targets(dst, coords[rows], rows, targets, keep)
         counts[sid] = len(rows)
@@ -236,8 +232,9 @@ def load_slide_targets(
     return out
 
 
-def augment(patch: np.ndarray, rng: np.random.Generator, hflip: bool = True, vflip: bool = True,
-            rot90: bool = True) -> np.ndarray:
+def augment(
+    patch: np.ndarray, rng: np.random.Generator, hflip: bool = True, vflip: bool = True, rot90: bool = True
+) -> np.ndarray:
     """Flips and quarter turns only: they keep the tissue (and so the teacher's target) of the tile unchanged."""
     if rot90:
         patch = np.rot90(patch, int(rng.integers(4)))
