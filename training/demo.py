@@ -168,7 +168,7 @@ def _downstream(work: Path, cohort: Path, features: Path, stage1: Path, s: DemoS
         metrics = run(cfg)
         step(f"  test: {_headline(metrics)}")
         module, meta = load_head(work / "heads" / name / "head.pt")
-        heads.append((name, task, module, meta))
+        heads.append((name, module, meta))
     step("report generator ...")
     rcfg = DownstreamConfig(
         task="report",
@@ -190,8 +190,7 @@ def _downstream(work: Path, cohort: Path, features: Path, stage1: Path, s: DemoS
     )
     metrics = run(rcfg)
     step(f"  test: {_headline(metrics)}")
-    ckpt = torch.load(work / "heads" / "report" / "head.pt", map_location="cpu", weights_only=False)
-    return heads, ckpt
+    return heads, work / "heads" / "report" / "head.pt"
 
 
 def _headline(metrics: dict) -> str:
@@ -213,9 +212,9 @@ def _headline(metrics: dict) -> str:
     return ", ".join(parts) or "done"
 
 
-def _export_checkpoint(work: Path, stage1: Path, heads, report_ckpt: dict, s: DemoSettings) -> Path:
+def _export_checkpoint(work: Path, stage1: Path, heads, report_path: Path, s: DemoSettings) -> Path:
+    from training.downstream import head_export_row, load_report_generator
     from training.export_cli import save_export_checkpoint
-    from training.models.report_decoder import ReportGenerator
     from training.zeroshot import load_stage1_encoders
 
     enc = load_stage1_encoders(stage1, with_text=True)
@@ -223,34 +222,8 @@ def _export_checkpoint(work: Path, stage1: Path, heads, report_ckpt: dict, s: De
     aggregator = vision.aggregator
     if vision.feature_mean is not None:
         aggregator = fold_standardization(aggregator, vision.feature_mean, vision.feature_std)
-    head_rows = []
-    for name, task, module, meta in heads:
-        row = {
-            "name": name,
-            "module": module,
-            "task": task,
-            "n_outputs": meta["mil"]["n_outputs"],
-            "dim": meta["mil"]["dim"],
-            "kind": meta["mil"]["kind"],
-        }
-        tkw = {k: meta["mil"][k] for k in ("heads", "num_landmarks", "pinv_iterations", "dim_head") if k in meta["mil"]}
-        if tkw:
-            row["transmil_kwargs"] = tkw
-        if task == "classification":
-            row["labels"] = meta["labels"]
-        else:
-            row["bin_edges"] = [float(b) for b in meta["bin_edges"]]
-        head_rows.append(row)
-    rmeta = report_ckpt["meta"]
-    dec = rmeta["decoder"]
-    kwargs = {
-        k: dec[k]
-        for k in ("d_model", "n_memory", "encoder_layers", "decoder_layers", "heads", "d_ff", "dropout", "max_len")
-    }
-    kwargs["vocab_size"] = dec["vocab_size"]
-    kwargs["n_features"] = int(report_ckpt["state_dict"]["encoder_module.in_proj.0.weight"].shape[1])
-    report = ReportGenerator(**kwargs)
-    report.load_state_dict(report_ckpt["state_dict"], strict=True)
+    head_rows = [head_export_row(name, module, meta) for name, module, meta in heads]
+    report, report_kwargs, itos = load_report_generator(report_path)
     run_dir = work / "run"
     save_export_checkpoint(
         run_dir / "export.pt",
@@ -260,7 +233,7 @@ def _export_checkpoint(work: Path, stage1: Path, heads, report_ckpt: dict, s: De
         aggregator=aggregator,
         heads=head_rows,
         text={"module": enc.text, "proj": enc.proj_text} if enc.text is not None else None,
-        report={"module": report, "kwargs": kwargs, "itos": rmeta["vocabulary"]["itos"]},
+        report={"module": report, "kwargs": report_kwargs, "itos": itos},
         provenance={
             "run_id": f"demo-seed{s.seed}",
             "notes": f"synthetic cohort, {s.cases} cases",

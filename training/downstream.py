@@ -371,13 +371,50 @@ def _mil_sizes(model: MILHead) -> dict:
     return sizes
 
 
+TRANSMIL_SIZE_KEYS = ("heads", "num_landmarks", "pinv_iterations", "dim_head")
+REPORT_SIZE_KEYS = ("d_model", "n_memory", "encoder_layers", "decoder_layers", "heads", "d_ff", "dropout", "max_len")
+
+
+def head_export_row(name: str, module: MILHead, meta: dict) -> dict:
+    """A saved classification/survival head as `save_export_checkpoint` takes it (sizes, labels or bin edges)."""
+    mil = meta["mil"]
+    row = {
+        "name": name,
+        "module": module,
+        "task": mil["task"],
+        "n_outputs": mil["n_outputs"],
+        "dim": mil["dim"],
+        "kind": mil["kind"],
+    }
+    tkw = {k: mil[k] for k in TRANSMIL_SIZE_KEYS if k in mil}
+    if tkw:
+        row["transmil_kwargs"] = tkw
+    if mil["task"] == "classification":
+        row["labels"] = meta["labels"]
+    else:
+        row["bin_edges"] = [float(b) for b in meta["bin_edges"]]
+    return row
+
+
+def load_report_generator(path: str | Path) -> tuple[Any, dict, list[str]]:
+    """A saved report head: (ReportGenerator in eval mode, its constructor kwargs, vocabulary itos)."""
+    from training.models.report_decoder import ReportGenerator
+
+    ckpt = torch.load(Path(path), map_location="cpu", weights_only=False)
+    dec = ckpt["meta"]["decoder"]
+    kwargs = {k: dec[k] for k in REPORT_SIZE_KEYS} | {"vocab_size": dec["vocab_size"], "n_features": dec["n_features"]}
+    model = ReportGenerator(**kwargs)
+    model.load_state_dict(ckpt["state_dict"], strict=True)
+    return model.eval(), kwargs, list(ckpt["meta"]["vocabulary"]["itos"])
+
+
 def load_head(path: str | Path) -> tuple[MILHead, dict]:
     """Rebuild a saved classification/survival head (for export and evaluation)."""
     ckpt = torch.load(Path(path), map_location="cpu", weights_only=False)
     meta = ckpt["meta"]
     sizes = dict(meta["mil"])
     kind = sizes.pop("kind")
-    tkw = {k: sizes.pop(k) for k in ("heads", "num_landmarks", "pinv_iterations", "dim_head") if k in sizes}
+    tkw = {k: sizes.pop(k) for k in TRANSMIL_SIZE_KEYS if k in sizes}
     model = MILHead(
         kind,
         sizes["n_features"],
@@ -509,7 +546,7 @@ def train_report(cfg: DownstreamConfig) -> dict:
     meta = {
         "vocabulary": vocab.to_dict(),
         "n_features": store.dim(train[0]),
-        "decoder": {**rc.model_dump(), "vocab_size": len(vocab)},
+        "decoder": {**rc.model_dump(), "vocab_size": len(vocab), "n_features": store.dim(splits["train"][0])},
         "baseline_embedding": "stage1" if encoder is not None else "mean_patch_features",
     }
     return _finish(cfg, model, meta, result, preds, history, best_epoch)
