@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 import httpx
 
+from service.atomic import atomic_path
 from service.batch import _SAFE, default_batch_id, parse_manifest
 from service.errors import InvalidParameterError, MstarError
 
@@ -46,10 +46,8 @@ class HttpBatch:
 
     def _save(self, rec: dict) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        p = self._path(rec["batch_id"])
-        tmp = p.with_suffix(".json.part")
-        tmp.write_text(json.dumps(rec, indent=1))
-        os.replace(tmp, p)
+        with atomic_path(self._path(rec["batch_id"])) as tmp:
+            tmp.write_text(json.dumps(rec, indent=1))
 
     def _job(self, job_id: str) -> dict:
         r = self.client.get(f"/jobs/{job_id}")

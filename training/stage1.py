@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from service.atomic import atomic_path
 from service.errors import InvalidParameterError
 from training import dist as tdist
 from training.config import Stage1Config, load_config
@@ -255,9 +256,8 @@ class _CsvLog:
 
 
 def _save_checkpoint(path: Path, state: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def prepare_data(cfg: Stage1Config) -> tuple[Stage1Dataset, Stage1Dataset, list[str], list[str], np.ndarray | None]:

@@ -38,6 +38,7 @@ from pydantic import Field
 from torch import nn
 from torch.utils.data import DataLoader
 
+from service.atomic import atomic_path
 from service.errors import InvalidParameterError
 from training import dist as tdist
 from training.config import _Strict, load_config
@@ -214,9 +215,8 @@ LOG_COLUMNS = ["step", "epoch", "loss", "distill", "ema", "target_cos", "feat_st
 
 
 def _save(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def export_student(student: Student, encoder: str, out_dir: Path, extra: dict | None = None) -> dict[str, str]:

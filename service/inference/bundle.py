@@ -18,6 +18,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from service.atomic import atomic_path
 from service.errors import BundleError
 
 SCHEMA_VERSION = 1
@@ -283,7 +284,6 @@ def load_bundle(root: str | Path, *, verify_checksums: bool = True) -> Bundle:
 def write_manifest(root: str | Path, manifest: BundleManifest) -> Path:
     """Write `bundle.json` atomically (a reader never sees half a manifest)."""
     path = Path(root) / MANIFEST_NAME
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(manifest.model_dump_json(indent=2) + "\n")
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(manifest.model_dump_json(indent=2) + "\n")
     return path
