@@ -7,7 +7,7 @@ WORKDIR /app
 COPY pyproject.toml README.md constraints.txt ./
 COPY service ./service
 COPY training/__init__.py training/cli.py ./training/
-RUN pip install -c constraints.txt '.[serve,worker,triton,pacs]'
+RUN pip install -c constraints.txt '.[serve,worker,triton,pacs,s3]'
 USER mstar
 ENV MSTAR_DATA_DIR=/data MSTAR_BUNDLE_DIR=/models
 VOLUME ["/data"]

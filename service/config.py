@@ -6,10 +6,11 @@ deployment is configured in one place. `docs/service.md` documents every variabl
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -29,6 +30,24 @@ class Settings(BaseSettings):
     database_url: str | None = Field(
         None,
         description="SQLAlchemy URL; default sqlite under data_dir. Production: postgresql+psycopg://user:pass@host/db",
+    )
+    blob_url: str | None = Field(
+        None,
+        description="object store for slides and results, s3://bucket[/prefix] (the `s3` extra); "
+        "unset = files under data_dir/blobs (a shared mount for several machines)",
+    )
+    s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, Ceph RGW, ...); unset = AWS")
+    s3_region: str | None = Field(None, description="S3 region; unset = the AWS configuration chain")
+    s3_addressing_style: Literal["auto", "path", "virtual"] = Field(
+        "auto", description="bucket in the path or in the host name (path for most MinIO/Ceph set-ups)"
+    )
+    s3_part_size_mb: int = Field(64, ge=5, le=5120, description="multipart upload/download part size and threshold")
+    s3_max_concurrency: int = Field(8, ge=1, le=64, description="parallel parts per upload or download")
+    s3_cache_dir: Path | None = Field(
+        None, description="local cache of slides fetched from S3 on this machine; default data_dir/s3-cache"
+    )
+    s3_cache_max_gb: float = Field(
+        50.0, gt=0, description="cache bound: least recently used copies not in use are removed above it"
     )
     upload_max_bytes: int = Field(8 * 1024**3, gt=0, description="larger uploads are refused with 413")
     upload_drain_bytes: int = Field(
@@ -87,6 +106,23 @@ class Settings(BaseSettings):
     # http
     docs_enabled: bool = Field(True, description="serve /docs and /openapi.json")
     log_level: str = Field("info", description="debug, info, warning, error")
+
+    @field_validator("blob_url")
+    @classmethod
+    def _check_blob_url(cls, v: str | None) -> str | None:
+        if v is None or not v.strip():
+            return None
+        v = v.strip()
+        if not re.fullmatch(r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[A-Za-z0-9._/-]*)?", v):
+            raise ValueError(f"MSTAR_BLOB_URL must look like s3://bucket or s3://bucket/prefix, got {v!r}")
+        return v
+
+    @field_validator("s3_endpoint_url")
+    @classmethod
+    def _check_endpoint(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"https?://[^\s/]+(/\S*)?", v.strip()):
+            raise ValueError(f"MSTAR_S3_ENDPOINT_URL must be an http(s):// URL, got {v!r}")
+        return v.strip() if v else None
 
     @property
     def db_url(self) -> str:

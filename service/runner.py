@@ -29,6 +29,7 @@ import traceback
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -36,9 +37,9 @@ from typing import Any, Protocol
 from sqlalchemy.exc import IntegrityError
 
 from service.config import Settings
-from service.errors import MstarError
+from service.errors import MstarError, SlideNotFoundError
 from service.store import repo
-from service.store.blobs import FileBlobStore, scratch_dir
+from service.store.blobs import BlobStore, make_blob_store, scratch_dir
 from service.store.db import init_db, make_engine, session_factory, transaction
 from service.store.models import Job, Slide
 
@@ -89,15 +90,15 @@ def load_callable(spec: str | PipelineFn) -> PipelineFn:
 
 # --- per-process resources (a worker process keeps one engine and store) ---------------------------------
 
-_RESOURCES: dict[str, tuple[Any, Any, FileBlobStore]] = {}
+_RESOURCES: dict[str, tuple[Any, Any, BlobStore]] = {}
 
 
 def _resources(settings: Settings):
-    key = f"{settings.db_url}|{settings.blob_dir}"
+    key = f"{settings.db_url}|{settings.blob_url or settings.blob_dir}"
     if key not in _RESOURCES:
         engine = make_engine(settings.db_url)
         init_db(engine)
-        _RESOURCES[key] = (engine, session_factory(engine), FileBlobStore(settings.blob_dir))
+        _RESOURCES[key] = (engine, session_factory(engine), make_blob_store(settings))
     return _RESOURCES[key]
 
 
@@ -132,7 +133,7 @@ def execute_job(job_id: str, settings: Settings, pipeline: str | PipelineFn | No
         tenant_id, options_rec = job.tenant_id, dict(job.options or {})
         if options_rec.get("mpp_override") is None and slide.mpp_override is not None:
             options_rec["mpp_override"] = slide.mpp_override
-        slide_path = blobs.local_path(slide.blob_key)
+        blob_key = slide.blob_key
         if job.cancel_requested:
             repo.finish_job(s, job_id, "canceled", error_code="canceled", error_message="canceled by request")
             return JobOutcome(job_id, "canceled")
@@ -167,8 +168,12 @@ def execute_job(job_id: str, settings: Settings, pipeline: str | PipelineFn | No
         )
 
     outcome = JobOutcome(job_id, "failed", stage_seconds=stage_seconds)
-    with scratch_dir(settings.work_dir, f"job-{job_id}-") as out_dir:
+    with scratch_dir(settings.work_dir, f"job-{job_id}-") as out_dir, ExitStack() as held:
         try:
+            try:  # an object store copies the slide to this machine's cache, held until the job ends
+                slide_path = held.enter_context(blobs.local_copy(blob_key))
+            except FileNotFoundError:
+                raise SlideNotFoundError("the stored slide is missing from the blob store") from None
             fn = load_callable(pipeline or settings.pipeline)
             result = fn(
                 slide_path,
@@ -240,7 +245,10 @@ def execute_job(job_id: str, settings: Settings, pipeline: str | PipelineFn | No
                 )
             outcome.error_code = "internal_error"
     if outcome.state != "succeeded":
-        blobs.delete_prefix(f"results/{tenant_id}/{job_id}")
+        try:
+            blobs.delete_prefix(f"results/{tenant_id}/{job_id}")
+        except MstarError as err:  # an object store outage: the job's verdict stands, stray files stay
+            log.warning("job %s: could not remove partial results: %s", job_id, err)
     return outcome
 
 

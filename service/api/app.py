@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import tempfile
 import time
 from contextlib import asynccontextmanager
 from typing import Any
@@ -24,7 +23,7 @@ from service.config import Settings
 from service.errors import BundleError, InvalidParameterError, MstarError
 from service.runner import JobQueue, make_queue
 from service.store import repo
-from service.store.blobs import FileBlobStore
+from service.store.blobs import BlobStoreError, make_blob_store
 from service.store.db import init_db, make_engine, ping, session_factory, transaction
 
 log = logging.getLogger("mstar.api")
@@ -40,7 +39,7 @@ class ServiceContext:
         self.engine = make_engine(settings.db_url)
         init_db(self.engine)
         self.sessions = session_factory(self.engine)
-        self.blobs = FileBlobStore(settings.blob_dir)
+        self.blobs = make_blob_store(settings)
         self.metrics = Metrics(self._job_counts)
         self.queue: JobQueue = queue or make_queue(settings, pipeline=pipeline, on_outcome=self.metrics.observe_outcome)
         self.bundle: Any = None
@@ -57,6 +56,11 @@ class ServiceContext:
         swept = self.blobs.sweep_partials()
         if swept:
             log.info("removed %d partial blob(s) left by a previous run", swept)
+        try:  # a missing bucket or rejected credentials: say so now; /readyz keeps saying it until fixed
+            self.blobs.check()
+            log.info("blob store: %s", self.blobs.describe())
+        except BlobStoreError as err:
+            log.error("blob store unusable: %s", err)
         with transaction(self.sessions) as s:
             for key in self.settings.api_keys:
                 repo.install_api_key(s, key.tenant, key.key.get_secret_value(), admin=key.admin)
@@ -121,9 +125,10 @@ class ServiceContext:
         checks: dict[str, dict] = {}
         try:
             ping(self.engine)
-            with tempfile.NamedTemporaryFile(dir=self.blobs.staging, suffix=".part"):
-                pass
+            self.blobs.check()
             checks["store"] = {"ok": True}
+        except BlobStoreError as err:  # says what is wrong (bucket, credentials, endpoint), never a secret
+            checks["store"] = {"ok": False, "detail": str(err)}
         except Exception as err:
             checks["store"] = {"ok": False, "detail": type(err).__name__}
         try:

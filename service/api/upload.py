@@ -23,7 +23,7 @@ from starlette.requests import ClientDisconnect, Request
 from service.api.errors import RequestError, UnsupportedMediaTypeError, mstar_error_class
 from service.config import Settings
 from service.errors import CorruptSlideError, InvalidParameterError, SlideTooLargeError
-from service.store.blobs import BlobWriter, FileBlobStore
+from service.store.blobs import BlobStore, BlobWriter
 
 FILE_FIELD = "file"
 TEXT_FIELDS = ("analyze", "mpp_override")
@@ -40,7 +40,7 @@ class ParsedUpload:
     received: int = 0
 
 
-async def receive_upload(request: Request, blobs: FileBlobStore, settings: Settings) -> ParsedUpload:
+async def receive_upload(request: Request, blobs: BlobStore, settings: Settings) -> ParsedUpload:
     """Parse the multipart body; the caller must `discard()` or `commit()` the returned writer."""
     ctype, params = parse_options_header(request.headers.get("content-type", ""))
     boundary = params.get(b"boundary")

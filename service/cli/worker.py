@@ -47,6 +47,7 @@ def worker(
     from service.config import Settings
     from service.errors import InvalidParameterError
     from service.store import batches  # noqa: F401  (registers the batch tables for init_db)
+    from service.store.blobs import make_blob_store
     from service.store.db import init_db, make_engine
     from service.worker.celery_app import QUEUES, make_celery
 
@@ -69,6 +70,9 @@ def worker(
                 raise
             time.sleep(0.5 + attempt)
     engine.dispose()
+    store = make_blob_store(settings)
+    store.check()  # a missing bucket or rejected credentials: one line and exit 2, before taking any job
+    logging.getLogger("mstar.worker").info("blob store: %s", store.describe())
     app = make_celery(settings)
     node = name or f"mstar-{os.getpid()}@{socket.gethostname()}"
     app.worker_main(

@@ -2,8 +2,9 @@
 
 `FileBlobStore` keeps them on a filesystem path (local disk or a shared mount). Writes are atomic: bytes go to
 a temporary file in the same directory and are renamed into place, so a reader never sees half a file and a
-crash leaves only a `.part` file that `sweep_partials` removes. An object store (S3) can implement
-`BlobStore` later; workers then copy a slide to local scratch with `local_path`.
+crash leaves only a `.part` file that `sweep_partials` removes. `S3BlobStore` (`service.store.s3`, the `s3`
+extra) keeps them in an S3-compatible bucket; workers then read a slide through `local_copy`, a copy in a
+bounded local cache. `make_blob_store(settings)` picks one from `MSTAR_BLOB_URL`.
 """
 
 from __future__ import annotations
@@ -17,15 +18,38 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
+
+from service.errors import MstarError
+
+if TYPE_CHECKING:
+    from service.config import Settings
 
 _KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*$")
 
 
-class BlobWriter:
-    """A streaming write with a byte count and a running SHA-256; `commit(key)` publishes it atomically."""
+class BlobStoreError(MstarError):
+    """The blob store cannot be used (missing bucket, rejected credentials, unreachable endpoint).
 
-    def __init__(self, store: FileBlobStore) -> None:
+    The message says what is wrong and never carries credentials; the API answers 503 with it."""
+
+    code = "store_unavailable"
+    http_status = 503
+
+
+def check_key(key: str) -> str:
+    if not _KEY_RE.match(key) or ".." in key.split("/"):
+        raise ValueError(f"invalid blob key {key!r}")
+    return key
+
+
+class BlobWriter:
+    """A streaming write with a byte count and a running SHA-256; `commit(key)` publishes it atomically.
+
+    The bytes are staged in a local file (`store.staging`) so they can be hashed and probed before they are
+    published; a remote store uploads the staged file on `commit`."""
+
+    def __init__(self, store: BlobStore) -> None:
         self._store = store
         store.staging.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(dir=store.staging, suffix=".part")
@@ -60,6 +84,11 @@ class BlobWriter:
 
 
 class BlobStore(ABC):
+    """Where slides and results live. Every worker and the gateway must reach the same store."""
+
+    staging: Path  # local folder for `BlobWriter` files before they are published
+    is_local: bool = False  # True when `local_path` is the stored blob itself (no copy, no download)
+
     @abstractmethod
     def put_file(self, key: str, src: Path, *, move: bool = False) -> None: ...
 
@@ -82,11 +111,41 @@ class BlobStore(ABC):
     def local_path(self, key: str) -> Path:
         """A path on this machine holding the blob (a copy for remote stores)."""
 
-    @abstractmethod
-    def writer(self) -> BlobWriter: ...
+    @contextmanager
+    def local_copy(self, key: str) -> Iterator[Path]:
+        """`local_path` held for the duration of the block (a remote store's cache cannot evict it meanwhile)."""
+        yield self.local_path(key)
+
+    def writer(self) -> BlobWriter:
+        return BlobWriter(self)
+
+    def check(self) -> None:
+        """Raise `BlobStoreError` saying what is wrong if the store cannot be written (start-up, /readyz)."""
+        try:
+            self.staging.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=self.staging, suffix=".part"):
+                pass
+        except OSError as err:
+            raise BlobStoreError(f"cannot write to the blob staging folder {self.staging} ({err.strerror})") from err
+
+    def sweep_partials(self) -> int:
+        """Remove staged files left by a crash mid-write; returns how many."""
+        n = 0
+        if self.staging.is_dir():
+            for p in self.staging.rglob("*.part"):
+                if p.is_file():
+                    p.unlink(missing_ok=True)
+                    n += 1
+        return n
+
+    def describe(self) -> str:
+        """Where the blobs are, for logs (no credentials)."""
+        return type(self).__name__
 
 
 class FileBlobStore(BlobStore):
+    is_local = True
+
     def __init__(self, root: Path) -> None:
         self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
@@ -94,9 +153,7 @@ class FileBlobStore(BlobStore):
         self.staging.mkdir(exist_ok=True)
 
     def _path(self, key: str) -> Path:
-        if not _KEY_RE.match(key) or ".." in key.split("/"):
-            raise ValueError(f"invalid blob key {key!r}")
-        return self.root / key
+        return self.root / check_key(key)
 
     def put_file(self, key: str, src: Path, *, move: bool = False) -> None:
         dest = self._path(key)
@@ -127,7 +184,11 @@ class FileBlobStore(BlobStore):
         return self._path(key).stat().st_size
 
     def delete(self, key: str) -> None:
-        self._path(key).unlink(missing_ok=True)
+        path = self._path(key)
+        if path.is_dir():  # a folder blob: a DICOM series slide (`service.dicom_series`)
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
     def delete_prefix(self, prefix: str) -> None:
         path = self._path(prefix.rstrip("/"))
@@ -139,8 +200,8 @@ class FileBlobStore(BlobStore):
     def local_path(self, key: str) -> Path:
         return self._path(key)
 
-    def writer(self) -> BlobWriter:
-        return BlobWriter(self)
+    def describe(self) -> str:
+        return str(self.root)
 
     def sweep_partials(self) -> int:
         """Remove temporary files left by a crash mid-write; returns how many."""
@@ -155,6 +216,19 @@ class FileBlobStore(BlobStore):
         for p in sorted(self.root.rglob("*")):
             if p.is_file() and ".staging" not in p.parts:
                 yield p
+
+
+def make_blob_store(settings: Settings) -> BlobStore:
+    """The store `settings` name: S3 when `MSTAR_BLOB_URL=s3://...`, else files under `data_dir/blobs`."""
+    if settings.blob_url:
+        try:
+            from service.store.s3 import S3BlobStore
+        except ImportError as err:
+            raise BlobStoreError(
+                f"MSTAR_BLOB_URL={settings.blob_url} needs boto3 ({err.name} is missing): pip install 'mstar[s3]'"
+            ) from err
+        return S3BlobStore.from_settings(settings)
+    return FileBlobStore(settings.blob_dir)
 
 
 @contextmanager

@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Query
-from fastapi.responses import FileResponse, Response
+from fastapi.responses import FileResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
 
 from service.api.deps import ContextDep, SessionDep, TenantDep
 from service.api.errors import NotFoundError, NotReadyError
@@ -79,6 +80,25 @@ def _file(ctx, principal, job_id: str, name: str) -> tuple[str, dict]:
     return files[name]["key"], files[name]
 
 
+def _send(ctx, key: str, meta: dict, media_type: str, filename: str | None = None) -> Response:
+    """A stored result file: the file itself from a filesystem store; streamed in chunks from an object store
+    (never read whole into memory), with its length, so a cut stream is an error the client sees."""
+    headers = {"X-Content-SHA256": meta["sha256"]}
+    if ctx.blobs.is_local:
+        return FileResponse(ctx.blobs.local_path(key), media_type=media_type, filename=filename, headers=headers)
+    body = ctx.blobs.open(key)
+    if meta.get("size") is not None:
+        headers["Content-Length"] = str(meta["size"])
+    if filename:
+        headers["Content-Disposition"] = f'attachment; filename="{filename}"'
+
+    def chunks():
+        while data := body.read(1 << 20):
+            yield data
+
+    return StreamingResponse(chunks(), media_type=media_type, headers=headers, background=BackgroundTask(body.close))
+
+
 @router.get(
     "/jobs/{job_id}/result",
     responses={
@@ -88,6 +108,8 @@ def _file(ctx, principal, job_id: str, name: str) -> tuple[str, dict]:
 )
 def get_result(job_id: str, principal: TenantDep, ctx: ContextDep) -> Response:
     key, meta = _file(ctx, principal, job_id, "result.json")
+    if not ctx.blobs.is_local:
+        return _send(ctx, key, meta, "application/json")
     with ctx.blobs.open(key) as fh:  # the bytes the pipeline wrote, checksum and all: no re-encoding
         data = fh.read()
     return Response(data, media_type="application/json", headers={"X-Content-SHA256": meta["sha256"]})
@@ -104,14 +126,9 @@ def get_result(job_id: str, principal: TenantDep, ctx: ContextDep) -> Response:
         **ERRORS(401, 404, 409),
     },
 )
-def get_features(job_id: str, principal: TenantDep, ctx: ContextDep) -> FileResponse:
+def get_features(job_id: str, principal: TenantDep, ctx: ContextDep) -> Response:
     key, meta = _file(ctx, principal, job_id, "features.h5")
-    return FileResponse(
-        ctx.blobs.local_path(key),
-        media_type="application/x-hdf5",
-        filename=f"{job_id}-features.h5",
-        headers={"X-Content-SHA256": meta["sha256"]},
-    )
+    return _send(ctx, key, meta, "application/x-hdf5", filename=f"{job_id}-features.h5")
 
 
 @router.get(
@@ -122,6 +139,6 @@ def get_features(job_id: str, principal: TenantDep, ctx: ContextDep) -> FileResp
         **ERRORS(401, 404, 409),
     },
 )
-def get_heatmap(job_id: str, principal: TenantDep, ctx: ContextDep) -> FileResponse:
+def get_heatmap(job_id: str, principal: TenantDep, ctx: ContextDep) -> Response:
     key, meta = _file(ctx, principal, job_id, "heatmap.png")
-    return FileResponse(ctx.blobs.local_path(key), media_type="image/png", headers={"X-Content-SHA256": meta["sha256"]})
+    return _send(ctx, key, meta, "image/png")
