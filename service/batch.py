@@ -1,9 +1,9 @@
 """Batch jobs: a CSV manifest of slides becomes one batch of analysis jobs on the distributed workers.
 
 Manifest: a CSV with a header and one slide per line. The slide column is `slide` (or `path`, `uri`, `source`,
-`file`): a path (relative to the manifest) or a `file://` / `http(s)://` URI. Optional columns: `id` (or
-`name`) as the display id, `mpp` (µm/px override). Other columns are kept as item metadata and appear in the
-summary table.
+`file`): a path (relative to the manifest; a DICOM WSI series folder too), a `file://` / `http(s)://` URI, or
+`s3://bucket/key` with the S3 store. Optional columns: `id` (or `name`) as the display id, `mpp` (µm/px
+override). Other columns are kept as item metadata and appear in the summary table.
 
 `BatchService.submit` copies each slide into the shared blob store (deduplicated by SHA-256 per tenant), creates
 one job per line and publishes it on the `batch` queue. The batch id is stable for one tenant and manifest path,
@@ -30,7 +30,7 @@ from service.config import Settings
 from service.errors import InvalidParameterError, MstarError, SlideNotFoundError, UnsupportedFormatError
 from service.store import repo
 from service.store.batches import Batch, BatchItem
-from service.store.blobs import FileBlobStore
+from service.store.blobs import make_blob_store
 from service.store.db import init_db, make_engine, session_factory, transaction
 from service.store.models import TERMINAL_STATES, Job, Result, Slide, new_id, utcnow
 
@@ -104,7 +104,7 @@ def _resolve(raw: str, base: Path) -> str:
         return str(Path(unquote(parsed.path)).resolve())
     if parsed.scheme and len(parsed.scheme) > 1:
         raise InvalidParameterError(
-            f"unsupported URI scheme {parsed.scheme!r} in {raw!r} (use a path, file://, http(s)://)"
+            f"unsupported URI scheme {parsed.scheme!r} in {raw!r} (use a path, file://, http(s)://, s3://)"
         )
     p = Path(raw).expanduser()
     return str((p if p.is_absolute() else base / p).resolve())
@@ -167,7 +167,7 @@ class BatchService:
         self.engine = make_engine(settings.db_url)
         init_db(self.engine)
         self.sessions = session_factory(self.engine)
-        self.blobs = FileBlobStore(settings.blob_dir)
+        self.blobs = make_blob_store(settings)
         self._patches: dict[str, int] = {}
 
     def close(self) -> None:
@@ -249,6 +249,8 @@ class BatchService:
         """Copy the slide into the blob store once per tenant (by content); returns the slide id."""
         from service.slides.sniff import sniff_format
 
+        if not urlparse(row.source).scheme and Path(row.source).is_dir():
+            return self._ingest_series(tenant_id, row)
         writer = self.blobs.writer()
         try:
             self._fetch(row.source, writer)
@@ -261,7 +263,8 @@ class BatchService:
             fmt = sniff_format(writer.path)
             if fmt in ("dicom", "dicom-dir"):
                 raise UnsupportedFormatError(
-                    "DICOM series are analysed through PACS or upload, not batch manifests", slide=row.name
+                    "one DICOM file is one instance of a series: put the series' folder on the manifest line",
+                    slide=row.name,
                 )
             slide_id = new_id()
             key = f"slides/{tenant_id}/{slide_id}.{_EXT.get(fmt, 'bin')}"
@@ -287,6 +290,43 @@ class BatchService:
             self.blobs.delete(key)
         return stored.id
 
+    def _ingest_series(self, tenant_id: str, row: ManifestRow) -> str:
+        """A DICOM WSI folder: checked (one series, see `service.dicom_series.collect`), then copied into the
+        blob store as one folder slide, once per tenant (by content); returns the slide id."""
+        from service import dicom_series
+
+        series = dicom_series.collect(Path(row.source), max_bytes=self.settings.upload_max_bytes, name=row.name)
+        staged = dicom_series.stage(self.blobs, series.files)
+        sha, size = staged.sha256, staged.size
+        try:
+            with transaction(self.sessions) as s:
+                found = repo.find_slide_by_sha(s, tenant_id, sha)
+            if found is not None:
+                staged.discard()
+                return found.id
+            slide_id = new_id()
+            key = dicom_series.blob_key(tenant_id, slide_id)
+            staged.commit(key)
+        except BaseException:
+            staged.discard()
+            raise
+        slide = Slide(
+            id=slide_id,
+            tenant_id=tenant_id,
+            sha256=sha,
+            format=dicom_series.FORMAT,
+            size_bytes=size,
+            blob_key=key,
+            mpp_override=row.mpp_override,
+            info={"batch_name": row.name[:255], "instances": len(series.files)},
+            created_at=utcnow(),
+        )
+        with transaction(self.sessions) as s:
+            stored = repo.add_slide(s, slide)
+        if stored.id != slide_id:
+            self.blobs.delete_prefix(key)
+        return stored.id
+
     def _fetch(self, source: str, writer) -> None:
         parsed = urlparse(source)
         if parsed.scheme in ("http", "https"):
@@ -303,8 +343,9 @@ class BatchService:
             except httpx.HTTPError as err:
                 raise SlideNotFoundError(f"{source} could not be downloaded ({type(err).__name__})") from None
             return
-        if parsed.scheme == "s3":
-            raise InvalidParameterError("s3:// sources need the object-store option, which this build does not have")
+        if parsed.scheme == "s3":  # copied into the store like any source: see _fetch_s3
+            self._fetch_s3(source, writer)
+            return
         path = Path(source)
         if path.is_dir():
             raise UnsupportedFormatError("a folder (DICOM series) is not supported in batch manifests", slide=path.name)
@@ -315,6 +356,30 @@ class BatchService:
         with path.open("rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 writer.write(chunk)
+
+    def _fetch_s3(self, source: str, writer) -> None:
+        """An `s3://bucket/key` line is read with the S3 store's client and credentials and *copied* into the
+        store, as an http(s) source is: the store owns its slides (deleting one never touches the source bucket,
+        a later change or removal of the source cannot alter an analysed slide) and slides are deduplicated by
+        SHA-256, which needs the bytes anyway."""
+        opener = getattr(self.blobs, "open_external", None)
+        if opener is None:
+            raise InvalidParameterError(
+                f"{source}: s3:// sources need the S3 blob store (MSTAR_BLOB_URL=s3://bucket/prefix); "
+                "this deployment keeps blobs on a filesystem: use a path or an http(s):// URL"
+            )
+        try:
+            body, size = opener(source)
+        except FileNotFoundError:
+            raise SlideNotFoundError(f"{source} does not exist") from None
+        with body:
+            if size > self.settings.upload_max_bytes:
+                raise InvalidParameterError(f"{source} is larger than the upload limit")
+            try:
+                while chunk := body.read(1 << 20):
+                    writer.write(chunk)
+            except Exception as err:  # a dropped connection mid-object fails this line, not the batch
+                raise SlideNotFoundError(f"{source} could not be read ({type(err).__name__})") from None
 
     # --- status and results ---------------------------------------------------------------------------------
 

@@ -1,8 +1,9 @@
 """Batches through the HTTP gateway (`mstar submit --server URL`), for machines without database access.
 
-Each slide is uploaded with `POST /slides` (which queues its analysis); the batch itself is a JSON record on
-this machine (`~/.mstar/batches/<id>.json`) mapping manifest lines to job ids, rewritten atomically after each
-upload so an interrupted submission resumes where it stopped. Status and results come from `GET /jobs/{id}`
+Each slide is uploaded with `POST /slides` (which queues its analysis; a DICOM WSI folder goes as one ZIP of its
+series, checked here first); the batch itself is a JSON record on this machine (`~/.mstar/batches/<id>.json`)
+mapping manifest lines to job ids, rewritten atomically after each upload so an interrupted submission resumes
+where it stopped. Status and results come from `GET /jobs/{id}`
 and `GET /jobs/{id}/features`.
 """
 
@@ -11,11 +12,13 @@ from __future__ import annotations
 import csv
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import httpx
 
+from service import dicom_series
 from service.atomic import atomic_path
 from service.batch import _SAFE, default_batch_id, parse_manifest
 from service.errors import InvalidParameterError, MstarError
@@ -93,13 +96,27 @@ class HttpBatch:
 
     def _upload(self, source: str, mpp: float | None) -> str:
         path = Path(source)
+        if path.is_dir():
+            return self._upload_series(path, mpp)
         if not path.is_file():
-            raise InvalidParameterError(f"{source}: --server batches take local files")
+            raise InvalidParameterError(f"{source}: --server batches take local files and DICOM folders")
+        with path.open("rb") as fh:
+            return self._post(path.name, fh, mpp)
+
+    def _upload_series(self, folder: Path, mpp: float | None) -> str:
+        """A DICOM WSI folder: checked here (one series), then sent as one uncompressed ZIP, which `POST /slides`
+        unpacks and checks again; the server's upload limit applies to the ZIP."""
+        series = dicom_series.collect(folder, max_bytes=1 << 62)
+        with tempfile.TemporaryDirectory(prefix="mstar-series-") as tmp:
+            archive = dicom_series.zip_series(series, Path(tmp) / "series.zip")
+            with archive.open("rb") as fh:
+                return self._post(f"{folder.name}.zip", fh, mpp)
+
+    def _post(self, name: str, fh, mpp: float | None) -> str:
         data = {"analyze": "true"}
         if mpp is not None:
             data["mpp_override"] = str(mpp)
-        with path.open("rb") as fh:
-            r = self.client.post("/slides", files={"file": (path.name, fh)}, data=data)
+        r = self.client.post("/slides", files={"file": (name, fh)}, data=data)
         if r.status_code != 202:
             try:
                 err = r.json().get("error") or {}

@@ -4,6 +4,11 @@ Receivers verify with `verify(secret, timestamp, body, signature)` and should re
 few minutes (replay). The payload carries ids and states only, never file names or patient data.
 Destinations are checked against loopback/private/link-local networks (SSRF) unless the deployment
 allows them.
+
+Exactly one sender per job: `claim` moves the job's `webhook_claimed_at` from NULL to now with a conditional
+UPDATE on a terminal row, so whichever process wins it (the task that ran the job, a pool master that decided
+a crash or a hard time limit, the gateway's sweep) delivers, and every other caller gets None. A process that
+dies between the claim and the POST loses that delivery; receivers can always poll `GET /jobs/{id}`.
 """
 
 from __future__ import annotations
@@ -14,7 +19,9 @@ import ipaddress
 import json
 import logging
 import socket
+import threading
 import time
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -109,3 +116,56 @@ def deliver(url: str, payload: dict, settings: Settings, *, client: httpx.Client
     finally:
         if own:
             client.close()
+
+
+def claim(s: Any, job_id: str) -> tuple[str, dict] | None:
+    """(url, payload) when this caller wins the job's terminal webhook; None when it has none, is not
+    terminal yet, or another caller claimed it first. `s` is a SQLAlchemy session inside a transaction."""
+    from sqlalchemy import update
+
+    from service.store.models import TERMINAL_STATES, Job, utcnow
+
+    won = s.execute(
+        update(Job)
+        .where(
+            Job.id == job_id,
+            Job.state.in_(TERMINAL_STATES),
+            Job.webhook_url.is_not(None),
+            Job.webhook_claimed_at.is_(None),
+        )
+        .values(webhook_claimed_at=utcnow())
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    if won != 1:
+        return None
+    job = s.get(Job, job_id, populate_existing=True)
+    return job.webhook_url, job_payload(job)
+
+
+def send_for_job(factory: Any, job_id: str, settings: Settings) -> bool | None:
+    """Claim the job's terminal webhook and deliver it (with retries). None when not ours to send."""
+    from service.store.db import transaction
+
+    with transaction(factory) as s:
+        got = claim(s, job_id)
+    if got is None:
+        return None
+    url, payload = got
+    ok = deliver(url, payload, settings)
+    log.info("webhook for job %s (%s): %s", job_id, payload["state"], "delivered" if ok else "given up")
+    return ok
+
+
+def send_in_background(factory: Any, job_id: str, settings: Settings) -> threading.Thread:
+    """`send_for_job` on a short-lived daemon thread: for callers that must not wait on HTTP retries (the
+    Celery pool master's event loop)."""
+
+    def run() -> None:
+        try:
+            send_for_job(factory, job_id, settings)
+        except Exception:  # the verdict is recorded either way; the receiver can poll
+            log.exception("webhook for job %s failed", job_id)
+
+    thread = threading.Thread(target=run, name=f"mstar-webhook-{job_id[:8]}", daemon=True)
+    thread.start()
+    return thread

@@ -1,7 +1,10 @@
-"""Batch manifests and batch bookkeeping on a real (SQLite) store; the Celery path is in test_worker_celery.py."""
+"""Batch manifests and batch bookkeeping on a real (SQLite) store, DICOM WSI folders on both submission paths
+(`--broker`: `BatchService`; `--server`: `HttpBatch` against a live gateway); the Celery path is in
+test_worker_celery.py."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -10,7 +13,7 @@ from service.batch import BatchService, default_batch_id, parse_manifest
 from service.config import Settings
 from service.errors import InvalidParameterError
 from service.store.db import transaction
-from service.store.models import Job
+from service.store.models import Job, Slide
 from service.store.repo import finish_job
 
 
@@ -104,3 +107,137 @@ def test_submit_dedups_slides_and_resubmission_skips_done(tmp_path, cmu_svs):
             svc.submit(m, tenant="other", batch_id=rep.batch_id)
     finally:
         svc.close()
+
+
+def _copy_dir(src: Path, dest: Path, rename: bool = False) -> Path:
+    """A writable copy (the shared sample is read-only), optionally with other file names."""
+    dest.mkdir(parents=True)
+    for i, f in enumerate(sorted(src.iterdir())):
+        shutil.copyfile(f, dest / (f"part{i:02d}.bin" if rename else f.name))
+    return dest
+
+
+def _two_series(src: Path, dest: Path) -> Path:
+    """A copy of the DICOM WSI folder whose smallest level claims to belong to another series."""
+    import pydicom
+
+    _copy_dir(src, dest)
+    path = dest / "level-11-frames-0-1.dcm"
+    ds = pydicom.dcmread(path)
+    ds.SeriesInstanceUID = pydicom.uid.generate_uid()
+    ds.save_as(path)
+    return dest
+
+
+def _bad_folders(root: Path, dicom_dir: Path) -> dict[str, Path]:
+    (root / "empty").mkdir(parents=True)
+    (root / "notes").mkdir()
+    (root / "notes" / "readme.txt").write_text("not a slide")
+    (root / "notes" / "x.svs").write_bytes(b"II*\x00" + b"\x00" * 200)
+    return {"empty": root / "empty", "notes": root / "notes", "two": _two_series(dicom_dir, root / "two")}
+
+
+BAD_REASONS = {"empty": "is empty", "notes": "no DICOM files", "two": "2 DICOM WSI series"}
+
+
+def test_dicom_folders_are_batch_slides_and_bad_folders_fail_their_line(tmp_path, dicom_dir, cmu_svs):
+    from service.runner import execute_job
+    from service.slides.open import open_slide
+    from service.store import repo
+
+    bad = _bad_folders(tmp_path / "bad", dicom_dir)
+    renamed = _copy_dir(dicom_dir, tmp_path / "renamed", rename=True)  # the same series under other names
+    (tmp_path / "a.svs").write_bytes(cmu_svs.read_bytes())
+    single = dicom_dir / "level-0-frames-0-30.dcm"
+    m = _write(
+        tmp_path / "m.csv",
+        "slide,id\n"
+        f"{dicom_dir},dicom\nfile://{renamed},renamed\n{bad['empty']},empty\n{bad['notes']},notes\n"
+        f"{bad['two']},two\n{single},single\na.svs,svs\n",
+    )
+    settings = Settings(data_dir=tmp_path / "data", pipeline="runner_pipelines:tiny")
+    svc = BatchService(settings)
+    try:
+        rep = svc.submit(m, tenant="lab", queue=_Published())
+        assert len(rep.queued) == 3 and rep.failed_ingest == 4  # the rest of the batch goes on
+        items = {it.name: it for it in svc.status(rep.batch_id).items}
+        for name, reason in BAD_REASONS.items():
+            assert items[name].state == "failed" and items[name].error_code == "unsupported_format"
+            assert reason in items[name].reason and items[name].reason.startswith(f"{name}: ")
+        assert "folder on the manifest line" in items["single"].reason
+        assert items["dicom"].slide_id == items["renamed"].slide_id  # one slide per series and tenant
+        with transaction(svc.sessions) as s:
+            slide = s.get(Slide, items["dicom"].slide_id)
+            assert (slide.format, slide.size_bytes) == ("dicom-dir", sum(f.stat().st_size for f in dicom_dir.iterdir()))
+            key = slide.blob_key
+            job_id = repo.claim_next(s, "test-worker")
+        stored = svc.blobs.local_path(key)
+        assert sorted(p.name for p in stored.iterdir()) == [f"{i:04d}.dcm" for i in range(12)]
+        with open_slide(stored) as got, open_slide(dicom_dir) as ref:
+            assert got.level_dimensions == ref.level_dimensions and got.mpp == ref.mpp
+        assert job_id == items["dicom"].job_id
+        assert execute_job(job_id, settings).state == "succeeded"  # the worker's code path opens the folder
+        again = svc.submit(m, tenant="lab", queue=_Published())
+        assert again.skipped_done == 1 and again.failed_ingest == 4 and again.in_flight == 2
+    finally:
+        svc.close()
+
+
+def test_dicom_folders_through_the_http_gateway(tmp_path, dicom_dir):
+    """`mstar submit --server`: a DICOM folder goes up as one ZIP and runs; bad folders fail their line before
+    any upload, and the server refuses a ZIP that is not one series with the reason."""
+    import zipfile
+
+    import httpx
+    from services import live_server
+
+    from service.api import create_app
+    from service.batch_http import HttpBatch
+
+    key = "lab-key-0123456789abcdef"
+    bad = _bad_folders(tmp_path / "bad", dicom_dir)
+    m = _write(tmp_path / "m.csv", f"slide,id\n{dicom_dir},dicom\n{bad['empty']},empty\n{bad['two']},two\n")
+    settings = Settings(
+        data_dir=tmp_path / "srv",
+        pipeline="runner_pipelines:tiny",
+        runner_workers=1,
+        runner_poll_s=0.1,
+        api_keys=[{"tenant": "lab", "key": key}],
+    )
+    with live_server(create_app(settings)) as url:
+        hb = HttpBatch(url, key, tmp_path / "state")
+        first = hb.submit(m)
+        assert first["queued"] == 1 and first["failed_ingest"] == 2
+        assert hb.follow(first["batch_id"], poll_s=0.2)["succeeded"] == 1
+        items = {it["name"]: it for it in hb.status(first["batch_id"])}
+        assert items["dicom"]["state"] == "succeeded"
+        for name in ("empty", "two"):
+            assert items[name]["error_code"] == "unsupported_format" and BAD_REASONS[name] in items[name]["reason"]
+
+        def zipped(folder: Path, name: str) -> bytes:
+            with zipfile.ZipFile(tmp_path / name, "w") as zf:
+                for f in sorted(folder.iterdir()):
+                    zf.write(f, arcname=f"{folder.name}/{f.name}")
+            return (tmp_path / name).read_bytes()
+
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as c:
+            sid = c.get(f"/jobs/{items['dicom']['job_id']}").json()["slide_id"]
+            slide = c.get(f"/slides/{sid}").json()
+            assert slide["format"] == "dicom-dir"
+            same = c.post(  # the same series zipped by hand, deflated, under other names: the same slide
+                "/slides", files={"file": ("s.zip", zipped(dicom_dir, "same.zip"))}, data={"analyze": "false"}
+            )
+            assert same.status_code == 200 and same.json()["id"] == sid
+            for name, body, status, code, reason in [
+                ("two.zip", zipped(bad["two"], "two.zip"), 415, "unsupported_format", "2 DICOM WSI series"),
+                ("notes.zip", zipped(bad["notes"], "notes.zip"), 415, "unsupported_format", "no DICOM files"),
+                ("broken.zip", b"PK\x03\x04" + b"\x00" * 64, 415, "unsupported_format", "cannot be unpacked"),
+            ]:
+                r = c.post("/slides", files={"file": (name, body)}, data={"analyze": "false"})
+                err = r.json()["error"]
+                assert (r.status_code, err["code"]) == (status, code) and reason in err["message"], r.text
+            folders = list((settings.blob_dir / "slides").glob("*/*.dcmdir"))
+            assert len(folders) == 1
+            assert c.delete(f"/slides/{sid}").status_code == 204
+            assert not folders[0].exists()
+    assert not [p for p in (settings.blob_dir / ".staging").iterdir()]  # nothing left half-staged

@@ -3,17 +3,21 @@
 Slides are copies of the real CMU SVS with a trailer telling the test pipeline (`worker_pipelines:marked`)
 to run normally, slowly, abort like a crashing decoder, or hang; the normal path is the real tiling pipeline.
 Time limits are shrunk (hard 8 s, visibility 10 s, restore sweep 1 s) so crash recovery takes seconds.
+Webhooks go to a real HTTP receiver in the test process, signed with the workers' secret.
 """
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import ClassVar
 
 import h5py
 import pytest
@@ -21,16 +25,19 @@ from services import postgres_url, redis_server  # noqa: F401
 from sqlalchemy import create_engine, text
 from worker_pipelines import make_slide
 
+from service import webhooks
 from service.batch import BatchService
 from service.config import Settings
 from service.runner import make_queue
-from service.store.db import transaction
-from service.store.models import Job, Result
+from service.store import repo
+from service.store.db import init_db, make_engine, session_factory, transaction
+from service.store.models import Job, Result, Slide, new_id
 from service.worker.queue import CeleryQueue
 
 pytestmark = pytest.mark.services
 
 HARD_S, VISIBILITY_S = 8, 10
+WEBHOOK_SECRET = "whsec-workers"
 TESTS_DIR = Path(__file__).resolve().parent
 MSTAR = Path(sys.executable).with_name("mstar")
 
@@ -111,6 +118,9 @@ def cluster(tmp_path_factory, pg_db: str, redis_server):  # noqa: F811
         "MSTAR_BROKER_RESTORE_INTERVAL_S": "1",
         "MSTAR_WORKER_LEASE_S": "3",
         "MSTAR_JOB_MAX_ATTEMPTS": "2",
+        "MSTAR_WEBHOOK_SECRET": WEBHOOK_SECRET,
+        "MSTAR_WEBHOOK_ALLOW_PRIVATE": "true",
+        "MSTAR_WEBHOOK_BACKOFF_S": "0.2",
     }
     env = {
         **os.environ,
@@ -275,6 +285,120 @@ def test_decoder_crash_and_hang_fail_with_reasons_rest_completes(cluster: Cluste
     assert soft.seconds is not None and soft.seconds < HARD_S
     for name, proc in cluster.procs.items():  # the workers carried on
         assert proc.poll() is None, cluster.log(name)[-2000:]
+
+
+class _Hooks(http.server.BaseHTTPRequestHandler):
+    """A real webhook receiver: records (headers, body) of every POST and answers 204."""
+
+    got: ClassVar[list[tuple[dict, bytes]]] = []
+
+    def do_POST(self) -> None:
+        self.got.append((dict(self.headers), self.rfile.read(int(self.headers["Content-Length"]))))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_master_verdicts_send_one_signed_webhook_and_dicom_folders_run(
+    cluster: Cluster, svc, cmu_svs: Path, dicom_dir: Path, tmp_path: Path
+):
+    """A child killed at its last attempt (SIGABRT twice) and a child past the hard limit: the pool master
+    decides both failures and each job's webhook arrives once, signed, with the reason. A DICOM WSI folder on
+    the same manifest runs on a worker (its webhook comes from the task, also once)."""
+    service, queue = svc
+    _Hooks.got = []
+    hook = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Hooks)
+    threading.Thread(target=hook.serve_forever, daemon=True).start()
+    manifest = _slides(tmp_path / "b7", cmu_svs, ["abort", "hang"])
+    with manifest.open("a") as fh:
+        fh.write(f"{dicom_dir},dicom,L0\n")
+    try:
+        rep = service.submit(manifest, tenant="default", queue=None)  # jobs created, published below
+        assert len(rep.queued) == 3
+        with transaction(service.sessions) as s:  # each job gets a webhook before it is published
+            for job_id in rep.queued:
+                s.get(Job, job_id).webhook_url = f"http://127.0.0.1:{hook.server_port}/hook"
+        for job_id in rep.queued:
+            queue.notify(job_id, queue="batch")
+        st = _wait(service, rep.batch_id, HARD_S * 2 + 40)
+        deadline = time.monotonic() + 15
+        while len(_Hooks.got) < 3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(2.0)  # a second delivery, if any, would arrive meanwhile
+    finally:
+        hook.shutdown()
+    items = {it.name: it for it in st.items}
+    assert [items[n].state for n in ("case0", "case1", "dicom")] == ["failed", "failed", "succeeded"]
+    by_job: dict[str, list] = {}
+    for headers, body in _Hooks.got:
+        ts, sig = headers[webhooks.TIMESTAMP_HEADER], headers[webhooks.SIGNATURE_HEADER]
+        assert webhooks.verify(WEBHOOK_SECRET, ts, body, sig)
+        payload = json.loads(body)
+        by_job.setdefault(payload["job_id"], []).append(payload)
+    assert {j: len(v) for j, v in by_job.items()} == {job_id: 1 for job_id in rep.queued}
+    crash, hang, dicom = (by_job[items[n].job_id][0] for n in ("case0", "case1", "dicom"))
+    assert crash["state"] == "failed" and crash["error"]["code"] == "worker_crashed"
+    assert "SIGABRT" in crash["error"]["message"] and items["case0"].attempts == 2
+    assert hang["state"] == "failed" and hang["error"]["code"] == "time_limit"
+    assert "hard time limit" in hang["error"]["message"]
+    assert dicom["state"] == "succeeded" and dicom["error"] is None
+    result = service._result_json(items["dicom"].job_id)
+    assert result["tiling"]["patches"] > 0 and result["slide"]["format"] == "dicom-dir"
+
+
+def _published(redis_url: str) -> dict[str, int]:
+    """How many task messages for each job id wait in the broker (every queue list of this Redis db)."""
+    import base64
+
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    counts: dict[str, int] = {}
+    for key in client.scan_iter():
+        if client.type(key) != b"list":
+            continue
+        for raw in client.lrange(key, 0, -1):
+            msg = json.loads(raw)
+            args = json.loads(base64.b64decode(msg["body"]))[0]
+            counts[args[0]] = counts.get(args[0], 0) + 1
+    return counts
+
+
+def test_gateway_start_publishes_only_jobs_never_published(tmp_path: Path, redis_server):  # noqa: F811
+    """A restart must not publish a second message for every waiting job: only for rows committed but never
+    published (a crash between commit and publish)."""
+    broker = redis_server.url.rsplit("/", 1)[0] + "/3"  # a db no worker consumes: the messages stay put
+    import redis
+
+    redis.Redis.from_url(broker).flushdb()
+    settings = Settings(data_dir=tmp_path, broker_url=broker)
+    engine = make_engine(settings.db_url)
+    init_db(engine)
+    sessions = session_factory(engine)
+    with transaction(sessions) as s:
+        tenant = repo.ensure_tenant(s, "lab")
+        slide = Slide(id=new_id(), tenant_id=tenant.id, sha256="0" * 64, format="svs", size_bytes=1, blob_key="x")
+        s.add(slide)
+        s.flush()
+        ids = [
+            repo.create_job(s, tenant_id=tenant.id, slide_id=slide.id, options=opts)[0].id
+            for opts in ({}, {}, {"batch_id": "b" * 32})
+        ]
+    first = CeleryQueue(settings)
+    first.notify(ids[0])  # published; ids[1] and ids[2] were committed, then the gateway died
+    first.stop()
+    assert _published(broker) == {ids[0]: 1}
+    for _ in range(2):  # two restarts
+        gateway = CeleryQueue(settings)
+        gateway.start()
+        gateway.stop()
+        assert _published(broker) == {job_id: 1 for job_id in ids}
+    with transaction(sessions) as s:
+        assert all(s.get(Job, job_id).published_at is not None for job_id in ids)
+    assert redis.Redis.from_url(broker).llen("batch:6") == 1  # the batch job went to the batch queue
+    engine.dispose()
 
 
 def test_redis_restart_during_batch_loses_no_job(cluster: Cluster, svc, cmu_svs: Path, tmp_path: Path, redis_server):  # noqa: F811

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import http.server
+import json
+import threading
+import time
 from datetime import timedelta
+from typing import ClassVar
 
 import pytest
 
+from service import webhooks
 from service.config import Settings
 from service.errors import InvalidParameterError
 from service.store import repo
@@ -24,7 +30,7 @@ def sessions(tmp_path):
     engine.dispose()
 
 
-def _job(factory) -> str:
+def _job(factory, webhook_url: str | None = None) -> str:
     with transaction(factory) as s:
         tenant = repo.ensure_tenant(s, "lab")
         slide = Slide(
@@ -38,7 +44,7 @@ def _job(factory) -> str:
         )
         s.add(slide)
         s.flush()
-        job, _ = repo.create_job(s, tenant_id=tenant.id, slide_id=slide.id, options={})
+        job, _ = repo.create_job(s, tenant_id=tenant.id, slide_id=slide.id, options={}, webhook_url=webhook_url)
         return job.id
 
 
@@ -150,6 +156,121 @@ def test_reaper_requeues_silent_jobs_and_fails_exhausted_ones(sessions):
         gone = s.get(Job, exhausted)
         gone.heartbeat_at, gone.attempts = utcnow() - timedelta(seconds=61), 2
     with transaction(sessions) as s:
-        assert jobs.reap_stale(s, lease_s=30, max_attempts=2) == [silent]
+        reaped = jobs.reap_stale(s, lease_s=30, max_attempts=2)
+    assert (reaped.requeued, reaped.failed) == ([silent], [exhausted])
     assert [_get(sessions, j).state for j in (fresh, silent, exhausted)] == ["running", "queued", "failed"]
     assert _get(sessions, exhausted).error_code == "worker_lost"
+
+
+def test_a_verdict_lands_only_on_the_attempt_it_was_about(sessions):
+    """A pool master's verdict for attempt 1 is void once a redelivery took the job over (attempt 2)."""
+    job_id = _job(sessions)
+    _claim(sessions, job_id, "a@h:1")
+    with transaction(sessions) as s:
+        stale = s.get(Job, job_id)
+        stale.heartbeat_at = utcnow() - timedelta(seconds=60)
+    assert _claim(sessions, job_id, "a@h:1").attempt == 2  # same worker tag, a new attempt
+    with transaction(sessions) as s:
+        assert jobs._fail_running(s, job_id, attempts=1, worker="a@h:1", code="time_limit", message="x") is False
+        assert jobs._fail_running(s, job_id, attempts=2, worker="a@h:1", code="time_limit", message="x") is True
+        assert jobs._fail_running(s, job_id, attempts=2, worker="a@h:1", code="time_limit", message="x") is False
+    assert _get(sessions, job_id).state == "failed"
+
+
+def test_terminal_webhook_is_claimed_once(sessions):
+    job_id, silent = _job(sessions, "http://127.0.0.1:9/hook"), _job(sessions)
+    _claim(sessions, job_id, "a@h:1")
+    with transaction(sessions) as s:
+        assert webhooks.claim(s, job_id) is None  # not terminal yet
+        assert jobs.on_hard_timeout(s, job_id, "a@h:1", 8)
+    with transaction(sessions) as s:
+        url, payload = webhooks.claim(s, job_id)
+    assert url == "http://127.0.0.1:9/hook" and payload["state"] == "failed"
+    assert payload["error"]["code"] == "time_limit" and "8 s" in payload["error"]["message"]
+    with transaction(sessions) as s:
+        assert webhooks.claim(s, job_id) is None  # the second caller gets nothing
+        repo.finish_job(s, silent, "canceled", error_code="canceled", error_message="canceled by request")
+        assert webhooks.claim(s, silent) is None  # no webhook_url: nothing to claim
+    assert _get(sessions, job_id).webhook_claimed_at is not None
+
+
+class _Receiver(http.server.BaseHTTPRequestHandler):
+    got: ClassVar[list[tuple[dict, bytes]]] = []
+
+    def do_POST(self) -> None:
+        self.got.append((dict(self.headers), self.rfile.read(int(self.headers["Content-Length"]))))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_gateway_sweep_reports_reaped_and_senderless_endings_once(sessions, tmp_path):
+    """The gateway's sweep fails an exhausted silent job and sends its webhook; a queued job canceled through
+    the API (no worker involved) gets its webhook too; a second sweep sends nothing more."""
+    from service.worker.queue import CeleryQueue
+
+    _Receiver.got = []
+    hook = http.server.HTTPServer(("127.0.0.1", 0), _Receiver)
+    threading.Thread(target=hook.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{hook.server_port}/hook"
+    exhausted, canceled = _job(sessions, url), _job(sessions, url)
+    _claim(sessions, exhausted, "a@h:1", max_attempts=1)
+    with transaction(sessions) as s:
+        s.get(Job, exhausted).heartbeat_at = utcnow() - timedelta(seconds=10)
+        repo.request_cancel(s, s.get(Job, canceled))
+        s.get(Job, canceled).finished_at = utcnow() - timedelta(seconds=2)  # settled for more than a lease
+    settings = Settings(
+        data_dir=tmp_path,
+        broker_url="redis://127.0.0.1:1/0",  # never contacted: nothing is re-published here
+        worker_lease_s=1,
+        job_max_attempts=1,
+        webhook_secret="whsec-sweep",
+        webhook_allow_private=True,
+    )
+    queue = CeleryQueue(settings)
+    try:
+        assert queue.sweep(sessions).failed == [exhausted]
+        deadline = time.monotonic() + 10
+        while len(_Receiver.got) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        queue.sweep(sessions)
+        time.sleep(0.5)
+    finally:
+        queue.stop()
+        hook.shutdown()
+    got = {json.loads(body)["job_id"]: (headers, json.loads(body)) for headers, body in _Receiver.got}
+    assert len(_Receiver.got) == 2 and set(got) == {exhausted, canceled}
+    headers, body = got[exhausted]
+    assert body["state"] == "failed" and body["error"]["code"] == "worker_lost"
+    raw = json.dumps(body, separators=(",", ":"), sort_keys=True).encode()
+    assert webhooks.verify("whsec-sweep", headers[webhooks.TIMESTAMP_HEADER], raw, headers[webhooks.SIGNATURE_HEADER])
+    assert got[canceled][1]["state"] == "canceled"
+
+
+def test_an_older_job_database_gets_the_new_columns(tmp_path):
+    """A jobs table from before `published_at` / `webhook_claimed_at`: `init_db` adds them, and jobs that had
+    already ended count as reported (an upgrade sends no old webhook again)."""
+    from sqlalchemy import inspect
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    engine = make_engine(url)
+    init_db(engine)
+    factory = session_factory(engine)
+    done, waiting = _job(factory, "http://127.0.0.1:9/h"), _job(factory, "http://127.0.0.1:9/h")
+    with transaction(factory) as s:
+        repo.finish_job(s, done, "succeeded")
+    with engine.begin() as conn:
+        for col in ("published_at", "webhook_claimed_at"):
+            conn.exec_driver_sql(f"ALTER TABLE jobs DROP COLUMN {col}")
+    engine.dispose()
+    engine = make_engine(url)
+    init_db(engine)
+    init_db(engine)  # idempotent
+    assert {"published_at", "webhook_claimed_at"} <= {c["name"] for c in inspect(engine).get_columns("jobs")}
+    factory = session_factory(engine)
+    finished, queued = _get(factory, done), _get(factory, waiting)
+    assert finished.webhook_claimed_at == finished.finished_at and queued.webhook_claimed_at is None
+    assert queued.published_at is None
+    engine.dispose()

@@ -8,7 +8,7 @@ given, exactly as a decoder would meet a poisonous slide:
 * `hang`: blocks the soft-time-limit signal and sleeps, like a decoder stuck in C code (hard limit);
 * `sleep`: loops forever in Python (the soft limit stops it);
 * `slow=<s>`: sleeps `s` seconds in small steps (reporting progress) before the real work;
-* anything else / no trailer: the real pipeline (`service.pipeline.run_analysis`, tiling only, no bundle).
+* anything else / no trailer / a folder: the real pipeline (`service.pipeline.run_analysis`, tiling only, no bundle).
 
 With `MSTAR_TEST_RUNLOG` set, every completed run appends its scratch directory's name (`job-<id>-...`).
 """
@@ -32,6 +32,8 @@ def make_slide(src: Path, dest: Path, action: str = "ok") -> Path:
 
 
 def _action(path: Path) -> str:
+    if path.is_dir():  # a DICOM series folder: no trailer, the real pipeline
+        return ""
     with open(path, "rb") as fh:
         fh.seek(max(0, path.stat().st_size - 256))
         tail = fh.read()

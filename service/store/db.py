@@ -6,8 +6,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.store.models import Base
@@ -45,6 +46,29 @@ def make_engine(url: str) -> Engine:
 def init_db(engine: Engine) -> None:
     """Create missing tables (idempotent; several processes may race here at start-up)."""
     Base.metadata.create_all(engine)
+    _add_new_columns(engine)
+
+
+def _add_new_columns(engine: Engine) -> None:
+    """`create_all` creates missing tables but not columns added to existing ones since: add those (nullable
+    only), so an existing job database keeps working after an upgrade. A racing process may add one first."""
+    insp = inspect(engine)
+    for table in Base.metadata.sorted_tables:
+        if not insp.has_table(table.name):
+            continue
+        have = {c["name"] for c in insp.get_columns(table.name)}
+        for col in table.columns:
+            if col.name in have or not col.nullable:
+                continue
+            ddl = f"ALTER TABLE {table.name} ADD COLUMN {col.name} {col.type.compile(engine.dialect)}"
+            try:
+                with engine.begin() as conn:
+                    conn.exec_driver_sql(ddl)
+                    if (table.name, col.name) == ("jobs", "webhook_claimed_at"):  # old rows were reported already
+                        conn.exec_driver_sql("UPDATE jobs SET webhook_claimed_at = finished_at")
+            except DBAPIError:
+                if col.name not in {c["name"] for c in inspect(engine).get_columns(table.name)}:
+                    raise
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:

@@ -103,6 +103,10 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(nullable=True)
     heartbeat_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    # Celery mode: when the job id was last handed to the broker (NULL = never: re-published at gateway start)
+    published_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    # set once by whoever claims the terminal webhook (a conditional UPDATE): exactly one sender per job
+    webhook_claimed_at: Mapped[datetime | None] = mapped_column(nullable=True)
 
 
 class Result(Base):

@@ -12,21 +12,23 @@ Celery delivers at least once; these conditional UPDATEs make the *job row* chan
 * `reap_stale` (run by the gateway's `CeleryQueue`) requeues running jobs whose lease expired long ago, for the
   rare case where no message is left to redeliver them.
 * `heartbeat` keeps the lease fresh while a stage runs without progress callbacks.
-* `on_child_lost` / `on_hard_timeout` run in the pool master, guarded by the child's `worker` tag, so a verdict
-  never lands on a job another worker has taken over since.
+* `on_child_lost` / `on_hard_timeout` run in the pool master, guarded by the child's `worker` tag and attempt
+  in the UPDATE itself, so a verdict never lands on a job another worker has taken over since.
 
-Terminal writes go through `repo.finish_job`, which only moves `queued`/`running` rows: a job is reported once.
+Terminal writes only move `queued`/`running` rows, and the failures decided here are conditional UPDATEs checked
+by row count: a job reaches its terminal state once, and its webhook is claimed once (`service.webhooks.claim`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from service.store import repo
-from service.store.models import Job, utcnow
+from service.store.models import TERMINAL_STATES, Job, utcnow
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,32 @@ def _running_on(s: Session, job_id: str, worker: str) -> Job | None:
     return job
 
 
+def _fail_running(
+    s: Session,
+    job_id: str,
+    *,
+    attempts: int,
+    code: str,
+    message: str,
+    worker: str | None = None,
+    silent_since: datetime | None = None,
+) -> bool:
+    """Fail a `running` job still in attempt `attempts` (and on `worker` / silent since `silent_since` when
+    given); True only for the caller whose UPDATE moved the row, so exactly one party reports the failure."""
+    cond = [Job.id == job_id, Job.state == "running", Job.attempts == attempts]
+    if worker is not None:
+        cond.append(Job.worker == worker)
+    if silent_since is not None:
+        cond.append(Job.heartbeat_at.is_(None) | (Job.heartbeat_at < silent_since))
+    n = s.execute(
+        update(Job)
+        .where(*cond)
+        .values(state="failed", finished_at=utcnow(), error_code=code, error_message=message)
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    return n == 1
+
+
 def on_child_lost(s: Session, job_id: str, worker: str, *, max_attempts: int, why: str) -> str:
     """The pool child running the job died (decoder abort, segfault, OOM kill). Requeue it or fail it.
 
@@ -113,22 +141,22 @@ def on_child_lost(s: Session, job_id: str, worker: str, *, max_attempts: int, wh
     if job is None:
         return "ignored"
     if job.attempts >= max_attempts:
-        repo.finish_job(
+        won = _fail_running(
             s,
             job_id,
-            "failed",
-            error_code="worker_crashed",
-            error_message=f"the worker process died while processing this slide ({why}), "
-            f"{job.attempts} time(s); giving up",
+            attempts=job.attempts,
+            worker=worker,
+            code="worker_crashed",
+            message=f"the worker process died while processing this slide ({why}), {job.attempts} time(s); giving up",
         )
-        return "failed"
-    s.execute(
+        return "failed" if won else "ignored"
+    n = s.execute(
         update(Job)
         .where(Job.id == job_id, Job.state == "running", Job.worker == worker, Job.attempts == job.attempts)
         .values(state="queued", worker=None, stage=None, progress=0.0)
         .execution_options(synchronize_session=False)
-    )
-    return "requeued"
+    ).rowcount
+    return "requeued" if n == 1 else "ignored"
 
 
 def on_hard_timeout(s: Session, job_id: str, worker: str, limit_s: float) -> bool:
@@ -136,34 +164,44 @@ def on_hard_timeout(s: Session, job_id: str, worker: str, limit_s: float) -> boo
     job = _running_on(s, job_id, worker)
     if job is None:
         return False
-    repo.finish_job(
+    return _fail_running(
         s,
         job_id,
-        "failed",
-        error_code="time_limit",
-        error_message=f"the job exceeded its hard time limit of {limit_s:g} s and was stopped",
+        attempts=job.attempts,
+        worker=worker,
+        code="time_limit",
+        message=f"the job exceeded its hard time limit of {limit_s:g} s and was stopped",
     )
-    return True
 
 
-def reap_stale(s: Session, *, lease_s: float, max_attempts: int) -> list[str]:
-    """Requeue `running` jobs silent for two leases (or fail them, out of attempts); the ids to re-publish."""
+@dataclass
+class Reaped:
+    """What `reap_stale` did: jobs to re-publish, and jobs it failed (their webhooks are due)."""
+
+    requeued: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+
+
+def reap_stale(s: Session, *, lease_s: float, max_attempts: int) -> Reaped:
+    """Requeue `running` jobs silent for two leases, or fail them once out of attempts."""
     cutoff = repo.stale_cutoff(2 * lease_s)
     rows = s.execute(
         select(Job.id, Job.attempts).where(
             Job.state == "running", (Job.heartbeat_at.is_(None)) | (Job.heartbeat_at < cutoff)
         )
     ).all()
-    requeued = []
+    out = Reaped()
     for job_id, attempts in rows:
         if (attempts or 0) >= max_attempts:
-            repo.finish_job(
+            if _fail_running(
                 s,
                 job_id,
-                "failed",
-                error_code="worker_lost",
-                error_message=f"the worker stopped during this job {attempts} times; giving up",
-            )
+                attempts=attempts,
+                silent_since=cutoff,
+                code="worker_lost",
+                message=f"the worker stopped during this job {attempts} times; giving up",
+            ):
+                out.failed.append(job_id)
             continue
         n = s.execute(
             update(Job)
@@ -177,5 +215,25 @@ def reap_stale(s: Session, *, lease_s: float, max_attempts: int) -> list[str]:
             .execution_options(synchronize_session=False)
         ).rowcount
         if n == 1:
-            requeued.append(job_id)
-    return requeued
+            out.requeued.append(job_id)
+    return out
+
+
+def unreported(s: Session, *, settled_s: float, window_s: float, limit: int = 200) -> list[str]:
+    """Terminal jobs with a webhook nobody has claimed, finished between `window_s` and `settled_s` ago: a
+    verdict whose writer died before sending, or a terminal change made where no sender runs (e.g. a queued
+    job canceled through the API). Older ones are left alone (a database upgraded from an older version)."""
+    now = utcnow()
+    q = (
+        select(Job.id)
+        .where(
+            Job.state.in_(TERMINAL_STATES),
+            Job.webhook_url.is_not(None),
+            Job.webhook_claimed_at.is_(None),
+            Job.finished_at < now - timedelta(seconds=settled_s),
+            Job.finished_at >= now - timedelta(seconds=window_s),
+        )
+        .order_by(Job.finished_at)
+        .limit(limit)
+    )
+    return list(s.scalars(q))

@@ -1,9 +1,13 @@
 """`CeleryQueue`: the gateway's `JobQueue` when a broker is configured (`service.runner.make_queue`).
 
-`notify` publishes the job id to the `interactive` queue (uploads, PACS) or the `batch` queue. The job row was
-committed before, so a lost publish is repaired by `republish_queued` (run at start; `mstar submit` re-publishes
-its batch's queued jobs), and a sweep thread requeues running jobs whose lease expired long ago
-(`jobs.reap_stale`): a duplicate message is harmless because workers claim the row conditionally.
+`notify` publishes the job id to the `interactive` queue (uploads, PACS) or the `batch` queue and stamps the
+row's `published_at`. The job row is committed before the publish, so a crash in between leaves a `queued`
+row that was never published: `start` re-publishes exactly those (`published_at IS NULL`), not every queued
+job. A published message stays in Redis (AOF, `appendfsync always`) until its job ends, and a job requeued
+after a crash is re-published by whoever requeued it, so nothing else needs re-publishing at start; `mstar
+submit` re-publishes its batch's queued jobs on request. A sweep thread requeues running jobs whose lease
+expired long ago (`jobs.reap_stale`) and sends the webhooks of jobs it fails, or that ended with no sender
+(`jobs.unreported`): a duplicate message is harmless because workers claim the row conditionally.
 """
 
 from __future__ import annotations
@@ -11,16 +15,21 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
-from sqlalchemy import select
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
 
 from service.config import Settings
 from service.store.db import init_db, make_engine, session_factory, transaction
-from service.store.models import Job
+from service.store.models import Job, utcnow
 from service.worker import jobs
 from service.worker.celery_app import BATCH, INTERACTIVE, PRIORITY, TASK_NAME, make_celery
 
 log = logging.getLogger("mstar.queue")
+
+#: jobs that ended longer ago than this without a webhook sender are not reported any more
+UNREPORTED_WINDOW_S = 3600.0
 
 
 class CeleryQueue:
@@ -31,19 +40,29 @@ class CeleryQueue:
         self.default_queue = default_queue
         self.app = make_celery(settings, with_tasks=False)
         self._engine = None
+        self._factory: sessionmaker[Session] | None = None
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._reaper: threading.Thread | None = None
+        self._hooks = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mstar-webhook")  # off the sweep thread
         self._health_at = 0.0
         self._health: dict = {"ok": False, "kind": "celery"}
 
+    def _sessions(self) -> sessionmaker[Session]:
+        """The job store (opened on first use: `mstar submit` publishes without `start`)."""
+        with self._lock:
+            if self._factory is None:
+                self._engine = make_engine(self.settings.db_url)
+                init_db(self._engine)
+                self._factory = session_factory(self._engine)
+            return self._factory
+
     def start(self) -> None:
-        """Re-publish jobs still `queued` (a crash between commit and publish loses nothing)."""
-        self._engine = make_engine(self.settings.db_url)
-        init_db(self._engine)
-        factory = session_factory(self._engine)
-        n = self.republish_queued(factory)
+        """Publish jobs left `queued` and never published (a crash between commit and publish loses nothing)."""
+        factory = self._sessions()
+        n = self.republish_queued(factory, unpublished_only=True)
         if n:
-            log.info("re-published %d queued job(s)", n)
+            log.info("published %d queued job(s) that had never been published", n)
         self._stop.clear()
         self._reaper = threading.Thread(target=self._reap_loop, args=(factory,), name="mstar-reaper", daemon=True)
         self._reaper.start()
@@ -52,38 +71,64 @@ class CeleryQueue:
         self._stop.set()
         if self._reaper is not None:
             self._reaper.join(5)
+        self._hooks.shutdown(wait=False, cancel_futures=True)
         if self._engine is not None:
             self._engine.dispose()
         self.app.close()
 
     def notify(self, job_id: str, *, queue: str | None = None) -> None:
+        """Publish the job id, then record that it was published (`published_at`)."""
         queue = queue or self.default_queue
         self.app.send_task(TASK_NAME, args=[job_id], queue=queue, routing_key=queue, priority=PRIORITY[queue])
+        try:
+            with transaction(self._sessions()) as s:
+                s.execute(
+                    update(Job)
+                    .where(Job.id == job_id)
+                    .values(published_at=utcnow())
+                    .execution_options(synchronize_session=False)
+                )
+        except Exception:  # published anyway; the next gateway start publishes it once more, harmlessly
+            log.warning("could not record the publish of job %s", job_id, exc_info=True)
 
-    def republish_queued(self, factory, *, job_ids: list[str] | None = None) -> int:
-        """Publish queued jobs again, batch jobs (options carry `batch_id`) on the batch queue."""
+    def republish_queued(self, factory, *, job_ids: list[str] | None = None, unpublished_only: bool = False) -> int:
+        """Publish queued jobs (again), batch jobs (options carry `batch_id`) on the batch queue."""
         with transaction(factory) as s:
             q = select(Job.id, Job.options).where(Job.state == "queued").order_by(Job.created_at)
             if job_ids is not None:
                 q = q.where(Job.id.in_(job_ids))
+            if unpublished_only:
+                q = q.where(Job.published_at.is_(None))
             rows = s.execute(q).all()
         for job_id, options in rows:
             self.notify(job_id, queue=BATCH if (options or {}).get("batch_id") else None)
         return len(rows)
 
     def _reap_loop(self, factory) -> None:
-        """Jobs whose worker vanished with no message left to redeliver them: requeue and re-publish."""
         while not self._stop.wait(self.settings.worker_lease_s):
-            try:
-                with transaction(factory) as s:
-                    ids = jobs.reap_stale(
-                        s, lease_s=self.settings.worker_lease_s, max_attempts=self.settings.job_max_attempts
-                    )
-                if ids:
-                    log.warning("re-published %d job(s) whose worker stopped answering", len(ids))
-                    self.republish_queued(factory, job_ids=ids)
-            except Exception:  # broker or database down for a moment: try again next period
-                log.warning("stale-job sweep failed", exc_info=True)
+            self.sweep(factory)
+
+    def sweep(self, factory) -> jobs.Reaped:
+        """One pass: requeue and re-publish jobs whose worker vanished with no message left to redeliver them,
+        fail those out of attempts, and send the webhooks of jobs that ended without a sender."""
+        from service import webhooks
+
+        reaped = jobs.Reaped()
+        try:
+            with transaction(factory) as s:
+                reaped = jobs.reap_stale(
+                    s, lease_s=self.settings.worker_lease_s, max_attempts=self.settings.job_max_attempts
+                )
+                lease = self.settings.worker_lease_s
+                due = jobs.unreported(s, settled_s=lease, window_s=max(UNREPORTED_WINDOW_S, 10 * lease))
+            if reaped.requeued:
+                log.warning("re-published %d job(s) whose worker stopped answering", len(reaped.requeued))
+                self.republish_queued(factory, job_ids=reaped.requeued)
+            for job_id in dict.fromkeys([*reaped.failed, *due]):  # the claim inside decides who sends: once
+                self._hooks.submit(webhooks.send_for_job, factory, job_id, self.settings)
+        except Exception:  # broker or database down for a moment: try again next period
+            log.warning("stale-job sweep failed", exc_info=True)
+        return reaped
 
     def health(self) -> dict:
         """Broker reachable (cached 5 s, so /readyz does not open a connection per probe)."""

@@ -3,7 +3,9 @@
 The message carries only the job id; the slide, options and results live in the job store and the blob store.
 The task claims the job row first (`service.worker.jobs.claim`), so duplicate deliveries do nothing, and keeps
 a heartbeat while it runs. The pool master's side (`JobRequest`) writes the verdict when a child dies or hits
-the hard time limit, because then no code runs in the child any more.
+the hard time limit, because then no code runs in the child any more, and sends that failure's webhook from a
+short-lived thread (HTTP retries never block the master's event loop). Every sender goes through
+`service.webhooks.claim`, so a job's terminal webhook leaves exactly once whoever decided its state.
 """
 
 from __future__ import annotations
@@ -91,7 +93,7 @@ class JobRequest(Request):
 
     def on_timeout(self, soft: bool, timeout: float) -> None:
         if not soft:
-            self._record(lambda s, job_id, worker: jobs.on_hard_timeout(s, job_id, worker, timeout))
+            self._record(lambda s, job_id, worker: jobs.on_hard_timeout(s, job_id, worker, timeout) and "failed")
         super().on_timeout(soft, timeout)
 
     def on_failure(self, exc_info, send_failed_event: bool = True, return_ok: bool = False) -> None:
@@ -108,15 +110,23 @@ class JobRequest(Request):
         super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
 
     def _record(self, fn: Callable[[Session, str, str], Any]) -> None:
+        """Write the verdict; when it made the job terminal ("failed"), send its webhook off this thread."""
         ids = self._job_and_worker()
         if ids is None:
             return
+        settings: Settings = self.task.app.mstar_settings
+        factory = _factory(settings, master=True)
         try:
-            with transaction(_factory(self.task.app.mstar_settings, master=True)) as s:
+            with transaction(factory) as s:
                 verdict = fn(s, *ids)
-            log.warning("job %s on %s: %s", ids[0], ids[1], verdict)
+            log.warning("job %s on %s: %s", ids[0], ids[1], verdict or "ignored")
         except Exception:  # never let a database problem take the master down; the lease recovers the job
             log.exception("could not record the verdict for job %s", ids[0])
+            return
+        if verdict == "failed":
+            from service import webhooks
+
+            webhooks.send_in_background(factory, ids[0], settings)
 
 
 class JobTask(Task):
@@ -147,6 +157,7 @@ def run_job(self: Task, job_id: str) -> dict:
         raise self.retry(exc=err, countdown=5, max_retries=None) from err
     if got.action != "run":
         log.info("job %s skipped: %s", job_id, got.reason)
+        _webhook(settings, factory, job_id)  # the claim may have ended it (canceled, out of attempts)
         return {"job_id": job_id, "skipped": got.reason}
     log.info("job %s attempt %d on %s", job_id, got.attempt, worker)
     if got.attempt > 1:  # a previous attempt died mid-job: drop its half-written scratch directory
@@ -158,26 +169,18 @@ def run_job(self: Task, job_id: str) -> dict:
         outcome = execute_job(job_id, settings, pipeline=_with_soft_limit(load_callable(settings.pipeline)))
     finally:
         beat.done.set()
-    try:
-        _webhook(settings, factory, job_id, worker, got.attempt)
-    except Exception:  # the job is done either way; the receiver can poll GET /jobs/{id}
-        log.exception("webhook for job %s failed", job_id)
+    _webhook(settings, factory, job_id)
     return {"job_id": job_id, "state": outcome.state, "attempt": got.attempt, "error": outcome.error_code}
 
 
-def _webhook(settings: Settings, factory: sessionmaker[Session], job_id: str, worker: str, attempt: int) -> None:
-    """Deliver the terminal webhook once: only the attempt whose run reached the terminal state sends it."""
+def _webhook(settings: Settings, factory: sessionmaker[Session], job_id: str) -> None:
+    """Deliver the terminal webhook if the job is terminal and no one else claimed it (a no-op otherwise)."""
     from service import webhooks
-    from service.store.models import TERMINAL_STATES, Job
 
-    with transaction(factory) as s:
-        job = s.get(Job, job_id)
-        if job is None or not job.webhook_url or job.state not in TERMINAL_STATES:
-            return
-        if job.worker != worker or job.attempts != attempt:
-            return
-        url, payload = job.webhook_url, webhooks.job_payload(job)
-    webhooks.deliver(url, payload, settings)
+    try:
+        webhooks.send_for_job(factory, job_id, settings)
+    except Exception:  # the job is done either way; the receiver can poll GET /jobs/{id}
+        log.exception("webhook for job %s failed", job_id)
 
 
 def register(app: Celery, settings: Settings) -> Task:

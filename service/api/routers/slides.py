@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
+from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Body, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
+from service import dicom_series
 from service.api.deps import ContextDep, SessionDep, TenantDep
 from service.api.errors import NotFoundError
 from service.api.responses import ERRORS, UPLOAD_BODY
@@ -63,9 +67,16 @@ async def upload_slide(
         ctx.metrics.upload_bytes.inc(writer.size)
         analyze = parse_bool(parsed.fields.get("analyze"), "analyze", True)
         mpp = parse_mpp(parsed.fields.get("mpp_override"))
-        with transaction(ctx.sessions) as s:
-            existing = repo.find_slide_by_sha(s, principal.tenant_id, writer.sha256)
-        if existing is None:
+        series: tuple[Slide, bool] | None = None
+        if dicom_series.is_zip(writer.path):  # one DICOM WSI series as a ZIP: unpacked, checked, a folder slide
+            zipped, writer = writer, None
+            series = await _store_series_zip(ctx, principal.tenant_id, zipped, mpp)
+        else:
+            with transaction(ctx.sessions) as s:
+                existing = repo.find_slide_by_sha(s, principal.tenant_id, writer.sha256)
+        if series is not None:
+            slide, created = series
+        elif existing is None:
             probed = await probe_slide(writer.path, mpp, settings)
             fmt = probed.get("format") or "unknown"
             slide_id = new_id()
@@ -114,6 +125,55 @@ async def upload_slide(
     )
     body = UploadAccepted(slide=slide_out(slide), job=job).model_dump(mode="json")
     return JSONResponse(body, status_code=202, headers={"Location": f"/jobs/{job.id}"})
+
+
+async def _store_series_zip(ctx, tenant_id: str, zipped, mpp: float | None) -> tuple[Slide, bool]:
+    """(slide, created) for a ZIP holding one DICOM WSI series (`service.dicom_series`): unpacked with size
+    caps, checked from the headers (one series, whole-slide images), deduplicated by the series' content digest,
+    opened by the probe process like any upload, then stored as a folder of instances. Consumes `zipped`."""
+    settings = ctx.settings
+    work = Path(tempfile.mkdtemp(dir=ctx.blobs.staging, prefix="series-"))
+    staged = None
+    try:
+        folder = work / "files"
+        await run_in_threadpool(dicom_series.unpack_zip, zipped.path, folder, max_bytes=settings.upload_max_bytes)
+        zipped.discard()
+        found = await run_in_threadpool(
+            dicom_series.collect, folder, max_bytes=settings.upload_max_bytes, name="", what="ZIP archive"
+        )
+        staged = await run_in_threadpool(dicom_series.stage, ctx.blobs, found.files)
+        sha, size = staged.sha256, staged.size
+        with transaction(ctx.sessions) as s:
+            existing = repo.find_slide_by_sha(s, tenant_id, sha)
+        if existing is not None:
+            return existing, False
+        probed = await probe_slide(folder, mpp, settings)
+        slide_id = new_id()
+        key = dicom_series.blob_key(tenant_id, slide_id)
+        await run_in_threadpool(staged.commit, key)
+        info = {**(probed.get("info") or {}), "instances": len(found.files)}
+        slide = Slide(
+            id=slide_id,
+            tenant_id=tenant_id,
+            sha256=sha,
+            format=dicom_series.FORMAT,
+            size_bytes=size,
+            blob_key=key,
+            mpp_override=mpp,
+            info=info,
+            created_at=utcnow(),
+        )
+        with transaction(ctx.sessions) as s:
+            stored = repo.add_slide(s, slide)
+        if stored.id != slide_id:  # the same series won a race: keep one copy
+            ctx.blobs.delete_prefix(key)
+        log.info("slide %s stored for tenant %s (DICOM series, %d instances)", stored.id, tenant_id, len(found.files))
+        return stored, stored.id == slide_id
+    finally:
+        zipped.discard()
+        if staged is not None:
+            staged.discard()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _queue(ctx, tenant_id: str, slide_id: str, req: AnalysisRequest, idempotency_key: str | None) -> JobOut:
