@@ -144,8 +144,28 @@ def test_zeroshot_retrieval_fewshot_and_pre_head_with_stage1(tmp_path) -> None:
         assert set(rt["test"][key]) == {"R@1", "R@5", "R@10"}
     assert "stage1_slide_embedding" in rt["test"]["slide_to_slide"]
 
+    assert zs["class_similarity"]["max_cosine"] <= 1.0 + 1e-6 and len(zs["class_similarity"]["pair"]) == 2
+
     fs = run(DownstreamConfig(task="fewshot", out_dir=tmp_path / "fs", fewshot_repeats=2, **base))
-    assert set(fs["test"]) == {"mean_patch_features", "stage1_slide_embedding"}
+    assert set(fs["test"]) == {"mean_patch_features", "stage1_slide_embedding", "stage1_aggregator_tokens"}
+    assert set(fs["test"]["stage1_aggregator_tokens"]) == {"patch_prototype"}
+    pp = fs["patch_prototype"]
+    assert pp["selected_on"] == "val" and pp["topj"] in (1, 5, 100) and pp["n_top_patches"] == 100
+    assert set(fs["test"]["stage1_aggregator_tokens"]["patch_prototype"]) == {str(k) for k in fs["shots"]}
+    only = run(
+        DownstreamConfig(
+            task="fewshot", out_dir=tmp_path / "fs2", fewshot_repeats=1, fewshot_methods=["patch_prototype"], **base
+        )
+    )
+    assert set(only["test"]) == {"stage1_aggregator_tokens"}
+    from training.evaluate import evaluate_run
+
+    evaluate_run(tmp_path / "fs")
+    report = (tmp_path / "fs" / "report.md").read_text()
+    assert "| stage1_aggregator_tokens | patch_prototype |" in report and "MI-Zero top-" in report
+    no_ckpt = {k: v for k, v in base.items() if k != "stage1_checkpoint"}
+    with pytest.raises(InvalidParameterError, match="stage1_checkpoint"):
+        run(DownstreamConfig(task="fewshot", out_dir=tmp_path / "fs3", fewshot_methods=["patch_prototype"], **no_ckpt))
 
     # TransMIL_Pre keeps the Stage-1 input standardisation, also through save / load
     cls = run(

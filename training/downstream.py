@@ -94,6 +94,10 @@ class DownstreamConfig(BaseModel):
     topk: list[int] = Field(default_factory=lambda: [1, 5, 10, 50, 100])
     shots: list[int] | None = None
     fewshot_repeats: int = 5
+    # patch_prototype (official §3.5) needs stage1_checkpoint (+ prompts); skipped without one unless listed here
+    fewshot_methods: list[Literal["prototype", "linear_probe", "patch_prototype"]] = Field(
+        default_factory=lambda: ["prototype", "linear_probe", "patch_prototype"]
+    )
     recall_ks: list[int] = Field(default_factory=lambda: [1, 5, 10])
 
     @classmethod
@@ -313,6 +317,11 @@ def train_survival(cfg: DownstreamConfig) -> dict:
             "risk": r.tolist(),
             "survival": s.tolist(),
         }
+    # outcomes only: `mstar eval` estimates the censoring distribution and the null model for the Brier score
+    preds["train"] = {
+        "time": arr(splits["train"], cfg.time_column).tolist(),
+        "event": arr(splits["train"], cfg.event_column).astype(int).tolist(),
+    }
     summary = Path(cfg.cohort).parent / "cohort_summary.json"
     if summary.is_file():
         result["cohort_summary"] = json.loads(summary.read_text())

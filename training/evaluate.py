@@ -3,8 +3,8 @@
 Reads each task directory's `metrics.json` + `predictions.json` (written by `training.downstream`) and
 writes `RUN_DIR/report.md`, `RUN_DIR/metrics.json` (all tasks' test and val metrics) and PNG plots under
 `RUN_DIR/plots/`: ROC curves, confusion matrix and calibration (classification, zero-shot), Kaplan-Meier
-curves of predicted-risk groups with the log-rank p (survival), few-shot curves, and generated reports
-beside the truth.
+curves of predicted-risk groups with the log-rank p, a survival calibration plot and time-dependent / integrated
+Brier scores (survival), few-shot curves, and generated reports beside the truth.
 """
 
 from __future__ import annotations
@@ -130,6 +130,32 @@ def plot_km(time: np.ndarray, event: np.ndarray, risk: np.ndarray, path: Path, t
     return p
 
 
+def plot_survival_calibration(calib: dict, path: Path, title: str) -> None:
+    """Predicted S(horizon) per predicted-risk group against the Kaplan-Meier S(horizon) with its 95% CI."""
+    groups = [g for g in calib["groups"] if np.isfinite(g["observed"])]
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    if groups:
+        x = np.array([g["predicted"] for g in groups])
+        y = np.array([g["observed"] for g in groups])
+        lo = np.array([g["ci_low"] for g in groups])
+        hi = np.array([g["ci_high"] for g in groups])
+        yerr = np.nan_to_num(np.vstack([y - lo, hi - y]), nan=0.0).clip(min=0)
+        ax.errorbar(x, y, yerr=yerr, fmt="o-", capsize=3)
+        for g, xi, yi in zip(groups, x, y, strict=True):
+            ax.annotate(f"n={g['n']}", (xi, yi), textcoords="offset points", xytext=(5, -10), fontsize=7)
+    ax.set(
+        xlabel=f"predicted survival at t = {calib['horizon']:.3g}",
+        ylabel="observed (Kaplan-Meier, 95% CI)",
+        title=title,
+        xlim=(0, 1),
+        ylim=(0, 1.02),
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot_fewshot(curves: dict, path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for source, methods in curves.items():
@@ -215,6 +241,50 @@ def _surv_section(name: str, metrics: dict, preds: dict, plots: Path, rel: str) 
             f"![KM]({rel}/{name}_km.png)",
             "",
         ]
+        edges = preds.get("meta", {}).get("bin_edges")
+        if edges and test.get("survival"):
+            out += _surv_calibration(name, metrics, preds, plots, rel, np.asarray(edges, float))
+    return out
+
+
+def _surv_calibration(name: str, metrics: dict, preds: dict, plots: Path, rel: str, edges: np.ndarray) -> list[str]:
+    """Brier scores at the inner bin edges and the calibration plot at the horizon (`training.survival`)."""
+    from training.survival import brier_summary, choose_horizon, km_calibration, survival_at_inner_edges
+
+    test = preds["test"]
+    t, e, s = np.array(test["time"], float), np.array(test["event"]), np.array(test["survival"], float)
+    ref = preds.get("train") or test  # runs from before train outcomes were saved: the test set's own censoring
+    brier = brier_summary(np.array(ref["time"], float), np.array(ref["event"]), t, e, s, edges)
+    brier["censoring_from"] = "train" if "train" in preds else "test"
+    metrics["test"]["brier"] = brier
+    out = [f"Time-dependent Brier score (IPCW, censoring from the {brier['censoring_from']} split; lower is better):"]
+    if brier["times"] and brier["brier"]:
+        rows = [
+            [f"{ti:.3g}", f"{b:.3f}", f"{nb:.3f}"]
+            for ti, b, nb in zip(brier["times"], brier["brier"], brier["null_brier"], strict=True)
+        ]
+        if brier["ibs"] is not None:
+            rows.append(["integrated", f"{brier['ibs']:.3f}", f"{brier['null_ibs']:.3f}"])
+        out += ["", _table(["time", "model", "Kaplan-Meier null"], rows)]
+    else:
+        out.append(brier.get("note", "not computable"))
+    horizon = choose_horizon(edges, t)
+    if horizon is not None:
+        grid, pred = survival_at_inner_edges(s, edges)
+        n_groups = int(np.clip(len(t) // 15, 2, 5))
+        calib = km_calibration(t, e, pred[:, int(np.argmin(np.abs(grid - horizon)))], horizon, n_groups)
+        metrics["test"]["survival_calibration"] = calib
+        plot_survival_calibration(
+            calib, plots / f"{name}_survival_calibration.png", f"{name}: calibration at t = {horizon:.3g}"
+        )
+        out += [
+            "",
+            f"Calibration at t = {horizon:.3g} (the inner bin edge nearest the median test time), {n_groups} groups "
+            f"of predicted risk: mean |predicted - Kaplan-Meier| = {calib['mean_abs_error']:.3f}",
+            "",
+            f"![survival calibration]({rel}/{name}_survival_calibration.png)",
+            "",
+        ]
     return out
 
 
@@ -275,6 +345,13 @@ def _fewshot_section(name: str, metrics: dict, preds: dict, plots: Path, rel: st
                 + [f"{by_k[k]['balanced_accuracy_mean']:.3f} ± {by_k[k]['balanced_accuracy_std']:.3f}" for k in shots]
             )
     out.append(_table(["embedding", "method", *[f"k={k}" for k in shots]], rows))
+    pp = metrics.get("patch_prototype")
+    if pp:
+        out.append(
+            f"\npatch_prototype (official): prototypes = mean of each class's {pp['n_top_patches']} support patches "
+            f"with the highest zero-shot logit ({pp['patch_embedding']}); queries by MI-Zero top-{pp['topj']} "
+            f"pooling (j chosen on {pp['selected_on']})."
+        )
     if curves:
         plot_fewshot(curves, plots / f"{name}_curve.png", f"{name}: few-shot")
         out += ["", f"![few-shot]({rel}/{name}_curve.png)", ""]

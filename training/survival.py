@@ -104,3 +104,95 @@ def bootstrap_c_index(
         "ci_high": float(np.nanpercentile(arr, 97.5)),
         "n": int(n),
     }
+
+
+# ---- calibration and Brier score (for `mstar eval`) ------------------------------------------------
+# The discrete-time head gives S at the end of each bin: survival[:, k] = P(T > edges[k + 1]). Between edges
+# the model says nothing finer, so everything below is evaluated at the *inner* bin edges, where the predicted
+# survival is exactly defined (the outer edges lie at or beyond the follow-up range).
+
+
+def survival_at_inner_edges(survival: np.ndarray, edges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(times `[n_bins - 1]`, predicted S at those times `[B, n_bins - 1]`)."""
+    survival, edges = np.asarray(survival, float), np.asarray(edges, float)
+    if survival.ndim != 2 or survival.shape[1] != len(edges) - 1:
+        raise InvalidParameterError(f"survival {survival.shape} does not match {len(edges)} bin edges")
+    return edges[1:-1], survival[:, :-1]
+
+
+def choose_horizon(edges: np.ndarray, times: np.ndarray) -> float | None:
+    """The inner bin edge nearest to the median observed time (None with a single bin): the calibration plot's
+    horizon. The median follow-up keeps about half the cohort under observation, and a bin edge is where the
+    head's survival needs no interpolation."""
+    inner = np.asarray(edges, float)[1:-1]
+    if inner.size == 0:
+        return None
+    return float(inner[np.argmin(np.abs(inner - np.median(np.asarray(times, float))))])
+
+
+def _surv(events: np.ndarray, times: np.ndarray) -> np.ndarray:
+    from sksurv.util import Surv
+
+    return Surv.from_arrays(np.asarray(events).astype(bool), np.asarray(times, float))
+
+
+def brier_summary(
+    ref_times: np.ndarray,
+    ref_events: np.ndarray,
+    times: np.ndarray,
+    events: np.ndarray,
+    survival: np.ndarray,
+    edges: np.ndarray,
+) -> dict:
+    """Time-dependent Brier score (IPCW, scikit-survival) of the predicted survival at the inner bin edges inside
+    the test follow-up, the integrated Brier score over them, and the same for the Kaplan-Meier null model (one
+    survival curve for everybody, fitted on the reference set). `ref_*` (normally the training split) estimate
+    the censoring distribution and the null model. Lower is better; a useful model beats the null."""
+    from sksurv.metrics import brier_score, integrated_brier_score
+    from sksurv.nonparametric import SurvivalFunctionEstimator
+
+    times, events = np.asarray(times, float), np.asarray(events).astype(bool)
+    grid, pred = survival_at_inner_edges(survival, edges)
+    keep = (grid >= times.min()) & (grid < times.max()) & (grid < np.asarray(ref_times, float).max())
+    grid, pred = grid[keep], pred[:, keep]
+    out: dict = {"times": grid.tolist(), "brier": [], "null_brier": [], "ibs": None, "null_ibs": None}
+    if grid.size == 0:
+        out["note"] = "no inner bin edge inside the test follow-up"
+        return out
+    ref, test = _surv(ref_events, ref_times), _surv(events, times)
+    null = SurvivalFunctionEstimator().fit(ref).predict_proba(grid)
+    null_pred = np.broadcast_to(null, pred.shape)
+    try:
+        out["brier"] = brier_score(ref, test, pred, grid)[1].tolist()
+        out["null_brier"] = brier_score(ref, test, null_pred, grid)[1].tolist()
+        if grid.size >= 2:
+            out["ibs"] = float(integrated_brier_score(ref, test, pred, grid))
+            out["null_ibs"] = float(integrated_brier_score(ref, test, null_pred, grid))
+    except ValueError as err:  # e.g. the censoring distribution reaches zero before a grid time
+        out["note"] = f"Brier score not computable: {err}"
+    return out
+
+
+def km_calibration(
+    times: np.ndarray, events: np.ndarray, predicted: np.ndarray, horizon: float, n_groups: int = 4
+) -> dict:
+    """Predicted vs observed survival at `horizon` in `n_groups` equal-sized groups of predicted S(horizon)
+    (i.e. predicted-risk quantiles). Observed = Kaplan-Meier at the horizon with its 95% log-log CI
+    (scikit-survival); NaN where a group's follow-up ends before the horizon. Also the group-size-weighted
+    mean |predicted - observed|."""
+    from sksurv.nonparametric import SurvivalFunctionEstimator
+
+    times, events, predicted = np.asarray(times, float), np.asarray(events).astype(bool), np.asarray(predicted)
+    n_groups = max(1, min(n_groups, len(times)))
+    groups = []
+    for idx in np.array_split(np.argsort(predicted, kind="stable"), n_groups):
+        g = {"n": len(idx), "events": int(events[idx].sum()), "predicted": float(predicted[idx].mean())}
+        g["observed"] = g["ci_low"] = g["ci_high"] = float("nan")
+        if times[idx].max() >= horizon:
+            est = SurvivalFunctionEstimator(conf_type="log-log").fit(_surv(events[idx], times[idx]))
+            s, ci = est.predict_proba(np.array([horizon]), return_conf_int=True)
+            g.update(observed=float(s[0]), ci_low=float(ci[0, 0]), ci_high=float(ci[1, 0]))
+        groups.append(g)
+    ok = [g for g in groups if np.isfinite(g["observed"])]
+    err = sum(g["n"] * abs(g["predicted"] - g["observed"]) for g in ok) / max(sum(g["n"] for g in ok), 1)
+    return {"horizon": float(horizon), "groups": groups, "mean_abs_error": float(err) if ok else float("nan")}

@@ -102,6 +102,24 @@ def slide_scores(slide_emb: torch.Tensor, classifier: torch.Tensor) -> torch.Ten
     return F.normalize(slide_emb.float(), dim=-1) @ classifier.T
 
 
+def patch_embeddings(out: Any, feats: torch.Tensor, patch_proj: nn.Module | None) -> torch.Tensor:
+    """A slide's patch embeddings in the shared text space `[N, E]` (not normalised): `proj(features)` with a
+    Stage-2 `proj`, else the Stage-1 aggregator's output tokens (`out` = its forward on this slide)."""
+    return patch_proj(feats) if patch_proj is not None else out.tokens[0]
+
+
+def patch_embedding_name(patch_proj: nn.Module | None) -> str:
+    return "stage2_proj" if patch_proj is not None else "stage1_aggregator_tokens"
+
+
+def class_similarity(classifier: torch.Tensor, labels: Sequence[str]) -> dict:
+    """The most similar pair of class embeddings. Near 1 means the prompts do not tell the classes apart *for
+    this text encoder* (e.g. prompt words its training text never used): zero-shot then sits near chance."""
+    sim = (classifier @ classifier.T).fill_diagonal_(-2.0)
+    i, j = divmod(int(sim.argmax()), sim.shape[1])
+    return {"max_cosine": float(sim[i, j]), "pair": [labels[i], labels[j]]}
+
+
 # ---- Stage-1 encoders ----------------------------------------------------------------------------
 class Stage1Encoders(nn.Module):
     """The frozen Stage-1 aggregator, text encoder and `proj_text` read back from a Stage-1 checkpoint."""
@@ -183,6 +201,14 @@ def run_zeroshot(cfg: Any) -> dict:
             f"prompt classes {sorted(prompts.classes)} match fewer than two cohort labels {sorted(map(str, present))}"
         )
     classifier = class_embeddings(enc.encode_text, prompts, labels)
+    similar = class_similarity(classifier, labels)
+    if similar["max_cosine"] > 0.98:
+        log.warning(
+            "prompt class embeddings of %s and %s are nearly identical (cosine %.3f): the text encoder does not "
+            "separate these prompts; use words its training reports use",
+            *similar["pair"],
+            similar["max_cosine"],
+        )
     lab_idx = {lab: i for i, lab in enumerate(labels)}
     splits = by_split([c for c in cases if c.fields.get(cfg.label_column) in lab_idx])
     methods = ["slide_level"] + [f"mi_zero_top{k}" for k in cfg.topk]
@@ -198,7 +224,7 @@ def run_zeroshot(cfg: Any) -> dict:
                 feats = store.case(c)
                 out = enc.vision(feats.unsqueeze(0))
                 scores["slide_level"].append(slide_scores(out.embedding[0], classifier).numpy())
-                patches = patch_proj(feats) if patch_proj is not None else out.tokens[0]
+                patches = patch_embeddings(out, feats, patch_proj)
                 for k, s in mi_zero_scores(patches, classifier, cfg.topk).items():
                     scores[f"mi_zero_top{k}"].append(s.numpy())
         y = np.array([lab_idx[c.fields[cfg.label_column]] for c in cs])
@@ -216,7 +242,8 @@ def run_zeroshot(cfg: Any) -> dict:
     best_mi = max(mi, key=lambda m: ref[m]["balanced_accuracy"]["value"])
     result["selected_on_val"] = {"mi_zero": best_mi, "slide_level": "slide_level"}
     result["chance_accuracy"] = 1.0 / len(labels)
-    result["patch_embedding"] = "stage2_proj" if patch_proj is not None else "stage1_aggregator_tokens"
+    result["patch_embedding"] = patch_embedding_name(patch_proj)
+    result["class_similarity"] = similar
     preds["best"] = best_mi
     meta = {
         "labels": labels,
