@@ -156,10 +156,13 @@ def main() -> None:
             except Exception as err:  # a broken EP install must not hide the other legs
                 print(f"skip {name}: {type(err).__name__}: {err}")
     print(f"\n{args.model}, batch {args.batch}, median of {args.iters}")
-    print(f"{'runtime':<18}{'patches/s':>12}{'cosine vs fp32':>16}")
+    base_name = next(iter(rows))  # PyTorch (bf16 on a GPU, fp32 on the CPU): the ratios' denominator
+    base = rows[base_name]["patches_per_s"]
+    print(f"{'runtime':<18}{'patches/s':>12}{'x ' + base_name:>22}{'cosine vs fp32':>16}")
     for k, v in rows.items():
-        print(f"{k:<18}{v['patches_per_s']:>12.1f}{v['cosine_vs_fp32']:>16.6f}")
-    doc = {"model": args.model, "batch": args.batch, "device": dev, "results": rows}
+        v["ratio_vs_" + base_name] = v["patches_per_s"] / base
+        print(f"{k:<18}{v['patches_per_s']:>12.1f}{v['patches_per_s'] / base:>22.2f}{v['cosine_vs_fp32']:>16.6f}")
+    doc = {"model": args.model, "batch": args.batch, "device": dev, "baseline": base_name, "results": rows}
     print(json.dumps(doc))
     if args.json:
         Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
