@@ -138,3 +138,14 @@ class Settings(BaseSettings):
     def work_dir(self) -> Path:
         """Scratch space for jobs in progress; on the same filesystem as the blobs so moves are renames."""
         return self.data_dir / "work"
+
+
+def time_limits(settings: Settings) -> tuple[float, float]:
+    """(soft, hard) seconds per job, checked: the same for Celery workers and the embedded runner."""
+    from service.errors import InvalidParameterError
+
+    hard = float(settings.task_time_limit_s)
+    soft = float(settings.task_soft_time_limit_s or hard * 0.9)
+    if not soft < hard:
+        raise InvalidParameterError(f"task_soft_time_limit_s ({soft:g}) must be below task_time_limit_s ({hard:g})")
+    return soft, hard

@@ -7,7 +7,8 @@ allows them.
 
 Exactly one sender per job: `claim` moves the job's `webhook_claimed_at` from NULL to now with a conditional
 UPDATE on a terminal row, so whichever process wins it (the task that ran the job, a pool master that decided
-a crash or a hard time limit, the gateway's sweep) delivers, and every other caller gets None. A process that
+a crash or a hard time limit, the gateway's sweep, the embedded runner for its jobs, API cancels and start-up
+recovery) delivers, and every other caller gets None. A process that
 dies between the claim and the POST loses that delivery; receivers can always poll `GET /jobs/{id}`.
 """
 

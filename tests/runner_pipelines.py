@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import h5py
 import numpy as np
 from PIL import Image
 
+from service.errors import CorruptSlideError
 from service.pipeline import JobCanceled
 from service.slides.mpp import require_mpp
 from service.slides.open import open_slide
@@ -76,3 +78,32 @@ def crash(slide_path: Path, out_dir: Path, options, **_kw) -> dict:
 
 def broken(slide_path: Path, out_dir: Path, options, **_kw) -> dict:
     raise RuntimeError("/secret/internal/path exploded")
+
+
+def hang(slide_path: Path, out_dir: Path, options, *, progress=None, **_kw) -> dict:
+    """A stage that never returns and never polls cancel, in Python code (the soft time limit reaches it),
+    inside a reader that turns every error into `corrupt_slide` (the runner must still say `time_limit`)."""
+    progress("open", 0.0)
+    try:
+        while True:
+            time.sleep(0.05)
+    except Exception as exc:
+        raise CorruptSlideError("the slide's pixels could not be decoded") from exc
+
+
+def stuck(slide_path: Path, out_dir: Path, options, *, progress=None, **_kw) -> dict:
+    """Stuck where no Python runs (a decoder blocked in C), as far as the runner can tell: the soft limit's
+    signal is ignored and cancel is never polled, so only killing the worker ends it."""
+    signal.signal(signal.SIGALRM, signal.SIG_IGN)
+    progress("open", 0.0)
+    while True:
+        time.sleep(0.05)
+
+
+BEHAVIOURS = {"hang": hang, "stuck": stuck, "slow": slow, "crash": crash, "broken": broken}
+
+
+def scripted(slide_path: Path, out_dir: Path, options, **kw) -> dict:
+    """Per-job behaviour from the job's options (`extra.behave`: hang, stuck, slow, crash, broken; else tiny),
+    so one runner can run a hung job and then a good one."""
+    return BEHAVIOURS.get(options.extra.get("behave"), tiny)(slide_path, out_dir, options, **kw)

@@ -1,4 +1,5 @@
-"""The embedded runner: spawned worker processes, progress, cancel, failures, crashes and restart recovery.
+"""The embedded runner: spawned worker processes, progress, cancel, failures, crashes, time limits, restart
+recovery, and one signed webhook per terminal job (sent to a real HTTP receiver on loopback).
 
 The pipelines are small real functions (`tests/runner_pipelines.py`) that open the real CMU slide; the runner,
 store, blob store and worker processes are the production ones.
@@ -6,17 +7,24 @@ store, blob store and worker processes are the production ones.
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
 
+import httpx
 import pytest
-from services import postgres_url  # noqa: F401  (session fixture: a real PostgreSQL server)
+from pydantic import SecretStr
+from services import live_server, postgres_url  # noqa: F401  (session fixture: a real PostgreSQL server)
 from sqlalchemy import text
 
-from service.config import Settings
+from service import webhooks
+from service.api import create_app
+from service.config import BootstrapKey, Settings, time_limits
+from service.errors import InvalidParameterError
 from service.runner import EmbeddedRunner, execute_job
 from service.store import repo
 from service.store.blobs import FileBlobStore
@@ -63,9 +71,11 @@ def env(request, tmp_path: Path, cmu_svs: Path, tcga_j2k_svs: Path):
             )
             slides[name] = sid
 
-    def submit(slide: str = "cmu", **options) -> str:
+    def submit(slide: str = "cmu", *, webhook_url: str | None = None, **options) -> str:
         with transaction(factory) as s:
-            return repo.create_job(s, tenant_id=tenant.id, slide_id=slides[slide], options=options)[0].id
+            return repo.create_job(
+                s, tenant_id=tenant.id, slide_id=slides[slide], options=options, webhook_url=webhook_url
+            )[0].id
 
     def job(job_id: str) -> Job:
         with factory() as s:
@@ -157,6 +167,7 @@ def test_worker_crash_is_retried_then_failed_and_the_pool_recovers(env) -> None:
     try:
         j = _wait(job, submit())
         assert j.state == "failed" and j.error_code == "worker_crashed" and j.attempts == 2
+        assert "exit code 139" in j.error_message
         assert runner.health()["ok"]  # a fresh pool replaced the broken one
         runner.pipeline = "runner_pipelines:tiny"
         assert _wait(job, submit()).state == "succeeded"
@@ -201,3 +212,155 @@ def test_slide_deleted_during_the_job_leaves_no_files(env) -> None:
         runner.stop()
     assert not (blobs.root / "results" / j.tenant_id / job_id).exists()
     shutil.rmtree(settings.work_dir, ignore_errors=True)
+
+
+SECRET = "whsec-embedded"
+WEBHOOKS = {"webhook_secret": SecretStr(SECRET), "webhook_allow_private": True, "webhook_backoff_s": 0.05}
+SOFT_S, HARD_S = 2.0, 4.0
+
+
+@pytest.fixture
+def hooks():
+    """A real webhook receiver on loopback: (url, [(headers, body), ...]), answering 204."""
+    got: list[tuple[dict, bytes]] = []
+
+    class Receiver(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            got.append((dict(self.headers), self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}/hook", got
+    server.shutdown()
+    server.server_close()
+
+
+def _until(got: list, n: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while len(got) < n and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _by_job(got: list[tuple[dict, bytes]]) -> dict[str, list[dict]]:
+    """Verified payloads per job id (every delivery must carry a valid signature)."""
+    out: dict[str, list[dict]] = {}
+    for headers, body in got:
+        ts, sig = headers[webhooks.TIMESTAMP_HEADER], headers[webhooks.SIGNATURE_HEADER]
+        assert webhooks.verify(SECRET, ts, body, sig)
+        payload = json.loads(body)
+        out.setdefault(payload["job_id"], []).append(payload)
+    return out
+
+
+def _seconds(j: Job) -> float:
+    return (j.finished_at - j.started_at).total_seconds()
+
+
+def test_time_limits_stop_hung_jobs_and_every_ending_sends_one_signed_webhook(env, hooks) -> None:
+    """A job stuck where no signal reaches it is killed at the hard limit and one hung in Python code is stopped
+    by the soft limit; a fresh worker takes over and the next jobs run. Success, failure, both time limits and a
+    job failed by restart recovery each send exactly one signed webhook, and a restart sends none again."""
+    settings, submit, job, _, _ = env
+    url, got = hooks
+    limited = settings.model_copy(
+        update={
+            "pipeline": "runner_pipelines:scripted",
+            "runner_workers": 1,
+            "job_max_attempts": 1,
+            "task_time_limit_s": HARD_S,
+            "task_soft_time_limit_s": SOFT_S,
+            **WEBHOOKS,
+        }
+    )
+    runner = EmbeddedRunner(limited)
+    runner.start()
+    try:
+        ids = {b: submit(webhook_url=url, extra={"behave": b}) for b in ("stuck", "hang", "broken", "tiny")}
+        done = {b: _wait(job, i, timeout=60) for b, i in ids.items()}
+        assert runner.health()["ok"]
+        _until(got, 4)
+        left = submit(webhook_url=url, extra={"behave": "slow"})
+        _wait(job, left, states=("running",))
+    finally:
+        runner.stop()  # the gateway goes away mid-job, at the job's last attempt
+    second = EmbeddedRunner(limited)
+    second.start()  # recovery fails it (worker_lost) and its webhook leaves; the others are not sent again
+    try:
+        lost = _wait(job, left)
+        _until(got, 5)
+        time.sleep(1.0)  # a second delivery, if any, would arrive meanwhile
+    finally:
+        second.stop()
+
+    stuck, hang = done["stuck"], done["hang"]
+    assert stuck.state == "failed" and stuck.error_code == "time_limit" and "hard time limit" in stuck.error_message
+    assert HARD_S <= _seconds(stuck) < HARD_S + 2
+    assert hang.state == "failed" and hang.error_code == "time_limit" and "soft time limit" in hang.error_message
+    assert SOFT_S <= _seconds(hang) < HARD_S
+    assert done["broken"].error_code == "internal_error" and done["tiny"].state == "succeeded"
+    assert lost.state == "failed" and lost.error_code == "worker_lost"
+    assert not list(settings.work_dir.glob(f"job-{ids['stuck']}-*"))  # the killed worker's scratch is gone
+    by_job = _by_job(got)
+    assert {j: len(p) for j, p in by_job.items()} == {i: 1 for i in [*ids.values(), left]}
+    codes = {b: (by_job[i][0]["state"], (by_job[i][0]["error"] or {}).get("code")) for b, i in ids.items()}
+    assert codes == {
+        "stuck": ("failed", "time_limit"),
+        "hang": ("failed", "time_limit"),
+        "broken": ("failed", "internal_error"),
+        "tiny": ("succeeded", None),
+    }
+    assert by_job[ids["tiny"]][0]["result_url"] == f"/jobs/{ids['tiny']}/result"
+    assert by_job[left][0]["error"]["code"] == "worker_lost"
+    assert all(job(i).webhook_claimed_at is not None for i in [*ids.values(), left])
+
+
+def test_api_cancel_sends_one_webhook_for_queued_running_and_unresponsive_jobs(env, hooks) -> None:
+    """Through the real gateway: a queued job canceled at once, a running one at its next poll, and one that
+    ignores its cancel is stopped by killing its worker after the grace period; one signed webhook each."""
+    settings, submit, job, _, _ = env
+    url, got = hooks
+    key = "lab-key-0123456789abcdef"
+    conf = settings.model_copy(
+        update={
+            "pipeline": "runner_pipelines:scripted",
+            "runner_workers": 1,
+            "api_keys": [BootstrapKey(tenant="lab", key=SecretStr(key))],
+            **WEBHOOKS,
+        }
+    )
+    running, queued, deaf = (submit(webhook_url=url, extra={"behave": b}) for b in ("slow", "slow", "stuck"))
+    runner = EmbeddedRunner(conf, cancel_grace_s=1.0)
+    with (
+        live_server(create_app(conf, queue=runner)) as base,
+        httpx.Client(base_url=base, headers={"X-API-Key": key}) as c,
+    ):
+        _wait(job, running, states=("running",))
+        assert c.post(f"/jobs/{queued}/cancel").json()["state"] == "canceled"
+        assert c.post(f"/jobs/{running}/cancel").status_code == 202
+        assert _wait(job, running, timeout=30).state == "canceled"
+        _wait(job, deaf, states=("running",))
+        t0 = time.monotonic()
+        assert c.post(f"/jobs/{deaf}/cancel").status_code == 202
+        stopped = _wait(job, deaf, timeout=30)
+        waited = time.monotonic() - t0
+        _until(got, 3)
+        time.sleep(1.0)  # a second delivery, if any, would arrive meanwhile
+        assert c.post(f"/jobs/{queued}/cancel").status_code == 409
+        assert runner.health()["ok"]
+    assert stopped.state == "canceled" and stopped.error_code == "canceled" and 1.0 <= waited < 10
+    by_job = _by_job(got)
+    assert {j: len(p) for j, p in by_job.items()} == {running: 1, queued: 1, deaf: 1}
+    assert {p[0]["state"] for p in by_job.values()} == {"canceled"}
+    assert all(job(i).webhook_claimed_at is not None for i in (running, queued, deaf))
+
+
+def test_time_limits_follow_the_celery_settings(env) -> None:
+    settings = env[0]
+    assert time_limits(Settings(data_dir=settings.data_dir)) == (3240.0, 3600.0)
+    with pytest.raises(InvalidParameterError, match="must be below"):
+        EmbeddedRunner(settings.model_copy(update={"task_time_limit_s": 5.0, "task_soft_time_limit_s": 5.0}))

@@ -21,7 +21,7 @@ from __future__ import annotations
 from celery import Celery
 from kombu import Exchange, Queue
 
-from service.config import Settings
+from service.config import Settings, time_limits
 from service.errors import InvalidParameterError
 
 TASK_NAME = "mstar.run_job"
@@ -34,11 +34,8 @@ PRIORITY_STEPS = [0, 3, 6, 9]
 
 def limits(settings: Settings) -> tuple[float, float, float]:
     """(soft, hard, visibility) seconds, checked: soft < hard < visibility."""
-    hard = float(settings.task_time_limit_s)
-    soft = float(settings.task_soft_time_limit_s or hard * 0.9)
+    soft, hard = time_limits(settings)
     visibility = float(settings.broker_visibility_timeout_s or hard * 1.1 + 60)
-    if not soft < hard:
-        raise InvalidParameterError(f"task_soft_time_limit_s ({soft:g}) must be below task_time_limit_s ({hard:g})")
     if not visibility > hard:
         raise InvalidParameterError(
             f"broker_visibility_timeout_s ({visibility:g}) must exceed task_time_limit_s ({hard:g}), "
