@@ -140,6 +140,25 @@ def test_cancel_and_recovery_state_machine(sessions) -> None:
             repo.finish_job(s, running[2], "running")
 
 
+def test_cancel_of_a_job_claimed_meanwhile_flags_it(sessions, request) -> None:
+    """The API read the job as queued, a worker claimed it before the cancel's update: the flag must still land."""
+    if request.node.callspec.params["sessions"] == "sqlite":
+        pytest.skip("a SQLite transaction holds the write lock from its start, so this interleaving cannot happen")
+    with transaction(sessions) as s:
+        t = repo.ensure_tenant(s, "a")
+        slide = repo.add_slide(s, _slide(t.id))
+        job, _ = repo.create_job(s, tenant_id=t.id, slide_id=slide.id, options={})
+    with transaction(sessions) as api:
+        stale = api.get(Job, job.id)
+        assert stale.state == "queued"
+        with transaction(sessions) as worker:
+            assert repo.claim_next(worker, "w") == job.id
+        out = repo.request_cancel(api, stale)
+        assert out.state == "running"
+    with transaction(sessions) as s:
+        assert repo.cancel_requested(s, job.id)
+
+
 def test_delete_slide_removes_jobs_and_results(sessions) -> None:
     with transaction(sessions) as s:
         t = repo.ensure_tenant(s, "a")

@@ -224,11 +224,11 @@ def request_cancel(s: Session, job: Job) -> Job:
                 error_message="canceled by request",
             )
         ).rowcount
+        s.refresh(job)  # lost the race: a worker may have claimed it just now, so look again
         if n:
-            s.refresh(job)
             return job
     if job.state == "running":
-        s.execute(update(Job).where(Job.id == job.id).values(cancel_requested=True))
+        s.execute(update(Job).where(Job.id == job.id, Job.state == "running").values(cancel_requested=True))
     s.refresh(job)
     return job
 
