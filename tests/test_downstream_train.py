@@ -103,9 +103,13 @@ def test_report_fewshot_retrieval_and_eval(cohort, tmp_path) -> None:
         "beam": 2,
         "meteor": False,
         "batch_size": 8,
+        "schedule": "cosine",
     }
     m = run(_cfg(cohort, tmp_path, task="report", epochs=3, report=rep))
     assert set(m["test"]) == {"generated", "retrieval_baseline"}
+    # cosine anneals over the run's epochs (StepLR's per-epoch decay stalls a small cohort's decoder early)
+    lrs = [h["lr"] for h in m["history"]]
+    assert lrs[0] == pytest.approx(0.75 * 3e-3) and lrs[-1] == pytest.approx(0.0, abs=1e-12)
     assert 0.0 <= m["test"]["generated"]["BLEU_4"] <= 1.0
     ckpt = torch.load(tmp_path / "runs" / "report" / "head.pt", weights_only=False)
     assert ckpt["meta"]["vocabulary"]["itos"][:4] == ["<pad>", "<bos>", "<eos>", "<unk>"]
