@@ -29,6 +29,7 @@ from service.errors import (
     UnsupportedFormatError,
 )
 from service.slides.readers.dicom_reader import WSI_SOP_CLASS
+from service.slides.sniff import is_dicom_file
 
 FORMAT = "dicom-dir"
 MAX_FILES = 4096
@@ -54,15 +55,6 @@ def series_digest(file_sha256s: Iterable[str]) -> str:
     for sha in sorted(file_sha256s):
         h.update(sha.encode() + b"\n")
     return h.hexdigest()
-
-
-def _is_dicom_file(path: Path) -> bool:
-    try:
-        with path.open("rb") as fh:
-            head = fh.read(132)
-    except OSError:
-        return False
-    return len(head) == 132 and head[128:132] == b"DICM"
 
 
 def _header(path: Path) -> tuple[str, str] | None:
@@ -94,7 +86,7 @@ def collect(folder: Path, *, max_bytes: int, name: str | None = None, what: str 
         raise UnsupportedFormatError(f"the {what} is empty (expected the files of one DICOM WSI series)", slide=name)
     if len(files) > MAX_FILES:
         raise InvalidParameterError(f"the {what} holds {len(files)} files, more than {MAX_FILES}", slide=name)
-    dicom = [p for p in files if _is_dicom_file(p)]
+    dicom = [p for p in files if is_dicom_file(p)]
     if not dicom:
         raise UnsupportedFormatError(
             f"the {what} holds no DICOM files ({len(files)} other file(s)); expected one DICOM WSI series",

@@ -27,7 +27,8 @@ _KNOWN_UNSUPPORTED = (
 )
 
 
-def _is_dicom_file(path: Path) -> bool:
+def is_dicom_file(path: Path) -> bool:
+    """A DICOM Part-10 file: the 4-byte `DICM` magic after the 128-byte preamble."""
     try:
         with path.open("rb") as fh:
             head = fh.read(132)
@@ -65,7 +66,7 @@ def sniff_format(path: str | Path) -> str:
     if not path.exists():
         raise SlideNotFoundError(f"no such file or folder: {path}")
     if path.is_dir():
-        if any(_is_dicom_file(p) for p in sorted(path.iterdir()) if p.is_file()):
+        if any(is_dicom_file(p) for p in sorted(path.iterdir()) if p.is_file()):
             return "dicom-dir"
         raise UnsupportedFormatError("folder holds no DICOM files (only a DICOM WSI series can be a folder)",
                                      slide=path.name)
