@@ -160,7 +160,9 @@ def _downstream(work: Path, cohort: Path, features: Path, stage1: Path, s: DemoS
         (
             "survival",
             "survival",
-            {"aggregator": "transmil_pre", "stage1_checkpoint": stage1, "epochs": s.head_epochs, "lr_pretrained": 2e-4},
+            # the official 2e-5 for the Stage-1 weights: at 2e-4 the survival head overfits within ~5 epochs
+            # (docs/downstream.md, "Survival: initialisation and epoch selection")
+            {"aggregator": "transmil_pre", "stage1_checkpoint": stage1, "epochs": s.head_epochs},
         ),
     ):
         step(f"downstream {task} head ...")

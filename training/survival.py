@@ -2,7 +2,9 @@
 
 Times are cut into quantile bins of the *uncensored* training times; the head predicts one hazard per bin;
 the loss is the censoring-aware negative log-likelihood (alpha = 0); risk = -Σ S(t). C-index is
-scikit-survival's `concordance_index_censored`, with a percentile bootstrap CI.
+scikit-survival's `concordance_index_censored`, with a percentile bootstrap CI. `marginal_hazards` and
+`init_hazard_layer` start a head at the training population's hazards (a documented deviation from the official
+random init, see docs/downstream.md).
 """
 
 from __future__ import annotations
@@ -38,6 +40,31 @@ def assign_bins(times: np.ndarray, edges: np.ndarray) -> np.ndarray:
     """Bin index of each time (left-closed bins), clipped to the valid range for times outside the edges."""
     idx = np.searchsorted(edges, np.asarray(times, dtype=float), side="right") - 1
     return np.clip(idx, 0, len(edges) - 2).astype(np.int64)
+
+
+def marginal_hazards(bins: np.ndarray, events: np.ndarray, n_bins: int, clip: float = 1e-3) -> np.ndarray:
+    """The one hazard per bin that minimises the NLL loss over a population (the discrete life-table estimate):
+    events in bin k / cases still at risk at its start (`bin >= k`; a case censored in bin k counts as having
+    survived it, as in `nll_survival_loss`). Clipped to [clip, 1 - clip] so its logit is finite."""
+    bins, events = np.asarray(bins, dtype=np.int64), np.asarray(events).astype(bool)
+    at_risk = np.array([(bins >= k).sum() for k in range(n_bins)], dtype=float)
+    died = np.array([(events & (bins == k)).sum() for k in range(n_bins)], dtype=float)
+    return np.clip(died / np.maximum(at_risk, 1.0), clip, 1.0 - clip)
+
+
+@torch.no_grad()
+def init_hazard_layer(layer: torch.nn.Linear, hazards: np.ndarray) -> None:
+    """Start a survival head at the population's marginal hazards: zero weights, bias = logit(hazards).
+
+    With the official random init an aggregator whose embedding has a large shared component (a pretrained
+    Stage-1 TransMIL: logits ≈ +1.5 for every slide) starts far from calibrated, and the first epochs go to
+    undoing that rather than to ranking; selection could then keep such an epoch. From here the untrained head is
+    the Kaplan-Meier-like null (the same curve for everybody) and training only adds what the slide explains."""
+    hazards = torch.as_tensor(np.asarray(hazards, dtype=np.float64))
+    if layer.out_features != hazards.numel() or layer.bias is None:
+        raise InvalidParameterError(f"hazard layer has {layer.out_features} outputs, {hazards.numel()} hazards given")
+    layer.weight.zero_()
+    layer.bias.copy_(torch.logit(hazards).to(layer.bias.dtype))
 
 
 def hazards_and_survival(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
