@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -37,6 +42,23 @@ def test_tiny_bert_cls_is_last_hidden_state_first_token(tiny_bert):
     with torch.no_grad():
         alone = enc(**enc.tokenize(REPORTS[1:2]))
     torch.testing.assert_close(alone, cls[1:2], rtol=1e-4, atol=1e-5)
+
+
+def test_tiny_bert_vocabulary_is_reproducible_and_covers_unseen_words(tiny_bert, tmp_path):
+    # another interpreter with another hash seed must write the same tokenizer (the demo bundle depends on it)
+    code = (
+        "import sys; from training.models.text_encoder import build_tiny_bert; "
+        f"build_tiny_bert(sys.argv[1], {REPORTS!r} * 5, vocab_size=120)"
+    )
+    other = tmp_path / "again"
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    subprocess.run([sys.executable, "-c", code, str(other)], check=True, env=env, cwd=Path(__file__).parents[1])
+    assert (other / "tokenizer.json").read_bytes() == (tiny_bert / "tokenizer.json").read_bytes()
+    enc = TextEncoder(tiny_bert, max_length=32)
+    ids = enc.tokenize(["medullary carcinoma, margins clear"])["input_ids"][0].tolist()
+    assert enc.tokenizer.unk_token_id not in ids  # unseen words fall back to characters, never [UNK]
+    vocab = enc.tokenizer.get_vocab()
+    assert "carcinoma" in vocab and len(vocab) <= 120
 
 
 def test_packaged_minilm_loads_offline(monkeypatch):

@@ -67,8 +67,9 @@ def build_demo_bundle(
 ) -> Path:
     """Train every demo model on a fresh synthetic cohort and export the bundle into `bundle_dir`."""
     s = settings or DemoSettings()
-    bundle_dir = Path(bundle_dir)
-    work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="mstar-demo-"))
+    bundle_dir = Path(bundle_dir).resolve()
+    # absolute: the Stage-1 config resolves relative paths against its own folder, not the caller's
+    work = Path(workdir).resolve() if workdir else Path(tempfile.mkdtemp(prefix="mstar-demo-"))
     work.mkdir(parents=True, exist_ok=True)
     threads = torch.get_num_threads()
     torch.set_num_threads(s.threads)

