@@ -144,10 +144,11 @@ def test_report_fewshot_retrieval_and_eval(cohort, tmp_path) -> None:
     assert json.loads((tmp_path / "runs" / "metrics.json").read_text())["survival"]["test"]["logrank_p"] >= 0
 
 
-def test_cli_and_errors(cohort, tmp_path) -> None:
+def test_cli_and_errors(cohort, tmp_path, monkeypatch) -> None:
     from service.cli import main
 
-    cfg_path = tmp_path / "c.yaml"
+    cfg_path = tmp_path / "configs" / "c.yaml"
+    cfg_path.parent.mkdir()
     cfg_path.write_text(
         yaml.safe_dump(
             {
@@ -161,7 +162,8 @@ def test_cli_and_errors(cohort, tmp_path) -> None:
         )
     )
     runner = CliRunner()
-    res = runner.invoke(main, ["train", "downstream", "--config", str(cfg_path), "--out", str(tmp_path / "cli")])
+    monkeypatch.chdir(tmp_path)  # --out is relative to the shell's folder, not to the YAML's
+    res = runner.invoke(main, ["train", "downstream", "--config", str(cfg_path), "--out", "cli"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.output.strip().splitlines()[-1])["test"]["macro_auc"] >= 0
     res = runner.invoke(main, ["eval", str(tmp_path / "cli")])

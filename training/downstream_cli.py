@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import click
 
@@ -46,6 +47,8 @@ def downstream_command(
     from training.downstream import DownstreamConfig, run
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    # a path typed on the command line is relative to the shell, not to the YAML file like the config's own paths
+    out_dir = str(Path(out_dir).resolve()) if out_dir else None
     cfg = DownstreamConfig.from_yaml(config_path, task=task, out_dir=out_dir, epochs=epochs, seed=seed)
     metrics = run(cfg)
     click.echo(json.dumps({"task": cfg.task, "out_dir": str(cfg.out_dir), "test": _headline(metrics)}, default=float))
