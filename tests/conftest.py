@@ -41,3 +41,14 @@ def ndpi(shared_data: Path) -> Path:
 @pytest.fixture(scope="session")
 def bad_dicom(shared_data: Path) -> Path:
     return shared_data / "bad" / "pathml_small_dicom.dcm"
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Torch on one thread: tiny models on a shared 2-core machine only gain spin-wait contention from more."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

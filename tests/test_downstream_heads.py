@@ -11,14 +11,7 @@ from training.models.heads import MILHead
 from training.models.report_decoder import ReportGenerator, Vocabulary, normalize, tokenize
 from training.models.transmil import TransMIL
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models on a shared 2-core machine: intra-op threads only add spin-wait contention
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_abmil_shapes_and_attention() -> None:

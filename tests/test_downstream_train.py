@@ -16,13 +16,7 @@ from training.downstream_data import FeatureStore, load_cases
 from training.downstream_synth import make_feature_cohort
 from training.evaluate import evaluate_run
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

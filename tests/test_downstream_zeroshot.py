@@ -22,13 +22,7 @@ from training.zeroshot import (
     slide_scores,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _bow(texts: list[str], dim: int = 64) -> torch.Tensor:

@@ -18,13 +18,7 @@ from training.models.heads import MILHead
 from training.models.transmil import TransMIL
 from training.survival import init_hazard_layer, marginal_hazards, nll_survival_loss
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
