@@ -27,7 +27,13 @@ from urllib.parse import unquote, urlparse
 from sqlalchemy import select
 
 from service.config import Settings
-from service.errors import InvalidParameterError, MstarError, SlideNotFoundError, UnsupportedFormatError
+from service.errors import (
+    InvalidParameterError,
+    MstarError,
+    SlideNotFoundError,
+    SlideTooLargeError,
+    UnsupportedFormatError,
+)
 from service.store import repo
 from service.store.batches import Batch, BatchItem
 from service.store.blobs import make_blob_store
@@ -113,6 +119,35 @@ def _resolve(raw: str, base: Path) -> str:
 def default_batch_id(tenant: str, manifest: str | Path) -> str:
     """Stable per tenant and manifest path, so a resubmission resumes the same batch."""
     return uuid.uuid5(uuid.NAMESPACE_URL, f"mstar-batch:{tenant}:{Path(manifest).resolve()}").hex
+
+
+def copy_s3_source(blobs: Any, source: str, writer: Any, max_bytes: int) -> None:
+    """Copy the object an `s3://bucket/key` source names into `writer` (a batch manifest line, or `POST /slides`
+    with a `source` field), read with the S3 store's client and credentials. The store *copies* it, as an
+    http(s) source: the store owns its slides (deleting one never touches the source bucket, a later change or
+    removal of the source cannot alter an analysed slide) and slides are deduplicated by SHA-256, which needs
+    the bytes anyway. Refusals are typed: no S3 store or a malformed URI (422), too large (413), missing (404)."""
+    parsed = urlparse(source)
+    if parsed.scheme != "s3" or not parsed.netloc or not parsed.path.strip("/"):
+        raise InvalidParameterError(f"{source[:200]!r} is not an s3://bucket/key URI")
+    opener = getattr(blobs, "open_external", None)
+    if opener is None:
+        raise InvalidParameterError(
+            f"{source}: s3:// sources need the S3 blob store (MSTAR_BLOB_URL=s3://bucket/prefix); "
+            "this deployment keeps blobs on a filesystem: send the slide as a file (or a path, an http(s):// URL)"
+        )
+    try:
+        body, size = opener(source)
+    except FileNotFoundError:
+        raise SlideNotFoundError(f"{source} does not exist") from None
+    with body:
+        if size > max_bytes:
+            raise SlideTooLargeError(f"{source} ({size} bytes) exceeds the upload limit of {max_bytes} bytes")
+        try:
+            while chunk := body.read(1 << 20):
+                writer.write(chunk)
+        except Exception as err:  # a dropped connection mid-object fails this slide, not the batch or gateway
+            raise SlideNotFoundError(f"{source} could not be read ({type(err).__name__})") from None
 
 
 @dataclass
@@ -358,28 +393,7 @@ class BatchService:
                 writer.write(chunk)
 
     def _fetch_s3(self, source: str, writer) -> None:
-        """An `s3://bucket/key` line is read with the S3 store's client and credentials and *copied* into the
-        store, as an http(s) source is: the store owns its slides (deleting one never touches the source bucket,
-        a later change or removal of the source cannot alter an analysed slide) and slides are deduplicated by
-        SHA-256, which needs the bytes anyway."""
-        opener = getattr(self.blobs, "open_external", None)
-        if opener is None:
-            raise InvalidParameterError(
-                f"{source}: s3:// sources need the S3 blob store (MSTAR_BLOB_URL=s3://bucket/prefix); "
-                "this deployment keeps blobs on a filesystem: use a path or an http(s):// URL"
-            )
-        try:
-            body, size = opener(source)
-        except FileNotFoundError:
-            raise SlideNotFoundError(f"{source} does not exist") from None
-        with body:
-            if size > self.settings.upload_max_bytes:
-                raise InvalidParameterError(f"{source} is larger than the upload limit")
-            try:
-                while chunk := body.read(1 << 20):
-                    writer.write(chunk)
-            except Exception as err:  # a dropped connection mid-object fails this line, not the batch
-                raise SlideNotFoundError(f"{source} could not be read ({type(err).__name__})") from None
+        copy_s3_source(self.blobs, source, writer, self.settings.upload_max_bytes)
 
     # --- status and results ---------------------------------------------------------------------------------
 

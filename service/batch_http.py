@@ -1,10 +1,10 @@
 """Batches through the HTTP gateway (`mstar submit --server URL`), for machines without database access.
 
 Each slide is uploaded with `POST /slides` (which queues its analysis; a DICOM WSI folder goes as one ZIP of its
-series, checked here first); the batch itself is a JSON record on this machine (`~/.mstar/batches/<id>.json`)
-mapping manifest lines to job ids, rewritten atomically after each upload so an interrupted submission resumes
-where it stopped. Status and results come from `GET /jobs/{id}`
-and `GET /jobs/{id}/features`.
+series, checked here first; an `s3://` line goes as the `source` field and the server copies the object); the
+batch itself is a JSON record on this machine (`~/.mstar/batches/<id>.json`) mapping manifest lines to job ids,
+rewritten atomically after each upload so an interrupted submission resumes where it stopped. Status and results
+come from `GET /jobs/{id}` and `GET /jobs/{id}/features`.
 """
 
 from __future__ import annotations
@@ -95,11 +95,15 @@ class HttpBatch:
         return out
 
     def _upload(self, source: str, mpp: float | None) -> str:
+        if source.startswith("s3://"):  # the server copies the object itself (its S3 store's credentials)
+            return self._post(None, None, mpp, source=source)
         path = Path(source)
         if path.is_dir():
             return self._upload_series(path, mpp)
         if not path.is_file():
-            raise InvalidParameterError(f"{source}: --server batches take local files and DICOM folders")
+            raise InvalidParameterError(
+                f"{source}: --server batches take local files, DICOM folders and s3:// objects"
+            )
         with path.open("rb") as fh:
             return self._post(path.name, fh, mpp)
 
@@ -112,11 +116,17 @@ class HttpBatch:
             with archive.open("rb") as fh:
                 return self._post(f"{folder.name}.zip", fh, mpp)
 
-    def _post(self, name: str, fh, mpp: float | None) -> str:
+    def _post(self, name: str | None, fh, mpp: float | None, *, source: str | None = None) -> str:
         data = {"analyze": "true"}
         if mpp is not None:
             data["mpp_override"] = str(mpp)
-        r = self.client.post("/slides", files={"file": (name, fh)}, data=data)
+        if source is not None:
+            data["source"] = source
+            # multipart, like a file upload: an empty files= makes httpx send a url-encoded form instead
+            files = {k: (None, v) for k, v in data.items()}
+            r = self.client.post("/slides", files=files)
+        else:
+            r = self.client.post("/slides", files={"file": (name, fh)}, data=data)
         if r.status_code != 202:
             try:
                 err = r.json().get("error") or {}

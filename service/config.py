@@ -49,6 +49,12 @@ class Settings(BaseSettings):
     s3_cache_max_gb: float = Field(
         50.0, gt=0, description="cache bound: least recently used copies not in use are removed above it"
     )
+    s3_source_buckets: list[str] = Field(
+        default_factory=list,
+        description="buckets that POST /slides `source=s3://...` may read with the gateway's credentials; empty = "
+        "none (a client could otherwise have the gateway copy any object it can read); the store's own bucket "
+        "prefix is always refused",
+    )
     upload_max_bytes: int = Field(8 * 1024**3, gt=0, description="larger uploads are refused with 413")
     upload_drain_bytes: int = Field(
         64 * 1024**2,

@@ -57,6 +57,13 @@ class InvalidParameterError(MstarError):
     http_status = 422
 
 
+class SourceNotAllowedError(MstarError):
+    """A client named a source the deployment does not let clients read (another bucket, or the store itself)."""
+
+    code = "source_not_allowed"
+    http_status = 403
+
+
 class BundleError(MstarError):
     """A model bundle that the service cannot serve (schema, checksum, missing file)."""
 

@@ -4,8 +4,9 @@ What is pinned: a round trip including a multipart-size object and the staged wr
 (a slide is fetched once, reused, re-fetched when the object changes, never served from a partial download,
 one download for concurrent callers, least-recently-used eviction that spares copies in use); `delete_prefix`
 paging and its prefix boundary; clear refusals (missing bucket, rejected or absent credentials, unreachable
-endpoint) from the store, `mstar worker` and `/readyz`; `s3://` batch sources; and one job end to end through
-a real `mstar worker` process (Redis, PostgreSQL) whose only link to the gateway is the bucket.
+endpoint) from the store, `mstar worker` and `/readyz`; `s3://` batch sources and `POST /slides` sources;
+and one job end to end through a real `mstar worker` process (Redis, PostgreSQL) whose only link to the gateway
+is the bucket.
 """
 
 from __future__ import annotations
@@ -380,6 +381,84 @@ def test_batch_s3_sources_are_copied_into_the_store(moto: MotoServer, bucket: st
         assert "s3:// sources need the S3 blob store (MSTAR_BLOB_URL=s3://" in reason
     finally:
         files.close()
+
+
+def test_upload_source_copies_an_s3_object_like_an_upload(
+    moto: MotoServer, bucket: str, tmp_path: Path, cmu_svs: Path
+) -> None:
+    """`POST /slides` with `source=s3://...` instead of `file`: copied by the batch ingest's code path, then
+    deduplicated, probed and stored like an upload; `mstar submit --server` sends s3:// lines that way."""
+    from service.api import create_app
+    from service.batch_http import HttpBatch
+
+    src = _bucket(moto, f"{bucket}-src")
+    s3c = boto3.client("s3", endpoint_url=moto.url)
+    s3c.upload_file(str(cmu_svs), src, "cohort/cmu.svs")
+    cap = cmu_svs.stat().st_size + 1000
+    s3c.put_object(Bucket=src, Key="cohort/big.svs", Body=b"\0" * (cap + 1))
+    s3c.put_object(Bucket=src, Key="cohort/notes.txt", Body=b"not a slide at all\n" * 100)
+    key = "s3-source-key-0123456789abcdef"
+    common = {"pipeline": "runner_pipelines:tiny", "runner_poll_s": 0.1, "upload_max_bytes": cap}
+    common["api_keys"] = [{"tenant": "lab", "key": key}]
+    # the store's own bucket is listed too: its prefix must still be refused (another tenant's slides live there)
+    common["s3_source_buckets"] = [src, bucket]
+    settings = Settings(data_dir=tmp_path / "g", blob_url=f"s3://{bucket}/pre", s3_endpoint_url=moto.url, **common)
+    auth = {"Authorization": f"Bearer {key}"}
+
+    def post(c: httpx.Client, **fields) -> httpx.Response:
+        return c.post("/slides", files={k: (None, v) for k, v in fields.items()})
+
+    with live_server(create_app(settings)) as url, httpx.Client(base_url=url, headers=auth, timeout=60) as c:
+        r = post(c, source=f"s3://{src}/cohort/cmu.svs")
+        assert r.status_code == 202, r.text
+        slide, job = r.json()["slide"], r.json()["job"]
+        assert slide["format"] == "svs" and slide["size_bytes"] == cmu_svs.stat().st_size
+        assert r.headers["location"] == f"/jobs/{job['id']}"
+        deadline = time.monotonic() + 60
+        while (state := c.get(f"/jobs/{job['id']}").json()["state"]) in ("queued", "running"):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert state == "succeeded"
+        again = post(c, source=f"s3://{src}/cohort/cmu.svs", analyze="false")
+        assert again.status_code == 200 and again.json()["id"] == slide["id"]  # deduplicated by content
+
+        refusals = [
+            ({"source": f"s3://{src}/cohort/gone.svs"}, 404, "slide_not_found", "gone.svs does not exist"),
+            ({"source": f"s3://{src}/cohort/big.svs"}, 413, "slide_too_large", "exceeds the upload limit"),
+            ({"source": f"s3://{src}/cohort/notes.txt"}, 415, "unsupported_format", ""),
+            ({"source": f"https://example.org/{src}/x.svs"}, 422, "invalid_parameter", "s3://bucket/key"),
+            ({"source": f"s3://{src}"}, 422, "invalid_parameter", "is not an s3://bucket/key URI"),
+            ({"source": f"s3://{bucket}/pre/slides/x.svs"}, 403, "source_not_allowed", "own store"),
+            ({"source": f"s3://{bucket}/pre"}, 403, "source_not_allowed", "own store"),
+            ({"source": f"s3://{src}-other/cmu.svs"}, 403, "source_not_allowed", "MSTAR_S3_SOURCE_BUCKETS"),
+            ({"analyze": "true"}, 422, "invalid_parameter", "exactly one of"),
+        ]
+        for fields, status, code, words in refusals:
+            r = post(c, **fields)
+            assert (r.status_code, r.json()["error"]["code"]) == (status, code), (fields, r.text)
+            assert words in r.json()["error"]["message"]
+        r = c.post("/slides", files={"file": ("x.svs", cmu_svs.read_bytes())}, data={"source": f"s3://{src}/a"})
+        assert r.status_code == 422 and "exactly one of" in r.json()["error"]["message"]
+
+        manifest = tmp_path / "m.csv"
+        manifest.write_text(f"slide\ns3://{src}/cohort/cmu.svs\ns3://{src}/cohort/gone.svs\n")
+        hb = HttpBatch(url, key, tmp_path / "state")
+        try:
+            out = hb.submit(manifest)
+            assert (out["queued"], out["failed_ingest"]) == (1, 1)
+            items = hb.status(out["batch_id"])
+            assert items[0]["job_id"] and items[1]["error_code"] == "slide_not_found"
+        finally:
+            hb.client.close()
+        assert c.get("/slides").json()["total"] == 1  # the batch's line is the same slide
+    stored = [o["Key"] for o in s3c.list_objects_v2(Bucket=bucket, Prefix="pre/slides/")["Contents"]]
+    assert len(stored) == 1 and stored[0].endswith(".svs")  # nothing left behind by the refusals
+    assert not [p for p in make_blob_store(settings).staging.rglob("*") if p.is_file()]
+
+    files = Settings(data_dir=tmp_path / "fs", **common)
+    with live_server(create_app(files)) as url, httpx.Client(base_url=url, headers=auth, timeout=60) as c:
+        r = post(c, source=f"s3://{src}/cohort/cmu.svs")
+        assert r.status_code == 422 and "MSTAR_BLOB_URL=s3://" in r.json()["error"]["message"]
 
 
 # --- one job end to end -----------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from service.api.schemas import ErrorBody
 _DESCRIPTIONS = {
     400: "malformed request",
     401: "missing or invalid API key",
-    403: "needs an admin key",
+    403: "not allowed: an admin-only resource, or an upload `source` clients may not read",
     404: "no such object for this tenant",
     409: "the job is not in a state that allows this",
     413: "body too large (uploads: MSTAR_UPLOAD_MAX_BYTES; JSON bodies: 1 MiB)",
@@ -28,12 +28,20 @@ UPLOAD_BODY = {
             "multipart/form-data": {
                 "schema": {
                     "type": "object",
-                    "required": ["file"],
                     "properties": {
                         "file": {
                             "type": "string",
                             "format": "binary",
-                            "description": "the slide (SVS, NDPI, OME-TIFF, tiled TIFF, DICOM, PNG/JPEG)",
+                            "description": "the slide (SVS, NDPI, OME-TIFF, tiled TIFF, DICOM, PNG/JPEG); "
+                            "exactly one of `file` and `source`",
+                        },
+                        "source": {
+                            "type": "string",
+                            "maxLength": 1024,
+                            "example": "s3://bucket/cohort/slide.svs",
+                            "description": "instead of `file`: an `s3://bucket/key` object the server copies into "
+                            "its store (needs MSTAR_BLOB_URL=s3://...; read with the server's credentials), "
+                            "then checks like an upload",
                         },
                         "analyze": {
                             "type": "boolean",

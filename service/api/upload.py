@@ -26,7 +26,7 @@ from service.errors import CorruptSlideError, InvalidParameterError, SlideTooLar
 from service.store.blobs import BlobStore, BlobWriter
 
 FILE_FIELD = "file"
-TEXT_FIELDS = ("analyze", "mpp_override")
+TEXT_FIELDS = ("analyze", "mpp_override", "source")  # source: an s3:// URI instead of `file`
 MAX_FIELD_BYTES = 1024
 MAX_PARTS = 8
 _ROOT = str(Path(__file__).resolve().parents[2])

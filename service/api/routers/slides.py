@@ -49,9 +49,17 @@ IdemHeader = Annotated[str | None, Header(alias="Idempotency-Key", min_length=1,
         200: {"model": SlideOut, "description": "these bytes were uploaded before (analyze=false)"},
         201: {"model": SlideOut, "description": "stored (analyze=false)"},
         202: {"description": "stored and an analysis queued; `Location` names the job"},
-        **ERRORS(400, 401, 413, 415, 422),
+        **ERRORS(400, 401, 403, 404, 413, 415, 422, 503),
     },
-    summary="Upload a slide (multipart `file`), optionally queueing an analysis",
+    summary="Upload a slide (multipart `file`, or `source`: an s3:// URI), optionally queueing an analysis",
+    description=(
+        "Send the slide as the multipart part `file`, or instead a form field `source` naming an "
+        "`s3://bucket/key` object: a server whose store is S3 (MSTAR_BLOB_URL=s3://...) copies it into its "
+        "store with its own credentials, then checks, deduplicates and stores it exactly like an uploaded file "
+        "(same size limit, 413; a missing object is 404 `slide_not_found`). Both or neither, a `source` that "
+        "is not s3://, or a server without the S3 store: 422 with the reason. Only buckets the operator lists "
+        "in MSTAR_S3_SOURCE_BUCKETS may be named, never the store's own prefix: 403 `source_not_allowed`."
+    ),
 )
 async def upload_slide(
     request: Request, principal: TenantDep, ctx: ContextDep, idempotency_key: IdemHeader = None
@@ -60,10 +68,18 @@ async def upload_slide(
     parsed = await receive_upload(request, ctx.blobs, settings)
     writer = parsed.writer
     try:
-        if writer is None:
+        source = parsed.fields.get("source")
+        if writer is None and source:
+            writer = ctx.blobs.writer()
+            await run_in_threadpool(
+                _copy_source, ctx.blobs, source, writer, settings.upload_max_bytes, settings.s3_source_buckets
+            )
+        elif writer is None or source:
             from service.errors import InvalidParameterError
 
-            raise InvalidParameterError("multipart part `file` (the slide) is required")
+            raise InvalidParameterError(
+                "send exactly one of the multipart part `file` (the slide) and the field `source` (an s3:// URI)"
+            )
         ctx.metrics.upload_bytes.inc(writer.size)
         analyze = parse_bool(parsed.fields.get("analyze"), "analyze", True)
         mpp = parse_mpp(parsed.fields.get("mpp_override"))
@@ -174,6 +190,32 @@ async def _store_series_zip(ctx, tenant_id: str, zipped, mpp: float | None) -> t
         if staged is not None:
             staged.discard()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _copy_source(blobs, source: str, writer, max_bytes: int, allowed_buckets: list[str]) -> None:
+    """A `source` field: the object is copied into the staged writer by the batch ingest's S3 code path, so the
+    caller then treats it exactly as an uploaded file (dedup, probe, commit). The gateway reads with its own
+    credentials, so a client may only name buckets the operator listed (`MSTAR_S3_SOURCE_BUCKETS`), and never the
+    store's own prefix (that would copy another tenant's slide or results)."""
+    from urllib.parse import urlparse
+
+    from service.batch import copy_s3_source
+    from service.errors import InvalidParameterError, SourceNotAllowedError
+
+    parsed = urlparse(source)
+    if parsed.scheme != "s3":
+        raise InvalidParameterError(f"`source` must be an s3://bucket/key URI, got {source[:200]!r}")
+    key = parsed.path.lstrip("/")
+    own_bucket, own_prefix = getattr(blobs, "bucket", None), getattr(blobs, "prefix", "") or ""
+    if parsed.netloc == own_bucket and (not own_prefix or key == own_prefix or key.startswith(own_prefix + "/")):
+        raise SourceNotAllowedError(f"{source[:200]}: objects inside this service's own store cannot be sources")
+    if own_bucket is not None and parsed.netloc not in allowed_buckets:
+        raise SourceNotAllowedError(
+            f"bucket {parsed.netloc!r} is not one clients may read; the operator lists those in "
+            "MSTAR_S3_SOURCE_BUCKETS"
+        )
+    copy_s3_source(blobs, source, writer, max_bytes)
+    writer.close()
 
 
 def _queue(ctx, tenant_id: str, slide_id: str, req: AnalysisRequest, idempotency_key: str | None) -> JobOut:
