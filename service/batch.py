@@ -319,11 +319,7 @@ class BatchService:
             info={"batch_name": row.name[:255]},
             created_at=utcnow(),
         )
-        with transaction(self.sessions) as s:
-            stored = repo.add_slide(s, slide)
-        if stored.id != slide_id:
-            self.blobs.delete(key)
-        return stored.id
+        return repo.publish_slide(self.sessions, self.blobs, slide).id
 
     def _ingest_series(self, tenant_id: str, row: ManifestRow) -> str:
         """A DICOM WSI folder: checked (one series, see `service.dicom_series.collect`), then copied into the
@@ -356,11 +352,7 @@ class BatchService:
             info={"batch_name": row.name[:255], "instances": len(series.files)},
             created_at=utcnow(),
         )
-        with transaction(self.sessions) as s:
-            stored = repo.add_slide(s, slide)
-        if stored.id != slide_id:
-            self.blobs.delete_prefix(key)
-        return stored.id
+        return repo.publish_slide(self.sessions, self.blobs, slide).id
 
     def _fetch(self, source: str, writer) -> None:
         parsed = urlparse(source)

@@ -191,11 +191,7 @@ class FileBlobStore(BlobStore):
             path.unlink(missing_ok=True)
 
     def delete_prefix(self, prefix: str) -> None:
-        path = self._path(prefix.rstrip("/"))
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
+        self.delete(prefix.rstrip("/"))  # a prefix here is a folder (or file) path
 
     def local_path(self, key: str) -> Path:
         return self._path(key)

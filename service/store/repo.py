@@ -14,8 +14,10 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
+from service.store.blobs import BlobStore
+from service.store.db import transaction
 from service.store.models import (
     JOB_STATES,
     TERMINAL_STATES,
@@ -117,6 +119,17 @@ def add_slide(s: Session, slide: Slide) -> Slide:
             raise
         return existing
     return slide
+
+
+def publish_slide(sessions: sessionmaker[Session], blobs: BlobStore, slide: Slide) -> Slide:
+    """Record `slide`, whose blob is already committed under `slide.blob_key`. When the tenant's identical slide
+    (same sha256) won a race meanwhile, this copy's blob (file or DICOM-series folder) is removed and that slide
+    returned: `result.id != slide.id` tells the caller it was a duplicate."""
+    with transaction(sessions) as s:
+        stored = add_slide(s, slide)
+    if stored.id != slide.id:
+        blobs.delete(slide.blob_key)
+    return stored
 
 
 def list_slides(s: Session, tenant_id: str, *, limit: int, offset: int) -> tuple[list[Slide], int]:

@@ -111,10 +111,7 @@ async def upload_slide(
                 info=probed.get("info") or {},
                 created_at=utcnow(),
             )
-            with transaction(ctx.sessions) as s:
-                stored = repo.add_slide(s, slide)
-            if stored.id != slide_id:  # an identical upload won a race: keep one copy
-                ctx.blobs.delete(key)
+            stored = repo.publish_slide(ctx.sessions, ctx.blobs, slide)
             created, slide = stored.id == slide_id, stored
             log.info("slide %s stored for tenant %s (%s, %d bytes)", slide.id, principal.tenant, fmt, size)
         else:
@@ -179,10 +176,7 @@ async def _store_series_zip(ctx, tenant_id: str, zipped, mpp: float | None) -> t
             info=info,
             created_at=utcnow(),
         )
-        with transaction(ctx.sessions) as s:
-            stored = repo.add_slide(s, slide)
-        if stored.id != slide_id:  # the same series won a race: keep one copy
-            ctx.blobs.delete_prefix(key)
+        stored = repo.publish_slide(ctx.sessions, ctx.blobs, slide)
         log.info("slide %s stored for tenant %s (DICOM series, %d instances)", stored.id, tenant_id, len(found.files))
         return stored, stored.id == slide_id
     finally:
@@ -248,8 +242,7 @@ def list_slides(
     offset: Annotated[int, Query(ge=0, le=10**9)] = 0,
 ) -> SlidePage:
     rows, total = repo.list_slides(session, principal.tenant_id, limit=limit, offset=offset)
-    nxt = offset + len(rows) if offset + len(rows) < total else None
-    return SlidePage(items=[slide_out(r) for r in rows], total=total, limit=limit, offset=offset, next_offset=nxt)
+    return SlidePage.of([slide_out(r) for r in rows], total=total, limit=limit, offset=offset)
 
 
 @router.get("/slides/{slide_id}", response_model=SlideOut, responses=ERRORS(401, 404))
