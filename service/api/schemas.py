@@ -4,7 +4,7 @@ keys and tenant ids never leave the service."""
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, field_serializer, model_validator
 
@@ -50,6 +50,12 @@ class Page(BaseModel):
     limit: int
     offset: int
     next_offset: int | None
+
+    @classmethod
+    def of(cls, items: list, *, total: int, limit: int, offset: int) -> Self:
+        """This page of `items`, with `next_offset` set while rows remain after it."""
+        end = offset + len(items)
+        return cls(items=items, total=total, limit=limit, offset=offset, next_offset=end if end < total else None)
 
 
 class SlidePage(Page):

@@ -32,8 +32,7 @@ def list_jobs(
     rows, total = repo.list_jobs(
         session, principal.tenant_id, limit=limit, offset=offset, state=state, slide_id=slide_id
     )
-    nxt = offset + len(rows) if offset + len(rows) < total else None
-    return JobPage(items=[job_out(r) for r in rows], total=total, limit=limit, offset=offset, next_offset=nxt)
+    return JobPage.of([job_out(r) for r in rows], total=total, limit=limit, offset=offset)
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut, responses=ERRORS(401, 404))
