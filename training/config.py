@@ -6,10 +6,12 @@ optimisation settings follow the reference's §9 [ASSUME] values.
 
 from __future__ import annotations
 
+import json
 import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
+import click
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -143,6 +145,21 @@ class Stage1Config(_Strict):
     num_threads: int | None = Field(
         None, description="torch intra-op threads; 1 is much faster on an oversubscribed CPU (OpenMP spin-waits)"
     )
+
+
+def parse_set_options(ctx: click.Context | None, param: click.Parameter | None, items: tuple[str, ...]) -> dict:
+    """`--set KEY=VALUE ...` (a click callback) -> {dotted key: value}; a value is parsed as JSON when it can be
+    (numbers, booleans, null, lists), otherwise kept as text (paths, names)."""
+    parsed: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--set")
+        key, value = item.split("=", 1)
+        try:
+            parsed[key] = json.loads(value)
+        except ValueError:
+            parsed[key] = value
+    return parsed
 
 
 def load_config(path: str | Path, model: type[BaseModel] = Stage1Config, overrides: dict | None = None):

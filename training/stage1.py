@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 from service.atomic import atomic_path
 from service.errors import InvalidParameterError
 from training import dist as tdist
-from training.config import Stage1Config, load_config
+from training.config import Stage1Config, load_config, parse_set_options
 from training.data.features import (
     Stage1Dataset,
     cancer_type_batches,
@@ -529,29 +529,20 @@ def plot_curves(out_dir: str | Path, path: str | Path | None = None) -> Path:
 @click.option("--config", "config_path", required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--resume", is_flag=True, help="continue from <out_dir>/last.pt (mid-epoch)")
 @click.option(
-    "--set", "overrides", multiple=True, metavar="KEY=VALUE", help="override a config field, e.g. optim.epochs=3"
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    callback=parse_set_options,
+    help="override a config field, e.g. optim.epochs=3 (value parsed as JSON when it can be)",
 )
-def stage1_command(config_path: str, resume: bool, overrides: tuple[str, ...]) -> None:
+def stage1_command(config_path: str, resume: bool, overrides: dict[str, Any]) -> None:
     """Stage-1 multimodal pretraining from a YAML/TOML config."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    parsed: dict[str, Any] = {}
-    for item in overrides:
-        if "=" not in item:
-            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--set")
-        key, value = item.split("=", 1)
-        parsed[key] = json.loads(value) if value[:1] in "[{0123456789-tfn" and _is_json(value) else value
-    cfg = load_config(config_path, Stage1Config, parsed)
+    cfg = load_config(config_path, Stage1Config, overrides)
     result = train_stage1(cfg, resume=resume)
     if int(os.environ.get("RANK", "0")) == 0:
         click.echo(json.dumps(result, indent=2))
-
-
-def _is_json(value: str) -> bool:
-    try:
-        json.loads(value)
-    except ValueError:
-        return False
-    return True
 
 
 if __name__ == "__main__":

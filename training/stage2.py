@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader
 from service.atomic import atomic_path
 from service.errors import InvalidParameterError
 from training import dist as tdist
-from training.config import _Strict, load_config
+from training.config import _Strict, load_config, parse_set_options
 from training.data.patches import (
     BlockShuffleSampler,
     PatchTargetDataset,
@@ -360,21 +360,12 @@ def train_stage2(cfg: Stage2Config, resume: bool = False) -> dict[str, Any]:
 @click.command("stage2")
 @click.option("--config", "config_path", required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--resume", is_flag=True, help="continue from <out_dir>/last.pt")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", callback=parse_set_options,
               help="override a config field, e.g. optim.max_steps=10 (value parsed as JSON when it can be)")
-def stage2_command(config_path: str, resume: bool, overrides: tuple[str, ...]) -> None:
+def stage2_command(config_path: str, resume: bool, overrides: dict[str, Any]) -> None:
     """Stage-2 self-taught patch-extractor training from a YAML/TOML config."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    parsed: dict[str, Any] = {}
-    for item in overrides:
-        if "=" not in item:
-            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--set")
-        key, value = item.split("=", 1)
-        try:
-            parsed[key] = json.loads(value)
-        except ValueError:
-            parsed[key] = value
-    cfg = load_config(config_path, Stage2Config, parsed)
+    cfg = load_config(config_path, Stage2Config, overrides)
     result = train_stage2(cfg, resume=resume)
     if int(os.environ.get("RANK", "0")) == 0:
         click.echo(json.dumps(result, indent=1))
