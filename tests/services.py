@@ -206,3 +206,30 @@ def run_redis() -> Iterator[RedisServer]:
 def redis_server() -> Iterator[RedisServer]:
     with run_redis() as server:
         yield server
+
+
+@contextlib.contextmanager
+def webhook_receiver(statuses: tuple[int, ...] = ()) -> Iterator[tuple[str, list[tuple[dict, bytes]]]]:
+    """A real webhook receiver on loopback: yields (url, [(headers, body), ...]). The i-th POST is answered with
+    `statuses[i]` (to exercise retries), every later one with 204."""
+    import http.server
+    import threading
+
+    got: list[tuple[dict, bytes]] = []
+
+    class Receiver(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            got.append((dict(self.headers), self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(statuses[len(got) - 1] if len(got) <= len(statuses) else 204)
+            self.end_headers()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}/hook", got
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -6,16 +6,14 @@ do not depend on model weights; `test_api_e2e.py` runs the real `run_analysis`.
 
 from __future__ import annotations
 
-import http.server
 import json
 import os
-import threading
 import time
 from pathlib import Path
 
 import httpx
 import pytest
-from services import live_server
+from services import live_server, webhook_receiver
 
 from service import webhooks
 from service.api import create_app
@@ -239,34 +237,16 @@ def test_cancel_delete_and_listing(server, cmu_svs: Path) -> None:
 
 def test_signed_webhook_is_delivered(server, cmu_svs: Path) -> None:
     url, _ = server
-    received: list[tuple[dict, bytes]] = []
-
-    class Hook(http.server.BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = self.rfile.read(int(self.headers["Content-Length"]))
-            received.append((dict(self.headers), body))
-            self.send_response(500 if len(received) == 1 else 204)  # first attempt fails: retried
-            self.end_headers()
-
-        def log_message(self, *args) -> None:
-            pass
-
-    hook = http.server.HTTPServer(("127.0.0.1", 0), Hook)
-    threading.Thread(target=hook.serve_forever, daemon=True).start()
-    try:
-        with _client(url, KEY_A) as c:
-            sid = c.post("/slides", files={"file": ("x", cmu_svs.read_bytes())}, data={"analyze": "false"}).json()["id"]
-            bad = c.post(f"/slides/{sid}/analyses", json={"webhook_url": "ftp://example.org/x"})
-            assert bad.status_code == 422
-            job = c.post(
-                f"/slides/{sid}/analyses", json={"webhook_url": f"http://127.0.0.1:{hook.server_port}/hook"}
-            ).json()
-            _wait(c, job["id"])
-            deadline = time.monotonic() + 20
-            while len(received) < 2 and time.monotonic() < deadline:
-                time.sleep(0.05)
-    finally:
-        hook.shutdown()
+    # the first attempt is answered 500: delivery retries
+    with webhook_receiver(statuses=(500,)) as (hook_url, received), _client(url, KEY_A) as c:
+        sid = c.post("/slides", files={"file": ("x", cmu_svs.read_bytes())}, data={"analyze": "false"}).json()["id"]
+        bad = c.post(f"/slides/{sid}/analyses", json={"webhook_url": "ftp://example.org/x"})
+        assert bad.status_code == 422
+        job = c.post(f"/slides/{sid}/analyses", json={"webhook_url": hook_url}).json()
+        _wait(c, job["id"])
+        deadline = time.monotonic() + 20
+        while len(received) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
     assert len(received) == 2
     headers, body = received[-1]
     assert webhooks.verify(SECRET, headers[webhooks.TIMESTAMP_HEADER], body, headers[webhooks.SIGNATURE_HEADER])

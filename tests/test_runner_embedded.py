@@ -7,18 +7,16 @@ store, blob store and worker processes are the production ones.
 
 from __future__ import annotations
 
-import http.server
 import json
 import os
 import shutil
-import threading
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 from pydantic import SecretStr
-from services import live_server, postgres_url  # noqa: F401  (session fixture: a real PostgreSQL server)
+from services import live_server, postgres_url, webhook_receiver  # noqa: F401  (session fixture: a real PostgreSQL server)
 from sqlalchemy import text
 
 from service import webhooks
@@ -222,22 +220,8 @@ SOFT_S, HARD_S = 2.0, 4.0
 @pytest.fixture
 def hooks():
     """A real webhook receiver on loopback: (url, [(headers, body), ...]), answering 204."""
-    got: list[tuple[dict, bytes]] = []
-
-    class Receiver(http.server.BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            got.append((dict(self.headers), self.rfile.read(int(self.headers["Content-Length"]))))
-            self.send_response(204)
-            self.end_headers()
-
-        def log_message(self, *args) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_port}/hook", got
-    server.shutdown()
-    server.server_close()
+    with webhook_receiver() as hook:
+        yield hook
 
 
 def _until(got: list, n: int, timeout: float = 20.0) -> None:

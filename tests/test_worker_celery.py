@@ -8,20 +8,17 @@ Webhooks go to a real HTTP receiver in the test process, signed with the workers
 
 from __future__ import annotations
 
-import http.server
 import json
 import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
-from typing import ClassVar
 
 import h5py
 import pytest
-from services import postgres_url, redis_server  # noqa: F401
+from services import postgres_url, redis_server, webhook_receiver  # noqa: F401
 from sqlalchemy import create_engine, text
 from worker_pipelines import make_slide
 
@@ -287,20 +284,6 @@ def test_decoder_crash_and_hang_fail_with_reasons_rest_completes(cluster: Cluste
         assert proc.poll() is None, cluster.log(name)[-2000:]
 
 
-class _Hooks(http.server.BaseHTTPRequestHandler):
-    """A real webhook receiver: records (headers, body) of every POST and answers 204."""
-
-    got: ClassVar[list[tuple[dict, bytes]]] = []
-
-    def do_POST(self) -> None:
-        self.got.append((dict(self.headers), self.rfile.read(int(self.headers["Content-Length"]))))
-        self.send_response(204)
-        self.end_headers()
-
-    def log_message(self, *args) -> None:
-        pass
-
-
 def test_master_verdicts_send_one_signed_webhook_and_dicom_folders_run(
     cluster: Cluster, svc, cmu_svs: Path, dicom_dir: Path, tmp_path: Path
 ):
@@ -308,31 +291,26 @@ def test_master_verdicts_send_one_signed_webhook_and_dicom_folders_run(
     decides both failures and each job's webhook arrives once, signed, with the reason. A DICOM WSI folder on
     the same manifest runs on a worker (its webhook comes from the task, also once)."""
     service, queue = svc
-    _Hooks.got = []
-    hook = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Hooks)
-    threading.Thread(target=hook.serve_forever, daemon=True).start()
     manifest = _slides(tmp_path / "b7", cmu_svs, ["abort", "hang"])
     with manifest.open("a") as fh:
         fh.write(f"{dicom_dir},dicom,L0\n")
-    try:
+    with webhook_receiver() as (hook_url, got):
         rep = service.submit(manifest, tenant="default", queue=None)  # jobs created, published below
         assert len(rep.queued) == 3
         with transaction(service.sessions) as s:  # each job gets a webhook before it is published
             for job_id in rep.queued:
-                s.get(Job, job_id).webhook_url = f"http://127.0.0.1:{hook.server_port}/hook"
+                s.get(Job, job_id).webhook_url = hook_url
         for job_id in rep.queued:
             queue.notify(job_id, queue="batch")
         st = _wait(service, rep.batch_id, HARD_S * 2 + 40)
         deadline = time.monotonic() + 15
-        while len(_Hooks.got) < 3 and time.monotonic() < deadline:
+        while len(got) < 3 and time.monotonic() < deadline:
             time.sleep(0.1)
         time.sleep(2.0)  # a second delivery, if any, would arrive meanwhile
-    finally:
-        hook.shutdown()
     items = {it.name: it for it in st.items}
     assert [items[n].state for n in ("case0", "case1", "dicom")] == ["failed", "failed", "succeeded"]
     by_job: dict[str, list] = {}
-    for headers, body in _Hooks.got:
+    for headers, body in got:
         ts, sig = headers[webhooks.TIMESTAMP_HEADER], headers[webhooks.SIGNATURE_HEADER]
         assert webhooks.verify(WEBHOOK_SECRET, ts, body, sig)
         payload = json.loads(body)

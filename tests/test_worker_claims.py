@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import http.server
 import json
-import threading
 import time
 from datetime import timedelta
-from typing import ClassVar
 
 import pytest
+from services import webhook_receiver
 
 from service import webhooks
 from service.config import Settings
@@ -194,54 +192,38 @@ def test_terminal_webhook_is_claimed_once(sessions):
     assert _get(sessions, job_id).webhook_claimed_at is not None
 
 
-class _Receiver(http.server.BaseHTTPRequestHandler):
-    got: ClassVar[list[tuple[dict, bytes]]] = []
-
-    def do_POST(self) -> None:
-        self.got.append((dict(self.headers), self.rfile.read(int(self.headers["Content-Length"]))))
-        self.send_response(204)
-        self.end_headers()
-
-    def log_message(self, *args) -> None:
-        pass
-
-
 def test_gateway_sweep_reports_reaped_and_senderless_endings_once(sessions, tmp_path):
     """The gateway's sweep fails an exhausted silent job and sends its webhook; a queued job canceled through
     the API (no worker involved) gets its webhook too; a second sweep sends nothing more."""
     from service.worker.queue import CeleryQueue
 
-    _Receiver.got = []
-    hook = http.server.HTTPServer(("127.0.0.1", 0), _Receiver)
-    threading.Thread(target=hook.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{hook.server_port}/hook"
-    exhausted, canceled = _job(sessions, url), _job(sessions, url)
-    _claim(sessions, exhausted, "a@h:1", max_attempts=1)
-    with transaction(sessions) as s:
-        s.get(Job, exhausted).heartbeat_at = utcnow() - timedelta(seconds=10)
-        repo.request_cancel(s, s.get(Job, canceled))
-        s.get(Job, canceled).finished_at = utcnow() - timedelta(seconds=2)  # settled for more than a lease
-    settings = Settings(
-        data_dir=tmp_path,
-        broker_url="redis://127.0.0.1:1/0",  # never contacted: nothing is re-published here
-        worker_lease_s=1,
-        job_max_attempts=1,
-        webhook_secret="whsec-sweep",
-        webhook_allow_private=True,
-    )
-    queue = CeleryQueue(settings)
-    try:
-        assert queue.sweep(sessions).failed == [exhausted]
-        deadline = time.monotonic() + 10
-        while len(_Receiver.got) < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        queue.sweep(sessions)
-        time.sleep(0.5)
-    finally:
-        queue.stop()
-        hook.shutdown()
-    got = {json.loads(body)["job_id"]: (headers, json.loads(body)) for headers, body in _Receiver.got}
-    assert len(_Receiver.got) == 2 and set(got) == {exhausted, canceled}
+    with webhook_receiver() as (url, got):
+        exhausted, canceled = _job(sessions, url), _job(sessions, url)
+        _claim(sessions, exhausted, "a@h:1", max_attempts=1)
+        with transaction(sessions) as s:
+            s.get(Job, exhausted).heartbeat_at = utcnow() - timedelta(seconds=10)
+            repo.request_cancel(s, s.get(Job, canceled))
+            s.get(Job, canceled).finished_at = utcnow() - timedelta(seconds=2)  # settled for more than a lease
+        settings = Settings(
+            data_dir=tmp_path,
+            broker_url="redis://127.0.0.1:1/0",  # never contacted: nothing is re-published here
+            worker_lease_s=1,
+            job_max_attempts=1,
+            webhook_secret="whsec-sweep",
+            webhook_allow_private=True,
+        )
+        queue = CeleryQueue(settings)
+        try:
+            assert queue.sweep(sessions).failed == [exhausted]
+            deadline = time.monotonic() + 10
+            while len(got) < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            queue.sweep(sessions)
+            time.sleep(0.5)
+        finally:
+            queue.stop()
+    got = {json.loads(body)["job_id"]: (headers, json.loads(body)) for headers, body in got}
+    assert len(got) == 2 and set(got) == {exhausted, canceled}
     headers, body = got[exhausted]
     assert body["state"] == "failed" and body["error"]["code"] == "worker_lost"
     raw = json.dumps(body, separators=(",", ":"), sort_keys=True).encode()
