@@ -18,7 +18,7 @@ the dispatcher and fails the job with `time_limit`; a fresh worker takes its pla
 
 Durability: the job row is the truth. Jobs left `running` by a stopped server are re-queued on the next start
 (up to `job_max_attempts`), jobs still `queued` are simply claimed again. Webhooks go through the claim in
-`service.webhooks.send_for_job`, so each terminal job's webhook leaves exactly once.
+`service.webhooks.send_for_job`, so each terminal job's webhook has one sender at a time.
 """
 
 from __future__ import annotations
@@ -513,12 +513,18 @@ class EmbeddedRunner:
 
     def _sweep_webhooks(self, *, settled_s: float) -> None:
         """Terminal jobs whose webhook nobody claimed (the gateway stopped before sending, or start-up
-        recovery just ended them): send them now."""
+        recovery just ended them) or whose sender died mid-delivery: send them now."""
+        from service import webhooks
         from service.worker.jobs import unreported
 
         lease = self.settings.worker_lease_s
         with transaction(self._factory) as s:
-            due = unreported(s, settled_s=settled_s, window_s=max(UNREPORTED_WINDOW_S, 10 * lease))
+            due = unreported(
+                s,
+                settled_s=settled_s,
+                window_s=max(UNREPORTED_WINDOW_S, 10 * lease),
+                reclaim_after_s=webhooks.claim_lease_s(self.settings),
+            )
         for job_id in due:
             self.job_terminal(job_id)
         self._swept_at = time.monotonic()

@@ -5,11 +5,14 @@ few minutes (replay). The payload carries ids and states only, never file names 
 Destinations are checked against loopback/private/link-local networks (SSRF) unless the deployment
 allows them.
 
-Exactly one sender per job: `claim` moves the job's `webhook_claimed_at` from NULL to now with a conditional
+One sender at a time per job: `claim` moves the job's `webhook_claimed_at` from NULL to now with a conditional
 UPDATE on a terminal row, so whichever process wins it (the task that ran the job, a pool master that decided
 a crash or a hard time limit, the gateway's sweep, the embedded runner for its jobs, API cancels and start-up
-recovery) delivers, and every other caller gets None. A process that
-dies between the claim and the POST loses that delivery; receivers can always poll `GET /jobs/{id}`.
+recovery) delivers, and every other caller gets None. The winner records `webhook_sent_at` when it is done
+(delivered, or given up after its retries). A claim still unfinished after `claim_lease_s` (longer than any
+live sender's retries take) belongs to a sender that died, and the sweep may claim it again: delivery is at
+least once, and in practice once. Every attempt carries the same `X-Mstar-Event-Id` (job id and state), so a
+receiver can drop the rare repeat.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ import logging
 import socket
 import threading
 import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -34,6 +39,9 @@ log = logging.getLogger("mstar.webhooks")
 
 SIGNATURE_HEADER = "X-Mstar-Signature"
 TIMESTAMP_HEADER = "X-Mstar-Timestamp"
+EVENT_ID_HEADER = "X-Mstar-Event-Id"  # the same on every attempt and re-send of one job's terminal event
+#: added to the slowest possible delivery before a silent claim is taken over
+CLAIM_GRACE_S = 60.0
 
 
 def sign(secret: str, timestamp: str, body: bytes) -> str:
@@ -92,6 +100,7 @@ def deliver(url: str, payload: dict, settings: Settings, *, client: httpx.Client
                 headers = {
                     "Content-Type": "application/json",
                     TIMESTAMP_HEADER: ts,
+                    EVENT_ID_HEADER: f"{payload.get('job_id')}.{payload.get('state')}",
                     "X-Mstar-Attempt": str(attempt),
                 }
                 if secret:
@@ -119,41 +128,75 @@ def deliver(url: str, payload: dict, settings: Settings, *, client: httpx.Client
             client.close()
 
 
-def claim(s: Any, job_id: str) -> tuple[str, dict] | None:
-    """(url, payload) when this caller wins the job's terminal webhook; None when it has none, is not
-    terminal yet, or another caller claimed it first. `s` is a SQLAlchemy session inside a transaction."""
+def claim_lease_s(settings: Settings) -> float:
+    """How long a claimed delivery may stay unfinished before it is presumed dead: every attempt timing out,
+    every backoff slept, plus a grace period."""
+    n = settings.webhook_max_attempts
+    sleeps = settings.webhook_backoff_s * (2 ** (n - 1) - 1)
+    return n * settings.webhook_timeout_s + sleeps + CLAIM_GRACE_S
+
+
+@dataclass(frozen=True)
+class Claim:
+    url: str
+    payload: dict
+    claimed_at: datetime
+
+
+def claim(s: Any, job_id: str, *, lease_s: float | None = None) -> Claim | None:
+    """The delivery when this caller wins the job's terminal webhook; None when it has none, is not terminal
+    yet, or another sender holds it. With `lease_s`, a claim older than that whose sender never finished is
+    taken over. `s` is a SQLAlchemy session inside a transaction."""
     from sqlalchemy import update
 
     from service.store.models import TERMINAL_STATES, Job, utcnow
 
+    now = utcnow()
+    free = Job.webhook_claimed_at.is_(None)
+    if lease_s is not None:
+        free = free | (Job.webhook_sent_at.is_(None) & (Job.webhook_claimed_at < now - timedelta(seconds=lease_s)))
     won = s.execute(
         update(Job)
-        .where(
-            Job.id == job_id,
-            Job.state.in_(TERMINAL_STATES),
-            Job.webhook_url.is_not(None),
-            Job.webhook_claimed_at.is_(None),
-        )
-        .values(webhook_claimed_at=utcnow())
+        .where(Job.id == job_id, Job.state.in_(TERMINAL_STATES), Job.webhook_url.is_not(None), free)
+        .values(webhook_claimed_at=now)
         .execution_options(synchronize_session=False)
     ).rowcount
     if won != 1:
         return None
     job = s.get(Job, job_id, populate_existing=True)
-    return job.webhook_url, job_payload(job)
+    return Claim(job.webhook_url, job_payload(job), now)
+
+
+def record(s: Any, job_id: str, claimed_at: datetime, *, delivered: bool) -> bool:
+    """Mark the claim finished; False when a takeover replaced it meanwhile (that sender records its own)."""
+    from sqlalchemy import update
+
+    from service.store.models import Job, utcnow
+
+    return (
+        s.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.webhook_claimed_at == claimed_at)
+            .values(webhook_sent_at=utcnow(), webhook_delivered=delivered)
+            .execution_options(synchronize_session=False)
+        ).rowcount
+        == 1
+    )
 
 
 def send_for_job(factory: Any, job_id: str, settings: Settings) -> bool | None:
-    """Claim the job's terminal webhook and deliver it (with retries). None when not ours to send."""
+    """Claim the job's terminal webhook (or take over a dead sender's), deliver it with retries and record the
+    outcome. None when not ours to send."""
     from service.store.db import transaction
 
     with transaction(factory) as s:
-        got = claim(s, job_id)
+        got = claim(s, job_id, lease_s=claim_lease_s(settings))
     if got is None:
         return None
-    url, payload = got
-    ok = deliver(url, payload, settings)
-    log.info("webhook for job %s (%s): %s", job_id, payload["state"], "delivered" if ok else "given up")
+    ok = deliver(got.url, got.payload, settings)
+    with transaction(factory) as s:
+        record(s, job_id, got.claimed_at, delivered=ok)
+    log.info("webhook for job %s (%s): %s", job_id, got.payload["state"], "delivered" if ok else "given up")
     return ok
 
 

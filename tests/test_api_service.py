@@ -253,6 +253,16 @@ def test_signed_webhook_is_delivered(server, cmu_svs: Path) -> None:
     assert not webhooks.verify("other", headers[webhooks.TIMESTAMP_HEADER], body, headers[webhooks.SIGNATURE_HEADER])
     payload = json.loads(body)
     assert payload["job_id"] == job["id"] and payload["state"] == "succeeded" and headers["X-Mstar-Attempt"] == "2"
+    event_ids = {h[webhooks.EVENT_ID_HEADER] for h, _ in received}
+    assert event_ids == {f"{job['id']}.succeeded"}  # one event, retried: receivers dedupe on it
+    assert job["webhook"] == {"state": "waiting", "delivered": None, "sent_at": None}
+    with _client(url, KEY_A) as c:  # the sender records the outcome just after the 2xx
+        deadline = time.monotonic() + 10
+        while (status := c.get(f"/jobs/{job['id']}").json()["webhook"])["state"] != "done":
+            assert time.monotonic() < deadline, status
+            time.sleep(0.05)
+        assert "url" not in status and "127.0.0.1" not in json.dumps(status)
+        assert status["state"] == "done" and status["delivered"] is True and status["sent_at"].endswith("Z")
 
 
 def test_readiness_models_and_metrics(server) -> None:

@@ -316,6 +316,8 @@ def test_master_verdicts_send_one_signed_webhook_and_dicom_folders_run(
         payload = json.loads(body)
         by_job.setdefault(payload["job_id"], []).append(payload)
     assert {j: len(v) for j, v in by_job.items()} == {job_id: 1 for job_id in rep.queued}
+    with transaction(service.sessions) as s:  # each sender recorded its outcome against its own claim
+        assert all(s.get(Job, j).webhook_delivered is True for j in rep.queued)
     crash, hang, dicom = (by_job[items[n].job_id][0] for n in ("case0", "case1", "dicom"))
     assert crash["state"] == "failed" and crash["error"]["code"] == "worker_crashed"
     assert "SIGABRT" in crash["error"]["message"] and items["case0"].attempts == 2

@@ -182,11 +182,12 @@ def test_terminal_webhook_is_claimed_once(sessions):
         assert webhooks.claim(s, job_id) is None  # not terminal yet
         assert jobs.on_hard_timeout(s, job_id, "a@h:1", 8)
     with transaction(sessions) as s:
-        url, payload = webhooks.claim(s, job_id)
-    assert url == "http://127.0.0.1:9/hook" and payload["state"] == "failed"
-    assert payload["error"]["code"] == "time_limit" and "8 s" in payload["error"]["message"]
+        got = webhooks.claim(s, job_id)
+    assert got.url == "http://127.0.0.1:9/hook" and got.payload["state"] == "failed"
+    assert got.payload["error"]["code"] == "time_limit" and "8 s" in got.payload["error"]["message"]
     with transaction(sessions) as s:
         assert webhooks.claim(s, job_id) is None  # the second caller gets nothing
+        assert webhooks.claim(s, job_id, lease_s=60) is None  # nor does one that would take over a dead sender
         repo.finish_job(s, silent, "canceled", error_code="canceled", error_message="canceled by request")
         assert webhooks.claim(s, silent) is None  # no webhook_url: nothing to claim
     assert _get(sessions, job_id).webhook_claimed_at is not None
@@ -231,9 +232,64 @@ def test_gateway_sweep_reports_reaped_and_senderless_endings_once(sessions, tmp_
     assert got[canceled][1]["state"] == "canceled"
 
 
+def test_a_sender_that_died_mid_delivery_is_taken_over_once(sessions, tmp_path):
+    """A claim that never finished (its process died between the claim and the POST) is re-sent by the sweep
+    once the claim lease has passed, with the same event id; a fresh unfinished claim and a finished one are
+    left alone, and the outcome is recorded against the claim that sent it."""
+    from service.worker.queue import CeleryQueue
+
+    settings = Settings(
+        data_dir=tmp_path,
+        broker_url="redis://127.0.0.1:1/0",  # never contacted
+        worker_lease_s=1,
+        webhook_allow_private=True,
+        webhook_timeout_s=2,
+        webhook_max_attempts=2,
+        webhook_backoff_s=0.1,
+    )
+    lease = webhooks.claim_lease_s(settings)
+    assert lease == 2 * 2 + 0.1 + webhooks.CLAIM_GRACE_S
+    with webhook_receiver() as (url, got):
+        dead, busy, done = _job(sessions, url), _job(sessions, url), _job(sessions, url)
+        claims = {}
+        with transaction(sessions) as s:
+            for job_id in (dead, busy, done):
+                repo.finish_job(s, job_id, "succeeded")
+                s.get(Job, job_id).finished_at = utcnow() - timedelta(seconds=5)
+        with transaction(sessions) as s:
+            for job_id in (dead, busy, done):
+                claims[job_id] = webhooks.claim(s, job_id)
+            s.get(Job, dead).webhook_claimed_at = utcnow() - timedelta(seconds=lease + 1)
+            s.get(Job, done).webhook_claimed_at = utcnow() - timedelta(seconds=lease + 1)
+            assert webhooks.record(s, done, s.get(Job, done).webhook_claimed_at, delivered=False)
+            assert not webhooks.record(s, busy, utcnow(), delivered=True)  # not its claim: nothing recorded
+        with transaction(sessions) as s:
+            assert jobs.unreported(s, settled_s=1, window_s=3600) == []  # without a lease: never claimed only
+            assert jobs.unreported(s, settled_s=1, window_s=3600, reclaim_after_s=lease) == [dead]
+        queue = CeleryQueue(settings)
+        try:
+            queue.sweep(sessions)
+            deadline = time.monotonic() + 10
+            while _get(sessions, dead).webhook_sent_at is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            queue.sweep(sessions)
+            time.sleep(0.3)
+        finally:
+            queue.stop()
+    assert len(got) == 1
+    headers, body = got[0]
+    assert json.loads(body)["job_id"] == dead and headers[webhooks.EVENT_ID_HEADER] == f"{dead}.succeeded"
+    taken = _get(sessions, dead)
+    assert taken.webhook_delivered is True and taken.webhook_sent_at is not None
+    with transaction(sessions) as s:  # the dead sender, had it come back, records nothing over the takeover
+        assert not webhooks.record(s, dead, claims[dead].claimed_at, delivered=False)
+    assert _get(sessions, dead).webhook_delivered is True
+    assert _get(sessions, busy).webhook_sent_at is None and _get(sessions, done).webhook_delivered is False
+
+
 def test_an_older_job_database_gets_the_new_columns(tmp_path):
-    """A jobs table from before `published_at` / `webhook_claimed_at`: `init_db` adds them, and jobs that had
-    already ended count as reported (an upgrade sends no old webhook again)."""
+    """A jobs table from before `published_at` and the webhook columns: `init_db` adds them, and jobs that had
+    already ended count as reported by a sender that finished (an upgrade sends no old webhook again)."""
     from sqlalchemy import inspect
 
     url = f"sqlite:///{tmp_path / 'old.db'}"
@@ -244,7 +300,7 @@ def test_an_older_job_database_gets_the_new_columns(tmp_path):
     with transaction(factory) as s:
         repo.finish_job(s, done, "succeeded")
     with engine.begin() as conn:
-        for col in ("published_at", "webhook_claimed_at"):
+        for col in ("published_at", "webhook_claimed_at", "webhook_sent_at", "webhook_delivered"):
             conn.exec_driver_sql(f"ALTER TABLE jobs DROP COLUMN {col}")
     engine.dispose()
     engine = make_engine(url)
@@ -254,5 +310,6 @@ def test_an_older_job_database_gets_the_new_columns(tmp_path):
     factory = session_factory(engine)
     finished, queued = _get(factory, done), _get(factory, waiting)
     assert finished.webhook_claimed_at == finished.finished_at and queued.webhook_claimed_at is None
+    assert finished.webhook_sent_at == finished.finished_at and queued.webhook_sent_at is None
     assert queued.published_at is None
     engine.dispose()

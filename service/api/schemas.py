@@ -112,6 +112,20 @@ class JobLinks(BaseModel):
     heatmap: str | None = None
 
 
+class WebhookStatus(BaseModel):
+    """Where the job's terminal webhook stands. The URL is not echoed back: it may carry a token."""
+
+    state: Literal["waiting", "sending", "done"] = Field(
+        description="waiting: the job is not over or no sender has picked it up; sending: retries under way"
+    )
+    delivered: bool | None = Field(None, description="done: a 2xx came back (false: every attempt failed)")
+    sent_at: datetime | None = None
+
+    @field_serializer("sent_at")
+    def _ts(self, v: datetime | None) -> datetime | None:
+        return _utc(v)
+
+
 class JobOut(BaseModel):
     id: str
     slide_id: str
@@ -125,6 +139,7 @@ class JobOut(BaseModel):
     started_at: datetime | None
     finished_at: datetime | None
     stage_seconds: dict[str, float] = Field(default_factory=dict)
+    webhook: WebhookStatus | None = Field(None, description="only for jobs submitted with a webhook_url")
     links: JobLinks
 
     @field_serializer("created_at", "started_at", "finished_at")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from service.api.schemas import ErrorDetail, JobLinks, JobOut, SlideOut
+from service.api.schemas import ErrorDetail, JobLinks, JobOut, SlideOut, WebhookStatus
 from service.store.models import Job, Result, Slide
 
 
@@ -39,5 +39,14 @@ def job_out(job: Job, result: Result | None = None) -> JobOut:
         started_at=job.started_at,
         finished_at=job.finished_at,
         stage_seconds={k: float(v) for k, v in (job.stage_seconds or {}).items()},
+        webhook=_webhook_status(job),
         links=links,
     )
+
+
+def _webhook_status(job: Job) -> WebhookStatus | None:
+    if not job.webhook_url:
+        return None
+    if job.webhook_sent_at is not None:
+        return WebhookStatus(state="done", delivered=job.webhook_delivered, sent_at=job.webhook_sent_at)
+    return WebhookStatus(state="sending" if job.webhook_claimed_at is not None else "waiting")

@@ -66,6 +66,8 @@ def _add_new_columns(engine: Engine) -> None:
                     conn.exec_driver_sql(ddl)
                     if (table.name, col.name) == ("jobs", "webhook_claimed_at"):  # old rows were reported already
                         conn.exec_driver_sql("UPDATE jobs SET webhook_claimed_at = finished_at")
+                    if (table.name, col.name) == ("jobs", "webhook_sent_at"):  # and their senders finished
+                        conn.exec_driver_sql("UPDATE jobs SET webhook_sent_at = webhook_claimed_at")
             except DBAPIError:
                 if col.name not in {c["name"] for c in inspect(engine).get_columns(table.name)}:
                     raise

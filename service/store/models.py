@@ -105,8 +105,11 @@ class Job(Base):
     heartbeat_at: Mapped[datetime | None] = mapped_column(nullable=True)
     # Celery mode: when the job id was last handed to the broker (NULL = never: re-published at gateway start)
     published_at: Mapped[datetime | None] = mapped_column(nullable=True)
-    # set once by whoever claims the terminal webhook (a conditional UPDATE): exactly one sender per job
+    # set by whoever claims the terminal webhook (a conditional UPDATE): one sender at a time per job
     webhook_claimed_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    # set when that sender finished: NULL long after the claim means it died, and the claim may be taken again
+    webhook_sent_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    webhook_delivered: Mapped[bool | None] = mapped_column(Boolean, nullable=True)  # a 2xx, or gave up
 
 
 class Result(Base):

@@ -16,7 +16,8 @@ Celery delivers at least once; these conditional UPDATEs make the *job row* chan
   in the UPDATE itself, so a verdict never lands on a job another worker has taken over since.
 
 Terminal writes only move `queued`/`running` rows, and the failures decided here are conditional UPDATEs checked
-by row count: a job reaches its terminal state once, and its webhook is claimed once (`service.webhooks.claim`).
+by row count: a job reaches its terminal state once, and its webhook has one sender at a time
+(`service.webhooks.claim`).
 """
 
 from __future__ import annotations
@@ -219,17 +220,26 @@ def reap_stale(s: Session, *, lease_s: float, max_attempts: int) -> Reaped:
     return out
 
 
-def unreported(s: Session, *, settled_s: float, window_s: float, limit: int = 200) -> list[str]:
+def unreported(
+    s: Session, *, settled_s: float, window_s: float, reclaim_after_s: float | None = None, limit: int = 200
+) -> list[str]:
     """Terminal jobs with a webhook nobody has claimed, finished between `window_s` and `settled_s` ago: a
     verdict whose writer died before sending, or a terminal change made where no sender runs (e.g. a queued
-    job canceled through the API). Older ones are left alone (a database upgraded from an older version)."""
+    job canceled through the API). With `reclaim_after_s`, also those whose sender claimed the webhook that
+    long ago and never finished (it died mid-delivery). Older ones are left alone (a database upgraded from an
+    older version)."""
     now = utcnow()
+    nobody = Job.webhook_claimed_at.is_(None)
+    if reclaim_after_s is not None:
+        nobody = nobody | (
+            Job.webhook_sent_at.is_(None) & (Job.webhook_claimed_at < now - timedelta(seconds=reclaim_after_s))
+        )
     q = (
         select(Job.id)
         .where(
             Job.state.in_(TERMINAL_STATES),
             Job.webhook_url.is_not(None),
-            Job.webhook_claimed_at.is_(None),
+            nobody,
             Job.finished_at < now - timedelta(seconds=settled_s),
             Job.finished_at >= now - timedelta(seconds=window_s),
         )

@@ -120,7 +120,12 @@ class CeleryQueue:
                     s, lease_s=self.settings.worker_lease_s, max_attempts=self.settings.job_max_attempts
                 )
                 lease = self.settings.worker_lease_s
-                due = jobs.unreported(s, settled_s=lease, window_s=max(UNREPORTED_WINDOW_S, 10 * lease))
+                due = jobs.unreported(
+                    s,
+                    settled_s=lease,
+                    window_s=max(UNREPORTED_WINDOW_S, 10 * lease),
+                    reclaim_after_s=webhooks.claim_lease_s(self.settings),
+                )
             if reaped.requeued:
                 log.warning("re-published %d job(s) whose worker stopped answering", len(reaped.requeued))
                 self.republish_queued(factory, job_ids=reaped.requeued)

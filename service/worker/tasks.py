@@ -5,7 +5,7 @@ The task claims the job row first (`service.worker.jobs.claim`), so duplicate de
 a heartbeat while it runs. The pool master's side (`JobRequest`) writes the verdict when a child dies or hits
 the hard time limit, because then no code runs in the child any more, and sends that failure's webhook from a
 short-lived thread (HTTP retries never block the master's event loop). Every sender goes through
-`service.webhooks.claim`, so a job's terminal webhook leaves exactly once whoever decided its state.
+`service.webhooks.claim`, so a job's terminal webhook has one sender at a time whoever decided its state.
 """
 
 from __future__ import annotations
