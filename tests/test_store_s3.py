@@ -285,6 +285,40 @@ def test_cache_bound_evicts_least_recent_not_in_use(moto: MotoServer, bucket: st
         assert a.read_bytes() == (tmp_path / "a").read_bytes()
     e = store.local_path("slides/t/e.svs")  # a is free now and the least recently used
     assert not a.exists() and d.exists() and e.exists()
+    assert sorted(p.name for p in store.cache_dir.iterdir()) == sorted([d.parent.name, e.parent.name])  # no husks
+    store.clear_cache()
+    assert list(store.cache_dir.iterdir()) == []
+    assert store.local_path("slides/t/a.svs").read_bytes() == (tmp_path / "a").read_bytes()  # fetched anew
+
+
+def test_fetch_restarts_when_its_entry_is_evicted_under_it(moto: MotoServer, bucket: str, tmp_path: Path) -> None:
+    """A fetcher that opened `.pin` just before an evictor removed the entry must not use the unlinked lock: it
+    notices and starts again on a fresh entry (the copy it returns is complete and pinned)."""
+    from service.store import s3
+
+    store = _store(moto, bucket, tmp_path)
+    store.put_file("slides/t/a.svs", _file(tmp_path / "a", MIB, seed=1))
+    first = store.local_path("slides/t/a.svs")
+    entry = first.parent
+    real_flock, raced = s3.fcntl.flock, []
+
+    def flock(fh, op):  # the evictor wins the race between this fetcher's open and its lock
+        if op == s3.fcntl.LOCK_SH and not raced:
+            raced.append(1)
+            store.clear_cache()
+        return real_flock(fh, op)
+
+    s3.fcntl.flock = flock
+    try:
+        with store.local_copy("slides/t/a.svs") as again:
+            assert raced and again.read_bytes() == (tmp_path / "a").read_bytes()
+            pin = again.parent / ".pin"
+            assert pin.exists()
+            store.clear_cache()  # pinned: not evicted
+            assert again.exists()
+    finally:
+        s3.fcntl.flock = real_flock
+    assert entry.name == again.parent.name  # same key, ETag and size: the same entry name, made anew
 
 
 # --- refusals -----------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ Why it looks the way it does:
   processes) take a per-entry `flock`: one downloads, the others wait and reuse. A download goes to a `.part`
   file that is renamed only once complete and checked (size, ETag unchanged), so a partial file is never used.
   Copies in use hold a shared lock; eviction (least recently used first, above `s3_cache_max_gb`) only removes
-  copies it can lock exclusively.
+  copies it can lock exclusively, and removes the entry's lock files and folder with them.
 * Credentials come from the standard AWS chain (environment, shared config/profile, instance or pod role) and
   are never read, stored or logged here. Errors become `BlobStoreError` with a message that says what is wrong
   (no such bucket, credentials rejected, endpoint unreachable) and no secret.
@@ -26,7 +26,7 @@ import shutil
 import threading
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 from urllib.parse import urlparse
@@ -323,11 +323,9 @@ class S3BlobStore(BlobStore):
                 raise FileNotFoundError(f"no blob {key}")
             ident = hashlib.sha256(f"{self.bucket}\0{full}\0{listing!r}".encode()).hexdigest()[:32]
             entry = self.cache_dir / ident
-            entry.mkdir(parents=True, exist_ok=True)
             data = entry / Path(key).name  # the key's own name: readers may look at the extension
-            pin = (entry / ".pin").open("a+b")
+            pin = _pin(entry)
             try:
-                fcntl.flock(pin, fcntl.LOCK_SH)  # waits only for an evictor busy on this very entry
                 if not _complete(data, listing):
                     with (entry / ".fetch").open("a+b") as lock:
                         fcntl.flock(lock, fcntl.LOCK_EX)  # one download per entry; the others wait and reuse
@@ -383,13 +381,14 @@ class S3BlobStore(BlobStore):
         entries = []
         total = 0
         for entry in self.cache_dir.iterdir():
-            if not entry.is_dir():
+            try:
+                for f in entry.iterdir():
+                    if not f.name.startswith("."):
+                        size = _size(f)
+                        entries.append((f.stat().st_mtime, size, entry))
+                        total += size
+            except (FileNotFoundError, NotADirectoryError):  # evicted by another process meanwhile
                 continue
-            for f in entry.iterdir():
-                if not f.name.startswith("."):
-                    size = _size(f)
-                    entries.append((f.stat().st_mtime, size, entry))
-                    total += size
         if total <= self.cache_max_bytes:
             return
         for _, size, entry in sorted(entries, key=lambda e: e[0]):
@@ -397,7 +396,11 @@ class S3BlobStore(BlobStore):
                 return
             if entry == keep:
                 continue
-            with (entry / ".pin").open("a+b") as pin:
+            try:
+                pin = (entry / ".pin").open("a+b")
+            except FileNotFoundError:
+                continue  # another evictor removed it meanwhile
+            with pin:
                 try:
                     fcntl.flock(pin, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
@@ -405,6 +408,12 @@ class S3BlobStore(BlobStore):
                 for f in entry.iterdir():
                     if f.name not in (".pin", ".fetch"):
                         _remove(f)
+                # the lock files go too, .pin last: a fetcher that opened the old .pin finds it unlinked once
+                # it gets its lock (`_pin`) and starts again on a new entry
+                (entry / ".fetch").unlink(missing_ok=True)
+                (entry / ".pin").unlink(missing_ok=True)
+                with suppress(OSError):
+                    entry.rmdir()
             total -= size
             log.info("evicted %s from the S3 cache (%d bytes)", entry.name, size)
 
@@ -415,6 +424,28 @@ class S3BlobStore(BlobStore):
             self._evict(keep=self.cache_dir / "-")
         finally:
             self.cache_max_bytes = keep_max
+
+
+def _pin(entry: Path) -> BinaryIO:
+    """Open the entry's `.pin` holding a shared lock, creating the entry if needed. An evictor removes the
+    entry's files under an exclusive lock, so the lock is only good if `.pin` is still the same file after it
+    is taken; otherwise start again."""
+    while True:
+        entry.mkdir(parents=True, exist_ok=True)
+        try:
+            pin = (entry / ".pin").open("a+b")
+        except FileNotFoundError:  # the entry was evicted between mkdir and open
+            continue
+        try:
+            fcntl.flock(pin, fcntl.LOCK_SH)  # waits only for an evictor busy on this very entry
+            if os.fstat(pin.fileno()).st_ino == os.stat(entry / ".pin").st_ino:
+                return pin
+        except FileNotFoundError:
+            pass
+        except BaseException:
+            pin.close()
+            raise
+        pin.close()
 
 
 def _complete(path: Path, listing: list[tuple[str, str, int]]) -> bool:
