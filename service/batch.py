@@ -38,12 +38,11 @@ from service.store import repo
 from service.store.batches import Batch, BatchItem
 from service.store.blobs import make_blob_store
 from service.store.db import init_db, make_engine, session_factory, transaction
-from service.store.models import TERMINAL_STATES, Job, Result, Slide, new_id, utcnow
+from service.store.models import TERMINAL_STATES, Job, Result, utcnow
 
 SOURCE_COLUMNS = ("slide", "path", "uri", "source", "file")
 NAME_COLUMNS = ("id", "name", "slide_id")
 MPP_COLUMNS = ("mpp", "mpp_override")
-_EXT = {"svs": "svs", "ndpi": "ndpi", "ome-tiff": "ome.tif", "tiff": "tif", "mrxs": "mrxs", "png": "png", "jpeg": "jpg"}
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 MAX_ROWS = 100_000
 
@@ -301,24 +300,18 @@ class BatchService:
                     "one DICOM file is one instance of a series: put the series' folder on the manifest line",
                     slide=row.name,
                 )
-            slide_id = new_id()
-            key = f"slides/{tenant_id}/{slide_id}.{_EXT.get(fmt, 'bin')}"
-            size, sha = writer.size, writer.sha256
-            writer.commit(key)
+            slide = repo.new_slide(
+                tenant_id,
+                sha256=writer.sha256,
+                size_bytes=writer.size,
+                fmt=fmt,
+                mpp_override=row.mpp_override,
+                info={"batch_name": row.name[:255]},
+            )
+            writer.commit(slide.blob_key)
         except BaseException:
             writer.discard()
             raise
-        slide = Slide(
-            id=slide_id,
-            tenant_id=tenant_id,
-            sha256=sha,
-            format=fmt,
-            size_bytes=size,
-            blob_key=key,
-            mpp_override=row.mpp_override,
-            info={"batch_name": row.name[:255]},
-            created_at=utcnow(),
-        )
         return repo.publish_slide(self.sessions, self.blobs, slide).id
 
     def _ingest_series(self, tenant_id: str, row: ManifestRow) -> str:
@@ -335,23 +328,18 @@ class BatchService:
             if found is not None:
                 staged.discard()
                 return found.id
-            slide_id = new_id()
-            key = dicom_series.blob_key(tenant_id, slide_id)
-            staged.commit(key)
+            slide = repo.new_slide(
+                tenant_id,
+                sha256=sha,
+                size_bytes=size,
+                fmt=dicom_series.FORMAT,
+                mpp_override=row.mpp_override,
+                info={"batch_name": row.name[:255], "instances": len(series.files)},
+            )
+            staged.commit(slide.blob_key)
         except BaseException:
             staged.discard()
             raise
-        slide = Slide(
-            id=slide_id,
-            tenant_id=tenant_id,
-            sha256=sha,
-            format=dicom_series.FORMAT,
-            size_bytes=size,
-            blob_key=key,
-            mpp_override=row.mpp_override,
-            info={"batch_name": row.name[:255], "instances": len(series.files)},
-            created_at=utcnow(),
-        )
         return repo.publish_slide(self.sessions, self.blobs, slide).id
 
     def _fetch(self, source: str, writer) -> None:

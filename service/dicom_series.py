@@ -45,10 +45,6 @@ class Series:
     size: int
 
 
-def blob_key(tenant_id: str, slide_id: str) -> str:
-    return f"slides/{tenant_id}/{slide_id}.dcmdir"
-
-
 def series_digest(file_sha256s: Iterable[str]) -> str:
     """Content id of a series: independent of file names and order."""
     h = hashlib.sha256(b"mstar-dicom-series/1\n")

@@ -108,6 +108,39 @@ def find_slide_by_sha(s: Session, tenant_id: str, sha256: str) -> Slide | None:
     return s.scalar(select(Slide).where(Slide.tenant_id == tenant_id, Slide.sha256 == sha256))
 
 
+#: blob key extension by sniffed format: readers (and the S3 cache, which keeps the key's name) see a usual one
+SLIDE_EXTENSIONS = {
+    "svs": "svs",
+    "ndpi": "ndpi",
+    "ome-tiff": "ome.tiff",
+    "tiff": "tiff",
+    "mrxs": "mrxs",
+    "dicom": "dcm",
+    "dicom-dir": "dcmdir",  # a DICOM WSI series: a folder of instances under this key
+    "png": "png",
+    "jpeg": "jpg",
+}
+
+
+def new_slide(
+    tenant_id: str, *, sha256: str, size_bytes: int, fmt: str, mpp_override: float | None, info: dict
+) -> Slide:
+    """A slide row not recorded yet, with its id and the blob key its bytes are committed under before
+    `publish_slide` records it."""
+    slide_id = new_id()
+    return Slide(
+        id=slide_id,
+        tenant_id=tenant_id,
+        sha256=sha256,
+        format=fmt,
+        size_bytes=size_bytes,
+        blob_key=f"slides/{tenant_id}/{slide_id}.{SLIDE_EXTENSIONS.get(fmt, 'bin')}",
+        mpp_override=mpp_override,
+        info=info,
+        created_at=utcnow(),
+    )
+
+
 def add_slide(s: Session, slide: Slide) -> Slide:
     """Insert, or return the tenant's existing slide with the same bytes when another upload won the race."""
     try:

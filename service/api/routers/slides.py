@@ -21,20 +21,11 @@ from service.api.upload import parse_bool, parse_mpp, probe_slide, receive_uploa
 from service.api.views import job_out, slide_out
 from service.store import repo
 from service.store.db import transaction
-from service.store.models import Slide, new_id, utcnow
+from service.store.models import Slide
 
 log = logging.getLogger("mstar.api")
 router = APIRouter(tags=["slides"])
 
-_EXT = {
-    "svs": "svs",
-    "ndpi": "ndpi",
-    "ome-tiff": "ome.tiff",
-    "tiff": "tiff",
-    "dicom": "dcm",
-    "png": "png",
-    "jpeg": "jpg",
-}
 UNCAPPED = 1 << 62
 IdemHeader = Annotated[str | None, Header(alias="Idempotency-Key", min_length=1, max_length=255)]
 
@@ -95,25 +86,19 @@ async def upload_slide(
         elif existing is None:
             probed = await probe_slide(writer.path, mpp, settings)
             fmt = probed.get("format") or "unknown"
-            slide_id = new_id()
-            key = f"slides/{principal.tenant_id}/{slide_id}.{_EXT.get(fmt, 'bin')}"
-            size, sha = writer.size, writer.sha256
-            await run_in_threadpool(writer.commit, key)
-            writer = None
-            slide = Slide(
-                id=slide_id,
-                tenant_id=principal.tenant_id,
-                sha256=sha,
-                format=fmt,
-                size_bytes=size,
-                blob_key=key,
+            slide = repo.new_slide(
+                principal.tenant_id,
+                sha256=writer.sha256,
+                size_bytes=writer.size,
+                fmt=fmt,
                 mpp_override=mpp,
                 info=probed.get("info") or {},
-                created_at=utcnow(),
             )
+            await run_in_threadpool(writer.commit, slide.blob_key)
+            writer = None
             stored = repo.publish_slide(ctx.sessions, ctx.blobs, slide)
-            created, slide = stored.id == slide_id, stored
-            log.info("slide %s stored for tenant %s (%s, %d bytes)", slide.id, principal.tenant, fmt, size)
+            created, slide = stored.id == slide.id, stored
+            log.info("slide %s stored for tenant %s (%s, %d bytes)", slide.id, principal.tenant, fmt, slide.size_bytes)
         else:
             writer.discard()
             writer = None
@@ -161,24 +146,18 @@ async def _store_series_zip(ctx, tenant_id: str, zipped, mpp: float | None) -> t
         if existing is not None:
             return existing, False
         probed = await probe_slide(folder, mpp, settings)
-        slide_id = new_id()
-        key = dicom_series.blob_key(tenant_id, slide_id)
-        await run_in_threadpool(staged.commit, key)
-        info = {**(probed.get("info") or {}), "instances": len(found.files)}
-        slide = Slide(
-            id=slide_id,
-            tenant_id=tenant_id,
+        slide = repo.new_slide(
+            tenant_id,
             sha256=sha,
-            format=dicom_series.FORMAT,
             size_bytes=size,
-            blob_key=key,
+            fmt=dicom_series.FORMAT,
             mpp_override=mpp,
-            info=info,
-            created_at=utcnow(),
+            info={**(probed.get("info") or {}), "instances": len(found.files)},
         )
+        await run_in_threadpool(staged.commit, slide.blob_key)
         stored = repo.publish_slide(ctx.sessions, ctx.blobs, slide)
         log.info("slide %s stored for tenant %s (DICOM series, %d instances)", stored.id, tenant_id, len(found.files))
-        return stored, stored.id == slide_id
+        return stored, stored.id == slide.id
     finally:
         zipped.discard()
         if staged is not None:
