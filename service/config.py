@@ -62,6 +62,11 @@ class Settings(BaseSettings):
         description="after the cap trips, read at most this much more so the "
         "client sees the 413 instead of a reset connection",
     )
+    upload_idle_timeout_s: float = Field(
+        30.0, gt=0, description="an upload body that sends nothing for this long is dropped (408-like 400)"
+    )
+    tenant_max_uploads: int = Field(4, ge=1, description="concurrent uploads per tenant; more answer 429")
+    max_uploads: int = Field(32, ge=1, description="concurrent uploads in one gateway process; more answer 503")
     validate_timeout_s: float = Field(60.0, gt=0, description="limit for the upload check subprocess")
     validate_memory_mb: int = Field(2048, ge=0, description="address-space cap of the check process; 0 = none")
 
@@ -76,6 +81,12 @@ class Settings(BaseSettings):
     runner_workers: int = Field(1, ge=1, le=64, description="embedded runner: worker processes")
     runner_poll_s: float = Field(0.5, gt=0, description="how often the dispatcher looks for queued jobs")
     job_max_attempts: int = Field(2, ge=1, description="a job whose worker died is retried this many times")
+    tenant_max_queued: int = Field(
+        1000, ge=1, description="queued jobs one tenant may have; a submit past it answers 429 quota_exceeded"
+    )
+    tenant_max_running: int = Field(
+        0, ge=0, description="jobs of one tenant running at once; 0 = no cap (dispatch is fair across tenants anyway)"
+    )
     broker_url: str | None = Field(None, description="Celery broker; None = the embedded runner")
     # distributed workers (service/worker; docs/workers.md)
     task_time_limit_s: float = Field(3600.0, gt=0, description="hard limit per job: the worker child is killed")

@@ -83,3 +83,31 @@ class JobTimeLimitError(MstarError):
 
     code = "time_limit"
     http_status = 504
+
+
+class StorageFullError(MstarError):
+    """The slide or result store has no space left: nothing half-written is kept, nothing stored is lost."""
+
+    code = "storage_full"
+    http_status = 507
+
+
+class IdempotencyConflictError(MstarError):
+    """An Idempotency-Key reused with a different request (the IETF draft's 422): the first job is not returned."""
+
+    code = "idempotency_key_reused"
+    http_status = 422
+
+
+class QuotaExceededError(MstarError):
+    """A tenant is over its share (queued jobs, concurrent uploads): retry later; other tenants are unaffected."""
+
+    code = "quota_exceeded"
+    http_status = 429
+
+
+class ServiceBusyError(MstarError):
+    """The whole service is at capacity for this kind of request: retry later."""
+
+    code = "busy"
+    http_status = 503

@@ -95,6 +95,8 @@ class Job(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     options: Mapped[dict] = mapped_column(JSON, default=dict)
     idempotency_key: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    # what was asked (slide, options, webhook) when the key was given: the same key with another request is refused
+    request_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
     webhook_url: Mapped[str | None] = mapped_column(String(2048), nullable=True)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     worker: Mapped[str | None] = mapped_column(String(128), nullable=True)

@@ -16,6 +16,7 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from service.errors import IdempotencyConflictError, QuotaExceededError
 from service.store.blobs import BlobStore
 from service.store.db import transaction
 from service.store.models import (
@@ -190,6 +191,21 @@ def _by_idem(s: Session, tenant_id: str, key: str | None) -> Job | None:
     return s.scalar(select(Job).where(Job.tenant_id == tenant_id, Job.idempotency_key == key))
 
 
+def request_digest(**fields: object) -> str:
+    """A stable digest of what a request asked for (canonical JSON), kept with its Idempotency-Key."""
+    import json
+
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
+
+
+def _replay(found: Job, request_sha256: str | None) -> tuple[Job, bool]:
+    if request_sha256 is not None and found.request_sha256 not in (None, request_sha256):
+        raise IdempotencyConflictError(
+            "this Idempotency-Key was already used with a different request; use a new key for a new request"
+        )
+    return found, False
+
+
 def create_job(
     s: Session,
     *,
@@ -198,12 +214,22 @@ def create_job(
     options: dict,
     idempotency_key: str | None = None,
     webhook_url: str | None = None,
+    request_sha256: str | None = None,
+    max_queued: int | None = None,
 ) -> tuple[Job, bool]:
-    """(job, created). The same idempotency key from the same tenant returns the first job."""
+    """(job, created). The same idempotency key from the same tenant returns the first job, if it was asked with
+    the same request (`request_sha256`); with a different one it is refused (422). Past `max_queued` queued jobs
+    of this tenant the submit is refused (429) and nothing is recorded."""
     if idempotency_key:
         found = _by_idem(s, tenant_id, idempotency_key)
         if found is not None:
-            return found, False
+            return _replay(found, request_sha256)
+    if max_queued is not None:
+        queued = s.scalar(select(func.count()).where(Job.tenant_id == tenant_id, Job.state == "queued")) or 0
+        if queued >= max_queued:
+            raise QuotaExceededError(
+                f"this tenant already has {queued} queued jobs (the limit is {max_queued}); retry when some finish"
+            )
     job = Job(
         id=new_id(),
         tenant_id=tenant_id,
@@ -211,6 +237,7 @@ def create_job(
         state="queued",
         options=options,
         idempotency_key=idempotency_key or None,
+        request_sha256=request_sha256 if idempotency_key else None,
         webhook_url=webhook_url,
         progress=0.0,
         attempts=0,
@@ -224,7 +251,7 @@ def create_job(
         found = _by_idem(s, tenant_id, idempotency_key)
         if found is None:
             raise
-        return found, False
+        return _replay(found, request_sha256)
     return job, True
 
 
