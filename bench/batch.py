@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from service.batch import BatchService  # noqa: E402
 from service.config import Settings  # noqa: E402
-from service.worker.queue import CeleryQueue  # noqa: E402
+from service.jobs.celery_queue import CeleryQueue  # noqa: E402
 
 SLIDE = ROOT.parent / "shared" / "data" / "slides" / "CMU-1-Small-Region.svs"
 MSTAR = Path(sys.executable).with_name("mstar")

@@ -34,6 +34,7 @@ from service.errors import (
     SlideTooLargeError,
     UnsupportedFormatError,
 )
+from service.jobs import lifecycle
 from service.store import repo
 from service.store.batches import Batch, BatchItem
 from service.store.blobs import make_blob_store
@@ -270,7 +271,7 @@ class BatchService:
             if row.mpp_override is not None:
                 job_options["mpp_override"] = row.mpp_override
             with transaction(self.sessions) as s:
-                new_job, _ = repo.create_job(s, tenant_id=tenant_id, slide_id=slide_id, options=job_options)
+                new_job, _ = lifecycle.create(s, tenant_id=tenant_id, slide_id=slide_id, options=job_options)
                 item = s.get(BatchItem, item_key)
                 item.slide_id, item.job_id, item.error_code, item.error_message = slide_id, new_job.id, None, None
                 report.queued.append(new_job.id)

@@ -101,9 +101,7 @@ class HttpBatch:
         if path.is_dir():
             return self._upload_series(path, mpp)
         if not path.is_file():
-            raise InvalidParameterError(
-                f"{source}: --server batches take local files, DICOM folders and s3:// objects"
-            )
+            raise InvalidParameterError(f"{source}: --server batches take local files, DICOM folders and s3:// objects")
         with path.open("rb") as fh:
             return self._post(path.name, fh, mpp)
 

@@ -12,9 +12,9 @@ import pytest
 from service.batch import BatchService, default_batch_id, parse_manifest
 from service.config import Settings
 from service.errors import InvalidParameterError
+from service.jobs.lifecycle import finish_unowned as finish_job
 from service.store.db import transaction
 from service.store.models import Job, Slide
-from service.store.repo import finish_job
 
 
 def _write(path: Path, text: str) -> Path:
@@ -141,9 +141,9 @@ BAD_REASONS = {"empty": "is empty", "notes": "no DICOM files", "two": "2 DICOM W
 
 
 def test_dicom_folders_are_batch_slides_and_bad_folders_fail_their_line(tmp_path, dicom_dir, cmu_svs):
-    from service.runner import execute_job
+    from service.jobs import lifecycle
+    from service.jobs.execute import execute_job
     from service.slides.open import open_slide
-    from service.store import repo
 
     bad = _bad_folders(tmp_path / "bad", dicom_dir)
     renamed = _copy_dir(dicom_dir, tmp_path / "renamed", rename=True)  # the same series under other names
@@ -170,13 +170,13 @@ def test_dicom_folders_are_batch_slides_and_bad_folders_fail_their_line(tmp_path
             slide = s.get(Slide, items["dicom"].slide_id)
             assert (slide.format, slide.size_bytes) == ("dicom-dir", sum(f.stat().st_size for f in dicom_dir.iterdir()))
             key = slide.blob_key
-            job_id = repo.claim_next(s, "test-worker")
+            lease = lifecycle.claim_fair(s, "test-worker")
         stored = svc.blobs.local_path(key)
         assert sorted(p.name for p in stored.iterdir()) == [f"{i:04d}.dcm" for i in range(12)]
         with open_slide(stored) as got, open_slide(dicom_dir) as ref:
             assert got.level_dimensions == ref.level_dimensions and got.mpp == ref.mpp
-        assert job_id == items["dicom"].job_id
-        assert execute_job(job_id, settings).state == "succeeded"  # the worker's code path opens the folder
+        assert lease.job_id == items["dicom"].job_id
+        assert execute_job(lease, settings).state == "succeeded"  # the worker's code path opens the folder
         again = svc.submit(m, tenant="lab", queue=_Published())
         assert again.skipped_done == 1 and again.failed_ingest == 4 and again.in_flight == 2
     finally:

@@ -23,7 +23,9 @@ from service import webhooks
 from service.api import create_app
 from service.config import BootstrapKey, Settings, time_limits
 from service.errors import InvalidParameterError
-from service.runner import EmbeddedRunner, execute_job
+from service.jobs import lifecycle
+from service.jobs.embedded import EmbeddedRunner
+from service.jobs.execute import execute_job
 from service.store import repo
 from service.store.blobs import FileBlobStore
 from service.store.db import init_db, make_engine, session_factory, transaction
@@ -71,7 +73,7 @@ def env(request, tmp_path: Path, cmu_svs: Path, tcga_j2k_svs: Path):
 
     def submit(slide: str = "cmu", *, webhook_url: str | None = None, **options) -> str:
         with transaction(factory) as s:
-            return repo.create_job(
+            return lifecycle.create(
                 s, tenant_id=tenant.id, slide_id=slides[slide], options=options, webhook_url=webhook_url
             )[0].id
 
@@ -131,8 +133,9 @@ def test_refusals_and_internal_errors_are_recorded(env) -> None:
     broken = settings.model_copy(update={"pipeline": "runner_pipelines:broken"})
     job_id = submit()
     with transaction(session_factory(make_engine(settings.db_url))) as s:
-        assert repo.claim_next(s, "test") == job_id
-    outcome = execute_job(job_id, broken)
+        lease = lifecycle.claim_fair(s, "test")
+        assert lease.job_id == job_id
+    outcome = execute_job(lease, broken)
     j = job(job_id)
     assert outcome.state == j.state == "failed" and j.error_code == "internal_error"
     assert "/secret" not in j.error_message
@@ -149,7 +152,7 @@ def test_cancel_stops_a_running_job(env) -> None:
         while job(job_id).stage != "embed" and time.monotonic() < deadline:
             time.sleep(0.1)
         with transaction(factory) as s:
-            repo.request_cancel(s, s.get(Job, job_id))
+            lifecycle.request_cancel(s, s.get(Job, job_id))
         j = _wait(job, job_id, timeout=30)
     finally:
         runner.stop()

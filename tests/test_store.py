@@ -9,6 +9,7 @@ import pytest
 from services import postgres_url  # noqa: F401  (session fixture: a real PostgreSQL server)
 from sqlalchemy import text
 
+from service.jobs import lifecycle
 from service.store import repo
 from service.store.blobs import FileBlobStore
 from service.store.db import init_db, make_engine, session_factory, transaction
@@ -78,27 +79,32 @@ def test_idempotency_key_returns_the_same_job(sessions) -> None:
         t = repo.ensure_tenant(s, "a")
         u = repo.ensure_tenant(s, "b")
         slide = repo.add_slide(s, _slide(t.id))
-        j1, c1 = repo.create_job(s, tenant_id=t.id, slide_id=slide.id, options={}, idempotency_key="k1")
-        j2, c2 = repo.create_job(s, tenant_id=t.id, slide_id=slide.id, options={}, idempotency_key="k1")
-        j3, c3 = repo.create_job(s, tenant_id=t.id, slide_id=slide.id, options={})
+        j1, c1 = lifecycle.create(s, tenant_id=t.id, slide_id=slide.id, options={}, idempotency_key="k1")
+        j2, c2 = lifecycle.create(s, tenant_id=t.id, slide_id=slide.id, options={}, idempotency_key="k1")
+        j3, c3 = lifecycle.create(s, tenant_id=t.id, slide_id=slide.id, options={})
         other = repo.add_slide(s, _slide(u.id))
-        j4, c4 = repo.create_job(s, tenant_id=u.id, slide_id=other.id, options={}, idempotency_key="k1")
+        j4, c4 = lifecycle.create(s, tenant_id=u.id, slide_id=other.id, options={}, idempotency_key="k1")
     assert (c1, c2, c3, c4) == (True, False, True, True)
     assert j1.id == j2.id and j3.id != j1.id and j4.id != j1.id
+
+
+def _claim(s, worker: str) -> str | None:
+    lease = lifecycle.claim_fair(s, worker)
+    return lease.job_id if lease is not None else None
 
 
 def test_concurrent_claims_never_share_a_job(sessions) -> None:
     with transaction(sessions) as s:
         t = repo.ensure_tenant(s, "a")
         slide = repo.add_slide(s, _slide(t.id))
-        ids = {repo.create_job(s, tenant_id=t.id, slide_id=slide.id, options={})[0].id for _ in range(20)}
+        ids = {lifecycle.create(s, tenant_id=t.id, slide_id=slide.id, options={})[0].id for _ in range(20)}
     claimed: list[str] = []
     lock = threading.Lock()
 
     def worker(n: int) -> None:
         while True:
             with transaction(sessions) as s:
-                job_id = repo.claim_next(s, f"w{n}")
+                job_id = _claim(s, f"w{n}")
             if job_id is None:
                 return
             with lock:
@@ -111,7 +117,7 @@ def test_concurrent_claims_never_share_a_job(sessions) -> None:
         th.join(60)
     assert sorted(claimed) == sorted(ids)  # every job exactly once
     with transaction(sessions) as s:
-        assert repo.count_by_state(s)["running"] == 20
+        assert lifecycle.count_by_state(s)["running"] == 20
         assert all(j.attempts == 1 for j in s.query(Job).all())
 
 
@@ -119,25 +125,25 @@ def test_cancel_and_recovery_state_machine(sessions) -> None:
     with transaction(sessions) as s:
         t = repo.ensure_tenant(s, "a")
         slide = repo.add_slide(s, _slide(t.id))
-        queued, _ = repo.create_job(s, tenant_id=t.id, slide_id=slide.id, options={})
-        mk = [repo.create_job(s, tenant_id=t.id, slide_id=slide.id, options={})[0] for _ in range(3)]
+        queued, _ = lifecycle.create(s, tenant_id=t.id, slide_id=slide.id, options={})
+        mk = [lifecycle.create(s, tenant_id=t.id, slide_id=slide.id, options={})[0] for _ in range(3)]
     with transaction(sessions) as s:
-        assert repo.request_cancel(s, s.get(Job, queued.id)).state == "canceled"
-        running = [repo.claim_next(s, "w") for _ in range(3)]
+        assert lifecycle.request_cancel(s, s.get(Job, queued.id))[0].state == "canceled"
+        running = [_claim(s, "w") for _ in range(3)]
         assert set(running) == {j.id for j in mk}
-        repo.request_cancel(s, s.get(Job, running[0]))  # running: only flagged
-        assert s.get(Job, running[0]).state == "running" and repo.cancel_requested(s, running[0])
+        lifecycle.request_cancel(s, s.get(Job, running[0]))  # running: only flagged
+        assert s.get(Job, running[0]).state == "running" and lifecycle.cancel_requested(s, running[0])
         s.get(Job, running[1]).attempts = 2  # out of attempts
     with transaction(sessions) as s:
-        out = repo.recover_orphans(s, max_attempts=2)
+        out = lifecycle.recover_orphans(s, max_attempts=2)
     assert out == {"requeued": 1, "failed": 1, "canceled": 1}
     with transaction(sessions) as s:
         assert s.get(Job, running[0]).state == "canceled"
         assert s.get(Job, running[1]).state == "failed" and s.get(Job, running[1]).error_code == "worker_lost"
         assert s.get(Job, running[2]).state == "queued"
-        assert repo.cancel_requested(s, "no-such-job")  # a deleted job stops its worker
+        assert lifecycle.cancel_requested(s, "no-such-job")  # a deleted job stops its worker
         with pytest.raises(ValueError):
-            repo.finish_job(s, running[2], "running")
+            lifecycle.finish_unowned(s, running[2], "running")
 
 
 def test_cancel_of_a_job_claimed_meanwhile_flags_it(sessions, request) -> None:
@@ -147,24 +153,26 @@ def test_cancel_of_a_job_claimed_meanwhile_flags_it(sessions, request) -> None:
     with transaction(sessions) as s:
         t = repo.ensure_tenant(s, "a")
         slide = repo.add_slide(s, _slide(t.id))
-        job, _ = repo.create_job(s, tenant_id=t.id, slide_id=slide.id, options={})
+        job, _ = lifecycle.create(s, tenant_id=t.id, slide_id=slide.id, options={})
     with transaction(sessions) as api:
         stale = api.get(Job, job.id)
         assert stale.state == "queued"
         with transaction(sessions) as worker:
-            assert repo.claim_next(worker, "w") == job.id
-        out = repo.request_cancel(api, stale)
+            assert _claim(worker, "w") == job.id
+        out, _ = lifecycle.request_cancel(api, stale)
         assert out.state == "running"
     with transaction(sessions) as s:
-        assert repo.cancel_requested(s, job.id)
+        assert lifecycle.cancel_requested(s, job.id)
 
 
 def test_delete_slide_removes_jobs_and_results(sessions) -> None:
     with transaction(sessions) as s:
         t = repo.ensure_tenant(s, "a")
         slide = repo.add_slide(s, _slide(t.id))
-        job, _ = repo.create_job(s, tenant_id=t.id, slide_id=slide.id, options={})
-        repo.save_result(s, job, {"result.json": {"key": "k", "size": 1, "sha256": "0"}})
+        job, _ = lifecycle.create(s, tenant_id=t.id, slide_id=slide.id, options={})
+    with transaction(sessions) as s:
+        lease = lifecycle.claim_fair(s, "w")
+        assert lifecycle.succeed(s, lease, {"result.json": {"key": "k", "size": 1, "sha256": "0"}}, {}).won
     with transaction(sessions) as s:
         assert repo.get_result(s, t.id, job.id) is not None
         assert repo.delete_slide(s, repo.get_slide(s, t.id, slide.id)) == [job.id]

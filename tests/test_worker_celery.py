@@ -25,11 +25,11 @@ from worker_pipelines import make_slide
 from service import webhooks
 from service.batch import BatchService
 from service.config import Settings
-from service.runner import make_queue
+from service.jobs import lifecycle, make_queue
+from service.jobs.celery_queue import CeleryQueue
 from service.store import repo
 from service.store.db import init_db, make_engine, session_factory, transaction
 from service.store.models import Job, Result, Slide, new_id
-from service.worker.queue import CeleryQueue
 
 pytestmark = pytest.mark.services
 
@@ -363,7 +363,7 @@ def test_gateway_start_publishes_only_jobs_never_published(tmp_path: Path, redis
         s.add(slide)
         s.flush()
         ids = [
-            repo.create_job(s, tenant_id=tenant.id, slide_id=slide.id, options=opts)[0].id
+            lifecycle.create(s, tenant_id=tenant.id, slide_id=slide.id, options=opts)[0].id
             for opts in ({}, {}, {"batch_id": "b" * 32})
         ]
     first = CeleryQueue(settings)

@@ -12,10 +12,10 @@ from services import webhook_receiver
 from service import webhooks
 from service.config import Settings
 from service.errors import InvalidParameterError
+from service.jobs import lifecycle
 from service.store import repo
 from service.store.db import init_db, make_engine, session_factory, transaction
 from service.store.models import Job, Slide, new_id, utcnow
-from service.worker import jobs
 from service.worker.celery_app import BATCH, INTERACTIVE, PRIORITY, limits, make_celery, transport_options
 
 
@@ -42,13 +42,16 @@ def _job(factory, webhook_url: str | None = None) -> str:
         )
         s.add(slide)
         s.flush()
-        job, _ = repo.create_job(s, tenant_id=tenant.id, slide_id=slide.id, options={}, webhook_url=webhook_url)
+        job, _ = lifecycle.create(s, tenant_id=tenant.id, slide_id=slide.id, options={}, webhook_url=webhook_url)
         return job.id
 
 
-def _claim(factory, job_id, worker, max_attempts=2, lease_s=30.0):
+def _claim(factory, job_id, worker, max_attempts=2, lease_s=30.0, token=None):
+    """One delivery of the token published for `job_id` (a redelivery carries the same token)."""
     with transaction(factory) as s:
-        return jobs.claim(s, job_id, worker, max_attempts=max_attempts, lease_s=lease_s)
+        return lifecycle.claim_for_token(
+            s, token or f"tok-{job_id}", worker, queue="interactive", max_attempts=max_attempts, lease_s=lease_s
+        )
 
 
 def _get(factory, job_id) -> Job:
@@ -56,49 +59,70 @@ def _get(factory, job_id) -> Job:
         return s.get(Job, job_id)
 
 
-def test_claim_runs_once_and_drops_duplicates(sessions):
+def test_claim_runs_once_and_a_duplicate_delivery_waits(sessions):
     job_id = _job(sessions)
     first = _claim(sessions, job_id, "a@h:1")
-    assert (first.action, first.attempt) == ("run", 1)
-    dup = _claim(sessions, job_id, "b@h:2")  # fresh heartbeat: another worker is on it
-    assert dup.action == "skip" and "duplicate" in dup.reason
+    assert (first.lease.job_id, first.lease.attempt) == (job_id, 1)
+    dup = _claim(sessions, job_id, "b@h:2")  # the same token again, fresh heartbeat: its holder may be alive
+    assert dup.lease is None and dup.wait and "running on a@h:1" in dup.why
     job = _get(sessions, job_id)
     assert (job.state, job.attempts, job.worker) == ("running", 1, "a@h:1")
     with transaction(sessions) as s:
-        repo.finish_job(s, job_id, "succeeded")
+        lifecycle.finish_unowned(s, job_id, "succeeded")
     late = _claim(sessions, job_id, "b@h:2")
-    assert late.action == "skip" and late.reason == "already succeeded"
+    assert late.lease is None and not late.wait and late.why == "nothing queued"
 
 
 def test_stale_lease_is_taken_over_then_attempts_run_out(sessions):
     job_id = _job(sessions)
-    assert _claim(sessions, job_id, "a@h:1").attempt == 1
+    assert _claim(sessions, job_id, "a@h:1").lease.attempt == 1
     with transaction(sessions) as s:  # the whole worker died: no heartbeat since
         s.get(Job, job_id).heartbeat_at = utcnow() - timedelta(seconds=60)
     with transaction(sessions) as s:
-        assert not jobs.heartbeat(s, job_id, "b@h:2", 1)  # not b's job
+        assert not lifecycle.heartbeat(s, lifecycle.Lease(job_id, "b@h:2", 1))  # not b's job
     take = _claim(sessions, job_id, "b@h:2")
-    assert (take.action, take.attempt) == ("run", 2)
+    assert (take.lease.attempt, take.why) == (2, "taken over")
     with transaction(sessions) as s:
-        assert not jobs.heartbeat(s, job_id, "a@h:1", 1)  # the old attempt lost its lease
-        assert jobs.heartbeat(s, job_id, "b@h:2", 2)
+        assert not lifecycle.heartbeat(s, lifecycle.Lease(job_id, "a@h:1", 1))  # the old attempt lost its lease
+        assert lifecycle.heartbeat(s, take.lease)
         s.get(Job, job_id).heartbeat_at = utcnow() - timedelta(seconds=60)
     out = _claim(sessions, job_id, "c@h:3")
-    assert out.action == "skip" and out.reason == "out of attempts"
+    assert out.lease is None and out.why == "out of attempts"
     job = _get(sessions, job_id)
     assert (job.state, job.error_code) == ("failed", "worker_lost")
+
+
+def test_a_lost_attempt_can_write_nothing(sessions):
+    """Fencing: once attempt 2 owns the job, every write of attempt 1 (progress, result, verdict) is refused."""
+    job_id = _job(sessions)
+    old = _claim(sessions, job_id, "a@h:1").lease
+    with transaction(sessions) as s:
+        s.get(Job, job_id).heartbeat_at = utcnow() - timedelta(seconds=60)
+    new = _claim(sessions, job_id, "b@h:2").lease
+    with transaction(sessions) as s:
+        assert not lifecycle.progress(s, old, "embed", 0.5, {})
+        assert not lifecycle.still_owned(s, old) and lifecycle.still_owned(s, new)
+        assert not lifecycle.finish(s, old, "failed", error_code="x", error_message="x").won
+        assert not lifecycle.succeed(s, old, {"result.json": {"key": "k1"}}, {}).won
+        assert lifecycle.succeed(s, new, {"result.json": {"key": "k2"}}, {}).won
+        assert not lifecycle.finish(s, old, "canceled", error_code="canceled").won
+    job = _get(sessions, job_id)
+    with transaction(sessions) as s:
+        files = repo.get_result(s, job.tenant_id, job_id).files
+    assert job.state == "succeeded" and files == {"result.json": {"key": "k2"}}
+    assert lifecycle.result_prefix("t", job_id, 1) != lifecycle.result_prefix("t", job_id, 2)
 
 
 def test_child_lost_requeues_then_fails_with_reason(sessions):
     job_id = _job(sessions)
     _claim(sessions, job_id, "a@h:1")
     with transaction(sessions) as s:
-        assert jobs.on_child_lost(s, job_id, "other@h:9", max_attempts=2, why="signal 6") == "ignored"
-        assert jobs.on_child_lost(s, job_id, "a@h:1", max_attempts=2, why="signal 6 (SIGABRT)") == "requeued"
+        assert lifecycle.on_child_lost(s, "other@h:9", max_attempts=2, why="signal 6") == ("ignored", None)
+        assert lifecycle.on_child_lost(s, "a@h:1", max_attempts=2, why="signal 6 (SIGABRT)") == ("requeued", job_id)
     assert _get(sessions, job_id).state == "queued"
-    assert _claim(sessions, job_id, "a@h:2").attempt == 2
+    assert _claim(sessions, job_id, "a@h:2").lease.attempt == 2  # the redelivered token claims it again
     with transaction(sessions) as s:
-        assert jobs.on_child_lost(s, job_id, "a@h:2", max_attempts=2, why="signal 6 (SIGABRT)") == "failed"
+        assert lifecycle.on_child_lost(s, "a@h:2", max_attempts=2, why="signal 6 (SIGABRT)") == ("failed", job_id)
     job = _get(sessions, job_id)
     assert job.state == "failed" and job.error_code == "worker_crashed" and "SIGABRT" in job.error_message
 
@@ -107,8 +131,8 @@ def test_hard_timeout_fails_only_the_owners_job(sessions):
     job_id = _job(sessions)
     _claim(sessions, job_id, "a@h:1")
     with transaction(sessions) as s:
-        assert not jobs.on_hard_timeout(s, job_id, "b@h:2", 8)
-        assert jobs.on_hard_timeout(s, job_id, "a@h:1", 8)
+        assert lifecycle.on_hard_timeout(s, "b@h:2", 8) == (False, None)
+        assert lifecycle.on_hard_timeout(s, "a@h:1", 8) == (True, job_id)
     job = _get(sessions, job_id)
     assert job.error_code == "time_limit" and "8 s" in job.error_message
 
@@ -116,8 +140,8 @@ def test_hard_timeout_fails_only_the_owners_job(sessions):
 def test_canceled_before_delivery_is_not_run(sessions):
     job_id = _job(sessions)
     with transaction(sessions) as s:
-        s.get(Job, job_id).cancel_requested = True
-    assert _claim(sessions, job_id, "a@h:1").action == "skip"
+        lifecycle.request_cancel(s, s.get(Job, job_id))
+    assert _claim(sessions, job_id, "a@h:1").lease is None
     assert _get(sessions, job_id).state == "canceled"
 
 
@@ -154,7 +178,7 @@ def test_reaper_requeues_silent_jobs_and_fails_exhausted_ones(sessions):
         gone = s.get(Job, exhausted)
         gone.heartbeat_at, gone.attempts = utcnow() - timedelta(seconds=61), 2
     with transaction(sessions) as s:
-        reaped = jobs.reap_stale(s, lease_s=30, max_attempts=2)
+        reaped = lifecycle.reap_stale(s, lease_s=30, max_attempts=2)
     assert (reaped.requeued, reaped.failed) == ([silent], [exhausted])
     assert [_get(sessions, j).state for j in (fresh, silent, exhausted)] == ["running", "queued", "failed"]
     assert _get(sessions, exhausted).error_code == "worker_lost"
@@ -167,11 +191,11 @@ def test_a_verdict_lands_only_on_the_attempt_it_was_about(sessions):
     with transaction(sessions) as s:
         stale = s.get(Job, job_id)
         stale.heartbeat_at = utcnow() - timedelta(seconds=60)
-    assert _claim(sessions, job_id, "a@h:1").attempt == 2  # same worker tag, a new attempt
+    assert _claim(sessions, job_id, "a@h:1").lease.attempt == 2  # same worker tag, a new attempt
     with transaction(sessions) as s:
-        assert jobs._fail_running(s, job_id, attempts=1, worker="a@h:1", code="time_limit", message="x") is False
-        assert jobs._fail_running(s, job_id, attempts=2, worker="a@h:1", code="time_limit", message="x") is True
-        assert jobs._fail_running(s, job_id, attempts=2, worker="a@h:1", code="time_limit", message="x") is False
+        assert lifecycle.fail_running(s, job_id, attempts=1, worker="a@h:1", code="time_limit", message="x") is False
+        assert lifecycle.fail_running(s, job_id, attempts=2, worker="a@h:1", code="time_limit", message="x") is True
+        assert lifecycle.fail_running(s, job_id, attempts=2, worker="a@h:1", code="time_limit", message="x") is False
     assert _get(sessions, job_id).state == "failed"
 
 
@@ -180,7 +204,7 @@ def test_terminal_webhook_is_claimed_once(sessions):
     _claim(sessions, job_id, "a@h:1")
     with transaction(sessions) as s:
         assert webhooks.claim(s, job_id) is None  # not terminal yet
-        assert jobs.on_hard_timeout(s, job_id, "a@h:1", 8)
+        assert lifecycle.on_hard_timeout(s, "a@h:1", 8)[0]
     with transaction(sessions) as s:
         got = webhooks.claim(s, job_id)
     assert got.url == "http://127.0.0.1:9/hook" and got.payload["state"] == "failed"
@@ -188,7 +212,7 @@ def test_terminal_webhook_is_claimed_once(sessions):
     with transaction(sessions) as s:
         assert webhooks.claim(s, job_id) is None  # the second caller gets nothing
         assert webhooks.claim(s, job_id, lease_s=60) is None  # nor does one that would take over a dead sender
-        repo.finish_job(s, silent, "canceled", error_code="canceled", error_message="canceled by request")
+        lifecycle.finish_unowned(s, silent, "canceled", error_code="canceled", error_message="canceled by request")
         assert webhooks.claim(s, silent) is None  # no webhook_url: nothing to claim
     assert _get(sessions, job_id).webhook_claimed_at is not None
 
@@ -196,14 +220,14 @@ def test_terminal_webhook_is_claimed_once(sessions):
 def test_gateway_sweep_reports_reaped_and_senderless_endings_once(sessions, tmp_path):
     """The gateway's sweep fails an exhausted silent job and sends its webhook; a queued job canceled through
     the API (no worker involved) gets its webhook too; a second sweep sends nothing more."""
-    from service.worker.queue import CeleryQueue
+    from service.jobs.celery_queue import CeleryQueue
 
     with webhook_receiver() as (url, got):
         exhausted, canceled = _job(sessions, url), _job(sessions, url)
         _claim(sessions, exhausted, "a@h:1", max_attempts=1)
         with transaction(sessions) as s:
             s.get(Job, exhausted).heartbeat_at = utcnow() - timedelta(seconds=10)
-            repo.request_cancel(s, s.get(Job, canceled))
+            lifecycle.request_cancel(s, s.get(Job, canceled))
             s.get(Job, canceled).finished_at = utcnow() - timedelta(seconds=2)  # settled for more than a lease
         settings = Settings(
             data_dir=tmp_path,
@@ -236,7 +260,7 @@ def test_a_sender_that_died_mid_delivery_is_taken_over_once(sessions, tmp_path):
     """A claim that never finished (its process died between the claim and the POST) is re-sent by the sweep
     once the claim lease has passed, with the same event id; a fresh unfinished claim and a finished one are
     left alone, and the outcome is recorded against the claim that sent it."""
-    from service.worker.queue import CeleryQueue
+    from service.jobs.celery_queue import CeleryQueue
 
     settings = Settings(
         data_dir=tmp_path,
@@ -254,7 +278,7 @@ def test_a_sender_that_died_mid_delivery_is_taken_over_once(sessions, tmp_path):
         claims = {}
         with transaction(sessions) as s:
             for job_id in (dead, busy, done):
-                repo.finish_job(s, job_id, "succeeded")
+                lifecycle.finish_unowned(s, job_id, "succeeded")
                 s.get(Job, job_id).finished_at = utcnow() - timedelta(seconds=5)
         with transaction(sessions) as s:
             for job_id in (dead, busy, done):
@@ -264,8 +288,8 @@ def test_a_sender_that_died_mid_delivery_is_taken_over_once(sessions, tmp_path):
             assert webhooks.record(s, done, s.get(Job, done).webhook_claimed_at, delivered=False)
             assert not webhooks.record(s, busy, utcnow(), delivered=True)  # not its claim: nothing recorded
         with transaction(sessions) as s:
-            assert jobs.unreported(s, settled_s=1, window_s=3600) == []  # without a lease: never claimed only
-            assert jobs.unreported(s, settled_s=1, window_s=3600, reclaim_after_s=lease) == [dead]
+            assert lifecycle.unreported(s, settled_s=1, window_s=3600) == []  # without a lease: never claimed only
+            assert lifecycle.unreported(s, settled_s=1, window_s=3600, reclaim_after_s=lease) == [dead]
         queue = CeleryQueue(settings)
         try:
             queue.sweep(sessions)
@@ -298,7 +322,7 @@ def test_an_older_job_database_gets_the_new_columns(tmp_path):
     factory = session_factory(engine)
     done, waiting = _job(factory, "http://127.0.0.1:9/h"), _job(factory, "http://127.0.0.1:9/h")
     with transaction(factory) as s:
-        repo.finish_job(s, done, "succeeded")
+        lifecycle.finish_unowned(s, done, "succeeded")
     with engine.begin() as conn:
         for col in ("published_at", "webhook_claimed_at", "webhook_sent_at", "webhook_delivered"):
             conn.exec_driver_sql(f"ALTER TABLE jobs DROP COLUMN {col}")

@@ -9,18 +9,16 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated
 
 from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
+from service.api.context import ServiceContext
 from service.api.errors import ForbiddenError, UnauthorizedError
 from service.config import Settings
 from service.store import repo
-
-if TYPE_CHECKING:
-    from service.api.app import ServiceContext
 
 
 @dataclass(frozen=True)
@@ -39,6 +37,8 @@ def get_settings(request: Request) -> Settings:
 
 
 def get_session(request: Request) -> Iterator[Session]:
+    """A session for one read-only route; it is opened by the first query and ends with the route, so routes that
+    read a request body must not take one (they would hold a connection while a client stalls)."""
     with request.app.state.ctx.sessions() as session:
         yield session
 
@@ -48,17 +48,18 @@ _api_key = APIKeyHeader(name="X-API-Key", auto_error=False, description="API key
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 SessionDep = Annotated[Session, Depends(get_session)]
-ContextDep = Annotated[Any, Depends(get_context)]  # a ServiceContext
+ContextDep = Annotated[ServiceContext, Depends(get_context)]
 
 
 def current_principal(
     request: Request,
-    session: SessionDep,
+    ctx: ContextDep,
     _bearer_doc: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
     _key_doc: Annotated[str | None, Security(_api_key)],
 ) -> Principal:
     """Every credential presented must be valid and name the same tenant: an ambiguous request (a bad
-    `Authorization` next to a good `X-API-Key`) is refused rather than silently half-authenticated."""
+    `Authorization` next to a good `X-API-Key`) is refused rather than silently half-authenticated. The key check
+    uses its own session, closed before the route runs."""
     tokens: list[str] = []
     auth = request.headers.get("authorization")
     if auth is not None:
@@ -70,7 +71,8 @@ def current_principal(
         tokens.append(request.headers["x-api-key"].strip())
     if not tokens:
         raise UnauthorizedError("missing API key (send `Authorization: Bearer <key>` or `X-API-Key`)")
-    found = [repo.authenticate(session, t) for t in tokens]
+    with ctx.sessions() as session:  # its own short session: released before any body is read
+        found = [repo.authenticate(session, t) for t in tokens]
     if any(f is None for f in found) or len({f[0].id for f in found}) != 1:
         raise UnauthorizedError("invalid API key")
     tenant = found[0][0]

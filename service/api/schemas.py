@@ -85,7 +85,12 @@ class AnalysisRequest(BaseModel):
         None,
         max_length=2048,
         pattern=r"^https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[!-~]*)?$",
-        description="POSTed a signed JSON event when the job finishes",
+        description="POSTed a signed JSON event when the job finishes (a public http(s) address)",
+    )
+    fresh: bool = Field(
+        False,
+        description="run the analysis again even when an identical one (same slide, bundle and options) "
+        "succeeded or is under way; by default its result is reused",
     )
 
     @model_validator(mode="after")

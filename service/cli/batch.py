@@ -93,7 +93,7 @@ def submit(
             click.echo(json.dumps({"batch_id": rep["batch_id"], **counts}))
         return
     from service.batch import BatchService
-    from service.worker.queue import CeleryQueue
+    from service.jobs.celery_queue import CeleryQueue
 
     settings = _settings(broker, data_dir)
     if not settings.broker_url:

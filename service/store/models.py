@@ -112,6 +112,14 @@ class Job(Base):
     # set when that sender finished: NULL long after the claim means it died, and the claim may be taken again
     webhook_sent_at: Mapped[datetime | None] = mapped_column(nullable=True)
     webhook_delivered: Mapped[bool | None] = mapped_column(Boolean, nullable=True)  # a 2xx, or gave up
+    # "interactive" (uploads, API) or "batch": which Celery queue's tokens may claim it (NULL = interactive)
+    queue: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    # the broker message (Celery task id) whose delivery claimed this attempt: a redelivery finds its job again
+    claim_token: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # slide + bundle + options digest: an identical finished job's result is reused instead of recomputed
+    cache_key: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    # an identical job already queued or running: this one waits for it and takes its result (NULL = runs itself)
+    follows: Mapped[str | None] = mapped_column(String(32), nullable=True, index=True)
 
 
 class Result(Base):

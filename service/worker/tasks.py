@@ -1,11 +1,11 @@
-"""The one Celery task: run an analysis job by id through `service.runner.execute_job`.
+"""The one Celery task. A message is a token for one job of its queue: the task claims the next job fairly
+(`lifecycle.claim_fair`, or takes back the job a previous delivery of the same token claimed if that worker died),
+keeps its heartbeat, runs it through `service.jobs.execute.execute_job` and sends its webhook.
 
-The message carries only the job id; the slide, options and results live in the job store and the blob store.
-The task claims the job row first (`service.worker.jobs.claim`), so duplicate deliveries do nothing, and keeps
-a heartbeat while it runs. The pool master's side (`JobRequest`) writes the verdict when a child dies or hits
-the hard time limit, because then no code runs in the child any more, and sends that failure's webhook from a
-short-lived thread (HTTP retries never block the master's event loop). Every sender goes through
-`service.webhooks.claim`, so a job's terminal webhook has one sender at a time whoever decided its state.
+The pool master's side (`JobRequest`) writes the verdict when a child dies or hits the hard time limit, because
+then no code runs in the child any more; it finds the child's job by the child's worker tag (host:pid), and sends
+that failure's webhook from a short-lived thread. Pool children die with their master (parent-death signal), so
+a master killed on its own leaves no child running a job that another worker takes over.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -21,8 +20,9 @@ from typing import Any
 
 from billiard.exceptions import SoftTimeLimitExceeded, WorkerLostError
 from celery import Celery, Task
+from celery.signals import worker_process_init
 from celery.worker.request import Request
-from sqlalchemy import create_engine
+from sqlalchemy import create_engine, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
@@ -30,25 +30,34 @@ from sqlalchemy.pool import NullPool
 
 from service.config import Settings
 from service.errors import JobTimeLimitError
-from service.store.db import make_engine, session_factory, transaction
-from service.worker import jobs
+from service.jobs import lifecycle
+from service.jobs.celery_queue import publish_token
+from service.jobs.embedded import die_with_parent
+from service.jobs.execute import execute_job, load_callable, sweep_scratch
+from service.jobs.resources import open_store
+from service.store.db import session_factory, transaction
+from service.store.models import Job
 
 log = logging.getLogger("mstar.worker")
 
-_FACTORIES: dict[tuple[int, str, bool], sessionmaker[Session]] = {}
+_MASTER_FACTORIES: dict[tuple[int, str], sessionmaker[Session]] = {}
 
 
-def _factory(settings: Settings, *, master: bool = False) -> sessionmaker[Session]:
-    """A session factory for this process. The pool master holds no pooled connections (its children fork)."""
-    key = (os.getpid(), settings.db_url, master)
-    if key not in _FACTORIES:
+@worker_process_init.connect
+def _child_dies_with_master(**_kwargs: Any) -> None:
+    die_with_parent(os.getppid())
+
+
+def _master_factory(settings: Settings) -> sessionmaker[Session]:
+    """The pool master's sessions: no pooled connections (its children fork from it)."""
+    key = (os.getpid(), settings.db_url)
+    if key not in _MASTER_FACTORIES:
         url = settings.db_url
-        if master and make_url(url).get_backend_name() != "sqlite":
-            engine = create_engine(url, poolclass=NullPool)
+        if make_url(url).get_backend_name() != "sqlite":
+            _MASTER_FACTORIES[key] = session_factory(create_engine(url, poolclass=NullPool))
         else:
-            engine = make_engine(url)
-        _FACTORIES[key] = session_factory(engine)
-    return _FACTORIES[key]
+            _MASTER_FACTORIES[key] = open_store(settings).sessions
+    return _MASTER_FACTORIES[key]
 
 
 def _with_soft_limit(fn: Callable[..., dict]) -> Callable[..., dict]:
@@ -60,40 +69,37 @@ def _with_soft_limit(fn: Callable[..., dict]) -> Callable[..., dict]:
         except SoftTimeLimitExceeded as err:
             raise JobTimeLimitError("the job exceeded its soft time limit and was stopped") from err
 
+    run.mstar_inner = fn  # type: ignore[attr-defined]  (so the worker still reuses its model backend)
     return run
 
 
 class _Heartbeat(threading.Thread):
     """Refreshes the job's lease while it runs, so a long stage without progress calls is not taken over."""
 
-    def __init__(self, factory: sessionmaker[Session], job_id: str, worker: str, attempt: int, every: float):
-        super().__init__(name=f"heartbeat-{job_id[:8]}", daemon=True)
-        self.factory, self.job_id, self.worker, self.attempt, self.every = factory, job_id, worker, attempt, every
+    def __init__(self, factory: sessionmaker[Session], lease: lifecycle.Lease, every: float):
+        super().__init__(name=f"heartbeat-{lease.job_id[:8]}", daemon=True)
+        self.factory, self.lease, self.every = factory, lease, every
         self.done = threading.Event()
 
     def run(self) -> None:
         while not self.done.wait(self.every):
             try:
                 with transaction(self.factory) as s:
-                    if not jobs.heartbeat(s, self.job_id, self.worker, self.attempt):
+                    if not lifecycle.heartbeat(s, self.lease):
                         return
             except Exception:  # the database may blip; the next beat retries
-                log.warning("heartbeat for job %s failed", self.job_id, exc_info=True)
+                log.warning("heartbeat for job %s failed", self.lease.job_id, exc_info=True)
 
 
 class JobRequest(Request):
     """Runs in the pool master: records why a job ended when its child could not (crash, hard time limit)."""
 
-    def _job_and_worker(self) -> tuple[str, str] | None:
-        args = self.args or ()
-        job_id = args[0] if args else (self.kwargs or {}).get("job_id")
-        if not job_id or not self.worker_pid:
-            return None
-        return str(job_id), f"{self.hostname}:{self.worker_pid}"
+    def _worker_tag(self) -> str | None:
+        return f"{self.hostname}:{self.worker_pid}" if self.worker_pid else None
 
     def on_timeout(self, soft: bool, timeout: float) -> None:
         if not soft:
-            self._record(lambda s, job_id, worker: jobs.on_hard_timeout(s, job_id, worker, timeout) and "failed")
+            self._record(lambda s, worker: _failed(*lifecycle.on_hard_timeout(s, worker, timeout)))
         super().on_timeout(soft, timeout)
 
     def on_failure(self, exc_info, send_failed_event: bool = True, return_ok: bool = False) -> None:
@@ -102,31 +108,35 @@ class JobRequest(Request):
         if isinstance(exc, WorkerLostError | SystemExit | KeyboardInterrupt) and not cancelled:
             settings: Settings = self.task.app.mstar_settings
             why = re.sub(r"\s*Job: \d+\.?$", "", str(exc).strip()) or type(exc).__name__
-            self._record(
-                lambda s, job_id, worker: jobs.on_child_lost(
-                    s, job_id, worker, max_attempts=settings.job_max_attempts, why=why
-                )
-            )
+
+            def lost(s: Session, worker: str) -> tuple[str, str | None]:
+                return lifecycle.on_child_lost(s, worker, max_attempts=settings.job_max_attempts, why=why)
+
+            self._record(lost)
         super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
 
-    def _record(self, fn: Callable[[Session, str, str], Any]) -> None:
+    def _record(self, fn: Callable[[Session, str], tuple[str | None, str | None]]) -> None:
         """Write the verdict; when it made the job terminal ("failed"), send its webhook off this thread."""
-        ids = self._job_and_worker()
-        if ids is None:
+        worker = self._worker_tag()
+        if worker is None:
             return
         settings: Settings = self.task.app.mstar_settings
-        factory = _factory(settings, master=True)
+        factory = _master_factory(settings)
         try:
             with transaction(factory) as s:
-                verdict = fn(s, *ids)
-            log.warning("job %s on %s: %s", ids[0], ids[1], verdict or "ignored")
+                verdict, job_id = fn(s, worker)
+            log.warning("job %s on %s: %s", job_id, worker, verdict or "ignored")
         except Exception:  # never let a database problem take the master down; the lease recovers the job
-            log.exception("could not record the verdict for job %s", ids[0])
+            log.exception("could not record the verdict for the job on %s", worker)
             return
-        if verdict == "failed":
+        if verdict == "failed" and job_id:
             from service import webhooks
 
-            webhooks.send_in_background(factory, ids[0], settings)
+            webhooks.send_in_background(factory, job_id, settings)
+
+
+def _failed(won: bool, job_id: str | None) -> tuple[str | None, str | None]:
+    return ("failed" if won else None), job_id
 
 
 class JobTask(Task):
@@ -136,41 +146,65 @@ class JobTask(Task):
     ignore_result = True
 
 
-def run_job(self: Task, job_id: str) -> dict:
-    """Claim the job row, run it with a heartbeat, deliver its webhook. Returns a small summary (not stored)."""
-    from service.runner import execute_job, load_callable
+def _claim(task: Task, settings: Settings, factory: sessionmaker[Session], worker: str, queue: str):
+    """The lease this delivery runs, or None with why. While the job an earlier delivery of this token claimed
+    still has a fresh heartbeat its holder may be alive: wait up to one lease for it to go stale."""
+    lease_s = settings.worker_lease_s
+    deadline = time.monotonic() + lease_s + 1.0
+    while True:
+        with transaction(factory) as s:
+            got = lifecycle.claim_for_token(
+                s,
+                task.request.id,
+                worker,
+                queue=queue,
+                max_attempts=settings.job_max_attempts,
+                lease_s=lease_s,
+                max_running=settings.tenant_max_running,
+            )
+        if got.lease is not None or not got.wait or "cap" in got.why or time.monotonic() > deadline:
+            return got
+        time.sleep(min(1.0, lease_s / 4))
 
+
+def run_job(self: Task, job_id: str) -> dict:
+    """Claim a job fairly, run it with a heartbeat, deliver its webhook. Returns a small summary (not stored)."""
     settings: Settings = self.app.mstar_settings
     worker = f"{self.request.hostname}:{os.getpid()}"
-    factory = _factory(settings)
-    lease = settings.worker_lease_s
-    deadline = time.monotonic() + lease + 1.0
+    factory = open_store(settings).sessions
+    delivery = self.request.delivery_info or {}
+    queue = delivery.get("routing_key") or _queue_of(factory, job_id)
     try:
-        while True:
-            with transaction(factory) as s:
-                got = jobs.claim(s, job_id, worker, max_attempts=settings.job_max_attempts, lease_s=lease)
-            if not got.duplicate or time.monotonic() > deadline:
-                break
-            time.sleep(min(1.0, lease / 4))  # is the holder alive? its lease says so within one period
-    except DBAPIError as err:  # the job store is unreachable: keep the job, try again shortly
-        log.warning("job %s: database unavailable (%s), retrying", job_id, type(err).__name__)
+        got = _claim(self, settings, factory, worker, queue)
+    except DBAPIError as err:  # the job store is unreachable: keep the token, try again shortly
+        log.warning("token for %s: database unavailable (%s), retrying", queue, type(err).__name__)
         raise self.retry(exc=err, countdown=5, max_retries=None) from err
-    if got.action != "run":
-        log.info("job %s skipped: %s", job_id, got.reason)
-        _webhook(settings, factory, job_id)  # the claim may have ended it (canceled, out of attempts)
-        return {"job_id": job_id, "skipped": got.reason}
-    log.info("job %s attempt %d on %s", job_id, got.attempt, worker)
-    if got.attempt > 1:  # a previous attempt died mid-job: drop its half-written scratch directory
-        for stale in settings.work_dir.glob(f"job-{job_id}-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-    beat = _Heartbeat(factory, job_id, worker, got.attempt, every=max(0.2, settings.worker_lease_s / 4))
+    lease, why = got.lease, got.why
+    if lease is None:
+        if got.wait and "cap" in why:  # every waiting tenant is at its running cap: this token comes back shortly
+            raise self.retry(countdown=2, max_retries=None)
+        log.info("token for job %s on %s: %s", job_id, queue, why)
+        _webhook(settings, factory, job_id)  # a take-over may have ended it (canceled, out of attempts)
+        return {"job_id": job_id, "skipped": why}
+    log.info("job %s attempt %d on %s (%s)", lease.job_id, lease.attempt, worker, why)
+    if lease.attempt > 1:  # a previous attempt died mid-job: drop its half-written scratch folder
+        sweep_scratch(settings.work_dir, job_id=lease.job_id)
+    beat = _Heartbeat(factory, lease, every=max(0.2, settings.worker_lease_s / 4))
     beat.start()
     try:
-        outcome = execute_job(job_id, settings, pipeline=_with_soft_limit(load_callable(settings.pipeline)))
+        outcome = execute_job(lease, settings, pipeline=_with_soft_limit(load_callable(settings.pipeline)))
     finally:
         beat.done.set()
-    _webhook(settings, factory, job_id)
-    return {"job_id": job_id, "state": outcome.state, "attempt": got.attempt, "error": outcome.error_code}
+    for done in outcome.terminal_ids:
+        _webhook(settings, factory, done)
+    for released in outcome.released:  # followers of a failed job run themselves now: one token each
+        publish_token(self.app, released, _queue_of(factory, released))
+    return {"job_id": lease.job_id, "state": outcome.state, "attempt": lease.attempt, "error": outcome.error_code}
+
+
+def _queue_of(factory: sessionmaker[Session], job_id: str) -> str:
+    with transaction(factory) as s:
+        return s.scalar(select(Job.queue).where(Job.id == job_id)) or lifecycle.INTERACTIVE
 
 
 def _webhook(settings: Settings, factory: sessionmaker[Session], job_id: str) -> None:

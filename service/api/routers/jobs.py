@@ -13,6 +13,7 @@ from service.api.errors import NotFoundError, NotReadyError
 from service.api.responses import ERRORS
 from service.api.schemas import JobOut, JobPage, JobState
 from service.api.views import job_out
+from service.jobs import lifecycle
 from service.store import repo
 from service.store.db import transaction
 from service.store.models import TERMINAL_STATES
@@ -57,10 +58,12 @@ def cancel_job(job_id: str, principal: TenantDep, ctx: ContextDep) -> JobOut:
             raise NotFoundError("no such job")
         if job.state in TERMINAL_STATES:
             raise NotReadyError(f"job already {job.state}")
-        job = repo.request_cancel(s, job)
+        job, released = lifecycle.request_cancel(s, job)
         out = job_out(job)
     if out.state == "canceled":
         ctx.job_terminal(out.id)
+    for job_id in released:  # identical jobs that waited for this one now run themselves
+        ctx.queue.notify(job_id)
     return out
 
 

@@ -119,7 +119,7 @@ async def upload_slide(
             headers={"Location": f"/slides/{slide.id}"},
         )
     job = await run_in_threadpool(
-        _queue, ctx, principal.tenant_id, slide.id, AnalysisRequest(mpp_override=mpp), idempotency_key
+        _queue, ctx, principal.tenant_id, slide, AnalysisRequest(mpp_override=mpp), idempotency_key
     )
     body = UploadAccepted(slide=slide_out(slide), job=job).model_dump(mode="json")
     return JSONResponse(body, status_code=202, headers={"Location": f"/jobs/{job.id}"})
@@ -184,33 +184,16 @@ def _copy_source(blobs, source: str, writer, max_bytes: int, allowed_buckets: li
         raise SourceNotAllowedError(f"{source[:200]}: objects inside this service's own store cannot be sources")
     if own_bucket is not None and parsed.netloc not in allowed_buckets:
         raise SourceNotAllowedError(
-            f"bucket {parsed.netloc!r} is not one clients may read; the operator lists those in "
-            "MSTAR_S3_SOURCE_BUCKETS"
+            f"bucket {parsed.netloc!r} is not one clients may read; the operator lists those in MSTAR_S3_SOURCE_BUCKETS"
         )
     copy_s3_source(blobs, source, writer, max_bytes)
     writer.close()
 
 
-def _queue(ctx, tenant_id: str, slide_id: str, req: AnalysisRequest, idempotency_key: str | None) -> JobOut:
-    from service import webhooks
-
-    if req.webhook_url:  # syntax here; the network checks (SSRF) run before every delivery
-        webhooks.check_url(req.webhook_url, allow_private=True)
-    ctx.check_bundle_version(req.bundle_version)
-    with transaction(ctx.sessions) as s:
-        job, created = repo.create_job(
-            s,
-            tenant_id=tenant_id,
-            slide_id=slide_id,
-            options=req.to_options(),
-            idempotency_key=idempotency_key,
-            webhook_url=req.webhook_url,
-        )
-        out = job_out(job)
-    if created:
-        log.info("job %s queued for slide %s", out.id, slide_id)
-        ctx.queue.notify(out.id)
-    return out
+def _queue(ctx, tenant_id: str, slide: Slide, req: AnalysisRequest, idempotency_key: str | None) -> JobOut:
+    """Queue `req` on `slide`; the request digest kept with the key makes a reused key with another request a 422."""
+    digest = repo.request_digest(slide=slide.id, **req.model_dump(mode="json")) if idempotency_key else None
+    return job_out(ctx.submit(tenant_id, slide, req, idempotency_key=idempotency_key, request_sha256=digest).job)
 
 
 @router.get("/slides", response_model=SlidePage, responses=ERRORS(401, 422), summary="List your slides")
@@ -268,8 +251,9 @@ def create_analysis(
     idempotency_key: IdemHeader = None,
 ) -> JobOut:
     with transaction(ctx.sessions) as s:
-        if repo.get_slide(s, principal.tenant_id, slide_id) is None:
+        slide = repo.get_slide(s, principal.tenant_id, slide_id)
+        if slide is None:
             raise NotFoundError("no such slide")
-    job = _queue(ctx, principal.tenant_id, slide_id, req or AnalysisRequest(), idempotency_key)
+    job = _queue(ctx, principal.tenant_id, slide, req or AnalysisRequest(), idempotency_key)
     response.headers["Location"] = f"/jobs/{job.id}"
     return job

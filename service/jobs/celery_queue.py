@@ -1,13 +1,18 @@
-"""`CeleryQueue`: the gateway's `JobQueue` when a broker is configured (`service.runner.make_queue`).
+"""`CeleryQueue`: the gateway's `JobQueue` when a broker is configured (`service.jobs.make_queue`).
 
-`notify` publishes the job id to the `interactive` queue (uploads, PACS) or the `batch` queue and stamps the
-row's `published_at`. The job row is committed before the publish, so a crash in between leaves a `queued`
+A message is a token: "run one job from this queue". The worker that receives it claims the next job fairly
+across tenants (`lifecycle.claim_fair`), which is usually, but not always, the job it was published for. Every
+queued job gets one token when it is created, so tokens and queued jobs stay in step; a spare token finds nothing
+and is dropped.
+
+`notify` publishes a token to the job's queue (`interactive` for uploads and PACS, `batch` for manifests) and
+stamps the row's `published_at`. The job row is committed before the publish, so a crash in between leaves a `queued`
 row that was never published: `start` re-publishes exactly those (`published_at IS NULL`), not every queued
 job. A published message stays in Redis (AOF, `appendfsync always`) until its job ends, and a job requeued
 after a crash is re-published by whoever requeued it, so nothing else needs re-publishing at start; `mstar
 submit` re-publishes its batch's queued jobs on request. A sweep thread requeues running jobs whose lease
-expired long ago (`jobs.reap_stale`) and sends the webhooks of jobs it fails, or that ended with no sender
-(`jobs.unreported`): a duplicate message is harmless because workers claim the row conditionally.
+expired long ago (`lifecycle.reap_stale`) and sends the webhooks of jobs it fails, or that ended with no sender
+(`lifecycle.unreported`): a duplicate message is harmless because workers claim the row conditionally.
 """
 
 from __future__ import annotations
@@ -16,20 +21,27 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.config import Settings
-from service.store.db import init_db, make_engine, session_factory, transaction
+from service.jobs import lifecycle
+from service.jobs.resources import open_store
+from service.store.db import transaction
 from service.store.models import Job, utcnow
-from service.worker import jobs
 from service.worker.celery_app import BATCH, INTERACTIVE, PRIORITY, TASK_NAME, make_celery
 
 log = logging.getLogger("mstar.queue")
 
 #: jobs that ended longer ago than this without a webhook sender are not reported any more
 UNREPORTED_WINDOW_S = 3600.0
+
+
+def publish_token(app, job_id: str, queue: str) -> None:
+    """One token for `queue`, naming `job_id` as the job it was published for."""
+    app.send_task(TASK_NAME, args=[job_id], queue=queue, routing_key=queue, priority=PRIORITY[queue])
 
 
 class CeleryQueue:
@@ -39,9 +51,7 @@ class CeleryQueue:
         self.settings = settings
         self.default_queue = default_queue
         self.app = make_celery(settings, with_tasks=False)
-        self._engine = None
         self._factory: sessionmaker[Session] | None = None
-        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._reaper: threading.Thread | None = None
         self._hooks = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mstar-webhook")  # off the sweep thread
@@ -50,12 +60,9 @@ class CeleryQueue:
 
     def _sessions(self) -> sessionmaker[Session]:
         """The job store (opened on first use: `mstar submit` publishes without `start`)."""
-        with self._lock:
-            if self._factory is None:
-                self._engine = make_engine(self.settings.db_url)
-                init_db(self._engine)
-                self._factory = session_factory(self._engine)
-            return self._factory
+        if self._factory is None:
+            self._factory = open_store(self.settings).sessions
+        return self._factory
 
     def start(self) -> None:
         """Publish jobs left `queued` and never published (a crash between commit and publish loses nothing)."""
@@ -72,14 +79,14 @@ class CeleryQueue:
         if self._reaper is not None:
             self._reaper.join(5)
         self._hooks.shutdown(wait=False, cancel_futures=True)
-        if self._engine is not None:
-            self._engine.dispose()
         self.app.close()
 
     def notify(self, job_id: str, *, queue: str | None = None) -> None:
-        """Publish the job id, then record that it was published (`published_at`)."""
-        queue = queue or self.default_queue
-        self.app.send_task(TASK_NAME, args=[job_id], queue=queue, routing_key=queue, priority=PRIORITY[queue])
+        """Publish a token for the job's queue (naming the job as a hint), then record that it was published."""
+        if queue is None:
+            with transaction(self._sessions()) as s:
+                queue = s.scalar(select(Job.queue).where(Job.id == job_id)) or self.default_queue
+        publish_token(self.app, job_id, queue)
         try:
             with transaction(self._sessions()) as s:
                 s.execute(
@@ -91,36 +98,44 @@ class CeleryQueue:
         except Exception:  # published anyway; the next gateway start publishes it once more, harmlessly
             log.warning("could not record the publish of job %s", job_id, exc_info=True)
 
+    def job_terminal(self, job_id: str) -> None:
+        """A job the gateway itself made terminal (a cancel, a reused result): send its webhook off this thread."""
+        from service import webhooks
+
+        with suppress(RuntimeError):  # shutting down: the sweep of the next start sends it
+            self._hooks.submit(webhooks.send_for_job, self._sessions(), job_id, self.settings)
+
     def republish_queued(self, factory, *, job_ids: list[str] | None = None, unpublished_only: bool = False) -> int:
         """Publish queued jobs (again), batch jobs (options carry `batch_id`) on the batch queue."""
         with transaction(factory) as s:
-            q = select(Job.id, Job.options).where(Job.state == "queued").order_by(Job.created_at)
+            q = select(Job.id, Job.queue).where(Job.state == "queued", Job.follows.is_(None)).order_by(Job.created_at)
             if job_ids is not None:
                 q = q.where(Job.id.in_(job_ids))
             if unpublished_only:
                 q = q.where(Job.published_at.is_(None))
             rows = s.execute(q).all()
-        for job_id, options in rows:
-            self.notify(job_id, queue=BATCH if (options or {}).get("batch_id") else None)
+        for job_id, queue in rows:
+            self.notify(job_id, queue=BATCH if queue == BATCH else INTERACTIVE)
         return len(rows)
 
     def _reap_loop(self, factory) -> None:
         while not self._stop.wait(self.settings.worker_lease_s):
             self.sweep(factory)
 
-    def sweep(self, factory) -> jobs.Reaped:
+    def sweep(self, factory) -> lifecycle.Reaped:
         """One pass: requeue and re-publish jobs whose worker vanished with no message left to redeliver them,
-        fail those out of attempts, and send the webhooks of jobs that ended without a sender."""
+        fail those out of attempts, publish tokens for jobs that never had one (followers whose leader failed),
+        and send the webhooks of jobs that ended without a sender."""
         from service import webhooks
 
-        reaped = jobs.Reaped()
+        reaped = lifecycle.Reaped()
         try:
             with transaction(factory) as s:
-                reaped = jobs.reap_stale(
+                reaped = lifecycle.reap_stale(
                     s, lease_s=self.settings.worker_lease_s, max_attempts=self.settings.job_max_attempts
                 )
                 lease = self.settings.worker_lease_s
-                due = jobs.unreported(
+                due = lifecycle.unreported(
                     s,
                     settled_s=lease,
                     window_s=max(UNREPORTED_WINDOW_S, 10 * lease),
@@ -129,6 +144,7 @@ class CeleryQueue:
             if reaped.requeued:
                 log.warning("re-published %d job(s) whose worker stopped answering", len(reaped.requeued))
                 self.republish_queued(factory, job_ids=reaped.requeued)
+            self.republish_queued(factory, unpublished_only=True)
             for job_id in dict.fromkeys([*reaped.failed, *due]):  # the claim inside decides who sends: once
                 self._hooks.submit(webhooks.send_for_job, factory, job_id, self.settings)
         except Exception:  # broker or database down for a moment: try again next period

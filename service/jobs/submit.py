@@ -1,0 +1,92 @@
+"""Queue an analysis: the one way a job is created from a request (REST analyses, uploads, PACS).
+
+Checks what can be checked before anything is recorded (a webhook URL must be a public http(s) address unless
+the deployment allows private ones, the asked bundle version must be served), refuses a reused Idempotency-Key
+with a different request (422) and a tenant over its queued quota (429), and reuses identical work: the same
+slide, bundle and options as a succeeded job takes its result at once (a new job row pointing at it), and as a
+queued or running one waits for it, unless the caller asks for a `fresh` run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.config import Settings
+from service.jobs import JobQueue, lifecycle
+from service.store.db import transaction
+from service.store.models import Job
+
+log = logging.getLogger("mstar.jobs")
+
+#: options that do not change what an analysis computes (so they do not split the reuse key)
+_NOT_COMPUTED = {"batch_id", "bundle_version", "fresh", "reused_from"}
+
+
+@dataclass(frozen=True)
+class Submitted:
+    job: Job
+    created: bool
+
+
+def cache_key(slide_sha256: str, bundle_version: str | None, options: dict) -> str | None:
+    """What makes two analyses identical: the slide's bytes, the served bundle, and the options that change the
+    computation. None without a known bundle version (nothing is reused then)."""
+    if not bundle_version:
+        return None
+    computed = {k: v for k, v in options.items() if k not in _NOT_COMPUTED}
+    blob = json.dumps([slide_sha256, bundle_version, computed], sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def submit_analysis(
+    sessions: sessionmaker[Session],
+    queue: JobQueue,
+    settings: Settings,
+    *,
+    tenant_id: str,
+    slide_id: str,
+    slide_sha256: str,
+    options: dict,
+    bundle_version: str | None,
+    idempotency_key: str | None = None,
+    request_sha256: str | None = None,
+    webhook_url: str | None = None,
+    fresh: bool = False,
+) -> Submitted:
+    """Record the job (or find the one this idempotency key made) and hand it to the queue when it must run."""
+    if webhook_url:
+        from service import webhooks
+
+        webhooks.check_url(webhook_url, allow_private=settings.webhook_allow_private)
+    key = cache_key(slide_sha256, bundle_version, options)
+    with transaction(sessions) as s:
+        job, created = lifecycle.create(
+            s,
+            tenant_id=tenant_id,
+            slide_id=slide_id,
+            options=options,
+            idempotency_key=idempotency_key,
+            request_sha256=request_sha256,
+            webhook_url=webhook_url,
+            max_queued=settings.tenant_max_queued,
+            cache_key=key,
+            reuse=not fresh,
+        )
+        s.expunge(job)
+    if created:
+        if job.state == "queued" and job.follows is None:
+            log.info("job %s queued for slide %s", job.id, slide_id)
+            queue.notify(job.id)
+        elif job.state == "queued":
+            log.info("job %s follows identical job %s", job.id, job.follows)
+        else:
+            log.info("job %s reuses the result of %s", job.id, (job.options or {}).get("reused_from"))
+            hook = getattr(queue, "job_terminal", None)
+            if hook is not None:
+                hook(job.id)
+    return Submitted(job, created)
