@@ -122,6 +122,11 @@ class Settings(BaseSettings):
 
     # http
     docs_enabled: bool = Field(True, description="serve /docs and /openapi.json")
+    metrics_public: bool | None = Field(
+        None,
+        description="serve /metrics without a key; unset = only when `mstar serve` binds a loopback address "
+        "(elsewhere /metrics needs an admin key, as Prometheus' bearer-token scrape config sends)",
+    )
     log_level: str = Field("info", description="debug, info, warning, error")
 
     @field_validator("blob_url")

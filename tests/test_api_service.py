@@ -275,7 +275,9 @@ def test_readiness_models_and_metrics(server) -> None:
         models = c.get("/models").json()
         assert models["bundle"] is None and "MSTAR_BUNDLE_DIR" in models["detail"]
         c.get("/jobs/does-not-exist")
-    text = httpx.get(f"{url}/metrics").text
+    assert httpx.get(f"{url}/metrics").status_code == 401  # not public unless the deployment says so
+    assert httpx.get(f"{url}/metrics", headers={"X-API-Key": KEY_A}).status_code == 403  # counts of all tenants
+    text = httpx.get(f"{url}/metrics", headers={"X-API-Key": KEY_ADMIN}).text
     assert 'route="/jobs/{job_id}"' in text and "does-not-exist" not in text
     assert "mstar_queue_depth" in text and 'mstar_jobs{state="succeeded"}' in text
     assert "mstar_upload_bytes_total" in text and 'mstar_job_stage_duration_seconds_count{stage="embed"}' in text
@@ -299,3 +301,89 @@ def test_probe_runs_outside_the_api_process(server, cmu_svs: Path, monkeypatch) 
     with pytest.raises(SlideError) as err:
         asyncio.run(probe_slide(cmu_svs, None, capped))
     assert err.value.code in ("corrupt_slide", "slide_too_large")
+
+
+def test_idempotency_key_reused_with_another_request_is_refused(server, cmu_svs: Path, tmp_path: Path) -> None:
+    """The same key with the same request returns the first job; with another slide, other options or another
+    webhook it is refused (422) and nothing new is queued."""
+    url, _ = server
+    with _client(url, KEY_A) as c:
+        x = c.post("/slides", files={"file": ("x", cmu_svs.read_bytes())}, data={"analyze": "false"}).json()["id"]
+        other = cmu_svs.read_bytes() + b"\0"  # another slide (other bytes), same pixels
+        y = c.post("/slides", files={"file": ("y", other)}, data={"analyze": "false"}).json()["id"]
+        key = {"Idempotency-Key": f"idem-{os.urandom(6).hex()}"}
+        first = c.post(f"/slides/{x}/analyses", json={"tasks": ["embedding"]}, headers=key)
+        assert first.status_code == 202
+        again = c.post(f"/slides/{x}/analyses", json={"tasks": ["embedding"]}, headers=key)
+        assert again.status_code == 202 and again.json()["id"] == first.json()["id"]
+        total = c.get("/jobs").json()["total"]
+        for path, body in (
+            (f"/slides/{y}/analyses", {"tasks": ["embedding"]}),
+            (f"/slides/{x}/analyses", {"tasks": ["embedding", "classification"]}),
+            (f"/slides/{x}/analyses", {"tasks": ["embedding"], "fresh": True}),
+        ):
+            r = c.post(path, json=body, headers=key)
+            assert r.status_code == 422 and r.json()["error"]["code"] == "idempotency_key_reused", r.text
+        assert c.get("/jobs").json()["total"] == total
+        _wait(c, first.json()["id"])
+
+
+def test_private_webhook_urls_are_refused_at_submit(tmp_path: Path, cmu_svs: Path) -> None:
+    """Without MSTAR_WEBHOOK_ALLOW_PRIVATE, a loopback or private webhook is a 422 when the job is asked for, not
+    a silent failure at delivery time."""
+    settings = Settings(data_dir=tmp_path, pipeline="runner_pipelines:tiny", api_keys=[{"tenant": "a", "key": KEY_A}])
+    with live_server(create_app(settings)) as url, _client(url, KEY_A) as c:
+        sid = c.post("/slides", files={"file": ("x", cmu_svs.read_bytes())}, data={"analyze": "false"}).json()["id"]
+        for hook in ("http://127.0.0.1:9/h", "http://10.1.2.3/h", "http://169.254.169.254/latest"):
+            r = c.post(f"/slides/{sid}/analyses", json={"webhook_url": hook})
+            assert r.status_code == 422 and "internal network" in r.json()["error"]["message"], r.text
+        assert c.get("/jobs").json()["total"] == 0
+
+
+def test_queued_quota_and_result_reuse(tmp_path: Path, cmu_svs: Path) -> None:
+    """A tenant past its queued quota gets 429 while another tenant is served; an identical analysis reuses the
+    finished result (a new job, same files) unless `fresh` asks for a new run."""
+    settings = Settings(
+        data_dir=tmp_path,
+        pipeline="runner_pipelines:slow",
+        runner_workers=1,
+        runner_poll_s=0.1,
+        tenant_max_queued=2,
+        api_keys=[{"tenant": "a", "key": KEY_A}, {"tenant": "b", "key": KEY_B}],
+    )
+    with live_server(create_app(settings)) as url, _client(url, KEY_A) as a, _client(url, KEY_B) as b:
+        sid = a.post("/slides", files={"file": ("x", cmu_svs.read_bytes())}, data={"analyze": "false"}).json()["id"]
+        ids = [a.post(f"/slides/{sid}/analyses", json={"fresh": True}).json()["id"] for _ in range(3)]
+        deadline = time.monotonic() + 30
+        while a.get(f"/jobs/{ids[0]}").json()["state"] != "running":  # one runs, two wait: the quota is full
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        r = a.post(f"/slides/{sid}/analyses", json={"fresh": True})
+        assert r.status_code == 429 and r.json()["error"]["code"] == "quota_exceeded", r.text
+        bid = b.post("/slides", files={"file": ("x", cmu_svs.read_bytes())}, data={"analyze": "false"}).json()["id"]
+        assert b.post(f"/slides/{bid}/analyses", json={"fresh": True}).status_code == 202  # another tenant
+        for j in ids:
+            a.post(f"/jobs/{j}/cancel")
+        for j in ids:
+            _wait(a, j)
+
+
+def test_identical_analyses_reuse_the_finished_result(server, cmu_svs: Path) -> None:
+    url, _ = server
+    with _client(url, KEY_B) as c:
+        sid = c.post("/slides", files={"file": ("r", cmu_svs.read_bytes())}, data={"analyze": "false"}).json()["id"]
+        body = {"tasks": ["embedding", "survival"]}
+        first = _wait(c, c.post(f"/slides/{sid}/analyses", json=body).json()["id"])
+        assert first["state"] == "succeeded" and "reused_from" not in first["options"]
+        again = c.post(f"/slides/{sid}/analyses", json=body)
+        assert again.status_code == 202
+        reused = again.json()
+        assert reused["state"] == "succeeded" and reused["options"]["reused_from"] == first["id"]
+        assert reused["id"] != first["id"] and reused["attempts"] == 0
+        a, b = c.get(f"/jobs/{first['id']}/result"), c.get(f"/jobs/{reused['id']}/result")
+        assert a.status_code == b.status_code == 200 and a.content == b.content
+        assert a.headers["X-Content-SHA256"] == b.headers["X-Content-SHA256"]
+        fresh = _wait(c, c.post(f"/slides/{sid}/analyses", json={**body, "fresh": True}).json()["id"])
+        assert fresh["state"] == "succeeded" and fresh["attempts"] == 1 and "reused_from" not in fresh["options"]
+        other = _wait(c, c.post(f"/slides/{sid}/analyses", json={"tasks": ["embedding"]}).json()["id"])
+        assert "reused_from" not in other["options"]  # other options: computed anew

@@ -442,3 +442,90 @@ def test_gateway_upload_runs_on_workers_ahead_of_batch(cluster: Cluster, svc, cm
         rows = summary.read_text().splitlines()
         assert len(rows) == 3 and all(",succeeded," in r for r in rows[1:])
         assert len(list((tmp_path / "http-results" / "features").glob("*.h5"))) == 2
+
+
+def _running(service: BatchService, job_id: str, timeout: float = 30) -> Job:
+    deadline = time.monotonic() + timeout
+    while True:  # until a worker is inside the job's pipeline
+        with transaction(service.sessions) as s:
+            job = s.get(Job, job_id)
+            if job.state == "running" and job.stage == "wait" and job.progress > 0.15:
+                return job
+        assert time.monotonic() < deadline, "the job never started"
+        time.sleep(0.1)
+
+
+def test_killing_a_worker_master_alone_takes_its_pool_child_too(cluster: Cluster, svc, cmu_svs: Path, tmp_path: Path):
+    """SIGKILL the Celery master only (not its process group): its pool child running the job dies with it
+    (parent-death signal) instead of finishing as an orphan, and the job completes once elsewhere."""
+    import psutil
+
+    service, queue = svc
+    manifest = _slides(tmp_path / "b7", cmu_svs, ["slow=3"])
+    rep = service.submit(manifest, tenant="default", queue=queue)
+    job = _running(service, rep.queued[0])
+    node = job.worker.split("@")[0]
+    master = cluster.procs[node]
+    children = psutil.Process(master.pid).children(recursive=True)
+    assert children
+    master.send_signal(signal.SIGKILL)
+    master.wait(10)
+    _, alive = psutil.wait_procs(children, timeout=10)
+    assert not alive, f"pool children outlived their master: {[p.pid for p in alive]}"
+    item = _wait(service, rep.batch_id, VISIBILITY_S + 40).items[0]
+    assert item.state == "succeeded" and item.attempts == 2, (item.error_code, item.reason)
+    assert _runs(cluster, rep.queued[0]) == 1  # the killed attempt never completed
+
+
+def test_killing_the_gateway_alone_mid_job_loses_nothing(cluster: Cluster, svc, cmu_svs: Path, tmp_path: Path):
+    """In Celery mode the gateway runs no job: SIGKILL it mid-job, the worker finishes, and a restarted gateway
+    serves the result; the job ran once."""
+    import hashlib
+
+    import httpx
+    from services import free_port, wait_http
+
+    cluster.ensure()
+    key = "mstar-kill-gw-key-0123456789abcdef"
+    port = free_port()
+    env = {**cluster.env, "MSTAR_API_KEYS": json.dumps([{"tenant": "default", "key": key}])}
+
+    def serve() -> subprocess.Popen:
+        log = (tmp_path / "gateway.log").open("ab")
+        proc = subprocess.Popen(
+            [str(MSTAR), "serve", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+        wait_http(f"http://127.0.0.1:{port}/healthz", timeout=90)
+        return proc
+
+    slide = make_slide(cmu_svs, tmp_path / "gw.svs", "slow=3")
+    gateway = serve()
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"X-API-Key": key}, timeout=60) as c:
+            r = c.post("/slides", files={"file": ("gw.svs", slide.read_bytes())})
+            assert r.status_code == 202, r.text
+            job_id = r.json()["job"]["id"]
+        service, _ = svc
+        _running(service, job_id)
+        gateway.send_signal(signal.SIGKILL)
+        gateway.wait(10)
+        deadline = time.monotonic() + 60
+        while True:  # the worker finishes while no gateway runs
+            with transaction(service.sessions) as s:
+                if s.get(Job, job_id).state == "succeeded":
+                    break
+            assert time.monotonic() < deadline, "the job did not finish without its gateway"
+            time.sleep(0.2)
+        gateway = serve()
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"X-API-Key": key}, timeout=60) as c:
+            job = c.get(f"/jobs/{job_id}").json()
+            assert job["state"] == "succeeded" and job["attempts"] == 1, job
+            for path in ("result", "features"):
+                got = c.get(f"/jobs/{job_id}/{path}")
+                assert got.status_code == 200, got.text
+                assert hashlib.sha256(got.content).hexdigest() == got.headers["X-Content-SHA256"]
+        assert _runs(cluster, job_id) == 1
+    finally:
+        if gateway.poll() is None:
+            gateway.send_signal(signal.SIGTERM)
+            gateway.wait(30)

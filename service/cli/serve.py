@@ -34,6 +34,14 @@ def serve(host: str, port: int, data_dir: str | None, bundle_dir: str | None, wo
         if v is not None
     }
     settings = Settings(**overrides)
+    if settings.metrics_public is None:  # scrape freely on loopback; a public bind needs an admin key
+        import ipaddress
+
+        try:
+            loopback = ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = host == "localhost"
+        settings = settings.model_copy(update={"metrics_public": loopback})
     if settings.bundle_dir is None:  # as `mstar analyze`: the demo bundle when one has been built
         from service.cli.analyze import default_bundle_dir
         from service.errors import BundleError

@@ -141,8 +141,8 @@ def create(
 
 
 def _identical(s: Session, tenant_id: str, slide_id: str, cache_key: str) -> Job | None:
-    """The newest job of this tenant and slide with the same cache key that succeeded (with a result) or is still
-    under way and runs itself (not following another)."""
+    """The newest job of this tenant and slide with the same cache key that succeeded (with a result), else the
+    newest one still under way that runs itself (not following another)."""
     q = (
         select(Job)
         .where(
@@ -153,11 +153,11 @@ def _identical(s: Session, tenant_id: str, slide_id: str, cache_key: str) -> Job
             Job.follows.is_(None),
         )
         .order_by(Job.created_at.desc())
+        .limit(16)
     )
-    for job in s.scalars(q.limit(8)):
-        if job.state != "succeeded" or s.get(Result, job.id) is not None:
-            return job
-    return None
+    rows = list(s.scalars(q))
+    done = next((j for j in rows if j.state == "succeeded" and s.get(Result, j.id) is not None), None)
+    return done or next((j for j in rows if j.state != "succeeded"), None)
 
 
 # --- claim ----------------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from service import __version__
 from service.config import Settings
 from service.jobs import JobQueue, lifecycle
 from service.store.db import transaction
@@ -33,13 +34,16 @@ class Submitted:
     created: bool
 
 
-def cache_key(slide_sha256: str, bundle_version: str | None, options: dict) -> str | None:
-    """What makes two analyses identical: the slide's bytes, the served bundle, and the options that change the
-    computation. None without a known bundle version (nothing is reused then)."""
-    if not bundle_version:
-        return None
+def cache_key(slide_sha256: str, bundle_version: str | None, options: dict, *, pipeline: str) -> str:
+    """What makes two analyses identical: the slide's bytes, the served bundle (its manifest digest), the
+    pipeline and service version that ran it, and the options that change the computation."""
     computed = {k: v for k, v in options.items() if k not in _NOT_COMPUTED}
-    blob = json.dumps([slide_sha256, bundle_version, computed], sort_keys=True, separators=(",", ":"), default=str)
+    blob = json.dumps(
+        [slide_sha256, bundle_version or "no-bundle", pipeline, __version__, computed],
+        sort_keys=True,
+        separators=(",", ":"),
+        default=str,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -63,7 +67,7 @@ def submit_analysis(
         from service import webhooks
 
         webhooks.check_url(webhook_url, allow_private=settings.webhook_allow_private)
-    key = cache_key(slide_sha256, bundle_version, options)
+    key = cache_key(slide_sha256, bundle_version, options, pipeline=settings.pipeline)
     with transaction(sessions) as s:
         job, created = lifecycle.create(
             s,

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 
-from service.api.deps import ContextDep
+from service.api.deps import ContextDep, current_principal, require_admin
+from service.api.responses import ERRORS
 from service.api.schemas import HealthOut
 
 router = APIRouter(tags=["health"])
@@ -33,9 +34,11 @@ async def readyz(ctx: ContextDep) -> JSONResponse:
 @router.get(
     "/metrics",
     response_class=Response,
-    responses={200: {"content": {"text/plain": {}}}},
-    summary="Prometheus metrics",
+    responses={200: {"content": {"text/plain": {}}}, **ERRORS(401, 403)},
+    summary="Prometheus metrics (an admin key unless MSTAR_METRICS_PUBLIC)",
 )
-def metrics(ctx: ContextDep) -> Response:
+def metrics(request: Request, ctx: ContextDep) -> Response:
+    if not ctx.settings.metrics_public:  # counts across every tenant: admins (and the scraper's key) only
+        require_admin(current_principal(request, ctx, None, None))
     data, ctype = ctx.metrics.render()
     return Response(data, media_type=ctype)
