@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 
 def _rate(fn, batch: int, iters: int) -> float:
@@ -79,8 +80,9 @@ def main() -> None:
         results["onnxruntime"] = _rate(lambda: ort_b.embed_patches(px), args.batch, args.iters)
         ref = ort_b.embed_patches(px)
         if not args.no_triton:
+            from triton_launcher import TritonServer  # tests/triton_launcher.py (on sys.path above)
+
             from service.inference.triton_backend import TritonBackend
-            from service.inference.triton_server import TritonServer
             from training.triton_repo import write_repository
 
             write_repository(bundle, intra_op_threads=args.threads)

@@ -113,6 +113,12 @@ class Settings(BaseSettings):
         default_factory=list, description='JSON list: [{"tenant": "lab", "key": "...", "admin": false}]'
     )
 
+    auth_cache_s: float = Field(
+        5.0,
+        ge=0,
+        description="a checked API key is trusted from memory this long (a revoked key stops within it); 0 = off",
+    )
+
     # webhooks
     webhook_secret: SecretStr | None = Field(None, description="HMAC-SHA256 key for webhook signatures")
     webhook_timeout_s: float = Field(10.0, gt=0, description="per delivery attempt")

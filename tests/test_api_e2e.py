@@ -37,6 +37,7 @@ def test_upload_poll_and_fetch_everything(tmp_path: Path, request, bundle_dir: P
         bundle_dir=bundle_dir,
         runner_workers=1,
         runner_poll_s=0.2,
+        metrics_public=True,
         api_keys=[{"tenant": "e2e", "key": KEY}],
     )
     headers = {"Authorization": f"Bearer {KEY}"}

@@ -29,6 +29,7 @@ def test_schemathesis_finds_no_server_error(tmp_path: Path, request) -> None:
         pipeline="runner_pipelines:tiny",
         runner_poll_s=0.2,
         upload_max_bytes=2 * 1024 * 1024,
+        metrics_public=True,
         api_keys=[{"tenant": "fuzz", "key": KEY, "admin": True}],
     )
     cli = Path(sys.executable).with_name("schemathesis")

@@ -161,8 +161,9 @@ def test_cli_analyze_and_refusal(cmu_svs, tcga_j2k_svs, tiny_bundle, tmp_path) -
 @pytest.mark.services
 def test_triton_backend_gives_the_same_analysis(cmu_svs, tiny_bundle, tmp_path, monkeypatch) -> None:
     pytest.importorskip("pytriton")
+    from triton_launcher import TritonServer
+
     from service.inference.triton_backend import TritonBackend
-    from service.inference.triton_server import TritonServer
 
     bundle = load_bundle(tiny_bundle)
     local = run_analysis(cmu_svs, tmp_path / "ort", bundle_dir=tiny_bundle)

@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from inference_fixtures import PATCH, build_tiny_bundle, real_patches
+from triton_launcher import TritonServer
 
 from service.errors import BackendUnavailableError, InvalidParameterError
 from service.inference.bundle import load_bundle
 from service.inference.ort_backend import OrtBackend
 from service.inference.triton_backend import TritonBackend
-from service.inference.triton_server import TritonServer
 
 pytest.importorskip("pytriton")
 pytest.importorskip("tritonclient.grpc")
@@ -108,7 +108,7 @@ def test_client_side_refusals(server: TritonServer, bundle) -> None:
 
 
 def test_unreachable_server_is_a_typed_error(bundle) -> None:
-    from service.inference.triton_server import free_port
+    from triton_launcher import free_port
 
     with TritonBackend(bundle, f"127.0.0.1:{free_port()}", timeout_s=5) as tb:
         assert tb.health()["ok"] is False

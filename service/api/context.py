@@ -26,6 +26,34 @@ from service.store.models import Slide
 log = logging.getLogger("mstar.api")
 
 
+class AuthCache:
+    """Recently checked API keys -> their principal, for `ttl_s` seconds (0 = off): a revoked key stops working
+    within that time. Keys are held as SHA-256 digests, never in clear."""
+
+    def __init__(self, ttl_s: float, max_entries: int = 10_000) -> None:
+        self.ttl_s, self.max_entries = ttl_s, max_entries
+        self._entries: dict[str, tuple[float, Any]] = {}
+
+    @staticmethod
+    def _key(tokens: list[str]) -> str:
+        return hashlib.sha256("\0".join(tokens).encode()).hexdigest()
+
+    def get(self, tokens: list[str]) -> Any | None:
+        if self.ttl_s <= 0:
+            return None
+        hit = self._entries.get(self._key(tokens))
+        if hit is None or hit[0] < time.monotonic():
+            return None
+        return hit[1]
+
+    def put(self, tokens: list[str], principal: Any) -> None:
+        if self.ttl_s <= 0:
+            return
+        if len(self._entries) >= self.max_entries:
+            self._entries.clear()
+        self._entries[self._key(tokens)] = (time.monotonic() + self.ttl_s, principal)
+
+
 class ServiceContext:
     """Everything a request handler needs, built once per app."""
 
@@ -37,6 +65,7 @@ class ServiceContext:
         self.sessions: sessionmaker[Session] = store.sessions
         self.blobs: BlobStore = store.blobs
         self.metrics = Metrics(self._job_counts)
+        self.auth_cache = AuthCache(settings.auth_cache_s)
         self.queue: JobQueue = queue or make_queue(settings, pipeline=pipeline, on_outcome=self.metrics.observe_outcome)
         self.bundle: Any = None
         self.bundle_version: str | None = None

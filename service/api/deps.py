@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request, Security
+from fastapi.concurrency import run_in_threadpool
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
@@ -51,15 +52,7 @@ SessionDep = Annotated[Session, Depends(get_session)]
 ContextDep = Annotated[ServiceContext, Depends(get_context)]
 
 
-def current_principal(
-    request: Request,
-    ctx: ContextDep,
-    _bearer_doc: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
-    _key_doc: Annotated[str | None, Security(_api_key)],
-) -> Principal:
-    """Every credential presented must be valid and name the same tenant: an ambiguous request (a bad
-    `Authorization` next to a good `X-API-Key`) is refused rather than silently half-authenticated. The key check
-    uses its own session, closed before the route runs."""
+def _tokens(request: Request) -> list[str]:
     tokens: list[str] = []
     auth = request.headers.get("authorization")
     if auth is not None:
@@ -71,12 +64,41 @@ def current_principal(
         tokens.append(request.headers["x-api-key"].strip())
     if not tokens:
         raise UnauthorizedError("missing API key (send `Authorization: Bearer <key>` or `X-API-Key`)")
-    with ctx.sessions() as session:  # its own short session: released before any body is read
+    return tokens
+
+
+def _lookup(ctx: ServiceContext, tokens: list[str]) -> Principal:
+    """Check the keys in the database (a short session of its own, released before any body is read)."""
+    with ctx.sessions() as session:
         found = [repo.authenticate(session, t) for t in tokens]
     if any(f is None for f in found) or len({f[0].id for f in found}) != 1:
         raise UnauthorizedError("invalid API key")
     tenant = found[0][0]
-    return Principal(tenant_id=tenant.id, tenant=tenant.name, admin=all(f[1] for f in found))
+    principal = Principal(tenant_id=tenant.id, tenant=tenant.name, admin=all(f[1] for f in found))
+    ctx.auth_cache.put(tokens, principal)
+    return principal
+
+
+def principal_of(request: Request, ctx: ServiceContext) -> Principal:
+    """The caller, for code that runs outside dependency injection (synchronous)."""
+    tokens = _tokens(request)
+    return ctx.auth_cache.get(tokens) or _lookup(ctx, tokens)
+
+
+async def current_principal(
+    request: Request,
+    ctx: ContextDep,
+    _bearer_doc: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
+    _key_doc: Annotated[str | None, Security(_api_key)],
+) -> Principal:
+    """Every credential presented must be valid and name the same tenant: an ambiguous request (a bad
+    `Authorization` next to a good `X-API-Key`) is refused rather than silently half-authenticated. A key seen
+    within the last `MSTAR_AUTH_CACHE_S` is answered from memory, without a database round trip or a thread."""
+    tokens = _tokens(request)
+    cached = ctx.auth_cache.get(tokens)
+    if cached is not None:
+        return cached
+    return await run_in_threadpool(_lookup, ctx, tokens)
 
 
 TenantDep = Annotated[Principal, Depends(current_principal)]

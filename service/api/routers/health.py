@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 
-from service.api.deps import ContextDep, current_principal, require_admin
+from service.api.deps import ContextDep, principal_of, require_admin
 from service.api.responses import ERRORS
 from service.api.schemas import HealthOut
 
@@ -39,6 +39,6 @@ async def readyz(ctx: ContextDep) -> JSONResponse:
 )
 def metrics(request: Request, ctx: ContextDep) -> Response:
     if not ctx.settings.metrics_public:  # counts across every tenant: admins (and the scraper's key) only
-        require_admin(current_principal(request, ctx, None, None))
+        require_admin(principal_of(request, ctx))
     data, ctype = ctx.metrics.render()
     return Response(data, media_type=ctype)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Query
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 
@@ -36,12 +37,18 @@ def list_jobs(
     return JobPage.of([job_out(r) for r in rows], total=total, limit=limit, offset=offset)
 
 
+def _read_job(ctx, tenant_id: str, job_id: str) -> JobOut:
+    with ctx.sessions() as session:
+        job = repo.get_job(session, tenant_id, job_id)
+        if job is None:
+            raise NotFoundError("no such job")
+        return job_out(job, repo.get_result(session, tenant_id, job_id) if job.state == "succeeded" else None)
+
+
 @router.get("/jobs/{job_id}", response_model=JobOut, responses=ERRORS(401, 404))
-def get_job(job_id: str, principal: TenantDep, session: SessionDep) -> JobOut:
-    job = repo.get_job(session, principal.tenant_id, job_id)
-    if job is None:
-        raise NotFoundError("no such job")
-    return job_out(job, repo.get_result(session, principal.tenant_id, job_id))
+async def get_job(job_id: str, principal: TenantDep, ctx: ContextDep) -> JobOut:
+    """Polled by every client: one thread hop and one short session per call."""
+    return await run_in_threadpool(_read_job, ctx, principal.tenant_id, job_id)
 
 
 @router.post(
