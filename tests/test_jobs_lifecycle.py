@@ -143,3 +143,62 @@ def test_scratch_of_dead_processes_is_swept(tmp_path):
     assert sweep_scratch(work) == 1
     assert not gone.exists() and live.exists() and other_host.exists()
     assert str(os.getpid()) in live.name
+
+
+@pytest.fixture()
+def small_disk(tmp_path):
+    """A real 8 MiB filesystem (tmpfs), so a full disk is the kernel's ENOSPC, not a simulation."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_full_disk_fails_the_job_with_storage_full_and_keeps_the_slide(small_disk, cmu_svs, tmp_path):
+    """Slides, results and scratch on a disk that fills up mid-job; the job store elsewhere (PostgreSQL, or SQLite
+    on another disk, as production runs it)."""
+    import hashlib
+
+    from service.config import Settings
+    from service.jobs.execute import execute_job
+    from service.jobs.resources import open_store
+
+    settings = Settings(
+        data_dir=small_disk, database_url=f"sqlite:///{tmp_path / 'jobs.db'}", pipeline="runner_pipelines:tiny"
+    )
+    store = open_store(settings)
+    with transaction(store.sessions) as s:
+        tenant = repo.ensure_tenant(s, "lab")
+        slide = repo.new_slide(tenant.id, sha256="a" * 64, size_bytes=1, fmt="svs", mpp_override=None, info={})
+        store.blobs.put_file(slide.blob_key, cmu_svs)
+        s.add(slide)
+    with transaction(store.sessions) as s:
+        job_id = lifecycle.create(s, tenant_id=tenant.id, slide_id=slide.id, options={})[0].id
+        lease = lifecycle.claim_fair(s, "w")
+    before = hashlib.sha256(store.blobs.local_path(slide.blob_key).read_bytes()).hexdigest()
+    filler = small_disk / "filler"
+    with open(filler, "wb") as fh:  # leave almost nothing: the job's outputs cannot be written
+        try:
+            while True:
+                fh.write(b"\0" * 65536)
+                fh.flush()
+        except OSError:
+            pass
+    outcome = execute_job(lease, settings)
+    with transaction(store.sessions) as s:
+        job = s.get(Job, job_id)
+        assert (outcome.state, job.state, job.error_code) == ("failed", "failed", "storage_full"), job.error_message
+        assert "no space left" in job.error_message
+    assert hashlib.sha256(store.blobs.local_path(slide.blob_key).read_bytes()).hexdigest() == before
+    assert not list((small_disk / "blobs" / "results").rglob("*.*"))  # nothing half-published
+    assert not list(settings.work_dir.glob("job-*"))
+    filler.unlink()  # space again: the same slide analyses fine
+    with transaction(store.sessions) as s:
+        job_id = lifecycle.create(s, tenant_id=tenant.id, slide_id=slide.id, options={})[0].id
+        lease = lifecycle.claim_fair(s, "w")
+    assert execute_job(lease, settings).state == "succeeded"
+    store.engine.dispose()

@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.exc import DBAPIError
+
 from service.config import Settings
 from service.errors import MstarError, SlideNotFoundError, StorageFullError
 from service.jobs import lifecycle
@@ -173,12 +175,19 @@ def _find_int(result: dict, *names: str) -> int | None:
     return None
 
 
-def _no_space(err: BaseException) -> bool:
+def _no_space(err: BaseException | None) -> bool:
     while err is not None:
         if isinstance(err, OSError) and err.errno in _NO_SPACE:
             return True
+        if isinstance(err, DBAPIError) and _db_full(err):
+            return True
         err = err.__cause__ or err.__context__
     return False
+
+
+def _db_full(err: DBAPIError) -> bool:
+    text = str(err.orig).lower()
+    return "disk is full" in text or "no space left" in text or "could not extend file" in text
 
 
 # --- one job --------------------------------------------------------------------------------------------------
@@ -206,11 +215,16 @@ def execute_job(lease: Lease, settings: Settings, pipeline: str | PipelineFn | N
     state = {"stage": "open", "t_stage": time.monotonic(), "t_write": 0.0, "cancel": False}
 
     def _flush(stage: str, fraction: float) -> None:
-        with transaction(factory) as s:
-            ok = lifecycle.progress(s, lease, stage, fraction, dict(stage_seconds))
-            if not ok and not lifecycle.still_owned(s, lease):
-                raise LeaseLost(job_id)
-            state["cancel"] = not ok
+        try:
+            with transaction(factory) as s:
+                ok = lifecycle.progress(s, lease, stage, fraction, dict(stage_seconds))
+                if not ok and not lifecycle.still_owned(s, lease):
+                    raise LeaseLost(job_id)
+                state["cancel"] = not ok
+        except DBAPIError as err:
+            if _db_full(err):  # SQLite beside the data on a full disk
+                raise StorageFullError("no space left for the job store while processing this job") from err
+            raise
         state["t_write"] = time.monotonic()
 
     def progress(stage: str, fraction: float) -> None:
@@ -236,15 +250,10 @@ def execute_job(lease: Lease, settings: Settings, pipeline: str | PipelineFn | N
             stage_seconds.get(state["stage"], 0.0) + time.monotonic() - state["t_stage"], 4
         )
 
+    verdict: list[tuple[str, str, str]] = []  # written once the scratch and partial files are gone
+
     def _verdict(state_: str, code: str, message: str) -> None:
-        with transaction(factory) as s:
-            done = lifecycle.finish(
-                s, lease, state_, error_code=code, error_message=message, stage_seconds=dict(stage_seconds)
-            )
-        if done.won:
-            outcome.state, outcome.error_code, outcome.released = state_, code, done.followers_released
-        else:
-            outcome.state, outcome.error_code = "lost", None
+        verdict.append((state_, code, message))
 
     from service.pipeline import JobCanceled as PipelineCanceled
 
@@ -304,6 +313,16 @@ def execute_job(lease: Lease, settings: Settings, pipeline: str | PipelineFn | N
             blobs.delete_prefix(prefix)
         except (MstarError, OSError) as err:  # an object store outage: the verdict stands, stray files stay
             log.warning("job %s: could not remove partial results: %s", job_id, err)
+    if verdict:  # after the clean-up, so a full disk has room again for the job store's own write
+        state_, code, message = verdict[0]
+        with transaction(factory) as s:
+            done = lifecycle.finish(
+                s, lease, state_, error_code=code, error_message=message, stage_seconds=dict(stage_seconds)
+            )
+        if done.won:
+            outcome.state, outcome.error_code, outcome.released = state_, code, done.followers_released
+        else:
+            outcome.state, outcome.error_code = "lost", None
     return outcome
 
 
