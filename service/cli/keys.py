@@ -18,15 +18,13 @@ def keys() -> None:
 def create(tenant: str, admin: bool) -> None:
     """Print a new key for TENANT; keep it, it cannot be shown again."""
     from service.config import Settings
+    from service.jobs.resources import close_stores, open_store
     from service.store import repo
-    from service.store.db import init_db, make_engine, session_factory, transaction
+    from service.store.db import transaction
 
     if not tenant.strip() or len(tenant) > 64:
         raise click.BadParameter("tenant must be 1-64 characters", param_hint="--tenant")
-    settings = Settings()
-    engine = make_engine(settings.db_url)
-    init_db(engine)
-    with transaction(session_factory(engine)) as s:
+    with transaction(open_store(Settings()).sessions) as s:
         token = repo.create_api_key(s, tenant.strip(), admin=admin)
-    engine.dispose()
+    close_stores()
     click.echo(token)

@@ -46,9 +46,7 @@ def worker(
 
     from service.config import Settings
     from service.errors import InvalidParameterError
-    from service.store import batches  # noqa: F401  (registers the batch tables for init_db)
-    from service.store.blobs import make_blob_store
-    from service.store.db import init_db, make_engine
+    from service.jobs.resources import close_stores, open_store
     from service.worker.celery_app import QUEUES, make_celery
 
     overrides = {k: v for k, v in {"broker_url": broker, "data_dir": data_dir}.items() if v is not None}
@@ -60,19 +58,22 @@ def worker(
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s[%(process)d] %(message)s"
     )
-    engine = make_engine(settings.db_url)
     for attempt in range(5):  # workers starting together race on CREATE TABLE: the loser retries, sees them
         try:
-            init_db(engine)
+            store = open_store(settings).blobs
             break
         except DBAPIError:
+            close_stores()
             if attempt == 4:
                 raise
             time.sleep(0.5 + attempt)
-    engine.dispose()
-    store = make_blob_store(settings)
+    close_stores()  # the pool children open their own after the fork
     store.check()  # a missing bucket or rejected credentials: one line and exit 2, before taking any job
     logging.getLogger("mstar.worker").info("blob store: %s", store.describe())
+    from service.jobs.execute import sweep_scratch
+
+    if swept := sweep_scratch(settings.work_dir):  # folders of this host's killed runs
+        logging.getLogger("mstar.worker").info("removed %d scratch folder(s) left by killed runs", swept)
     app = make_celery(settings)
     node = name or f"mstar-{os.getpid()}@{socket.gethostname()}"
     app.worker_main(
