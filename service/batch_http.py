@@ -18,10 +18,10 @@ from pathlib import Path
 
 import httpx
 
-from service import dicom_series
 from service.atomic import atomic_path
 from service.batch import _SAFE, default_batch_id, parse_manifest
 from service.errors import InvalidParameterError, MstarError
+from service.ingest import series as dicom_series
 
 TERMINAL = ("succeeded", "failed", "canceled")
 
@@ -101,9 +101,7 @@ class HttpBatch:
         if path.is_dir():
             return self._upload_series(path, mpp)
         if not path.is_file():
-            raise InvalidParameterError(
-                f"{source}: --server batches take local files, DICOM folders and s3:// objects"
-            )
+            raise InvalidParameterError(f"{source}: --server batches take local files, DICOM folders and s3:// objects")
         with path.open("rb") as fh:
             return self._post(path.name, fh, mpp)
 

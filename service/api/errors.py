@@ -37,14 +37,7 @@ class NotReadyError(MstarError):
     http_status = 409
 
 
-class RequestError(MstarError):
-    code = "invalid_request"
-    http_status = 400
-
-
-class UnsupportedMediaTypeError(MstarError):
-    code = "unsupported_media_type"
-    http_status = 415
+from service.ingest.multipart import RequestError, UnsupportedMediaTypeError  # noqa: E402,F401  (400, 415)
 
 
 def error_body(code: str, message: str) -> dict:
@@ -65,7 +58,10 @@ def mstar_error_class(code: str) -> type[MstarError]:
 def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(MstarError)
     async def _mstar(_request: Request, err: MstarError) -> JSONResponse:
-        headers = {"WWW-Authenticate": 'Bearer realm="mstar"'} if err.http_status == 401 else None
+        headers = {"WWW-Authenticate": 'Bearer realm="mstar"'} if err.http_status == 401 else {}
+        retry_after = getattr(err, "retry_after", None)  # 429 quota / 503 busy: when to try again
+        if retry_after is not None:
+            headers["Retry-After"] = str(int(retry_after))
         return JSONResponse(error_body(err.code, str(err)), status_code=err.http_status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
