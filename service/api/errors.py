@@ -82,7 +82,7 @@ def install_handlers(app: FastAPI) -> None:
             405: "method_not_allowed",
             401: "unauthorized",
             403: "forbidden",
-            413: "too_large",
+            413: "request_too_large",
         }.get(err.status_code, f"http_{err.status_code}")
         headers = dict(getattr(err, "headers", None) or {})
         if err.status_code == 405:  # Starlette names one route's methods; list every route on this path
@@ -93,7 +93,12 @@ def install_handlers(app: FastAPI) -> None:
                 for m in (getattr(r, "methods", None) or ())
             }
             headers["Allow"] = ", ".join(sorted(methods))
-        return JSONResponse(error_body(code, str(err.detail)), status_code=err.status_code, headers=headers)
+        detail = str(err.detail)
+        if err.status_code == 413:  # the app's JSON body cap (FastAPI's max_body_size): say which limit
+            from service.api.body_limit import message
+
+            detail = message(getattr(request.app, "max_body_size", None))
+        return JSONResponse(error_body(code, detail), status_code=err.status_code, headers=headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, err: Exception) -> JSONResponse:
