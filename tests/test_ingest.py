@@ -288,21 +288,24 @@ def test_batch_into_a_full_store_fails_the_line_with_storage_full(tmp_path, cmu_
 # --- one ingest path: batch lines are checked like uploads and say the same codes ---------------------------------
 
 
-def test_batch_lines_take_the_upload_path_same_check_same_codes(tmp_path: Path, cmu_svs: Path) -> None:
+def test_batch_lines_take_the_upload_path_same_check_same_codes(tmp_path: Path, cmu_svs: Path, tcga_j2k_svs) -> None:
     from service.batch import BatchService
 
+    cap = 4_000_000
     cmu = cmu_svs.read_bytes()
     (tmp_path / "ok.svs").write_bytes(cmu)
-    (tmp_path / "half.svs").write_bytes(cmu[: len(cmu) // 2])  # the sniffer calls it SVS; the check opens it
-    (tmp_path / "big.svs").write_bytes(cmu + b"\0" * 1024)
-    (tmp_path / "m.csv").write_text("slide\nok.svs\nhalf.svs\nbig.svs\n")
-    settings = _settings(tmp_path / "d", upload_max_bytes=len(cmu) + 10)
+    (tmp_path / "half.svs").write_bytes(cmu[: len(cmu) // 2])
+    (tmp_path / "nompp.svs").write_bytes(tcga_j2k_svs.read_bytes())  # sniffs as SVS; only opening it tells
+    (tmp_path / "big.svs").write_bytes(cmu + b"\0" * (cap + 1 - len(cmu)))
+    (tmp_path / "m.csv").write_text("slide\nok.svs\nhalf.svs\nnompp.svs\nbig.svs\n")
+    settings = _settings(tmp_path / "d", upload_max_bytes=cap)
     svc = BatchService(settings)
     try:
         rep = svc.submit(tmp_path / "m.csv", tenant="lab")
         items = {it.name: it for it in svc.status(rep.batch_id).items}
         assert items["ok.svs"].state == "queued" and len(rep.queued) == 1
-        assert items["half.svs"].error_code == "corrupt_slide"  # refused at submit, as an upload is
+        assert items["half.svs"].error_code == "corrupt_slide"
+        assert items["nompp.svs"].error_code == "missing_mpp"  # refused at submit by the check, as an upload is
         assert items["big.svs"].error_code == "slide_too_large"  # the one "too large" (413 over HTTP)
         assert _staging(settings) == []
     finally:
