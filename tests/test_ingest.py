@@ -310,3 +310,37 @@ def test_batch_lines_take_the_upload_path_same_check_same_codes(tmp_path: Path, 
         assert _staging(settings) == []
     finally:
         svc.close()
+
+
+def test_batch_http_lines_are_fetched_checked_and_capped(tmp_path: Path, cmu_svs: Path) -> None:
+    """http(s) manifest lines from a real HTTP server on loopback: copied, checked, deduplicated; a missing URL is
+    `slide_not_found` and one over the cap `slide_too_large`, as for every other source."""
+    import functools
+    import http.server
+
+    from service.batch import BatchService
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "a.svs").write_bytes(cmu_svs.read_bytes())
+    (site / "big.svs").write_bytes(cmu_svs.read_bytes() + b"\0" * 4096)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(site))
+    handler.log_message = lambda *a: None
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{httpd.server_port}"
+    (tmp_path / "local.svs").write_bytes(cmu_svs.read_bytes())
+    (tmp_path / "m.csv").write_text(f"slide\n{base}/a.svs\n{base}/gone.svs\n{base}/big.svs\nlocal.svs\n")
+    settings = _settings(tmp_path / "d", upload_max_bytes=cmu_svs.stat().st_size + 100)
+    svc = BatchService(settings)
+    try:
+        rep = svc.submit(tmp_path / "m.csv", tenant="lab")
+        items = {it.name: it for it in svc.status(rep.batch_id).items}
+        assert items["a.svs"].state == "queued" and items["a.svs"].slide_id == items["local.svs"].slide_id
+        assert items["gone.svs"].error_code == "slide_not_found" and "404" in items["gone.svs"].reason
+        assert items["big.svs"].error_code == "slide_too_large"
+        assert _staging(settings) == []
+    finally:
+        svc.close()
+        httpd.shutdown()
+        httpd.server_close()
