@@ -28,6 +28,7 @@ FILE_FIELD = "file"
 TEXT_FIELDS = ("analyze", "mpp_override", "source")  # source: an s3:// URI instead of `file`
 MAX_FIELD_BYTES = 1024
 MAX_PARTS = 8
+FLUSH_BYTES = 1 << 20
 
 
 class RequestError(MstarError):
@@ -127,6 +128,15 @@ async def receive_upload(request: Request, blobs: BlobStore, settings: Settings)
     )
     idle = settings.upload_idle_timeout_s
     chunks = request.stream()
+    pending = bytearray()
+
+    async def flush() -> None:
+        # parsing, hashing and writing run on a worker thread in ~1 MiB steps: the event loop only moves bytes
+        if pending:
+            data = bytes(pending)
+            pending.clear()
+            await asyncio.to_thread(parser.write, data)
+
     try:
         with disk_full_as_error("receiving the upload"):
             while True:
@@ -143,7 +153,11 @@ async def receive_upload(request: Request, blobs: BlobStore, settings: Settings)
                     if out.received - cap > settings.upload_drain_bytes:
                         break
                     continue
-                parser.write(chunk)
+                pending += chunk
+                if len(pending) >= FLUSH_BYTES:
+                    await flush()
+            if not out.too_large:
+                await flush()
         if not out.too_large:
             parser.finalize()
             if parser.state != MultipartState.END:
@@ -166,7 +180,7 @@ async def receive_upload(request: Request, blobs: BlobStore, settings: Settings)
     if out.writer is not None:
         try:
             with disk_full_as_error("receiving the upload"):
-                out.writer.close()
+                await asyncio.to_thread(out.writer.close)  # fsync: never on the event loop
         except BaseException:
             _drop(out)
             raise

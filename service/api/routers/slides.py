@@ -56,8 +56,8 @@ IdemHeader = Annotated[str | None, Header(alias="Idempotency-Key", min_length=1,
 async def upload_slide(
     request: Request, principal: TenantDep, ctx: ContextDep, idempotency_key: IdemHeader = None
 ) -> Response:
-    # A slot first (429 for this tenant, 503 for the process), then the body; no database connection is used
-    # until the body is in, and every database call after that runs on a worker thread, never the event loop.
+    # A slot first (429 for this tenant, 503 for the process), then the body. Reading it uses no database
+    # connection of this handler's; every database call after it runs on a worker thread, never the event loop.
     async with _upload_slots(request, ctx.settings).hold(principal.tenant_id):
         parsed = await receive_upload(request, ctx.blobs, ctx.settings)
         return await run_in_threadpool(_store_upload, ctx, principal, parsed, idempotency_key)
