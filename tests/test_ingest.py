@@ -20,7 +20,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from services import live_server
+from services import live_server, postgres_url  # noqa: F401  (session fixture: a real PostgreSQL server)
 
 from service.api import create_app
 from service.config import Settings
@@ -171,11 +171,15 @@ def _stalled_upload(url: str, key: str, out: list, i: int) -> None:
     out[i] = (status, data, time.monotonic() - t0)
 
 
-def test_stalled_uploads_are_bounded_and_timed_out_while_other_tenants_are_served(tmp_path: Path) -> None:
-    settings = _settings(tmp_path / "d", upload_idle_timeout_s=3.0, tenant_max_uploads=4, max_uploads=32)
+@pytest.mark.parametrize(("db", "stalled"), [("sqlite", 15), ("postgresql", 31)])  # more than each pool holds
+def test_stalled_uploads_are_bounded_and_timed_out_while_other_tenants_are_served(
+    tmp_path: Path, request, db: str, stalled: int
+) -> None:
+    kw = {"database_url": request.getfixturevalue("postgres_url")} if db == "postgresql" else {}
+    settings = _settings(tmp_path / "d", upload_idle_timeout_s=3.0, tenant_max_uploads=4, max_uploads=32, **kw)
     with live_server(create_app(settings)) as url, _client(url, KEY_B) as b:
-        got: list = [None] * 15
-        threads = [threading.Thread(target=_stalled_upload, args=(url, KEY_A, got, i)) for i in range(15)]
+        got: list = [None] * stalled
+        threads = [threading.Thread(target=_stalled_upload, args=(url, KEY_A, got, i)) for i in range(stalled)]
         for t in threads:
             t.start()
         time.sleep(0.5)
@@ -188,7 +192,7 @@ def test_stalled_uploads_are_bounded_and_timed_out_while_other_tenants_are_serve
         for t in threads:
             t.join(30)
         statuses = sorted(g[0] for g in got)
-        assert statuses == [400] * 4 + [429] * 11, got  # 4 uploads per tenant; each dropped after 3 s silent
+        assert statuses == [400] * 4 + [429] * (stalled - 4), got  # 4 uploads per tenant, dropped after 3 s silent
         for status, raw, secs in got:
             if status == 429:
                 assert b"quota_exceeded" in raw and b"retry-after: 5" in raw.lower() and secs < 2.5
