@@ -44,17 +44,6 @@ def error_body(code: str, message: str) -> dict:
     return {"error": {"code": code, "message": message}}
 
 
-def mstar_error_class(code: str) -> type[MstarError]:
-    """The most specific `MstarError` subclass with this code (to re-raise what a subprocess reported)."""
-    stack: list[type[MstarError]] = [MstarError]
-    while stack:
-        cls = stack.pop()
-        if cls.code == code:
-            return cls
-        stack.extend(cls.__subclasses__())
-    return MstarError
-
-
 def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(MstarError)
     async def _mstar(_request: Request, err: MstarError) -> JSONResponse:
