@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.errors import MstarError
+from service.ingest.multipart import RequestError, UnsupportedMediaTypeError  # noqa: F401  (400, 415; moved)
 
 log = logging.getLogger("mstar.api")
 
@@ -35,9 +36,6 @@ class NotReadyError(MstarError):
 
     code = "not_ready"
     http_status = 409
-
-
-from service.ingest.multipart import RequestError, UnsupportedMediaTypeError  # noqa: E402,F401  (400, 415)
 
 
 def error_body(code: str, message: str) -> dict:

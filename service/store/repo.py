@@ -110,10 +110,6 @@ def find_slide_by_sha(s: Session, tenant_id: str, sha256: str) -> Slide | None:
     return s.scalar(select(Slide).where(Slide.tenant_id == tenant_id, Slide.sha256 == sha256))
 
 
-#: blob key extension by sniffed format (the one table: `service.slides.formats`)
-SLIDE_EXTENSIONS = {f.name: f.extension for f in formats.TABLE}
-
-
 def new_slide(
     tenant_id: str, *, sha256: str, size_bytes: int, fmt: str, mpp_override: float | None, info: dict
 ) -> Slide:
