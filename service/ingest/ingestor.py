@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,16 +56,11 @@ class Ingested:
     created: bool  # False: the tenant already had these bytes (or an identical upload won the race)
 
 
-Checker = Callable[[Path, float | None, Settings], dict]
-
-
 class Ingestor:
-    """Runs the ingest path against one store; `check` is the slide check (the probe process)."""
+    """Runs the ingest path against one store (its sessions, blob store and limits)."""
 
-    def __init__(
-        self, sessions: sessionmaker[Session], blobs: BlobStore, settings: Settings, check: Checker = check_slide
-    ) -> None:
-        self.sessions, self.blobs, self.settings, self.check = sessions, blobs, settings, check
+    def __init__(self, sessions: sessionmaker[Session], blobs: BlobStore, settings: Settings) -> None:
+        self.sessions, self.blobs, self.settings = sessions, blobs, settings
 
     @property
     def max_bytes(self) -> int:
@@ -104,7 +98,7 @@ class Ingestor:
                 existing = self.find(tenant_id, writer.sha256)
                 if existing is not None:
                     return Ingested(existing, False)
-                probed = self.check(writer.path, mpp, self.settings)
+                probed = check_slide(writer.path, mpp, self.settings)
                 slide = repo.new_slide(
                     tenant_id,
                     sha256=writer.sha256,
@@ -143,7 +137,7 @@ class Ingestor:
                 existing = self.find(tenant_id, staged.sha256)
                 if existing is not None:
                     return Ingested(existing, False)
-                probed = self.check(folder, mpp, self.settings)
+                probed = check_slide(folder, mpp, self.settings)
                 slide = repo.new_slide(
                     tenant_id,
                     sha256=staged.sha256,
