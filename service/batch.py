@@ -5,7 +5,8 @@ Manifest: a CSV with a header and one slide per line. The slide column is `slide
 `s3://bucket/key` with the S3 store. Optional columns: `id` (or `name`) as the display id, `mpp` (µm/px
 override). Other columns are kept as item metadata and appear in the summary table.
 
-`BatchService.submit` copies each slide into the shared blob store (deduplicated by SHA-256 per tenant), creates
+`BatchService.submit` puts each slide through `service.ingest` (copied into the shared blob store, deduplicated by
+SHA-256 per tenant, checked by the same out-of-process probe as an upload, with the same refusals), creates
 one job per line and publishes it on the `batch` queue. The batch id is stable for one tenant and manifest path,
 so submitting the same manifest again resumes it: succeeded lines are skipped, failed ones re-run, queued or
 running ones re-published (duplicates are dropped by the workers' conditional claim).
@@ -27,13 +28,9 @@ from urllib.parse import unquote, urlparse
 from sqlalchemy import select
 
 from service.config import Settings
-from service.errors import (
-    InvalidParameterError,
-    MstarError,
-    SlideNotFoundError,
-    SlideTooLargeError,
-    UnsupportedFormatError,
-)
+from service.errors import InvalidParameterError, MstarError
+from service.ingest import Ingestor
+from service.ingest.sources import copy_s3_source  # noqa: F401  (moved there; old imports keep working)
 from service.jobs import lifecycle
 from service.store import repo
 from service.store.batches import Batch, BatchItem
@@ -121,35 +118,6 @@ def default_batch_id(tenant: str, manifest: str | Path) -> str:
     return uuid.uuid5(uuid.NAMESPACE_URL, f"mstar-batch:{tenant}:{Path(manifest).resolve()}").hex
 
 
-def copy_s3_source(blobs: Any, source: str, writer: Any, max_bytes: int) -> None:
-    """Copy the object an `s3://bucket/key` source names into `writer` (a batch manifest line, or `POST /slides`
-    with a `source` field), read with the S3 store's client and credentials. The store *copies* it, as an
-    http(s) source: the store owns its slides (deleting one never touches the source bucket, a later change or
-    removal of the source cannot alter an analysed slide) and slides are deduplicated by SHA-256, which needs
-    the bytes anyway. Refusals are typed: no S3 store or a malformed URI (422), too large (413), missing (404)."""
-    parsed = urlparse(source)
-    if parsed.scheme != "s3" or not parsed.netloc or not parsed.path.strip("/"):
-        raise InvalidParameterError(f"{source[:200]!r} is not an s3://bucket/key URI")
-    opener = getattr(blobs, "open_external", None)
-    if opener is None:
-        raise InvalidParameterError(
-            f"{source}: s3:// sources need the S3 blob store (MSTAR_BLOB_URL=s3://bucket/prefix); "
-            "this deployment keeps blobs on a filesystem: send the slide as a file (or a path, an http(s):// URL)"
-        )
-    try:
-        body, size = opener(source)
-    except FileNotFoundError:
-        raise SlideNotFoundError(f"{source} does not exist") from None
-    with body:
-        if size > max_bytes:
-            raise SlideTooLargeError(f"{source} ({size} bytes) exceeds the upload limit of {max_bytes} bytes")
-        try:
-            while chunk := body.read(1 << 20):
-                writer.write(chunk)
-        except Exception as err:  # a dropped connection mid-object fails this slide, not the batch or gateway
-            raise SlideNotFoundError(f"{source} could not be read ({type(err).__name__})") from None
-
-
 @dataclass
 class SubmitReport:
     batch_id: str
@@ -203,6 +171,7 @@ class BatchService:
         init_db(self.engine)
         self.sessions = session_factory(self.engine)
         self.blobs = make_blob_store(settings)
+        self.ingestor = Ingestor(self.sessions, self.blobs, settings)
         self._patches: dict[str, int] = {}
 
     def close(self) -> None:
@@ -281,100 +250,11 @@ class BatchService:
         return report
 
     def _ingest(self, tenant_id: str, row: ManifestRow) -> str:
-        """Copy the slide into the blob store once per tenant (by content); returns the slide id."""
-        from service.slides.sniff import sniff_format
-
-        if not urlparse(row.source).scheme and Path(row.source).is_dir():
-            return self._ingest_series(tenant_id, row)
-        writer = self.blobs.writer()
-        try:
-            self._fetch(row.source, writer)
-            writer.close()
-            with transaction(self.sessions) as s:
-                found = repo.find_slide_by_sha(s, tenant_id, writer.sha256)
-            if found is not None:
-                writer.discard()
-                return found.id
-            fmt = sniff_format(writer.path)
-            if fmt in ("dicom", "dicom-dir"):
-                raise UnsupportedFormatError(
-                    "one DICOM file is one instance of a series: put the series' folder on the manifest line",
-                    slide=row.name,
-                )
-            slide = repo.new_slide(
-                tenant_id,
-                sha256=writer.sha256,
-                size_bytes=writer.size,
-                fmt=fmt,
-                mpp_override=row.mpp_override,
-                info={"batch_name": row.name[:255]},
-            )
-            writer.commit(slide.blob_key)
-        except BaseException:
-            writer.discard()
-            raise
-        return repo.publish_slide(self.sessions, self.blobs, slide).id
-
-    def _ingest_series(self, tenant_id: str, row: ManifestRow) -> str:
-        """A DICOM WSI folder: checked (one series, see `service.dicom_series.collect`), then copied into the
-        blob store as one folder slide, once per tenant (by content); returns the slide id."""
-        from service import dicom_series
-
-        series = dicom_series.collect(Path(row.source), max_bytes=self.settings.upload_max_bytes, name=row.name)
-        staged = dicom_series.stage(self.blobs, series.files)
-        sha, size = staged.sha256, staged.size
-        try:
-            with transaction(self.sessions) as s:
-                found = repo.find_slide_by_sha(s, tenant_id, sha)
-            if found is not None:
-                staged.discard()
-                return found.id
-            slide = repo.new_slide(
-                tenant_id,
-                sha256=sha,
-                size_bytes=size,
-                fmt=dicom_series.FORMAT,
-                mpp_override=row.mpp_override,
-                info={"batch_name": row.name[:255], "instances": len(series.files)},
-            )
-            staged.commit(slide.blob_key)
-        except BaseException:
-            staged.discard()
-            raise
-        return repo.publish_slide(self.sessions, self.blobs, slide).id
-
-    def _fetch(self, source: str, writer) -> None:
-        parsed = urlparse(source)
-        if parsed.scheme in ("http", "https"):
-            import httpx
-
-            try:
-                with httpx.stream("GET", source, timeout=60.0, follow_redirects=True) as resp:
-                    if resp.status_code != 200:
-                        raise SlideNotFoundError(f"{source} answered HTTP {resp.status_code}")
-                    for chunk in resp.iter_bytes(1 << 20):
-                        writer.write(chunk)
-                        if writer.size > self.settings.upload_max_bytes:
-                            raise InvalidParameterError(f"{source} is larger than the upload limit")
-            except httpx.HTTPError as err:
-                raise SlideNotFoundError(f"{source} could not be downloaded ({type(err).__name__})") from None
-            return
-        if parsed.scheme == "s3":  # copied into the store like any source: see _fetch_s3
-            self._fetch_s3(source, writer)
-            return
-        path = Path(source)
-        if path.is_dir():
-            raise UnsupportedFormatError("a folder (DICOM series) is not supported in batch manifests", slide=path.name)
-        if not path.is_file():
-            raise SlideNotFoundError(f"{source} does not exist")
-        if path.stat().st_size > self.settings.upload_max_bytes:
-            raise InvalidParameterError(f"{source} is larger than the upload limit")
-        with path.open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                writer.write(chunk)
-
-    def _fetch_s3(self, source: str, writer) -> None:
-        copy_s3_source(self.blobs, source, writer, self.settings.upload_max_bytes)
+        """The line's slide through `service.ingest` (the same dedup, check and refusals as an upload); its id."""
+        got = self.ingestor.from_source(
+            tenant_id, row.source, mpp=row.mpp_override, name=row.name, info={"batch_name": row.name[:255]}
+        )
+        return got.slide.id
 
     # --- status and results ---------------------------------------------------------------------------------
 

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import httpx
 
-from service import dicom_series
 from service.atomic import atomic_path
 from service.batch import _SAFE, default_batch_id, parse_manifest
 from service.errors import InvalidParameterError, MstarError
+from service.ingest import series as dicom_series
 
 TERMINAL = ("succeeded", "failed", "canceled")
 

@@ -13,6 +13,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from service import __version__
+from service.api.body_limit import GatewayApp
 from service.api.context import ServiceContext
 from service.api.errors import install_handlers
 from service.api.metrics import MetricsMiddleware
@@ -39,7 +40,7 @@ def create_app(settings: Settings | None = None, *, queue: JobQueue | None = Non
             ctx.stop()
 
     docs = settings.docs_enabled
-    app = FastAPI(
+    app = GatewayApp(
         responses=ERRORS(400, 413),
         max_body_size=MAX_JSON_BODY,  # JSON bodies are small; the upload route streams under its own cap
         title="mSTAR inference service",

@@ -7,14 +7,12 @@ see them.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request, Security
 from fastapi.concurrency import run_in_threadpool
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
-from sqlalchemy.orm import Session
 
 from service.api.context import ServiceContext
 from service.api.errors import ForbiddenError, UnauthorizedError
@@ -37,18 +35,10 @@ def get_settings(request: Request) -> Settings:
     return request.app.state.ctx.settings
 
 
-def get_session(request: Request) -> Iterator[Session]:
-    """A session for one read-only route; it is opened by the first query and ends with the route, so routes that
-    read a request body must not take one (they would hold a connection while a client stalls)."""
-    with request.app.state.ctx.sessions() as session:
-        yield session
-
-
 _bearer = HTTPBearer(auto_error=False, description="API key as a bearer token")
 _api_key = APIKeyHeader(name="X-API-Key", auto_error=False, description="API key header")
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
-SessionDep = Annotated[Session, Depends(get_session)]
 ContextDep = Annotated[ServiceContext, Depends(get_context)]
 
 

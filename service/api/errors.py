@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.errors import MstarError
+from service.ingest.multipart import RequestError, UnsupportedMediaTypeError  # noqa: F401  (400, 415; moved)
 
 log = logging.getLogger("mstar.api")
 
@@ -37,35 +38,17 @@ class NotReadyError(MstarError):
     http_status = 409
 
 
-class RequestError(MstarError):
-    code = "invalid_request"
-    http_status = 400
-
-
-class UnsupportedMediaTypeError(MstarError):
-    code = "unsupported_media_type"
-    http_status = 415
-
-
 def error_body(code: str, message: str) -> dict:
     return {"error": {"code": code, "message": message}}
-
-
-def mstar_error_class(code: str) -> type[MstarError]:
-    """The most specific `MstarError` subclass with this code (to re-raise what a subprocess reported)."""
-    stack: list[type[MstarError]] = [MstarError]
-    while stack:
-        cls = stack.pop()
-        if cls.code == code:
-            return cls
-        stack.extend(cls.__subclasses__())
-    return MstarError
 
 
 def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(MstarError)
     async def _mstar(_request: Request, err: MstarError) -> JSONResponse:
-        headers = {"WWW-Authenticate": 'Bearer realm="mstar"'} if err.http_status == 401 else None
+        headers = {"WWW-Authenticate": 'Bearer realm="mstar"'} if err.http_status == 401 else {}
+        retry_after = getattr(err, "retry_after", None)  # 429 quota / 503 busy: when to try again
+        if retry_after is not None:
+            headers["Retry-After"] = str(int(retry_after))
         return JSONResponse(error_body(err.code, str(err)), status_code=err.http_status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
@@ -86,7 +69,7 @@ def install_handlers(app: FastAPI) -> None:
             405: "method_not_allowed",
             401: "unauthorized",
             403: "forbidden",
-            413: "too_large",
+            413: "request_too_large",
         }.get(err.status_code, f"http_{err.status_code}")
         headers = dict(getattr(err, "headers", None) or {})
         if err.status_code == 405:  # Starlette names one route's methods; list every route on this path
@@ -97,7 +80,12 @@ def install_handlers(app: FastAPI) -> None:
                 for m in (getattr(r, "methods", None) or ())
             }
             headers["Allow"] = ", ".join(sorted(methods))
-        return JSONResponse(error_body(code, str(err.detail)), status_code=err.status_code, headers=headers)
+        detail = str(err.detail)
+        if err.status_code == 413:  # the app's JSON body cap (FastAPI's max_body_size): say which limit
+            from service.api.body_limit import message
+
+            detail = message(getattr(request.app, "max_body_size", None))
+        return JSONResponse(error_body(code, detail), status_code=err.status_code, headers=headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, err: Exception) -> JSONResponse:

@@ -9,11 +9,13 @@ _DESCRIPTIONS = {
     401: "missing or invalid API key",
     403: "not allowed: an admin-only resource, or an upload `source` clients may not read",
     404: "no such object for this tenant",
-    409: "the job is not in a state that allows this",
+    409: "the job is not in a state that allows this, or an upload contradicts the stored slide (µm/px)",
     413: "body too large (uploads: MSTAR_UPLOAD_MAX_BYTES; JSON bodies: 1 MiB)",
     415: "not multipart/form-data, or not a supported slide format",
-    422: "invalid parameters, corrupt slide, or slide without µm/px",
-    503: "not ready",
+    422: "invalid parameters, corrupt slide, slide without µm/px, or an Idempotency-Key reused with another request",
+    429: "over this tenant's quota (concurrent uploads, queued jobs); see Retry-After",
+    503: "not ready, or busy (too many uploads in progress; see Retry-After)",
+    507: "the store has no space left (`storage_full`); nothing was stored",
 }
 
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from service.errors import CorruptSlideError, SlideNotFoundError, UnsupportedFormatError
+from service.slides.formats import FORMATS, TIFF_FORMATS
 
-FORMATS = ("svs", "ndpi", "ome-tiff", "tiff", "dicom", "dicom-dir", "png", "jpeg", "mrxs")
-TIFF_FORMATS = ("svs", "ndpi", "ome-tiff", "tiff")
+__all__ = ["FORMATS", "TIFF_FORMATS", "is_dicom_file", "sniff_format"]
 
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -14,6 +14,7 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from service.slides import formats
 from service.store.blobs import BlobStore
 from service.store.db import transaction
 from service.store.models import (
@@ -104,20 +105,6 @@ def find_slide_by_sha(s: Session, tenant_id: str, sha256: str) -> Slide | None:
     return s.scalar(select(Slide).where(Slide.tenant_id == tenant_id, Slide.sha256 == sha256))
 
 
-#: blob key extension by sniffed format: readers (and the S3 cache, which keeps the key's name) see a usual one
-SLIDE_EXTENSIONS = {
-    "svs": "svs",
-    "ndpi": "ndpi",
-    "ome-tiff": "ome.tiff",
-    "tiff": "tiff",
-    "mrxs": "mrxs",
-    "dicom": "dcm",
-    "dicom-dir": "dcmdir",  # a DICOM WSI series: a folder of instances under this key
-    "png": "png",
-    "jpeg": "jpg",
-}
-
-
 def new_slide(
     tenant_id: str, *, sha256: str, size_bytes: int, fmt: str, mpp_override: float | None, info: dict
 ) -> Slide:
@@ -130,7 +117,7 @@ def new_slide(
         sha256=sha256,
         format=fmt,
         size_bytes=size_bytes,
-        blob_key=f"slides/{tenant_id}/{slide_id}.{SLIDE_EXTENSIONS.get(fmt, 'bin')}",
+        blob_key=f"slides/{tenant_id}/{slide_id}.{formats.blob_extension(fmt)}",
         mpp_override=mpp_override,
         info=info,
         created_at=utcnow(),

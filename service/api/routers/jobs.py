@@ -9,7 +9,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 
-from service.api.deps import ContextDep, SessionDep, TenantDep
+from service.api.deps import ContextDep, TenantDep
 from service.api.errors import NotFoundError, NotReadyError
 from service.api.responses import ERRORS
 from service.api.schemas import JobOut, JobPage, JobState
@@ -25,16 +25,17 @@ router = APIRouter(tags=["jobs"])
 @router.get("/jobs", response_model=JobPage, responses=ERRORS(401, 422), summary="List your jobs")
 def list_jobs(
     principal: TenantDep,
-    session: SessionDep,
+    ctx: ContextDep,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     offset: Annotated[int, Query(ge=0, le=10**9)] = 0,
     state: JobState | None = None,
     slide_id: Annotated[str | None, Query(max_length=64)] = None,
 ) -> JobPage:
-    rows, total = repo.list_jobs(
-        session, principal.tenant_id, limit=limit, offset=offset, state=state, slide_id=slide_id
-    )
-    return JobPage.of([job_out(r) for r in rows], total=total, limit=limit, offset=offset)
+    with ctx.sessions() as session:
+        rows, total = repo.list_jobs(
+            session, principal.tenant_id, limit=limit, offset=offset, state=state, slide_id=slide_id
+        )
+        return JobPage.of([job_out(r) for r in rows], total=total, limit=limit, offset=offset)
 
 
 def _read_job(ctx, tenant_id: str, job_id: str) -> JobOut:

@@ -3,22 +3,24 @@
 from __future__ import annotations
 
 import logging
-import shutil
-import tempfile
-from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Body, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
-from service import dicom_series
-from service.api.deps import ContextDep, SessionDep, TenantDep
+from service.api.deps import ContextDep, TenantDep
 from service.api.errors import NotFoundError
 from service.api.responses import ERRORS, UPLOAD_BODY
 from service.api.schemas import AnalysisRequest, JobOut, SlideOut, SlidePage, UploadAccepted
-from service.api.upload import parse_bool, parse_mpp, probe_slide, receive_upload
 from service.api.views import job_out, slide_out
+from service.errors import IdempotencyConflictError, InvalidParameterError
+from service.ingest import check_same_mpp, find_job_by_key
+from service.ingest.disk import disk_full_as_error
+from service.ingest.ingestor import slide_ingestor
+from service.ingest.multipart import parse_bool, parse_mpp, receive_upload
+from service.ingest.slots import UploadSlots
+from service.ingest.sources import check_client_source, copy_s3_source
 from service.store import repo
 from service.store.db import transaction
 from service.store.models import Slide
@@ -40,7 +42,7 @@ IdemHeader = Annotated[str | None, Header(alias="Idempotency-Key", min_length=1,
         200: {"model": SlideOut, "description": "these bytes were uploaded before (analyze=false)"},
         201: {"model": SlideOut, "description": "stored (analyze=false)"},
         202: {"description": "stored and an analysis queued; `Location` names the job"},
-        **ERRORS(400, 401, 403, 404, 413, 415, 422, 503),
+        **ERRORS(400, 401, 403, 404, 409, 413, 415, 422, 429, 503, 507),
     },
     summary="Upload a slide (multipart `file`, or `source`: an s3:// URI), optionally queueing an analysis",
     description=(
@@ -55,54 +57,66 @@ IdemHeader = Annotated[str | None, Header(alias="Idempotency-Key", min_length=1,
 async def upload_slide(
     request: Request, principal: TenantDep, ctx: ContextDep, idempotency_key: IdemHeader = None
 ) -> Response:
+    # A slot first (429 for this tenant, 503 for the process), then the body. Reading it uses no database
+    # connection of this handler's; every database call after it runs on a worker thread, never the event loop.
+    async with _upload_slots(request, ctx.settings).hold(principal.tenant_id):
+        parsed = await receive_upload(request, ctx.blobs, ctx.settings)
+        return await run_in_threadpool(_store_upload, ctx, principal, parsed, idempotency_key)
+
+
+def _upload_slots(request: Request, settings) -> UploadSlots:
+    slots = getattr(request.app.state, "upload_slots", None)
+    if slots is None:
+        slots = request.app.state.upload_slots = UploadSlots(settings.tenant_max_uploads, settings.max_uploads)
+    return slots
+
+
+def _store_upload(ctx, principal, parsed, idempotency_key: str | None) -> Response:
+    """The received body through `service.ingest` (dedup, check, record, publish), then the analysis job."""
     settings = ctx.settings
-    parsed = await receive_upload(request, ctx.blobs, settings)
     writer = parsed.writer
     try:
         source = parsed.fields.get("source")
+        analyze = parse_bool(parsed.fields.get("analyze"), "analyze", True)
+        mpp = parse_mpp(parsed.fields.get("mpp_override"))
         if writer is None and source:
+            check_client_source(ctx.blobs, source, settings.s3_source_buckets)
             writer = ctx.blobs.writer()
-            await run_in_threadpool(
-                _copy_source, ctx.blobs, source, writer, settings.upload_max_bytes, settings.s3_source_buckets
-            )
+            with disk_full_as_error("copying the source into the store"):
+                copy_s3_source(ctx.blobs, source, writer, settings.upload_max_bytes)
+                writer.close()
         elif writer is None or source:
-            from service.errors import InvalidParameterError
-
             raise InvalidParameterError(
                 "send exactly one of the multipart part `file` (the slide) and the field `source` (an s3:// URI)"
             )
         ctx.metrics.upload_bytes.inc(writer.size)
-        analyze = parse_bool(parsed.fields.get("analyze"), "analyze", True)
-        mpp = parse_mpp(parsed.fields.get("mpp_override"))
-        series: tuple[Slide, bool] | None = None
-        if dicom_series.is_zip(writer.path):  # one DICOM WSI series as a ZIP: unpacked, checked, a folder slide
-            zipped, writer = writer, None
-            series = await _store_series_zip(ctx, principal.tenant_id, zipped, mpp)
-        else:
-            with transaction(ctx.sessions) as s:
-                existing = repo.find_slide_by_sha(s, principal.tenant_id, writer.sha256)
-        if series is not None:
-            slide, created = series
-        elif existing is None:
-            probed = await probe_slide(writer.path, mpp, settings)
-            fmt = probed.get("format") or "unknown"
-            slide = repo.new_slide(
-                principal.tenant_id,
-                sha256=writer.sha256,
-                size_bytes=writer.size,
-                fmt=fmt,
-                mpp_override=mpp,
-                info=probed.get("info") or {},
+        digest = None
+        if idempotency_key:  # checked before anything is stored: a reused key never stores a new slide
+            digest = repo.request_digest(
+                route="POST /slides", sha256=writer.sha256, analyze=analyze, mpp_override=mpp, source=source
             )
-            await run_in_threadpool(writer.commit, slide.blob_key)
-            writer = None
-            stored = repo.publish_slide(ctx.sessions, ctx.blobs, slide)
-            created, slide = stored.id == slide.id, stored
-            log.info("slide %s stored for tenant %s (%s, %d bytes)", slide.id, principal.tenant, fmt, slide.size_bytes)
-        else:
-            writer.discard()
-            writer = None
-            created, slide = False, existing
+            prior = find_job_by_key(ctx.sessions, principal.tenant_id, idempotency_key)
+            if prior is not None:
+                if prior.request_sha256 not in (None, digest):
+                    raise IdempotencyConflictError(
+                        "this Idempotency-Key was already used with a different upload (another file or other "
+                        "fields); use a new key for a new request"
+                    )
+                writer.discard()
+                return _replay(ctx, principal.tenant_id, prior)
+        staged, writer = writer, None
+        got = slide_ingestor(ctx).from_writer(principal.tenant_id, staged, mpp=mpp)
+        slide, created = got.slide, got.created
+        if created:
+            log.info(
+                "slide %s stored for tenant %s (%s, %d bytes)",
+                slide.id,
+                principal.tenant,
+                slide.format,
+                slide.size_bytes,
+            )
+        elif not analyze:  # the same bytes with another µm/px: say so rather than keep the old one silently
+            check_same_mpp(slide, mpp)
         ctx.metrics.uploads.labels("created" if created else "duplicate").inc()
     except BaseException as err:
         if writer is not None:
@@ -118,101 +132,60 @@ async def upload_slide(
             status_code=201 if created else 200,
             headers={"Location": f"/slides/{slide.id}"},
         )
-    job = await run_in_threadpool(
-        _queue, ctx, principal.tenant_id, slide, AnalysisRequest(mpp_override=mpp), idempotency_key
-    )
+    # the job carries this upload's µm/px (also for a slide stored earlier with another one)
+    job = _queue(ctx, principal.tenant_id, slide, AnalysisRequest(mpp_override=mpp), idempotency_key, digest)
     body = UploadAccepted(slide=slide_out(slide), job=job).model_dump(mode="json")
     return JSONResponse(body, status_code=202, headers={"Location": f"/jobs/{job.id}"})
 
 
-async def _store_series_zip(ctx, tenant_id: str, zipped, mpp: float | None) -> tuple[Slide, bool]:
-    """(slide, created) for a ZIP holding one DICOM WSI series (`service.dicom_series`): unpacked with size
-    caps, checked from the headers (one series, whole-slide images), deduplicated by the series' content digest,
-    opened by the probe process like any upload, then stored as a folder of instances. Consumes `zipped`."""
-    settings = ctx.settings
-    work = Path(tempfile.mkdtemp(dir=ctx.blobs.staging, prefix="series-"))
-    staged = None
-    try:
-        folder = work / "files"
-        await run_in_threadpool(dicom_series.unpack_zip, zipped.path, folder, max_bytes=settings.upload_max_bytes)
-        zipped.discard()
-        found = await run_in_threadpool(
-            dicom_series.collect, folder, max_bytes=settings.upload_max_bytes, name="", what="ZIP archive"
+def _replay(ctx, tenant_id: str, job) -> Response:
+    """The answer to a repeated upload with the same Idempotency-Key and request: the first job, nothing new."""
+    with transaction(ctx.sessions) as s:
+        slide = repo.get_slide(s, tenant_id, job.slide_id)
+        if slide is None:
+            raise NotFoundError("the slide of this Idempotency-Key's job was deleted; use a new key")
+        body = UploadAccepted(slide=slide_out(slide), job=job_out(job)).model_dump(mode="json")
+    return JSONResponse(body, status_code=202, headers={"Location": f"/jobs/{job.id}"})
+
+
+def _queue(
+    ctx,
+    tenant_id: str,
+    slide: Slide,
+    req: AnalysisRequest,
+    idempotency_key: str | None,
+    request_sha256: str | None = None,
+) -> JobOut:
+    """Queue `req` on `slide` through the job layer (`ServiceContext.submit`): the request digest kept with an
+    Idempotency-Key makes a reused key with another request a 422; a tenant over its queued quota gets 429."""
+    if idempotency_key and request_sha256 is None:
+        request_sha256 = repo.request_digest(
+            route="POST /slides/{id}/analyses", slide_id=slide.id, **req.model_dump(mode="json")
         )
-        staged = await run_in_threadpool(dicom_series.stage, ctx.blobs, found.files)
-        sha, size = staged.sha256, staged.size
-        with transaction(ctx.sessions) as s:
-            existing = repo.find_slide_by_sha(s, tenant_id, sha)
-        if existing is not None:
-            return existing, False
-        probed = await probe_slide(folder, mpp, settings)
-        slide = repo.new_slide(
-            tenant_id,
-            sha256=sha,
-            size_bytes=size,
-            fmt=dicom_series.FORMAT,
-            mpp_override=mpp,
-            info={**(probed.get("info") or {}), "instances": len(found.files)},
-        )
-        await run_in_threadpool(staged.commit, slide.blob_key)
-        stored = repo.publish_slide(ctx.sessions, ctx.blobs, slide)
-        log.info("slide %s stored for tenant %s (DICOM series, %d instances)", stored.id, tenant_id, len(found.files))
-        return stored, stored.id == slide.id
-    finally:
-        zipped.discard()
-        if staged is not None:
-            staged.discard()
-        shutil.rmtree(work, ignore_errors=True)
-
-
-def _copy_source(blobs, source: str, writer, max_bytes: int, allowed_buckets: list[str]) -> None:
-    """A `source` field: the object is copied into the staged writer by the batch ingest's S3 code path, so the
-    caller then treats it exactly as an uploaded file (dedup, probe, commit). The gateway reads with its own
-    credentials, so a client may only name buckets the operator listed (`MSTAR_S3_SOURCE_BUCKETS`), and never the
-    store's own prefix (that would copy another tenant's slide or results)."""
-    from urllib.parse import urlparse
-
-    from service.batch import copy_s3_source
-    from service.errors import InvalidParameterError, SourceNotAllowedError
-
-    parsed = urlparse(source)
-    if parsed.scheme != "s3":
-        raise InvalidParameterError(f"`source` must be an s3://bucket/key URI, got {source[:200]!r}")
-    key = parsed.path.lstrip("/")
-    own_bucket, own_prefix = getattr(blobs, "bucket", None), getattr(blobs, "prefix", "") or ""
-    if parsed.netloc == own_bucket and (not own_prefix or key == own_prefix or key.startswith(own_prefix + "/")):
-        raise SourceNotAllowedError(f"{source[:200]}: objects inside this service's own store cannot be sources")
-    if own_bucket is not None and parsed.netloc not in allowed_buckets:
-        raise SourceNotAllowedError(
-            f"bucket {parsed.netloc!r} is not one clients may read; the operator lists those in MSTAR_S3_SOURCE_BUCKETS"
-        )
-    copy_s3_source(blobs, source, writer, max_bytes)
-    writer.close()
-
-
-def _queue(ctx, tenant_id: str, slide: Slide, req: AnalysisRequest, idempotency_key: str | None) -> JobOut:
-    """Queue `req` on `slide`; the request digest kept with the key makes a reused key with another request a 422."""
-    digest = repo.request_digest(slide=slide.id, **req.model_dump(mode="json")) if idempotency_key else None
-    return job_out(ctx.submit(tenant_id, slide, req, idempotency_key=idempotency_key, request_sha256=digest).job)
+    return job_out(
+        ctx.submit(tenant_id, slide, req, idempotency_key=idempotency_key, request_sha256=request_sha256).job
+    )
 
 
 @router.get("/slides", response_model=SlidePage, responses=ERRORS(401, 422), summary="List your slides")
 def list_slides(
     principal: TenantDep,
-    session: SessionDep,
+    ctx: ContextDep,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     offset: Annotated[int, Query(ge=0, le=10**9)] = 0,
 ) -> SlidePage:
-    rows, total = repo.list_slides(session, principal.tenant_id, limit=limit, offset=offset)
-    return SlidePage.of([slide_out(r) for r in rows], total=total, limit=limit, offset=offset)
+    with transaction(ctx.sessions) as s:
+        rows, total = repo.list_slides(s, principal.tenant_id, limit=limit, offset=offset)
+        return SlidePage.of([slide_out(r) for r in rows], total=total, limit=limit, offset=offset)
 
 
 @router.get("/slides/{slide_id}", response_model=SlideOut, responses=ERRORS(401, 404))
-def get_slide(slide_id: str, principal: TenantDep, session: SessionDep) -> SlideOut:
-    slide = repo.get_slide(session, principal.tenant_id, slide_id)
-    if slide is None:
-        raise NotFoundError("no such slide")
-    return slide_out(slide)
+def get_slide(slide_id: str, principal: TenantDep, ctx: ContextDep) -> SlideOut:
+    with transaction(ctx.sessions) as s:
+        slide = repo.get_slide(s, principal.tenant_id, slide_id)
+        if slide is None:
+            raise NotFoundError("no such slide")
+        return slide_out(slide)
 
 
 @router.delete(
@@ -239,7 +212,7 @@ def delete_slide(slide_id: str, principal: TenantDep, ctx: ContextDep) -> Respon
     "/slides/{slide_id}/analyses",
     status_code=202,
     response_model=JobOut,
-    responses=ERRORS(401, 404, 422),
+    responses=ERRORS(401, 404, 422, 429),
     summary="Queue an analysis of a stored slide",
 )
 def create_analysis(
