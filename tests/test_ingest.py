@@ -167,6 +167,21 @@ def _stalled_upload(url: str, key: str, out: list, i: int) -> None:
                 if not chunk:
                     break
                 data += chunk
+            head, _, body = data.partition(b"\r\n\r\n")
+            length = next(
+                (
+                    int(v)
+                    for k, _, v in (h.partition(b":") for h in head.split(b"\r\n"))
+                    if k.lower() == b"content-length"
+                ),
+                0,
+            )
+            while len(body) < length:  # the answer's body may arrive after its headers
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                body += chunk
+            data = head + b"\r\n\r\n" + body
     status = int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/1.1 ") else None
     out[i] = (status, data, time.monotonic() - t0)
 
