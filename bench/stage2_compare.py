@@ -1,5 +1,5 @@
 """The seed paper's own check of Stage 2, run on a synthetic cohort on the CPU: slide-level cancer-type
-classification (macro-AUC) and survival (C-index) with an ABMIL head (helper G's `training.downstream`), on
+classification (macro-AUC) and survival (C-index) with an ABMIL head (`training.downstream`), on
 features from (a) the Stage-0 patch encoder and (b) the Stage-2 encoder; same cohort, split, head and seeds.
 
 Chain (each step cached in --workdir, so a rerun continues where it stopped):
@@ -124,7 +124,8 @@ def common_cohort(cohort: Path, dirs: list[Path], out: Path) -> Path:
 
 
 def downstream(work: Path, cohort: Path, feats: Path, name: str, seed: int, epochs: int) -> dict:
-    from training.downstream import DownstreamConfig, run
+    from training.downstream.cli import run
+    from training.downstream.config import DownstreamConfig
 
     out = {}
     for task in ("classification", "survival"):

@@ -16,6 +16,7 @@ import torch
 import yaml
 
 from service.errors import InvalidParameterError
+from training.checkpoints import STAGE1_FORMAT
 from training.data.patches import (
     BlockShuffleSampler,
     PatchTargetDataset,
@@ -50,7 +51,7 @@ def setup(tmp_path_factory) -> dict:
     teacher = TransMIL(n_features=96, dim=64, heads=2, num_landmarks=16)
     state = {f"vision_encoder.{k}": v for k, v in teacher.state_dict().items()}
     state["logit_scale"] = torch.tensor(2.0)  # other Stage-1 keys are ignored
-    torch.save({"model_state_dict": state, "config": {"model": {"aggregator": {"num_landmarks": 16}}}},
+    torch.save({"format": STAGE1_FORMAT, "aggregator_config": teacher.config, "model_state_dict": state},
                root / "teacher.pt")
     return {"root": root, "cohort": cohort, "stage0": stage0, "teacher": root / "teacher.pt",
             "teacher_model": teacher.eval()}
@@ -186,9 +187,9 @@ def test_export_key_layout_is_released_mstar():
 
 
 def test_stage2_losses_fall_without_collapse(setup, tmp_path):
+    from training.checkpoints import load_patch_proj
     from training.config import load_config
     from training.stage2 import Stage2Config, train_stage2
-    from training.zeroshot import load_patch_proj
 
     cfg_path = tmp_path / "stage2.yaml"
     cfg_path.write_text(yaml.safe_dump({
