@@ -265,6 +265,8 @@ def load_head(path: str | Path) -> tuple[MILHead, dict]:
     if "format" in ckpt:
         config = dict(ckpt["config"])
     else:  # legacy: the sizes in meta["mil"]
+        if "mil" not in meta:
+            raise InvalidParameterError(f"{path} holds no MIL head (a {meta.get('task')} run saves no trained head)")
         sizes = dict(meta["mil"])
         tkw = {k: sizes[k] for k in _TRANSMIL_SIZE_KEYS if k in sizes}
         config = {k: sizes[k] for k in ("kind", "n_features", "n_outputs", "task", "dim")}
@@ -282,6 +284,8 @@ def load_report_generator(path: str | Path) -> tuple[ReportGenerator, dict, list
     if "format" in ckpt:
         config = dict(ckpt["config"])
     else:  # legacy: the sizes in meta["decoder"]
+        if "decoder" not in ckpt["meta"]:
+            raise InvalidParameterError(f"{path} holds no report generator")
         dec = ckpt["meta"]["decoder"]
         config = {k: dec[k] for k in _REPORT_SIZE_KEYS} | {
             "vocab_size": dec["vocab_size"],

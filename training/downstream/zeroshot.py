@@ -78,7 +78,7 @@ def load_prompts(path: str | Path) -> PromptSet:
 
 
 def default_prompts_path() -> Path:
-    return Path(__file__).parent / "prompts" / "synthetic_cohort.json"
+    return Path(__file__).parents[1] / "prompts" / "synthetic_cohort.json"
 
 
 @torch.no_grad()
