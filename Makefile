@@ -27,11 +27,14 @@ demo: venv
 
 test: venv sysdeps
 	$(VENV)/bin/ruff check service training tests bench
+	$(VENV)/bin/lint-imports
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
+# lint-imports: the import contracts of .importlinter (service <-> training, training's layers, no cycles)
 lint: venv
 	$(VENV)/bin/ruff check service training tests bench
 	$(VENV)/bin/ruff format --check service training tests bench
+	$(VENV)/bin/lint-imports
 
 bench: venv
 	$(VENV)/bin/python bench/tiling.py

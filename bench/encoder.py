@@ -45,7 +45,8 @@ def main() -> None:
     import torch
 
     from service.inference.ort_backend import OrtBackend
-    from training.export import U8PatchEncoder, build_bundle
+    from training.export.bundle import build_bundle
+    from training.export.wrappers import U8PatchEncoder
     from training.models.patch_encoder import PATCH_ENCODERS, build_patch_encoder
 
     torch.set_num_threads(args.threads)
@@ -83,7 +84,7 @@ def main() -> None:
             from triton_launcher import TritonServer  # tests/triton_launcher.py (on sys.path above)
 
             from service.inference.triton_backend import TritonBackend
-            from training.triton_repo import write_repository
+            from training.export.triton import write_repository
 
             write_repository(bundle, intra_op_threads=args.threads)
             with (

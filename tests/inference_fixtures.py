@@ -86,7 +86,7 @@ def build_tiny_bundle(root: Path) -> Path:
     from click.testing import CliRunner
 
     from service.cli import main
-    from training.export_cli import save_export_checkpoint
+    from training.export.contract import save_export_checkpoint
 
     out = root / "bundle"
     with open(root / ".tiny_bundle.lock", "w") as lock:

@@ -55,13 +55,8 @@ def write_generic_tiff(src: Path, out: Path, levels: int = 4) -> Path:
 def write_ome_tiff(src: Path, out: Path, levels: int = 4) -> Path:
     """Pyramidal OME-TIFF: level 0 in the main IFD, reductions in its SubIFDs."""
     pyr, mpp = svs_pyramid(src, levels)
-    meta = {
-        "axes": "YXS",
-        "PhysicalSizeX": mpp,
-        "PhysicalSizeXUnit": "µm",
-        "PhysicalSizeY": mpp,
-        "PhysicalSizeYUnit": "µm",
-    }
+    meta = {"axes": "YXS", "PhysicalSizeX": mpp, "PhysicalSizeXUnit": "µm",
+            "PhysicalSizeY": mpp, "PhysicalSizeYUnit": "µm"}
     with tifffile.TiffWriter(out, ome=True) as tif:
         tif.write(pyr[0], subifds=len(pyr) - 1, metadata=meta, **_common(mpp, 1))
         for i, arr in enumerate(pyr[1:], start=1):
@@ -71,7 +66,5 @@ def write_ome_tiff(src: Path, out: Path, levels: int = 4) -> Path:
 
 def write_both(src: Path, folder: Path) -> tuple[Path, Path]:
     """Both derived containers in `folder` (use from a session-scoped fixture: ~0.5 s)."""
-    return (
-        write_generic_tiff(src, folder / "cmu.generic-tiled.tif"),
-        write_ome_tiff(src, folder / "cmu.pyramid.ome.tif"),
-    )
+    return (write_generic_tiff(src, folder / "cmu.generic-tiled.tif"),
+            write_ome_tiff(src, folder / "cmu.pyramid.ome.tif"))

@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from service.errors import InvalidParameterError
+from training.checkpoints import head_from_stage1, stage1_record
 from training.models.abmil import ABMIL
 from training.models.heads import MILHead
+from training.models.mstar import MStar
 from training.models.report_decoder import ReportGenerator, Vocabulary, normalize, tokenize
 from training.models.transmil import TransMIL
 
@@ -49,16 +51,17 @@ def test_survival_head_outputs() -> None:
 def _stage1_ckpt(tmp_path, n_features=12, dim=32):
     torch.manual_seed(1)
     vision = TransMIL(n_features=n_features, dim=dim, heads=2, num_landmarks=8)
+    # as DDP saves it: `module.` before every key
     state = {f"module.vision_encoder.{k}": v for k, v in vision.state_dict().items()}
     state["module.proj_text.weight"] = torch.zeros(dim, 4)
     path = tmp_path / "stage1.pt"
-    torch.save({"model_state_dict": state, "config": {"model": {"aggregator": {"num_landmarks": 8}}}}, path)
+    torch.save({**stage1_record(MStar(vision, None, None)), "model_state_dict": state}, path)
     return path, vision
 
 
 def test_transmil_pre_loads_stage1_and_uses_lower_lr(tmp_path) -> None:
     path, vision = _stage1_ckpt(tmp_path)
-    head = MILHead.from_stage1(path, n_outputs=3)
+    head = head_from_stage1(path, n_outputs=3)
     assert head.kind == "transmil_pre"
     for k, v in vision.state_dict().items():
         assert torch.equal(head.mil.state_dict()[k], v)
@@ -76,15 +79,15 @@ def test_transmil_pre_loads_stage1_and_uses_lower_lr(tmp_path) -> None:
 
 def test_bad_stage1_checkpoint(tmp_path) -> None:
     with pytest.raises(InvalidParameterError):
-        MILHead.from_stage1(tmp_path / "missing.pt", 2)
+        head_from_stage1(tmp_path / "missing.pt", 2)
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(InvalidParameterError):
-        MILHead.from_stage1(bad, 2)
+        head_from_stage1(bad, 2)
     empty = tmp_path / "empty.pt"
     torch.save({"model_state_dict": {"text_encoder.x": torch.zeros(1)}}, empty)
     with pytest.raises(InvalidParameterError, match="vision_encoder"):
-        MILHead.from_stage1(empty, 2)
+        head_from_stage1(empty, 2)
     with pytest.raises(InvalidParameterError):
         MILHead("gatedmil", 4, 2)  # type: ignore[arg-type]
 

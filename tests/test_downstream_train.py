@@ -11,9 +11,11 @@ import yaml
 from click.testing import CliRunner
 
 from service.errors import InvalidParameterError
-from training.downstream import DownstreamConfig, load_head, run
-from training.downstream_data import FeatureStore, load_cases
-from training.downstream_synth import make_feature_cohort
+from training.checkpoints import load_head
+from training.cohort import FeatureStore, load_cohort
+from training.downstream.cli import run
+from training.downstream.config import DownstreamConfig
+from training.downstream.synth import make_feature_cohort
 from training.evaluate import evaluate_run
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -52,7 +54,7 @@ def test_classification_abmil_trains_saves_and_reloads(cohort, tmp_path) -> None
     # the reloaded head reproduces the saved test predictions
     preds = json.loads((cfg.out_dir / "predictions.json").read_text())["test"]
     store = FeatureStore(cfg.features_dir)
-    case = next(c for c in load_cases(cfg.cohort) if c.case_id == preds["case_ids"][0])
+    case = next(c for c in load_cohort(cfg.cohort) if c.case_id == preds["case_ids"][0])
     with torch.no_grad():
         p = head(store.case(case)).logits.softmax(-1)[0].numpy()
     assert np.allclose(p, preds["probs"][0], atol=1e-5)
@@ -166,7 +168,7 @@ def test_cli_and_errors(cohort, tmp_path, monkeypatch) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("task: classification\ncohort: nowhere.csv\nfeatures_dir: nowhere\nbogus: 1\n")
     res = runner.invoke(main, ["train", "downstream", "--config", str(bad)])
-    assert res.exit_code == 2 and "invalid downstream config" in res.output
+    assert res.exit_code == 2 and "invalid config" in res.output
     with pytest.raises(InvalidParameterError, match="does not exist"):
         run(DownstreamConfig(task="classification", cohort=tmp_path / "none.csv", features_dir=cohort))
     with pytest.raises(InvalidParameterError, match="no downstream task results"):

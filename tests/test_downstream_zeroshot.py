@@ -10,14 +10,14 @@ import pytest
 import torch
 
 from service.errors import InvalidParameterError
-from training.downstream import DownstreamConfig, load_head, run
-from training.downstream_synth import make_feature_cohort
-from training.models.heads import MILHead
-from training.zeroshot import (
+from training.checkpoints import head_from_stage1, load_head, load_stage1, stage1_record
+from training.downstream.cli import run
+from training.downstream.config import DownstreamConfig
+from training.downstream.synth import make_feature_cohort
+from training.downstream.zeroshot import (
     class_embeddings,
     default_prompts_path,
     load_prompts,
-    load_stage1_encoders,
     mi_zero_scores,
     slide_scores,
 )
@@ -97,6 +97,7 @@ def _stage1_checkpoint(tmp_path, cohort, n_features: int) -> str:
     path = tmp_path / "stage1.pt"
     torch.save(
         {
+            **stage1_record(model),
             "model_state_dict": model.state_dict(),
             "config": {"model": {"aggregator": {"num_landmarks": 8}, "text": {"max_length": 64}}},
             "text_model_dir": str(bert_dir),
@@ -112,7 +113,7 @@ def test_zeroshot_retrieval_fewshot_and_pre_head_with_stage1(tmp_path) -> None:
     cohort = tmp_path / "cohort"
     make_feature_cohort(cohort, n_cases=60, n_classes=3, dim=16, patches=(10, 20), seed=1)
     ckpt = _stage1_checkpoint(tmp_path, cohort, 16)
-    enc = load_stage1_encoders(ckpt)
+    enc = load_stage1(ckpt)
     assert enc.encode_text(["lung carcinoma", "colon"]).shape == (2, 32)
     base = {
         "cohort": cohort / "cohort.csv",
@@ -174,5 +175,5 @@ def test_zeroshot_retrieval_fewshot_and_pre_head_with_stage1(tmp_path) -> None:
     assert cls["test"]["macro_auc"]["value"] >= 0
     head, _ = load_head(tmp_path / "pre" / "head.pt")
     assert torch.allclose(head.feature_std, torch.full((16,), 2.0))
-    fresh = MILHead.from_stage1(ckpt, 3)
+    fresh = head_from_stage1(ckpt, 3)
     assert torch.allclose(fresh.feature_mean, torch.full((16,), 0.1))

@@ -20,7 +20,7 @@ from service.inference.ort_backend import OrtBackend
 def test_import_vit_large_checkpoint(tmp_path: Path) -> None:
     import timm
 
-    from training.export_cli import import_encoder
+    from training.export.import_encoder import import_encoder
     from training.models.patch_encoder import Preprocessing
 
     torch.manual_seed(0)

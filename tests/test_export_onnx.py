@@ -14,7 +14,8 @@ from service.cli import main
 from service.errors import BundleError, InvalidParameterError
 from service.inference.bundle import load_bundle
 from service.inference.ort_backend import OrtBackend
-from training.export import ExportParityError, SlideAggregator, check_parity, export_onnx
+from training.export.onnx import ExportParityError, check_parity, export_onnx
+from training.export.wrappers import SlideAggregator
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +86,7 @@ def test_parity_gate_catches_a_wrong_graph(tmp_path: Path) -> None:
 
 
 def test_export_refuses_foreign_run_dir(tmp_path: Path) -> None:
-    from training.export_cli import export_run
+    from training.export.bundle import export_run
 
     with pytest.raises(InvalidParameterError, match=r"has no export\.pt"):
         export_run(tmp_path, tmp_path / "out")
@@ -124,6 +125,6 @@ def test_import_encoder_wrapped_checkpoint(tmp_path: Path) -> None:
     state.pop("norm.weight")
     torch.save(state, bad)
     with pytest.raises(BundleError, match="does not match"):
-        from training.export_cli import import_encoder
+        from training.export.import_encoder import import_encoder
 
         import_encoder(bad, tmp_path / "b2", arch="vit_micro_112")

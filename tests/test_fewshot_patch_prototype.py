@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from service.errors import InvalidParameterError
-from training.fewshot import mi_zero_pool, patch_prototype_curves, patch_prototypes
+from training.downstream.fewshot import mi_zero_pool, patch_prototype_curves, patch_prototypes
 
 
 def _unit(x: np.ndarray) -> np.ndarray:

@@ -15,7 +15,7 @@ from service.errors import BundleError, InvalidParameterError
 from service.inference.backend import Backend
 from service.inference.bundle import load_bundle
 from service.inference.ort_backend import OrtBackend, choose_providers
-from training.export import U8PatchEncoder
+from training.export.wrappers import U8PatchEncoder
 
 
 @pytest.fixture(scope="module")

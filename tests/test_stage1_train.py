@@ -13,11 +13,11 @@ import torch
 from click.testing import CliRunner
 from stage1_fixtures import write_tiny_setup
 
+from service.cli import main
 from service.errors import InvalidParameterError
 from training.config import Stage1Config, load_config
 from training.data.features import cancer_type_batches, read_feature_rows, sample_indices
 from training.stage1 import knn_accuracy, prepare_data, recall_at_k, train_stage1
-from training.train_cli import train
 
 
 def _losses(run_dir):
@@ -95,7 +95,7 @@ def test_retrieval_and_knn_metrics():
 
 def test_cli_run_logs_checkpoints_and_validates(tmp_path):
     config = write_tiny_setup(tmp_path, n_cases=32)
-    result = CliRunner().invoke(train, ["stage1", "--config", str(config), "--set", "optim.epochs=6"])
+    result = CliRunner().invoke(main, ["train", "stage1", "--config", str(config), "--set", "optim.epochs=6"])
     assert result.exit_code == 0, result.output
     run = tmp_path / "run"
     losses = _losses(run)
@@ -141,7 +141,7 @@ def test_refusals_resume_without_checkpoint_and_too_few_patients(tmp_path):
         train_stage1(load_config(config), resume=True)
     with pytest.raises(InvalidParameterError, match="cannot fill one batch"):
         train_stage1(load_config(config, overrides={"optim.batch_size": 64}))
-    result = CliRunner().invoke(train, ["stage1", "--config", str(config), "--set", "optim.batch_size=64"])
+    result = CliRunner().invoke(main, ["train", "stage1", "--config", str(config), "--set", "optim.batch_size=64"])
     assert result.exit_code != 0 and isinstance(result.exception, InvalidParameterError)
 
 

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from training.downstream import DownstreamConfig, run
-from training.downstream_synth import make_feature_cohort
+from training.downstream.cli import run
+from training.downstream.config import DownstreamConfig
+from training.downstream.synth import make_feature_cohort
 from training.evaluate import evaluate_run
 from training.survival import (
     brier_summary,

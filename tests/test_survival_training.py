@@ -12,8 +12,9 @@ import torch
 import yaml
 
 from service.errors import InvalidParameterError
-from training.downstream import DownstreamConfig, run
-from training.downstream_synth import make_feature_cohort
+from training.downstream.cli import run
+from training.downstream.config import DownstreamConfig
+from training.downstream.synth import make_feature_cohort
 from training.models.heads import MILHead
 from training.models.transmil import TransMIL
 from training.survival import init_hazard_layer, marginal_hazards, nll_survival_loss

@@ -25,8 +25,9 @@ from worker_pipelines import make_slide
 from service import webhooks
 from service.batch import BatchService
 from service.config import Settings
-from service.jobs import lifecycle, make_queue
+from service.jobs import lifecycle
 from service.jobs.celery_queue import CeleryQueue
+from service.jobs.factory import make_queue
 from service.store import repo
 from service.store.db import init_db, make_engine, session_factory, transaction
 from service.store.models import Job, Result, Slide, new_id

@@ -13,10 +13,11 @@ from service import webhooks
 from service.config import Settings
 from service.errors import InvalidParameterError
 from service.jobs import lifecycle
+from service.jobs.celery_app import BATCH, INTERACTIVE, PRIORITY, limits, make_celery, transport_options
 from service.store import repo
 from service.store.db import init_db, make_engine, session_factory, transaction
 from service.store.models import Job, Slide, new_id, utcnow
-from service.worker.celery_app import BATCH, INTERACTIVE, PRIORITY, limits, make_celery, transport_options
+from service.worker.tasks import worker_app
 
 
 @pytest.fixture()
@@ -158,7 +159,7 @@ def test_limits_and_reliability_settings(tmp_path):
         limits(Settings(data_dir=tmp_path, task_time_limit_s=100, broker_visibility_timeout_s=50))
     with pytest.raises(InvalidParameterError, match="below"):
         limits(Settings(data_dir=tmp_path, task_time_limit_s=100, task_soft_time_limit_s=120))
-    app = make_celery(s)
+    app = worker_app(s)
     conf = app.conf
     assert conf.task_acks_late and conf.task_reject_on_worker_lost and conf.worker_prefetch_multiplier == 1
     assert conf.task_ignore_result and "mstar.run_job" in app.tasks

@@ -85,7 +85,7 @@ def build_demo_bundle(
         heads, report = _downstream(work, cohort, features, stage1_ckpt, s, step)
         run_dir = _export_checkpoint(work, stage1_ckpt, heads, report, s)
         step("exporting ONNX models into the Triton model repository ...")
-        from training.export_cli import export_run
+        from training.export.bundle import export_run
 
         export_run(run_dir, bundle_dir)
         step(f"demo bundle ready in {bundle_dir}")
@@ -148,7 +148,9 @@ def _stage1(work: Path, cohort: Path, features: Path, s: DemoSettings, step) -> 
 
 
 def _downstream(work: Path, cohort: Path, features: Path, stage1: Path, s: DemoSettings, step):
-    from training.downstream import DownstreamConfig, load_head, run
+    from training.checkpoints import load_head
+    from training.downstream.cli import run
+    from training.downstream.config import DownstreamConfig
 
     common = {"cohort": cohort / "cohort.csv", "features_dir": features, "n_boot": 200, "seed": s.seed}
     heads = []
@@ -219,16 +221,15 @@ def _headline(metrics: dict) -> str:
 
 
 def _export_checkpoint(work: Path, stage1: Path, heads, report_path: Path, s: DemoSettings) -> Path:
-    from training.downstream import head_export_row, load_report_generator
-    from training.export_cli import save_export_checkpoint
-    from training.zeroshot import load_stage1_encoders
+    from training.checkpoints import load_report_generator, load_stage1
+    from training.export.contract import head_row, save_export_checkpoint
 
-    enc = load_stage1_encoders(stage1, with_text=True)
+    enc = load_stage1(stage1, with_text=True)
     vision = enc.vision
     aggregator = vision.aggregator
     if vision.feature_mean is not None:
         aggregator = fold_standardization(aggregator, vision.feature_mean, vision.feature_std)
-    head_rows = [head_export_row(name, module, meta) for name, module, meta in heads]
+    head_rows = [head_row(name, module, meta) for name, module, meta in heads]
     report, report_kwargs, itos = load_report_generator(report_path)
     run_dir = work / "run"
     save_export_checkpoint(

@@ -1,6 +1,6 @@
 """`mstar eval RUN_DIR`: one report over every downstream task run found under RUN_DIR.
 
-Reads each task directory's `metrics.json` + `predictions.json` (written by `training.downstream`) and
+Reads each task directory's `metrics.json` + `predictions.json` (written by `training.downstream.common.finish_run`) and
 writes `RUN_DIR/report.md`, `RUN_DIR/metrics.json` (all tasks' test and val metrics) and PNG plots under
 `RUN_DIR/plots/`: ROC curves, confusion matrix and calibration (classification, zero-shot), Kaplan-Meier
 curves of predicted-risk groups with the log-rank p, a survival calibration plot and time-dependent / integrated

@@ -30,16 +30,10 @@ from torch.utils.data import DataLoader
 from service.atomic import atomic_path
 from service.errors import InvalidParameterError
 from training import dist as tdist
+from training.checkpoints import stage1_record
+from training.cohort import load_cohort, load_reports, normalize_split
 from training.config import Stage1Config, load_config, parse_set_options
-from training.data.features import (
-    Stage1Dataset,
-    cancer_type_batches,
-    collate,
-    fit_bin_edges,
-    load_cohort,
-    load_expression,
-    load_reports,
-)
+from training.data.features import Stage1Dataset, cancer_type_batches, collate, fit_bin_edges, load_expression
 from training.losses import LossWeights, mstar_loss
 from training.models.gene_encoder import GeneEncoder, read_gene2vec
 from training.models.mstar import MStar
@@ -261,12 +255,12 @@ def _save_checkpoint(path: Path, state: dict) -> None:
 
 
 def prepare_data(cfg: Stage1Config) -> tuple[Stage1Dataset, Stage1Dataset, list[str], list[str], np.ndarray | None]:
-    cases = load_cohort(cfg.data.cohort)
-    reports = load_reports(cfg.data.reports)
+    cases = load_cohort(cfg.data.cohort, require=("cancer_type",), splits=None)
+    reports = load_reports(cfg.data.reports, missing_ok=True)
     genes, expression = load_expression(cfg.data.rna)
     label_names = sorted({c.cancer_type for c in cases})
-    train_cases = [c for c in cases if c.split == cfg.data.train_split]
-    val_cases = [c for c in cases if c.split == cfg.data.val_split]
+    train_cases = [c for c in cases if c.split == normalize_split(cfg.data.train_split)]
+    val_cases = [c for c in cases if c.split == normalize_split(cfg.data.val_split)]
     edges = (
         fit_bin_edges(train_cases, expression, cfg.model.gene.n_bins) if cfg.model.gene.binning == "quantile" else None
     )
@@ -398,6 +392,7 @@ def _train(cfg: Stage1Config, resume: bool, stop_after: int | None) -> dict[str,
         _save_checkpoint(
             ckpt_path,
             {
+                **stage1_record(model),
                 "model_state_dict": model.state_dict(),
                 "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(),

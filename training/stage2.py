@@ -13,7 +13,7 @@ flow through the student and `proj` only.
 
 Outputs in `out_dir`: `student_backbone.pt` (a plain timm state dict, the released `mSTAR.pth` key layout: no
 `proj`, no EMA) with a `student_backbone.pt.json` sidecar naming its config (so `mstar extract --encoder
-student_backbone.pt` needs no `--arch`), `proj.pt` (`{'model_state_dict': {'proj.weight', 'proj.bias'}}`, what
+student_backbone.pt` needs no `--arch`), `proj.pt` (`{'config', 'model_state_dict': {'proj.weight', 'proj.bias'}}`, what
 zero-shot loads), `metrics.csv` (per-step losses and the feature-spread diagnostics), and `last.pt` to resume.
 Run several processes with `torchrun --nproc_per_node N $(which mstar) train stage2 --config FILE`.
 """
@@ -229,8 +229,11 @@ def export_student(student: Student, encoder: str, out_dir: Path, extra: dict | 
     sidecar = {"arch": encoder, "embed_dim": spec.embed_dim, "preprocessing": spec.preprocessing.to_dict(),
                "proj": proj_path.name, **(extra or {})}
     (out_dir / "student_backbone.pt.json").write_text(json.dumps(sidecar, indent=1))
-    _save(proj_path, {"model_state_dict": {f"proj.{k}": v.detach().cpu().clone()
-                                           for k, v in student.proj.state_dict().items()}})
+    proj = student.proj
+    _save(proj_path, {"config": {"in_features": proj.in_features, "out_features": proj.out_features,
+                                 "bias": proj.bias is not None},
+                      "model_state_dict": {f"proj.{k}": v.detach().cpu().clone()
+                                           for k, v in proj.state_dict().items()}})
     return {"backbone": str(bb_path), "proj": str(proj_path)}
 
 

@@ -56,7 +56,8 @@ def main() -> None:
     import onnxruntime as ort
     import torch
 
-    from training.export import U8PatchEncoder, export_onnx
+    from training.export.onnx import export_onnx
+    from training.export.wrappers import U8PatchEncoder
     from training.models.patch_encoder import build_patch_encoder
 
     cuda = torch.cuda.is_available() and not args.dry_run

@@ -19,7 +19,7 @@ from service.api.errors import install_handlers
 from service.api.metrics import MetricsMiddleware
 from service.api.responses import ERRORS
 from service.config import Settings
-from service.jobs import JobQueue
+from service.jobs.protocol import JobQueue
 
 log = logging.getLogger("mstar.api")
 MAX_JSON_BODY = 1 << 20

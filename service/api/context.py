@@ -15,7 +15,9 @@ from service.api.metrics import Metrics
 from service.api.schemas import AnalysisRequest, ModelInfo, ModelsOut
 from service.config import Settings
 from service.errors import BundleError, InvalidParameterError, MstarError
-from service.jobs import JobQueue, lifecycle, make_queue
+from service.jobs import lifecycle
+from service.jobs.factory import make_queue
+from service.jobs.protocol import JobQueue
 from service.jobs.resources import open_store
 from service.jobs.submit import Submitted, submit_analysis
 from service.store import repo

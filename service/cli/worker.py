@@ -46,8 +46,9 @@ def worker(
 
     from service.config import Settings
     from service.errors import InvalidParameterError
+    from service.jobs.celery_app import QUEUES
     from service.jobs.resources import close_stores, open_store
-    from service.worker.celery_app import QUEUES, make_celery
+    from service.worker.tasks import worker_app
 
     overrides = {k: v for k, v in {"broker_url": broker, "data_dir": data_dir}.items() if v is not None}
     settings = Settings(**overrides)
@@ -74,7 +75,7 @@ def worker(
 
     if swept := sweep_scratch(settings.work_dir):  # folders of this host's killed runs
         logging.getLogger("mstar.worker").info("removed %d scratch folder(s) left by killed runs", swept)
-    app = make_celery(settings)
+    app = worker_app(settings)
     node = name or f"mstar-{os.getpid()}@{socket.gethostname()}"
     app.worker_main(
         [

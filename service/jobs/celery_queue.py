@@ -28,10 +28,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.config import Settings
 from service.jobs import lifecycle
+from service.jobs.celery_app import BATCH, INTERACTIVE, PRIORITY, TASK_NAME, make_celery
 from service.jobs.resources import open_store
 from service.store.db import transaction
 from service.store.models import Job, utcnow
-from service.worker.celery_app import BATCH, INTERACTIVE, PRIORITY, TASK_NAME, make_celery
 
 log = logging.getLogger("mstar.queue")
 
@@ -50,7 +50,7 @@ class CeleryQueue:
             raise ValueError(f"unknown queue {default_queue!r}")
         self.settings = settings
         self.default_queue = default_queue
-        self.app = make_celery(settings, with_tasks=False)
+        self.app = make_celery(settings)
         self._factory: sessionmaker[Session] | None = None
         self._stop = threading.Event()
         self._reaper: threading.Thread | None = None

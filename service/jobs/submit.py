@@ -18,7 +18,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service import __version__
 from service.config import Settings
-from service.jobs import JobQueue, lifecycle
+from service.jobs import lifecycle
+from service.jobs.protocol import JobQueue
 from service.store.db import transaction
 from service.store.models import Job
 

@@ -31,6 +31,7 @@ from sqlalchemy.pool import NullPool
 from service.config import Settings
 from service.errors import JobTimeLimitError
 from service.jobs import lifecycle
+from service.jobs.celery_app import TASK_NAME, make_celery
 from service.jobs.celery_queue import publish_token
 from service.jobs.embedded import die_with_parent
 from service.jobs.execute import execute_job, load_callable, sweep_scratch
@@ -218,5 +219,12 @@ def _webhook(settings: Settings, factory: sessionmaker[Session], job_id: str) ->
 
 
 def register(app: Celery, settings: Settings) -> Task:
-    """Attach the task to `app` (one app per settings; workers build theirs in `mstar worker`)."""
-    return app.task(name="mstar.run_job", base=JobTask, bind=True)(run_job)
+    """Attach the task to `app` (one app per settings)."""
+    return app.task(name=TASK_NAME, base=JobTask, bind=True)(run_job)
+
+
+def worker_app(settings: Settings) -> Celery:
+    """The Celery app a worker runs: the shared configuration plus the task."""
+    app = make_celery(settings)
+    register(app, settings)
+    return app

@@ -1,10 +1,7 @@
-"""Stage-1 data: per-slide patch-feature HDF5 files, reports and RNA profiles of a cohort.
+"""Stage-1 data: the patients of a cohort (`training.cohort`) with their patch features, report and RNA profile.
 
-Cohort layout (the synthetic-cohort generator and real cohorts alike):
-- `cohort.csv`: `case_id, slide_id, cancer_type, split[, has_report, has_rna, ...]`, one row per slide;
-- `reports.jsonl`: `{"case_id": ..., "text": ...}` per case;
-- `rna/expression.csv`: genes x cases (first column the gene name, one column per case id);
-- features: `<features_dir>/<slide_id>.h5` with dataset `features` [N, D] float32 (and `coords` [N, 2]).
+The cohort table, reports and feature files are read by `training.cohort`; RNA-Seq is `rna/expression.csv`, genes x
+cases (first column the gene name, one column per case id).
 
 Each item is one *patient* (decision §7.3): a random slide of the patient per epoch, its patches sampled without
 replacement to `n_patches` when it has more, and all patches plus a with-replacement draw when it has fewer
@@ -16,10 +13,8 @@ runs see the same data.
 from __future__ import annotations
 
 import csv
-import json
 import logging
 from collections import defaultdict
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
@@ -28,50 +23,10 @@ import torch
 from torch.utils.data import Dataset
 
 from service.errors import InvalidParameterError
+from training.cohort import Case
 from training.models.gene_encoder import bin_expression, quantile_edges
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Case:
-    case_id: str
-    cancer_type: str
-    split: str
-    slides: list[str] = field(default_factory=list)
-
-
-def load_cohort(path: str | Path) -> list[Case]:
-    """Cases of `cohort.csv` in file order, slides grouped per case."""
-    path = Path(path)
-    if not path.is_file():
-        raise InvalidParameterError(f"cohort file not found: {path}")
-    cases: dict[str, Case] = {}
-    with path.open(newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        missing = {"case_id", "slide_id", "cancer_type", "split"} - set(reader.fieldnames or [])
-        if missing:
-            raise InvalidParameterError(f"{path}: missing columns {sorted(missing)}")
-        for row in reader:
-            case = cases.setdefault(row["case_id"], Case(row["case_id"], row["cancer_type"], row["split"]))
-            case.slides.append(row["slide_id"])
-    return list(cases.values())
-
-
-def load_reports(path: str | Path | None) -> dict[str, str]:
-    if path is None or not Path(path).is_file():
-        return {}
-    out: dict[str, str] = {}
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                out[str(rec["case_id"])] = str(rec["text"])
-            except (json.JSONDecodeError, KeyError) as err:
-                raise InvalidParameterError(f"{path}:{n}: not a {{case_id, text}} record ({err})") from err
-    return out
 
 
 def load_expression(path: str | Path | None) -> tuple[list[str], dict[str, np.ndarray]]:
@@ -146,20 +101,20 @@ class Stage1Dataset(Dataset):
         self.n_features = 0
         dropped = 0
         for case in cases:
-            slides = [s for s in case.slides if (self.features_dir / f"{s}.h5").is_file()]
-            dropped += len(case.slides) - len(slides)
+            slides = [s for s in case.slide_ids if (self.features_dir / f"{s}.h5").is_file()]
+            dropped += len(case.slide_ids) - len(slides)
             if slides:
-                self.cases.append(Case(case.case_id, case.cancer_type, case.split, slides))
+                self.cases.append(case.with_slides(slides))
         if dropped:
             log.warning("%d slides have no feature file under %s and are skipped", dropped, self.features_dir)
         if self.cases:
-            self.n_features = feature_count(self.features_dir / f"{self.cases[0].slides[0]}.h5")[1]
+            self.n_features = feature_count(self.features_dir / f"{self.cases[0].slide_ids[0]}.h5")[1]
 
     def fit_standardization(self, max_rows: int = 200_000) -> tuple[np.ndarray, np.ndarray]:
         """Per-dimension mean/std over (up to `max_rows`) patches of this split's slides; applied to every item."""
         rows, total = [], 0
         for case in self.cases:
-            for slide in case.slides:
+            for slide in case.slide_ids:
                 with h5py.File(self.features_dir / f"{slide}.h5", "r") as fh:
                     rows.append(np.asarray(fh["features"][:], dtype=np.float64))
                 total += len(rows[-1])
@@ -189,7 +144,7 @@ class Stage1Dataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         case = self.cases[i]
         rng = np.random.default_rng([self.seed, self.epoch, i])
-        slide = case.slides[int(rng.integers(len(case.slides)))]
+        slide = case.slide_ids[int(rng.integers(len(case.slide_ids)))]
         path = self.features_dir / f"{slide}.h5"
         n, d = feature_count(path)
         if d != self.n_features:

@@ -33,6 +33,7 @@ from torch.utils.data import Dataset, Sampler
 from service.atomic import atomic_path
 from service.errors import InvalidParameterError
 from service.slides.h5io import read_h5
+from training.checkpoints import build_stage1_aggregator, read_stage1
 from training.data.features import sample_indices
 from training.models.transmil import TransMIL
 
@@ -40,45 +41,19 @@ from training.models.transmil import TransMIL
 
 
 def load_teacher(checkpoint: str | os.PathLike, num_landmarks: int | None = None) -> tuple[TransMIL, dict]:
-    """The frozen Stage-1 aggregator from a Stage-1 checkpoint (`vision_encoder.*` keys, `module.` tolerated).
+    """The frozen Stage-1 aggregator of a Stage-1 checkpoint, built from its recorded config.
 
-    Sizes are read from the weights (input dim, width, heads, head dim); the landmark count, which has no weight,
-    comes from `num_landmarks`, else the checkpoint's config, else the TransMIL default (dim // 2).
-    """
-    path = Path(checkpoint)
-    if not path.is_file():
-        raise InvalidParameterError(f"Stage-1 checkpoint not found: {path}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    state = ckpt.get("model_state_dict", ckpt) if isinstance(ckpt, dict) else {}
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    vision = {k.removeprefix("vision_encoder."): v for k, v in state.items() if k.startswith("vision_encoder.")}
-    if "_fc1.0.weight" not in vision:
-        raise InvalidParameterError(f"{path} holds no Stage-1 aggregator (`vision_encoder.*` keys)")
-    dim, n_features = vision["_fc1.0.weight"].shape
-    heads = int(vision["layer1.attn.res_conv.weight"].shape[0])
-    dim_head = int(vision["layer1.attn.to_qkv.weight"].shape[0]) // 3 // heads
-    agg = ((ckpt.get("config") or {}).get("model") or {}).get("aggregator") or {} if isinstance(ckpt, dict) else {}
-    landmarks = num_landmarks or agg.get("num_landmarks")
-    pinv = int(agg.get("pinv_iterations", 6))
-    n_classes = int(vision["_fc2.weight"].shape[0]) if "_fc2.weight" in vision else 0
-    model = TransMIL(
-        n_features=int(n_features),
-        dim=int(dim),
-        n_classes=n_classes,
-        heads=heads,
-        dim_head=dim_head,
-        num_landmarks=landmarks,
-        pinv_iterations=pinv,
-    )
-    model.load_state_dict(vision, strict=True)
+    `num_landmarks` overrides the recorded landmark count (landmarks are not weights, so any count loads)."""
+    ckpt = read_stage1(checkpoint)
+    model = build_stage1_aggregator(ckpt, num_landmarks=num_landmarks)
     model.requires_grad_(False)
     info = {
-        "checkpoint": str(path.resolve()),
-        "n_features": int(n_features),
-        "dim": int(dim),
-        "heads": heads,
-        "dim_head": dim_head,
-        "num_landmarks": int(model.layer1.attn.num_landmarks),
+        "checkpoint": str(Path(checkpoint).resolve()),
+        "n_features": int(model.config["n_features"]),
+        "dim": int(model.config["dim"]),
+        "heads": int(model.config["heads"]),
+        "dim_head": int(model.config["dim_head"]),
+        "num_landmarks": int(model.config["num_landmarks"]),
     }
     return model.eval(), info
 

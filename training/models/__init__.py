@@ -1,0 +1,1 @@
+"""The networks: patch encoders, TransMIL/ABMIL aggregators, MIL heads, text/gene encoders, report decoder."""

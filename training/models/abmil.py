@@ -35,6 +35,13 @@ class ABMIL(nn.Module):
         dropout: float = 0.25,
     ) -> None:
         super().__init__()
+        self.config = {
+            "n_features": n_features,
+            "n_classes": n_classes,
+            "dim": dim,
+            "attn_dim": attn_dim,
+            "dropout": dropout,
+        }
         self.n_features, self.dim, self.n_classes = n_features, dim, n_classes
         self.fc = nn.Sequential(nn.Linear(n_features, dim), nn.ReLU(), nn.Dropout(dropout))
         self.attention = nn.Sequential(nn.Linear(dim, attn_dim), nn.Tanh(), nn.Linear(attn_dim, 1))

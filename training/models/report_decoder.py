@@ -126,6 +126,18 @@ class ReportGenerator(nn.Module):
         max_len: int = 100,
     ) -> None:
         super().__init__()
+        self.config = {
+            "n_features": n_features,
+            "vocab_size": vocab_size,
+            "d_model": d_model,
+            "n_memory": n_memory,
+            "encoder_layers": encoder_layers,
+            "decoder_layers": decoder_layers,
+            "heads": heads,
+            "d_ff": d_ff,
+            "dropout": dropout,
+            "max_len": max_len,
+        }
         self.max_len = max_len
         self.encoder_module = ReportEncoder(n_features, d_model, n_memory, encoder_layers, heads, d_ff, dropout)
         self.embed = nn.Embedding(vocab_size, d_model, padding_idx=Vocabulary.PAD)

@@ -167,6 +167,18 @@ class TransMIL(nn.Module):
         attn_dropout: float = 0.1,
     ) -> None:
         super().__init__()
+        # the constructor arguments, resolved: checkpoints store them so that a load never infers sizes from weights
+        self.config = {
+            "n_features": n_features,
+            "dim": dim,
+            "n_classes": n_classes,
+            "heads": heads,
+            "dim_head": dim_head or dim // heads,
+            "num_landmarks": num_landmarks or dim // 2,
+            "pinv_iterations": pinv_iterations,
+            "fc_dropout": fc_dropout,
+            "attn_dropout": attn_dropout,
+        }
         self.n_features, self.dim = n_features, dim
         self.pos_layer = PPEG(dim)
         self._fc1 = nn.Sequential(nn.Linear(n_features, dim), nn.ReLU(), nn.Dropout(fc_dropout))

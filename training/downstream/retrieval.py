@@ -16,6 +16,10 @@ import torch
 import torch.nn.functional as F
 
 from service.errors import InvalidParameterError
+from training.checkpoints import load_stage1
+from training.cohort import FeatureStore, by_split, load_cohort, load_reports
+from training.downstream.common import finish_run, slide_embeddings, stage1_vision
+from training.downstream.config import DownstreamConfig
 from training.metrics import recall_at_k
 
 
@@ -31,13 +35,9 @@ def text_to_slide(text_emb: np.ndarray, slide_emb: np.ndarray, ks: list[int]) ->
     return recall_at_k(text_emb @ slide_emb.T, np.eye(len(text_emb), dtype=bool), ks)
 
 
-def run_retrieval(cfg: Any) -> dict:
-    from training.downstream import _finish, _stage1_vision, slide_embeddings
-    from training.downstream_data import FeatureStore, by_split, load_cases, load_reports
-    from training.zeroshot import load_stage1_encoders
-
+def run_retrieval(cfg: DownstreamConfig) -> dict:
     store = FeatureStore(cfg.features_dir)
-    test = by_split(load_cases(cfg.cohort))["test"]
+    test = by_split(load_cohort(cfg.cohort))["test"]
     if len(test) < 2:
         raise InvalidParameterError("retrieval needs at least two test cases")
     ks = list(cfg.recall_ks)
@@ -46,12 +46,12 @@ def run_retrieval(cfg: Any) -> dict:
     result["test"]["slide_to_slide"]["mean_patch_features"] = slide_to_slide(
         slide_embeddings(store, test, None), labels, ks
     )
-    vision = _stage1_vision(cfg)
+    vision = stage1_vision(cfg)
     if vision is not None:
         s_emb = slide_embeddings(store, test, vision)
         result["test"]["slide_to_slide"]["stage1_slide_embedding"] = slide_to_slide(s_emb, labels, ks)
         reports = load_reports(cfg.reports) if cfg.reports else {}
-        enc = load_stage1_encoders(cfg.stage1_checkpoint)
+        enc = load_stage1(cfg.stage1_checkpoint)
         keep = [i for i, c in enumerate(test) if reports.get(c.case_id)]
         if enc.text is not None and len(keep) >= 2:
             t_emb = F.normalize(enc.encode_text([reports[test[i].case_id] for i in keep]), dim=-1)
@@ -61,4 +61,4 @@ def run_retrieval(cfg: Any) -> dict:
             rel = labels[keep][:, None] == labels[keep][None, :]
             result["test"]["text_to_slide_same_class"] = recall_at_k(t_emb @ sub.T, rel, ks)
             result["test"]["slide_to_text"] = text_to_slide(sub, t_emb, ks)
-    return _finish(cfg, torch.nn.Module(), {}, result, {"test": {}}, [], -1)
+    return finish_run(cfg, torch.nn.Module(), {}, result, {"test": {}}, [], -1)

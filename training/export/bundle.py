@@ -1,9 +1,5 @@
-"""Export trained models to ONNX (dynamo exporter) and assemble a servable bundle (Triton repo + manifest).
-
-Why dynamo only: the legacy TorchScript exporter "succeeds" on Nyström attention but bakes the traced patch
-count into the padding arithmetic, so the aggregator is exact only at the traced N. Every export here is
-followed by a parity check, ONNX Runtime vs PyTorch, on fresh random inputs of several sizes, and refuses
-(`ExportParityError`) when max-abs or cosine is out of tolerance.
+"""Assemble a servable bundle: export each model to ONNX (parity-checked), write the Triton repository and the
+manifest `bundle.json`, and re-load it with the service's validator; `export_run` does it for a run's `export.pt`.
 
 Models (each optional except the patch encoder; the manifest lists what exists):
 - patch encoder: `pixels_u8` uint8 [B, S, S, 3] -> `embedding` float32 [B, D]; /255 + mean/std inside the
@@ -22,18 +18,16 @@ import json
 import logging
 import shutil
 import subprocess
-import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from service.errors import BundleError, MstarError
+from service.errors import BundleError
 from service.inference.bundle import (
     Bundle,
     BundleManifest,
@@ -47,216 +41,14 @@ from service.inference.bundle import (
     sha256_file,
     write_manifest,
 )
+from training.export.contract import load_export_checkpoint
+from training.export.onnx import ParityResult, check_parity, export_onnx
+from training.export.triton import write_repository
+from training.export.wrappers import BagHead, ReportMemory, ReportStep, SlideAggregator, TextTower, U8PatchEncoder
 
 log = logging.getLogger(__name__)
 
-OPSET = 18
-TWO_GB = 2_000_000_000
 
-# tolerances of the ORT-vs-PyTorch parity gate (float32 on both sides)
-ATOL = 1e-3
-MIN_COSINE = 0.9999
-
-
-class ExportParityError(MstarError):
-    code = "export_parity"
-    http_status = 500
-
-
-# -- wrappers: the exact graphs that are served ------------------------------------------------------
-class U8PatchEncoder(nn.Module):
-    """uint8 NHWC patches in, embeddings out: transpose, /255 and mean/std inside the graph."""
-
-    def __init__(self, encoder: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
-        super().__init__()
-        self.encoder = encoder
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0)
-        self.register_buffer("inv_std", 1.0 / (torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0))
-
-    def forward(self, pixels_u8: torch.Tensor) -> torch.Tensor:
-        x = pixels_u8.permute(0, 3, 1, 2).to(torch.float32)
-        return self.encoder((x - self.mean) * self.inv_std)
-
-
-def _field(out: Any, name: str) -> torch.Tensor:
-    val = out[name] if isinstance(out, dict) else getattr(out, name)
-    if val is None:
-        raise BundleError(f"model output has no {name!r}")
-    return val
-
-
-class SlideAggregator(nn.Module):
-    """One bag [N, D] -> (embedding [E], attention [N], tokens [N, E]) from a TransMIL-style output."""
-
-    def __init__(self, aggregator: nn.Module) -> None:
-        super().__init__()
-        self.aggregator = aggregator
-
-    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        out = self.aggregator(features.unsqueeze(0))
-        return _field(out, "embedding")[0], _field(out, "attention")[0], _field(out, "tokens")[0]
-
-
-class BagHead(nn.Module):
-    """One bag [N, D] -> (logits [C], attention [N]) from a `MILHead` (ABMIL or TransMIL)."""
-
-    def __init__(self, head: nn.Module) -> None:
-        super().__init__()
-        self.head = head
-
-    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.head(features.unsqueeze(0))
-        return _field(out, "logits")[0], _field(out, "attention")[0]
-
-
-class TextTower(nn.Module):
-    """Token ids -> prompt embedding in the slide space: BERT CLS then the Stage-1 `proj_text`."""
-
-    def __init__(self, text_encoder: nn.Module, proj: nn.Module | None) -> None:
-        super().__init__()
-        self.text_encoder = text_encoder
-        self.proj = proj if proj is not None else nn.Identity()
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.text_encoder(input_ids, attention_mask))
-
-
-class ReportMemory(nn.Module):
-    """Report generator, once per slide: one bag [N, D] -> memory [M, d]."""
-
-    def __init__(self, generator: nn.Module) -> None:
-        super().__init__()
-        self.generator = generator
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.generator.encode(features.unsqueeze(0))[0]
-
-
-class ReportStep(nn.Module):
-    """Report generator, once per token: prefix [B, T] + memory [B, M, d] -> next-token logits [B, V].
-
-    Same computation as `ReportGenerator.step` for unpadded prefixes (greedy/beam decoding never pads), without
-    its data-dependent `if pad.any()` branch, which would not export."""
-
-    def __init__(self, generator: nn.Module) -> None:
-        super().__init__()
-        self.g = generator
-
-    def forward(self, tokens: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
-        g = self.g
-        t = tokens.shape[1]
-        pos = torch.arange(t, device=tokens.device).unsqueeze(0)
-        x = g.embed(tokens) + g.pos(pos)
-        causal = torch.triu(torch.full((t, t), float("-inf"), device=tokens.device), diagonal=1)
-        h = g.decoder(x, memory, tgt_mask=causal, tgt_is_causal=True)  # no data-dependent mask check
-        return g.out(g.out_norm(h[:, -1:]))[:, 0]
-
-
-# -- ONNX export + parity ------------------------------------------------------------------------------
-def _nbytes(module: nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
-
-
-def export_onnx(
-    module: nn.Module,
-    example: tuple[torch.Tensor, ...],
-    path: str | Path,
-    *,
-    input_names: list[str],
-    output_names: list[str],
-    dynamic_axes: dict[int, dict[int, tuple[str, int, int]]],
-    opset: int = OPSET,
-) -> Path:
-    """Dynamo export of `module(*example)`. `dynamic_axes`: input index -> {axis: (name, min, max)}.
-    Weights are embedded in one file below 2 GB (a Triton version dir then holds a single model.onnx)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    dims: dict[str, torch.export.Dim] = {}
-    shapes = []
-    for i in range(len(example)):
-        axes = {}
-        for ax, (name, lo, hi) in dynamic_axes.get(i, {}).items():
-            axes[ax] = dims.setdefault(name, torch.export.Dim(name, min=lo, max=hi))
-        shapes.append(axes or None)
-    module = module.eval()
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            module,
-            example,
-            str(path),
-            dynamo=True,
-            opset_version=opset,
-            input_names=input_names,
-            output_names=output_names,
-            dynamic_shapes=tuple(shapes),
-            external_data=_nbytes(module) >= TWO_GB,
-            optimize=True,
-            verbose=False,
-        )
-    return path
-
-
-@dataclass
-class ParityResult:
-    model: str
-    sizes: list[list[int]]
-    max_abs: dict[str, float] = field(default_factory=dict)
-    min_cosine: dict[str, float] = field(default_factory=dict)
-    ok: bool = True
-
-
-def _cosine_rows(a: np.ndarray, b: np.ndarray) -> float:
-    a = a.reshape(a.shape[0], -1) if a.ndim > 1 else a[None]
-    b = b.reshape(b.shape[0], -1) if b.ndim > 1 else b[None]
-    num = (a * b).sum(-1)
-    den = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
-    cos = np.where(den > 0, num / np.maximum(den, 1e-30), 1.0)
-    return float(cos.min())
-
-
-def check_parity(
-    name: str,
-    module: nn.Module,
-    onnx_path: str | Path,
-    cases: list[tuple[np.ndarray, ...]],
-    input_names: list[str],
-    output_names: list[str],
-    *,
-    atol: float = ATOL,
-    min_cosine: float = MIN_COSINE,
-    raise_on_fail: bool = True,
-) -> ParityResult:
-    """Run each case through PyTorch and ONNX Runtime (CPU EP); max-abs and worst row cosine per output."""
-    import onnxruntime as ort
-
-    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    res = ParityResult(model=name, sizes=[list(c[0].shape) for c in cases])
-    module = module.eval()
-    for case in cases:
-        with torch.no_grad():
-            ref = module(*[torch.from_numpy(a) for a in case])
-        ref = ref if isinstance(ref, tuple | list) else (ref,)
-        got = sess.run(output_names, dict(zip(input_names, case, strict=True)))
-        for oname, r, g in zip(output_names, ref, got, strict=True):
-            r = r.detach().float().numpy()
-            if r.shape != g.shape:
-                raise ExportParityError(f"{name}.{oname}: ONNX shape {g.shape} != PyTorch {r.shape} at {case[0].shape}")
-            diff = float(np.abs(r - g).max())
-            cos = _cosine_rows(r, g)
-            res.max_abs[oname] = max(res.max_abs.get(oname, 0.0), diff)
-            res.min_cosine[oname] = min(res.min_cosine.get(oname, 1.0), cos)
-    res.ok = all(v <= atol for v in res.max_abs.values()) and all(v >= min_cosine for v in res.min_cosine.values())
-    if not res.ok and raise_on_fail:
-        raise ExportParityError(
-            f"{name}: ONNX Runtime disagrees with PyTorch (max abs {res.max_abs}, "
-            f"min cosine {res.min_cosine}; "
-            f"tolerance {atol} / {min_cosine})"
-        )
-    return res
-
-
-# -- per-model exports ---------------------------------------------------------------------------------
 def _rng(seed: int) -> np.random.Generator:
     return np.random.default_rng(seed)
 
@@ -711,8 +503,35 @@ def build_bundle(
     write_manifest(root, manifest)
     bundle = load_bundle(root)
     if triton:
-        from training.triton_repo import write_repository
-
         write_repository(bundle)
     (root / "parity.json").write_text(json.dumps([asdict(p) for p in parity], indent=2) + "\n")
     return ExportReport(bundle=bundle, parity=parity)
+
+
+def export_run(run_dir: str | Path, out: str | Path, *, progress: Callable[[str], None] | None = None) -> ExportReport:
+    """Rebuild the models of a training run from `RUN_DIR/export.pt` and export them into a bundle."""
+    c = load_export_checkpoint(run_dir)
+    prov = dict(c.provenance)
+    prov.setdefault("run_id", Path(run_dir).name)
+    prov.setdefault("checkpoint", str(c.path))
+    return build_bundle(
+        out,
+        encoder=c.encoder,
+        patch_size=c.preprocessing.size,
+        embed_dim=c.embed_dim,
+        target_mpp=c.target_mpp,
+        mean=c.preprocessing.mean,
+        std=c.preprocessing.std,
+        aggregator=c.aggregator,
+        slide_dim=c.aggregator.dim if c.aggregator is not None else None,
+        heads=[HeadSpec(h.name, h.module, h.task, h.n_outputs, h.labels, h.bin_edges) for h in c.heads],
+        text_encoder=c.text_encoder,
+        text_proj=c.text_proj,
+        tokenizer_dir=c.tokenizer_dir,
+        report_generator=c.report,
+        report_vocab=c.report_itos,
+        name=c.name,
+        demo=c.demo,
+        provenance=prov,
+        progress=progress,
+    )

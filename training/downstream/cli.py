@@ -1,4 +1,5 @@
-"""`mstar train downstream` (train/evaluate one downstream task) and `mstar eval RUN_DIR` (report)."""
+"""Entry points of the downstream tasks: `run` (a config -> its task) and the commands `mstar train downstream`
+(train/evaluate one task) and `mstar eval RUN_DIR` (report)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,34 @@ from pathlib import Path
 
 import click
 
+from service.errors import InvalidParameterError
+from training.downstream.common import seed_everything
+from training.downstream.config import DownstreamConfig
+from training.downstream.fewshot import run_fewshot
+from training.downstream.mil import train_classification
+from training.downstream.report import train_report
+from training.downstream.retrieval import run_retrieval
+from training.downstream.survival import train_survival
+from training.downstream.zeroshot import run_zeroshot
+
 TASKS = ("classification", "survival", "report", "zeroshot", "fewshot", "retrieval")
+_RUNNERS = {
+    "classification": train_classification,
+    "survival": train_survival,
+    "report": train_report,
+    "zeroshot": run_zeroshot,
+    "fewshot": run_fewshot,
+    "retrieval": run_retrieval,
+}
+
+
+def run(cfg: DownstreamConfig) -> dict:
+    """Seed, run `cfg.task`, write its run directory (`training.downstream.common`), return its metrics."""
+    seed_everything(cfg.seed)
+    runner = _RUNNERS.get(cfg.task)
+    if runner is None:
+        raise InvalidParameterError(f"unknown task {cfg.task}")
+    return runner(cfg)
 
 
 def _headline(metrics: dict) -> dict:
@@ -44,8 +72,6 @@ def downstream_command(
     config_path: str, task: str | None, out_dir: str | None, epochs: int | None, seed: int | None
 ) -> None:
     """Train a downstream head (or run an evaluation-only task) from YAML; select on val, report test."""
-    from training.downstream import DownstreamConfig, run
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     # a path typed on the command line is relative to the shell, not to the YAML file like the config's own paths
     out_dir = str(Path(out_dir).resolve()) if out_dir else None

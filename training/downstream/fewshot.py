@@ -8,7 +8,7 @@ for every method) and scored on the test split:
 - **patch_prototype** (the official variant): per class, all projected, L2-normalised patch embeddings of its
   k support slides are scored against that class's zero-shot text embedding, the top 100 by that logit are
   averaged (no renormalisation) into the prototype, and query slides are scored by MI-Zero top-j pooling of
-  their patch-prototype logits. Patch embeddings are those of zero-shot (`training.zeroshot.patch_embeddings`:
+  their patch-prototype logits. Patch embeddings are those of zero-shot (`zeroshot.patch_embeddings`:
   Stage-2 `proj(features)` when `patch_proj` is set, else the Stage-1 aggregator's output tokens); j is chosen
   on the validation split from `topk` (j = 10 without one). Needs `stage1_checkpoint` and prompts.
 
@@ -24,9 +24,22 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
+import torch
 from sklearn.linear_model import LogisticRegression
+from torch import nn
 
 from service.errors import InvalidParameterError
+from training.checkpoints import load_patch_proj, load_stage1
+from training.cohort import FeatureStore, by_split, load_cohort, require_splits
+from training.downstream.common import finish_run, slide_embeddings, stage1_vision
+from training.downstream.config import DownstreamConfig
+from training.downstream.zeroshot import (
+    class_embeddings,
+    default_prompts_path,
+    load_prompts,
+    patch_embedding_name,
+    patch_embeddings,
+)
 from training.metrics import accuracy, balanced_accuracy, macro_auc
 
 log = logging.getLogger(__name__)
@@ -170,25 +183,15 @@ def patch_prototype_curves(
     return {s: {str(j): {str(k): _summarise(runs[s][j][k]) for k in shots} for j in topj} for s in queries}
 
 
-def _patch_sets(cfg: Any, store: Any, splits: dict[str, list], labels: list[str]) -> tuple[dict, np.ndarray, str]:
+def _patch_sets(
+    cfg: DownstreamConfig, store: Any, splits: dict[str, list], labels: list[str]
+) -> tuple[dict, np.ndarray, str]:
     """Patch embeddings per case for each split, the zero-shot classifier `[C, E]`, and the embedding's name."""
-    import torch
-
-    from training.zeroshot import (
-        class_embeddings,
-        default_prompts_path,
-        load_patch_proj,
-        load_prompts,
-        load_stage1_encoders,
-        patch_embedding_name,
-        patch_embeddings,
-    )
-
     prompts = load_prompts(cfg.prompts or default_prompts_path())
     missing = [lab for lab in labels if lab not in prompts.classes]
     if missing:
         raise InvalidParameterError(f"patch_prototype few-shot needs prompts for every class; none for {missing}")
-    enc = load_stage1_encoders(cfg.stage1_checkpoint)
+    enc = load_stage1(cfg.stage1_checkpoint)
     patch_proj = load_patch_proj(cfg.patch_proj) if cfg.patch_proj else None
     classifier = class_embeddings(enc.encode_text, prompts, labels).numpy()
     out = {}
@@ -202,12 +205,9 @@ def _patch_sets(cfg: Any, store: Any, splits: dict[str, list], labels: list[str]
     return out, classifier, patch_embedding_name(patch_proj)
 
 
-def run_fewshot(cfg: Any) -> dict:
-    from training.downstream import _finish, _stage1_vision, slide_embeddings
-    from training.downstream_data import FeatureStore, by_split, load_cases, require_splits
-
+def run_fewshot(cfg: DownstreamConfig) -> dict:
     store = FeatureStore(cfg.features_dir)
-    cases = [c for c in load_cases(cfg.cohort) if isinstance(c.fields.get(cfg.label_column), str)]
+    cases = [c for c in load_cohort(cfg.cohort) if isinstance(c.fields.get(cfg.label_column), str)]
     splits = by_split(cases)
     require_splits(splits, ("train", "test"))
     labels = sorted({c.fields[cfg.label_column] for c in splits["train"]})
@@ -235,7 +235,7 @@ def run_fewshot(cfg: Any) -> dict:
     result: dict[str, Any] = {"test": {}, "shots": shots, "labels": labels}
     if slide_methods:
         sources: dict[str, Any] = {"mean_patch_features": None}
-        vision = _stage1_vision(cfg)
+        vision = stage1_vision(cfg)
         if vision is not None:
             sources["stage1_slide_embedding"] = vision
         for name, enc in sources.items():
@@ -267,6 +267,4 @@ def run_fewshot(cfg: Any) -> dict:
             "val_balanced_accuracy_by_topj": val_by_j,
             "test_by_topj": curves["test"],
         }
-    import torch.nn as nn
-
-    return _finish(cfg, nn.Module(), {"labels": labels}, result, {"test": {}}, [], -1)
+    return finish_run(cfg, nn.Module(), {"labels": labels}, result, {"test": {}}, [], -1)

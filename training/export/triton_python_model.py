@@ -1,6 +1,6 @@
 """Triton Python-backend model that runs this version directory's `model.onnx` with onnxruntime.
 
-Copied by `training.triton_repo` into `<model>/<version>/model.py`. It exists because the `tritonserver`
+Copied by `training.export.triton` into `<model>/<version>/model.py`. It exists because the `tritonserver`
 shipped in the `nvidia-pytriton` wheel has no onnxruntime backend: the `cpu_python` config selects it,
 and the outputs are those of the very ONNX file that the GPU configs serve with the onnxruntime backend.
 For batch-first models (`max_batch_size > 0`) the requests that Triton's dynamic batcher hands to one

@@ -61,8 +61,9 @@ def transport_options(settings: Settings) -> dict:
     }
 
 
-def make_celery(settings: Settings, *, with_tasks: bool = True) -> Celery:
-    """A Celery app for `settings.broker_url` (producers pass `with_tasks=False`: they only send by name)."""
+def make_celery(settings: Settings) -> Celery:
+    """A Celery app for `settings.broker_url`. Producers only send by name; workers attach the task with
+    `service.worker.tasks.worker_app`."""
     if not settings.broker_url:
         raise InvalidParameterError("no broker configured: set MSTAR_BROKER_URL (e.g. redis://host:6379/0)")
     soft, hard, _ = limits(settings)
@@ -95,8 +96,4 @@ def make_celery(settings: Settings, *, with_tasks: bool = True) -> Celery:
         broker_heartbeat=0,
     )
     app.mstar_settings = settings  # type: ignore[attr-defined]
-    if with_tasks:
-        from service.worker import tasks
-
-        tasks.register(app, settings)
     return app

@@ -31,6 +31,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from service.errors import InvalidParameterError
+from training.checkpoints import load_patch_proj, load_stage1
+from training.cohort import FeatureStore, by_split, load_cohort
+from training.downstream.common import finish_run
+from training.downstream.config import DownstreamConfig
+from training.metrics import classification_metrics
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +78,7 @@ def load_prompts(path: str | Path) -> PromptSet:
 
 
 def default_prompts_path() -> Path:
-    return Path(__file__).parent / "prompts" / "synthetic_cohort.json"
+    return Path(__file__).parents[1] / "prompts" / "synthetic_cohort.json"
 
 
 @torch.no_grad()
@@ -120,80 +125,15 @@ def class_similarity(classifier: torch.Tensor, labels: Sequence[str]) -> dict:
     return {"max_cosine": float(sim[i, j]), "pair": [labels[i], labels[j]]}
 
 
-# ---- Stage-1 encoders ----------------------------------------------------------------------------
-class Stage1Encoders(nn.Module):
-    """The frozen Stage-1 aggregator, text encoder and `proj_text` read back from a Stage-1 checkpoint."""
-
-    def __init__(self, vision: nn.Module, text: nn.Module | None, proj_text: nn.Module | None) -> None:
-        super().__init__()
-        self.vision, self.text, self.proj_text = vision, text, proj_text
-
-    @torch.no_grad()
-    def encode_text(self, texts: list[str], batch_size: int = 32) -> torch.Tensor:
-        if self.text is None or self.proj_text is None:
-            raise InvalidParameterError("the Stage-1 checkpoint has no text encoder")
-        out = []
-        for i in range(0, len(texts), batch_size):
-            tok = self.text.tokenize(texts[i : i + batch_size])
-            out.append(self.proj_text(self.text(tok["input_ids"], tok["attention_mask"])))
-        return torch.cat(out)
-
-
-def _strip(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-
-
-def load_stage1_encoders(path: str | Path, with_text: bool = True) -> Stage1Encoders:
-    """Rebuild the Stage-1 towers from `training.stage1`'s checkpoint (`model_state_dict` + `config`)."""
-    from training.models.heads import load_stage1_state, load_stage1_vision
-
-    vision = load_stage1_vision(path)
-    _, config = load_stage1_state(path)
-    text = proj = None
-    ckpt = torch.load(Path(path), map_location="cpu", weights_only=False)
-    state = {k.removeprefix("module."): v for k, v in ckpt.get("model_state_dict", ckpt).items()}
-    tstate, pstate = _strip(state, "text_encoder."), _strip(state, "proj_text.")
-    if with_text and tstate and pstate:
-        from training.models.text_encoder import TextEncoder
-
-        text_dir = ckpt.get("text_model_dir") or (config.get("model", {}).get("text", {}) or {}).get("model_dir")
-        max_len = (config.get("model", {}).get("text", {}) or {}).get("max_length", 512)
-        text = TextEncoder(text_dir, max_len)
-        missing, unexpected = text.load_state_dict(tstate, strict=False)
-        if unexpected or missing:
-            raise InvalidParameterError(
-                f"text encoder weights do not match {text_dir}: missing {missing[:3]}, unexpected {unexpected[:3]}"
-            )
-        proj = nn.Linear(pstate["weight"].shape[1], pstate["weight"].shape[0])
-        proj.load_state_dict(pstate)
-    return Stage1Encoders(vision, text, proj).eval()
-
-
-def load_patch_proj(path: str | Path) -> nn.Linear:
-    """Stage-2 `proj` (1024 -> 512) from a checkpoint holding `proj.weight` / `proj.bias`."""
-    ckpt = torch.load(Path(path), map_location="cpu", weights_only=False)
-    state = ckpt.get("model_state_dict", ckpt) if isinstance(ckpt, dict) else {}
-    state = _strip({k.removeprefix("module."): v for k, v in state.items()}, "proj.")
-    if "weight" not in state:
-        raise InvalidParameterError(f"{path} holds no 'proj.weight'")
-    proj = nn.Linear(state["weight"].shape[1], state["weight"].shape[0], bias="bias" in state)
-    proj.load_state_dict(state)
-    return proj.eval()
-
-
 # ---- the task ------------------------------------------------------------------------------------
-def run_zeroshot(cfg: Any) -> dict:
-    from training.downstream import _finish
-    from training.downstream_data import FeatureStore, by_split, load_cases
-    from training.metrics import classification_metrics
-
+def run_zeroshot(cfg: DownstreamConfig) -> dict:
     if cfg.stage1_checkpoint is None:
         raise InvalidParameterError("zero-shot needs stage1_checkpoint (aggregator + text encoder)")
     prompts = load_prompts(cfg.prompts or default_prompts_path())
-    enc = load_stage1_encoders(cfg.stage1_checkpoint)
+    enc = load_stage1(cfg.stage1_checkpoint)
     patch_proj = load_patch_proj(cfg.patch_proj) if cfg.patch_proj else None
     store = FeatureStore(cfg.features_dir)
-    cases = load_cases(cfg.cohort)
+    cases = load_cohort(cfg.cohort)
     present = {c.fields.get(cfg.label_column) for c in cases}
     labels = [lab for lab in prompts.classes if lab in present]
     if len(labels) < 2:
@@ -254,4 +194,4 @@ def run_zeroshot(cfg: Any) -> dict:
     }
     holder = nn.Module()
     holder.register_buffer("classifier", classifier)
-    return _finish(cfg, holder, meta, result, preds, [], -1)
+    return finish_run(cfg, holder, meta, result, preds, [], -1)

@@ -1,4 +1,4 @@
-"""`mstar import-encoder CHECKPOINT --out DIR` (own module: `_COMMANDS` maps one module to one command)."""
+"""The export commands: `mstar export RUN_DIR --out DIR` and `mstar import-encoder CHECKPOINT --out DIR`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,24 @@ from pathlib import Path
 
 import click
 
-from training.export_cli import import_encoder
+from training.export.bundle import export_run
+from training.export.import_encoder import import_encoder
+
+
+@click.command("export")
+@click.argument("run_dir", type=click.Path(exists=True, path_type=Path))
+@click.option(
+    "--out",
+    "out",
+    type=click.Path(path_type=Path),
+    default=Path("model_repository"),
+    show_default=True,
+    help="Bundle directory (a Triton model repository with bundle.json).",
+)
+def export(run_dir: Path, out: Path) -> None:
+    """Export a training run's models to ONNX, a Triton repository and a bundle manifest (parity-checked)."""
+    rep = export_run(run_dir, out, progress=lambda m: click.echo(m, err=True))
+    click.echo(json.dumps(rep.summary(), indent=2))
 
 
 @click.command("import-encoder")

@@ -1,0 +1,307 @@
+"""Checkpoint formats of training: what a Stage-1 run and a downstream head leave on disk, and how they load.
+
+Every model records the constructor arguments it was built with (`model.config`); a checkpoint stores them next
+to the weights, so loading rebuilds the model from the record and loads the weights strictly. Sizes are never
+inferred from weight shapes.
+
+- Stage 1 (`training.stage1` writes `last.pt`): `{"format": STAGE1_FORMAT, "aggregator_config": TransMIL config,
+  "model_state_dict", "config": the Stage1Config, "n_features", "feature_mean", "feature_std", "text_model_dir",
+  "label_names", "genes", ...}` plus optimiser/scheduler/RNG state for resuming.
+- A downstream head (`head.pt`): `{"format": HEAD_FORMAT, "model": "mil" | "report", "config": model config,
+  "state_dict", "meta"}`.
+
+Files written before the formats were named still load (`tests/data/legacy_checkpoints/`): a Stage-1 checkpoint
+without `aggregator_config` takes its aggregator from its own training config (`config.model.aggregator`,
+`n_features`), with the official mSTAR sizes for whatever it does not record (a released checkpoint records
+nothing); a head without `format` takes its sizes from the `meta` it was saved with.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from service.errors import InvalidParameterError
+from training.models.heads import MILHead
+from training.models.mstar import Stage1Encoders, Stage1Vision
+from training.models.report_decoder import ReportGenerator
+from training.models.transmil import TransMIL
+
+STAGE1_FORMAT = "mstar-stage1/2"
+HEAD_FORMAT = "mstar-head/2"
+# the official mSTAR/TransMIL aggregator (reference §1.2): what a checkpoint that records no size was built with
+OFFICIAL_AGGREGATOR: dict[str, Any] = {
+    "n_features": 1024,
+    "dim": 512,
+    "n_classes": 0,
+    "heads": 8,
+    "dim_head": None,
+    "num_landmarks": None,
+    "pinv_iterations": 6,
+    "fc_dropout": 0.25,
+    "attn_dropout": 0.1,
+}
+_AGGREGATOR_CONFIG_KEYS = ("dim", "heads", "dim_head", "num_landmarks", "pinv_iterations", "fc_dropout", "attn_dropout")
+_TRANSMIL_SIZE_KEYS = ("heads", "num_landmarks", "pinv_iterations", "dim_head")
+_REPORT_SIZE_KEYS = ("d_model", "n_memory", "encoder_layers", "decoder_layers", "heads", "d_ff", "dropout", "max_len")
+
+
+def _load(path: str | Path, what: str) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidParameterError(f"{what} not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # torch raises many types on a truncated or foreign file
+        raise InvalidParameterError(f"cannot read {what} {path}: {err}") from err
+
+
+def _strip(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+# ---- Stage 1 -------------------------------------------------------------------------------------
+def stage1_record(model: nn.Module) -> dict[str, Any]:
+    """The fields a Stage-1 checkpoint adds to its weights so that it loads without inferring sizes."""
+    return {"format": STAGE1_FORMAT, "aggregator_config": dict(model.vision_encoder.config)}
+
+
+def save_stage1(path: str | Path, model: nn.Module, **records: Any) -> Path:
+    """Write Stage-1 weights with their records (`records`: config, n_features, feature_mean/std, text_model_dir,
+    ...); `training.stage1` adds its optimiser state the same way for resuming."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({**stage1_record(model), "model_state_dict": model.state_dict(), **records}, path)
+    return path
+
+
+@dataclass
+class Stage1Checkpoint:
+    """A Stage-1 checkpoint read back: the model's state (DDP `module.` stripped) and what it records."""
+
+    path: Path
+    state: dict[str, torch.Tensor]
+    config: dict[str, Any]
+    aggregator_config: dict[str, Any]
+    feature_mean: torch.Tensor | None
+    feature_std: torch.Tensor | None
+    text_model_dir: str | None
+
+    def part(self, prefix: str) -> dict[str, torch.Tensor]:
+        return _strip(self.state, prefix)
+
+
+def _legacy_aggregator_config(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint without `aggregator_config`: its training config's aggregator, the official sizes elsewhere."""
+    config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
+    agg = (config.get("model") or {}).get("aggregator") or {}
+    out = dict(OFFICIAL_AGGREGATOR)
+    out.update({k: agg[k] for k in _AGGREGATOR_CONFIG_KEYS if agg.get(k) is not None})
+    if ckpt.get("n_features") is not None:
+        out["n_features"] = int(ckpt["n_features"])
+    return out
+
+
+def read_stage1(path: str | Path) -> Stage1Checkpoint:
+    """Read a Stage-1 checkpoint (ours: `model_state_dict` + records; the official layout; or a bare state dict)."""
+    ckpt = _load(path, "Stage-1 checkpoint")
+    state = ckpt.get("model_state_dict", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict):
+        raise InvalidParameterError(f"{path} is not a state dict checkpoint")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    if not any(k.startswith("vision_encoder.") for k in state):
+        raise InvalidParameterError(f"{path} holds no Stage-1 aggregator ('vision_encoder.*' weights)")
+    meta = ckpt if "model_state_dict" in ckpt else {}
+    config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+    if isinstance(meta.get("aggregator_config"), dict):
+        agg = dict(meta["aggregator_config"])
+    else:
+        agg = _legacy_aggregator_config(meta)
+
+    def tensor(key: str) -> torch.Tensor | None:
+        val = meta.get(key)
+        return None if val is None else torch.as_tensor(np.asarray(val), dtype=torch.float32)
+
+    return Stage1Checkpoint(
+        Path(path),
+        state,
+        dict(config),
+        agg,
+        tensor("feature_mean"),
+        tensor("feature_std"),
+        meta.get("text_model_dir"),
+    )
+
+
+def build_stage1_aggregator(ckpt: Stage1Checkpoint, **overrides: Any) -> TransMIL:
+    """The checkpoint's TransMIL, built from its recorded config and loaded strictly (`_fc2` only if stored)."""
+    config = {**ckpt.aggregator_config, **{k: v for k, v in overrides.items() if v is not None}}
+    model = TransMIL(**config)
+    try:
+        model.load_state_dict(ckpt.part("vision_encoder."), strict=True)
+    except RuntimeError as err:
+        raise InvalidParameterError(
+            f"Stage-1 aggregator in {ckpt.path} does not match its recorded config {config}: {err}"
+        ) from err
+    return model
+
+
+def load_stage1_vision(path: str | Path) -> Stage1Vision:
+    """The frozen Stage-1 aggregator plus the feature standardisation it was trained with, in eval mode."""
+    ckpt = read_stage1(path)
+    return Stage1Vision(build_stage1_aggregator(ckpt), ckpt.feature_mean, ckpt.feature_std).eval()
+
+
+def load_stage1(path: str | Path, with_text: bool = True) -> Stage1Encoders:
+    """The Stage-1 towers used after pretraining: aggregator (+ standardisation), text encoder and `proj_text`."""
+    from training.models.text_encoder import TextEncoder  # transformers: only when a text tower is wanted
+
+    ckpt = read_stage1(path)
+    vision = Stage1Vision(build_stage1_aggregator(ckpt), ckpt.feature_mean, ckpt.feature_std)
+    text = proj = None
+    tstate, pstate = ckpt.part("text_encoder."), ckpt.part("proj_text.")
+    if with_text and tstate and pstate:
+        text_cfg = (ckpt.config.get("model") or {}).get("text") or {}
+        text_dir = ckpt.text_model_dir or text_cfg.get("model_dir")
+        text = TextEncoder(text_dir, text_cfg.get("max_length", 512))
+        missing, unexpected = text.load_state_dict(tstate, strict=False)
+        if unexpected or missing:
+            raise InvalidParameterError(
+                f"text encoder weights do not match {text_dir}: missing {missing[:3]}, unexpected {unexpected[:3]}"
+            )
+        # built as MStar builds it: text width -> the aggregator's width
+        proj = nn.Linear(text.hidden_size, int(ckpt.aggregator_config["dim"]))
+        try:
+            proj.load_state_dict(pstate)
+        except RuntimeError as err:
+            raise InvalidParameterError(f"proj_text in {path} does not match the text encoder: {err}") from err
+    return Stage1Encoders(vision, text, proj).eval()
+
+
+def head_from_stage1(
+    checkpoint: str | Path,
+    n_outputs: int,
+    task: str = "classification",
+    transmil_kwargs: dict[str, Any] | None = None,
+) -> MILHead:
+    """TransMIL_Pre: a TransMIL head whose every weight but `_fc2` comes from the Stage-1 `vision_encoder`."""
+    ckpt = read_stage1(checkpoint)
+    kw = {k: ckpt.aggregator_config[k] for k in (*_TRANSMIL_SIZE_KEYS, "n_features", "dim")}
+    kw.update(transmil_kwargs or {})
+    n_features, dim = kw.pop("n_features"), kw.pop("dim")
+    head = MILHead("transmil_pre", n_features, n_outputs, task=task, dim=dim, transmil_kwargs=kw)  # type: ignore[arg-type]
+    if ckpt.feature_mean is not None:
+        head.set_standardization(ckpt.feature_mean, ckpt.feature_std)
+    missing, unexpected = head.mil.load_state_dict(ckpt.part("vision_encoder."), strict=False)
+    if unexpected or any(not k.startswith("_fc2.") for k in missing):
+        raise InvalidParameterError(
+            f"Stage-1 aggregator does not match TransMIL: missing {missing}, unexpected {unexpected}"
+        )
+    return head
+
+
+def load_patch_proj(path: str | Path) -> nn.Linear:
+    """Stage-2 `proj` (1024 -> 512) from `proj.pt`: built from its recorded `config`, loaded strictly.
+
+    A `proj.pt` written before the config was recorded holds only `proj.weight` / `proj.bias`; a Linear is fully
+    described by its weight matrix, so its shape is its config there."""
+    ckpt = _load(path, "projection checkpoint")
+    state = ckpt.get("model_state_dict", ckpt) if isinstance(ckpt, dict) else {}
+    state = _strip({k.removeprefix("module."): v for k, v in state.items()}, "proj.")
+    if "weight" not in state:
+        raise InvalidParameterError(f"{path} holds no 'proj.weight'")
+    config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else None
+    if config is None:
+        out_f, in_f = state["weight"].shape
+        config = {"in_features": int(in_f), "out_features": int(out_f), "bias": "bias" in state}
+    proj = nn.Linear(**config)
+    try:
+        proj.load_state_dict(state)
+    except RuntimeError as err:
+        raise InvalidParameterError(f"{path}: proj weights do not match its config {config}: {err}") from err
+    return proj.eval()
+
+
+# ---- downstream heads ----------------------------------------------------------------------------
+def save_head(path: str | Path, model: MILHead | ReportGenerator, meta: dict[str, Any]) -> Path:
+    """Write a head checkpoint: format, the model's constructor config, weights and run metadata."""
+    kind = "mil" if isinstance(model, MILHead) else "report"
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ckpt = {"format": HEAD_FORMAT, "model": kind, "config": dict(model.config), "state_dict": model.state_dict()}
+    torch.save({**ckpt, "meta": meta}, path)
+    return path
+
+
+def mil_sizes(model: MILHead) -> dict[str, Any]:
+    """The sizes a MIL head records in its `meta["mil"]` (read by export and evaluation)."""
+    sizes = {k: model.config[k] for k in ("kind", "task", "n_outputs", "n_features", "dim")}
+    if model.kind != "abmil":
+        sizes.update({k: model.mil.config[k] for k in _TRANSMIL_SIZE_KEYS})
+    return sizes
+
+
+def _head_checkpoint(path: str | Path, model: str) -> dict[str, Any]:
+    ckpt = _load(path, "head checkpoint")
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "meta" not in ckpt:
+        raise InvalidParameterError(f"{path} is not a downstream head checkpoint")
+    if ckpt.get("format", HEAD_FORMAT) != HEAD_FORMAT:
+        raise InvalidParameterError(f"{path}: unknown head format {ckpt['format']!r} (this code reads {HEAD_FORMAT})")
+    if ckpt.get("model", model) != model:
+        raise InvalidParameterError(f"{path} holds a {ckpt['model']} head, not a {model} head")
+    return ckpt
+
+
+def load_head(path: str | Path) -> tuple[MILHead, dict]:
+    """Rebuild a saved classification/survival head (for export and evaluation), in eval mode."""
+    ckpt = _head_checkpoint(path, "mil")
+    meta, state = ckpt["meta"], ckpt["state_dict"]
+    if "format" in ckpt:
+        config = dict(ckpt["config"])
+    else:  # legacy: the sizes in meta["mil"]
+        if "mil" not in meta:
+            raise InvalidParameterError(f"{path} holds no MIL head (a {meta.get('task')} run saves no trained head)")
+        sizes = dict(meta["mil"])
+        tkw = {k: sizes[k] for k in _TRANSMIL_SIZE_KEYS if k in sizes}
+        config = {k: sizes[k] for k in ("kind", "n_features", "n_outputs", "task", "dim")}
+        config["transmil_kwargs"] = tkw or None
+    model = MILHead(**config)
+    if "feature_mean" in state:
+        model.set_standardization(state["feature_mean"], state["feature_std"])
+    model.load_state_dict(state)
+    return model.eval(), meta
+
+
+def load_report_generator(path: str | Path) -> tuple[ReportGenerator, dict, list[str]]:
+    """A saved report head: (ReportGenerator in eval mode, its constructor config, vocabulary itos)."""
+    ckpt = _head_checkpoint(path, "report")
+    if "format" in ckpt:
+        config = dict(ckpt["config"])
+    else:  # legacy: the sizes in meta["decoder"]
+        if "decoder" not in ckpt["meta"]:
+            raise InvalidParameterError(f"{path} holds no report generator")
+        dec = ckpt["meta"]["decoder"]
+        config = {k: dec[k] for k in _REPORT_SIZE_KEYS} | {
+            "vocab_size": dec["vocab_size"],
+            "n_features": dec["n_features"],
+        }
+    model = ReportGenerator(**config)
+    model.load_state_dict(ckpt["state_dict"], strict=True)
+    return model.eval(), config, list(ckpt["meta"]["vocabulary"]["itos"])
+
+
+def run_meta(task: str, aggregator: str | None, config: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """The `meta` of a head checkpoint: task, aggregator, the run's config, creation time and task fields."""
+    return {
+        "task": task,
+        "aggregator": aggregator,
+        "config": config,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **extra,
+    }

@@ -1,0 +1,84 @@
+"""The configuration of a downstream run (`mstar train downstream --config FILE`): one task and its settings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from training.config import load_config
+
+Task = Literal["classification", "survival", "report", "zeroshot", "fewshot", "retrieval"]
+
+
+class ReportConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    d_model: int = 512
+    n_memory: int = 64
+    encoder_layers: int = 1
+    decoder_layers: int = 3
+    heads: int = 8
+    d_ff: int = 512
+    dropout: float = 0.1
+    max_len: int = 100
+    min_freq: int = 3
+    beam: int = 3
+    batch_size: int = 8
+    lr: float = 1e-4
+    # "step": HistGen's StepLR (x gamma every epoch), tuned for ~7k reports per epoch; on a small cohort an
+    # epoch is a few steps and it freezes the decoder long before it fits. "cosine" anneals over all epochs.
+    schedule: Literal["step", "cosine"] = "step"
+    gamma: float = 0.8
+    val_beam: int = 1  # greedy on val for model selection speed; beam on test
+    meteor: bool = True  # METEOR starts a Java process (slow); BLEU/ROUGE-L always
+
+
+class DownstreamConfig(BaseModel):
+    """A downstream run, read from YAML. Relative paths are relative to the YAML file."""
+
+    model_config = ConfigDict(extra="forbid")
+    task: Task
+    cohort: Path
+    features_dir: Path
+    out_dir: Path = Path("runs/downstream")
+    reports: Path | None = None
+    label_column: str = "cancer_type"
+    time_column: str = "survival_months"
+    event_column: str = "event"
+    aggregator: Literal["abmil", "transmil", "transmil_pre"] = "abmil"
+    stage1_checkpoint: Path | None = None
+    # Stage-2 checkpoint holding `proj` (1024->512), for patch-level zero-shot
+    patch_proj: Path | None = None
+    transmil: dict[str, Any] = Field(default_factory=dict)
+    dim: int = 512
+    dropout: float = 0.25
+    epochs: int = 50
+    lr: float = 2e-4
+    lr_pretrained: float = 2e-5
+    weight_decay: float = 1e-5
+    max_patches: int | None = 4096  # random subset per training step; evaluation uses every patch
+    n_bins: int = 4
+    # survival, two documented deviations from the official code (docs/downstream.md): the hazard layer starts at
+    # the training split's marginal hazards ("marginal"; official: "random"), and the kept epoch has the lowest
+    # validation NLL ("val_nll"; official: the highest validation C-index, "val_c_index")
+    survival_init: Literal["marginal", "random"] = "marginal"
+    survival_selection: Literal["val_nll", "val_c_index"] = "val_nll"
+    n_boot: int = 1000
+    seed: int = 1
+    report: ReportConfig = Field(default_factory=ReportConfig)
+    prompts: Path | None = None
+    topk: list[int] = Field(default_factory=lambda: [1, 5, 10, 50, 100])
+    shots: list[int] | None = None
+    fewshot_repeats: int = 5
+    # patch_prototype (official §3.5) needs stage1_checkpoint (+ prompts); skipped without one unless listed here
+    fewshot_methods: list[Literal["prototype", "linear_probe", "patch_prototype"]] = Field(
+        default_factory=lambda: ["prototype", "linear_probe", "patch_prototype"]
+    )
+    recall_ks: list[int] = Field(default_factory=lambda: [1, 5, 10])
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides: Any) -> DownstreamConfig:
+        """Read a YAML/TOML file through the common loader (`training.config.load_config`); `overrides` that are
+        not None replace top-level fields, and relative paths resolve against the file's folder."""
+        return load_config(path, cls, overrides={k: v for k, v in overrides.items() if v is not None})
