@@ -7,7 +7,9 @@ temporary directory unless `--database-url` names PostgreSQL), makes N distinct 
 (a unique trailer each, so every copy is its own slide), then for 1 and for 2 workers (`--concurrency 1`
 each): waits until the workers are ready, submits the batch (`BatchService.submit` + the `batch` queue) and
 times it until every job is terminal. Prints slides/hour, patches/s (patches tiled, or embedded with
-`--bundle`) and the scaling ratio, measured side by side in one run. Worker start-up is not timed.
+`--bundle`) and the scaling ratio, measured side by side in one run. Worker start-up is not timed, and neither
+is ingest: the slides are copied and checked (`service.ingest`, one probe process each) once before the first
+timed run, so both worker counts time the same work (submit, queue, run).
 On a shared 2-core machine the ratio is bounded by the cores left over; read it as such.
 """
 
@@ -34,6 +36,18 @@ from service.jobs.celery_queue import CeleryQueue  # noqa: E402
 
 SLIDE = ROOT.parent / "shared" / "data" / "slides" / "CMU-1-Small-Region.svs"
 MSTAR = Path(sys.executable).with_name("mstar")
+
+
+def _ingest(service: BatchService, manifest: Path, tenant: str) -> None:
+    """Copy and check every slide of the manifest once (untimed); the timed submits then find them stored."""
+    from service.batch import parse_manifest
+    from service.store import repo
+    from service.store.db import transaction
+
+    with transaction(service.sessions) as s:
+        tenant_id = repo.ensure_tenant(s, tenant).id
+    for row in parse_manifest(manifest):
+        service.ingestor.from_source(tenant_id, row.source, mpp=row.mpp_override, name=row.name, info={})
 
 
 def _free_port() -> int:
@@ -118,6 +132,7 @@ def run(n_slides: int, bundle: str | None, database_url: str | None) -> list[dic
         service = BatchService(settings)
         queue = CeleryQueue(settings, default_queue="batch")
         try:
+            _ingest(service, manifest, "bench")
             for n_workers in (1, 2):
                 procs = _workers(n_workers, env, root)
                 try:

@@ -216,6 +216,26 @@ def test_stalled_uploads_are_bounded_and_timed_out_while_other_tenants_are_serve
         assert _staging(settings) == [] and _blobs(settings) == []  # the staging files went with them
 
 
+def test_client_gone_mid_upload_leaves_no_staging_file_and_frees_its_slot(server, cmu_svs: Path) -> None:
+    url, settings = server
+    host, port = url.removeprefix("http://").split(":")
+    for _ in range(6):  # more than the tenant's 4 slots: each one must come back when its client vanishes
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            s.sendall(
+                b"POST /slides HTTP/1.1\r\nHost: x\r\nX-API-Key: " + KEY_A.encode() + b"\r\n"
+                b"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 10000000\r\n\r\n"
+                b'--b\r\nContent-Disposition: form-data; name="file"; filename="s.svs"\r\n\r\n'
+                + cmu_svs.read_bytes()[: 3 << 20]
+            )
+    deadline = time.monotonic() + 10
+    while _staging(settings) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _staging(settings) == []
+    with _client(url, KEY_A) as c:
+        ok = c.post("/slides", files={"file": ("c.svs", cmu_svs.read_bytes())}, data={"analyze": "false"})
+        assert ok.status_code in (200, 201), ok.text
+
+
 def test_twenty_concurrent_uploads_succeed_or_get_a_clean_429_or_503(tmp_path: Path, cmu_svs: Path) -> None:
     settings = _settings(tmp_path / "d", tenant_max_uploads=4, max_uploads=8)
     cmu = cmu_svs.read_bytes()
