@@ -62,7 +62,7 @@ else
 fi
 
 out=$(verify "$stage") || fail bundle_invalid "the new bundle does not verify: $out"
-# swap: remove the old contents (not the mount point itself), then move the verified files in
-find "$dest" -mindepth 1 -maxdepth 1 ! -name .incoming -exec rm -rf '{}' +
+# swap: remove the old bundle (not the mount point, not hidden entries such as .incoming), move the new one in
+find "$dest" -mindepth 1 -maxdepth 1 ! -name '.*' -exec rm -rf '{}' +
 find "$stage" -mindepth 1 -maxdepth 1 -exec mv '{}' "$dest/" ';'
 echo "bundle-init: bundle ready in $dest ($out)"
