@@ -29,6 +29,8 @@ RUN useradd --system --uid 10001 --gid 0 --create-home --home-dir /home/mstar ms
     && chown 10001:0 /data && chmod 2775 /data
 COPY --from=build /opt/venv /opt/venv
 COPY docker/healthcheck.py /usr/local/bin/mstar-healthcheck
+# bundle init without torch: verify or import an exported bundle (training the demo needs mstar-train)
+COPY docker/bundle-init.sh /usr/local/bin/mstar-bundle-init
 USER 10001
 WORKDIR /home/mstar
 VOLUME ["/data"]

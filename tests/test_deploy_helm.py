@@ -158,6 +158,7 @@ def test_default_values_render_valid_objects(helm: str) -> None:
     job = _objs(docs, "Job")["mstar-bundle-init"]
     assert "pre-install" in job["metadata"]["annotations"]["helm.sh/hook"]
     assert _pod_spec(job)["containers"][0]["command"] == ["/usr/local/bin/mstar-bundle-init"]
+    assert _pod_spec(job)["containers"][0]["image"] == "mstar-train:0.1.0"  # trains the demo: needs torch
     assert set(_objs(docs, "StatefulSet")) == {"mstar-redis", "mstar-postgresql"}
     env = _env(gw)
     assert env["MSTAR_BROKER_URL"]["value"] == "redis://mstar-redis:6379/0"
@@ -195,6 +196,7 @@ def test_gpu_s3_postgres_values_render_valid_objects(helm: str) -> None:
     jenv = _env(job["containers"][0])
     assert jenv["MSTAR_BUNDLE_SOURCE"]["value"].startswith("/import/")
     assert jenv["MSTAR_BUNDLE_BUILD_DEMO"]["value"] == "0"
+    assert job["containers"][0]["image"] == "registry.example.org/mstar/mstar-gateway:0.1.0"  # no torch needed
     assert {"name": "import", "persistentVolumeClaim": {"claimName": "mstar-model-exports"}} in job["volumes"]
 
     netpol = _objs(docs, "NetworkPolicy")["mstar-triton"]["spec"]["ingress"]
@@ -272,7 +274,8 @@ def test_chart_values_match_the_images() -> None:
     """The commands and paths the chart uses exist in the images it names."""
     service_df = (ROOT / "docker/service.Dockerfile").read_text()
     assert "/usr/local/bin/mstar-healthcheck" in service_df
-    assert "/usr/local/bin/mstar-bundle-init" in (ROOT / "docker/train.Dockerfile").read_text()
+    for df in ("train.Dockerfile", "service.Dockerfile"):
+        assert "/usr/local/bin/mstar-bundle-init" in (ROOT / "docker" / df).read_text()
     assert re.search(r"mkdir -p /trt-cache", (ROOT / "docker/triton.Dockerfile").read_text())
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     assert values["podSecurityContext"]["runAsUser"] == 10001 and "--uid 10001" in service_df
