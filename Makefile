@@ -32,12 +32,12 @@ demo: venv
 	$(VENV)/bin/mstar analyze $(SLIDE) --out $(OUT)
 
 test: venv sysdeps
-	$(VENV)/bin/ruff check service training tests bench
+	$(VENV)/bin/ruff check service training tests bench docker
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 lint: venv
-	$(VENV)/bin/ruff check service training tests bench
-	$(VENV)/bin/ruff format --check service training tests bench
+	$(VENV)/bin/ruff check service training tests bench docker
+	$(VENV)/bin/ruff format --check service training tests bench docker
 
 bench: venv
 	$(VENV)/bin/python bench/tiling.py
