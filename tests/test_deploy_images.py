@@ -212,6 +212,8 @@ def _fake_weights_bundle(dest: Path) -> Path:
 
     The init script's contract is "a manifest whose every file exists and matches its checksum", which this
     exercises exactly; whether the ONNX graphs run is the export tests' business."""
+    from service.inference.bundle import sha256_file
+
     shutil.copytree(ROOT / "model_repository", dest)
     manifest = json.loads((dest / "bundle.json").read_text())
 
@@ -219,7 +221,7 @@ def _fake_weights_bundle(dest: Path) -> Path:
         p = dest / rel
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_bytes(hashlib.sha256(rel.encode()).digest() * 64)
-        return hashlib.sha256(p.read_bytes()).hexdigest()
+        return sha256_file(p)
 
     for m in manifest["models"]:
         m["sha256"] = fill(m["file"])
