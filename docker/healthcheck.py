@@ -2,14 +2,13 @@
 
     mstar-healthcheck http URL      200 from URL within the timeout (gateway /healthz, Triton /v2/health/ready)
     mstar-healthcheck celery [NODE] the Celery worker NODE (default mstar@<hostname>) answers a ping through the
-                                    broker named by MSTAR_BROKER_URL: a hung worker or a lost broker is unhealthy
+                                    broker of the MSTAR_* settings: a hung worker or a lost broker is unhealthy
 Exit 0 = healthy, 1 = unhealthy (one line on stderr says why).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import socket
 import sys
 import urllib.error
@@ -25,19 +24,22 @@ def check_http(url: str, timeout: float) -> str | None:
 
 
 def check_celery(node: str, timeout: float) -> str | None:
-    broker = os.environ.get("MSTAR_BROKER_URL")
-    if not broker:
-        return "MSTAR_BROKER_URL is not set"
-    from celery import Celery
+    # The service's own Celery app: the broker transport options (key separator, priority steps) must match the
+    # worker's, or the worker cannot route its reply to this client's reply queue.
+    from service.config import Settings
+    from service.worker.celery_app import make_celery
 
-    app = Celery("mstar-healthcheck", broker=broker)
+    try:
+        app = make_celery(Settings(), with_tasks=False)
+    except Exception as err:  # no MSTAR_BROKER_URL, invalid settings
+        return str(err)
     app.conf.broker_connection_timeout = timeout
-    app.conf.broker_connection_retry_on_startup = False
+    app.conf.broker_connection_retry = False
     app.conf.broker_connection_max_retries = 0
     try:
         replies = app.control.ping(destination=[node], timeout=timeout)
     except Exception as err:  # broker unreachable: the worker cannot take jobs either
-        return f"broker {broker.split('@')[-1]}: {err}"
+        return f"broker: {err}"
     finally:
         app.close()
     if not any(node in reply for reply in replies or []):

@@ -27,7 +27,7 @@ import yaml
 from deploy_tools import ROOT, compose_binary, run, tool
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
-from services import free_port, redis_server  # noqa: F401
+from services import free_port, postgres_url, redis_server  # noqa: F401
 
 DOCKERFILES = sorted((ROOT / "docker").glob("*.Dockerfile"))
 LOCK = ROOT / "requirements/lock.txt"
@@ -324,7 +324,10 @@ def test_http_healthcheck_against_a_real_server() -> None:
 
 def test_celery_healthcheck_pings_the_named_worker(redis_server, tmp_path: Path) -> None:  # noqa: F811
     app_mod = tmp_path / "pingapp.py"
-    app_mod.write_text(f"from celery import Celery\napp = Celery('ping', broker={redis_server.url!r})\n")
+    app_mod.write_text(  # a worker of the service's own Celery app, with nothing but the ping to answer
+        "from service.config import Settings\nfrom service.worker.celery_app import make_celery\n"
+        f"app = make_celery(Settings(broker_url={redis_server.url!r}, data_dir={str(tmp_path)!r}), with_tasks=False)\n"
+    )
     worker = subprocess.Popen(
         [
             PY,
@@ -343,11 +346,12 @@ def test_celery_healthcheck_pings_the_named_worker(redis_server, tmp_path: Path)
             "WARNING",
         ],
         cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": f"{ROOT}:{tmp_path}"},
+        stdout=(tmp_path / "worker.log").open("w"),
+        stderr=subprocess.STDOUT,
     )
     check = [PY, str(ROOT / "docker/healthcheck.py"), "--timeout", "2", "celery"]
-    env = {**os.environ, "MSTAR_BROKER_URL": redis_server.url}
+    env = {**os.environ, "MSTAR_BROKER_URL": redis_server.url, "PYTHONPATH": f"{ROOT}:{tmp_path}"}
     try:
         deadline = time.monotonic() + 60
         while run([*check, "mstar@probe-host"], check=False, env=env).returncode != 0:
@@ -358,8 +362,12 @@ def test_celery_healthcheck_pings_the_named_worker(redis_server, tmp_path: Path)
     finally:
         worker.terminate()
         worker.wait(30)
+    t0 = time.monotonic()
     no_broker = run([*check], check=False, env={**env, "MSTAR_BROKER_URL": f"redis://127.0.0.1:{free_port()}/0"})
     assert no_broker.returncode == 1 and "unhealthy" in no_broker.stderr
+    assert time.monotonic() - t0 < 30, "a lost broker must fail the check promptly, not retry for minutes"
+    unset = run([*check], check=False, env={k: v for k, v in env.items() if k != "MSTAR_BROKER_URL"})
+    assert unset.returncode == 1 and "no broker configured" in unset.stderr
 
 
 # --- compose --------------------------------------------------------------------------------------------------
@@ -516,3 +524,62 @@ def test_grafana_dashboard_queries_are_valid_promql_on_known_metrics(tmp_path: P
         assert needed in used, f"the dashboard does not show {needed}"
     provider = yaml.safe_load((ROOT / "deploy/grafana/provisioning/dashboards/mstar.yml").read_text())
     assert provider["providers"][0]["options"]["path"] == "/var/lib/grafana/dashboards"
+
+
+def test_compose_commands_boot_natively_and_pass_the_image_health_checks(
+    redis_server,  # noqa: F811
+    postgres_url,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """The compose stack's gateway and worker commands, with its environment (hosts pointed at a real Redis and
+    PostgreSQL here), start, and the images' own health checks pass: the gateway answers /healthz, and the worker
+    named `mstar@%h` answers a ping addressed to `mstar@<hostname>`, the health check's default."""
+    proc = _compose_config("compose.yaml", env={"MSTAR_ADMIN_KEY": "k" * 32})
+    assert proc.returncode == 0, proc.stderr
+    svc = json.loads(proc.stdout)["services"]
+    remap = {
+        "MSTAR_BROKER_URL": redis_server.url,
+        "MSTAR_DATABASE_URL": postgres_url,
+        "MSTAR_DATA_DIR": str(tmp_path / "data"),
+        "MSTAR_BUNDLE_DIR": str(ROOT / "model_repository"),
+    }
+    base = {k: v for k, v in os.environ.items() if not k.startswith("MSTAR_")}
+    env = {**base, **svc["gateway"]["environment"], **remap, "PYTHONPATH": str(ROOT)}
+    assert set(remap) <= set(svc["gateway"]["environment"])
+    mstar = str(Path(PY).parent / "mstar")
+    port = free_port()
+    cmds = re.findall(r'^CMD (\["mstar", .*\])$', (ROOT / "docker/service.Dockerfile").read_text(), re.M)
+    args = json.loads(cmds[-1])[1:]  # the last stage, the default target, is the gateway
+    assert args[0] == "serve"
+    args[args.index("--port") + 1] = str(port)
+    worker_cmd = svc["worker"]["command"]
+    assert worker_cmd[:2] == ["mstar", "worker"] and "mstar@%h" in worker_cmd
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    procs = [
+        subprocess.Popen([mstar, *args], env=env, stdout=(logs / "gw").open("w"), stderr=subprocess.STDOUT),
+        subprocess.Popen([mstar, *worker_cmd[1:]], env=env, stdout=(logs / "wk").open("w"), stderr=subprocess.STDOUT),
+    ]
+    checks = {
+        "gateway": [PY, str(ROOT / "docker/healthcheck.py"), "http", f"http://127.0.0.1:{port}/healthz"],
+        "worker": [PY, str(ROOT / "docker/healthcheck.py"), "--timeout", "2", "celery"],
+    }
+    try:
+        deadline = time.monotonic() + 120
+        pending = dict(checks)
+        while pending:
+            for name, cmd in list(pending.items()):
+                if run(cmd, check=False, env=env).returncode == 0:
+                    pending.pop(name)
+            for p, log in zip(procs, ("gw", "wk"), strict=True):
+                assert p.poll() is None, f"{log} exited {p.returncode}:\n{(logs / log).read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"health checks still failing: {sorted(pending)}"
+            time.sleep(1)
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
