@@ -161,6 +161,7 @@ def test_default_values_render_valid_objects(helm: str) -> None:
     assert _pod_spec(job)["containers"][0]["image"] == "mstar-train:0.1.0"  # trains the demo: needs torch
     assert set(_objs(docs, "StatefulSet")) == {"mstar-redis", "mstar-postgresql"}
     env = _env(gw)
+    assert "MSTAR_METRICS_PUBLIC" not in env  # /metrics stays behind an admin key unless the operator opens it
     assert env["MSTAR_BROKER_URL"]["value"] == "redis://mstar-redis:6379/0"
     assert env["MSTAR_DATABASE_URL"]["valueFrom"]["secretKeyRef"]["name"] == "mstar-secrets"
 
@@ -207,6 +208,7 @@ def test_gpu_s3_postgres_values_render_valid_objects(helm: str) -> None:
 def test_gpu_workers_and_bundle_image_mode(helm: str) -> None:
     docs = _render(
         helm,
+        "--set", "gateway.metricsPublic=true",
         "--set", "workers.gpu=true", "--set", "workers.backend=onnxruntime", "--set", "triton.enabled=false",
         "--set", "bundle.mode=initContainer", "--set", "bundle.image=registry.example.org/mstar/bundle:2026-11",
     )  # fmt: skip
@@ -221,6 +223,8 @@ def test_gpu_workers_and_bundle_image_mode(helm: str) -> None:
     assert w["initContainers"][0]["image"] == "registry.example.org/mstar/bundle:2026-11"
     assert "Job" not in {d["kind"] for d in docs}
     assert set(_objs(docs, "PersistentVolumeClaim")) == {"mstar-data"}
+    gw = _env(_pod_spec(deps["mstar-gateway"])["containers"][0])
+    assert gw["MSTAR_METRICS_PUBLIC"]["value"] == "true"
 
 
 @pytest.mark.parametrize(

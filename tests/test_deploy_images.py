@@ -397,6 +397,12 @@ def test_compose_stack_config(monkeypatch: pytest.MonkeyPatch) -> None:
     assert svc["triton"]["environment"]["TRITON_MODEL_CONFIG"] == "cpu"
     for name in ("redis", "postgres"):
         assert svc[name]["healthcheck"]["test"], f"{name} has no health check"
+    # /metrics answers admin keys only: Prometheus scrapes with the admin key, mounted as a compose secret
+    assert cfg["secrets"]["mstar_admin_key"]["environment"] == "MSTAR_ADMIN_KEY"
+    assert svc["prometheus"]["secrets"][0]["target"] == "/run/secrets/mstar_admin_key"
+    prom = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
+    gw_job = next(j for j in prom["scrape_configs"] if j["job_name"] == "mstar-gateway")
+    assert gw_job["authorization"]["credentials_file"] == "/run/secrets/mstar_admin_key"
     # the images' targets exist, and every bind mount points into the repository
     service_df = (ROOT / "docker/service.Dockerfile").read_text()
     for name in ("gateway", "worker"):
@@ -476,7 +482,9 @@ def test_prometheus_config_and_alert_rules(tmp_path: Path) -> None:
     promtool = tool("promtool")
     prom = tmp_path / "prometheus.yml"
     shutil.copy(ROOT / "deploy/prometheus/alerts.yml", tmp_path / "alerts.yml")
-    prom.write_text((ROOT / "deploy/prometheus/prometheus.yml").read_text().replace("/etc/prometheus/", ""))
+    (tmp_path / "mstar_admin_key").write_text("k" * 32)  # compose mounts it as a secret in /run/secrets
+    text = (ROOT / "deploy/prometheus/prometheus.yml").read_text()
+    prom.write_text(text.replace("/etc/prometheus/", "").replace("/run/secrets/", f"{tmp_path}/"))
     run([promtool, "check", "config", str(prom)])
     run([promtool, "check", "rules", str(ROOT / "deploy/prometheus/alerts.yml")])
     # unit tests: each alert fires on the series that should raise it and stays quiet on a healthy stack
