@@ -142,6 +142,9 @@ def test_default_values_render_valid_objects(helm: str) -> None:
     assert _objs(docs, "Service")["mstar-triton"]["spec"]["type"] == "ClusterIP"
     netpol = _objs(docs, "NetworkPolicy")
     assert {"mstar-triton", "mstar-redis", "mstar-postgresql"} <= set(netpol)
+    keda = netpol["mstar-redis"]["spec"]["ingress"][1]  # KEDA's scaler must reach Redis to read queue lengths
+    assert keda["from"][0]["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "keda"}
+    assert keda["ports"] == [{"protocol": "TCP", "port": 6379}]
     rule = netpol["mstar-triton"]["spec"]["ingress"]
     assert rule == [
         {
