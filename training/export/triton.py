@@ -56,7 +56,7 @@ def render_config(
     max_queue_size: int = 8192,
     queue_timeout_us: int = 60_000_000,
     intra_op_threads: int = 0,
-    trt_cache: str = "/models/trt_cache",
+    trt_cache: str = "/trt-cache",  # writable volume outside the read-only repository (docker/triton.Dockerfile)
 ) -> str:
     """The `config.pbtxt` text for one model and one deployment variant."""
     if variant not in VARIANTS:
