@@ -196,7 +196,7 @@ def test_assert_dists_guard_fails_the_build_on_a_forbidden_distribution() -> Non
 
 
 def test_tensorrt_cache_lives_outside_the_model_repository() -> None:
-    from training.triton_repo import render_config
+    from training.export.triton import render_config
 
     assert "/models" not in str(render_config.__kwdefaults__["trt_cache"])
     for cfg in (ROOT / "model_repository").glob("*/config.pbtxt"):
