@@ -5,10 +5,14 @@ Batches are read by a thread pool (OpenSlide, libjpeg-turbo and numpy copies rel
 cache, whatever the slide size.
 
 Two ways to get pixels, chosen per slide:
-- fast: tiled JPEG TIFF pyramids (SVS, generic tiled TIFF, OME-TIFF) are cut from stored tiles decoded once
-  (`fasttiles.py`); pixels equal `read_region` exactly on the slides tested here;
+- fast: TIFF-based slides (SVS with JPEG or JPEG 2000 tiles, generic tiled TIFF, OME-TIFF, NDPI) are cut from
+  stored tiles (NDPI: blocks of restart intervals) decoded once (`fasttiles.py`); pixels equal `read_region`
+  exactly wherever the grid's level positions are whole pixels. On levels whose downsample is not a whole
+  number (2.0003 after halving odd sizes) OpenSlide resamples each read by a sub-pixel shift; `fast="auto"`
+  instead reads from the nearest level pixel (as the tifffile reader does), `fast="exact"` keeps OpenSlide's
+  resampled pixels there at OpenSlide's speed;
 - generic: the reader's `read_region`, one call per run of horizontally adjacent patches (up to `run_length`),
-  which removes most of OpenSlide's per-call overhead; used for NDPI, JPEG 2000, DICOM and anything else.
+  which removes most of OpenSlide's per-call overhead; used for DICOM, MRXS and anything else.
 Both resize the same way (area interpolation) when the grid reads more pixels than it delivers.
 """
 
@@ -68,10 +72,11 @@ class PatchReader:
         self.coords = np.asarray(grid.coords, dtype=np.int64).reshape(-1, 2)
         self.run_length = max(1, int(run_length))
         self.fast_source: FastTiffSource | None = None
-        if fast not in (True, False, "auto"):
-            raise InvalidParameterError(f"fast must be True, False or 'auto', got {fast!r}")
+        if fast not in (True, False, "auto", "exact"):
+            raise InvalidParameterError(f"fast must be True, False, 'auto' or 'exact', got {fast!r}")
         level_coords = _level_coords(self.coords, grid.level_downsample)
-        if fast and self._same_pixels_as_reader(level_coords):
+        self.snapped = not self._same_pixels_as_reader(level_coords)
+        if fast and not (fast == "exact" and self.snapped):
             lw, lh = reader.level_dimensions[grid.read_level]
             level = open_tiff_level(getattr(reader, "path", ""), int(lw), int(lh))
             if level is not None:
@@ -83,7 +88,7 @@ class PatchReader:
     def _same_pixels_as_reader(self, level_coords: np.ndarray) -> bool:
         """Cutting stored tiles reproduces `read_region` when level coordinates are whole numbers, or when
         the reader itself snaps to the nearest level pixel (tifffile reader). OpenSlide resamples fractional
-        positions (sub-pixel cairo translation), so those grids keep the generic path."""
+        positions (sub-pixel cairo translation)."""
         from service.slides.readers.tiff_reader import TiffReader
 
         if isinstance(self.reader, TiffReader):
@@ -93,7 +98,8 @@ class PatchReader:
 
     @property
     def mode(self) -> str:
-        return "fast-tiff" if self.fast_source is not None else "read_region"
+        """`fast-tiff` (JPEG / JPEG 2000 tiles), `fast-ndpi` or `read_region`."""
+        return f"fast-{self.fast_source.level.kind}" if self.fast_source is not None else "read_region"
 
     def read_batch(self, start: int, stop: int) -> np.ndarray:
         g = self.grid
