@@ -111,11 +111,11 @@ def test_bounded_inflight_with_slow_consumer_and_early_close(cmu_svs: Path) -> N
         lock = threading.Lock()
         original = PatchReader.read_batch
 
-        def counting(self, start: int, stop: int) -> np.ndarray:
+        def counting(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
             nonlocal started
             with lock:
                 started += 1
-            return original(self, start, stop)
+            return original(self, start, stop, out)
 
         PatchReader.read_batch = counting  # count the real reads; nothing is replaced
         try:

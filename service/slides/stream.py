@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 
 
 MAX_RUN_PIXELS = 4_000_000  # one generic read_region call covers at most this many level pixels
+MIN_PART = 16  # patches: a batch is split across reader threads only into parts at least this large
 
 
 def resize_patch(region: np.ndarray, size: int) -> np.ndarray:
@@ -101,10 +102,12 @@ class PatchReader:
         """`fast-tiff` (JPEG / JPEG 2000 tiles), `fast-ndpi` or `read_region`."""
         return f"fast-{self.fast_source.level.kind}" if self.fast_source is not None else "read_region"
 
-    def read_batch(self, start: int, stop: int) -> np.ndarray:
+    def read_batch(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Patches `[start, stop)` of the grid, written into `out` when given (a view of a larger batch)."""
         g = self.grid
         n = stop - start
-        out = np.empty((n, g.patch_size, g.patch_size, 3), np.uint8)
+        if out is None:
+            out = np.empty((n, g.patch_size, g.patch_size, 3), np.uint8)
         if self.fast_source is not None:
             rs = g.read_size
             buf = None if rs == g.patch_size else np.empty((rs, rs, 3), np.uint8)
@@ -174,22 +177,38 @@ def iter_batches(
         return
     inflight = max(1, max_inflight if max_inflight is not None else workers + 1)
     patches = PatchReader(reader, grid, fast=fast, cache_mb=cache_mb, run_length=run_length)
-    starts = range(0, n, batch_size)
+    # a batch is read in up to `workers` parts of at least MIN_PART patches, so that both cores work on a
+    # small slide (or the last batch) too, not only when several batches are in flight
+    part = max(MIN_PART, -(-batch_size // workers))
+    size = grid.patch_size
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mstar-tiles")
-    pending: deque[tuple[int, int, Future]] = deque()
+    pending: deque[tuple[int, int, np.ndarray, list[Future]]] = deque()
+
+    def submit(start: int, stop: int) -> None:
+        out = np.empty((stop - start, size, size, 3), np.uint8)
+        futs = [
+            pool.submit(patches.read_batch, a, min(a + part, stop), out[a - start : min(a + part, stop) - start])
+            for a in range(start, stop, part)
+        ]
+        pending.append((start, stop, out, futs))
+
+    def take() -> tuple[np.ndarray, np.ndarray]:
+        s, e, out, futs = pending.popleft()
+        for f in futs:
+            f.result()
+        return out, patches.coords[s:e]
+
     try:
-        for start in starts:
-            stop = min(start + batch_size, n)
-            pending.append((start, stop, pool.submit(patches.read_batch, start, stop)))
+        for start in range(0, n, batch_size):
+            submit(start, min(start + batch_size, n))
             if len(pending) >= inflight:
-                s, e, fut = pending.popleft()
-                yield fut.result(), patches.coords[s:e]
+                yield take()
         while pending:
-            s, e, fut = pending.popleft()
-            yield fut.result(), patches.coords[s:e]
+            yield take()
     finally:
-        for _, _, fut in pending:
-            fut.cancel()
+        for *_, futs in pending:
+            for f in futs:
+                f.cancel()
         pool.shutdown(wait=True, cancel_futures=True)
         patches.close()
 
