@@ -86,9 +86,8 @@ def build_slide(min_side: int, mpp: float, factor: int, kind: str) -> Path:
     h0, w0 = src.shape[:2]
     width = math.ceil(min_side / w0) * w0
     height = math.ceil(min_side / h0) * h0
-    out = BENCH_DIR / f"cmu-mirror-{width}x{height}-{mpp}mpp-x{factor}-q{JPEG_QUALITY}.{kind}.tif"
-    if kind == "svs":
-        out = out.with_suffix(".svs")
+    suffix = ".svs" if kind == "svs" else ".ome.tif"
+    out = BENCH_DIR / f"cmu-mirror-{width}x{height}-{mpp}mpp-x{factor}-q{JPEG_QUALITY}{suffix}"
     if out.exists():
         return out
     BENCH_DIR.mkdir(parents=True, exist_ok=True)
@@ -110,7 +109,7 @@ def build_slide(min_side: int, mpp: float, factor: int, kind: str) -> Path:
                 desc += f"JPEG/RGB Q={JPEG_QUALITY}"
                 if i == 0:
                     desc += f"|AppMag = {round(10 / mpp)}|MPP = {mpp}"
-                extra = {"description": desc, "subfiletype": 1 if i else 0}
+                extra = {"description": desc, "subfiletype": 1 if i else 0, "metadata": None}
             elif i == 0:
                 extra = {
                     "subifds": len(sizes) - 1,

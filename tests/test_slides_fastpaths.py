@@ -113,3 +113,15 @@ def test_damaged_ndpi_block_is_a_typed_error(ndpi: Path, tmp_path: Path) -> None
         for ty in range(level.tiles_y):
             src.read(0, ty * level.tile_h, (level.width, level.tile_h))
     src.close()
+
+
+def test_tiling_bench_row_for_a_real_slide(ndpi: Path) -> None:
+    """bench/tiling.py measures one format end to end (tiny, one repeat): keeps the benchmark runnable."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_tiling", Path(__file__).parents[1] / "bench" / "tiling.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    row = bench.bench_slide("NDPI", ndpi, None, repeats=1, max_patches=20)
+    assert row["mode"] == "fast-ndpi" and row["measured"] == 20 and row["baseline"] == "openslide"
+    assert row["ours"] > 0 and row["loop"] > 0 and row["ceiling"] > 0 and row["max_abs_diff"] == 0

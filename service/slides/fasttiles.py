@@ -10,7 +10,8 @@ patch rows is decoded once.
 
 JPEG 2000 (Aperio 33005, RGB) tiles go through the same path: tifffile's decoder for those pages is OpenJPEG
 (imagecodecs), the library OpenSlide uses, so pixels are identical. One OpenJPEG thread per tile: on 256 px tiles
-its thread option made a decode 3x slower here, and the reader threads already decode tiles in parallel. Aperio
+its thread option was no faster (3x slower on background tiles), and the reader threads already decode tiles in
+parallel. Aperio
 33003 (YCbCr without the JPEG 2000 colour transform) is left to OpenSlide: there is no sample to pin its colour.
 
 NDPI stores each level as one JPEG whose restart markers cut it into intervals (tifffile lists them as "tiles"
