@@ -31,7 +31,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+sys.path.append(str(ROOT / "bench"))  # after ROOT: bench/service.py must not shadow the package
 
 from service.embedding import EmbedStats, embed_grid  # noqa: E402
 from service.inference.bundle import load_bundle  # noqa: E402
