@@ -11,7 +11,8 @@ cached under out/bench/):
 - NDPI (restart-interval JPEG), Aperio JPEG 2000 (33005; no µm/px, read with a 0.25 override), DICOM WSI: the
   real samples in ../shared/data/slides;
 - OME-TIFF: a pyramidal OME-TIFF (SubIFDs) of the mirrored pixels;
-- MRXS: no sample exists and none is built (see docs/slides.md), so its row says so.
+- MRXS: a MIRAX slide (Slidedat.ini + Index.dat + Data0000.dat, one JPEG per 256 px camera image, no overlap)
+  of the mirrored pixels; no real MRXS sample exists here.
 
 Per slide, each of these is run `--repeats` times, interleaved, and the median is reported:
 - ours: patches/s of `iter_batches` (2 workers) over every grid patch, CPU ms per patch (all threads) and the
@@ -131,6 +132,28 @@ def build_slide(min_side: int, mpp: float, factor: int, kind: str) -> Path:
                 **extra,
             )
     tmp.rename(out)
+    print(f"# built {out.name} ({width}x{height}) in {time.perf_counter() - t0:.1f} s", flush=True)
+    return out
+
+
+def build_mirax(min_side: int, mpp: float = 0.5) -> Path:
+    """A MIRAX slide of mirrored CMU pixels (regular camera grid, no overlap), cached; written by the same
+    writer the tests use (tests/slide_fixtures.py)."""
+    import importlib.util
+
+    with openslide.OpenSlide(str(CMU)) as s:
+        src = np.asarray(s.read_region((0, 0), 0, s.dimensions).convert("RGB"))
+    h0, w0 = src.shape[:2]
+    width, height = math.ceil(min_side / w0) * w0, math.ceil(min_side / h0) * h0
+    out = BENCH_DIR / f"cmu-mirror-{width}x{height}-{mpp}mpp.mrxs"
+    if out.exists():
+        return out
+    spec = importlib.util.spec_from_file_location("slide_fixtures", ROOT / "tests" / "slide_fixtures.py")
+    fixtures = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fixtures)
+    pixels = src[_mirror_index(height, h0)][:, _mirror_index(width, w0)]
+    t0 = time.perf_counter()
+    fixtures.write_mirax(pixels, out, levels=5, quality=JPEG_QUALITY, mpp=mpp)
     print(f"# built {out.name} ({width}x{height}) in {time.perf_counter() - t0:.1f} s", flush=True)
     return out
 
@@ -376,21 +399,18 @@ def main(argv: list[str] | None = None) -> int:
     max_patches = args.max_patches or (2000 if args.quick else None)
     cv2.setNumThreads(1)  # the benchmark compares reader threads, not OpenCV's own pool
 
-    slides: list[tuple[str, Path | None, float | None]] = [
+    slides: list[tuple[str, Path, float | None]] = [
         ("JPEG SVS 0.5", build_slide(LARGE_SIDE, 0.5, 2, "svs"), None),
         ("JPEG SVS 0.25 (4x)", build_slide(12_000, 0.25, 4, "svs"), None),
         ("NDPI", SLIDES / "test3-DAPI-2-387.ndpi", None),
         ("JPEG2000 SVS (0.25)", SLIDES / "tcga-cr-7395-01a-01-ts1.svs", 0.25),
         ("DICOM", SLIDES / "dicom-cmu-1-small-region", None),
         ("OME-TIFF", build_slide(8_000, 0.5, 2, "ome"), None),
-        ("MRXS", None, None),
+        ("MRXS", build_mirax(8_000), None),
     ]
     rows = []
     for name, path, override in slides:
         if args.only and args.only.lower() not in name.lower():
-            continue
-        if path is None:
-            rows.append({"slide": name, "note": "no MRXS sample here and none built; see docs/slides.md"})
             continue
         row = bench_slide(name, path, override, repeats, max_patches)
         rows.append(row)

@@ -125,3 +125,39 @@ def test_tiling_bench_row_for_a_real_slide(ndpi: Path) -> None:
     row = bench.bench_slide("NDPI", ndpi, None, repeats=1, max_patches=20)
     assert row["mode"] == "fast-ndpi" and row["measured"] == 20 and row["baseline"] == "openslide"
     assert row["ours"] > 0 and row["loop"] > 0 and row["ceiling"] > 0 and row["max_abs_diff"] == 0
+
+
+@pytest.fixture(scope="module")
+def mirax(cmu_svs: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from slide_fixtures import write_mirax
+
+    return write_mirax(cmu_svs, tmp_path_factory.mktemp("mirax") / "cmu.mrxs")
+
+
+def test_mirax_built_here_reads_like_the_svs(mirax: Path, cmu_svs: Path) -> None:
+    with open_slide(mirax) as r, open_slide(cmu_svs) as svs:
+        assert r.vendor == "mirax" and r.level_count == 3 and r.mpp is not None
+        assert abs(r.mpp.x - 0.499) < 1e-3
+        diff = np.abs(r.read_region((500, 700), 0, (400, 400)).astype(int) - svs.read_region((500, 700), 0, (400, 400)))
+    assert diff.mean() < 3  # the same real pixels, JPEG-recompressed at quality 90
+
+
+def test_mirax_fast_path_equals_openslide(mirax: Path) -> None:
+    _random_regions_equal(mirax, range(3), n=8)
+    with open_slide(mirax) as r:
+        for target in (0.5, 1.0):
+            g = build_grid(r, target_mpp=target)
+            assert PatchReader(r, g).mode == "fast-mrxs" and len(g) > 5
+            ours = _collect(r, g, batch_size=8)
+            assert np.array_equal(ours, _openslide_patches(mirax, g)), target
+
+
+def test_mirax_with_positions_or_overlap_keeps_the_generic_path(mirax: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "cmu"
+    shutil.copytree(mirax.with_suffix(""), folder)
+    shutil.copy(mirax, tmp_path / "cmu.mrxs")
+    ini = (folder / "Slidedat.ini").read_text().replace("OVERLAP_X=0", "OVERLAP_X=8", 1)
+    (folder / "Slidedat.ini").write_text(ini)
+    assert open_tiff_level(tmp_path / "cmu.mrxs", 2304, 3072) is None
+    (folder / "Index.dat").write_bytes(b"garbage")
+    assert open_tiff_level(tmp_path / "cmu.mrxs", 2304, 3072) is None

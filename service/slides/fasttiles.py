@@ -22,12 +22,18 @@ Each restart interval is an independent entropy-coded unit, so the pixels equal 
 same intervals; with vertical chroma subsampling (none in the sample) libjpeg's fancy upsampling would smooth
 across interval rows inside a block, which OpenSlide does not.
 
+MIRAX (`.mrxs` + a folder with Slidedat.ini, Index.dat, Data*.dat) stores one JPEG per camera image; where the
+images sit on a regular grid (no camera overlap, no position buffer, one image per camera field) `MiraxLevel`
+maps each level's images to tiles from Index.dat and decodes them once, as OpenSlide's MIRAX driver would place
+them. Scanner files with overlapping camera fields or a position buffer keep the generic path.
+
 Anything else (Philips, DICOM, other codecs, odd layouts) returns None from `open_tiff_level` and callers use the
 generic reader.
 """
 
 from __future__ import annotations
 
+import configparser
 import contextlib
 import os
 import struct
@@ -171,12 +177,18 @@ def _fast_tiled_page(page: tifffile.TiffPage, width: int, height: int) -> bool:
     )
 
 
-def open_tiff_level(path: str | Path, width: int, height: int) -> TiffLevel | NdpiLevel | None:
-    """The page of `path` that is exactly `width` x `height` and that the fast path can cut (tiled JPEG or
-    Aperio JPEG 2000, or an NDPI level with restart markers), or None (not a TIFF, other codec, no such page)."""
+def open_tiff_level(path: str | Path, width: int, height: int) -> TiffLevel | NdpiLevel | MiraxLevel | None:
+    """The level of `path` that is exactly `width` x `height` and that the fast path can cut (a tiled JPEG or
+    Aperio JPEG 2000 page, an NDPI level with restart markers, a regular MIRAX level), or None (other format or
+    codec, no such level)."""
     path = Path(path)
     if not path.is_file():
         return None
+    if path.suffix.lower() == ".mrxs":
+        try:
+            return MiraxLevel.open(path, width, height)
+        except (OSError, ValueError, KeyError, struct.error, configparser.Error):
+            return None
     try:
         with tifffile.TiffFile(path) as tif:
             if tif.is_philips:
@@ -301,10 +313,134 @@ class NdpiLevel:
             self.close()
 
 
+class MiraxLevel:
+    """One zoom level of a MIRAX slide whose camera images form a regular grid, one JPEG per tile."""
+
+    kind = "mrxs"
+    codec = "jpeg"
+
+    @classmethod
+    def open(cls, path: Path, width: int, height: int) -> MiraxLevel | None:
+        folder = path.with_suffix("")
+        ini = configparser.ConfigParser(interpolation=None, strict=False)
+        ini.optionxform = str  # MIRAX keys are case-sensitive
+        ini.read_string((folder / "Slidedat.ini").read_text(encoding="utf-8-sig", errors="replace"))
+        gen, hier = ini["GENERAL"], ini["HIERARCHICAL"]
+        if int(gen.get("CameraImageDivisionsPerSide", "1")) != 1 or hier.get("HIER_0_NAME") != "Slide zoom level":
+            return None
+        nonhier = [hier.get(f"NONHIER_{i}_NAME", "") for i in range(int(hier.get("NONHIER_COUNT", "0")))]
+        if "VIMSLIDE_POSITION_BUFFER" in nonhier or "StitchingIntensityLayer" in nonhier:
+            return None  # camera positions are not a plain grid
+        nx, ny = int(gen["IMAGENUMBER_X"]), int(gen["IMAGENUMBER_Y"])
+        sections = [ini[hier[f"HIER_0_VAL_{i}_SECTION"]] for i in range(int(hier["HIER_0_COUNT"]))]
+        if any(float(sec["OVERLAP_X"]) or float(sec["OVERLAP_Y"]) for sec in sections):
+            return None
+        iw, ih = int(sections[0]["DIGITIZER_WIDTH"]), int(sections[0]["DIGITIZER_HEIGHT"])
+        exponent = 0
+        for z, sec in enumerate(sections):
+            exponent += int(sec["IMAGE_CONCAT_FACTOR"])
+            concat = 1 << exponent
+            same_size = (int(sec["DIGITIZER_WIDTH"]), int(sec["DIGITIZER_HEIGHT"])) == (iw, ih)
+            if (nx * iw // concat, ny * ih // concat) == (width, height) and same_size:
+                if sec["IMAGE_FORMAT"] != "JPEG":
+                    return None
+                files = [folder / ini["DATAFILE"][f"FILE_{i}"] for i in range(int(ini["DATAFILE"]["FILE_COUNT"]))]
+                images = _mirax_images(folder / hier["INDEXFILE"], gen["SLIDE_ID"], z)
+                return cls(path, width, height, iw, ih, nx, concat, images, files)
+        return None
+
+    def __init__(
+        self,
+        path: Path,
+        width: int,
+        height: int,
+        image_w: int,
+        image_h: int,
+        images_across: int,
+        concat: int,
+        images: list[tuple[int, int, int, int]],
+        files: list[Path],
+    ) -> None:
+        self.path = path
+        self.width, self.height = width, height
+        self.tile_w, self.tile_h = image_w, image_h
+        self.tiles_x = -(-width // image_w)
+        self.tiles_y = -(-height // image_h)
+        self.images: dict[tuple[int, int], tuple[int, int, int]] = {}
+        for image_index, offset, length, fileno in images:
+            x, y = image_index % images_across, image_index // images_across
+            if x % concat or y % concat or not 0 <= fileno < len(files):
+                raise ValueError(f"image {image_index} does not fit the level's grid")
+            self.images[(x // concat, y // concat)] = (fileno, offset, length)
+        self._fds = [os.open(f, os.O_RDONLY) for f in files]
+
+    def decode_tile(self, key: tuple[int, int]) -> np.ndarray:
+        """uint8 RGB of the camera image at tile `key`; tiles without an image are white, as read_region's
+        transparent pixels become."""
+        entry = self.images.get(key)
+        if entry is None:
+            return np.full((self.tile_h, self.tile_w, 3), 255, np.uint8)
+        fileno, offset, length = entry
+        try:
+            data = os.pread(self._fds[fileno], length, offset)
+            if len(data) != length:
+                raise ValueError(f"data file truncated: {len(data)} of {length} bytes")
+            arr = imagecodecs.jpeg8_decode(data)
+        except Exception as exc:  # any codec error means damaged pixels, never a worker crash
+            raise CorruptSlideError(
+                f"MIRAX image {key} of the {self.width}x{self.height} level cannot be decoded ({exc})",
+                slide=self.path.name,
+            ) from None
+        if arr.ndim == 2:
+            arr = np.repeat(arr[:, :, None], 3, axis=2)
+        if arr.shape[:2] != (self.tile_h, self.tile_w):
+            raise CorruptSlideError(
+                f"MIRAX image {key} is {arr.shape[1]}x{arr.shape[0]} px, not {self.tile_w}x{self.tile_h}",
+                slide=self.path.name,
+            )
+        return arr[:, :, :3]
+
+    def close(self) -> None:
+        for fd in self._fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._fds = []
+
+    def __del__(self) -> None:
+        self.close()
+
+
+def _mirax_images(index: Path, slide_id: str, zoom: int) -> list[tuple[int, int, int, int]]:
+    """(image index, offset, length, file number) of every image of zoom level `zoom` in Index.dat: a
+    pointer table after the version and slide id, one entry per level, each leading to a chain of pages of
+    16-byte records."""
+    raw = index.read_bytes()
+    head = b"01.02" + slide_id.encode()
+    if not raw.startswith(head):
+        raise ValueError("Index.dat does not belong to this slide")
+
+    def i32(at: int) -> int:
+        return struct.unpack_from("<i", raw, at)[0]
+
+    level = i32(i32(len(head)) + 4 * zoom)
+    if i32(level) != 0:
+        raise ValueError("unexpected Index.dat level header")
+    page, out = i32(level + 4), []
+    for _ in range(1 << 20):  # a chain of pages; bounded so a looping chain cannot hang
+        count, nxt = i32(page), i32(page + 4)
+        if count < 0 or page + 8 + 16 * count > len(raw):
+            raise ValueError("Index.dat page out of bounds")
+        out.extend(struct.unpack_from(f"<{4 * count}i", raw, page + 8)[i : i + 4] for i in range(0, 4 * count, 4))
+        if nxt == 0:
+            return [tuple(r) for r in out]
+        page = nxt
+    raise ValueError("Index.dat page chain does not end")
+
+
 class FastTiffSource:
     """Cuts `size` x `size` level pixels at level coordinates out of cached decoded tiles."""
 
-    def __init__(self, level: TiffLevel | NdpiLevel, cache_bytes: int = 64 << 20) -> None:
+    def __init__(self, level: TiffLevel | NdpiLevel | MiraxLevel, cache_bytes: int = 64 << 20) -> None:
         self.level = level
         # NDPI blocks can be a whole level wide: keep at least two block rows, or patch rows thrash the cache
         row_bytes = level.tiles_x * level.tile_w * level.tile_h * 3 if level.kind == "ndpi" else 0
