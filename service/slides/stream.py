@@ -5,14 +5,15 @@ Batches are read by a thread pool (OpenSlide, libjpeg-turbo and numpy copies rel
 cache, whatever the slide size.
 
 Two ways to get pixels, chosen per slide:
-- fast: TIFF-based slides (SVS with JPEG or JPEG 2000 tiles, generic tiled TIFF, OME-TIFF, NDPI) are cut from
-  stored tiles (NDPI: blocks of restart intervals) decoded once (`fasttiles.py`); pixels equal `read_region`
-  exactly wherever the grid's level positions are whole pixels. On levels whose downsample is not a whole
-  number (2.0003 after halving odd sizes) OpenSlide resamples each read by a sub-pixel shift; `fast="auto"`
+- fast: SVS with JPEG or JPEG 2000 tiles, generic tiled TIFF, OME-TIFF, NDPI and MIRAX with a regular camera
+  grid are cut from stored tiles (NDPI: blocks of restart intervals) decoded once (`fasttiles.py`); pixels equal
+  `read_region` exactly wherever the grid's level positions are whole pixels. On levels whose downsample is not
+  a whole number (2.0003 after halving odd sizes) OpenSlide resamples each read by a sub-pixel shift; `fast="auto"`
   instead reads from the nearest level pixel (as the tifffile reader does), `fast="exact"` keeps OpenSlide's
   resampled pixels there at OpenSlide's speed;
 - generic: the reader's `read_region`, one call per run of horizontally adjacent patches (up to `run_length`),
-  which removes most of OpenSlide's per-call overhead; used for DICOM, MRXS and anything else.
+  which removes most of OpenSlide's per-call overhead; used for DICOM, MIRAX with overlapping camera fields and
+  anything else.
 Both resize the same way (area interpolation) when the grid reads more pixels than it delivers.
 """
 
@@ -99,7 +100,7 @@ class PatchReader:
 
     @property
     def mode(self) -> str:
-        """`fast-tiff` (JPEG / JPEG 2000 tiles), `fast-ndpi` or `read_region`."""
+        """`fast-tiff` (JPEG / JPEG 2000 tiles), `fast-ndpi`, `fast-mrxs` or `read_region`."""
         return f"fast-{self.fast_source.level.kind}" if self.fast_source is not None else "read_region"
 
     def read_batch(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
