@@ -3,8 +3,9 @@ alone and inference alone, on the same slide, in one run.
 
 Run: `.venv/bin/python bench/analyze.py [--repeats 3] [--bundle model_repository] [--slide PATH]`
 
-The slide is bench/tiling.py's >= 20,000 px Aperio-style JPEG SVS (built and cached under out/bench/ on first
-use). With the demo bundle's patch size and µm/px, each repeat measures, interleaved:
+The slide is an Aperio-style JPEG SVS of mirrored real pixels, >= `--side` px (10,000 by default; built by
+bench/tiling.py's builder and cached under out/bench/ on first use). With the demo bundle's patch size and µm/px,
+each repeat measures, interleaved:
 - read: `iter_batches` alone (2 reader threads), patches/s;
 - infer: the patch encoder alone (`backend.embed_patches`) on batches already in memory, patches/s;
 - embed: `service.embedding.embed_grid` (reading and inference together, as analyze and extract run them),
@@ -92,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--bundle", type=Path, default=ROOT / "model_repository")
     ap.add_argument("--slide", type=Path, default=None)
+    ap.add_argument("--side", type=int, default=10_000, help="side of the built Aperio-style slide (no --slide)")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--infer-patches", type=int, default=2048, help="patches held in memory for 'infer'")
@@ -99,9 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     cv2.setNumThreads(1)
     if args.slide is None:
-        from tiling import LARGE_SIDE, build_slide
+        from tiling import build_slide
 
-        args.slide = build_slide(LARGE_SIDE, 0.5, 2, "svs")
+        args.slide = build_slide(args.side, 0.5, 2, "svs")
     if not (args.bundle / "bundle.json").is_file():
         print(f"no bundle at {args.bundle}: build the demo bundle first (`mstar analyze` does on first use)")
         return 2
