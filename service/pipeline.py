@@ -145,23 +145,18 @@ def backend_from_settings(bundle: Bundle) -> BundleBackend:
 
 
 def _embed(reader, grid, backend: BundleBackend, options: AnalysisOptions, prog: _Progress) -> np.ndarray:
-    from service.slides.stream import iter_batches
+    from service.embedding import embed_grid
 
-    n = len(grid)
-    dim = backend.bundle.manifest.embed_dim
-    feats = np.empty((n, dim), np.float32)
-    done = 0
     prog("embed", 0.0)
-    batches = iter_batches(reader, grid, batch_size=options.batch_size, workers=options.read_workers)
-    try:
-        for patches, _coords in batches:
-            b = len(patches)
-            feats[done : done + b] = backend.embed_patches(patches)
-            done += b
-            prog("embed", done / n)
-    finally:
-        batches.close()
-    return feats
+    return embed_grid(
+        reader,
+        grid,
+        backend.embed_patches,
+        backend.bundle.manifest.embed_dim,
+        batch_size=options.batch_size,
+        workers=options.read_workers,
+        progress=lambda done, total: prog("embed", done / total),  # also polls cancel, raising JobCanceled
+    )
 
 
 def _model_refs(bundle: Bundle) -> dict:

@@ -55,8 +55,13 @@ def write_generic_tiff(src: Path, out: Path, levels: int = 4) -> Path:
 def write_ome_tiff(src: Path, out: Path, levels: int = 4) -> Path:
     """Pyramidal OME-TIFF: level 0 in the main IFD, reductions in its SubIFDs."""
     pyr, mpp = svs_pyramid(src, levels)
-    meta = {"axes": "YXS", "PhysicalSizeX": mpp, "PhysicalSizeXUnit": "µm",
-            "PhysicalSizeY": mpp, "PhysicalSizeYUnit": "µm"}
+    meta = {
+        "axes": "YXS",
+        "PhysicalSizeX": mpp,
+        "PhysicalSizeXUnit": "µm",
+        "PhysicalSizeY": mpp,
+        "PhysicalSizeYUnit": "µm",
+    }
     with tifffile.TiffWriter(out, ome=True) as tif:
         tif.write(pyr[0], subifds=len(pyr) - 1, metadata=meta, **_common(mpp, 1))
         for i, arr in enumerate(pyr[1:], start=1):
@@ -66,5 +71,108 @@ def write_ome_tiff(src: Path, out: Path, levels: int = 4) -> Path:
 
 def write_both(src: Path, folder: Path) -> tuple[Path, Path]:
     """Both derived containers in `folder` (use from a session-scoped fixture: ~0.5 s)."""
-    return (write_generic_tiff(src, folder / "cmu.generic-tiled.tif"),
-            write_ome_tiff(src, folder / "cmu.pyramid.ome.tif"))
+    return (
+        write_generic_tiff(src, folder / "cmu.generic-tiled.tif"),
+        write_ome_tiff(src, folder / "cmu.pyramid.ome.tif"),
+    )
+
+
+def write_mirax(
+    src: Path | np.ndarray, out: Path, levels: int = 3, tile: int = 256, quality: int = 90, mpp: float = 0.5
+) -> Path:
+    """A MIRAX slide (`out` = NAME.mrxs, plus the folder NAME/ with Slidedat.ini, Index.dat, Data0000.dat) of
+    the real pixels of `src` (a slide, or RGB pixels at `mpp`): one camera image per 256 px tile, no overlaps and
+    no position buffer (the simplest layout OpenSlide's MIRAX driver reads), level i made of 2^i x 2^i level-0
+    images halved i times."""
+    import configparser
+    import io
+    import struct
+    import uuid
+
+    if isinstance(src, np.ndarray):
+        img = Image.fromarray(src)
+        pyr = [src]
+        for _ in range(levels - 1):
+            img = img.resize((max(1, img.width // 2), max(1, img.height // 2)), Image.Resampling.BOX)
+            pyr.append(np.asarray(img))
+    else:
+        pyr, mpp = svs_pyramid(src, levels)
+    h0, w0 = pyr[0].shape[:2]
+    nx, ny = -(-w0 // tile), -(-h0 // tile)
+    folder = out.with_suffix("")
+    folder.mkdir(parents=True, exist_ok=True)
+    slide_id = str(uuid.UUID(int=0x4D5354415220))  # fixed: the files are reproducible
+    data = io.BytesIO()
+    data.write(b"01.02" + slide_id.encode() + b"\x00" * 16)  # a data file header; OpenSlide does not read it
+    records: list[list[tuple[int, int, int]]] = []
+    for i, level in enumerate(pyr):
+        concat = 2**i
+        recs = []
+        for y in range(0, ny, concat):
+            for x in range(0, nx, concat):
+                px, py = x * tile // concat, y * tile // concat
+                img = np.full((tile, tile, 3), 255, np.uint8)
+                part = level[py : py + tile, px : px + tile]
+                img[: part.shape[0], : part.shape[1]] = part
+                buf = io.BytesIO()
+                Image.fromarray(img).save(buf, format="JPEG", quality=quality)
+                recs.append((y * nx + x, data.tell(), buf.tell()))
+                data.write(buf.getvalue())
+        records.append(recs)
+    (folder / "Data0000.dat").write_bytes(data.getvalue())
+
+    index = io.BytesIO()
+    index.write(b"01.02" + slide_id.encode())
+    hier_root = index.tell()
+    index.write(struct.pack("<ii", 0, 0))  # hier table pointer, nonhier table pointer (patched below)
+    table = index.tell()
+    index.write(b"\x00" * 4 * levels)  # one pointer per zoom level (patched below)
+    level_ptrs = []
+    for recs in records:
+        head = index.tell()
+        index.write(struct.pack("<ii", 0, head + 8))  # 0, pointer to the first (only) data page
+        index.write(struct.pack("<ii", len(recs), 0))  # page length, next page (none)
+        for image_index, offset, length in recs:
+            index.write(struct.pack("<iiii", image_index, offset, length, 0))
+        level_ptrs.append(head)
+    nonhier = index.tell()
+    index.write(struct.pack("<i", 0))
+    raw = bytearray(index.getvalue())
+    struct.pack_into("<ii", raw, hier_root, table, nonhier)
+    struct.pack_into(f"<{levels}i", raw, table, *level_ptrs)
+    (folder / "Index.dat").write_bytes(bytes(raw))
+
+    ini = configparser.ConfigParser()
+    ini.optionxform = str  # keys are case-sensitive for OpenSlide
+    ini["GENERAL"] = {
+        "SLIDE_VERSION": "01.03",
+        "SLIDE_ID": slide_id,
+        "IMAGENUMBER_X": str(nx),
+        "IMAGENUMBER_Y": str(ny),
+        "OBJECTIVE_MAGNIFICATION": "20",
+        "CameraImageDivisionsPerSide": "1",
+    }
+    hier = {"HIER_COUNT": "1", "NONHIER_COUNT": "0", "INDEXFILE": "Index.dat"}
+    hier.update({"HIER_0_NAME": "Slide zoom level", "HIER_0_COUNT": str(levels)})
+    for i in range(levels):
+        hier[f"HIER_0_VAL_{i}"] = f"ZoomLevel_{i}"
+        hier[f"HIER_0_VAL_{i}_SECTION"] = f"LAYER_0_LEVEL_{i}_SECTION"
+    ini["HIERARCHICAL"] = hier
+    ini["DATAFILE"] = {"FILE_COUNT": "1", "FILE_0": "Data0000.dat"}
+    for i in range(levels):
+        ini[f"LAYER_0_LEVEL_{i}_SECTION"] = {
+            "IMAGE_CONCAT_FACTOR": "0" if i == 0 else "1",
+            "OVERLAP_X": "0",
+            "OVERLAP_Y": "0",
+            "MICROMETER_PER_PIXEL_X": str(mpp * 2**i),
+            "MICROMETER_PER_PIXEL_Y": str(mpp * 2**i),
+            "IMAGE_FILL_COLOR_BGR": "16777215",
+            "DIGITIZER_WIDTH": str(tile),
+            "DIGITIZER_HEIGHT": str(tile),
+            "IMAGE_FORMAT": "JPEG",
+        }
+    with (folder / "Slidedat.ini").open("w") as fh:
+        ini.write(fh, space_around_delimiters=False)
+    with out.open("w") as fh:  # the .mrxs itself: the GENERAL section, as scanners write it
+        fh.write(f"[GENERAL]\nSLIDE_ID={slide_id}\n")
+    return out

@@ -58,51 +58,47 @@ def test_svs_fast_path_equals_openslide_exactly(cmu_svs: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("container", "target", "level", "mode"),
+    ("container", "target", "level", "fast", "mode", "max_diff"),
     [
-        ("generic", 0.5, 0, "fast-tiff"),
-        # Level 1 has downsample 2.0003 (odd sizes halved): OpenSlide resamples the fractional position,
-        # so the grid keeps OpenSlide's own pixels ...
-        ("generic", 1.0, 1, "read_region"),
-        ("ome", 0.5, 0, "fast-tiff"),
-        # ... while the tifffile reader (OME SubIFDs) snaps to the nearest level pixel, as the fast path does.
-        ("ome", 1.0, 1, "fast-tiff"),
+        ("generic", 0.5, 0, "auto", "fast-tiff", 0),
+        # Level 1 has downsample 2.0003 (odd sizes halved): OpenSlide resamples the fractional position;
+        # "exact" keeps OpenSlide's own pixels, "auto" reads from the nearest level pixel (a measured shift of
+        # at most half a level pixel) ...
+        ("generic", 1.0, 1, "exact", "read_region", 0),
+        ("generic", 1.0, 1, "auto", "fast-tiff", None),
+        ("ome", 0.5, 0, "auto", "fast-tiff", 0),
+        # ... as the tifffile reader (OME SubIFDs) does itself.
+        ("ome", 1.0, 1, "auto", "fast-tiff", 0),
     ],
 )
 def test_derived_tiffs_fast_path_matches_reader(
-    container: str, target: float, level: int, mode: str, derived: dict[str, Path]
+    container: str, target: float, level: int, fast: str, mode: str, max_diff: int | None, derived: dict[str, Path]
 ) -> None:
     with open_slide(derived[container]) as r:
         g = build_grid(r, target_mpp=target)
         assert g.read_level == level
-        assert PatchReader(r, g).mode == mode
-        fast, _ = _collect(r, g, batch_size=16)
+        assert PatchReader(r, g, fast=fast).mode == mode
+        ours, _ = _collect(r, g, batch_size=16, fast=fast)
         generic, _ = _collect(r, g, batch_size=16, fast=False)
-    diff = np.abs(fast.astype(int) - generic)
-    # Same libjpeg-turbo decode of the same stored tiles: identical pixels.
-    assert diff.max() == 0, (container, target, diff.max(), diff.mean())
+    diff = np.abs(ours.astype(int) - generic)
+    if max_diff is not None:  # same libjpeg-turbo decode of the same stored tiles: identical pixels
+        assert diff.max() == max_diff, (container, target, diff.max(), diff.mean())
+    else:  # nearest level pixel vs OpenSlide's sub-pixel resampling: a small mean difference, same content
+        assert 0 < diff.mean() < 6, diff.mean()
 
 
 def test_ndpi_generic_path_with_resize(ndpi: Path) -> None:
     with open_slide(ndpi) as r:
         g = build_grid(r)
-        assert PatchReader(r, g).mode == "read_region"  # NDPI is not cut from TIFF tiles
-        pats, coords = _collect(r, g, batch_size=10, workers=2, run_length=4)
-        one, _ = _collect(r, g, batch_size=10, workers=1, run_length=1)
+        assert PatchReader(r, g, fast=False).mode == "read_region"
+        pats, coords = _collect(r, g, batch_size=10, workers=2, run_length=4, fast=False)
+        one, _ = _collect(r, g, batch_size=10, workers=1, run_length=1, fast=False)
         np.testing.assert_array_equal(coords, g.coords)
         assert np.array_equal(pats, one)  # runs of patches read in one call give the same pixels
         x, y = (int(v) for v in g.coords[3])
         region = r.read_region((x, y), g.read_level, (g.read_size, g.read_size))
         np.testing.assert_array_equal(pats[3], resize_patch(region, g.patch_size))
         assert (pats.reshape(len(pats), -1, 3).max(axis=2) > 30).mean(axis=1).min() > 0.02
-
-
-def test_j2k_svs_streams_with_override(tcga_j2k_svs: Path) -> None:
-    with open_slide(tcga_j2k_svs, mpp_override=0.25) as r:
-        g = build_grid(r)
-        assert PatchReader(r, g).mode == "read_region"
-        pats, _coords = _collect(r, g, batch_size=32)
-    assert len(pats) == len(g) and pats.mean() < 230
 
 
 def test_bounded_inflight_with_slow_consumer_and_early_close(cmu_svs: Path) -> None:
@@ -115,11 +111,11 @@ def test_bounded_inflight_with_slow_consumer_and_early_close(cmu_svs: Path) -> N
         lock = threading.Lock()
         original = PatchReader.read_batch
 
-        def counting(self, start: int, stop: int) -> np.ndarray:
+        def counting(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
             nonlocal started
             with lock:
                 started += 1
-            return original(self, start, stop)
+            return original(self, start, stop, out)
 
         PatchReader.read_batch = counting  # count the real reads; nothing is replaced
         try:
@@ -141,15 +137,17 @@ def test_bounded_inflight_with_slow_consumer_and_early_close(cmu_svs: Path) -> N
             PatchReader.read_batch = original
 
 
-def test_bad_stream_parameters(cmu_svs: Path, ndpi: Path) -> None:
+def test_bad_stream_parameters(cmu_svs: Path, dicom_dir: Path) -> None:
     with open_slide(cmu_svs) as r:
         g = build_grid(r)
         with pytest.raises(InvalidParameterError):
             list(iter_batches(r, g, batch_size=0))
-    with open_slide(ndpi) as r:
+    with open_slide(dicom_dir) as r:
         g = build_grid(r)
         with pytest.raises(InvalidParameterError, match="fast tile path"):
             PatchReader(r, g, fast=True)
+        with pytest.raises(InvalidParameterError, match="'exact'"):
+            PatchReader(r, g, fast="sometimes")
 
 
 def test_tile_cache_decodes_each_tile_once_and_stays_bounded(cmu_svs: Path) -> None:

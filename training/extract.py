@@ -1,10 +1,10 @@
 """Patch-feature extraction at scale: `mstar extract` and the Python API behind it.
 
 For every slide of a cohort manifest (`cohort.csv` with `slide_id, slide_path`) or a folder of slides:
-tile it (`build_grid`), stream uint8 batches (`iter_batches`: a reader thread pool fills a bounded queue of
-batches while the model runs on the previous one, so decoding and inference overlap), run the encoder and write
-the contract HDF5 `DIR/<slide_id>.h5` (`features` + `coords` + geometry and encoder attributes), optionally also
-the official layout (`pt_files/<slide_id>.pt` [N, D] + `h5_files/<slide_id>.h5` coords).
+tile it (`build_grid`), embed the patches (`service.embedding.embed_grid`, the one loop the service uses too: a
+reader thread pool fills a bounded queue of batches while the model runs on the previous one, so decoding and
+inference overlap) and write the contract HDF5 `DIR/<slide_id>.h5` (`features` + `coords` + geometry and encoder
+attributes), optionally also the official layout (`pt_files/<slide_id>.pt` [N, D] + `h5_files/<slide_id>.h5` coords).
 
 Resume: every file is written to a temporary sibling and renamed into place, and the contract HDF5 is renamed
 last, so a slide counts as done only when all its files are complete; a killed run leaves at most `.tmp` files,
@@ -183,6 +183,19 @@ def is_done(out_dir: Path, slide_id: str, pt: bool = False) -> bool:
     return all(p.is_file() for p in outputs_for(out_dir, slide_id, pt))
 
 
+def _bar_updater(bar: Any):
+    """`embed_grid`'s progress(done, total) as increments of a tqdm-like bar (None without a bar)."""
+    if bar is None:
+        return None
+    last = [0]
+
+    def update(done: int, _total: int) -> None:
+        bar.update(done - last[0])
+        last[0] = done
+
+    return update
+
+
 def extract_slide(
     reader_or_path: Any,
     encoder: Encoder,
@@ -207,10 +220,10 @@ def extract_slide(
     advanced by patches; `grid` reuses a `TileGrid` already built for this reader. Returns a summary (patches,
     seconds, patches/s, tiling). Raises `MstarError`s.
     """
+    from service.embedding import embed_grid
     from service.slides.grid import build_grid
     from service.slides.h5io import write_h5
     from service.slides.open import open_slide
-    from service.slides.stream import iter_batches
 
     out_path = Path(out_path)
     slide_id = slide_id or out_path.stem
@@ -225,19 +238,16 @@ def extract_slide(
             from service.errors import NoTissueError
 
             raise NoTissueError(f"no patch with ≥{tissue_threshold:.0%} tissue at {target_mpp} µm/px")
-        feats = np.empty((n, encoder.embed_dim), np.float32)
-        done = 0
         t_embed = time.perf_counter()
-        batches = iter_batches(reader, grid, batch_size=batch_size, workers=max(1, workers))
-        try:
-            for patches, _coords in batches:
-                b = len(patches)
-                feats[done : done + b] = embed_batch(encoder, patches, device)
-                done += b
-                if progress is not None:
-                    progress.update(b)
-        finally:
-            batches.close()
+        feats = embed_grid(
+            reader,
+            grid,
+            lambda patches: embed_batch(encoder, patches, device),
+            encoder.embed_dim,
+            batch_size=batch_size,
+            workers=max(1, workers),
+            progress=_bar_updater(progress),
+        )
         embed_s = time.perf_counter() - t_embed
         if not np.isfinite(feats).all():
             raise MstarError(f"{slide_id}: the encoder produced non-finite features")

@@ -1,5 +1,5 @@
-"""Fast patch source for tiled TIFF pyramids (Aperio SVS, generic tiled TIFF, OME-TIFF): decode each stored
-tile once and cut patches out of the decoded tiles.
+"""Fast patch source for TIFF-based slides (Aperio SVS with JPEG or JPEG 2000 tiles, generic tiled TIFF,
+OME-TIFF, Hamamatsu NDPI): decode each stored tile once and cut patches out of the decoded tiles.
 
 Why: OpenSlide's `read_region` spends most of each call outside JPEG decoding (region setup, cache
 lookups, cairo compositing, RGBA -> RGB), and a 224 px patch straddles about four 256 px stored tiles. Here
@@ -8,25 +8,50 @@ decoder for the page (libjpeg-turbo through imagecodecs, with the page's JPEG ta
 pixels are those OpenSlide produces), and kept in a small byte-bounded LRU so the tile row shared by two
 patch rows is decoded once.
 
-Only pages tifffile describes as tiled, 8-bit, 3-sample, contiguous JPEG are taken; anything else (NDPI, JPEG
-2000, DICOM, odd layouts) returns None from `open_tiff_level` and callers use the generic reader.
+JPEG 2000 (Aperio 33005, RGB) tiles go through the same path: tifffile's decoder for those pages is OpenJPEG
+(imagecodecs), the library OpenSlide uses, so pixels are identical. One OpenJPEG thread per tile: on 256 px tiles
+its thread option was no faster (3x slower on background tiles), and the reader threads already decode tiles in
+parallel. Aperio
+33003 (YCbCr without the JPEG 2000 colour transform) is left to OpenSlide: there is no sample to pin its colour.
+
+NDPI stores each level as one JPEG whose restart markers cut it into intervals (tifffile lists them as "tiles"
+of one MCU row). Decoding intervals one by one costs a libjpeg set-up per 8 px row, so `NdpiLevel` groups a
+block of intervals into a "super tile" of about 1024 x 256 px, joins their entropy-coded data with restart
+markers renumbered from 0 and decodes the block with one call, under a JPEG header patched to the block's size.
+Each restart interval is an independent entropy-coded unit, so the pixels equal OpenSlide's, which decodes the
+same intervals; with vertical chroma subsampling (none in the sample) libjpeg's fancy upsampling would smooth
+across interval rows inside a block, which OpenSlide does not.
+
+MIRAX (`.mrxs` + a folder with Slidedat.ini, Index.dat, Data*.dat) stores one JPEG per camera image; where the
+images sit on a regular grid (no camera overlap, no position buffer, one image per camera field) `MiraxLevel`
+maps each level's images to tiles from Index.dat and decodes them once, as OpenSlide's MIRAX driver would place
+them. Scanner files with overlapping camera fields or a position buffer keep the generic path.
+
+Anything else (Philips, DICOM, other codecs, odd layouts) returns None from `open_tiff_level` and callers use the
+generic reader.
 """
 
 from __future__ import annotations
 
+import configparser
 import contextlib
 import os
+import struct
 import threading
 from collections import OrderedDict
 from pathlib import Path
 
+import imagecodecs
 import numpy as np
 import tifffile
 
 from service.errors import CorruptSlideError
 
 JPEG = 7
-FAST_COMPRESSIONS = frozenset({JPEG})
+APERIO_J2K_RGB = 33005
+FAST_COMPRESSIONS = frozenset({JPEG, APERIO_J2K_RGB})
+NDPI_BLOCK_W = 1024  # target size of an NDPI super tile (level pixels)
+NDPI_BLOCK_H = 256
 
 
 class TileCache:
@@ -75,9 +100,12 @@ class TileCache:
 
 
 class TiffLevel:
-    """One tiled JPEG TIFF page, read tile by tile without going through tifffile's file handle."""
+    """One tiled JPEG / JPEG 2000 TIFF page, read tile by tile without going through tifffile's file handle."""
+
+    kind = "tiff"
 
     def __init__(self, path: Path, page: tifffile.TiffPage) -> None:
+        self.codec = "jpeg2000" if page.compression == APERIO_J2K_RGB else "jpeg"
         self.path = path
         self.width = int(page.imagewidth)
         self.height = int(page.imagelength)
@@ -135,40 +163,288 @@ def _tiled_pages(tif: tifffile.TiffFile):
             yield page
 
 
-def open_tiff_level(path: str | Path, width: int, height: int) -> TiffLevel | None:
-    """The tiled JPEG page of `path` that is exactly `width` x `height`, or None when the fast path does not
-    apply (not a TIFF, NDPI, other codec, no such page)."""
+def _fast_tiled_page(page: tifffile.TiffPage, width: int, height: int) -> bool:
+    return bool(
+        page.is_tiled
+        and int(page.imagewidth) == width
+        and int(page.imagelength) == height
+        and page.compression in FAST_COMPRESSIONS
+        and page.samplesperpixel in (3, 4)
+        and page.bitspersample == 8
+        and page.planarconfig == 1
+        and int(page.imagedepth) == 1
+        and len(page.dataoffsets) == (-(-width // page.tilewidth)) * (-(-height // page.tilelength))
+    )
+
+
+def open_tiff_level(path: str | Path, width: int, height: int) -> TiffLevel | NdpiLevel | MiraxLevel | None:
+    """The level of `path` that is exactly `width` x `height` and that the fast path can cut (a tiled JPEG or
+    Aperio JPEG 2000 page, an NDPI level with restart markers, a regular MIRAX level), or None (other format or
+    codec, no such level)."""
     path = Path(path)
     if not path.is_file():
         return None
+    if path.suffix.lower() == ".mrxs":
+        try:
+            return MiraxLevel.open(path, width, height)
+        except (OSError, ValueError, KeyError, struct.error, configparser.Error):
+            return None
     try:
         with tifffile.TiffFile(path) as tif:
-            if tif.is_ndpi or tif.is_philips:  # NDPI: whole-level JPEGs with restart markers
+            if tif.is_philips:
+                return None
+            if tif.is_ndpi:
+                for page in tif.pages:
+                    if isinstance(page, tifffile.TiffPage) and NdpiLevel.fits(page, width, height):
+                        return NdpiLevel(path, page)
                 return None
             for page in _tiled_pages(tif):
-                if (
-                    page.is_tiled
-                    and int(page.imagewidth) == width
-                    and int(page.imagelength) == height
-                    and page.compression in FAST_COMPRESSIONS
-                    and page.samplesperpixel in (3, 4)
-                    and page.bitspersample == 8
-                    and page.planarconfig == 1
-                    and int(page.imagedepth) == 1
-                    and len(page.dataoffsets) == (-(-width // page.tilewidth)) * (-(-height // page.tilelength))
-                ):
+                if _fast_tiled_page(page, width, height):
                     return TiffLevel(path, page)
-    except (tifffile.TiffFileError, OSError, ValueError, KeyError):
+    except (tifffile.TiffFileError, OSError, ValueError, KeyError, struct.error):
         return None
     return None
+
+
+def _sof_offset(header: bytes) -> int:
+    """Offset of the baseline SOF0 marker segment in a JPEG header (ValueError when absent)."""
+    i = 2  # after SOI
+    while i + 4 <= len(header):
+        if header[i] != 0xFF:
+            raise ValueError("malformed JPEG header")
+        marker = header[i + 1]
+        if marker == 0xC0:
+            return i
+        if marker in (0xC1, 0xC2, 0xC3, 0xDA):
+            break  # progressive/lossless or no frame before the scan: not for this path
+        i += 2 + struct.unpack(">H", header[i + 2 : i + 4])[0]
+    raise ValueError("no baseline SOF0 marker in the JPEG header")
+
+
+class NdpiLevel:
+    """One NDPI level read in blocks of restart intervals ("super tiles"), each decoded with one libjpeg call."""
+
+    kind = "ndpi"
+    codec = "jpeg"
+
+    @staticmethod
+    def fits(page: tifffile.TiffPage, width: int, height: int) -> bool:
+        if not (
+            page.is_tiled
+            and page.jpegheader is not None
+            and int(page.imagewidth) == width
+            and int(page.imagelength) == height
+            and page.compression == JPEG
+            and page.bitspersample == 8
+            and page.samplesperpixel in (1, 3)
+        ):
+            return False
+        cols = -(-width // page.tilewidth)
+        return len(page.dataoffsets) == cols * (-(-height // page.tilelength))
+
+    def __init__(self, path: Path, page: tifffile.TiffPage) -> None:
+        self.path = path
+        self.width = int(page.imagewidth)
+        self.height = int(page.imagelength)
+        self.iw, self.ih = int(page.tilewidth), int(page.tilelength)  # one restart interval
+        self.cols = -(-self.width // self.iw)
+        self.rows = -(-self.height // self.ih)
+        self.gx = max(1, min(self.cols, NDPI_BLOCK_W // self.iw))
+        self.gy = max(1, NDPI_BLOCK_H // self.ih)
+        self.tile_w, self.tile_h = self.gx * self.iw, self.gy * self.ih
+        self.tiles_x = -(-self.cols // self.gx)
+        self.tiles_y = -(-self.rows // self.gy)
+        self.offsets = np.asarray(page.dataoffsets, dtype=np.int64)
+        self.counts = np.asarray(page.databytecounts, dtype=np.int64)
+        self._header = bytes(page.jpegheader)
+        self._sof = _sof_offset(self._header)
+        self._fd = os.open(path, os.O_RDONLY)
+
+    def _block_header(self, w: int, h: int) -> bytes:
+        """The level's JPEG header with the frame size set to one block (SOF0: length, precision, H, W)."""
+        o = self._sof + 5
+        return self._header[:o] + struct.pack(">HH", h, w) + self._header[o + 4 :]
+
+    def _block_data(self, c0: int, c1: int, r0: int, r1: int) -> bytes:
+        """Entropy-coded data of intervals [c0, c1) x [r0, r1), restart markers renumbered from RST0."""
+        parts: list[bytes] = []
+        n = 0
+        for r in range(r0, r1):
+            a, b = r * self.cols + c0, r * self.cols + c1 - 1
+            start, end = int(self.offsets[a]), int(self.offsets[b] + self.counts[b])
+            raw = os.pread(self._fd, end - start, start)
+            if len(raw) != end - start:
+                raise ValueError(f"file truncated: {len(raw)} of {end - start} bytes")
+            for i in range(a, b + 1):
+                seg = raw[int(self.offsets[i]) - start : int(self.offsets[i] + self.counts[i]) - start]
+                if len(seg) >= 2 and seg[-2] == 0xFF and (0xD0 <= seg[-1] <= 0xD7 or seg[-1] == 0xD9):
+                    seg = seg[:-2]  # the interval's own trailing marker
+                if n:
+                    parts.append(bytes((0xFF, 0xD0 + (n - 1) % 8)))
+                parts.append(seg)
+                n += 1
+        parts.append(b"\xff\xd9")
+        return b"".join(parts)
+
+    def decode_tile(self, key: tuple[int, int]) -> np.ndarray:
+        """uint8 RGB of super tile `key` (edge blocks are smaller, or padded to whole intervals)."""
+        tx, ty = key
+        c0, r0 = tx * self.gx, ty * self.gy
+        c1, r1 = min(c0 + self.gx, self.cols), min(r0 + self.gy, self.rows)
+        try:
+            data = self._block_header((c1 - c0) * self.iw, (r1 - r0) * self.ih) + self._block_data(c0, c1, r0, r1)
+            arr = imagecodecs.jpeg8_decode(data)
+        except Exception as exc:  # any codec error means damaged pixels, never a worker crash
+            raise CorruptSlideError(
+                f"NDPI block ({tx}, {ty}) of the {self.width}x{self.height} level cannot be decoded ({exc})",
+                slide=self.path.name,
+            ) from None
+        if arr.ndim == 2:
+            arr = np.repeat(arr[:, :, None], 3, axis=2)
+        return arr[:, :, :3] if arr.shape[2] != 3 else arr
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __del__(self) -> None:
+        with contextlib.suppress(OSError):
+            self.close()
+
+
+class MiraxLevel:
+    """One zoom level of a MIRAX slide whose camera images form a regular grid, one JPEG per tile."""
+
+    kind = "mrxs"
+    codec = "jpeg"
+
+    @classmethod
+    def open(cls, path: Path, width: int, height: int) -> MiraxLevel | None:
+        folder = path.with_suffix("")
+        ini = configparser.ConfigParser(interpolation=None, strict=False)
+        ini.optionxform = str  # MIRAX keys are case-sensitive
+        ini.read_string((folder / "Slidedat.ini").read_text(encoding="utf-8-sig", errors="replace"))
+        gen, hier = ini["GENERAL"], ini["HIERARCHICAL"]
+        if int(gen.get("CameraImageDivisionsPerSide", "1")) != 1 or hier.get("HIER_0_NAME") != "Slide zoom level":
+            return None
+        nonhier = [hier.get(f"NONHIER_{i}_NAME", "") for i in range(int(hier.get("NONHIER_COUNT", "0")))]
+        if "VIMSLIDE_POSITION_BUFFER" in nonhier or "StitchingIntensityLayer" in nonhier:
+            return None  # camera positions are not a plain grid
+        nx, ny = int(gen["IMAGENUMBER_X"]), int(gen["IMAGENUMBER_Y"])
+        sections = [ini[hier[f"HIER_0_VAL_{i}_SECTION"]] for i in range(int(hier["HIER_0_COUNT"]))]
+        if any(float(sec["OVERLAP_X"]) or float(sec["OVERLAP_Y"]) for sec in sections):
+            return None
+        iw, ih = int(sections[0]["DIGITIZER_WIDTH"]), int(sections[0]["DIGITIZER_HEIGHT"])
+        exponent = 0
+        for z, sec in enumerate(sections):
+            exponent += int(sec["IMAGE_CONCAT_FACTOR"])
+            concat = 1 << exponent
+            same_size = (int(sec["DIGITIZER_WIDTH"]), int(sec["DIGITIZER_HEIGHT"])) == (iw, ih)
+            if (nx * iw // concat, ny * ih // concat) == (width, height) and same_size:
+                if sec["IMAGE_FORMAT"] != "JPEG":
+                    return None
+                files = [folder / ini["DATAFILE"][f"FILE_{i}"] for i in range(int(ini["DATAFILE"]["FILE_COUNT"]))]
+                images = _mirax_images(folder / hier["INDEXFILE"], gen["SLIDE_ID"], z)
+                return cls(path, width, height, iw, ih, nx, concat, images, files)
+        return None
+
+    def __init__(
+        self,
+        path: Path,
+        width: int,
+        height: int,
+        image_w: int,
+        image_h: int,
+        images_across: int,
+        concat: int,
+        images: list[tuple[int, int, int, int]],
+        files: list[Path],
+    ) -> None:
+        self.path = path
+        self.width, self.height = width, height
+        self.tile_w, self.tile_h = image_w, image_h
+        self.tiles_x = -(-width // image_w)
+        self.tiles_y = -(-height // image_h)
+        self.images: dict[tuple[int, int], tuple[int, int, int]] = {}
+        for image_index, offset, length, fileno in images:
+            x, y = image_index % images_across, image_index // images_across
+            if x % concat or y % concat or not 0 <= fileno < len(files):
+                raise ValueError(f"image {image_index} does not fit the level's grid")
+            self.images[(x // concat, y // concat)] = (fileno, offset, length)
+        self._fds = [os.open(f, os.O_RDONLY) for f in files]
+
+    def decode_tile(self, key: tuple[int, int]) -> np.ndarray:
+        """uint8 RGB of the camera image at tile `key`; tiles without an image are white, as read_region's
+        transparent pixels become."""
+        entry = self.images.get(key)
+        if entry is None:
+            return np.full((self.tile_h, self.tile_w, 3), 255, np.uint8)
+        fileno, offset, length = entry
+        try:
+            data = os.pread(self._fds[fileno], length, offset)
+            if len(data) != length:
+                raise ValueError(f"data file truncated: {len(data)} of {length} bytes")
+            arr = imagecodecs.jpeg8_decode(data)
+        except Exception as exc:  # any codec error means damaged pixels, never a worker crash
+            raise CorruptSlideError(
+                f"MIRAX image {key} of the {self.width}x{self.height} level cannot be decoded ({exc})",
+                slide=self.path.name,
+            ) from None
+        if arr.ndim == 2:
+            arr = np.repeat(arr[:, :, None], 3, axis=2)
+        if arr.shape[:2] != (self.tile_h, self.tile_w):
+            raise CorruptSlideError(
+                f"MIRAX image {key} is {arr.shape[1]}x{arr.shape[0]} px, not {self.tile_w}x{self.tile_h}",
+                slide=self.path.name,
+            )
+        return arr[:, :, :3]
+
+    def close(self) -> None:
+        for fd in self._fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._fds = []
+
+    def __del__(self) -> None:
+        self.close()
+
+
+def _mirax_images(index: Path, slide_id: str, zoom: int) -> list[tuple[int, int, int, int]]:
+    """(image index, offset, length, file number) of every image of zoom level `zoom` in Index.dat: a
+    pointer table after the version and slide id, one entry per level, each leading to a chain of pages of
+    16-byte records."""
+    raw = index.read_bytes()
+    head = b"01.02" + slide_id.encode()
+    if not raw.startswith(head):
+        raise ValueError("Index.dat does not belong to this slide")
+
+    def i32(at: int) -> int:
+        return struct.unpack_from("<i", raw, at)[0]
+
+    level = i32(i32(len(head)) + 4 * zoom)
+    if i32(level) != 0:
+        raise ValueError("unexpected Index.dat level header")
+    page, out = i32(level + 4), []
+    for _ in range(1 << 20):  # a chain of pages; bounded so a looping chain cannot hang
+        count, nxt = i32(page), i32(page + 4)
+        if count < 0 or page + 8 + 16 * count > len(raw):
+            raise ValueError("Index.dat page out of bounds")
+        out.extend(struct.unpack_from(f"<{4 * count}i", raw, page + 8)[i : i + 4] for i in range(0, 4 * count, 4))
+        if nxt == 0:
+            return [tuple(r) for r in out]
+        page = nxt
+    raise ValueError("Index.dat page chain does not end")
 
 
 class FastTiffSource:
     """Cuts `size` x `size` level pixels at level coordinates out of cached decoded tiles."""
 
-    def __init__(self, level: TiffLevel, cache_bytes: int = 64 << 20) -> None:
+    def __init__(self, level: TiffLevel | NdpiLevel | MiraxLevel, cache_bytes: int = 64 << 20) -> None:
         self.level = level
-        self.cache = TileCache(cache_bytes)
+        # NDPI blocks can be a whole level wide: keep at least two block rows, or patch rows thrash the cache
+        row_bytes = level.tiles_x * level.tile_w * level.tile_h * 3 if level.kind == "ndpi" else 0
+        self.cache = TileCache(max(int(cache_bytes), 2 * row_bytes))
 
     def read(self, lx: int, ly: int, size: int | tuple[int, int], out: np.ndarray | None = None) -> np.ndarray:
         """Level pixels `[ly, ly + h) x [lx, lx + w)` (size = side or (w, h)); outside the level is white."""

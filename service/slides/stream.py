@@ -5,10 +5,15 @@ Batches are read by a thread pool (OpenSlide, libjpeg-turbo and numpy copies rel
 cache, whatever the slide size.
 
 Two ways to get pixels, chosen per slide:
-- fast: tiled JPEG TIFF pyramids (SVS, generic tiled TIFF, OME-TIFF) are cut from stored tiles decoded once
-  (`fasttiles.py`); pixels equal `read_region` exactly on the slides tested here;
+- fast: SVS with JPEG or JPEG 2000 tiles, generic tiled TIFF, OME-TIFF, NDPI and MIRAX with a regular camera
+  grid are cut from stored tiles (NDPI: blocks of restart intervals) decoded once (`fasttiles.py`); pixels equal
+  `read_region` exactly wherever the grid's level positions are whole pixels. On levels whose downsample is not
+  a whole number (2.0003 after halving odd sizes) OpenSlide resamples each read by a sub-pixel shift; `fast="auto"`
+  instead reads from the nearest level pixel (as the tifffile reader does), `fast="exact"` keeps OpenSlide's
+  resampled pixels there at OpenSlide's speed;
 - generic: the reader's `read_region`, one call per run of horizontally adjacent patches (up to `run_length`),
-  which removes most of OpenSlide's per-call overhead; used for NDPI, JPEG 2000, DICOM and anything else.
+  which removes most of OpenSlide's per-call overhead; used for DICOM, MIRAX with overlapping camera fields and
+  anything else.
 Both resize the same way (area interpolation) when the grid reads more pixels than it delivers.
 """
 
@@ -32,6 +37,7 @@ if TYPE_CHECKING:
 
 
 MAX_RUN_PIXELS = 4_000_000  # one generic read_region call covers at most this many level pixels
+MIN_PART = 16  # patches: a batch is split across reader threads only into parts at least this large
 
 
 def resize_patch(region: np.ndarray, size: int) -> np.ndarray:
@@ -68,10 +74,11 @@ class PatchReader:
         self.coords = np.asarray(grid.coords, dtype=np.int64).reshape(-1, 2)
         self.run_length = max(1, int(run_length))
         self.fast_source: FastTiffSource | None = None
-        if fast not in (True, False, "auto"):
-            raise InvalidParameterError(f"fast must be True, False or 'auto', got {fast!r}")
+        if fast not in (True, False, "auto", "exact"):
+            raise InvalidParameterError(f"fast must be True, False, 'auto' or 'exact', got {fast!r}")
         level_coords = _level_coords(self.coords, grid.level_downsample)
-        if fast and self._same_pixels_as_reader(level_coords):
+        self.snapped = not self._same_pixels_as_reader(level_coords)
+        if fast and not (fast == "exact" and self.snapped):
             lw, lh = reader.level_dimensions[grid.read_level]
             level = open_tiff_level(getattr(reader, "path", ""), int(lw), int(lh))
             if level is not None:
@@ -83,7 +90,7 @@ class PatchReader:
     def _same_pixels_as_reader(self, level_coords: np.ndarray) -> bool:
         """Cutting stored tiles reproduces `read_region` when level coordinates are whole numbers, or when
         the reader itself snaps to the nearest level pixel (tifffile reader). OpenSlide resamples fractional
-        positions (sub-pixel cairo translation), so those grids keep the generic path."""
+        positions (sub-pixel cairo translation)."""
         from service.slides.readers.tiff_reader import TiffReader
 
         if isinstance(self.reader, TiffReader):
@@ -93,12 +100,15 @@ class PatchReader:
 
     @property
     def mode(self) -> str:
-        return "fast-tiff" if self.fast_source is not None else "read_region"
+        """`fast-tiff` (JPEG / JPEG 2000 tiles), `fast-ndpi`, `fast-mrxs` or `read_region`."""
+        return f"fast-{self.fast_source.level.kind}" if self.fast_source is not None else "read_region"
 
-    def read_batch(self, start: int, stop: int) -> np.ndarray:
+    def read_batch(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Patches `[start, stop)` of the grid, written into `out` when given (a view of a larger batch)."""
         g = self.grid
         n = stop - start
-        out = np.empty((n, g.patch_size, g.patch_size, 3), np.uint8)
+        if out is None:
+            out = np.empty((n, g.patch_size, g.patch_size, 3), np.uint8)
         if self.fast_source is not None:
             rs = g.read_size
             buf = None if rs == g.patch_size else np.empty((rs, rs, 3), np.uint8)
@@ -168,22 +178,38 @@ def iter_batches(
         return
     inflight = max(1, max_inflight if max_inflight is not None else workers + 1)
     patches = PatchReader(reader, grid, fast=fast, cache_mb=cache_mb, run_length=run_length)
-    starts = range(0, n, batch_size)
+    # a batch is read in up to `workers` parts of at least MIN_PART patches, so that both cores work on a
+    # small slide (or the last batch) too, not only when several batches are in flight
+    part = max(MIN_PART, -(-batch_size // workers))
+    size = grid.patch_size
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mstar-tiles")
-    pending: deque[tuple[int, int, Future]] = deque()
+    pending: deque[tuple[int, int, np.ndarray, list[Future]]] = deque()
+
+    def submit(start: int, stop: int) -> None:
+        out = np.empty((stop - start, size, size, 3), np.uint8)
+        futs = [
+            pool.submit(patches.read_batch, a, min(a + part, stop), out[a - start : min(a + part, stop) - start])
+            for a in range(start, stop, part)
+        ]
+        pending.append((start, stop, out, futs))
+
+    def take() -> tuple[np.ndarray, np.ndarray]:
+        s, e, out, futs = pending.popleft()
+        for f in futs:
+            f.result()
+        return out, patches.coords[s:e]
+
     try:
-        for start in starts:
-            stop = min(start + batch_size, n)
-            pending.append((start, stop, pool.submit(patches.read_batch, start, stop)))
+        for start in range(0, n, batch_size):
+            submit(start, min(start + batch_size, n))
             if len(pending) >= inflight:
-                s, e, fut = pending.popleft()
-                yield fut.result(), patches.coords[s:e]
+                yield take()
         while pending:
-            s, e, fut = pending.popleft()
-            yield fut.result(), patches.coords[s:e]
+            yield take()
     finally:
-        for _, _, fut in pending:
-            fut.cancel()
+        for *_, futs in pending:
+            for f in futs:
+                f.cancel()
         pool.shutdown(wait=True, cancel_futures=True)
         patches.close()
 
