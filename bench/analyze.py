@@ -104,8 +104,12 @@ def main(argv: list[str] | None = None) -> int:
         from tiling import build_slide
 
         args.slide = build_slide(args.side, 0.5, 2, "svs")
-    if not (args.bundle / "bundle.json").is_file():
-        print(f"no bundle at {args.bundle}: build the demo bundle first (`mstar analyze` does on first use)")
+    from service.errors import BundleError
+
+    try:
+        load_bundle(args.bundle)
+    except BundleError as exc:
+        print(f"no usable bundle at {args.bundle} ({exc}): build the demo bundle first (`mstar analyze` does)")
         return 2
     rows = [
         measure(args.slide, args.bundle, args.batch_size, args.workers, args.infer_patches) for _ in range(args.repeats)
