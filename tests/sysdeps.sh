@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# Installs the Debian packages whose real servers the integration tests start (Redis, PostgreSQL, Orthanc).
+# Installs the Debian packages whose real servers the integration tests start (Redis, PostgreSQL, Orthanc), and
+# Node + Chromium for the viewer's browser test (tests/test_ui_viewer.py drives it with playwright-core).
 # Idempotent: does nothing when they are already there. Needs root (as on CI) or passwordless sudo.
 set -euo pipefail
-pkgs=(redis-server postgresql orthanc orthanc-dicomweb orthanc-wsi default-jre-headless)
+pkgs=(redis-server postgresql orthanc orthanc-dicomweb orthanc-wsi default-jre-headless chromium)
+# Node may come from elsewhere (e.g. NodeSource, whose nodejs bundles npm): Debian's only when there is none.
+command -v npm >/dev/null 2>&1 || pkgs+=(nodejs npm)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -137,6 +137,7 @@ def build(result: dict, scores: PatchScores) -> dict:
             "slide_sha256": slide.get("sha256"),
             "level0": (result.get("tiling") or {}).get("level0"),
             "patch_size_level0": size,
+            "step_level0": int(scores.attrs.get("step_size_level0", size)),
             "bundle": (result.get("bundle") or {}).get("name"),
             "notice": result.get("notice"),
         },

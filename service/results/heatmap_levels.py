@@ -17,6 +17,7 @@ from service.errors import InvalidParameterError
 from service.results.patch_scores import PatchScores
 
 MAX_PIXELS = 64_000_000  # 256 MB of RGBA: ask for a coarser level beyond this
+OVERLAY_PIXELS = 16_000_000  # the API's default level for a browser overlay: the finest at most this size
 DEFAULT_ALPHA = 0.6
 
 
