@@ -28,19 +28,21 @@ if TYPE_CHECKING:
 MAX_VERTICES = 200_000  # a hand-drawn region has hundreds; this bounds the cost of a hostile request
 
 
-def _geometries(obj: Any) -> list[dict]:
+def _geometries(obj: Any, depth: int = 0) -> list[dict]:
     """Every geometry object inside a GeoJSON value (geometry, Feature, FeatureCollection or list of them)."""
+    if depth > 4:
+        raise InvalidParameterError("the region's GeoJSON nests too deeply")
     if isinstance(obj, list):
-        return [g for item in obj for g in _geometries(item)]
+        return [g for item in obj for g in _geometries(item, depth + 1)]
     if not isinstance(obj, dict):
         raise InvalidParameterError("the region must be GeoJSON: a Polygon, a Feature or a FeatureCollection")
     kind = obj.get("type")
     if kind == "FeatureCollection":
-        return _geometries(obj.get("features") or [])
+        return _geometries(obj.get("features") or [], depth + 1)
     if kind == "Feature":
-        return _geometries(obj.get("geometry"))
+        return _geometries(obj.get("geometry"), depth + 1)
     if kind == "GeometryCollection":
-        return _geometries(obj.get("geometries") or [])
+        return _geometries(obj.get("geometries") or [], depth + 1)
     if kind in ("Polygon", "MultiPolygon"):
         return [obj]
     if kind in ("Point", "MultiPoint", "LineString", "MultiLineString"):
@@ -51,6 +53,7 @@ def _geometries(obj: Any) -> list[dict]:
 def parse_region(obj: Any) -> BaseGeometry:
     """A valid shapely (Multi)Polygon from GeoJSON; a clear error for anything that encloses no area."""
     import shapely
+    from shapely.errors import ShapelyError
     from shapely.geometry import shape
 
     geoms = _geometries(obj)
@@ -58,13 +61,13 @@ def parse_region(obj: Any) -> BaseGeometry:
         raise InvalidParameterError("the region holds no Polygon or MultiPolygon")
     try:
         parts = [shape(g) for g in geoms]
-    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as err:
+        n_vertices = sum(shapely.get_num_coordinates(p) for p in parts)
+        if n_vertices > MAX_VERTICES:
+            raise InvalidParameterError(f"the region has {n_vertices} vertices (limit {MAX_VERTICES})")
+        region = shapely.make_valid(shapely.union_all([shapely.make_valid(p) for p in parts]))
+        region = shapely.union_all([g for g in getattr(region, "geoms", [region]) if g.area > 0] or [region])
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, ShapelyError) as err:
         raise InvalidParameterError(f"the region's coordinates are not a valid polygon ({err})") from None
-    n_vertices = sum(shapely.get_num_coordinates(p) for p in parts)
-    if n_vertices > MAX_VERTICES:
-        raise InvalidParameterError(f"the region has {n_vertices} vertices (limit {MAX_VERTICES})")
-    region = shapely.make_valid(shapely.union_all(parts))
-    region = shapely.union_all([g for g in getattr(region, "geoms", [region]) if g.area > 0] or [region])
     if region.is_empty or region.area <= 0 or not np.isfinite(region.bounds).all():
         raise InvalidParameterError("the region encloses no area")
     return region
