@@ -87,6 +87,10 @@ def test_viewer_end_to_end(playwright_ready, tmp_path: Path, tmp_path_factory, c
     ov = seen["overlay"]
     assert ov["opacityOn"] == pytest.approx(0.6) and ov["afterToggle"] == {"flag": "off", "opacity": 0}
     assert ov["opacityAt25"] == pytest.approx(0.25)
+    kz = seen["keyboard_zoom"]
+    assert kz["after"] > 1.2 * kz["before"]  # "+" on the focused viewer zooms in
+    ratios = {c["s"]: c["ratio"] for c in seen["contrast"]["items"]}
+    assert all(r is not None and r >= 4.5 for r in ratios.values()), ratios  # WCAG AA for normal text
     res = seen["results"]
     head = next(iter(result["classification"]))
     assert res["label"] == result["classification"][head]["label"]

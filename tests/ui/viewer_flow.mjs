@@ -122,6 +122,29 @@ try {
   await page.dispatchEvent("#overlay-opacity", "input");
   step("overlay", { opacityOn, afterToggle, opacityAt25: await page.evaluate(() => state.overlay.getOpacity()) });
 
+  // Keyboard: the viewer's canvas takes focus and zooms with "+" (OpenSeadragon's keys).
+  await page.evaluate(() => state.viewer.viewport.goHome(true));
+  const zoomHome = await page.evaluate(() => state.viewer.viewport.getZoom());
+  await page.focus("#viewer .openseadragon-canvas");
+  for (let i = 0; i < 3; i++) await page.keyboard.press("+");
+  await page.waitForTimeout(1500);
+  step("keyboard_zoom", { before: zoomHome, after: await page.evaluate(() => state.viewer.viewport.getZoom()) });
+
+  // Contrast (WCAG 2 relative luminance) of the page's text on its effective background.
+  const contrast = await page.evaluate(() => {
+    const rgb = (c) => (c.match(/[\d.]+/g) || []).map(Number);
+    const lum = ([r, g, b]) => { const f = (v) => { v /= 255; return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4; };
+      return 0.2126 * f(r) + 0.7152 * f(g) + 0.0722 * f(b); };
+    const bg = (e) => { for (; e; e = e.parentElement) { const c = rgb(getComputedStyle(e).backgroundColor);
+      if (c.length === 3 || (c.length === 4 && c[3] > 0)) return c.slice(0, 3); } return [255, 255, 255]; };
+    const sel = ["header h1", "header .demo-note", "#upload-btn", "#jobs .meta", "#slides .meta", "#legend small",
+      "#hover-info", ".bar span", ".badge", "#result-notice", "#report blockquote", "#downloads button", "h3"];
+    return sel.map((s) => { const e = document.querySelector(s); if (!e) return { s, ratio: null };
+      const a = lum(rgb(getComputedStyle(e).color)), b = lum(bg(e));
+      return { s, ratio: (Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05) }; });
+  });
+  step("contrast", { items: contrast });
+
   // What the pathologist reads.
   step("results", {
     label: await page.textContent("#classification .label"),
