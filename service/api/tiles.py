@@ -149,15 +149,6 @@ class TileCache:
                 self._bytes -= len(old)
         return data
 
-    def forget(self, slide_id: str) -> None:
-        """Drop a deleted slide's reader and tiles."""
-        with self._lock:
-            entry = self._readers.pop(slide_id, None)
-            for k in [k for k in self._tiles if k[0] == slide_id]:
-                self._bytes -= len(self._tiles.pop(k))
-        if entry is not None:
-            entry[2].close()
-
     def close(self) -> None:
         with self._lock:
             entries = list(self._readers.values())
