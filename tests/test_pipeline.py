@@ -137,10 +137,7 @@ def test_cli_analyze_and_refusal(cmu_svs, tcga_j2k_svs, tiny_bundle, tmp_path) -
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     ok = subprocess.run(
         [str(MSTAR), "analyze", str(cmu_svs), "--bundle", str(tiny_bundle), "--out", str(tmp_path / "o")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
+        capture_output=True, text=True, timeout=300, env=env,
     )
     assert ok.returncode == 0, ok.stderr
     summary = json.loads(ok.stdout)
@@ -149,10 +146,7 @@ def test_cli_analyze_and_refusal(cmu_svs, tcga_j2k_svs, tiny_bundle, tmp_path) -
     assert {Path(p).name for p in summary["files"]} == {"features.h5", "heatmap.png", "patch_scores.h5", "result.json"}
     bad = subprocess.run(
         [str(MSTAR), "analyze", str(tcga_j2k_svs), "--bundle", str(tiny_bundle), "--out", str(tmp_path / "x")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
+        capture_output=True, text=True, timeout=300, env=env,
     )
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error [missing_mpp]")
     assert "Traceback" not in bad.stderr
