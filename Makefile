@@ -7,7 +7,11 @@ SLIDE ?= ../shared/data/slides/CMU-1-Small-Region.svs
 OUT ?= out/demo
 PYTEST_ARGS ?=
 
+<<<<<<< HEAD
 .PHONY: venv sysdeps demo test lint bench lock
+=======
+.PHONY: venv sysdeps demo test lint bench ui
+>>>>>>> viewer
 
 # Create .venv if missing, reuse it if present; reinstall only when the dependency files change.
 # requirements/lock.txt pins every dependency of every extra (the images install with it too).
@@ -44,3 +48,8 @@ lint: venv
 
 bench: venv
 	$(VENV)/bin/python bench/tiling.py
+
+# The viewer's JavaScript dependencies, pinned by ui/package-lock.json, copied into service/api/ui/static/vendor
+# (committed, so the server needs no Node at run time); also installs playwright-core for the browser test.
+ui:
+	cd ui && npm ci --no-audit --no-fund && npm run build

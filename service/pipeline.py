@@ -7,7 +7,8 @@ The CLI (`mstar analyze`), the embedded job runner and the Celery tasks are thin
                  should_cancel=None) -> dict
 
 writes into `out_dir` (atomically, file by file): `result.json`, `features.h5` (CLAM/TRIDENT layout), `heatmap.png`
-when an aggregator gives attention, and returns the result dict that `result.json` holds. Without a bundle it
+when an aggregator gives attention, `patch_scores.h5` (per-patch attention and class scores, tissue outline;
+`service.results.patch_scores`) with a bundle, and returns the result dict that `result.json` holds. Without a bundle it
 stops after tiling (coordinates only) and says so in the result.
 `progress(stage, fraction)` is called with stages "open", "grid", "embed", "aggregate", "heads", "report",
 "write"; `should_cancel()` is polled between batches and raises `JobCanceled` when true.
@@ -60,6 +61,7 @@ class AnalysisOptions:
     batch_size: int = 64
     read_workers: int = 2
     tissue_threshold: float = 0.25
+    region: dict | list | None = None  # GeoJSON polygon(s), level-0 px: only patches centred inside are read
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -70,6 +72,10 @@ class AnalysisOptions:
             raise InvalidParameterError("the zeroshot task needs at least one prompt")
         if self.batch_size < 1 or self.read_workers < 1:
             raise InvalidParameterError("batch_size and read_workers must be >= 1")
+        if self.region is not None:
+            from service.results.roi import parse_region
+
+            parse_region(self.region)
 
     def to_json(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -206,6 +212,10 @@ def run_analysis(
             grid = build_grid(
                 reader, target_mpp=target_mpp, patch_size=patch_size, tissue_threshold=options.tissue_threshold
             )
+            if options.region is not None:
+                from service.results.roi import restrict_grid
+
+                grid = restrict_grid(grid, options.region)
             result: dict[str, Any] = {
                 "schema": RESULT_SCHEMA,
                 "slide": {"sha256": slide_fingerprint(slide_path), **reader.describe()},
@@ -253,7 +263,7 @@ def _analyze_with_models(
         feats,
         extra_attrs={"encoder": bundle.patch_encoder.name, "encoder_sha256": bundle.patch_encoder.sha256},
     )
-    slide_emb = None
+    slide_emb = attention = None
     if bundle.aggregator is not None:
         prog("aggregate", 0.0)
         agg = backend.aggregate(feats)
@@ -274,6 +284,7 @@ def _analyze_with_models(
         res["embedding"] = {"dim": int(mean.size), "values": mean.round(6).tolist(), "pooling": "mean of patches"}
     prog("heads", 0.0)
     heads = backend.run_heads(feats, slide_emb)
+    _write_patch_scores(out_dir, backend, grid, feats, attention)
     specs = {h.name: h for h in bundle.heads}
     if "classification" in options.tasks:
         res["classification"] = {k: v for k, v in heads.items() if specs[k].role == "classifier"}
@@ -289,6 +300,15 @@ def _analyze_with_models(
     if "zeroshot" in options.tasks:
         res["zeroshot"] = _zeroshot(bundle, backend, feats, slide_emb, options.prompts)
     return res
+
+
+def _write_patch_scores(out_dir: Path, backend: BundleBackend, grid, feats: np.ndarray, attention) -> None:
+    """`patch_scores.h5`: what the viewer, the QuPath export and re-rendered heatmaps read."""
+    from service.results import patch_scores
+    from service.slides.h5io import grid_attrs
+
+    scores = patch_scores.compute(backend, grid, feats, attention, grid_attrs(grid))
+    patch_scores.write(out_dir / patch_scores.FILE_NAME, scores)
 
 
 def _report(bundle: Bundle, backend: BundleBackend, feats: np.ndarray) -> dict:

@@ -146,7 +146,7 @@ def test_cli_analyze_and_refusal(cmu_svs, tcga_j2k_svs, tiny_bundle, tmp_path) -
     summary = json.loads(ok.stdout)
     assert summary["status"] == "analyzed" and "subtype" in summary["classification"]
     assert "demo" in ok.stderr.lower()
-    assert {Path(p).name for p in summary["files"]} == {"features.h5", "heatmap.png", "result.json"}
+    assert {Path(p).name for p in summary["files"]} == {"features.h5", "heatmap.png", "patch_scores.h5", "result.json"}
     bad = subprocess.run(
         [str(MSTAR), "analyze", str(tcga_j2k_svs), "--bundle", str(tiny_bundle), "--out", str(tmp_path / "x")],
         capture_output=True,

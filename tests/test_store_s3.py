@@ -574,13 +574,15 @@ def test_job_through_a_real_worker_with_only_the_bucket_shared(
                 got[path] = resp
             assert got["result"].json()["status"] == "analyzed"
             assert got["features"].headers["content-disposition"].startswith("attachment")
+            fc = c.get(f"{job_url}/annotations.geojson")  # built from result files read back from the bucket
+            assert fc.status_code == 200 and len(fc.json()["features"]) > got["result"].json()["tiling"]["patches"]
     finally:
         os.killpg(worker.pid, 9)
         worker.wait(10)
     client = boto3.client("s3", endpoint_url=moto.url)
     keys = {o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="deploy/")["Contents"]}
     names = {k.rsplit("/", 1)[-1] for k in keys if k.startswith("deploy/results/")}
-    assert names == {"result.json", "features.h5", "heatmap.png"}
+    assert names == {"result.json", "features.h5", "heatmap.png", "patch_scores.h5"}
     assert any(k.startswith("deploy/slides/") for k in keys)
     assert not (tmp_path / "gateway" / "blobs").exists() and not (tmp_path / "worker" / "blobs").exists()
     cached = list((tmp_path / "worker" / "s3-cache").glob("*/*.svs"))

@@ -37,6 +37,7 @@ def create_app(settings: Settings | None = None, *, queue: JobQueue | None = Non
         try:
             yield
         finally:
+            app.state.tiles.close()
             ctx.stop()
 
     docs = settings.docs_enabled
@@ -55,8 +56,11 @@ def create_app(settings: Settings | None = None, *, queue: JobQueue | None = Non
     install_handlers(app)
     app.add_middleware(MetricsMiddleware, metrics=ctx.metrics)
 
-    from service.api.routers import health, jobs, models, slides
+    from service.api.routers import health, jobs, models, results, slides, tiles, ui
+    from service.api.tiles import TileCache
 
-    for r in (slides.router, jobs.router, models.router, health.router):
+    app.state.tiles = TileCache(ctx.blobs)
+    for r in (slides.router, jobs.router, results.router, tiles.router, models.router, health.router, ui.router):
         app.include_router(r)
+    ui.mount_static(app)
     return app

@@ -93,6 +93,26 @@ class AnalysisRequest(BaseModel):
         "succeeded or is under way; by default its result is reused",
     )
 
+    region: dict | list | None = Field(
+        None,
+        description=(
+            "GeoJSON Polygon/MultiPolygon, Feature or FeatureCollection (a QuPath export as is) in level-0 pixels: "
+            "only patches whose centre lies inside are read and analysed"
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _region_is_a_polygon(self) -> AnalysisRequest:
+        if self.region is not None:
+            from service.errors import InvalidParameterError
+            from service.results.roi import parse_region
+
+            try:
+                parse_region(self.region)
+            except InvalidParameterError as err:
+                raise ValueError(str(err)) from None
+        return self
+
     @model_validator(mode="after")
     def _zeroshot_needs_prompts(self) -> AnalysisRequest:
         if "zeroshot" in self.tasks and len(self.prompts) < 2:
@@ -106,6 +126,7 @@ class AnalysisRequest(BaseModel):
             "prompts": list(self.prompts),
             "mpp_override": self.mpp_override,
             "bundle_version": self.bundle_version,
+            **({"region": self.region} if self.region is not None else {}),
         }
 
 
@@ -115,6 +136,7 @@ class JobLinks(BaseModel):
     result: str | None = None
     features: str | None = None
     heatmap: str | None = None
+    annotations: str | None = Field(None, description="QuPath GeoJSON of the result")
 
 
 class WebhookStatus(BaseModel):

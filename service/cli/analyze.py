@@ -65,6 +65,14 @@ def ensure_demo_bundle(bundle_dir: Path) -> Path:
 @click.option("--backend", type=click.Choice(["onnxruntime", "triton"]), default="onnxruntime", show_default=True)
 @click.option("--triton-url", default="127.0.0.1:8001", show_default=True)
 @click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option(
+    "--roi",
+    "roi_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="GeoJSON region (level-0 px, e.g. a QuPath export): only patches centred inside it are read.",
+)
+@click.option("--geojson", is_flag=True, help="Also write OUT/annotations.geojson for QuPath (tissue + patches).")
 def analyze(
     slide: Path,
     bundle_dir: Path | None,
@@ -75,12 +83,18 @@ def analyze(
     backend: str,
     triton_url: str,
     batch_size: int,
+    roi_file: Path | None,
+    geojson: bool,
 ) -> None:
     """Tile, embed, aggregate and run every head and the report decoder on SLIDE.
 
-    Writes OUT/result.json, OUT/features.h5 and OUT/heatmap.png and prints a JSON summary."""
+    Writes OUT/result.json, OUT/features.h5, OUT/patch_scores.h5 and OUT/heatmap.png (and with --geojson
+    OUT/annotations.geojson) and prints a JSON summary."""
     from service.inference.bundle import load_bundle
     from service.pipeline import open_backend
+    from service.results.roi import load_region_file
+
+    region = load_region_file(roi_file) if roi_file is not None else None
 
     if bundle_dir is None:
         bundle_dir = ensure_demo_bundle(default_bundle_dir())
@@ -88,7 +102,9 @@ def analyze(
     tasks = tasks or DEFAULT_TASKS
     if prompts and "zeroshot" not in tasks:
         tasks = (*tasks, "zeroshot")
-    options = AnalysisOptions(tasks=tasks, prompts=prompts, mpp_override=mpp_override, batch_size=batch_size)
+    options = AnalysisOptions(
+        tasks=tasks, prompts=prompts, mpp_override=mpp_override, batch_size=batch_size, region=region
+    )
     kwargs = {"url": triton_url} if backend == "triton" else {}
     if bundle.manifest.demo:
         click.echo(
@@ -103,6 +119,10 @@ def analyze(
 
     with open_backend(bundle, backend, **kwargs) as be:
         result = run_analysis(slide, out_dir, options, backend=be, progress=progress)
+    if geojson:
+        from service.results import geojson as gj
+
+        gj.write(out_dir / "annotations.geojson", gj.build_from_dir(out_dir))
     json.dump(_summary(result, out_dir), sys.stdout, indent=2)
     sys.stdout.write("\n")
 

@@ -84,6 +84,8 @@ def options_from_record(options: dict) -> Any:
         kwargs["prompts"] = tuple(options["prompts"])
     if options.get("mpp_override") is not None:
         kwargs["mpp_override"] = float(options["mpp_override"])
+    if options.get("region") is not None:
+        kwargs["region"] = options["region"]
     return AnalysisOptions(**kwargs)
 
 

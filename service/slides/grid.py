@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
@@ -63,6 +63,8 @@ class TileGrid:
     tissue_fraction: np.ndarray = field(repr=False)  # float32 [N], same order as coords
     mask: TissueMask | None = field(default=None, repr=False)  # mask + thumbnail (for previews)
     n_candidates: int = 0
+    region: Any = field(default=None, repr=False)  # shapely geometry of a region of interest, when one was given
+    region_info: dict | None = None  # what the region filter did (bounds, area, tissue patches before it)
 
     def __len__(self) -> int:
         return int(self.coords.shape[0])
@@ -83,6 +85,7 @@ class TileGrid:
             "read_size": self.read_size,
             "level0": [self.level0_width, self.level0_height],
             "mpp_source": self.mpp_source,
+            **({"region": self.region_info} if self.region_info else {}),
         }
 
 

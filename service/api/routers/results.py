@@ -1,0 +1,147 @@
+"""Result views built from a finished job's files without re-running a model: QuPath GeoJSON and the heatmap
+re-rendered at any pyramid level. Tenant-checked; only succeeded jobs have results (409 otherwise)."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import OrderedDict
+from contextlib import ExitStack
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Response
+from fastapi.concurrency import run_in_threadpool
+
+from service.api.deps import ContextDep, TenantDep
+from service.api.errors import NotFoundError, NotReadyError
+from service.api.responses import ERRORS
+from service.store import repo
+from service.store.db import transaction
+
+router = APIRouter(tags=["jobs"])
+CACHE = "private, max-age=3600"
+
+
+class _Lru:
+    """Rendered views of finished jobs (immutable), at most `max_bytes` held."""
+
+    def __init__(self, max_bytes: int = 64 << 20) -> None:
+        self.max_bytes, self._bytes = max_bytes, 0
+        self._items: OrderedDict[tuple, tuple[bytes, dict]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple) -> tuple[bytes, dict] | None:
+        """(body, headers) of a view rendered before, or None."""
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        return None
+
+    def put(self, key: tuple, data: bytes, headers: dict) -> None:
+        with self._lock:
+            if key not in self._items and len(data) <= self.max_bytes:
+                self._items[key] = (data, headers)
+                self._bytes += len(data)
+            while self._bytes > self.max_bytes:
+                _, (old, _) = self._items.popitem(last=False)
+                self._bytes -= len(old)
+
+
+_VIEWS = _Lru()
+
+
+def _result_files(ctx, principal, job_id: str) -> dict:
+    with transaction(ctx.sessions) as s:
+        job = repo.get_job(s, principal.tenant_id, job_id)
+        if job is None:
+            raise NotFoundError("no such job")
+        if job.state != "succeeded":
+            raise NotReadyError(f"job is {job.state}; results exist only for succeeded jobs")
+        result = repo.get_result(s, principal.tenant_id, job_id)
+        files = dict((result.files if result is not None else {}) or {})
+    if "patch_scores.h5" not in files:
+        raise NotFoundError(
+            "this job has no per-patch scores (analysed without a model bundle, or before they existed)"
+        )
+    return files
+
+
+def _load(ctx, files: dict):
+    from service.results import patch_scores
+
+    with ExitStack() as stack:
+        res_path = stack.enter_context(ctx.blobs.local_copy(files["result.json"]["key"]))
+        ps_path = stack.enter_context(ctx.blobs.local_copy(files["patch_scores.h5"]["key"]))
+        return json.loads(res_path.read_text()), patch_scores.read(ps_path)
+
+
+def _geojson(ctx, files: dict) -> bytes:
+    from service.results import geojson
+
+    result, scores = _load(ctx, files)
+    return json.dumps(geojson.build(result, scores), separators=(",", ":")).encode()
+
+
+@router.get(
+    "/jobs/{job_id}/annotations.geojson",
+    response_class=Response,
+    responses={
+        200: {
+            "content": {"application/geo+json": {}},
+            "description": "QuPath GeoJSON: tissue (and region) annotations, patch detections with measurements",
+        },
+        **ERRORS(401, 404, 409),
+    },
+    summary="Results as QuPath GeoJSON (level-0 pixels)",
+)
+async def annotations(job_id: str, principal: TenantDep, ctx: ContextDep) -> Response:
+    files = await run_in_threadpool(_result_files, ctx, principal, job_id)
+    key = ("geojson", job_id, files["patch_scores.h5"]["sha256"])
+    cached = _VIEWS.get(key)
+    if cached is None:
+        headers = {"Cache-Control": CACHE, "Content-Disposition": f'attachment; filename="{job_id}.geojson"'}
+        cached = (await run_in_threadpool(_geojson, ctx, files), headers)
+        _VIEWS.put(key, *cached)
+    return Response(cached[0], media_type="application/geo+json", headers=cached[1])
+
+
+def _heatmap(ctx, files: dict, level: int | None, score: str, alpha: float) -> tuple[bytes, int]:
+    from service.results import heatmap_levels as hl
+
+    result, scores = _load(ctx, files)
+    dims = result["slide"]["level_dimensions"]
+    if level is None:  # the finest level small enough for a browser overlay
+        level = next((i for i, (w, h) in enumerate(dims) if w * h <= hl.OVERLAY_PIXELS), len(dims) - 1)
+    rgba = hl.render_rgba(scores, dims, level, score=score, alpha=alpha)
+    return hl.png_bytes(rgba), level
+
+
+@router.get(
+    "/jobs/{job_id}/heatmap",
+    response_class=Response,
+    responses={
+        200: {
+            "content": {"image/png": {}},
+            "description": "RGBA PNG the size of the level; transparent = not analysed",
+        },
+        **ERRORS(401, 404, 409, 422),
+    },
+    summary="A per-patch score re-rendered at a pyramid level (no model run)",
+)
+async def heatmap(
+    job_id: str,
+    principal: TenantDep,
+    ctx: ContextDep,
+    level: Annotated[int | None, Query(ge=0, le=40)] = None,
+    score: Annotated[str, Query(min_length=1, max_length=200)] = "attention",
+    alpha: Annotated[float, Query(ge=0, le=1)] = 1.0,
+) -> Response:
+    files = await run_in_threadpool(_result_files, ctx, principal, job_id)
+    key = ("heatmap", job_id, files["patch_scores.h5"]["sha256"], level, score, alpha)
+    cached = _VIEWS.get(key)
+    if cached is None:
+        data, chosen = await run_in_threadpool(_heatmap, ctx, files, level, score, alpha)
+        cached = (data, {"Cache-Control": CACHE, "X-Pyramid-Level": str(chosen)})
+        _VIEWS.put(key, *cached)
+    return Response(cached[0], media_type="image/png", headers=cached[1])

@@ -1,0 +1,58 @@
+"""`/slides/{id}/dzi` and `/slides/{id}/tiles/{level}/{col}_{row}.jpeg`: Deep Zoom tiles for the viewer.
+
+Tenant-checked like every slide route (another tenant's slide is 404), cached in memory and in the browser
+(`Cache-Control: private`, immutable: a slide id always names the same bytes), and cut only from the pyramid.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Request, Response
+from fastapi.concurrency import run_in_threadpool
+
+from service.api.deps import SessionDep, TenantDep
+from service.api.errors import NotFoundError
+from service.api.responses import ERRORS
+from service.store import repo
+
+router = APIRouter(tags=["viewer"])
+CACHE = "private, max-age=86400, immutable"
+
+
+def _slide(session, principal, slide_id: str) -> tuple[str, str, float | None]:
+    slide = repo.get_slide(session, principal.tenant_id, slide_id)
+    if slide is None:
+        raise NotFoundError("no such slide")
+    return slide.id, slide.blob_key, slide.mpp_override
+
+
+@router.get(
+    "/slides/{slide_id}/dzi",
+    responses=ERRORS(401, 404, 422),
+    summary="Deep Zoom description of a slide (OpenSeadragon tile source)",
+)
+async def deep_zoom(slide_id: str, principal: TenantDep, session: SessionDep, request: Request) -> dict:
+    sid, key, mpp = _slide(session, principal, slide_id)
+    _, info = await run_in_threadpool(request.app.state.tiles.reader, sid, key, mpp)
+    return {**info.to_json(), "tiles": f"/slides/{sid}/tiles/{{level}}/{{col}}_{{row}}.jpeg"}
+
+
+@router.get(
+    "/slides/{slide_id}/tiles/{level}/{tile}.jpeg",
+    response_class=Response,
+    responses={200: {"content": {"image/jpeg": {}}}, **ERRORS(401, 404, 422)},
+    summary="One Deep Zoom tile (JPEG)",
+)
+async def tile(
+    slide_id: str,
+    level: Annotated[int, Path(ge=0, le=40)],
+    tile: Annotated[str, Path(pattern=r"^[0-9]{1,6}_[0-9]{1,6}$")],
+    principal: TenantDep,
+    session: SessionDep,
+    request: Request,
+) -> Response:
+    sid, key, mpp = _slide(session, principal, slide_id)
+    col, row = (int(v) for v in tile.split("_"))
+    data = await run_in_threadpool(request.app.state.tiles.tile, sid, key, mpp, level, col, row)
+    return Response(data, media_type="image/jpeg", headers={"Cache-Control": CACHE})

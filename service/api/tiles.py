@@ -1,0 +1,159 @@
+"""Deep Zoom tiles rendered from a stored slide's pyramid, for the viewer.
+
+Works on the `SlideReader` interface, so every format the service reads (SVS, NDPI, OME-TIFF, DICOM WSI) is
+viewable; openslide's `DeepZoomGenerator` only takes OpenSlide objects. Only `read_region` on the pyramid is
+ever called, so the label and macro images (patient identity) cannot reach a tile.
+
+Deep Zoom geometry: level `max_level = ceil(log2(max(w, h)))` is level 0 at full size and each level below
+halves it; tiles are `TILE` px squares without overlap, cut from the finest pyramid level that is at least as
+detailed and area-resized. Open readers and encoded tiles are kept in small LRU caches (tiles are immutable:
+a slide's bytes never change under its id).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections import OrderedDict
+from contextlib import ExitStack
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import cv2
+import numpy as np
+
+from service.errors import InvalidParameterError
+
+if TYPE_CHECKING:
+    from service.slides.base import SlideReader
+
+TILE = 256
+JPEG_QUALITY = 85
+
+
+@dataclass(frozen=True)
+class DeepZoomInfo:
+    width: int
+    height: int
+    max_level: int
+    tile_size: int = TILE
+
+    def level_size(self, level: int) -> tuple[int, int]:
+        scale = 2 ** (self.max_level - level)
+        return max(1, math.ceil(self.width / scale)), max(1, math.ceil(self.height / scale))
+
+    def to_json(self) -> dict:
+        return {
+            "width": self.width,
+            "height": self.height,
+            "tileSize": self.tile_size,
+            "tileOverlap": 0,
+            "minLevel": 0,
+            "maxLevel": self.max_level,
+            "format": "jpeg",
+        }
+
+
+def deep_zoom_info(reader: SlideReader) -> DeepZoomInfo:
+    w, h = (int(v) for v in reader.dimensions)
+    return DeepZoomInfo(w, h, max(0, math.ceil(math.log2(max(w, h, 1)))))
+
+
+def render_tile(reader: SlideReader, info: DeepZoomInfo, level: int, col: int, row: int) -> np.ndarray:
+    """RGB uint8 tile (`TILE` px, smaller at the right and bottom edges)."""
+    if not 0 <= level <= info.max_level:
+        raise InvalidParameterError(f"Deep Zoom level must be 0-{info.max_level}, got {level}")
+    lw, lh = info.level_size(level)
+    t = info.tile_size
+    if not (0 <= col < math.ceil(lw / t) and 0 <= row < math.ceil(lh / t)):
+        raise InvalidParameterError(f"no tile {col}_{row} at Deep Zoom level {level}")
+    x0, y0 = col * t, row * t
+    tw, th = min(t, lw - x0), min(t, lh - y0)
+    scale = float(2 ** (info.max_level - level))  # level-0 px per Deep Zoom px
+    downs = list(reader.level_downsamples)
+    src = max((i for i, d in enumerate(downs) if d <= scale * 1.01), key=lambda i: downs[i], default=0)
+    ds = downs[src]
+    loc = (round(x0 * scale), round(y0 * scale))
+    w0 = min(round(tw * scale), info.width - loc[0])
+    h0 = min(round(th * scale), info.height - loc[1])
+    size = (max(1, round(w0 / ds)), max(1, round(h0 / ds)))
+    region = reader.read_region(loc, src, size)
+    if region.shape[1] != tw or region.shape[0] != th:
+        region = cv2.resize(region, (tw, th), interpolation=cv2.INTER_AREA)
+    return region
+
+
+def encode_jpeg(rgb: np.ndarray) -> bytes:
+    ok, buf = cv2.imencode(".jpg", np.ascontiguousarray(rgb[..., ::-1]), [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
+    if not ok:
+        raise RuntimeError("JPEG encoding failed")
+    return buf.tobytes()
+
+
+class TileCache:
+    """Open readers (at most `max_readers`) and encoded tiles (at most `max_bytes`), least recently used out."""
+
+    def __init__(self, blobs: Any, *, max_readers: int = 8, max_bytes: int = 128 << 20) -> None:
+        self.blobs = blobs
+        self.max_readers, self.max_bytes = max_readers, max_bytes
+        self._readers: OrderedDict[str, tuple[SlideReader, DeepZoomInfo, ExitStack]] = OrderedDict()
+        self._tiles: OrderedDict[tuple, bytes] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    def reader(self, slide_id: str, blob_key: str, mpp_override: float | None) -> tuple[SlideReader, DeepZoomInfo]:
+        from service.slides.open import open_slide
+
+        with self._lock:
+            if slide_id in self._readers:
+                self._readers.move_to_end(slide_id)
+                reader, info, _ = self._readers[slide_id]
+                return reader, info
+        stack = ExitStack()
+        try:
+            path = stack.enter_context(self.blobs.local_copy(blob_key))
+            reader = stack.enter_context(open_slide(path, mpp_override=mpp_override))
+        except BaseException:
+            stack.close()
+            raise
+        info = deep_zoom_info(reader)
+        with self._lock:
+            if slide_id in self._readers:  # another request opened it meanwhile
+                stack.close()
+                reader, info, _ = self._readers[slide_id]
+                return reader, info
+            self._readers[slide_id] = (reader, info, stack)
+            while len(self._readers) > self.max_readers:
+                _, (_, _, old) = self._readers.popitem(last=False)
+                old.close()
+        return reader, info
+
+    def tile(self, slide_id: str, blob_key: str, mpp: float | None, level: int, col: int, row: int) -> bytes:
+        key = (slide_id, level, col, row)
+        with self._lock:
+            data = self._tiles.get(key)
+            if data is not None:
+                self._tiles.move_to_end(key)
+                self.hits += 1
+                return data
+            self.misses += 1
+        reader, info = self.reader(slide_id, blob_key, mpp)
+        data = encode_jpeg(render_tile(reader, info, level, col, row))
+        with self._lock:
+            if key not in self._tiles:
+                self._tiles[key] = data
+                self._bytes += len(data)
+            while self._bytes > self.max_bytes and self._tiles:
+                _, old = self._tiles.popitem(last=False)
+                self._bytes -= len(old)
+        return data
+
+    def close(self) -> None:
+        with self._lock:
+            entries = list(self._readers.values())
+            self._readers.clear()
+            self._tiles.clear()
+            self._bytes = 0
+        for _, _, stack in entries:
+            stack.close()

@@ -1,0 +1,319 @@
+// mSTAR viewer: vanilla JS over the service's REST API. The API key lives in sessionStorage (this tab only) and
+// goes out as a bearer header on every request, tiles included (OpenSeadragon's ajax tile loading), so the page
+// can see exactly what the key's tenant can see and nothing else.
+"use strict";
+
+const KEY = "mstar.apiKey";
+const state = { key: sessionStorage.getItem(KEY), viewer: null, job: null, overlay: null, overlayUrl: null,
+  patches: null, poll: null };
+const $ = (id) => document.getElementById(id);
+
+function el(tag, attrs = {}, ...children) {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (k === "class") e.className = v; else if (k.startsWith("on")) e.addEventListener(k.slice(2), v);
+    else e.setAttribute(k, v);
+  }
+  for (const c of children) e.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  return e;
+}
+
+class ApiError extends Error {
+  constructor(status, code, message) { super(message); this.status = status; this.code = code; }
+}
+
+async function api(path, opts = {}) {
+  const headers = { Authorization: `Bearer ${state.key}`, ...(opts.headers || {}) };
+  const r = await fetch(path, { ...opts, headers });
+  if (!r.ok) {
+    let code = "error", msg = `${r.status} ${r.statusText}`;
+    try { const b = await r.json(); code = b.error.code; msg = b.error.message; } catch (_) { /* not JSON */ }
+    throw new ApiError(r.status, code, msg);
+  }
+  return r;
+}
+const apiJson = async (path, opts) => (await api(path, opts)).json();
+
+// --- sign in -------------------------------------------------------------------------------------------------
+async function signIn(key) {
+  state.key = key;
+  try {
+    await apiJson("/jobs?limit=1");
+  } catch (e) {
+    state.key = null;
+    sessionStorage.removeItem(KEY);
+    $("signin-error").textContent = e.status === 401 ? "Sign-in refused: invalid API key." : `Sign-in failed: ${e.message}`;
+    $("api-key").focus();
+    return;
+  }
+  sessionStorage.setItem(KEY, key);
+  $("signin").hidden = true;
+  $("app").hidden = false;
+  $("who").hidden = false;
+  $("tenant-label").textContent = "Signed in";
+  await refreshLists();
+  state.poll = setInterval(refreshLists, 1500);
+  openFromHash();
+}
+
+function signOut() {
+  sessionStorage.removeItem(KEY);
+  location.hash = "";
+  location.reload();
+}
+
+// --- slides and jobs -----------------------------------------------------------------------------------------
+async function refreshLists() {
+  let jobs, slides;
+  try {
+    [jobs, slides] = await Promise.all([apiJson("/jobs?limit=50"), apiJson("/slides?limit=50")]);
+  } catch (e) {
+    if (e.status === 401) signOut();
+    return;
+  }
+  const ul = $("jobs");
+  ul.replaceChildren(...jobs.items.map((j) => {
+    const li = el("li", { "data-job-id": j.id, "data-state": j.state, class: state.job === j.id ? "current" : "" },
+      el("button", { class: "link", type: "button", onclick: () => { location.hash = `job=${j.id}`; } },
+        `Job ${j.id.slice(0, 8)}`),
+      el("span", { class: "meta" }, `${j.state}${j.stage ? " · " + j.stage : ""} · ${Math.round(j.progress * 100)} %`));
+    if (j.state === "queued" || j.state === "running") {
+      li.append(el("progress", { max: "1", value: String(j.progress), "aria-label": `Job ${j.id.slice(0, 8)} progress` }));
+    }
+    if (j.error) li.append(el("span", { class: "meta" }, `${j.error.code}: ${j.error.message}`));
+    return li;
+  }));
+  if (!jobs.items.length) ul.replaceChildren(el("li", {}, "No jobs yet."));
+  $("slides").replaceChildren(...slides.items.map((s) => el("li", { "data-slide-id": s.id },
+    `${s.format.toUpperCase()} · ${(s.size_bytes / 1e6).toFixed(1)} MB`,
+    el("span", { class: "meta" }, `${s.id.slice(0, 8)} · ${(s.info.level_dimensions || [[0, 0]])[0].join(" × ")} px`))));
+  if (state.job) {
+    const cur = jobs.items.find((j) => j.id === state.job);
+    if (cur && cur.state === "succeeded" && !state.shown) showJob(state.job);
+  }
+}
+
+function upload() {
+  const file = $("upload-file").files[0];
+  if (!file) { $("upload-status").textContent = "Choose a slide file first."; return; }
+  const form = new FormData();
+  form.append("file", file, file.name);
+  const xhr = new XMLHttpRequest();
+  const bar = $("upload-progress");
+  bar.hidden = false; bar.value = 0;
+  $("upload-btn").disabled = true;
+  $("upload-status").textContent = `Uploading ${file.name} …`;
+  xhr.upload.onprogress = (e) => { if (e.lengthComputable) bar.value = (100 * e.loaded) / e.total; };
+  xhr.onload = () => {
+    $("upload-btn").disabled = false;
+    let body = {};
+    try { body = JSON.parse(xhr.responseText); } catch (_) { /* empty */ }
+    if (xhr.status >= 200 && xhr.status < 300) {
+      bar.value = 100;
+      $("upload-status").textContent = body.job ? "Uploaded; analysis queued." : "Uploaded (already stored).";
+      if (body.job) location.hash = `job=${body.job.id}`;
+      refreshLists();
+    } else {
+      $("upload-status").textContent = `Upload refused: ${(body.error && body.error.message) || xhr.status}`;
+    }
+  };
+  xhr.onerror = () => { $("upload-btn").disabled = false; $("upload-status").textContent = "Upload failed (network)."; };
+  xhr.open("POST", "/slides");
+  xhr.setRequestHeader("Authorization", `Bearer ${state.key}`);
+  xhr.send(form);
+}
+
+// --- one job -------------------------------------------------------------------------------------------------
+function openFromHash() {
+  const m = /job=([A-Za-z0-9_-]+)/.exec(location.hash);
+  if (m) openJob(m[1]);
+}
+
+async function openJob(id) {
+  state.job = id; state.shown = false;
+  $("job-error").textContent = "";
+  clearResults();
+  let job;
+  try {
+    job = await apiJson(`/jobs/${encodeURIComponent(id)}`);
+  } catch (e) {
+    state.job = null;
+    $("job-error").textContent = e.status === 404 ? "Job not found: it does not exist or belongs to another account."
+      : `Cannot open the job: ${e.message}`;
+    if (state.viewer) state.viewer.close();
+    $("hover-info").textContent = "No slide open.";
+    return;
+  }
+  await openSlide(job.slide_id);
+  if (job.state === "succeeded") await showJob(id);
+  else $("hover-info").textContent = `Job ${job.state}${job.error ? ": " + job.error.message : ""}; results appear when it succeeds.`;
+}
+
+async function openSlide(slideId) {
+  const dz = await apiJson(`/slides/${encodeURIComponent(slideId)}/dzi`);
+  const source = { width: dz.width, height: dz.height, tileSize: dz.tileSize, tileOverlap: dz.tileOverlap,
+    minLevel: dz.minLevel, maxLevel: dz.maxLevel,
+    getTileUrl: (l, x, y) => dz.tiles.replace("{level}", l).replace("{col}", x).replace("{row}", y) };
+  if (!state.viewer) {
+    state.viewer = OpenSeadragon({ element: $("viewer"), prefixUrl: "/ui/static/vendor/openseadragon/images/",
+      loadTilesWithAjax: true, ajaxHeaders: { Authorization: `Bearer ${state.key}` }, showNavigator: true,
+      navigatorPosition: "BOTTOM_RIGHT", crossOriginPolicy: false, maxZoomPixelRatio: 2, gestureSettingsMouse: { clickToZoom: false } });
+    new OpenSeadragon.MouseTracker({ element: state.viewer.canvas, moveHandler: onHover }).setTracking(true);
+  }
+  state.overlay = null;
+  state.viewer.open(source);
+  $("hover-info").textContent = "Slide loaded.";
+}
+
+async function showJob(id) {
+  state.shown = true;
+  const result = await apiJson(`/jobs/${encodeURIComponent(id)}/result`);
+  renderResults(id, result);
+  try {
+    const fc = await apiJson(`/jobs/${encodeURIComponent(id)}/annotations.geojson`);
+    indexPatches(fc);
+    await loadOverlay(id);
+    $("hover-info").textContent = "Hover a patch to see its attention and scores.";
+  } catch (e) {
+    $("hover-info").textContent = `No per-patch scores for this job (${e.message}).`;
+  }
+}
+
+// --- heatmap overlay and hover -------------------------------------------------------------------------------
+async function loadOverlay(id) {
+  const blob = await (await api(`/jobs/${encodeURIComponent(id)}/heatmap`)).blob();
+  if (state.overlayUrl) URL.revokeObjectURL(state.overlayUrl);
+  state.overlayUrl = URL.createObjectURL(blob);
+  const opacity = $("overlay-opacity").value / 100;
+  state.viewer.addTiledImage({ tileSource: { type: "image", url: state.overlayUrl, buildPyramid: false },
+    x: 0, y: 0, width: 1, opacity, loadTilesWithAjax: false,
+    success: (ev) => { state.overlay = ev.item; $("overlay-toggle").checked = true; $("viewer").dataset.overlay = "on"; } });
+  $("overlay-toggle").disabled = false; $("overlay-opacity").disabled = false;
+}
+
+function setOverlay() {
+  if (!state.overlay) return;
+  const on = $("overlay-toggle").checked;
+  state.overlay.setOpacity(on ? $("overlay-opacity").value / 100 : 0);
+  $("viewer").dataset.overlay = on ? "on" : "off";
+}
+
+function indexPatches(fc) {
+  const m = fc.mstar || {};
+  const step = m.step_level0 || m.patch_size_level0;
+  const cells = new Map();
+  for (const f of fc.features) {
+    if (f.properties.objectType !== "detection") continue;
+    const [x, y] = f.geometry.coordinates[0][0];
+    cells.set(`${Math.round(x / step)},${Math.round(y / step)}`, { x, y, props: f.properties });
+  }
+  state.patches = { step, size: m.patch_size_level0, cells };
+}
+
+function onHover(ev) {
+  if (!state.patches || !state.viewer.world.getItemCount()) return;
+  const p = state.viewer.world.getItemAt(0).viewerElementToImageCoordinates(ev.position);
+  const { step, size, cells } = state.patches;
+  let hit = null;
+  for (const [dx, dy] of [[0, 0], [-1, 0], [0, -1], [-1, -1]]) {
+    const c = cells.get(`${Math.floor(p.x / step) + dx},${Math.floor(p.y / step) + dy}`);
+    if (c && p.x >= c.x && p.x < c.x + size && p.y >= c.y && p.y < c.y + size) { hit = c; break; }
+  }
+  if (!hit) { $("hover-info").textContent = `(${Math.round(p.x)}, ${Math.round(p.y)}) px: not analysed`; return; }
+  const ms = hit.props.measurements;
+  const parts = Object.entries(ms).filter(([k]) => k !== "Patch index")
+    .map(([k, v]) => `${k} ${Number(v).toFixed(3)}`);
+  const cls = hit.props.classification ? ` · most likely ${hit.props.classification.name}` : "";
+  $("hover-info").textContent = `Patch at (${hit.x}, ${hit.y})${cls}: ${parts.join(" · ")}`;
+}
+
+// --- results panel -------------------------------------------------------------------------------------------
+function clearResults() {
+  for (const id of ["classification", "survival", "zeroshot", "report", "downloads", "result-notice"]) $(id).replaceChildren();
+  $("overlay-toggle").disabled = true; $("overlay-opacity").disabled = true; $("overlay-toggle").checked = false;
+  state.patches = null;
+}
+
+function fill(p) {
+  const f = el("span", { class: "fill" });
+  f.style.display = "block";
+  f.style.width = `${(p * 100).toFixed(1)}%`; // CSSOM, allowed by the page's CSP (style attributes are not)
+  return f;
+}
+
+function bars(container, probs) {
+  const entries = Object.entries(probs).sort((a, b) => b[1] - a[1]);
+  container.append(...entries.map(([label, p], i) => el("div", { class: i === 0 ? "bar top" : "bar", role: "img",
+    "aria-label": `${label} ${(p * 100).toFixed(1)} percent` },
+  el("span", {}, label), el("span", { class: "track" }, fill(p)),
+  el("span", {}, `${(p * 100).toFixed(1)} %`))));
+}
+
+function survivalSvg(s) {
+  const curve = s.survival, edges = s.bin_edges || curve.map((_, i) => i);
+  const W = 290, H = 120, L = 30, B = 20;
+  const tmax = edges[edges.length - 1] || 1;
+  const X = (t) => L + ((W - L - 6) * t) / tmax, Y = (v) => 6 + (H - B - 6) * (1 - v);
+  let d = `M${X(edges[0])},${Y(1)}`;
+  curve.forEach((v, i) => { d += ` H${X(edges[i + 1] ?? tmax)} V${Y(v)}`; });
+  const ns = "http://www.w3.org/2000/svg";
+  const svg = document.createElementNS(ns, "svg");
+  svg.setAttribute("viewBox", `0 0 ${W} ${H}`); svg.setAttribute("role", "img");
+  svg.setAttribute("aria-label", `Predicted survival curve; ${curve.map((v) => v.toFixed(2)).join(", ")}`);
+  const add = (tag, attrs, text) => { const e = document.createElementNS(ns, tag);
+    for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v); if (text) e.textContent = text; svg.append(e); };
+  add("path", { d: `M${L},6 V${H - B} H${W - 6}`, stroke: "#4a5361", fill: "none" });
+  add("path", { d, stroke: "#0b5cad", "stroke-width": 2, fill: "none" });
+  add("text", { x: 2, y: 12 }, "1.0"); add("text", { x: 2, y: H - B }, "0");
+  add("text", { x: L, y: H - 4 }, "time (bins)"); add("text", { x: W - 40, y: H - 4 }, tmax.toFixed(0));
+  return svg;
+}
+
+function downloadButton(label, path, filename) {
+  return el("li", {}, el("button", { class: "link", type: "button", "data-href": path, onclick: async () => {
+    try {
+      const blob = await (await api(path)).blob();
+      const a = el("a", { href: URL.createObjectURL(blob), download: filename });
+      document.body.append(a); a.click(); a.remove();
+    } catch (e) { $("job-error").textContent = `Download failed: ${e.message}`; }
+  } }, label));
+}
+
+function renderResults(id, r) {
+  $("result-notice").textContent = r.notice || "";
+  for (const [head, v] of Object.entries(r.classification || {})) {
+    $("classification").append(el("p", {}, el("strong", {}, head), ": most likely ", el("strong", { class: "label" }, v.label)));
+    bars($("classification"), v.probabilities);
+  }
+  if (!r.classification || !Object.keys(r.classification).length) $("classification").append("Not computed.");
+  for (const [head, v] of Object.entries(r.survival || {})) {
+    $("survival").append(el("p", {}, `${head}: risk `, el("strong", { class: "risk" }, Number(v.risk).toFixed(3)),
+      " (higher means worse)"), survivalSvg(v));
+  }
+  if (!r.survival || !Object.keys(r.survival).length) $("survival").append("Not computed.");
+  if (r.zeroshot && r.zeroshot.prompts) {
+    $("zeroshot").append(el("p", {}, "Best match: ", el("strong", {}, r.zeroshot.best)));
+    bars($("zeroshot"), Object.fromEntries(r.zeroshot.prompts.map((p) => [p.prompt, p.probability])));
+  } else $("zeroshot").append("No prompts were given for this job.");
+  if (r.report && r.report.available) {
+    $("report").append(el("p", { class: "notice" }, r.report.notice || "AI-drafted text; a pathologist must review it."),
+      el("blockquote", { id: "report-text" }, r.report.text));
+  } else $("report").append(r.report ? r.report.reason || "No report." : "Not computed.");
+  const base = `/jobs/${encodeURIComponent(id)}`;
+  $("downloads").append(downloadButton("Result (JSON)", `${base}/result`, `${id}-result.json`),
+    downloadButton("Features (HDF5)", `${base}/features`, `${id}-features.h5`),
+    downloadButton("QuPath GeoJSON", `${base}/annotations.geojson`, `${id}.geojson`),
+    downloadButton("Heatmap (PNG)", `${base}/heatmap`, `${id}-heatmap.png`));
+  if (r.dicom || (r.files && r.files.dicom)) $("downloads").append(downloadButton("DICOM", `${base}/dicom`, `${id}.dcm`));
+}
+
+// --- wiring --------------------------------------------------------------------------------------------------
+document.addEventListener("DOMContentLoaded", () => {
+  $("signin-form").addEventListener("submit", (e) => { e.preventDefault(); signIn($("api-key").value.trim()); });
+  $("signout").addEventListener("click", signOut);
+  $("upload-btn").addEventListener("click", upload);
+  $("overlay-toggle").addEventListener("change", setOverlay);
+  $("overlay-opacity").addEventListener("input", setOverlay);
+  window.addEventListener("hashchange", () => { if (state.key) openFromHash(); });
+  if (state.key) signIn(state.key);
+});

@@ -1,0 +1,138 @@
+"""The viewer's API: Deep Zoom tiles (tenant-checked, cached, pyramid only), QuPath GeoJSON and re-rendered
+heatmaps of a finished job, and a `region` in the analyses request. Real app, embedded runner, tiny bundle,
+the real CMU slide."""
+
+from __future__ import annotations
+
+import io
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from inference_fixtures import build_tiny_bundle
+from PIL import Image
+from test_results_qupath import QUPATH_SCHEMA
+
+from service.api import create_app
+from service.config import Settings
+from service.slides.open import open_slide
+
+KEY_A, KEY_B = "viewer-api-a-0123456789abcdef", "viewer-api-b-0123456789abcdef"
+A, B = {"Authorization": f"Bearer {KEY_A}"}, {"Authorization": f"Bearer {KEY_B}"}
+
+
+def _wait(c: TestClient, job_id: str) -> dict:
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        job = c.get(f"/jobs/{job_id}", headers=A).json()
+        if job["state"] in ("succeeded", "failed", "canceled"):
+            return job
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} did not finish")
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, cmu_svs: Path):
+    bundle = build_tiny_bundle(tmp_path_factory.getbasetemp())
+    settings = Settings(
+        data_dir=tmp_path_factory.mktemp("viewer-api"),
+        bundle_dir=bundle,
+        runner_workers=1,
+        runner_poll_s=0.2,
+        api_keys=[{"tenant": "a", "key": KEY_A}, {"tenant": "b", "key": KEY_B}],
+    )
+    with TestClient(create_app(settings)) as c:
+        r = c.post("/slides", files={"file": ("s.svs", cmu_svs.read_bytes())}, headers=A)
+        assert r.status_code == 202, r.text
+        job = _wait(c, r.json()["job"]["id"])
+        assert job["state"] == "succeeded", job
+        yield c, job
+
+
+def test_deep_zoom_tiles_are_tenant_checked_cached_and_from_the_pyramid(served, cmu_svs: Path) -> None:
+    c, job = served
+    sid = job["slide_id"]
+    dz = c.get(f"/slides/{sid}/dzi", headers=A).json()
+    with open_slide(cmu_svs) as reader:
+        w, h = reader.dimensions
+        assert (dz["width"], dz["height"]) == (w, h) and dz["maxLevel"] == math.ceil(math.log2(max(w, h)))
+        # A full-resolution tile equals the slide's pixels there (JPEG aside).
+        r = c.get(f"/slides/{sid}/tiles/{dz['maxLevel']}/2_3.jpeg", headers=A)
+        assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
+        assert "private" in r.headers["cache-control"]
+        tile = np.asarray(Image.open(io.BytesIO(r.content)).convert("RGB"), np.float32)
+        ref = reader.read_region((512, 768), 0, (256, 256)).astype(np.float32)
+        assert tile.shape == (256, 256, 3) and np.abs(tile - ref).mean() < 4
+        # The coarsest tiles shrink the whole slide: never the label or macro image.
+        r = c.get(f"/slides/{sid}/tiles/{dz['maxLevel'] - 4}/0_0.jpeg", headers=A)
+        small = np.asarray(Image.open(io.BytesIO(r.content)).convert("RGB"), np.float32)
+        assert small.shape[:2] == (math.ceil(h / 16), math.ceil(w / 16))
+        thumb = np.asarray(Image.fromarray(reader.read_region((0, 0), 0, (w, h))).resize(small.shape[1::-1]))
+        assert np.abs(small - thumb).mean() < 8
+    edge = c.get(f"/slides/{sid}/tiles/{dz['maxLevel']}/8_11.jpeg", headers=A)  # the bottom-right partial tile
+    assert Image.open(io.BytesIO(edge.content)).size == (w - 8 * 256, h - 11 * 256)
+    tiles = c.app.state.tiles
+    hits = tiles.hits
+    again = c.get(f"/slides/{sid}/tiles/{dz['maxLevel']}/2_3.jpeg", headers=A)
+    assert again.status_code == 200 and len(again.content) > 0
+    assert tiles.hits == hits + 1
+    for bad in (f"{dz['maxLevel']}/99_0", f"{dz['maxLevel'] + 1}/0_0", "3/a_b", "3/0_0_0"):
+        r = c.get(f"/slides/{sid}/tiles/{bad}.jpeg", headers=A)
+        assert r.status_code == 422 and r.json()["error"]["message"], bad
+    # Another tenant sees nothing, and no key is no tile.
+    assert c.get(f"/slides/{sid}/dzi", headers=B).status_code == 404
+    assert c.get(f"/slides/{sid}/tiles/0/0_0.jpeg", headers=B).status_code == 404
+    assert c.get(f"/slides/{sid}/tiles/0/0_0.jpeg").status_code == 401
+
+
+def test_geojson_and_heatmap_routes(served) -> None:
+    import jsonschema
+
+    c, job = served
+    jid = job["id"]
+    assert job["links"]["annotations"] == f"/jobs/{jid}/annotations.geojson"
+    r = c.get(f"/jobs/{jid}/annotations.geojson", headers=A)
+    assert r.status_code == 200 and r.headers["content-type"] == "application/geo+json"
+    fc = r.json()
+    jsonschema.validate(fc, QUPATH_SCHEMA)
+    result = c.get(f"/jobs/{jid}/result", headers=A).json()
+    dets = [f for f in fc["features"] if f["properties"]["objectType"] == "detection"]
+    assert len(dets) == result["tiling"]["patches"]
+    assert fc["mstar"]["slide_sha256"] == result["slide"]["sha256"]
+    dims = result["slide"]["level_dimensions"]
+    png = c.get(f"/jobs/{jid}/heatmap", params={"level": 0}, headers=A)
+    assert png.status_code == 200 and png.headers["x-pyramid-level"] == "0"
+    img = Image.open(io.BytesIO(png.content))
+    assert img.mode == "RGBA" and img.size == tuple(dims[0])
+    alpha = np.asarray(img)[..., 3]
+    assert (alpha == 255).any() and (alpha == 0).any()
+    label = next(iter(result["classification"].values()))["label"]
+    head = next(iter(result["classification"]))
+    assert c.get(f"/jobs/{jid}/heatmap", params={"score": f"{head}.{label}"}, headers=A).status_code == 200
+    r = c.get(f"/jobs/{jid}/heatmap", params={"score": "nope"}, headers=A)
+    assert r.status_code == 422 and "choose from" in r.json()["error"]["message"]
+    assert c.get(f"/jobs/{jid}/heatmap", params={"level": 7}, headers=A).status_code == 422
+    for path in ("annotations.geojson", "heatmap"):
+        assert c.get(f"/jobs/{jid}/{path}", headers=B).status_code == 404
+
+
+def test_region_in_the_analyses_request(served) -> None:
+    c, job = served
+    fc = c.get(f"/jobs/{job['id']}/annotations.geojson", headers=A).json()
+    xs = [f["geometry"]["coordinates"][0][0][0] for f in fc["features"] if f["properties"]["objectType"] == "detection"]
+    mid = float(np.median(xs))
+    region = {"type": "Polygon", "coordinates": [[[0, 0], [mid, 0], [mid, 4000], [0, 4000], [0, 0]]]}
+    r = c.post(f"/slides/{job['slide_id']}/analyses", json={"tasks": ["classification"], "region": region}, headers=A)
+    assert r.status_code == 202, r.text
+    done = _wait(c, r.json()["id"])
+    assert done["state"] == "succeeded", done
+    res = c.get(f"/jobs/{done['id']}/result", headers=A).json()
+    full = len(xs)
+    assert 0 < res["tiling"]["patches"] < full and res["tiling"]["region"]["tissue_patches_before"] == full
+    bad = c.post(
+        f"/slides/{job['slide_id']}/analyses", json={"region": {"type": "Point", "coordinates": [0, 0]}}, headers=A
+    )
+    assert bad.status_code == 422 and "Polygon" in bad.text

@@ -1,0 +1,260 @@
+"""QuPath GeoJSON, region-of-interest analysis and heatmaps re-rendered from saved scores, on the real CMU slide
+with the tiny exported bundle (real ONNX models)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import shapely
+from click.testing import CliRunner
+from inference_fixtures import build_tiny_bundle
+from PIL import Image
+from shapely.geometry import box, shape
+
+from service.cli import main
+from service.errors import InvalidParameterError, NoTissueError
+from service.pipeline import AnalysisOptions, run_analysis
+from service.results import geojson as gj
+from service.results import patch_scores
+from service.results.roi import parse_region
+from service.slides.stream import PatchReader
+
+# QuPath's GeoJSON conventions, as its importer reads them (objectType, classification, measurements).
+QUPATH_SCHEMA = {
+    "type": "object",
+    "required": ["type", "features"],
+    "properties": {
+        "type": {"const": "FeatureCollection"},
+        "features": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["type", "geometry", "properties"],
+                "properties": {
+                    "type": {"const": "Feature"},
+                    "id": {"type": "string"},
+                    "geometry": {
+                        "type": "object",
+                        "required": ["type", "coordinates"],
+                        "properties": {"type": {"enum": ["Polygon", "MultiPolygon"]}},
+                    },
+                    "properties": {
+                        "type": "object",
+                        "required": ["objectType"],
+                        "properties": {
+                            "objectType": {"enum": ["annotation", "detection"]},
+                            "name": {"type": "string"},
+                            "isLocked": {"type": "boolean"},
+                            "classification": {
+                                "type": "object",
+                                "required": ["name", "color"],
+                                "properties": {
+                                    "name": {"type": "string"},
+                                    "color": {
+                                        "type": "array",
+                                        "minItems": 3,
+                                        "maxItems": 3,
+                                        "items": {"type": "integer", "minimum": 0, "maximum": 255},
+                                    },
+                                },
+                            },
+                            "measurements": {"type": "object", "additionalProperties": {"type": "number"}},
+                        },
+                    },
+                },
+            },
+        },
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tmp_path_factory) -> Path:
+    return build_tiny_bundle(tmp_path_factory.getbasetemp())
+
+
+@pytest.fixture(scope="module")
+def analysed(tiny_bundle: Path, cmu_svs: Path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("full")
+    run_analysis(cmu_svs, out, AnalysisOptions(), bundle_dir=tiny_bundle)
+    return out
+
+
+def _detections(fc: dict) -> list[dict]:
+    return [f for f in fc["features"] if f["properties"]["objectType"] == "detection"]
+
+
+def test_geojson_follows_qupath_conventions_and_matches_the_result(analysed: Path) -> None:
+    import jsonschema
+
+    fc = gj.build_from_dir(analysed)
+    jsonschema.validate(fc, QUPATH_SCHEMA)
+    result = json.loads((analysed / "result.json").read_text())
+    with h5py.File(analysed / "features.h5", "r") as f:
+        coords = f["coords"][:]
+        size = int(f["coords"].attrs["patch_size_level0"])
+    dets = _detections(fc)
+    assert len(dets) == len(coords) == result["tiling"]["patches"]
+    # Geometry: each detection is exactly its grid square, in level-0 pixels.
+    for det, (x, y) in zip(dets, coords, strict=True):
+        poly = shape(det["geometry"])
+        assert poly.is_valid and poly.equals(box(x, y, x + size, y + size))
+    # Tissue: one locked annotation, valid, covering the patches' tissue.
+    tissue = [f for f in fc["features"] if f["properties"].get("name") == "Tissue"]
+    assert len(tissue) == 1 and tissue[0]["properties"]["objectType"] == "annotation"
+    outline = shape(tissue[0]["geometry"])
+    assert outline.is_valid and outline.area > 0
+    w, h = result["slide"]["level_dimensions"][0]
+    assert box(0, 0, w, h).buffer(1).contains(outline)
+    patches = shapely.union_all([shape(d["geometry"]) for d in dets])
+    assert outline.intersection(patches).area / patches.area > 0.5  # patches hold >= 25 % tissue each
+    # Values: slide-level numbers equal result.json; patch attention equals the aggregator's top patches.
+    meas = tissue[0]["properties"]["measurements"]
+    for head, v in result["classification"].items():
+        for label, p in v["probabilities"].items():
+            assert meas[f"{head}: {label} probability (slide)"] == pytest.approx(p, abs=1e-6)
+    for head, v in result["survival"].items():
+        assert meas[f"{head}: risk (slide)"] == pytest.approx(v["risk"], abs=1e-6)
+    by_xy = {(int(x), int(y)): d["properties"]["measurements"] for d, (x, y) in zip(dets, coords, strict=True)}
+    for top in result["attention"]["top_patches"]:
+        assert by_xy[(top["x"], top["y"])]["Attention"] == pytest.approx(top["score"], abs=1e-6)
+    best = max(by_xy.items(), key=lambda kv: kv[1]["Attention"])[1]
+    assert best["Attention (normalised)"] == pytest.approx(1.0)
+    # Per-class scores: a distribution per patch, and the detection is classified as its most probable class.
+    head = next(iter(result["classification"]))
+    labels = list(result["classification"][head]["probabilities"])
+    for det in dets:
+        m = det["properties"]["measurements"]
+        probs = [m[f"{head}: {lab} probability"] for lab in labels]
+        assert sum(probs) == pytest.approx(1.0, abs=1e-4)
+        assert det["properties"]["classification"]["name"] == labels[int(np.argmax(probs))]
+
+
+def _left_half_of_tissue(analysed: Path) -> tuple[dict, np.ndarray, int]:
+    scores = patch_scores.read(analysed / patch_scores.FILE_NAME)
+    c, s = scores.coords, scores.patch_size_level0
+    x0, y0 = (float(v) for v in c.min(axis=0))
+    _, y1 = (float(v) for v in c.max(axis=0) + s)
+    mid = float(np.median(c[:, 0] + s / 2))
+    ring = [[x0 - 5, y0 - 5], [mid, y0 - 5], [mid, y1 + 5], [x0 - 5, y1 + 5], [x0 - 5, y0 - 5]]
+    # As QuPath's "Export objects" writes an annotation.
+    fc = {
+        "type": "FeatureCollection",
+        "features": [
+            {
+                "type": "Feature",
+                "id": "b5b1c2de-0000-4000-8000-000000000001",
+                "geometry": {"type": "Polygon", "coordinates": [ring]},
+                "properties": {"objectType": "annotation", "classification": {"name": "Tumor", "color": [200, 0, 0]}},
+            }
+        ],
+    }
+    return fc, c, s
+
+
+def test_roi_reads_only_patches_inside_the_polygon(analysed, tiny_bundle, cmu_svs, tmp_path, monkeypatch) -> None:
+    region, full_coords, size = _left_half_of_tissue(analysed)
+    roi_file = tmp_path / "region.geojson"
+    roi_file.write_text(json.dumps(region))
+    read: list[np.ndarray] = []
+    real_read = PatchReader.read_batch
+
+    def recording(self, start: int, stop: int) -> np.ndarray:  # observe the real reader, change nothing
+        read.append(np.array(self.grid.coords[start:stop]))
+        return real_read(self, start, stop)
+
+    monkeypatch.setattr(PatchReader, "read_batch", recording)
+    out = tmp_path / "roi"
+    res = CliRunner().invoke(
+        main,
+        ["analyze", str(cmu_svs), "--bundle", str(tiny_bundle), "--out", str(out), "--roi", str(roi_file), "--geojson"],
+        catch_exceptions=False,
+    )
+    assert res.exit_code == 0, res.output
+    read_xy = np.concatenate(read)
+    poly = parse_region(region)
+    centres = full_coords + size / 2
+    inside = shapely.contains_xy(poly, centres[:, 0], centres[:, 1])
+    assert 0.3 < inside.mean() < 0.7  # the polygon covers about half the tissue
+    # Exactly the tissue patches centred inside were read, each once; none outside.
+    assert sorted(map(tuple, read_xy.tolist())) == sorted(map(tuple, full_coords[inside].tolist()))
+    result = json.loads((out / "result.json").read_text())
+    assert result["tiling"]["patches"] == int(inside.sum())
+    assert result["tiling"]["region"]["tissue_patches_before"] == len(full_coords)
+    fc = json.loads((out / "annotations.geojson").read_text())
+    roi = [f for f in fc["features"] if f["properties"].get("name") == "Region of interest"]
+    assert len(roi) == 1 and shape(roi[0]["geometry"]).equals(poly)
+    tissue = next(f for f in fc["features"] if f["properties"].get("name") == "Tissue")
+    assert poly.buffer(1).contains(shape(tissue["geometry"]))  # the outline is clipped to the region
+    assert len(_detections(fc)) == int(inside.sum())
+
+
+def test_bad_regions_are_refused_clearly(analysed, cmu_svs, tiny_bundle, tmp_path) -> None:
+    with pytest.raises(InvalidParameterError, match="no Polygon"):
+        AnalysisOptions(region={"type": "Point", "coordinates": [1, 2]})
+    with pytest.raises(InvalidParameterError, match="no area"):
+        AnalysisOptions(region={"type": "Polygon", "coordinates": [[[0, 0], [10, 0], [0, 0]]]})
+    with pytest.raises(InvalidParameterError, match="GeoJSON"):
+        AnalysisOptions(region="left half")
+    far = {"type": "Polygon", "coordinates": [[[1e6, 1e6], [2e6, 1e6], [2e6, 2e6], [1e6, 1e6]]]}
+    with pytest.raises(InvalidParameterError, match="outside the slide"):
+        run_analysis(cmu_svs, tmp_path / "far", AnalysisOptions(region=far), bundle_dir=tiny_bundle)
+    corner = {"type": "Polygon", "coordinates": [[[0, 0], [40, 0], [40, 40], [0, 40], [0, 0]]]}  # background only
+    with pytest.raises(NoTissueError, match="inside the region"):
+        run_analysis(cmu_svs, tmp_path / "corner", AnalysisOptions(region=corner), bundle_dir=tiny_bundle)
+    bad = tmp_path / "bad.geojson"
+    bad.write_text("{not json")
+    res = CliRunner().invoke(main, ["analyze", str(cmu_svs), "--bundle", str(tiny_bundle), "--roi", str(bad)])
+    assert res.exit_code == 2 and "not a readable GeoJSON" in res.output
+
+
+def test_heatmap_rerendered_at_any_level_from_saved_scores(analysed: Path, cmu_svs: Path) -> None:
+    result = json.loads((analysed / "result.json").read_text())
+    dims = result["slide"]["level_dimensions"]
+    scores = patch_scores.read(analysed / patch_scores.FILE_NAME)
+    s = scores.patch_size_level0
+    runner = CliRunner()
+    for level in range(len(dims)):
+        res = runner.invoke(main, ["heatmap", str(analysed), "--level", str(level)], catch_exceptions=False)
+        assert res.exit_code == 0, res.output
+        img = np.asarray(Image.open(analysed / f"heatmap-level{level}.png"))
+        assert img.shape == (dims[level][1], dims[level][0], 4)
+        ds = dims[0][0] / dims[level][0]
+        # The top-attention patch is the top of the colour map; the slide's corner was not analysed.
+        top = scores.coords[int(np.argmax(scores.attention))]
+        cy, cx = int((top[1] + s / 2) / ds), int((top[0] + s / 2) / ds)
+        from matplotlib import colormaps
+
+        assert np.abs(img[cy, cx, :3].astype(int) - np.array(colormaps["inferno"](1.0)[:3]) * 255).max() <= 1
+        assert img[cy, cx, 3] > 0
+        covered = np.zeros(img.shape[:2], bool)
+        for x, y in scores.coords:
+            covered[int(y / ds) + 1 : int((y + s) / ds) - 1, int(x / ds) + 1 : int((x + s) / ds) - 1] = True
+        assert (img[..., 3][covered] > 0).all()
+    assert (img[..., 3] == 0).any()  # background stays transparent
+    res = runner.invoke(
+        main,
+        [
+            "heatmap",
+            str(analysed),
+            "--level",
+            "0",
+            "--slide",
+            str(cmu_svs),
+            "--score",
+            "subtype.luad",
+            "--out",
+            str(analysed / "blend.png"),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    blend = np.asarray(Image.open(analysed / "blend.png"))
+    assert blend.shape == (dims[0][1], dims[0][0], 4) and (blend[..., 3] == 255).all()
+    res = runner.invoke(main, ["heatmap", str(analysed), "--level", "9"])
+    assert res.exit_code == 2 and "level must be" in res.output
+    res = runner.invoke(main, ["heatmap", str(analysed), "--score", "nope"])
+    assert res.exit_code == 2 and "choose from" in res.output

@@ -1,0 +1,173 @@
+// Drives the /ui page in headless Chromium (Debian's, through playwright-core: no browser download) the way a
+// pathologist would, and prints what it saw as JSON for tests/test_ui_viewer.py to check.
+// Env: BASE_URL, API_KEY, OTHER_JOB (a job of another tenant), SLIDE (file to upload), SHOTS (folder), CHROMIUM.
+import { mkdirSync } from "node:fs";
+import { join } from "node:path";
+import { createRequire } from "node:module";
+
+const require = createRequire(join(process.cwd(), "ui", "package.json"));
+const { chromium } = require("playwright-core");
+const env = process.env;
+const out = { steps: [] };
+const shots = env.SHOTS;
+mkdirSync(shots, { recursive: true });
+const step = (name, data = {}) => out.steps.push({ name, ...data });
+
+const browser = await chromium.launch({
+  executablePath: env.CHROMIUM || "/usr/bin/chromium",
+  headless: true,
+  args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+});
+try {
+  const page = await (await browser.newContext({ viewport: { width: 1280, height: 800 } })).newPage();
+  const tiles = [];
+  const failures = [];
+  page.on("response", (r) => {
+    const m = /\/tiles\/(\d+)\/(\d+)_(\d+)\.jpeg$/.exec(r.url());
+    if (m) tiles.push({ level: +m[1], status: r.status(), type: r.headers()["content-type"] });
+  });
+  const refused = [];
+  page.on("pageerror", (e) => failures.push(String(e)));
+  page.on("console", (m) => {
+    if (m.type() !== "error") return;
+    // The browser logs every 4xx the page receives; the refusals this flow provokes are counted apart.
+    if (m.text().startsWith("Failed to load resource")) refused.push(m.text()); else failures.push(m.text());
+  });
+  page.setDefaultTimeout(30000);
+
+  await page.goto(`${env.BASE_URL}/ui`);
+  await page.screenshot({ path: join(shots, "01-sign-in.png") });
+
+  // A wrong key is refused in the page.
+  await page.fill("#api-key", "not-a-valid-key-000000000000");
+  await page.click("#signin-btn");
+  await page.waitForFunction(() => document.getElementById("signin-error").textContent.length > 0);
+  step("wrong_key", { error: await page.textContent("#signin-error"), appVisible: await page.isVisible("#app") });
+  await page.screenshot({ path: join(shots, "02-wrong-key.png") });
+
+  // Keyboard: the key field, the button and (after sign-in) the upload controls are reachable with Tab.
+  await page.fill("#api-key", env.API_KEY);
+  await page.focus("#api-key");
+  await page.keyboard.press("Tab");
+  const tabbed = await page.evaluate(() => document.activeElement.id);
+  await page.keyboard.press("Enter");
+  await page.waitForSelector("#app", { state: "visible" });
+  step("signed_in", { tabbedTo: tabbed, keyInLocalStorage: await page.evaluate(() => localStorage.length),
+    keyInSessionStorage: await page.evaluate(() => sessionStorage.getItem("mstar.apiKey") !== null) });
+
+  // Upload with the progress bar; the job appears in the list with live progress and finishes.
+  await page.setInputFiles("#upload-file", env.SLIDE);
+  await page.click("#upload-btn");
+  await page.waitForFunction(() => document.getElementById("upload-status").textContent.includes("queued"), null,
+    { timeout: 120000 });
+  step("uploaded", { progress: await page.getAttribute("#upload-progress", "value"),
+    status: await page.textContent("#upload-status") });
+  await page.screenshot({ path: join(shots, "03-uploaded-job-running.png") });
+  const states = new Set();
+  const t0 = Date.now();
+  while (Date.now() - t0 < 300000) {
+    const s = await page.getAttribute("#jobs li[data-job-id]", "data-state");
+    states.add(s);
+    if (["succeeded", "failed", "canceled"].includes(s)) break;
+    await page.waitForTimeout(300);
+  }
+  step("job_done", { states: [...states] });
+
+  // The job opens (the upload set #job=...): results, overlay, tiles.
+  await page.waitForSelector("#report-text", { timeout: 60000 });
+  await page.waitForFunction(() => document.getElementById("viewer").dataset.overlay === "on", null, { timeout: 60000 });
+  await page.waitForLoadState("networkidle");
+  await page.waitForTimeout(500);
+  const tilesBefore = tiles.length;
+  const levelBefore = Math.max(...tiles.map((t) => t.level));
+  await page.screenshot({ path: join(shots, "04-slide-with-heatmap.png") });
+
+  // Pan and zoom with the mouse: new, finer tiles load.
+  const box = await page.locator("#viewer").boundingBox();
+  const cx = box.x + box.width / 2, cy = box.y + box.height / 2;
+  await page.mouse.move(cx, cy);
+  for (let i = 0; i < 6; i++) { await page.mouse.wheel(0, -300); await page.waitForTimeout(150); }
+  await page.mouse.down(); await page.mouse.move(cx + 150, cy + 80, { steps: 8 }); await page.mouse.up();
+  await page.waitForLoadState("networkidle");
+  await page.waitForTimeout(800);
+  step("pan_zoom", { tilesBefore, tilesAfter: tiles.length, levelBefore, levelAfter: Math.max(...tiles.map((t) => t.level)),
+    allOk: tiles.every((t) => t.status === 200 && t.type === "image/jpeg"),
+    zoom: await page.evaluate(() => state.viewer.viewport.getZoom()) });
+  await page.screenshot({ path: join(shots, "05-zoomed-in.png") });
+
+  // Hover the most attended patch: its attention and scores are shown.
+  await page.evaluate(() => state.viewer.viewport.goHome(true));
+  await page.waitForTimeout(300);
+  const target = await page.evaluate(() => {
+    let best = null;
+    for (const c of state.patches.cells.values()) if (!best || c.props.measurements.Attention > best.props.measurements.Attention) best = c;
+    const s = state.patches.size;
+    const p = state.viewer.world.getItemAt(0).imageToViewerElementCoordinates(new OpenSeadragon.Point(best.x + s / 2, best.y + s / 2));
+    const r = document.getElementById("viewer").getBoundingClientRect();
+    return { x: r.left + p.x, y: r.top + p.y, attention: best.props.measurements.Attention, px: best.x, py: best.y };
+  });
+  await page.mouse.move(target.x, target.y, { steps: 3 });
+  await page.waitForFunction(() => document.getElementById("hover-info").textContent.startsWith("Patch at"));
+  step("hover", { text: await page.textContent("#hover-info"), expected: target });
+  await page.screenshot({ path: join(shots, "06-hover-patch.png") });
+
+  // Overlay toggle and opacity.
+  const opacityOn = await page.evaluate(() => state.overlay.getOpacity());
+  await page.click("#overlay-toggle");
+  const afterToggle = { flag: await page.getAttribute("#viewer", "data-overlay"), opacity: await page.evaluate(() => state.overlay.getOpacity()) };
+  await page.screenshot({ path: join(shots, "07-overlay-off.png") });
+  await page.click("#overlay-toggle");
+  await page.fill("#overlay-opacity", "25");
+  await page.dispatchEvent("#overlay-opacity", "input");
+  step("overlay", { opacityOn, afterToggle, opacityAt25: await page.evaluate(() => state.overlay.getOpacity()) });
+
+  // Keyboard: the viewer's canvas takes focus and zooms with "+" (OpenSeadragon's keys).
+  await page.evaluate(() => state.viewer.viewport.goHome(true));
+  const zoomHome = await page.evaluate(() => state.viewer.viewport.getZoom());
+  await page.focus("#viewer .openseadragon-canvas");
+  for (let i = 0; i < 3; i++) await page.keyboard.press("+");
+  await page.waitForTimeout(1500);
+  step("keyboard_zoom", { before: zoomHome, after: await page.evaluate(() => state.viewer.viewport.getZoom()) });
+
+  // Contrast (WCAG 2 relative luminance) of the page's text on its effective background.
+  const contrast = await page.evaluate(() => {
+    const rgb = (c) => (c.match(/[\d.]+/g) || []).map(Number);
+    const lum = ([r, g, b]) => { const f = (v) => { v /= 255; return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4; };
+      return 0.2126 * f(r) + 0.7152 * f(g) + 0.0722 * f(b); };
+    const bg = (e) => { for (; e; e = e.parentElement) { const c = rgb(getComputedStyle(e).backgroundColor);
+      if (c.length === 3 || (c.length === 4 && c[3] > 0)) return c.slice(0, 3); } return [255, 255, 255]; };
+    const sel = ["header h1", "header .demo-note", "#upload-btn", "#jobs .meta", "#slides .meta", "#legend small",
+      "#hover-info", ".bar span", ".badge", "#result-notice", "#report blockquote", "#downloads button", "h3"];
+    return sel.map((s) => { const e = document.querySelector(s); if (!e) return { s, ratio: null };
+      const a = lum(rgb(getComputedStyle(e).color)), b = lum(bg(e));
+      return { s, ratio: (Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05) }; });
+  });
+  step("contrast", { items: contrast });
+
+  // What the pathologist reads.
+  step("results", {
+    label: await page.textContent("#classification .label"),
+    bars: await page.locator("#classification .bar").count(),
+    risk: await page.textContent("#survival .risk"),
+    survivalCurve: await page.locator("#survival svg path").count(),
+    report: await page.textContent("#report-text"),
+    badge: await page.textContent("#results .badge"),
+    downloads: await page.locator("#downloads button").evaluateAll((bs) => bs.map((b) => b.dataset.href)),
+    notice: await page.textContent("#result-notice"),
+  });
+  const dl = page.waitForEvent("download");
+  await page.click("#downloads button[data-href$='annotations.geojson']");
+  const file = await dl;
+  step("download", { file: file.suggestedFilename() });
+
+  // Another tenant's job is refused in the page too.
+  await page.evaluate((id) => { location.hash = `job=${id}`; }, env.OTHER_JOB);
+  await page.waitForFunction(() => document.getElementById("job-error").textContent.length > 0);
+  step("other_tenant", { error: await page.textContent("#job-error") });
+  await page.screenshot({ path: join(shots, "08-other-tenant-refused.png") });
+  step("errors", { failures, refused });
+} finally {
+  await browser.close();
+}
+console.log(JSON.stringify(out));
