@@ -163,9 +163,9 @@ def test_roi_reads_only_patches_inside_the_polygon(analysed, tiny_bundle, cmu_sv
     read: list[np.ndarray] = []
     real_read = PatchReader.read_batch
 
-    def recording(self, start: int, stop: int) -> np.ndarray:  # observe the real reader, change nothing
+    def recording(self, start: int, stop: int, out=None) -> np.ndarray:  # observe the real reader, change nothing
         read.append(np.array(self.grid.coords[start:stop]))
-        return real_read(self, start, stop)
+        return real_read(self, start, stop, out)
 
     monkeypatch.setattr(PatchReader, "read_batch", recording)
     out = tmp_path / "roi"

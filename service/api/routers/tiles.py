@@ -11,7 +11,7 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
-from service.api.deps import SessionDep, TenantDep
+from service.api.deps import ContextDep, TenantDep
 from service.api.errors import NotFoundError
 from service.api.responses import ERRORS
 from service.store import repo
@@ -20,11 +20,13 @@ router = APIRouter(tags=["viewer"])
 CACHE = "private, max-age=86400, immutable"
 
 
-def _slide(session, principal, slide_id: str) -> tuple[str, str, float | None]:
-    slide = repo.get_slide(session, principal.tenant_id, slide_id)
-    if slide is None:
-        raise NotFoundError("no such slide")
-    return slide.id, slide.blob_key, slide.mpp_override
+def _slide(ctx, principal, slide_id: str) -> tuple[str, str, float | None]:
+    """The tenant's slide (404 for another tenant's), looked up in one short session on a worker thread."""
+    with ctx.sessions() as session:
+        slide = repo.get_slide(session, principal.tenant_id, slide_id)
+        if slide is None:
+            raise NotFoundError("no such slide")
+        return slide.id, slide.blob_key, slide.mpp_override
 
 
 @router.get(
@@ -32,8 +34,8 @@ def _slide(session, principal, slide_id: str) -> tuple[str, str, float | None]:
     responses=ERRORS(401, 404, 422),
     summary="Deep Zoom description of a slide (OpenSeadragon tile source)",
 )
-async def deep_zoom(slide_id: str, principal: TenantDep, session: SessionDep, request: Request) -> dict:
-    sid, key, mpp = _slide(session, principal, slide_id)
+async def deep_zoom(slide_id: str, principal: TenantDep, ctx: ContextDep, request: Request) -> dict:
+    sid, key, mpp = await run_in_threadpool(_slide, ctx, principal, slide_id)
     _, info = await run_in_threadpool(request.app.state.tiles.reader, sid, key, mpp)
     return {**info.to_json(), "tiles": f"/slides/{sid}/tiles/{{level}}/{{col}}_{{row}}.jpeg"}
 
@@ -49,10 +51,10 @@ async def tile(
     level: Annotated[int, Path(ge=0, le=40)],
     tile: Annotated[str, Path(pattern=r"^[0-9]{1,6}_[0-9]{1,6}$")],
     principal: TenantDep,
-    session: SessionDep,
+    ctx: ContextDep,
     request: Request,
 ) -> Response:
-    sid, key, mpp = _slide(session, principal, slide_id)
+    sid, key, mpp = await run_in_threadpool(_slide, ctx, principal, slide_id)
     col, row = (int(v) for v in tile.split("_"))
     data = await run_in_threadpool(request.app.state.tiles.tile, sid, key, mpp, level, col, row)
     return Response(data, media_type="image/jpeg", headers={"Cache-Control": CACHE})
