@@ -133,6 +133,13 @@ def _find_int(result: dict, *names: str) -> int | None:
     return None
 
 
+def job_tenant_name(s: Any, tenant_id: str) -> str:
+    from service.store.models import Tenant
+
+    tenant = s.get(Tenant, tenant_id)
+    return tenant.name if tenant is not None else ""
+
+
 def execute_job(job_id: str, settings: Settings, pipeline: str | PipelineFn | None = None) -> JobOutcome:
     """Run one claimed (state `running`) job to a terminal state. Safe to call in any worker process."""
     from service.pipeline import JobCanceled
@@ -147,6 +154,8 @@ def execute_job(job_id: str, settings: Settings, pipeline: str | PipelineFn | No
         if options_rec.get("mpp_override") is None and slide.mpp_override is not None:
             options_rec["mpp_override"] = slide.mpp_override
         blob_key = slide.blob_key
+        pacs_info = dict(slide.info or {}) if slide.format == "pacs" else None  # a slide that lives in a PACS
+        tenant_name = job_tenant_name(s, tenant_id) if pacs_info is not None else None
         if job.cancel_requested:
             repo.finish_job(s, job_id, "canceled", error_code="canceled", error_message="canceled by request")
             return JobOutcome(job_id, "canceled")
@@ -183,10 +192,15 @@ def execute_job(job_id: str, settings: Settings, pipeline: str | PipelineFn | No
     outcome = JobOutcome(job_id, "failed", stage_seconds=stage_seconds)
     with scratch_dir(settings.work_dir, f"job-{job_id}-") as out_dir, ExitStack() as held:
         try:
-            try:  # an object store copies the slide to this machine's cache, held until the job ends
-                slide_path = held.enter_context(blobs.local_copy(blob_key))
-            except FileNotFoundError:
-                raise SlideNotFoundError("the stored slide is missing from the blob store") from None
+            if pacs_info is not None:
+                from service.pacs.jobs import source_for
+
+                slide_path = source_for(pacs_info, tenant_name or "")
+            else:
+                try:  # an object store copies the slide to this machine's cache, held until the job ends
+                    slide_path = held.enter_context(blobs.local_copy(blob_key))
+                except FileNotFoundError:
+                    raise SlideNotFoundError("the stored slide is missing from the blob store") from None
             fn = load_callable(pipeline or settings.pipeline)
             result = fn(
                 slide_path,
@@ -199,6 +213,12 @@ def execute_job(job_id: str, settings: Settings, pipeline: str | PipelineFn | No
             _close_stage()
             if should_cancel(force=True):  # canceled (or its slide deleted) while the last stage ran
                 raise JobCanceled("canceled by request")
+            if pacs_info is not None:  # DICOM results into the slide's study (STOW-RS), before publishing
+                from service.pacs.jobs import after_pipeline
+
+                progress("store", 0.0)
+                after_pipeline(slide_path, out_dir, options_rec, settings.bundle_dir)
+                _close_stage()
             files = {}
             for path in sorted(p for p in out_dir.iterdir() if p.is_file() and not p.name.endswith(".part")):
                 key = f"results/{tenant_id}/{job_id}/{path.name}"

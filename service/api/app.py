@@ -195,4 +195,10 @@ def create_app(settings: Settings | None = None, *, queue: JobQueue | None = Non
 
     for r in (slides.router, jobs.router, models.router, health.router):
         app.include_router(r)
+    try:  # the pacs extra (highdicom, dicomweb-client) is optional
+        from service.api.routers import pacs
+    except ImportError as err:
+        log.info("PACS routes off (%s)", err)
+    else:
+        app.include_router(pacs.router)
     return app
