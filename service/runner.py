@@ -217,7 +217,7 @@ def execute_job(job_id: str, settings: Settings, pipeline: str | PipelineFn | No
                 from service.pacs.jobs import after_pipeline
 
                 progress("store", 0.0)
-                after_pipeline(slide_path, out_dir, options_rec, settings.bundle_dir)
+                after_pipeline(slide_path, out_dir, options_rec, settings.bundle_dir, job_id)
                 _close_stage()
             files = {}
             for path in sorted(p for p in out_dir.iterdir() if p.is_file() and not p.name.endswith(".part")):

@@ -80,7 +80,8 @@ class PacsSession(requests.Session):
         self.requests_made = 0
 
     def request(self, method: str | bytes, url: str | bytes, *args: Any, **kwargs: Any) -> requests.Response:  # type: ignore[override]
-        kwargs.setdefault("timeout", self.timeout)
+        if kwargs.get("timeout") is None:  # dicomweb-client passes timeout=None explicitly
+            kwargs["timeout"] = self.timeout
         resp = super().request(method, url, *args, **kwargs)
         n = len(resp.content)
         with self._lock:

@@ -11,7 +11,7 @@ import json
 import re
 from pathlib import Path
 
-from service.errors import InvalidParameterError
+from service.errors import InvalidParameterError, MstarError
 from service.pacs.config import PacsSettings
 from service.pacs.source import PacsSlideSource
 
@@ -55,17 +55,37 @@ def bundle_version(bundle_dir: Path | None) -> str | None:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:12] if path.is_file() else None
 
 
-def after_pipeline(source: PacsSlideSource, out_dir: Path, options: dict, bundle_dir: Path | None) -> dict:
-    """Write the DICOM objects next to the results and STOW them into the slide's study."""
+class FhirDeliveryError(MstarError):
+    code = "fhir_delivery_failed"
+    http_status = 502
+
+
+def after_pipeline(
+    source: PacsSlideSource, out_dir: Path, options: dict, bundle_dir: Path | None, job_id: str = ""
+) -> dict:
+    """Write the DICOM objects next to the results and STOW them into the slide's study; then, when the
+    tenant has a FHIR endpoint, POST the DiagnosticReport there (with retries)."""
     from service.pacs.writeback import write_back
 
     if source.series_uid is None:  # the pipeline resolved it; a fake pipeline may not have
         raise InvalidParameterError("the slide series was never resolved")
-    return write_back(
+    version = bundle_version(bundle_dir)
+    section = write_back(
         source.server,
         out_dir,
         study_uid=source.study_uid,
         series_uid=source.series_uid,
         options=options,
-        bundle_version=bundle_version(bundle_dir),
+        bundle_version=version,
     )
+    endpoint = PacsSettings().fhir_endpoint(source.server.tenant)
+    if endpoint is not None:
+        from service.pacs.fhir import diagnostic_report, post_report
+
+        result = json.loads((out_dir / "result.json").read_text())
+        report = diagnostic_report(job_id, result, study_uid=source.study_uid, bundle_version=version)
+        try:
+            post_report(endpoint, report)
+        except Exception as err:
+            raise FhirDeliveryError(f"the FHIR endpoint did not take the report ({err})") from err
+    return section

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from service.errors import MstarError, SlideError
+from service.errors import MstarError, SlideError, SlideTooLargeError
 from service.pacs.client import PacsSession, SlideSeries, find_slide_series, make_client, translate
-from service.pacs.config import PacsServer
+from service.pacs.config import PacsServer, PacsSettings
 from service.slides.readers.dicom_reader import DicomReader, _header_check
 
 
@@ -88,6 +88,12 @@ class PacsSlideSource:
         client, self.session = make_client(self.server)
         self.series = find_slide_series(client, self.server.name, self.study_uid, self.series_uid)
         self.series_uid = self.series.series_uid
+        limit = PacsSettings().max_frames
+        if self.series.frames_total > limit:
+            raise SlideTooLargeError(
+                f"the series declares {self.series.frames_total} frames, over the limit of {limit}",
+                slide=self.series_uid,
+            )
         reader = DicomWebReader(client, self.server.name, self.series, max_side=self.max_side)
         if mpp_override is not None:
             reader.mpp = override_mpp(mpp_override)

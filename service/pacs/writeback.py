@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from service.atomic import atomic_path
-from service.pacs.client import PacsError, make_client, translate
+from service.pacs.client import PacsError, PacsTimeoutError, PacsUnavailableError, make_client, translate
 from service.pacs.config import PacsServer
 from service.pacs.writers import Identity, build_objects, source_dataset
 
@@ -55,8 +55,11 @@ def store_with_retry(client: Any, server: PacsServer, datasets: list, study_uid:
             return
         except Exception as err:
             failure = translate(err, server.name, f"STOW-RS into study {study_uid}")
+            transient = isinstance(failure, PacsUnavailableError | PacsTimeoutError)
+            if not transient:  # refused (401/403/404/4xx): retrying cannot help
+                raise failure from err
             if attempt == server.stow_attempts:
-                raise PacsError(f"{failure} (after {attempt} tries)") from err
+                raise type(failure)(f"{failure} (after {attempt} tries)") from err
             log.warning(
                 "STOW-RS try %d/%d failed (%s); retrying in %.1f s", attempt, server.stow_attempts, failure.code, delay
             )

@@ -15,6 +15,7 @@ same objects and a PACS stores nothing twice.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,11 +30,10 @@ _ROOT_PREFIX = "2.25."
 
 
 def derive_uid(*parts: Any) -> str:
-    """A UID that depends only on `parts` (a 2.25 UUID-derived UID, as pydicom's `generate_uid` makes from
-    entropy sources)."""
-    from pydicom.uid import generate_uid
-
-    return str(generate_uid(prefix=None, entropy_srcs=[json.dumps(p, sort_keys=True, default=str) for p in parts]))
+    """A UID that depends only on `parts`: `2.25.` + a 128-bit integer from their SHA-256 (the UUID-derived
+    form of PS3.5 B.2, at most 44 characters)."""
+    raw = json.dumps(parts, sort_keys=True, default=str).encode()
+    return _ROOT_PREFIX + str(int.from_bytes(hashlib.sha256(raw).digest()[:16], "big"))
 
 
 @dataclass(frozen=True)
@@ -270,7 +270,7 @@ def heatmap_segmentation(src, coords: np.ndarray, attention: np.ndarray, step: i
         plane_positions=[position],
         omit_empty_frames=False,
         tile_pixel_array=True,
-        tile_size=(min(256, shape[1]), min(256, shape[0])),
+        tile_size=(min(256, shape[0]), min(256, shape[1])),  # (rows, columns)
         content_label="ATTENTION",
         content_description="relative aggregator attention (1 = most attended patch)",
         series_description="mSTAR attention heatmap (research use)",
