@@ -101,7 +101,11 @@ def make_client(server: PacsServer) -> tuple[Any, PacsSession]:
         wado_url_prefix=server.wado_prefix,
         stow_url_prefix=server.stow_prefix,
         session=session,
+        timeout=session.timeout,
     )
+    # Our own policy governs retries (STOW: `writeback.store_with_retry`); the client's built-in one would
+    # retry 503s five times with long waits before a job could fail.
+    client.set_http_retry_params(retry=False)
     return client, session
 
 
