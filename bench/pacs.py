@@ -63,7 +63,7 @@ def main() -> None:
         with run_orthanc() as orthanc:
             orthanc.upload(files)
             server = PacsServer(name="bench", tenant="bench", url=orthanc.url)
-            local_s, web_s, fetched, requests_n = [], [], [], []
+            local_s, web_s, fetched, requests_n, frames = [], [], [], [], []
             for i in range(args.repeats):
                 dt, _ = _timed(lambda i=i: run_analysis(local, work / f"out-local-{i}", bundle_dir=args.bundle))
                 local_s.append(dt)
@@ -72,6 +72,7 @@ def main() -> None:
                 web_s.append(dt)
                 fetched.append(res["source"]["bytes_fetched"])
                 requests_n.append(res["source"]["requests"])
+                frames.append((res["source"]["frames_fetched"], res["source"]["frames_in_series"]))
             patches = res["tiling"]["patches"]
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -86,6 +87,8 @@ def main() -> None:
         "bytes_fetched": fetched[-1],
         "fetched_over_series": round(fetched[-1] / series_bytes, 3),
         "http_requests": requests_n[-1],
+        "frames_fetched": frames[-1][0],
+        "frames_in_series": frames[-1][1],
     }
     for k, v in row.items():
         print(f"{k:32s} {v}")

@@ -193,6 +193,7 @@ def test_round_trip_results_back_in_the_study(gateway, orthanc, slide, fhir_sink
     assert src["series_uid"] == series and src["frames_in_series"] > 0
     series_bytes = sum(f.stat().st_size for f in files)
     assert 0 < src["bytes_fetched"] < series_bytes  # tissue frames only, never the whole series
+    assert 0 < src["frames_fetched"] < src["frames_in_series"]
     dicom = result["dicom"]
     assert dicom["stored"] is True and dicom["study_instance_uid"] == study
     assert set(dicom["objects"]) == {"mstar-sr.dcm", "mstar-seg.dcm", "mstar-ann.dcm", "mstar-report-sr.dcm"}

@@ -78,15 +78,19 @@ class PacsSession(requests.Session):
         self._lock = threading.Lock()
         self.bytes_received = 0
         self.requests_made = 0
+        self.frames_fetched = 0
 
     def request(self, method: str | bytes, url: str | bytes, *args: Any, **kwargs: Any) -> requests.Response:  # type: ignore[override]
         if kwargs.get("timeout") is None:  # dicomweb-client passes timeout=None explicitly
             kwargs["timeout"] = self.timeout
         resp = super().request(method, url, *args, **kwargs)
         n = len(resp.content)
+        path = str(url).split("?")[0]
+        frames = len(path.split("/frames/", 1)[1].split(",")) if "/frames/" in path else 0
         with self._lock:
             self.bytes_received += n
             self.requests_made += 1
+            self.frames_fetched += frames
         return resp
 
 

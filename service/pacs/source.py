@@ -117,5 +117,6 @@ class PacsSlideSource:
             "series_uid": self.series_uid,
             "bytes_fetched": s.bytes_received if s else 0,
             "requests": s.requests_made if s else 0,
+            "frames_fetched": s.frames_fetched if s else 0,
             "frames_in_series": self.series.frames_total if self.series else None,
         }
