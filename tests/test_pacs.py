@@ -476,6 +476,19 @@ def test_watcher_submits_each_new_series_once_across_restarts(gateway, ports, cm
             assert job["state"] == "succeeded", job
         # a crash between submit and record: the gateway's idempotency key gives back the same job
         assert submit(*_uids(first)) == done[0][2]
+        # the command itself, restarted on the same state file: nothing new
+        from click.testing import CliRunner
+
+        from service.cli import main
+
+        args = ["pacs", "watch", "--pacs", "watched", "--tenant", "hospital", "--gateway", url, "--api-key", KEY]
+        res = CliRunner().invoke(main, [*args, "--state", str(state_file), "--once"])
+        assert res.exit_code == 0 and "submitted 0 new series" in res.output, res.output
+        res = CliRunner().invoke(main, [*args, "--state", str(tmp_path / "fresh.db"), "--once"])
+        assert res.exit_code == 0 and "submitted 2 new series" in res.output, res.output  # same jobs, by key
+        rows = [line.split() for line in res.output.splitlines()]
+        jobs = {r[2] for r in rows if len(r) == 3 and len(r[2]) == 32 and r[0][0].isdigit()}
+        assert jobs == {x[2] for x in done + later}
 
 
 def test_orthanc_lua_trigger_posts_new_series_once(gateway, ports, cmu_svs, tmp_path) -> None:
