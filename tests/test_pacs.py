@@ -26,6 +26,7 @@ from service.config import Settings
 
 pytestmark = pytest.mark.services
 KEY = "pacs-tenant-key-0123456789abcdef"
+CLINIC_KEY = "pacs-clinic-key-0123456789abcdef"
 ADMIN_KEY = "pacs-admin-key-0123456789abcdef"
 USERS = {"pacs": "s3cret-pw"}
 
@@ -128,6 +129,7 @@ def gateway(orthanc, faults, bundle_dir, ports, fhir_sink, tmp_path_factory):
         {**_server("other-tenant", orthanc.url), "tenant": "someone-else"},
         _server("watched", f"http://127.0.0.1:{ports['watched']}", read_timeout_s=10),
         _server("trigger", f"http://127.0.0.1:{ports['trigger']}", read_timeout_s=10),
+        {**_server("clinic-pacs", orthanc.url, auth="basic", username=user, password=pw), "tenant": "clinic"},
     ]
     root = tmp_path_factory.mktemp("gateway")
     settings = Settings(
@@ -135,11 +137,19 @@ def gateway(orthanc, faults, bundle_dir, ports, fhir_sink, tmp_path_factory):
         bundle_dir=bundle_dir,
         runner_workers=1,
         runner_poll_s=0.2,
-        api_keys=[{"tenant": "hospital", "key": KEY}, {"tenant": "hospital", "key": ADMIN_KEY, "admin": True}],
+        api_keys=[
+            {"tenant": "hospital", "key": KEY},
+            {"tenant": "hospital", "key": ADMIN_KEY, "admin": True},
+            {"tenant": "clinic", "key": CLINIC_KEY},
+        ],
     )
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MSTAR_PACS_SERVERS", json.dumps(servers))  # the spawned workers read it too
-        mp.setenv("MSTAR_PACS_FHIR_ENDPOINTS", json.dumps([{"tenant": "hospital", "url": fhir_sink[0]}]))
+        fhir = [
+            {"tenant": "hospital", "url": fhir_sink[0]},
+            {"tenant": "clinic", "url": f"{faults}/s502", "attempts": 2, "backoff_s": 0.05},  # an LIS that is down
+        ]
+        mp.setenv("MSTAR_PACS_FHIR_ENDPOINTS", json.dumps(fhir))
         with live_server(create_app(settings)) as url:
             yield url, root
 
@@ -404,6 +414,16 @@ def test_pacs_faults_fail_the_job_with_a_reason(gateway, orthanc, slide, odd_ser
         _no_phi(json.dumps(job))
         assert c.get(f"/jobs/{job['id']}/dicom").status_code == 409  # nothing half-stored or served
     assert orthanc.count() == count  # and nothing written into the PACS
+
+
+def test_fhir_endpoint_that_stays_down_fails_the_job_after_retries(gateway, slide) -> None:
+    url, _ = gateway
+    _Faults.hits.pop("s502", None)
+    with _client(url, CLINIC_KEY) as c:
+        job = _analyse(c, pacs="clinic-pacs", study_uid=slide[0], series_uid=slide[1], tasks=["classification"])
+    assert job["state"] == "failed" and job["error"]["code"] == "fhir_delivery_failed", job
+    assert "HTTP 502" in job["error"]["message"] and "2 tries" in job["error"]["message"]
+    assert _Faults.hits["s502"] == 2
 
 
 def test_api_refuses_unknown_servers_and_shows_no_secrets(gateway) -> None:
