@@ -7,11 +7,7 @@ SLIDE ?= ../shared/data/slides/CMU-1-Small-Region.svs
 OUT ?= out/demo
 PYTEST_ARGS ?=
 
-<<<<<<< HEAD
-.PHONY: venv sysdeps demo test lint bench lock
-=======
-.PHONY: venv sysdeps demo test lint bench ui
->>>>>>> viewer
+.PHONY: venv sysdeps demo test lint bench lock ui
 
 # Create .venv if missing, reuse it if present; reinstall only when the dependency files change.
 # requirements/lock.txt pins every dependency of every extra (the images install with it too).

@@ -170,7 +170,7 @@ def _model_refs(bundle: Bundle) -> dict:
 
 
 def run_analysis(
-    slide_path: str | Path,
+    slide_path: str | Path | Any,
     out_dir: str | Path,
     options: AnalysisOptions | None = None,
     *,
@@ -186,7 +186,10 @@ def run_analysis(
     from service.slides.open import open_slide
 
     options = options or AnalysisOptions()
-    slide_path = Path(slide_path)
+    # A slide that is not a file (a PACS series) comes as a source object that opens its own reader.
+    source = slide_path if hasattr(slide_path, "open_reader") else None
+    if source is None:
+        slide_path = Path(slide_path)
     out_dir = Path(out_dir)
     prog = _Progress(progress, should_cancel)
     started = time.time()
@@ -207,7 +210,12 @@ def run_analysis(
     if owns_backend:
         backend = backend_from_settings(bundle)
     try:
-        with open_slide(slide_path, mpp_override=options.mpp_override) as reader:
+        opened = (
+            source.open_reader(options.mpp_override)
+            if source is not None
+            else open_slide(slide_path, mpp_override=options.mpp_override)
+        )
+        with opened as reader:
             prog("grid", 0.0)
             grid = build_grid(
                 reader, target_mpp=target_mpp, patch_size=patch_size, tissue_threshold=options.tissue_threshold
@@ -218,7 +226,10 @@ def run_analysis(
                 grid = restrict_grid(grid, options.region)
             result: dict[str, Any] = {
                 "schema": RESULT_SCHEMA,
-                "slide": {"sha256": slide_fingerprint(slide_path), **reader.describe()},
+                "slide": {
+                    "sha256": source.fingerprint() if source is not None else slide_fingerprint(slide_path),
+                    **reader.describe(),
+                },
                 "tiling": grid.summary(),
                 "options": options.to_json(),
             }
@@ -230,6 +241,8 @@ def run_analysis(
                 result["note"] = "no model bundle given: stopped after tiling (coordinates only)"
             else:
                 result.update(_analyze_with_models(reader, grid, bundle, backend, options, prog, out_dir))
+            if source is not None:
+                result["source"] = source.transfer()
         result["timings"] = {"started": started, "stages_s": prog.finish(), "total_s": round(time.time() - started, 3)}
         n_embed = result["tiling"]["patches"]
         embed_s = result["timings"]["stages_s"].get("embed")
@@ -269,6 +282,7 @@ def _analyze_with_models(
         agg = backend.aggregate(feats)
         slide_emb = np.asarray(agg["embedding"], np.float32).reshape(-1)
         attention = np.asarray(agg["attention"], np.float64).reshape(-1)
+        _append_h5(out_dir / "features.h5", "attention", attention.astype(np.float32))
         if "embedding" in options.tasks:
             res["embedding"] = {"dim": int(slide_emb.size), "values": slide_emb.round(6).tolist()}
         render_heatmap(out_dir / "heatmap.png", reader, grid, attention, title="Aggregator attention")
@@ -309,6 +323,15 @@ def _write_patch_scores(out_dir: Path, backend: BundleBackend, grid, feats: np.n
 
     scores = patch_scores.compute(backend, grid, feats, attention, grid_attrs(grid))
     patch_scores.write(out_dir / patch_scores.FILE_NAME, scores)
+
+
+def _append_h5(path: Path, name: str, data: np.ndarray) -> None:
+    """A per-patch array next to `features` (same row order), e.g. the aggregator's attention, which DICOM
+    annotations and heatmaps are built from."""
+    import h5py
+
+    with h5py.File(path, "a") as f:
+        f.create_dataset(name, data=data)
 
 
 def _report(bundle: Bundle, backend: BundleBackend, feats: np.ndarray) -> dict:

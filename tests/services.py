@@ -233,3 +233,184 @@ def webhook_receiver(statuses: tuple[int, ...] = ()) -> Iterator[tuple[str, list
     finally:
         server.shutdown()
         server.server_close()
+
+
+class OrthancServer:
+    """A real Orthanc with its DICOMweb plugin on a free loopback port (storage in a temporary folder).
+
+    `users` turns on HTTP basic auth; `lua` is the text of a Lua script Orthanc runs (e.g. the documented
+    `OnStableSeries` trigger), `stable_age_s` how soon a series counts as stable. Needs the Debian packages
+    orthanc and orthanc-dicomweb (`tests/sysdeps.sh`)."""
+
+    PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        users: dict[str, str] | None = None,
+        lua: str | None = None,
+        stable_age_s: int = 60,
+        env: dict[str, str] | None = None,
+        port: int | None = None,
+    ) -> None:
+        import json
+
+        binary = shutil.which("Orthanc")
+        if binary is None or not Path(self.PLUGIN).exists():
+            pytest.fail("Orthanc + DICOMweb plugin are not installed: run `bash tests/sysdeps.sh`")
+        self.binary, self.root, self.port = binary, root, port or free_port()
+        self.users = users or {}
+        self.env = {**os.environ, **(env or {})}
+        db = root / "db"
+        db.mkdir(parents=True, exist_ok=True)
+        config = {
+            "Name": "mstar-test",
+            "HttpPort": self.port,
+            "DicomServerEnabled": False,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": bool(self.users),
+            "RegisteredUsers": self.users,
+            "StorageDirectory": str(db),
+            "IndexDirectory": str(db),
+            "Plugins": [self.PLUGIN],
+            "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+            "StableAge": stable_age_s,
+            "HttpTimeout": 10,
+        }
+        if lua is not None:
+            (root / "trigger.lua").write_text(lua)
+            config["LuaScripts"] = [str(root / "trigger.lua")]
+        (root / "orthanc.json").write_text(json.dumps(config))
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def auth(self) -> tuple[str, str] | None:
+        return next(iter(self.users.items())) if self.users else None
+
+    def start(self, timeout: float = 30.0) -> None:
+        import httpx
+
+        log = (self.root / "orthanc.log").open("ab")
+        self.proc = subprocess.Popen(
+            [self.binary, str(self.root / "orthanc.json")], stdout=log, stderr=log, env=self.env
+        )
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if httpx.get(self.url + "/system", auth=self.auth, timeout=2.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"Orthanc did not start: {(self.root / 'orthanc.log').read_text()[-2000:]}")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, 9)
+                self.proc.wait(10)
+        self.proc = None
+
+    def upload(self, files: list[Path]) -> None:
+        """Store DICOM files through Orthanc's REST API (as a modality would send them)."""
+        import httpx
+
+        for f in files:
+            r = httpx.post(self.url + "/instances", content=f.read_bytes(), auth=self.auth, timeout=30.0)
+            r.raise_for_status()
+
+    def count(self, what: str = "instances") -> int:
+        import httpx
+
+        return len(httpx.get(f"{self.url}/{what}", auth=self.auth, timeout=10.0).json())
+
+
+@contextlib.contextmanager
+def run_orthanc(**kwargs) -> Iterator[OrthancServer]:
+    root = Path(tempfile.mkdtemp(prefix="mstar-orthanc-"))
+    server = OrthancServer(root, **kwargs)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+#: the dicomizer's sample dataset, with patient data that must never surface in logs, job rows or errors
+PHI = {
+    "PatientName": "SOME^PATIENT",
+    "PatientID": "C123456789",
+    "PatientBirthDate": "19700101",
+    "AccessionNumber": "A987654321",
+}
+
+
+def dicomize(
+    svs: Path,
+    out: Path,
+    *,
+    mpp: float = 0.499,
+    image_type: str = "DERIVED\\PRIMARY\\VOLUME\\NONE",
+    levels: int = 4,
+    frame_of_reference: bool = True,
+    study_uid: str | None = None,
+) -> list[Path]:
+    """Convert a real slide to a DICOM WSI series with Orthanc's OrthancWSIDicomizer (Debian orthanc-wsi).
+
+    The tool's sample dataset is the base (with PHI-looking patient attributes); ImageType must name VOLUME
+    (readers need it) and a FrameOfReferenceUID is added, which this dicomizer version does not write."""
+    import json
+
+    import openslide
+    from pydicom.uid import generate_uid
+
+    binary = shutil.which("OrthancWSIDicomizer")
+    if binary is None:
+        pytest.fail("OrthancWSIDicomizer is not installed: run `bash tests/sysdeps.sh` (orthanc-wsi)")
+    out.mkdir(parents=True, exist_ok=True)
+    sample = subprocess.run([binary, "--sample-dataset"], check=True, capture_output=True, text=True).stdout
+    dataset = json.loads(sample)
+    dataset.update(PHI)
+    dataset["ImageType"] = image_type
+    if frame_of_reference:
+        dataset["FrameOfReferenceUID"] = str(generate_uid())
+    if study_uid:
+        dataset["StudyInstanceUID"] = study_uid
+    (out / "dataset.json").write_text(json.dumps(dataset))
+    with openslide.OpenSlide(str(svs)) as s:
+        w, h = s.dimensions
+    # orthanc-wsi 1.1 computes PixelSpacing as (imaged width / rows, imaged height / columns): passing the sizes
+    # swapped makes the spacing, which readers use, come out right (ImagedVolumeWidth/Height end up swapped).
+    subprocess.run(
+        [
+            binary,
+            "--threads",
+            "2",
+            "--dataset",
+            str(out / "dataset.json"),
+            "--folder",
+            str(out),
+            "--imaged-width",
+            f"{h * mpp / 1000:.6f}",
+            "--imaged-height",
+            f"{w * mpp / 1000:.6f}",
+            "--pyramid",
+            "1",
+            "--levels",
+            str(levels),
+            str(svs),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return sorted(out.glob("*.dcm"))

@@ -63,4 +63,10 @@ def create_app(settings: Settings | None = None, *, queue: JobQueue | None = Non
     for r in (slides.router, jobs.router, results.router, tiles.router, models.router, health.router, ui.router):
         app.include_router(r)
     ui.mount_static(app)
+    try:  # the pacs extra (highdicom, dicomweb-client) is optional
+        from service.api.routers import pacs
+    except ImportError as err:
+        log.info("PACS routes off (%s)", err)
+    else:
+        app.include_router(pacs.router)
     return app

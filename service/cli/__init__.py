@@ -69,7 +69,7 @@ def main() -> None:
 
 def _load_commands() -> None:
     # Each module registers its command on `main` when imported; a module not written yet is skipped.
-    for module in ("tile", "analyze", "heatmap", "serve", "keys", "worker", "batch"):
+    for module in ("tile", "analyze", "heatmap", "serve", "keys", "worker", "batch", "pacs"):
         try:
             __import__(f"service.cli.{module}")
         except ModuleNotFoundError as err:

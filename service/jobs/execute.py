@@ -177,6 +177,13 @@ def _find_int(result: dict, *names: str) -> int | None:
     return None
 
 
+def job_tenant_name(s: Any, tenant_id: str) -> str:
+    from service.store.models import Tenant
+
+    tenant = s.get(Tenant, tenant_id)
+    return tenant.name if tenant is not None else ""
+
+
 def _no_space(err: BaseException | None) -> bool:
     while err is not None:
         if isinstance(err, OSError) and err.errno in _NO_SPACE:
@@ -209,6 +216,8 @@ def execute_job(lease: Lease, settings: Settings, pipeline: str | PipelineFn | N
         if options_rec.get("mpp_override") is None and slide.mpp_override is not None:
             options_rec["mpp_override"] = slide.mpp_override
         blob_key = slide.blob_key
+        pacs_info = dict(slide.info or {}) if slide.format == "pacs" else None  # a slide that lives in a PACS
+        tenant_name = job_tenant_name(s, tenant_id) if pacs_info is not None else None
         if job.cancel_requested:
             done = lifecycle.finish(s, lease, "canceled", error_code="canceled", error_message="canceled by request")
             return JobOutcome(job_id, "canceled" if done.won else "lost", "canceled", released=done.followers_released)
@@ -264,10 +273,15 @@ def execute_job(lease: Lease, settings: Settings, pipeline: str | PipelineFn | N
     settings.work_dir.mkdir(parents=True, exist_ok=True)
     with scratch_dir(settings.work_dir, scratch_prefix(job_id)) as out_dir, ExitStack() as held:
         try:
-            try:  # an object store copies the slide to this machine's cache, held until the job ends
-                slide_path = held.enter_context(blobs.local_copy(blob_key))
-            except FileNotFoundError:
-                raise SlideNotFoundError("the stored slide is missing from the blob store") from None
+            if pacs_info is not None:  # read over DICOMweb from the configured server, never copied whole
+                from service.pacs.jobs import source_for
+
+                slide_path = source_for(pacs_info, tenant_name or "")
+            else:
+                try:  # an object store copies the slide to this machine's cache, held until the job ends
+                    slide_path = held.enter_context(blobs.local_copy(blob_key))
+                except FileNotFoundError:
+                    raise SlideNotFoundError("the stored slide is missing from the blob store") from None
             fn = load_callable(pipeline or settings.pipeline)
             kwargs: dict[str, Any] = {"bundle_dir": settings.bundle_dir, "progress": progress}
             if is_default_pipeline(pipeline or settings.pipeline):
@@ -276,6 +290,12 @@ def execute_job(lease: Lease, settings: Settings, pipeline: str | PipelineFn | N
             _close_stage()
             if should_cancel(force=True):  # canceled (or its slide deleted) while the last stage ran
                 raise PipelineCanceled("canceled by request")
+            if pacs_info is not None:  # DICOM results into the slide's study (STOW-RS; deterministic UIDs)
+                from service.pacs.jobs import after_pipeline
+
+                progress("store", 0.0)
+                after_pipeline(slide_path, out_dir, options_rec, settings.bundle_dir, job_id)
+                _close_stage()
             files = {}
             for path in sorted(p for p in out_dir.iterdir() if p.is_file() and not p.name.endswith(".part")):
                 key = f"{prefix}/{path.name}"

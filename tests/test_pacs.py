@@ -1,0 +1,539 @@
+"""Hospital PACS round trip against a real Orthanc with its DICOMweb plugin (started here on loopback):
+the real CMU slide converted to DICOM WSI by OrthancWSIDicomizer and stored in Orthanc, analysed by its UIDs
+through the API (embedded runner, tiny exported bundle), the results found back in the same study by QIDO-RS
+and read with highdicom; a second trigger stores nothing twice; every PACS fault is a failed job with its
+reason. Faults Orthanc cannot produce (403, 500, malformed JSON, a hang) come from a small real HTTP server.
+"""
+
+from __future__ import annotations
+
+import http.server
+import io
+import json
+import threading
+import time
+import zipfile
+from pathlib import Path
+from typing import ClassVar
+
+import httpx
+import pydicom
+import pytest
+from services import PHI, dicomize, free_port, live_server, run_orthanc, webhook_receiver
+
+from service.api import create_app
+from service.config import Settings
+
+pytestmark = pytest.mark.services
+KEY = "pacs-tenant-key-0123456789abcdef"
+CLINIC_KEY = "pacs-clinic-key-0123456789abcdef"
+ADMIN_KEY = "pacs-admin-key-0123456789abcdef"
+USERS = {"pacs": "s3cret-pw"}
+
+
+class _Faults(http.server.BaseHTTPRequestHandler):
+    """`/<mode>/...`: s403, s404, s500 answer that status; badjson answers 200 with broken JSON; hang sleeps."""
+
+    hits: ClassVar[dict[str, int]] = {}
+
+    def _answer(self) -> None:
+        mode = self.path.strip("/").split("/")[0]
+        type(self).hits[mode] = type(self).hits.get(mode, 0) + 1
+        if mode == "hang":
+            time.sleep(4)
+        if mode.startswith("s") and mode[1:].isdigit():
+            self.send_response(int(mode[1:]))
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        body = b'[{"0020000E": {"vr": "UI", "Value": ["1.2'  # cut short: not JSON
+        self.send_response(200)
+        self.send_header("Content-Type", "application/dicom+json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = _answer
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def faults():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Faults)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(tmp_path_factory) -> Path:
+    from inference_fixtures import build_tiny_bundle
+
+    return build_tiny_bundle(tmp_path_factory.getbasetemp())
+
+
+@pytest.fixture(scope="module")
+def orthanc():
+    with run_orthanc(users=USERS) as server:
+        yield server
+
+
+def _uids(files: list[Path]) -> tuple[str, str]:
+    ds = pydicom.dcmread(files[0], stop_before_pixels=True)
+    return str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)
+
+
+@pytest.fixture(scope="module")
+def slide(orthanc, cmu_svs, tmp_path_factory) -> tuple[str, str, list[Path]]:
+    files = dicomize(cmu_svs, tmp_path_factory.mktemp("dicomized"))
+    orthanc.upload(files)
+    return (*_uids(files), files)
+
+
+def _server(name: str, url: str, **kw) -> dict:
+    return {"name": name, "tenant": "hospital", "url": url, "read_timeout_s": 1.5, "stow_backoff_s": 0.05, **kw}
+
+
+@pytest.fixture(scope="module")
+def ports() -> dict[str, int]:
+    """Ports of the Orthancs that tests start later (the watched one, the one with the Lua trigger): the
+    gateway's configuration names them before they run."""
+    return {"watched": free_port(), "trigger": free_port()}
+
+
+@pytest.fixture(scope="module")
+def fhir_sink():
+    """A real HTTP endpoint standing in for the LIS's FHIR server: records every POST."""
+    with webhook_receiver() as (url, got):
+        yield url, got
+
+
+@pytest.fixture(scope="module")
+def gateway(orthanc, faults, bundle_dir, ports, fhir_sink, tmp_path_factory):
+    user, pw = next(iter(USERS.items()))
+    servers = [
+        _server("main", orthanc.url, auth="basic", username=user, password=pw),
+        _server("wrong-password", orthanc.url, auth="basic", username=user, password="nope"),
+        _server("no-stow", orthanc.url, auth="basic", username=user, password=pw, stow_prefix="no-such-stow"),
+        _server("forbidden", f"{faults}/s403"),
+        _server("missing", f"{faults}/s404"),
+        _server("broken", f"{faults}/s500"),
+        _server("garbled", f"{faults}/badjson"),
+        _server("hangs", f"{faults}/hang"),
+        {**_server("other-tenant", orthanc.url), "tenant": "someone-else"},
+        _server("watched", f"http://127.0.0.1:{ports['watched']}", read_timeout_s=10),
+        _server("trigger", f"http://127.0.0.1:{ports['trigger']}", read_timeout_s=10),
+        {**_server("clinic-pacs", orthanc.url, auth="basic", username=user, password=pw), "tenant": "clinic"},
+    ]
+    root = tmp_path_factory.mktemp("gateway")
+    settings = Settings(
+        data_dir=root,
+        bundle_dir=bundle_dir,
+        runner_workers=1,
+        runner_poll_s=0.2,
+        api_keys=[
+            {"tenant": "hospital", "key": KEY},
+            {"tenant": "hospital", "key": ADMIN_KEY, "admin": True},
+            {"tenant": "clinic", "key": CLINIC_KEY},
+        ],
+    )
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MSTAR_PACS_SERVERS", json.dumps(servers))  # the spawned workers read it too
+        fhir = [
+            {"tenant": "hospital", "url": fhir_sink[0]},
+            {"tenant": "clinic", "url": f"{faults}/s502", "attempts": 2, "backoff_s": 0.05},  # an LIS that is down
+        ]
+        mp.setenv("MSTAR_PACS_FHIR_ENDPOINTS", json.dumps(fhir))
+        with live_server(create_app(settings)) as url:
+            yield url, root
+
+
+def _client(url: str, key: str = KEY) -> httpx.Client:
+    return httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=60)
+
+
+def _wait(c: httpx.Client, job_id: str, timeout: float = 240) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = c.get(f"/jobs/{job_id}").json()
+        if job["state"] in ("succeeded", "failed", "canceled"):
+            return job
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} did not finish: {job}")
+
+
+def _analyse(c: httpx.Client, **body) -> dict:
+    r = c.post("/pacs/analyses", json=body)
+    assert r.status_code == 202, r.text
+    return _wait(c, r.json()["id"])
+
+
+def _dicomweb(orthanc):
+    import requests
+    from dicomweb_client import DICOMwebClient
+
+    session = requests.Session()
+    session.auth = orthanc.auth
+    return DICOMwebClient(f"{orthanc.url}/dicom-web", session=session)
+
+
+def _no_phi(text: str) -> None:
+    for value in PHI.values():
+        assert value not in text, f"patient data {value!r} leaked"
+
+
+def test_round_trip_results_back_in_the_study(gateway, orthanc, slide, fhir_sink) -> None:
+    import highdicom as hd
+
+    url, _root = gateway
+    study, series, files = slide
+    before = orthanc.count()
+    with _client(url) as c:
+        job = _analyse(c, pacs="main", study_uid=study)  # series found by QIDO (the study's one SM series)
+        assert job["state"] == "succeeded", job
+        result = c.get(f"/jobs/{job['id']}/result").json()
+    assert result["slide"]["mpp"]["x"] == pytest.approx(0.499) == result["slide"]["mpp"]["y"]
+    src = result["source"]
+    assert src["series_uid"] == series and src["frames_in_series"] > 0
+    series_bytes = sum(f.stat().st_size for f in files)
+    assert 0 < src["bytes_fetched"] < series_bytes  # tissue frames only, never the whole series
+    assert 0 < src["frames_fetched"] < src["frames_in_series"]
+    dicom = result["dicom"]
+    assert dicom["stored"] is True and dicom["study_instance_uid"] == study
+    assert set(dicom["objects"]) == {"mstar-sr.dcm", "mstar-seg.dcm", "mstar-ann.dcm", "mstar-report-sr.dcm"}
+    assert orthanc.count() == before + 4
+
+    # QIDO-RS finds the new series in the same study; highdicom reads each back with result.json's values
+    dw = _dicomweb(orthanc)
+    found = {s["00080060"]["Value"][0] for s in dw.search_for_series(study)}
+    assert {"SM", "SR", "SEG", "ANN"} <= found
+
+    def fetch(name: str):
+        o = dicom["objects"][name]
+        return dw.retrieve_instance(study, o["series_instance_uid"], o["sop_instance_uid"])
+
+    sr = hd.sr.srread(io.BytesIO(_bytes(fetch("mstar-sr.dcm"))))
+    assert sr.CompletionFlag == "PARTIAL" or sr.VerificationFlag == "UNVERIFIED"
+    values = _sr_numbers(sr)
+    for head, out in result["classification"].items():
+        for label, p in out["probabilities"].items():
+            assert values[f"Probability of {label} ({head})"] == pytest.approx(p, abs=1e-6)
+    for head, out in result["survival"].items():
+        risk = out["risk"][0] if isinstance(out["risk"], list) else out["risk"]
+        assert values[f"Survival risk score ({head})"] == pytest.approx(risk, abs=1e-6)
+    algo = _sr_text(sr)
+    assert result["bundle"]["name"] in algo
+
+    ann = hd.ann.annread(io.BytesIO(_bytes(fetch("mstar-ann.dcm"))))
+    group = ann.get_annotation_groups()[0]
+    _names, att, _units = group.get_measurements()
+    polys = group.get_graphic_data(coordinate_type="2D")
+    assert len(polys) == result["tiling"]["patches"] == att.shape[0]
+    corner = {(int(p[0][0]), int(p[0][1])): float(a) for p, a in zip(polys, att[:, 0], strict=True)}
+    for top in result["attention"]["top_patches"]:
+        assert corner[(top["x"], top["y"])] == pytest.approx(top["score"], abs=1e-5)
+
+    seg = hd.seg.segread(io.BytesIO(_bytes(fetch("mstar-seg.dcm"))))
+    assert seg.SegmentationType == "FRACTIONAL"
+    assert seg.FrameOfReferenceUID == pydicom.dcmread(files[0], stop_before_pixels=True).FrameOfReferenceUID
+    step = result["tiling"]["patch_size_level0"]
+    fmap = seg.get_total_pixel_matrix()[:, :, 0]  # relative attention, 0..1, one pixel per patch step
+    assert fmap.shape == (-(-2967 // step), -(-2220 // step))
+    best = result["attention"]["top_patches"][0]
+    assert fmap[best["y"] // step, best["x"] // step] == pytest.approx(1.0) == fmap.max()
+    last = result["attention"]["top_patches"][-1]
+    assert fmap[last["y"] // step, last["x"] // step] == pytest.approx(last["score"] / best["score"], abs=0.01)
+    spacing = seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing
+    assert float(spacing[0]) == pytest.approx(0.000499 * step, rel=1e-3)
+
+    text = hd.sr.srread(io.BytesIO(_bytes(fetch("mstar-report-sr.dcm"))))
+    assert text.VerificationFlag == "UNVERIFIED" and text.CompletionFlag == "PARTIAL"
+    assert result["report"]["text"] in _sr_text(text) and "AI-generated draft" in _sr_text(text)
+
+    # the same objects as a download, and the FHIR report
+    with _client(url) as c:
+        z = c.get(f"/jobs/{job['id']}/dicom")
+        assert z.status_code == 200
+        with zipfile.ZipFile(io.BytesIO(z.content)) as zf:
+            assert sorted(zf.namelist()) == sorted(dicom["objects"])
+            sops = {str(pydicom.dcmread(io.BytesIO(zf.read(n))).SOPInstanceUID) for n in zf.namelist()}
+        assert sops == {o["sop_instance_uid"] for o in dicom["objects"].values()}
+        fhir = c.get(f"/jobs/{job['id']}/fhir")
+        assert fhir.status_code == 200 and fhir.headers["content-type"].startswith("application/fhir+json")
+        report = fhir.json()
+        job_row = c.get(f"/jobs/{job['id']}").text
+    from fhir.resources.R4B.diagnosticreport import DiagnosticReport
+
+    DiagnosticReport.model_validate(report)
+    posted = [json.loads(body) for _headers, body in fhir_sink[1]]
+    assert any(p["id"] == job["id"] and p["resourceType"] == "DiagnosticReport" for p in posted)  # to the LIS
+    assert report["status"] == "preliminary" and "AI-generated draft" in report["conclusion"]
+    obs = {o["id"]: o for o in report["contained"] if o["resourceType"] == "Observation"}
+    head, out = next(iter(result["classification"].items()))
+    assert obs[f"class-{head}"]["valueCodeableConcept"]["text"] == out["label"]
+    assert report["imagingStudy"][0]["identifier"]["value"] == f"urn:oid:{study}"
+    device = next(o for o in report["contained"] if o["resourceType"] == "Device")
+    assert any("sha256" in json.dumps(v) for v in device["version"])
+
+    # privacy: the study carries patient data; none of it reaches job rows, results or the FHIR report
+    for text_out in (job_row, json.dumps(result), json.dumps(report)):
+        _no_phi(text_out)
+    assert any(p in pydicom.dcmread(files[0], stop_before_pixels=True).PatientName for p in ["SOME"])
+
+
+def _bytes(ds) -> bytes:
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def _walk(items):
+    for item in items:
+        yield item
+        yield from _walk(getattr(item, "ContentSequence", []))
+
+
+def _sr_numbers(sr) -> dict[str, float]:
+    out = {}
+    for item in _walk(sr.ContentSequence):
+        if item.ValueType == "NUM":
+            out[item.ConceptNameCodeSequence[0].CodeMeaning] = float(item.MeasuredValueSequence[0].NumericValue)
+    return out
+
+
+def _sr_text(sr) -> str:
+    parts = []
+    for item in _walk(sr.ContentSequence):
+        if item.ValueType == "TEXT":
+            parts.append(str(item.TextValue))
+        if item.ValueType == "CODE":
+            parts.append(str(item.ConceptCodeSequence[0].CodeMeaning))
+    return "\n".join(parts)
+
+
+def test_second_trigger_stores_nothing_twice(gateway, orthanc, slide) -> None:
+    url, _ = gateway
+    study, series, _files = slide
+    with _client(url) as c:
+        first = _analyse(c, pacs="main", study_uid=study, series_uid=series)
+        count = orthanc.count()
+        again = c.post("/pacs/analyses", json={"pacs": "main", "study_uid": study, "series_uid": series})
+        assert again.status_code == 202 and again.json()["id"] == first["id"]  # the same job
+        # a forced re-run (another idempotency key) computes again and stores the same UIDs: no duplicates
+        r = c.post(
+            "/pacs/analyses",
+            json={"pacs": "main", "study_uid": study, "series_uid": series},
+            headers={"Idempotency-Key": "forced-rerun-1"},
+        )
+        rerun = _wait(c, r.json()["id"])
+        assert rerun["state"] == "succeeded" and rerun["id"] != first["id"]
+        a = c.get(f"/jobs/{first['id']}/result").json()["dicom"]["objects"]
+        b = c.get(f"/jobs/{rerun['id']}/result").json()["dicom"]["objects"]
+    assert a == b
+    assert orthanc.count() == count
+
+
+@pytest.fixture(scope="module")
+def odd_series(orthanc, cmu_svs, tmp_path_factory) -> dict[str, tuple[str, str]]:
+    """A study without SM series, a series of LABEL images only, and a series whose frames do not decode."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    root = tmp_path_factory.mktemp("odd")
+    out: dict[str, tuple[str, str]] = {}
+    sc = pydicom.Dataset()
+    sc.file_meta = FileMetaDataset()
+    sc.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    sc.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    sc.SOPClassUID = SecondaryCaptureImageStorage
+    sc.SOPInstanceUID = sc.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    sc.StudyInstanceUID, sc.SeriesInstanceUID = generate_uid(), generate_uid()
+    sc.Modality, sc.PatientID = "OT", "X"
+    sc.Rows = sc.Columns = 8
+    sc.SamplesPerPixel, sc.PhotometricInterpretation = 1, "MONOCHROME2"
+    sc.BitsAllocated = sc.BitsStored = 8
+    sc.HighBit, sc.PixelRepresentation = 7, 0
+    sc.PixelData = bytes(64)
+    sc.save_as(root / "sc.dcm", enforce_file_format=True)
+    orthanc.upload([root / "sc.dcm"])
+    out["no_sm"] = (str(sc.StudyInstanceUID), str(sc.SeriesInstanceUID))
+
+    labels = dicomize(cmu_svs, root / "label", image_type="ORIGINAL\\PRIMARY\\LABEL\\NONE", levels=1)
+    orthanc.upload(labels)
+    out["no_volume"] = _uids(labels)
+
+    good = dicomize(cmu_svs, root / "bad-frames", levels=2)
+    study, series = generate_uid(), generate_uid()
+    bad = []
+    for f in good:
+        ds = pydicom.dcmread(f)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        junk = b"\xff\xd8\xff\xdb" + bytes(range(256)) * 2  # a JPEG start, then nothing a decoder accepts
+        ds.PixelData = encapsulate([junk] * int(ds.NumberOfFrames))
+        ds.save_as(f.with_suffix(".bad.dcm"), enforce_file_format=True)
+        bad.append(f.with_suffix(".bad.dcm"))
+    orthanc.upload(bad)
+    out["bad_frames"] = (str(study), str(series))
+    return out
+
+
+@pytest.mark.parametrize(
+    ("pacs", "which", "code", "words"),
+    [
+        ("wrong-password", "slide", "pacs_unauthorized", "401"),
+        ("forbidden", "slide", "pacs_forbidden", "403"),
+        ("missing", "slide", "pacs_not_found", "404"),
+        ("broken", "slide", "pacs_unavailable", "500"),
+        ("garbled", "slide", "pacs_bad_response", "not valid DICOMweb"),
+        ("hangs", "slide", "pacs_timeout", "timeout"),
+        ("main", "no_sm", "no_slide_series", "no slide microscopy"),
+        ("main", "no_volume", "no_volume_image", "VOLUME"),
+        ("main", "bad_frames", "corrupt_slide", "cannot be decoded"),
+        ("no-stow", "slide", "pacs_not_found", "STOW-RS"),
+    ],
+)
+def test_pacs_faults_fail_the_job_with_a_reason(gateway, orthanc, slide, odd_series, pacs, which, code, words) -> None:
+    url, _ = gateway
+    study, series = slide[:2] if which == "slide" else odd_series[which]
+    count = orthanc.count()
+    with _client(url) as c:
+        t = time.monotonic()
+        job = _analyse(c, pacs=pacs, study_uid=study, series_uid=series, tasks=["classification"])
+        assert time.monotonic() - t < 60
+        assert job["state"] == "failed", job
+        assert job["error"]["code"] == code, job
+        assert words in job["error"]["message"], job
+        _no_phi(json.dumps(job))
+        assert c.get(f"/jobs/{job['id']}/dicom").status_code == 409  # nothing half-stored or served
+    assert orthanc.count() == count  # and nothing written into the PACS
+
+
+def test_fhir_endpoint_that_stays_down_fails_the_job_after_retries(gateway, slide) -> None:
+    url, _ = gateway
+    _Faults.hits.pop("s502", None)
+    with _client(url, CLINIC_KEY) as c:
+        job = _analyse(c, pacs="clinic-pacs", study_uid=slide[0], series_uid=slide[1], tasks=["classification"])
+    assert job["state"] == "failed" and job["error"]["code"] == "fhir_delivery_failed", job
+    assert "HTTP 502" in job["error"]["message"] and "2 tries" in job["error"]["message"]
+    assert _Faults.hits["s502"] == 2
+
+
+def test_api_refuses_unknown_servers_and_shows_no_secrets(gateway) -> None:
+    url, _ = gateway
+    with _client(url) as c:
+        r = c.post("/pacs/analyses", json={"pacs": "other-tenant", "study_uid": "1.2.3"})
+        assert r.status_code == 404  # another tenant's server is as unknown as a missing one
+        r = c.post("/pacs/analyses", json={"pacs": "main", "study_uid": "1.2.3; DROP"})
+        assert r.status_code == 422
+        r = c.post("/pacs/analyses", json={"pacs": "main", "study_uid": "1.2.3", "url": "http://evil"})
+        assert r.status_code == 422  # no request can name an address
+        assert c.get("/pacs/servers").status_code == 403
+    with _client(url, ADMIN_KEY) as c:
+        listed = c.get("/pacs/servers")
+    assert listed.status_code == 200
+    names = {s["name"] for s in listed.json()["servers"]}
+    assert "main" in names and "other-tenant" not in names
+    assert "s3cret" not in listed.text and "nope" not in listed.text
+    assert next(s for s in listed.json()["servers"] if s["name"] == "main")["has_password"] is True
+
+
+def test_stow_retries_with_backoff_then_fails(faults) -> None:
+    from service.pacs.client import PacsUnavailableError, make_client
+    from service.pacs.config import PacsServer
+    from service.pacs.writeback import store_with_retry
+
+    _Faults.hits.pop("s503", None)
+    server = PacsServer(name="x", tenant="t", url=f"{faults}/s503", stow_attempts=3, stow_backoff_s=0.1)
+    client, _ = make_client(server)
+    t = time.monotonic()
+    with pytest.raises(PacsUnavailableError, match="after 3 tries"):
+        store_with_retry(client, server, [_tiny_sr()], "1.2.3")
+    assert _Faults.hits["s503"] == 3
+    assert time.monotonic() - t >= 0.3  # 0.1 + 0.2 s of backoff
+
+
+def _tiny_sr():
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    ds = pydicom.Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID, ds.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.88.11", generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = "1.2.3", generate_uid()
+    return ds
+
+
+def test_watcher_submits_each_new_series_once_across_restarts(gateway, ports, cmu_svs, tmp_path) -> None:
+    from service.pacs.config import PacsSettings
+    from service.pacs.watch import WatchState, gateway_submitter, poll_once
+
+    url, _ = gateway
+    with run_orthanc(port=ports["watched"]) as pacs, _client(url) as c:
+        server = PacsSettings().server("hospital", "watched")
+        submit = gateway_submitter(url, KEY, "watched")
+        state_file = tmp_path / "watch.db"
+        first = dicomize(cmu_svs, tmp_path / "a", levels=2)
+        pacs.upload(first)
+        done = poll_once(server, WatchState(state_file), submit)
+        assert [x[:2] for x in done] == [_uids(first)]
+        assert poll_once(server, WatchState(state_file), submit) == []  # a restart: nothing again
+        second = dicomize(cmu_svs, tmp_path / "b", levels=2)
+        pacs.upload(second)
+        later = poll_once(server, WatchState(state_file), submit)
+        assert [x[:2] for x in later] == [_uids(second)]
+        assert poll_once(server, WatchState(state_file), submit) == []
+        for _study, _series, job_id in done + later:
+            job = _wait(c, job_id)
+            assert job["state"] == "succeeded", job
+        # a crash between submit and record: the gateway's idempotency key gives back the same job
+        assert submit(*_uids(first)) == done[0][2]
+        # the command itself, restarted on the same state file: nothing new
+        from click.testing import CliRunner
+
+        from service.cli import main
+
+        args = ["pacs", "watch", "--pacs", "watched", "--tenant", "hospital", "--gateway", url, "--api-key", KEY]
+        res = CliRunner().invoke(main, [*args, "--state", str(state_file), "--once"])
+        assert res.exit_code == 0 and "submitted 0 new series" in res.output, res.output
+        res = CliRunner().invoke(main, [*args, "--state", str(tmp_path / "fresh.db"), "--once"])
+        assert res.exit_code == 0 and "submitted 2 new series" in res.output, res.output  # same jobs, by key
+        rows = [line.split() for line in res.output.splitlines()]
+        jobs = {r[2] for r in rows if len(r) == 3 and len(r[2]) == 32 and r[0][0].isdigit()}
+        assert jobs == {x[2] for x in done + later}
+
+
+def test_orthanc_lua_trigger_posts_new_series_once(gateway, ports, cmu_svs, tmp_path) -> None:
+    """The documented trigger (deploy/orthanc/mstar-trigger.lua) in a real Orthanc: storing a slide series
+    makes Orthanc ask the gateway for an analysis once the series is stable; storing it again adds no job."""
+    url, _ = gateway
+    lua = (Path(__file__).resolve().parents[1] / "deploy" / "orthanc" / "mstar-trigger.lua").read_text()
+    env = {"MSTAR_GATEWAY_URL": url, "MSTAR_TRIGGER_API_KEY": KEY, "MSTAR_TRIGGER_PACS": "trigger"}
+    with run_orthanc(lua=lua, stable_age_s=1, env=env, port=ports["trigger"]) as pacs, _client(url) as c:
+        files = dicomize(cmu_svs, tmp_path / "t", levels=2)
+        before = {j["id"] for j in c.get("/jobs", params={"limit": 200}).json()["items"]}
+
+        def new_jobs() -> list[dict]:
+            return [j for j in c.get("/jobs", params={"limit": 200}).json()["items"] if j["id"] not in before]
+
+        pacs.upload(files)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not new_jobs():
+            time.sleep(0.5)
+        jobs = new_jobs()
+        assert len(jobs) == 1, (pacs.root / "orthanc.log").read_text()[-3000:]
+        job = _wait(c, jobs[0]["id"])
+        assert job["state"] == "succeeded", job
+        result = c.get(f"/jobs/{job['id']}/result").json()
+        assert result["source"]["series_uid"] == _uids(files)[1] and result["dicom"]["stored"] is True
+        pacs.upload(files)  # the same series again: Orthanc may fire again; the gateway returns the same job
+        time.sleep(3)
+        assert [j["id"] for j in new_jobs()] == [job["id"]]
