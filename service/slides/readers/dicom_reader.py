@@ -10,6 +10,7 @@ transform flag, component ids) and, when they contradict the label, decode the f
 from __future__ import annotations
 
 import math
+import threading
 import warnings
 from pathlib import Path
 from typing import Any
@@ -203,6 +204,8 @@ class DicomReader(SlideReader):
         self._corrections = [self._detect_mislabel(i) for i in range(len(self._levels))]
         self.colour_correction = next((c for c in self._corrections if c), None)
         self._cache = TileCache()
+        self._inflight: dict[tuple[int, int, int], threading.Lock] = {}
+        self._inflight_lock = threading.Lock()
 
     def _detect_mislabel(self, level: int) -> str | None:
         """"jfif-ycbcr-labelled-rgb" when JPEG frames carry YCbCr markers but the header says RGB."""
@@ -223,11 +226,21 @@ class DicomReader(SlideReader):
         return None
 
     def _tile(self, level: int, tx: int, ty: int) -> np.ndarray:
-        cached = self._cache.get((level, tx, ty))
+        """One stored tile, decoded once even when reader threads ask for it together (over DICOMweb each
+        decode is a frame fetched from the PACS, so a duplicate costs a network round trip and its bytes)."""
+        key = (level, tx, ty)
+        cached = self._cache.get(key)
         if cached is not None:
             return cached
-        tile = self._decode_tile(level, tx, ty)
-        self._cache.put((level, tx, ty), tile)
+        with self._inflight_lock:
+            lock = self._inflight.setdefault(key, threading.Lock())
+        with lock:
+            tile = self._cache.get(key)
+            if tile is None:
+                tile = self._decode_tile(level, tx, ty)
+                self._cache.put(key, tile)
+        with self._inflight_lock:
+            self._inflight.pop(key, None)
         return tile
 
     def _decode_tile(self, level: int, tx: int, ty: int) -> np.ndarray:
