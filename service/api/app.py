@@ -16,6 +16,7 @@ from service import __version__
 from service.api.context import ServiceContext
 from service.api.errors import install_handlers
 from service.api.metrics import MetricsMiddleware
+from service.api.observe import RequestContextMiddleware
 from service.api.responses import ERRORS
 from service.config import Settings
 from service.jobs import JobQueue
@@ -53,9 +54,10 @@ def create_app(settings: Settings | None = None, *, queue: JobQueue | None = Non
     app.state.ctx = ctx
     install_handlers(app)
     app.add_middleware(MetricsMiddleware, metrics=ctx.metrics)
+    app.add_middleware(RequestContextMiddleware, ctx=ctx)  # outermost: request id on every response, audit after
 
-    from service.api.routers import health, jobs, models, slides
+    from service.api.routers import audit, health, jobs, models, slides
 
-    for r in (slides.router, jobs.router, models.router, health.router):
+    for r in (slides.router, jobs.router, models.router, health.router, audit.router):
         app.include_router(r)
     return app
