@@ -20,6 +20,7 @@ from service.api.observe import RequestContextMiddleware
 from service.api.responses import ERRORS
 from service.config import Settings
 from service.jobs import JobQueue
+from service.obs import tracing
 
 log = logging.getLogger("mstar.api")
 MAX_JSON_BODY = 1 << 20
@@ -60,4 +61,7 @@ def create_app(settings: Settings | None = None, *, queue: JobQueue | None = Non
 
     for r in (slides.router, jobs.router, models.router, health.router, audit.router):
         app.include_router(r)
+    if tracing.setup("mstar-gateway"):  # OTEL_* configured
+        tracing.instrument_fastapi(app)
+        tracing.instrument_celery()  # the publish carries the trace to the worker
     return app

@@ -95,6 +95,10 @@ def worker(
         worker_metrics.enable(folder)
         worker_metrics.serve(port)
         logging.getLogger("mstar.worker").info("metrics on :%d (multiprocess files in %s)", port, folder)
+    from service.obs import tracing
+
+    if tracing.setup("mstar-worker"):  # OTEL_* configured: task spans continue the publisher's trace
+        tracing.instrument_celery()
     app = make_celery(settings)
     app.worker_main(
         [

@@ -17,6 +17,7 @@ import numpy as np
 
 from service.errors import BundleError, InvalidParameterError
 from service.inference.bundle import Bundle, ModelSpec
+from service.obs import tracing
 
 _NP_DTYPES = {
     "uint8": np.uint8,
@@ -73,7 +74,8 @@ class BundleBackend:
         """Time one model call (the backend's own request, not input checks) for `on_infer`."""
         start = time.perf_counter()
         try:
-            yield
+            with tracing.span(f"infer {model_name}", **{"mstar.model": model_name}):
+                yield
         finally:
             hook = self.on_infer
             if hook is not None:

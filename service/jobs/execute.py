@@ -34,6 +34,7 @@ from service.errors import MstarError, SlideNotFoundError, StorageFullError
 from service.jobs import lifecycle
 from service.jobs.lifecycle import Lease
 from service.jobs.resources import open_store
+from service.obs import tracing
 from service.obs.context import bind_log_context, log_context
 from service.store.blobs import scratch_dir
 from service.store.db import transaction
@@ -200,8 +201,14 @@ def execute_job(lease: Lease, settings: Settings, pipeline: str | PipelineFn | N
     """Run the job `lease` owns to a terminal state (or stop once it is lost). Safe in any worker process.
 
     Every log line meanwhile names the job (and its tenant once read)."""
-    with log_context(job_id=lease.job_id, tenant=None):
-        return _execute(lease, settings, pipeline)
+    with (
+        log_context(job_id=lease.job_id, tenant=None),
+        tracing.span("mstar.job", **{"mstar.job_id": lease.job_id, "mstar.attempt": lease.attempt}) as span,
+    ):
+        outcome = _execute(lease, settings, pipeline)
+        if span is not None:
+            span.set_attribute("mstar.state", outcome.state)
+        return outcome
 
 
 def _execute(lease: Lease, settings: Settings, pipeline: str | PipelineFn | None) -> JobOutcome:
@@ -238,9 +245,13 @@ def _execute(lease: Lease, settings: Settings, pipeline: str | PipelineFn | None
             raise
         state["t_write"] = time.monotonic()
 
+    stages = tracing.StageSpans()
+    stages.switch("open")
+
     def progress(stage: str, fraction: float) -> None:
         now = time.monotonic()
         if stage != state["stage"]:
+            stages.switch(stage)
             stage_seconds[state["stage"]] = round(stage_seconds.get(state["stage"], 0.0) + now - state["t_stage"], 4)
             state["stage"], state["t_stage"] = stage, now
             _flush(stage, fraction)
@@ -278,6 +289,7 @@ def _execute(lease: Lease, settings: Settings, pipeline: str | PipelineFn | None
     prefix = lifecycle.result_prefix(tenant_id, job_id, lease.attempt)
     settings.work_dir.mkdir(parents=True, exist_ok=True)
     with scratch_dir(settings.work_dir, scratch_prefix(job_id)) as out_dir, ExitStack() as held:
+        held.callback(stages.close)
         try:
             try:  # an object store copies the slide to this machine's cache, held until the job ends
                 slide_path = held.enter_context(blobs.local_copy(blob_key))

@@ -35,7 +35,7 @@ from service.jobs.celery_queue import publish_token
 from service.jobs.embedded import die_with_parent
 from service.jobs.execute import execute_job, load_callable, sweep_scratch
 from service.jobs.resources import open_store
-from service.obs import worker_metrics
+from service.obs import tracing, worker_metrics
 from service.store.db import session_factory, transaction
 from service.store.models import Job
 
@@ -47,6 +47,8 @@ _MASTER_FACTORIES: dict[tuple[int, str], sessionmaker[Session]] = {}
 @worker_process_init.connect
 def _child_dies_with_master(**_kwargs: Any) -> None:
     die_with_parent(os.getppid())
+    if tracing.setup("mstar-worker"):  # after the fork: this child's own export thread
+        tracing.instrument_celery()
 
 
 @worker_process_shutdown.connect
