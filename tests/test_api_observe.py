@@ -109,6 +109,12 @@ def test_every_access_to_tenant_data_is_audited(server, cmu_svs) -> None:
         assert len(page["items"]) == 2 and page["next_offset"] == 2 and page["total"] > 2
         assert a.get("/audit").status_code == 403
         assert admin.get("/audit", params={"action": "update"}).status_code == 422
+        # hostile input: clear answers, never a 500
+        assert admin.get("/audit", params={"since": "0001-01-01T00:00:00+01:00"}).status_code == 200
+        assert admin.get("/audit", params={"resource_id": "a\x00b"}).status_code == 422
+        assert a.get("/jobs/x%00y").status_code == 404
+        odd = _audit(admin, resource_id="x?y")
+        assert [e["status"] for e in odd] == [404]  # stored as plain ASCII
 
 
 @pytest.mark.parametrize(

@@ -18,6 +18,7 @@ bodies. A failed audit write is logged and never fails the request.
 from __future__ import annotations
 
 import logging
+import re
 import uuid
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +37,7 @@ log = logging.getLogger("mstar.audit")
 RESOURCES = {"slides": "slide", "jobs": "job", "batches": "batch", "audit": "audit", "models": "model"}
 DOWNLOADS = {"result", "features", "heatmap.png", "thumbnail", "thumbnail.png", "preview", "download"}
 VERBS = {"cancel", "reload"}
+_UNPRINTABLE = re.compile(r"[^\x20-\x7e]")  # a path parameter is stored as plain ASCII (NUL breaks PostgreSQL)
 
 
 def audit_action(method: str, template: str, path_params: dict[str, Any], location: str | None):
@@ -123,7 +125,7 @@ class RequestContextMiddleware:
             "key_prefix": getattr(principal, "key_prefix", None) or _presented_prefix(headers),
             "action": action,
             "resource": resource,
-            "resource_id": (str(resource_id)[:64] if resource_id is not None else None),
+            "resource_id": (_UNPRINTABLE.sub("?", str(resource_id))[:64] if resource_id is not None else None),
             "method": scope.get("method", "")[:8],
             "route": template[:128],
             "status": int(seen["status"]),

@@ -245,8 +245,7 @@ def _execute(lease: Lease, settings: Settings, pipeline: str | PipelineFn | None
             raise
         state["t_write"] = time.monotonic()
 
-    stages = tracing.StageSpans()
-    stages.switch("open")
+    stages = tracing.StageSpans()  # one span per stage, the first opened with the scratch folder below
 
     def progress(stage: str, fraction: float) -> None:
         now = time.monotonic()
@@ -290,6 +289,7 @@ def _execute(lease: Lease, settings: Settings, pipeline: str | PipelineFn | None
     settings.work_dir.mkdir(parents=True, exist_ok=True)
     with scratch_dir(settings.work_dir, scratch_prefix(job_id)) as out_dir, ExitStack() as held:
         held.callback(stages.close)
+        stages.switch("open")
         try:
             try:  # an object store copies the slide to this machine's cache, held until the job ends
                 slide_path = held.enter_context(blobs.local_copy(blob_key))

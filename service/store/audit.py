@@ -15,7 +15,10 @@ def _utc(t: datetime | None) -> datetime | None:
     """Aware and in UTC, as stored (SQLite keeps the wall-clock fields only, so an offset must be applied first)."""
     if t is None:
         return None
-    return t.astimezone(UTC) if t.tzinfo else t.replace(tzinfo=UTC)
+    try:
+        return t.astimezone(UTC) if t.tzinfo else t.replace(tzinfo=UTC)
+    except OverflowError:  # an offset at the very ends of the calendar: the end it is at
+        return (datetime.min if t.year == 1 else datetime.max).replace(tzinfo=UTC)
 
 
 def append(s: Session, **fields: object) -> AuditEvent:

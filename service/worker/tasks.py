@@ -106,8 +106,10 @@ class JobRequest(Request):
         return f"{self.hostname}:{self.worker_pid}" if self.worker_pid else None
 
     def on_timeout(self, soft: bool, timeout: float) -> None:
-        if not soft and self._record(lambda s, w: _failed(*lifecycle.on_hard_timeout(s, w, timeout))) == "failed":
-            worker_metrics.verdict("failed", "time_limit")
+        if not soft:  # the child is killed
+            if self._record(lambda s, w: _failed(*lifecycle.on_hard_timeout(s, w, timeout))) == "failed":
+                worker_metrics.verdict("failed", "time_limit")
+            worker_metrics.process_dead(self.worker_pid)
         super().on_timeout(soft, timeout)
 
     def on_failure(self, exc_info, send_failed_event: bool = True, return_ok: bool = False) -> None:

@@ -14,6 +14,7 @@ from service.store import audit
 
 router = APIRouter(tags=["audit"])
 
+_PRINTABLE = r"^[\x20-\x7e]*$"  # ids are plain ASCII; a NUL would be a database error on PostgreSQL
 Action = Literal["create", "read", "download", "cancel", "delete", "reload"]
 
 
@@ -21,9 +22,9 @@ Action = Literal["create", "read", "download", "cancel", "delete", "reload"]
 def list_audit(
     _admin: AdminDep,
     session: SessionDep,
-    tenant_id: Annotated[str | None, Query(max_length=32)] = None,
+    tenant_id: Annotated[str | None, Query(max_length=32, pattern=_PRINTABLE)] = None,
     action: Action | None = None,
-    resource_id: Annotated[str | None, Query(max_length=64)] = None,
+    resource_id: Annotated[str | None, Query(max_length=64, pattern=_PRINTABLE)] = None,
     since: Annotated[datetime | None, Query(description="ISO 8601, inclusive")] = None,
     until: Annotated[datetime | None, Query(description="ISO 8601, exclusive")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
