@@ -134,6 +134,16 @@ class Settings(BaseSettings):
         "(elsewhere /metrics needs an admin key, as Prometheus' bearer-token scrape config sends)",
     )
     log_level: str = Field("info", description="debug, info, warning, error")
+    log_format: Literal["plain", "json"] = Field(
+        "plain", description="plain text, or one JSON object per line (request id, job id, tenant, trace id)"
+    )
+    audit_enabled: bool = Field(True, description="record who created, read, downloaded, cancelled or deleted what")
+    worker_metrics_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="`mstar worker`: serve Prometheus metrics of all its pool processes on this port (unset = off)",
+    )
 
     @field_validator("blob_url")
     @classmethod

@@ -353,11 +353,12 @@ def test_queued_quota_and_result_reuse(tmp_path: Path, cmu_svs: Path) -> None:
     )
     with live_server(create_app(settings)) as url, _client(url, KEY_A) as a, _client(url, KEY_B) as b:
         sid = a.post("/slides", files={"file": ("x", cmu_svs.read_bytes())}, data={"analyze": "false"}).json()["id"]
-        ids = [a.post(f"/slides/{sid}/analyses", json={"fresh": True}).json()["id"] for _ in range(3)]
+        ids = [a.post(f"/slides/{sid}/analyses", json={"fresh": True}).json()["id"]]
         deadline = time.monotonic() + 30
-        while a.get(f"/jobs/{ids[0]}").json()["state"] != "running":  # one runs, two wait: the quota is full
+        while a.get(f"/jobs/{ids[0]}").json()["state"] != "running":  # claimed first: a third post must not race it
             assert time.monotonic() < deadline
             time.sleep(0.1)
+        ids += [a.post(f"/slides/{sid}/analyses", json={"fresh": True}).json()["id"] for _ in range(2)]  # two wait
         r = a.post(f"/slides/{sid}/analyses", json={"fresh": True})
         assert r.status_code == 429 and r.json()["error"]["code"] == "quota_exceeded", r.text
         bid = b.post("/slides", files={"file": ("x", cmu_svs.read_bytes())}, data={"analyze": "false"}).json()["id"]

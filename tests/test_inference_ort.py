@@ -178,3 +178,17 @@ def test_zeroshot_prompts_match_torch(backend: OrtBackend, models: dict) -> None
     assert res["best"] == prompts[int(cos.argmax())]
     with pytest.raises(InvalidParameterError, match="prompts"):
         zeroshot.score(backend.bundle, backend, feats, None, [])
+
+
+def test_each_model_call_is_timed_for_metrics(backend: OrtBackend) -> None:
+    """`on_infer` sees one (model, seconds) per session run: three chunks of 8 for 19 patches, then the aggregator."""
+    calls: list[tuple[str, float]] = []
+    backend.on_infer = lambda model, seconds: calls.append((model, seconds))
+    try:
+        feats = backend.embed_patches(real_patches(19))
+        backend.aggregate(feats)
+    finally:
+        backend.on_infer = None
+    names = [m for m, _ in calls]
+    assert len(names) == 4 and names[0] == names[1] == names[2] != names[3]
+    assert all(0 < s < 30 for _, s in calls)

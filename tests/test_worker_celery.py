@@ -18,7 +18,7 @@ from pathlib import Path
 
 import h5py
 import pytest
-from services import postgres_url, redis_server, webhook_receiver  # noqa: F401
+from services import free_port, postgres_url, redis_server, webhook_receiver  # noqa: F401
 from sqlalchemy import create_engine, text
 from worker_pipelines import make_slide
 
@@ -47,11 +47,13 @@ class Cluster:
         self.root, self.env, self.kwargs = root, env, kwargs
         self.settings = Settings(**kwargs)
         self.procs: dict[str, subprocess.Popen] = {}
+        self.metrics_ports: dict[str, int] = {}
 
     def start(self, name: str) -> None:
         log = (self.root / f"{name}.log").open("ab")
+        port = self.metrics_ports.setdefault(name, free_port())
         self.procs[name] = subprocess.Popen(
-            [str(MSTAR), "worker", "--name", f"{name}@test", "--concurrency", "1"],
+            [str(MSTAR), "worker", "--name", f"{name}@test", "--concurrency", "1", "--metrics-port", str(port)],
             env=self.env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -538,3 +540,42 @@ def test_killing_the_gateway_alone_mid_job_loses_nothing(cluster: Cluster, svc, 
         if gateway.poll() is None:
             gateway.send_signal(signal.SIGTERM)
             gateway.wait(30)
+
+
+def _worker_metrics(cluster: Cluster) -> dict[tuple[str, tuple], float]:
+    """Every worker's /metrics, summed by sample (as Prometheus' sum() over the worker targets would)."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    total: dict[tuple[str, tuple], float] = {}
+    for port in cluster.metrics_ports.values():
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        for fam in text_string_to_metric_families(text):
+            for s in fam.samples:
+                key = (s.name, tuple(sorted(s.labels.items())))
+                total[key] = total.get(key, 0.0) + s.value
+    return total
+
+
+def test_workers_record_and_expose_job_metrics(cluster: Cluster, svc, cmu_svs: Path, tmp_path: Path):
+    """Celery mode: pool children record stages and outcomes in multiprocess files; each master serves
+    them on --metrics-port. A crashing child's job is counted by its master's verdict, and the dead child no
+    longer counts as running."""
+    service, queue = svc
+    ok = ("mstar_jobs_finished_total", (("code", ""), ("state", "succeeded")))
+    crashed = ("mstar_jobs_finished_total", (("code", "worker_crashed"), ("state", "failed")))
+    grid = ("mstar_job_stage_duration_seconds_count", (("stage", "grid"),))  # no bundle here: tiling stages only
+    before = _worker_metrics(cluster)
+    batch = service.submit(_slides(tmp_path / "m", cmu_svs, ["ok", "ok", "abort"]), queue=queue)
+    st = _wait(service, batch.batch_id, 120)
+    assert st.counts()["succeeded"] == 2 and st.counts()["failed"] == 1
+    deadline = time.monotonic() + 20
+    while True:  # the master's verdict and the children's files land just after the job rows
+        after = _worker_metrics(cluster)
+        delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in (ok, crashed, grid)}
+        if (delta[ok] >= 2 and delta[crashed] >= 1) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert delta[ok] == 2 and delta[crashed] == 1, delta
+    assert delta[grid] >= 2, delta
+    assert after[("mstar_worker_jobs_running", ())] == 0  # the aborted child was marked dead

@@ -313,9 +313,12 @@ def test_a_sender_that_died_mid_delivery_is_taken_over_once(sessions, tmp_path):
 
 
 def test_an_older_job_database_gets_the_new_columns(tmp_path):
-    """A jobs table from before `published_at` and the webhook columns: `init_db` adds them, and jobs that had
-    already ended count as reported by a sender that finished (an upgrade sends no old webhook again)."""
+    """A database from before migrations (no `alembic_version`), whose jobs table predates `published_at`, the
+    webhook columns and `trace_id`: `init_db` upgrades it in place, its rows survive, and jobs that had already
+    ended count as reported by a sender that finished (an upgrade sends no old webhook again)."""
     from sqlalchemy import inspect
+
+    from service.store.db import schema_revision
 
     url = f"sqlite:///{tmp_path / 'old.db'}"
     engine = make_engine(url)
@@ -324,9 +327,26 @@ def test_an_older_job_database_gets_the_new_columns(tmp_path):
     done, waiting = _job(factory, "http://127.0.0.1:9/h"), _job(factory, "http://127.0.0.1:9/h")
     with transaction(factory) as s:
         lifecycle.finish_unowned(s, done, "succeeded")
-    with engine.begin() as conn:
-        for col in ("published_at", "webhook_claimed_at", "webhook_sent_at", "webhook_delivered"):
+    with engine.begin() as conn:  # back to the shape `create_all` gave an older release
+        conn.exec_driver_sql("DROP TABLE alembic_version")
+        conn.exec_driver_sql("DROP TABLE audit_events")
+        for col in ("published_at", "webhook_claimed_at", "webhook_sent_at", "webhook_delivered", "trace_id"):
             conn.exec_driver_sql(f"ALTER TABLE jobs DROP COLUMN {col}")
+    engine.dispose()
+    engine = make_engine(url)
+    assert schema_revision(engine) is None
+    init_db(engine)
+    init_db(engine)  # idempotent
+    assert schema_revision(engine) == "0002"
+    columns = {c["name"] for c in inspect(engine).get_columns("jobs")}
+    assert {"published_at", "webhook_claimed_at", "trace_id"} <= columns
+    assert inspect(engine).has_table("audit_events")
+    factory = session_factory(engine)
+    finished, queued = _get(factory, done), _get(factory, waiting)
+    assert finished.state == "succeeded" and queued.state == "queued"  # the rows survived
+    assert finished.webhook_claimed_at == finished.finished_at and queued.webhook_claimed_at is None
+    assert finished.webhook_sent_at == finished.finished_at and queued.webhook_sent_at is None
+    assert queued.published_at is None and queued.trace_id is None
     engine.dispose()
     engine = make_engine(url)
     init_db(engine)

@@ -17,9 +17,11 @@ from service.api.body_limit import GatewayApp
 from service.api.context import ServiceContext
 from service.api.errors import install_handlers
 from service.api.metrics import MetricsMiddleware
+from service.api.observe import RequestContextMiddleware
 from service.api.responses import ERRORS
 from service.config import Settings
 from service.jobs.protocol import JobQueue
+from service.obs import tracing
 
 log = logging.getLogger("mstar.api")
 MAX_JSON_BODY = 1 << 20
@@ -55,8 +57,9 @@ def create_app(settings: Settings | None = None, *, queue: JobQueue | None = Non
     app.state.ctx = ctx
     install_handlers(app)
     app.add_middleware(MetricsMiddleware, metrics=ctx.metrics)
+    app.add_middleware(RequestContextMiddleware, ctx=ctx)  # outermost: request id on every response, audit after
 
-    from service.api.routers import health, jobs, models, results, slides, tiles, ui
+    from service.api.routers import audit, health, jobs, models, results, slides, tiles, ui
     from service.api.tiles import TileCache
 
     app.state.tiles = TileCache(ctx.blobs)
@@ -69,4 +72,8 @@ def create_app(settings: Settings | None = None, *, queue: JobQueue | None = Non
         log.info("PACS routes off (%s)", err)
     else:
         app.include_router(pacs.router)
+    app.include_router(audit.router)
+    if tracing.setup("mstar-gateway"):  # OTEL_* configured
+        tracing.instrument_fastapi(app)
+        tracing.instrument_celery()  # the publish carries the trace to the worker
     return app

@@ -74,9 +74,9 @@ class ServiceContext:
         self.bundle_error: str | None = None
         self._backend_checked = (0.0, {"ok": False})
 
-    def _job_counts(self) -> dict[str, int]:
+    def _job_counts(self) -> tuple[dict[str, int], dict[str, dict[str, float]]]:
         with self.sessions() as s:
-            return lifecycle.count_by_state(s)
+            return lifecycle.count_by_state(s), lifecycle.queue_stats(s)
 
     # lifecycle
     def start(self) -> None:

@@ -17,6 +17,7 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 from service.api.context import ServiceContext
 from service.api.errors import ForbiddenError, UnauthorizedError
 from service.config import Settings
+from service.obs.context import bind_log_context
 from service.store import repo
 
 
@@ -25,6 +26,7 @@ class Principal:
     tenant_id: str
     tenant: str
     admin: bool
+    key_prefix: str | None = None  # the presented key's public half (audit log)
 
 
 def get_context(request: Request) -> ServiceContext:
@@ -64,15 +66,24 @@ def _lookup(ctx: ServiceContext, tokens: list[str]) -> Principal:
     if any(f is None for f in found) or len({f[0].id for f in found}) != 1:
         raise UnauthorizedError("invalid API key")
     tenant = found[0][0]
-    principal = Principal(tenant_id=tenant.id, tenant=tenant.name, admin=all(f[1] for f in found))
+    principal = Principal(
+        tenant_id=tenant.id, tenant=tenant.name, admin=all(f[1] for f in found), key_prefix=repo.key_prefix(tokens[0])
+    )
     ctx.auth_cache.put(tokens, principal)
+    return principal
+
+
+def _identified(request: Request, principal: Principal) -> Principal:
+    """Remember the caller on the request: the audit middleware and the log context read it after the route."""
+    request.state.principal = principal
+    bind_log_context(tenant=principal.tenant_id)
     return principal
 
 
 def principal_of(request: Request, ctx: ServiceContext) -> Principal:
     """The caller, for code that runs outside dependency injection (synchronous)."""
     tokens = _tokens(request)
-    return ctx.auth_cache.get(tokens) or _lookup(ctx, tokens)
+    return _identified(request, ctx.auth_cache.get(tokens) or _lookup(ctx, tokens))
 
 
 async def current_principal(
@@ -87,8 +98,8 @@ async def current_principal(
     tokens = _tokens(request)
     cached = ctx.auth_cache.get(tokens)
     if cached is not None:
-        return cached
-    return await run_in_threadpool(_lookup, ctx, tokens)
+        return _identified(request, cached)
+    return _identified(request, await run_in_threadpool(_lookup, ctx, tokens))
 
 
 TenantDep = Annotated[Principal, Depends(current_principal)]

@@ -1,8 +1,10 @@
 """Prometheus metrics. One registry per app (tests build many apps in one process).
 
 Request latency is labelled by the route *template* (`/jobs/{job_id}`), never the raw path, so ids do not
-explode the label space. Job counts and queue depth are read from the store at scrape time, so they are right
-whichever process changed a job. Stage durations, patches/s and backend latency come from finished jobs.
+explode the label space. Job counts and per-queue depth and oldest-job age are read from the store at scrape time,
+so they are right whichever process changed a job. Stage durations, patches/s, outcomes and backend latency per
+model come from finished jobs (`service.obs.job_metrics`): here in embedded mode; in Celery mode the workers
+record and expose them (`mstar worker --metrics-port`).
 """
 
 from __future__ import annotations
@@ -14,28 +16,37 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import GaugeMetricFamily
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from service.obs.job_metrics import JobMetrics
+
 _LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
-_STAGE_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 900, 1800)
 
 
 class _StoreCollector:
-    def __init__(self, counts: Callable[[], dict[str, int]]) -> None:
+    def __init__(self, counts: Callable[[], tuple[dict[str, int], dict[str, dict[str, float]]]]) -> None:
         self._counts = counts
 
     def collect(self):
         try:
-            counts = self._counts()
+            counts, queues = self._counts()
         except Exception:  # store down: /readyz says so; a scrape must still succeed
             return
         jobs = GaugeMetricFamily("mstar_jobs", "Jobs by state", labels=["state"])
         for state, n in counts.items():
             jobs.add_metric([state], n)
         yield jobs
-        yield GaugeMetricFamily("mstar_queue_depth", "Jobs waiting for a worker", value=counts.get("queued", 0))
+        depth = GaugeMetricFamily("mstar_queue_depth", "Jobs waiting for a worker, per queue", labels=["queue"])
+        age = GaugeMetricFamily(
+            "mstar_queue_oldest_age_seconds", "Age of the oldest waiting job, per queue (0 = none)", labels=["queue"]
+        )
+        for queue, stats in queues.items():
+            depth.add_metric([queue], stats["depth"])
+            age.add_metric([queue], stats["oldest_age_s"])
+        yield depth
+        yield age
 
 
 class Metrics:
-    def __init__(self, job_counts: Callable[[], dict[str, int]]) -> None:
+    def __init__(self, job_counts: Callable[[], tuple[dict[str, int], dict[str, dict[str, float]]]]) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.request_seconds = Histogram(
@@ -47,37 +58,17 @@ class Metrics:
         )
         self.upload_bytes = Counter("mstar_upload_bytes", "Bytes received in slide uploads", registry=r)
         self.uploads = Counter("mstar_uploads", "Slide uploads by outcome", ["outcome"], registry=r)
-        self.stage_seconds = Histogram(
-            "mstar_job_stage_duration_seconds",
-            "Pipeline stage durations",
-            ["stage"],
-            buckets=_STAGE_BUCKETS,
-            registry=r,
-        )
-        self.patches_per_second = Histogram(
-            "mstar_patches_per_second",
-            "Embedding throughput per job",
-            buckets=(1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000),
-            registry=r,
-        )
         self.backend_seconds = Histogram(
             "mstar_backend_check_duration_seconds",
             "Latency of the model backend check",
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
-        self.jobs_finished = Counter(
-            "mstar_jobs_finished", "Jobs finished by state and error code", ["state", "code"], registry=r
-        )
+        self.jobs = JobMetrics(r)  # embedded mode: outcomes come back from the runner's worker processes
         r.register(_StoreCollector(job_counts))
 
     def observe_outcome(self, outcome) -> None:
-        self.jobs_finished.labels(outcome.state, outcome.error_code or "").inc()
-        for stage, seconds in outcome.stage_seconds.items():
-            self.stage_seconds.labels(stage).observe(float(seconds))
-        embed = outcome.stage_seconds.get("embed")
-        if outcome.n_patches and embed:
-            self.patches_per_second.observe(outcome.n_patches / max(embed, 1e-6))
+        self.jobs.observe(outcome)
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

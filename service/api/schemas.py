@@ -167,6 +167,7 @@ class JobOut(BaseModel):
     finished_at: datetime | None
     stage_seconds: dict[str, float] = Field(default_factory=dict)
     webhook: WebhookStatus | None = Field(None, description="only for jobs submitted with a webhook_url")
+    trace_id: str | None = Field(None, description="the OpenTelemetry trace the job ran under (when tracing is on)")
     links: JobLinks
 
     @field_serializer("created_at", "started_at", "finished_at")
@@ -176,6 +177,29 @@ class JobOut(BaseModel):
 
 class JobPage(Page):
     items: list[JobOut]
+
+
+class AuditEventOut(BaseModel):
+    id: int
+    at: datetime
+    tenant_id: str | None = Field(description="the caller's tenant (null: the key was refused)")
+    key_prefix: str | None = Field(description="the public half of the key used")
+    action: str
+    resource: str
+    resource_id: str | None
+    method: str
+    route: str = Field(description="the route template, e.g. /jobs/{job_id}/result")
+    status: int
+    client: str | None = Field(description="the peer address")
+    request_id: str | None
+
+    @field_serializer("at")
+    def _ts(self, v: datetime) -> datetime | None:
+        return _utc(v)
+
+
+class AuditPage(Page):
+    items: list[AuditEventOut]
 
 
 class UploadAccepted(BaseModel):

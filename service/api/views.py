@@ -41,6 +41,7 @@ def job_out(job: Job, result: Result | None = None) -> JobOut:
         finished_at=job.finished_at,
         stage_seconds={k: float(v) for k, v in (job.stage_seconds or {}).items()},
         webhook=_webhook_status(job),
+        trace_id=job.trace_id,
         links=links,
     )
 

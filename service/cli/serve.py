@@ -21,12 +21,11 @@ from service.cli import main
 @click.option("--workers", type=click.IntRange(1, 64), default=None, help="runner processes (MSTAR_RUNNER_WORKERS)")
 def serve(host: str, port: int, data_dir: str | None, bundle_dir: str | None, workers: int | None) -> None:
     """Serve the REST API (settings from MSTAR_* variables and .env; see docs/service.md)."""
-    import logging
-
     import uvicorn
 
     from service.api import create_app
     from service.config import Settings
+    from service.obs.logs import configure_logging
 
     overrides = {
         k: v
@@ -57,7 +56,8 @@ def serve(host: str, port: int, data_dir: str | None, bundle_dir: str | None, wo
                 "or set MSTAR_BUNDLE_DIR); jobs will stop after tiling",
                 err=True,
             )
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging(settings.log_level, settings.log_format)
     app = create_app(settings)
     # One gateway process: the embedded runner lives beside it and its workers are separate processes.
-    uvicorn.run(app, host=host, port=port, log_level=settings.log_level.lower(), access_log=False)
+    # log_config=None: uvicorn's loggers propagate to ours (plain or JSON, with the request id)
+    uvicorn.run(app, host=host, port=port, log_level=settings.log_level.lower(), access_log=False, log_config=None)

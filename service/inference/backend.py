@@ -7,13 +7,17 @@ manifest, so both backends agree on shapes, chunking and error handling by const
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 
 from service.errors import BundleError, InvalidParameterError
 from service.inference.bundle import Bundle, ModelSpec
+from service.obs import tracing
 
 _NP_DTYPES = {
     "uint8": np.uint8,
@@ -62,6 +66,20 @@ class BundleBackend:
         self.max_chunk = max_chunk
         self.parallel = max(1, parallel)
         self._pool: ThreadPoolExecutor | None = None
+        # (model name, seconds) after each model call: the job runner hands its timings to the metrics layer
+        self.on_infer: Callable[[str, float], None] | None = None
+
+    @contextmanager
+    def timed(self, model_name: str) -> Iterator[None]:
+        """Time one model call (the backend's own request, not input checks) for `on_infer`."""
+        start = time.perf_counter()
+        try:
+            with tracing.span(f"infer {model_name}", **{"mstar.model": model_name}):
+                yield
+        finally:
+            hook = self.on_infer
+            if hook is not None:
+                hook(model_name, time.perf_counter() - start)
 
     # -- to implement ----------------------------------------------------------------------------
     def infer(self, model_name: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -109,7 +109,9 @@ class OrtBackend(BundleBackend):
         feeds = self._check_inputs(spec, inputs)
         sess = self.session(model_name)
         names = [t.name for t in spec.outputs]
-        return dict(zip(names, sess.run(names, feeds), strict=True))
+        with self.timed(model_name):
+            out = sess.run(names, feeds)
+        return dict(zip(names, out, strict=True))
 
     def health(self) -> dict:
         return {

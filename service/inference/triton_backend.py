@@ -89,7 +89,8 @@ class TritonBackend(BundleBackend):
         if self.protocol == "grpc":
             kwargs["client_timeout"] = self.timeout_s
         try:
-            res = self.client().infer(spec.name, req, **kwargs)
+            with self.timed(model_name):
+                res = self.client().infer(spec.name, req, **kwargs)
         except InferenceServerException as err:
             raise BackendUnavailableError(f"Triton at {self.url} failed on {spec.name!r}: {err.message()}") from err
         return {t.name: res.as_numpy(t.name) for t in spec.outputs}

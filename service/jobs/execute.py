@@ -34,6 +34,8 @@ from service.errors import MstarError, SlideNotFoundError, StorageFullError
 from service.jobs import lifecycle
 from service.jobs.lifecycle import Lease
 from service.jobs.resources import open_store
+from service.obs import tracing
+from service.obs.context import bind_log_context, log_context
 from service.store.blobs import scratch_dir
 from service.store.db import transaction
 from service.store.models import Job, Slide
@@ -41,6 +43,7 @@ from service.store.models import Job, Slide
 log = logging.getLogger("mstar.jobs")
 
 PipelineFn = Callable[..., dict]
+MAX_TIMED_CALLS = 20_000  # backend latencies kept per model and job (a bound on what an outcome carries)
 PROGRESS_WRITE_S = 0.5  # at most this often a progress write / cancel poll hits the database
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
 
@@ -58,6 +61,7 @@ class JobOutcome:
     n_patches: int | None = None
     followers_done: list[str] = field(default_factory=list)
     released: list[str] = field(default_factory=list)  # followers that must now run themselves
+    backend_seconds: dict[str, list[float]] = field(default_factory=dict)  # model -> seconds per call (metrics)
 
     @property
     def terminal_ids(self) -> list[str]:
@@ -203,7 +207,20 @@ def _db_full(err: DBAPIError) -> bool:
 
 
 def execute_job(lease: Lease, settings: Settings, pipeline: str | PipelineFn | None = None) -> JobOutcome:
-    """Run the job `lease` owns to a terminal state (or stop once it is lost). Safe in any worker process."""
+    """Run the job `lease` owns to a terminal state (or stop once it is lost). Safe in any worker process.
+
+    Every log line meanwhile names the job (and its tenant once read)."""
+    with (
+        log_context(job_id=lease.job_id, tenant=None),
+        tracing.span("mstar.job", **{"mstar.job_id": lease.job_id, "mstar.attempt": lease.attempt}) as span,
+    ):
+        outcome = _execute(lease, settings, pipeline)
+        if span is not None:
+            span.set_attribute("mstar.state", outcome.state)
+        return outcome
+
+
+def _execute(lease: Lease, settings: Settings, pipeline: str | PipelineFn | None) -> JobOutcome:
     store = open_store(settings)
     factory, blobs = store.sessions, store.blobs
     job_id = lease.job_id
@@ -213,6 +230,7 @@ def execute_job(lease: Lease, settings: Settings, pipeline: str | PipelineFn | N
         if job is None or slide is None or not lifecycle.still_owned(s, lease):
             return JobOutcome(job_id, "lost")
         tenant_id, options_rec = job.tenant_id, dict(job.options or {})
+        bind_log_context(tenant=tenant_id)
         if options_rec.get("mpp_override") is None and slide.mpp_override is not None:
             options_rec["mpp_override"] = slide.mpp_override
         blob_key = slide.blob_key
@@ -238,9 +256,12 @@ def execute_job(lease: Lease, settings: Settings, pipeline: str | PipelineFn | N
             raise
         state["t_write"] = time.monotonic()
 
+    stages = tracing.StageSpans()  # one span per stage, the first opened with the scratch folder below
+
     def progress(stage: str, fraction: float) -> None:
         now = time.monotonic()
         if stage != state["stage"]:
+            stages.switch(stage)
             stage_seconds[state["stage"]] = round(stage_seconds.get(state["stage"], 0.0) + now - state["t_stage"], 4)
             state["stage"], state["t_stage"] = stage, now
             _flush(stage, fraction)
@@ -269,9 +290,17 @@ def execute_job(lease: Lease, settings: Settings, pipeline: str | PipelineFn | N
     from service.pipeline import JobCanceled as PipelineCanceled
 
     outcome = JobOutcome(job_id, "failed", stage_seconds=stage_seconds)
+
+    def _on_infer(model: str, seconds: float) -> None:
+        calls = outcome.backend_seconds.setdefault(model, [])
+        if len(calls) < MAX_TIMED_CALLS:
+            calls.append(round(seconds, 6))
+
     prefix = lifecycle.result_prefix(tenant_id, job_id, lease.attempt)
     settings.work_dir.mkdir(parents=True, exist_ok=True)
     with scratch_dir(settings.work_dir, scratch_prefix(job_id)) as out_dir, ExitStack() as held:
+        held.callback(stages.close)
+        stages.switch("open")
         try:
             if pacs_info is not None:  # read over DICOMweb from the configured server, never copied whole
                 from service.pacs.jobs import source_for
@@ -286,6 +315,9 @@ def execute_job(lease: Lease, settings: Settings, pipeline: str | PipelineFn | N
             kwargs: dict[str, Any] = {"bundle_dir": settings.bundle_dir, "progress": progress}
             if is_default_pipeline(pipeline or settings.pipeline):
                 kwargs["backend"] = worker_backend(settings)
+                if kwargs["backend"] is not None:  # this job's model calls, for the metrics layer
+                    kwargs["backend"].on_infer = _on_infer
+                    held.callback(setattr, kwargs["backend"], "on_infer", None)
             result = fn(slide_path, out_dir, options_from_record(options_rec), should_cancel=should_cancel, **kwargs)
             _close_stage()
             if should_cancel(force=True):  # canceled (or its slide deleted) while the last stage ran

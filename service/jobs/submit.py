@@ -20,6 +20,7 @@ from service import __version__
 from service.config import Settings
 from service.jobs import lifecycle
 from service.jobs.protocol import JobQueue
+from service.obs import tracing
 from service.store.db import transaction
 from service.store.models import Job
 
@@ -82,6 +83,9 @@ def submit_analysis(
             cache_key=key,
             reuse=not fresh,
         )
+        if created and (trace_id := tracing.current_trace_id()):  # the worker continues it (Celery headers)
+            job.trace_id = trace_id
+            s.flush()
         s.expunge(job)
     if created:
         if job.state == "queued" and job.follows is None:

@@ -6,12 +6,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event, inspect, text
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
-
-from service.store.models import Base
 
 
 def make_engine(url: str) -> Engine:
@@ -43,34 +43,34 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
 
 
-def init_db(engine: Engine) -> None:
-    """Create missing tables (idempotent; several processes may race here at start-up)."""
-    Base.metadata.create_all(engine)
-    _add_new_columns(engine)
+#: the key of the PostgreSQL advisory lock that serialises migrations of processes starting together
+_MIGRATION_LOCK = 0x6D535441  # "mSTA"
+_MIGRATIONS = Path(__file__).with_name("migrations")
 
 
-def _add_new_columns(engine: Engine) -> None:
-    """`create_all` creates missing tables but not columns added to existing ones since: add those (nullable
-    only), so an existing job database keeps working after an upgrade. A racing process may add one first."""
-    insp = inspect(engine)
-    for table in Base.metadata.sorted_tables:
-        if not insp.has_table(table.name):
-            continue
-        have = {c["name"] for c in insp.get_columns(table.name)}
-        for col in table.columns:
-            if col.name in have or not col.nullable:
-                continue
-            ddl = f"ALTER TABLE {table.name} ADD COLUMN {col.name} {col.type.compile(engine.dialect)}"
-            try:
-                with engine.begin() as conn:
-                    conn.exec_driver_sql(ddl)
-                    if (table.name, col.name) == ("jobs", "webhook_claimed_at"):  # old rows were reported already
-                        conn.exec_driver_sql("UPDATE jobs SET webhook_claimed_at = finished_at")
-                    if (table.name, col.name) == ("jobs", "webhook_sent_at"):  # and their senders finished
-                        conn.exec_driver_sql("UPDATE jobs SET webhook_sent_at = webhook_claimed_at")
-            except DBAPIError:
-                if col.name not in {c["name"] for c in inspect(engine).get_columns(table.name)}:
-                    raise
+def alembic_config(connection: Connection | None = None) -> Config:
+    """Alembic's configuration for the job database (no alembic.ini: the script folder ships in the package)."""
+    cfg = Config()
+    cfg.set_main_option("script_location", str(_MIGRATIONS))
+    cfg.attributes["connection"] = connection
+    return cfg
+
+
+def init_db(engine: Engine, revision: str = "head") -> None:
+    """Bring the schema to `revision` with Alembic (idempotent). A database from before migrations keeps its rows:
+    the baseline revision adds only what it lacks. Processes starting together take turns: one transaction holds
+    a PostgreSQL advisory lock (SQLite: the write lock, BEGIN IMMEDIATE) around reading the version and migrating,
+    so the second one finds the work done."""
+    with engine.connect().execution_options(sqlite_immediate=True) as conn, conn.begin():
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATION_LOCK})
+        command.upgrade(alembic_config(conn), revision)
+
+
+def schema_revision(engine: Engine) -> str | None:
+    """The revision the database is at (None: never migrated)."""
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:

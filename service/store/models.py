@@ -120,6 +120,8 @@ class Job(Base):
     cache_key: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
     # an identical job already queued or running: this one waits for it and takes its result (NULL = runs itself)
     follows: Mapped[str | None] = mapped_column(String(32), nullable=True, index=True)
+    # the OpenTelemetry trace the job was created under (32 hex digits; NULL when tracing is off)
+    trace_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
 
 
 class Result(Base):
@@ -130,3 +132,23 @@ class Result(Base):
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
     files: Mapped[dict] = mapped_column(JSON, default=dict)  # name -> {"key", "size", "sha256"}
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class AuditEvent(Base):
+    """Who did what to which resource, when, from where. Append-only: no code path updates or deletes a row, and
+    the migration installs triggers that refuse it. Holds ids only, never file names or slide metadata."""
+
+    __tablename__ = "audit_events"
+    __table_args__ = (Index("ix_audit_tenant_at", "tenant_id", "at"), Index("ix_audit_at", "at"))
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer(), "sqlite"), primary_key=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    tenant_id: Mapped[str | None] = mapped_column(String(32), nullable=True)  # NULL: the caller was not identified
+    key_prefix: Mapped[str | None] = mapped_column(String(16), nullable=True)  # the key's public half
+    action: Mapped[str] = mapped_column(String(16))  # create | read | download | cancel | delete
+    resource: Mapped[str] = mapped_column(String(16))  # slide | job | batch | audit ...
+    resource_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    method: Mapped[str] = mapped_column(String(8))
+    route: Mapped[str] = mapped_column(String(128))  # the route template, e.g. /jobs/{job_id}/result
+    status: Mapped[int] = mapped_column(Integer)
+    client: Mapped[str | None] = mapped_column(String(64), nullable=True)  # the peer address
+    request_id: Mapped[str | None] = mapped_column(String(64), nullable=True)

@@ -48,6 +48,11 @@ def _prefix_of(token: str) -> str:
     return m.group(1) if m else "h" + hashlib.sha256(token.encode()).hexdigest()[:15]
 
 
+def key_prefix(token: str) -> str:
+    """The public half of an API key (what the audit log and the key table name it by); never the secret."""
+    return _prefix_of(token)
+
+
 def _digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from billiard.exceptions import SoftTimeLimitExceeded, WorkerLostError
 from celery import Celery, Task
-from celery.signals import worker_process_init
+from celery.signals import worker_process_init, worker_process_shutdown
 from celery.worker.request import Request
 from sqlalchemy import create_engine, select
 from sqlalchemy.engine import make_url
@@ -36,6 +36,7 @@ from service.jobs.celery_queue import publish_token
 from service.jobs.embedded import die_with_parent
 from service.jobs.execute import execute_job, load_callable, sweep_scratch
 from service.jobs.resources import open_store
+from service.obs import tracing, worker_metrics
 from service.store.db import session_factory, transaction
 from service.store.models import Job
 
@@ -47,6 +48,13 @@ _MASTER_FACTORIES: dict[tuple[int, str], sessionmaker[Session]] = {}
 @worker_process_init.connect
 def _child_dies_with_master(**_kwargs: Any) -> None:
     die_with_parent(os.getppid())
+    if tracing.setup("mstar-worker"):  # after the fork: this child's own export thread
+        tracing.instrument_celery()
+
+
+@worker_process_shutdown.connect
+def _child_exits(pid: int | None = None, **_kwargs: Any) -> None:
+    worker_metrics.process_dead(pid or os.getpid())  # replaced children (memory cap) stop counting as running
 
 
 def _master_factory(settings: Settings) -> sessionmaker[Session]:
@@ -99,8 +107,10 @@ class JobRequest(Request):
         return f"{self.hostname}:{self.worker_pid}" if self.worker_pid else None
 
     def on_timeout(self, soft: bool, timeout: float) -> None:
-        if not soft:
-            self._record(lambda s, worker: _failed(*lifecycle.on_hard_timeout(s, worker, timeout)))
+        if not soft:  # the child is killed
+            if self._record(lambda s, w: _failed(*lifecycle.on_hard_timeout(s, w, timeout))) == "failed":
+                worker_metrics.verdict("failed", "time_limit")
+            worker_metrics.process_dead(self.worker_pid)
         super().on_timeout(soft, timeout)
 
     def on_failure(self, exc_info, send_failed_event: bool = True, return_ok: bool = False) -> None:
@@ -113,14 +123,17 @@ class JobRequest(Request):
             def lost(s: Session, worker: str) -> tuple[str, str | None]:
                 return lifecycle.on_child_lost(s, worker, max_attempts=settings.job_max_attempts, why=why)
 
-            self._record(lost)
+            if self._record(lost) == "failed":
+                worker_metrics.verdict("failed", "worker_crashed")
+            worker_metrics.process_dead(self.worker_pid)
         super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
 
-    def _record(self, fn: Callable[[Session, str], tuple[str | None, str | None]]) -> None:
-        """Write the verdict; when it made the job terminal ("failed"), send its webhook off this thread."""
+    def _record(self, fn: Callable[[Session, str], tuple[str | None, str | None]]) -> str | None:
+        """Write the verdict and return it; when it made the job terminal ("failed"), send its webhook off this
+        thread."""
         worker = self._worker_tag()
         if worker is None:
-            return
+            return None
         settings: Settings = self.task.app.mstar_settings
         factory = _master_factory(settings)
         try:
@@ -129,11 +142,12 @@ class JobRequest(Request):
             log.warning("job %s on %s: %s", job_id, worker, verdict or "ignored")
         except Exception:  # never let a database problem take the master down; the lease recovers the job
             log.exception("could not record the verdict for the job on %s", worker)
-            return
+            return None
         if verdict == "failed" and job_id:
             from service import webhooks
 
             webhooks.send_in_background(factory, job_id, settings)
+        return verdict
 
 
 def _failed(won: bool, job_id: str | None) -> tuple[str | None, str | None]:
@@ -192,10 +206,13 @@ def run_job(self: Task, job_id: str) -> dict:
         sweep_scratch(settings.work_dir, job_id=lease.job_id)
     beat = _Heartbeat(factory, lease, every=max(0.2, settings.worker_lease_s / 4))
     beat.start()
+    worker_metrics.job_started()
+    outcome = None
     try:
         outcome = execute_job(lease, settings, pipeline=_with_soft_limit(load_callable(settings.pipeline)))
     finally:
         beat.done.set()
+        worker_metrics.job_ended(outcome)
     for done in outcome.terminal_ids:
         _webhook(settings, factory, done)
     for released in outcome.released:  # followers of a failed job run themselves now: one token each

@@ -1,0 +1,144 @@
+"""`RequestContextMiddleware`: every request gets a request id (the client's `X-Request-Id` when it is a plain
+token, else a new one), echoed in the response and bound to the log context; after the response, requests to
+tenant data are written to the audit log.
+
+The audit decision is made in this one place from the matched route *template* and its path parameters, plus the
+`Location` header of a create, so routes need no audit code (and new routes are covered by the same rules):
+
+* DELETE -> delete; POST .../cancel -> cancel; POST .../reload -> reload; other POSTs -> create (of what
+  `Location` names when it is set, e.g. the job an upload queued);
+* GET of a result file (`result`, `features`, `heatmap.png`, thumbnails) -> download; other GETs -> read
+  (lists included, with no resource id).
+
+Who: the tenant and key prefix the auth dependency identified (`request.state.principal`); for a refused key,
+the prefix of what was presented. From where: the peer address. Ids only: no file names, no query strings, no
+bodies. A failed audit write is logged and never fails the request.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.obs import context
+
+if TYPE_CHECKING:
+    from service.api.context import ServiceContext
+
+log = logging.getLogger("mstar.audit")
+
+#: first path segment -> audited resource kind
+RESOURCES = {"slides": "slide", "jobs": "job", "batches": "batch", "audit": "audit", "models": "model"}
+DOWNLOADS = {"result", "features", "heatmap.png", "thumbnail", "thumbnail.png", "preview", "download"}
+VERBS = {"cancel", "reload"}
+_UNPRINTABLE = re.compile(r"[^\x20-\x7e]")  # a path parameter is stored as plain ASCII (NUL breaks PostgreSQL)
+
+
+def audit_action(method: str, template: str, path_params: dict[str, Any], location: str | None):
+    """(action, resource, resource_id) for a request to `template`, or None when it is not audited."""
+    parts = [p for p in template.strip("/").split("/") if p]
+    if not parts or parts[0] not in RESOURCES:
+        return None
+    resource = RESOURCES[parts[0]]
+    resource_id = next(iter(path_params.values()), None) if path_params else None
+    last = parts[-1]
+    if resource == "model" and method == "GET":  # the served bundle is no tenant's data
+        return None
+    if method == "DELETE":
+        return "delete", resource, resource_id
+    if method == "POST":
+        if last in VERBS:
+            return last, resource, resource_id
+        if location:
+            loc = [p for p in location.split("?")[0].strip("/").split("/") if p]
+            if len(loc) >= 2 and loc[0] in RESOURCES:
+                return "create", RESOURCES[loc[0]], loc[1]
+        return "create", resource, resource_id
+    if method == "GET":
+        return ("download" if len(parts) > 1 and last in DOWNLOADS else "read"), resource, resource_id
+    return None
+
+
+def _presented_prefix(headers: Headers) -> str | None:
+    from service.store.repo import key_prefix
+
+    auth = headers.get("authorization", "")
+    scheme, _, value = auth.strip().partition(" ")
+    token = value.strip() if scheme.lower() == "bearer" else headers.get("x-api-key", "").strip()
+    return key_prefix(token) if token else None
+
+
+class RequestContextMiddleware:
+    """Pure ASGI (no body buffering). Outermost of the service's middlewares, so every response carries the id."""
+
+    def __init__(self, app: ASGIApp, ctx: ServiceContext) -> None:
+        self.app = app
+        self.ctx = ctx
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        rid = context.safe_request_id(headers.get("x-request-id")) or uuid.uuid4().hex
+        state = scope.setdefault("state", {})
+        seen: dict[str, Any] = {"status": 500, "location": None}
+
+        async def _send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                seen["status"] = message["status"]
+                out = MutableHeaders(scope=message)
+                out["X-Request-Id"] = rid
+                seen["location"] = out.get("location")
+            await send(message)
+
+        with context.log_context(request_id=rid, tenant=None, job_id=None):
+            try:
+                await self.app(scope, receive, _send)
+            finally:
+                if self.ctx.settings.audit_enabled:
+                    event = self._event(scope, headers, state, seen, rid)
+                    if event is not None:
+                        with anyio.CancelScope(shield=True):  # a client gone mid-response is still audited
+                            await anyio.to_thread.run_sync(self._write, event)
+
+    @staticmethod
+    def _event(scope: Scope, headers: Headers, state: dict, seen: dict, rid: str) -> dict | None:
+        route = scope.get("route")
+        template = getattr(route, "path", None)
+        if template is None:  # unmatched paths touch nothing
+            return None
+        what = audit_action(scope.get("method", ""), template, scope.get("path_params") or {}, seen["location"])
+        if what is None:
+            return None
+        action, resource, resource_id = what
+        principal = state.get("principal")
+        client = scope.get("client")
+        return {
+            "tenant_id": getattr(principal, "tenant_id", None),
+            "key_prefix": getattr(principal, "key_prefix", None) or _presented_prefix(headers),
+            "action": action,
+            "resource": resource,
+            "resource_id": (_UNPRINTABLE.sub("?", str(resource_id))[:64] if resource_id is not None else None),
+            "method": scope.get("method", "")[:8],
+            "route": template[:128],
+            "status": int(seen["status"]),
+            "client": (client[0][:64] if client else None),
+            "request_id": rid,
+        }
+
+    def _write(self, event: dict) -> None:
+        from service.store import audit
+        from service.store.db import transaction
+
+        try:
+            with transaction(self.ctx.sessions) as s:
+                audit.append(s, **event)
+        except Exception:  # the request was answered; the gap is logged where operators look
+            log.exception("could not write the audit event for request %s", event["request_id"])
