@@ -11,6 +11,7 @@ from starlette.background import BackgroundTask
 
 from service.api.deps import ContextDep, TenantDep
 from service.api.errors import NotFoundError, NotReadyError
+from service.api.lookups import succeeded_files
 from service.api.responses import ERRORS
 from service.api.schemas import JobOut, JobPage, JobState
 from service.api.views import job_out
@@ -76,15 +77,7 @@ def cancel_job(job_id: str, principal: TenantDep, ctx: ContextDep) -> JobOut:
 
 
 def _file(ctx, principal, job_id: str, name: str) -> tuple[str, dict]:
-    with transaction(ctx.sessions) as s:
-        job = repo.get_job(s, principal.tenant_id, job_id)
-        if job is None:
-            raise NotFoundError("no such job")
-        if job.state != "succeeded":
-            detail = f": {job.error_code}" if job.error_code else ""
-            raise NotReadyError(f"job is {job.state}{detail}; results exist only for succeeded jobs")
-        result = repo.get_result(s, principal.tenant_id, job_id)
-        files = (result.files if result is not None else {}) or {}
+    files, _ = succeeded_files(ctx, principal.tenant_id, job_id)
     if name not in files or not ctx.blobs.exists(files[name]["key"]):
         raise NotFoundError(f"this job produced no {name}")
     return files[name]["key"], files[name]

@@ -16,7 +16,8 @@ from fastapi.responses import Response
 from pydantic import ConfigDict, Field
 
 from service.api.deps import AdminDep, ContextDep, TenantDep
-from service.api.errors import NotFoundError, NotReadyError
+from service.api.errors import NotFoundError
+from service.api.lookups import succeeded_files
 from service.api.responses import ERRORS
 from service.api.schemas import AnalysisRequest, JobOut
 from service.api.views import job_out
@@ -24,7 +25,6 @@ from service.pacs.config import PacsSettings
 from service.pacs.jobs import PACS_FORMAT, check_uid, job_key, slide_info, slide_key
 from service.store import repo
 from service.store.db import transaction
-from service.store.models import Slide
 
 log = logging.getLogger("mstar.api")
 router = APIRouter(tags=["pacs"])
@@ -91,17 +91,8 @@ def create_pacs_analysis(
 
 
 def _job_files(ctx, principal, job_id: str) -> tuple[dict, dict]:
-    with transaction(ctx.sessions) as s:
-        job = repo.get_job(s, principal.tenant_id, job_id)
-        if job is None:
-            raise NotFoundError("no such job")
-        if job.state != "succeeded":
-            detail = f": {job.error_code}" if job.error_code else ""
-            raise NotReadyError(f"job is {job.state}{detail}; results exist only for succeeded jobs")
-        result = repo.get_result(s, principal.tenant_id, job_id)
-        files = dict((result.files if result is not None else {}) or {})
-        slide = s.get(Slide, job.slide_id)
-        info = dict(slide.info or {}) if slide is not None and slide.format == PACS_FORMAT else {}
+    files, slide = succeeded_files(ctx, principal.tenant_id, job_id)
+    info = dict(slide.info or {}) if slide is not None and slide.format == PACS_FORMAT else {}
     return files, info
 
 

@@ -13,10 +13,9 @@ from fastapi import APIRouter, Query, Response
 from fastapi.concurrency import run_in_threadpool
 
 from service.api.deps import ContextDep, TenantDep
-from service.api.errors import NotFoundError, NotReadyError
+from service.api.errors import NotFoundError
+from service.api.lookups import succeeded_files
 from service.api.responses import ERRORS
-from service.store import repo
-from service.store.db import transaction
 
 router = APIRouter(tags=["jobs"])
 CACHE = "private, max-age=3600"
@@ -52,14 +51,7 @@ _VIEWS = _Lru()
 
 
 def _result_files(ctx, principal, job_id: str) -> dict:
-    with transaction(ctx.sessions) as s:
-        job = repo.get_job(s, principal.tenant_id, job_id)
-        if job is None:
-            raise NotFoundError("no such job")
-        if job.state != "succeeded":
-            raise NotReadyError(f"job is {job.state}; results exist only for succeeded jobs")
-        result = repo.get_result(s, principal.tenant_id, job_id)
-        files = dict((result.files if result is not None else {}) or {})
+    files, _ = succeeded_files(ctx, principal.tenant_id, job_id)
     if "patch_scores.h5" not in files:
         raise NotFoundError(
             "this job has no per-patch scores (analysed without a model bundle, or before they existed)"
