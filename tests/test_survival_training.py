@@ -12,10 +12,12 @@ import torch
 import yaml
 
 from service.errors import InvalidParameterError
+from training.checkpoints import save_stage1
 from training.downstream.cli import run
 from training.downstream.config import DownstreamConfig
 from training.downstream.synth import make_feature_cohort
 from training.models.heads import MILHead
+from training.models.mstar import MStar
 from training.models.transmil import TransMIL
 from training.survival import init_hazard_layer, marginal_hazards, nll_survival_loss
 
@@ -84,10 +86,7 @@ def _stage1_ckpt(tmp_path, n_features: int) -> str:
     vision = TransMIL(n_features=n_features, dim=32, heads=2, num_landmarks=8)
     with torch.no_grad():  # a large component shared by every slide, as in the demo's Stage-1 embedding
         vision.norm.bias.fill_(2.0)
-    state = {f"vision_encoder.{k}": v for k, v in vision.state_dict().items()}
-    path = tmp_path / "stage1.pt"
-    torch.save({"model_state_dict": state, "config": {"model": {"aggregator": {"num_landmarks": 8}}}}, path)
-    return str(path)
+    return str(save_stage1(tmp_path / "stage1.pt", MStar(vision, None, None)))
 
 
 @pytest.mark.parametrize("aggregator", ["abmil", "transmil_pre"])

@@ -198,7 +198,12 @@ def head_from_stage1(
     head = MILHead("transmil_pre", n_features, n_outputs, task=task, dim=dim, transmil_kwargs=kw)  # type: ignore[arg-type]
     if ckpt.feature_mean is not None:
         head.set_standardization(ckpt.feature_mean, ckpt.feature_std)
-    missing, unexpected = head.mil.load_state_dict(ckpt.part("vision_encoder."), strict=False)
+    try:
+        missing, unexpected = head.mil.load_state_dict(ckpt.part("vision_encoder."), strict=False)
+    except RuntimeError as err:  # shapes that disagree with the recorded config
+        raise InvalidParameterError(
+            f"Stage-1 aggregator in {checkpoint} does not match its recorded config: {err}"
+        ) from err
     if unexpected or any(not k.startswith("_fc2.") for k in missing):
         raise InvalidParameterError(
             f"Stage-1 aggregator does not match TransMIL: missing {missing}, unexpected {unexpected}"
