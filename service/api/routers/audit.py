@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query
 
-from service.api.deps import AdminDep, SessionDep
+from service.api.deps import AdminDep, ContextDep
 from service.api.responses import ERRORS
 from service.api.schemas import AuditEventOut, AuditPage
 from service.store import audit
@@ -21,7 +21,7 @@ Action = Literal["create", "read", "download", "cancel", "delete", "reload"]
 @router.get("/audit", response_model=AuditPage, responses=ERRORS(401, 403, 422), summary="The audit log (admins)")
 def list_audit(
     _admin: AdminDep,
-    session: SessionDep,
+    ctx: ContextDep,
     tenant_id: Annotated[str | None, Query(max_length=32, pattern=_PRINTABLE)] = None,
     action: Action | None = None,
     resource_id: Annotated[str | None, Query(max_length=64, pattern=_PRINTABLE)] = None,
@@ -30,15 +30,16 @@ def list_audit(
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
     offset: Annotated[int, Query(ge=0, le=10**9)] = 0,
 ) -> AuditPage:
-    rows, total = audit.query(
-        session,
-        tenant_id=tenant_id,
-        action=action,
-        resource_id=resource_id,
-        since=since,
-        until=until,
-        limit=limit,
-        offset=offset,
-    )
-    items = [AuditEventOut.model_validate(r, from_attributes=True) for r in rows]
+    with ctx.sessions() as session:
+        rows, total = audit.query(
+            session,
+            tenant_id=tenant_id,
+            action=action,
+            resource_id=resource_id,
+            since=since,
+            until=until,
+            limit=limit,
+            offset=offset,
+        )
+        items = [AuditEventOut.model_validate(r, from_attributes=True) for r in rows]
     return AuditPage.of(items, total=total, limit=limit, offset=offset)
