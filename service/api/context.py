@@ -68,6 +68,7 @@ class ServiceContext:
         self.blobs: BlobStore = store.blobs
         self.metrics = Metrics(self._job_counts)
         self.auth_cache = AuthCache(settings.auth_cache_s)
+        self._audit_writer: Any = None
         self.queue: JobQueue = queue or make_queue(settings, pipeline=pipeline, on_outcome=self.metrics.observe_outcome)
         self.bundle: Any = None
         self.bundle_version: str | None = None
@@ -94,8 +95,19 @@ class ServiceContext:
         self.load_bundle()
         self.queue.start()
 
+    @property
+    def audit_writer(self) -> Any:
+        """The batched audit writer (`service.api.observe.AuditWriter`), started on first use."""
+        if self._audit_writer is None:
+            from service.api.observe import AuditWriter
+
+            self._audit_writer = AuditWriter(self.sessions)
+        return self._audit_writer
+
     def stop(self) -> None:
         self.queue.stop()
+        if self._audit_writer is not None:
+            self._audit_writer.close()
 
     # models
     def load_bundle(self) -> None:

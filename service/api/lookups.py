@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 from service.api.errors import NotFoundError, NotReadyError
 from service.store import repo
 from service.store.db import transaction
@@ -24,3 +27,32 @@ def succeeded_files(ctx, tenant_id: str, job_id: str) -> tuple[dict, Slide | Non
         if slide is not None:
             s.expunge(slide)
     return files, slide
+
+
+class JobPolls:
+    """The serialised `GET /jobs/{id}` answer for `ttl_s`: many clients polling one job share one database read.
+    A cancel or a slide deletion forgets its jobs at once; anything else is at most `ttl_s` stale."""
+
+    def __init__(self, ttl_s: float = 0.2, max_entries: int = 10_000) -> None:
+        self.ttl_s, self.max_entries = ttl_s, max_entries
+        self._items: dict[tuple[str, str], tuple[float, bytes]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, tenant_id: str, job_id: str) -> bytes | None:
+        hit = self._items.get((tenant_id, job_id))
+        return hit[1] if hit is not None and hit[0] >= time.monotonic() else None
+
+    def put(self, tenant_id: str, job_id: str, body: bytes) -> bytes:
+        with self._lock:
+            if len(self._items) >= self.max_entries:
+                self._items.clear()
+            self._items[(tenant_id, job_id)] = (time.monotonic() + self.ttl_s, body)
+        return body
+
+    def forget(self, tenant_id: str, job_ids: list[str]) -> None:
+        with self._lock:
+            for job_id in job_ids:
+                self._items.pop((tenant_id, job_id), None)
+
+
+POLLS = JobPolls()

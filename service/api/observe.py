@@ -22,7 +22,6 @@ import re
 import uuid
 from typing import TYPE_CHECKING, Any
 
-import anyio
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -74,6 +73,66 @@ def _presented_prefix(headers: Headers) -> str | None:
     return key_prefix(token) if token else None
 
 
+class AuditWriter:
+    """Audit events written in batches by one background thread (one transaction per batch, at most every
+    `FLUSH_S`), so a busy poller costs the database one insert per batch instead of one write transaction per
+    request, and no request waits for the audit write. Each event keeps the time it happened; `close()` writes what
+    is pending (gateway shutdown). A hard kill can lose at most the last `FLUSH_S` of events."""
+
+    FLUSH_S = 0.5
+    MAX_BATCH = 500
+
+    def __init__(self, sessions) -> None:
+        import queue
+        import threading
+
+        self.sessions = sessions
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="mstar-audit", daemon=True)
+        self._thread.start()
+
+    def put(self, event: dict) -> None:
+        from service.store.models import utcnow
+
+        self._queue.put({**event, "at": utcnow()})
+
+    def _drain(self, wait: float | None) -> list[dict]:
+        import queue
+
+        batch: list[dict] = []
+        try:
+            batch.append(self._queue.get(timeout=wait) if wait else self._queue.get_nowait())
+            while len(batch) < self.MAX_BATCH:
+                batch.append(self._queue.get_nowait())
+        except queue.Empty:
+            pass
+        return batch
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._flush(self._drain(self.FLUSH_S))
+        while batch := self._drain(None):
+            self._flush(batch)
+
+    def _flush(self, batch: list[dict]) -> None:
+        from service.store import audit
+        from service.store.db import transaction
+
+        if not batch:
+            return
+        try:
+            with transaction(self.sessions) as s:
+                for event in batch:
+                    audit.append(s, **event)
+        except Exception:  # the requests were answered; the gap is logged where operators look
+            log.exception("could not write %d audit event(s), e.g. request %s", len(batch), batch[0]["request_id"])
+
+    def close(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+
+
 class RequestContextMiddleware:
     """Pure ASGI (no body buffering). Outermost of the service's middlewares, so every response carries the id."""
 
@@ -104,9 +163,8 @@ class RequestContextMiddleware:
             finally:
                 if self.ctx.settings.audit_enabled:
                     event = self._event(scope, headers, state, seen, rid)
-                    if event is not None:
-                        with anyio.CancelScope(shield=True):  # a client gone mid-response is still audited
-                            await anyio.to_thread.run_sync(self._write, event)
+                    if event is not None:  # a client gone mid-response is still audited
+                        self.ctx.audit_writer.put(event)
 
     @staticmethod
     def _event(scope: Scope, headers: Headers, state: dict, seen: dict, rid: str) -> dict | None:
@@ -132,13 +190,3 @@ class RequestContextMiddleware:
             "client": (client[0][:64] if client else None),
             "request_id": rid,
         }
-
-    def _write(self, event: dict) -> None:
-        from service.store import audit
-        from service.store.db import transaction
-
-        try:
-            with transaction(self.ctx.sessions) as s:
-                audit.append(s, **event)
-        except Exception:  # the request was answered; the gap is logged where operators look
-            log.exception("could not write the audit event for request %s", event["request_id"])

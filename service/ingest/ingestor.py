@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -98,17 +101,23 @@ class Ingestor:
                 existing = self.find(tenant_id, writer.sha256)
                 if existing is not None:
                     return Ingested(existing, False)
-                probed = check_slide(writer.path, mpp, self.settings)
-                slide = repo.new_slide(
-                    tenant_id,
-                    sha256=writer.sha256,
-                    size_bytes=writer.size,
-                    fmt=probed.get("format") or "unknown",
-                    mpp_override=mpp,
-                    info={**(probed.get("info") or {}), **info},
-                )
-                writer.commit(slide.blob_key)
-                return self._publish(slide)
+                # the same bytes arriving together (20 clients uploading one slide) are checked and stored once;
+                # the others wait and find the stored slide
+                with _one_at_a_time((tenant_id, writer.sha256)):
+                    existing = self.find(tenant_id, writer.sha256)
+                    if existing is not None:
+                        return Ingested(existing, False)
+                    probed = check_slide(writer.path, mpp, self.settings)
+                    slide = repo.new_slide(
+                        tenant_id,
+                        sha256=writer.sha256,
+                        size_bytes=writer.size,
+                        fmt=probed.get("format") or "unknown",
+                        mpp_override=mpp,
+                        info={**(probed.get("info") or {}), **info},
+                    )
+                    writer.commit(slide.blob_key)
+                    return self._publish(slide)
         finally:
             writer.discard()  # a no-op once committed
 
@@ -160,6 +169,24 @@ class Ingestor:
     def _publish(self, slide: Slide) -> Ingested:
         stored = repo.publish_slide(self.sessions, self.blobs, slide)
         return Ingested(stored, stored.id == slide.id)
+
+
+_FLIGHTS: dict[tuple[str, str], threading.Lock] = {}
+_FLIGHTS_LOCK = threading.Lock()
+
+
+@contextmanager
+def _one_at_a_time(key: tuple[str, str]) -> Iterator[None]:
+    """One ingest at a time per (tenant, content digest) in this process."""
+    with _FLIGHTS_LOCK:
+        lock = _FLIGHTS.setdefault(key, threading.Lock())
+    try:
+        with lock:
+            yield
+    finally:
+        with _FLIGHTS_LOCK:
+            if not lock.locked():
+                _FLIGHTS.pop(key, None)
 
 
 def find_job_by_key(sessions: sessionmaker[Session], tenant_id: str, key: str) -> Job | None:

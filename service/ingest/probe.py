@@ -16,6 +16,7 @@ import os
 import resource
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -67,6 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+#: check processes at once in this process (each imports the slide libraries: a few seconds of a core)
+_PROBES = threading.BoundedSemaphore(max(2, os.cpu_count() or 2))
+
+
 def check_slide(path: Path, mpp_override: float | None, settings: Settings) -> dict:
     """Open the slide in a child process; `{"format", "info"}` or the typed error it reported. Blocking: call it
     from a worker thread (the gateway) or a batch submitter, never on an event loop."""
@@ -83,9 +88,10 @@ def check_slide(path: Path, mpp_override: float | None, settings: Settings) -> d
         "OMP_NUM_THREADS": "1",
     }
     try:  # on timeout subprocess.run kills the child and waits for it
-        done = subprocess.run(
-            args, capture_output=True, env=env, timeout=settings.validate_timeout_s, stdin=subprocess.DEVNULL
-        )
+        with _PROBES:  # a burst of uploads queues here instead of starving every check past its time limit
+            done = subprocess.run(
+                args, capture_output=True, env=env, timeout=settings.validate_timeout_s, stdin=subprocess.DEVNULL
+            )
     except subprocess.TimeoutExpired:
         raise CorruptSlideError(f"the slide could not be opened within {settings.validate_timeout_s:g} s") from None
     try:

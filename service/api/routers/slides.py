@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 
 from service.api.deps import ContextDep, TenantDep
 from service.api.errors import NotFoundError
+from service.api.lookups import POLLS
 from service.api.responses import ERRORS, UPLOAD_BODY
 from service.api.schemas import AnalysisRequest, JobOut, SlideOut, SlidePage, UploadAccepted
 from service.api.views import job_out, slide_out
@@ -201,6 +202,7 @@ def delete_slide(slide_id: str, principal: TenantDep, ctx: ContextDep) -> Respon
             raise NotFoundError("no such slide")
         key = slide.blob_key
         job_ids = repo.delete_slide(s, slide)
+    POLLS.forget(principal.tenant_id, job_ids)
     ctx.blobs.delete(key)
     for job_id in job_ids:
         ctx.blobs.delete_prefix(f"results/{principal.tenant_id}/{job_id}")
