@@ -69,11 +69,18 @@ class ServiceContext:
         self.metrics = Metrics(self._job_counts)
         self.auth_cache = AuthCache(settings.auth_cache_s)
         self._audit_writer: Any = None
-        self.queue: JobQueue = queue or make_queue(settings, pipeline=pipeline, on_outcome=self.metrics.observe_outcome)
+        self.queue: JobQueue = queue or make_queue(settings, pipeline=pipeline, on_outcome=self._outcome)
         self.bundle: Any = None
         self.bundle_version: str | None = None
         self.bundle_error: str | None = None
         self._backend_checked = (0.0, {"ok": False})
+
+    def _outcome(self, outcome: Any) -> None:
+        """A job the embedded runner finished: count it, and let its pollers see the new state at once."""
+        from service.api.lookups import POLLS
+
+        POLLS.forget_jobs([outcome.job_id, *getattr(outcome, "followers_done", [])])
+        self.metrics.observe_outcome(outcome)
 
     def _job_counts(self) -> tuple[dict[str, int], dict[str, dict[str, float]]]:
         with self.sessions() as s:

@@ -54,5 +54,12 @@ class JobPolls:
             for job_id in job_ids:
                 self._items.pop((tenant_id, job_id), None)
 
+    def forget_jobs(self, job_ids: list[str]) -> None:
+        """Forget these jobs for every tenant (the embedded runner reports outcomes by job id)."""
+        wanted = set(job_ids)
+        with self._lock:
+            for key in [k for k in self._items if k[1] in wanted]:
+                del self._items[key]
+
 
 POLLS = JobPolls()
