@@ -8,7 +8,8 @@ Formats (`read_profile` detects them from the header):
 - `Gene,Value` (CSV or TSV, any header names, two columns): values taken as they are (the cohort's own scale);
 - GDC STAR "augmented gene counts" (`gene_id, gene_name, gene_type, ..., tpm_unstranded`): `gene_name`, and
   log1p(`tpm_unstranded`), the house scale; the `N_unmapped`-style summary rows are skipped;
-- legacy TCGA RSEM (`gene_id` / `normalized_count` or `scaled_estimate`, ids `SYMBOL|ENTREZ`): log1p(value);
+- legacy TCGA RSEM (`gene_id` / `normalized_count` or `scaled_estimate`, ids `SYMBOL|ENTREZ`): log1p(value),
+  the rows without a symbol (`?|ENTREZ`) skipped;
 - a cohort matrix (`read_matrix`): genes x cases, the first column the gene, one column per case id.
 
 Gene ids are normalised (`normalize_gene_id`): Ensembl version suffixes dropped, `SYMBOL|ENTREZ` -> SYMBOL,
@@ -94,7 +95,7 @@ def read_profile(data: bytes | str | Path) -> dict[str, float]:
         body = [r for r in rows[1:] if r and not r[0].startswith("N_")]
     elif header and header[0] in ("gene_id", "gene") and any(v in header for v in _RSEM_VALUES):
         gi, vi, log = 0, header.index(next(v for v in _RSEM_VALUES if v in header)), True
-        body = rows[1:]
+        body = [r for r in rows[1:] if r and not r[0].startswith("?|")]  # TCGA rows with no gene symbol
     elif len(header) == 2:
         gi, vi, log = 0, 1, False
         body = rows[1:] if not _is_number(rows[0][1]) else rows
