@@ -98,7 +98,8 @@ def test_folder_of_per_case_profiles_equals_the_matrix(cohort, tmp_path) -> None
     assert a["test"]["c_index"]["value"] == pytest.approx(b["test"]["c_index"]["value"])
 
 
-def test_stage1_gene_encoder_as_rna_branch(cohort, tmp_path) -> None:
+def _stage1_checkpoint(cohort, tmp_path) -> dict:
+    """A Stage-1 checkpoint with only an RNA tower (the parts `load_stage1_gene` reads), random weights."""
     with open(cohort / "rna.csv", newline="") as fh:
         genes = [r[0] for r in list(csv.reader(fh))[1:]]
     enc = GeneEncoder(len(genes), n_bins=3, dim=16, depth=1, heads=2, dim_head=8)
@@ -116,8 +117,12 @@ def test_stage1_gene_encoder_as_rna_branch(cohort, tmp_path) -> None:
         },
         ckpt,
     )
-    m = run(_cfg(cohort, tmp_path, rna_encoder="stage1", stage1_checkpoint=str(ckpt)))
-    assert m["rna_encoder"] == "stage1" and m["n_genes"] == len(genes)
+    return {"rna_encoder": "stage1", "stage1_checkpoint": str(ckpt)}
+
+
+def test_stage1_gene_encoder_as_rna_branch(cohort, tmp_path) -> None:
+    m = run(_cfg(cohort, tmp_path, **_stage1_checkpoint(cohort, tmp_path)))
+    assert m["rna_encoder"] == "stage1" and m["n_genes"] == 30
     head = torch.load(tmp_path / "run" / "head.pt", weights_only=False)
     assert not head["meta"]["rna_standardise"] and head["meta"]["rna_bin_edges"] is not None
     torch.save({"model_state_dict": {}, "genes": []}, tmp_path / "empty.pt")
@@ -162,3 +167,24 @@ def test_cli_modalities_flag_and_errors(cohort, tmp_path) -> None:
         run(_cfg(cohort, tmp_path, rna=str(tmp_path / "nope.csv")))
     with pytest.raises(InvalidParameterError, match="classification and survival only"):
         run(_cfg(cohort, tmp_path, task="retrieval", rna=None))
+
+
+@pytest.mark.parametrize(
+    ("fusion", "task", "stage1"),
+    [("gated_concat", "survival", False), ("kronecker", "classification", False), ("gated_concat", "survival", True)],
+)
+def test_fusion_export_matches_pytorch(cohort, tmp_path, fusion, task, stage1) -> None:
+    """ONNX Runtime vs PyTorch on the served graph (the parity gate of `export_fusion` raises beyond 1e-3)."""
+    from training.checkpoints import load_fusion_head
+    from training.export.fusion import export_fusion
+
+    kw: dict = {"fusion": fusion, "task": task, "epochs": 1}
+    if stage1:
+        kw.update(_stage1_checkpoint(cohort, tmp_path))
+    run(_cfg(cohort, tmp_path, **kw))
+    res = export_fusion(tmp_path / "run" / "head.pt", tmp_path / "bundle")
+    assert max(res["max_abs"].values()) < 1e-3
+    genes = json.loads((tmp_path / "bundle" / "rna_genes.json").read_text())
+    assert len(genes["genes"]) == 30 and genes["fusion"] == fusion
+    head, _ = load_fusion_head(tmp_path / "run" / "head.pt")
+    assert head.config["rna_branch"] is not None if stage1 else head.config["rna_branch"] is None

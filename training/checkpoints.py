@@ -346,3 +346,17 @@ def load_stage1_gene(path: str | Path) -> Stage1Gene:
     proj = nn.Linear(encoder.dim, int(agg["dim"]))  # as MStar builds it: gene width -> the aggregator's width
     proj.load_state_dict(proj_state)
     return Stage1Gene(encoder, proj, list(genes), np.asarray(edges, dtype=np.float32))
+
+
+def load_fusion_head(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """A slide + RNA head (`model: "fusion"`) rebuilt from its recorded config, weights loaded strictly."""
+    from training.models.fusion import FusionHead
+
+    ckpt = _head_checkpoint(path, "fusion")
+    if ckpt.get("model") != "fusion":
+        raise InvalidParameterError(f"{path} is not a slide + RNA (fusion) head")
+    cfg = dict(ckpt["config"])
+    cfg["modalities"] = tuple(cfg["modalities"])
+    model = FusionHead(**cfg)
+    model.load_state_dict(ckpt["state_dict"])
+    return model.eval(), ckpt["meta"]

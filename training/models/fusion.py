@@ -47,8 +47,18 @@ class StageOneRNA(nn.Module):
     def __init__(self, encoder: GeneEncoder, proj: nn.Linear, edges: torch.Tensor, out_dim: int) -> None:
         super().__init__()
         self.encoder, self.proj = encoder, proj
+        # sizes recorded so that a head checkpoint rebuilds without the Stage-1 checkpoint
+        self.config = {**encoder.config, "proj_dim": proj.out_features, "out_dim": out_dim}
         self.register_buffer("edges", torch.as_tensor(edges, dtype=torch.float32))  # [G, n_bins], raw scale
         self.out = nn.Sequential(nn.Linear(proj.out_features, out_dim), nn.ELU())
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> StageOneRNA:
+        """An untrained branch of the recorded sizes (weights and edges then come from a head's state dict)."""
+        c = dict(config)
+        enc = GeneEncoder(c["n_genes"], c["n_bins"], c["dim"], c["depth"], c["heads"], c["dim_head"])
+        edges = torch.zeros(c["n_genes"], c["n_bins"])
+        return cls(enc, nn.Linear(c["dim"], c["proj_dim"]), edges, c["out_dim"])
 
     def forward(self, raw: torch.Tensor) -> torch.Tensor:
         bins = (raw.unsqueeze(-1) > self.edges.unsqueeze(0)).sum(-1)
@@ -71,9 +81,11 @@ class FusionHead(nn.Module):
         dropout: float = 0.25,
         fusion: Fusion = "gated_concat",
         kron_dim: int = 32,
-        rna_branch: nn.Module | None = None,
+        rna_branch: StageOneRNA | dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        if isinstance(rna_branch, dict):  # a recorded config (`load_fusion_head`)
+            rna_branch = StageOneRNA.from_config(rna_branch)
         if not modalities or set(modalities) - {"wsi", "rna"}:
             raise InvalidParameterError(f"modalities must be wsi and/or rna, got {modalities}")
         if fusion == "kronecker" and set(modalities) != {"wsi", "rna"}:
@@ -88,6 +100,7 @@ class FusionHead(nn.Module):
             "dropout": dropout,
             "fusion": fusion,
             "kron_dim": kron_dim,
+            "rna_branch": rna_branch.config if isinstance(rna_branch, StageOneRNA) else None,
         }
         self.modalities, self.task, self.fusion = tuple(modalities), task, fusion
         self.pretrained: list[nn.Parameter] = []
