@@ -1,7 +1,8 @@
 """Export of a slide + RNA head (`mstar train downstream --modalities wsi,rna`) for serving: one ONNX graph
 `(features [N, D], rna [G]) -> (logits, wsi_contribution, rna_contribution)` that standardises the RNA inside
-(the training mean and SD are graph constants), plus `rna_genes.json` (the gene list, in input order, and the
-training means the server imputes for missing genes). The export passes the ORT-vs-PyTorch parity gate.
+(the training mean and SD are graph constants), `rna_genes.json` (the gene list in input order and the training
+means the server imputes for missing genes) and the bundle manifest's `rna_fusion` entry. The export passes the
+ORT-vs-PyTorch parity gate.
 
 The served graph takes the profile on its training scale with missing genes already imputed
 (`service.inference.rna_input.map_profile` + `impute`), so serving and training read RNA the same way.
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from service.atomic import atomic_path
+from service.inference.bundle import RnaFusionSpec, sha256_file
 from training.checkpoints import load_fusion_head
 from training.export.onnx import check_parity, export_onnx
 
@@ -86,4 +88,20 @@ def export_fusion(head_path: str | Path, out_dir: str | Path) -> dict[str, Any]:
     }
     with atomic_path(out / "rna_genes.json") as tmp:
         tmp.write_text(json.dumps(genes))
-    return {"onnx": str(path), "max_abs": parity.max_abs, "min_cosine": parity.min_cosine}
+    spec = RnaFusionSpec(
+        file=path.name,
+        sha256=sha256_file(path),
+        task=head.config["task"],
+        fusion=head.config["fusion"],
+        modalities=head.config["modalities"],
+        genes=meta["genes"],
+        impute_mean=mean.tolist(),
+        labels=meta.get("labels"),
+        bin_edges=meta.get("bin_edges"),
+    )
+    return {
+        "onnx": str(path),
+        "max_abs": parity.max_abs,
+        "min_cosine": parity.min_cosine,
+        "manifest_entry": spec.model_dump(mode="json"),  # `rna_fusion` of bundle.json (file relative to out_dir)
+    }

@@ -1,0 +1,92 @@
+"""The bundle's optional slide + RNA head: manifest field (old manifests still load), and the service-side
+`RnaFusion` (ONNX Runtime, RNA read from request bytes) against the PyTorch head."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from service.errors import InvalidParameterError
+from service.inference.bundle import Bundle, BundleError, parse_manifest
+from service.inference.fusion import RnaFusion
+from training.checkpoints import load_fusion_head
+from training.downstream.cli import run
+from training.downstream.config import DownstreamConfig
+from training.downstream.synth import make_feature_cohort
+from training.export.fusion import export_fusion
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fusion_serving")
+    make_feature_cohort(root, n_cases=50, n_classes=2, dim=16, patches=(8, 16), seed=9, rna_genes=20)
+    cfg = {
+        "task": "survival",
+        "cohort": str(root / "cohort.csv"),
+        "features_dir": str(root / "features"),
+        "rna": str(root / "rna.csv"),
+        "modalities": ["wsi", "rna"],
+        "dim": 16,
+        "n_boot": 10,
+        "epochs": 1,
+    }
+    (root / "c.yaml").write_text(yaml.safe_dump(cfg))
+    run(DownstreamConfig.from_yaml(root / "c.yaml", out_dir=str(root / "run")))
+    bundle_dir = root / "bundle"
+    res = export_fusion(root / "run" / "head.pt", bundle_dir)
+    raw = json.loads((ROOT / "model_repository" / "bundle.json").read_text())
+    raw["rna_fusion"] = res["manifest_entry"]
+    return root, Bundle(root=bundle_dir, manifest=parse_manifest(raw)), raw
+
+
+def test_old_manifest_loads_and_bad_fusion_entries_are_refused(exported) -> None:
+    _, _, raw = exported
+    old = copy.deepcopy(raw)
+    del old["rna_fusion"]
+    assert parse_manifest(old).rna_fusion is None
+    for change in ({"impute_mean": [0.0]}, {"file": "../x.onnx"}, {"bin_edges": None}):
+        bad = copy.deepcopy(raw)
+        bad["rna_fusion"].update(change)
+        with pytest.raises(BundleError, match=r"rna_fusion|bin edges"):
+            parse_manifest(bad)
+
+
+def test_served_fused_risk_matches_pytorch_and_reports_mapping(exported) -> None:
+    root, bundle, _ = exported
+    fusion = RnaFusion(bundle)
+    head, meta = load_fusion_head(root / "run" / "head.pt")
+    feats = np.random.default_rng(0).normal(size=(12, 16)).astype(np.float32)
+    genes = meta["genes"]
+    values = np.asarray(meta["rna_mean"], np.float32) + 0.7
+    # one gene left out (imputed), one unknown gene added
+    text = "Gene,Value\n" + "".join(f"{g},{v:.6f}\n" for g, v in zip(genes[1:], values[1:], strict=True))
+    text += "NOTAMODELGENE,3.0\n"
+    got = fusion.predict(feats, text.encode())
+    assert (got["genes_missing"], got["genes_unknown"], got["genes_used"]) == (1, 1, len(genes) - 1)
+    x = values.copy()
+    x[0] = meta["rna_mean"][0]
+    x = (x - np.asarray(meta["rna_mean"], np.float32)) / np.asarray(meta["rna_std"], np.float32)
+    with torch.no_grad():
+        ref = head(torch.from_numpy(feats), torch.from_numpy(x).unsqueeze(0))
+    assert got["risk"] == pytest.approx(float(ref.risk[0]), abs=1e-4)
+    np.testing.assert_allclose(got["contributions"]["rna"], ref.contributions["rna"][0].numpy(), atol=1e-4)
+    assert "0.7" not in json.dumps(got)  # counts only, no profile values echoed
+
+
+def test_bad_profiles_are_refused_with_a_reason(exported) -> None:
+    _, bundle, _ = exported
+    fusion = RnaFusion(bundle)
+    feats = np.zeros((4, 16), np.float32)
+    with pytest.raises(InvalidParameterError, match="not a number"):
+        fusion.predict(feats, b"Gene,Value\nGENE0001,abc\n")
+    with pytest.raises(InvalidParameterError, match="covers 0 of the model's 20 genes"):
+        fusion.predict(feats, b"Gene,Value\nTP53,1.0\n")
