@@ -61,7 +61,7 @@ def test_old_manifest_loads_and_bad_fusion_entries_are_refused(exported) -> None
 
 
 def test_served_fused_risk_matches_pytorch_and_reports_mapping(exported) -> None:
-    root, bundle, _ = exported
+    _, bundle, _ = exported
     fusion = RnaFusion(bundle)
     head, meta = load_fusion_head(root / "run" / "head.pt")
     feats = np.random.default_rng(0).normal(size=(12, 16)).astype(np.float32)
@@ -90,3 +90,31 @@ def test_bad_profiles_are_refused_with_a_reason(exported) -> None:
         fusion.predict(feats, b"Gene,Value\nGENE0001,abc\n")
     with pytest.raises(InvalidParameterError, match="covers 0 of the model's 20 genes"):
         fusion.predict(feats, b"Gene,Value\nTP53,1.0\n")
+
+
+def test_pipeline_result_and_options_never_store_the_profile(exported) -> None:
+    from service.pipeline import AnalysisOptions, multimodal_result
+
+    _, bundle, _ = exported
+    genes = json.loads((bundle.root / "rna_genes.json").read_text())["genes"]
+    profile = ("Gene,Value\n" + "".join(f"{g},1.2345\n" for g in genes)).encode()
+    res = multimodal_result(bundle, np.ones((5, 16), np.float32), profile, {"survival": {"risk": -2.5}})
+    assert res["slide_only_risk"] == {"survival": -2.5} and isinstance(res["risk"], float)
+    opts = AnalysisOptions(rna=profile)
+    stored = json.dumps(opts.to_json())
+    assert "1.2345" not in stored and "rna_profile" in stored and "1.2345" not in repr(opts)
+
+
+def test_analyze_cli_refuses_bad_rna_before_reading_the_slide(exported, tmp_path) -> None:
+    import click
+
+    from service.cli.analyze import _read_rna
+
+    _, bundle, raw = exported
+    bad = tmp_path / "bad.csv"
+    bad.write_text("Gene,Value\nGENE0001,oops\n")
+    with pytest.raises(InvalidParameterError, match="not a number"):
+        _read_rna(bad, bundle)
+    no_fusion = Bundle(root=bundle.root, manifest=parse_manifest({k: v for k, v in raw.items() if k != "rna_fusion"}))
+    with pytest.raises(click.UsageError, match="no slide \\+ RNA head"):
+        _read_rna(bad, no_fusion)
