@@ -61,7 +61,7 @@ def test_old_manifest_loads_and_bad_fusion_entries_are_refused(exported) -> None
 
 
 def test_served_fused_risk_matches_pytorch_and_reports_mapping(exported) -> None:
-    _, bundle, _ = exported
+    root, bundle, _ = exported
     fusion = RnaFusion(bundle)
     head, meta = load_fusion_head(root / "run" / "head.pt")
     feats = np.random.default_rng(0).normal(size=(12, 16)).astype(np.float32)
