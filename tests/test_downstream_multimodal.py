@@ -90,6 +90,7 @@ def test_folder_of_per_case_profiles_equals_the_matrix(cohort, tmp_path) -> None
     folder.mkdir()
     with open(cohort / "rna.csv", newline="") as fh:
         rows = list(csv.reader(fh))
+    (folder / "expression.csv").write_text((cohort / "rna.csv").read_text())  # a matrix beside: not a case
     for j, case in enumerate(rows[0][1:], start=1):
         (folder / f"{case}.csv").write_text("Gene,Value\n" + "".join(f"{r[0]},{r[j]}\n" for r in rows[1:]))
     a = run(_cfg(cohort, tmp_path / "a", modalities=["rna"]))

@@ -29,6 +29,11 @@ def test_gene_value_csv_is_read_as_is() -> None:
     assert prof == {"TP53": 3.5, "GAPDH": 7.25}
 
 
+def test_gene_and_value_among_more_columns() -> None:
+    """The synthetic cohort's per-case files (`mstar synth`: rna/<case_id>.csv) are `Gene,Index,Value`."""
+    assert read_profile("Gene,Index,Value\nTP53,0,1.5\nEGFR,1,2.5\n") == {"TP53": 1.5, "EGFR": 2.5}
+
+
 def test_headerless_two_column_tsv() -> None:
     assert read_profile("TP53\t1.0\nEGFR\t2.0\n") == {"TP53": 1.0, "EGFR": 2.0}
 

@@ -5,7 +5,8 @@ It lives in the service's shared kernel (`.importlinter`) because training and s
 same way: a value the model was trained on as log1p(TPM) has to arrive as log1p(TPM) at inference too.
 
 Formats (`read_profile` detects them from the header):
-- `Gene,Value` (CSV or TSV, any header names, two columns): values taken as they are (the cohort's own scale);
+- `Gene,Value` (CSV or TSV, any header names, two columns; or `Gene` and `Value` among more columns, as the
+  synthetic cohort's `Gene,Index,Value`): values taken as they are (the cohort's own scale);
 - GDC STAR "augmented gene counts" (`gene_id, gene_name, gene_type, ..., tpm_unstranded`): `gene_name`, and
   log1p(`tpm_unstranded`), the house scale; the `N_unmapped`-style summary rows are skipped;
 - legacy TCGA RSEM (`gene_id` / `normalized_count` or `scaled_estimate`, ids `SYMBOL|ENTREZ`): log1p(value),
@@ -96,6 +97,9 @@ def read_profile(data: bytes | str | Path) -> dict[str, float]:
     elif header and header[0] in ("gene_id", "gene") and any(v in header for v in _RSEM_VALUES):
         gi, vi, log = 0, header.index(next(v for v in _RSEM_VALUES if v in header)), True
         body = [r for r in rows[1:] if r and not r[0].startswith("?|")]  # TCGA rows with no gene symbol
+    elif "gene" in header and "value" in header:  # Gene,...,Value with extra columns (mSTAR's Gene,Index,Value)
+        gi, vi, log = header.index("gene"), header.index("value"), False
+        body = rows[1:]
     elif len(header) == 2:
         gi, vi, log = 0, 1, False
         body = rows[1:] if not _is_number(rows[0][1]) else rows

@@ -48,10 +48,15 @@ def is_multimodal(cfg: DownstreamConfig) -> bool:
     return cfg.task in ("classification", "survival") and ("rna" in cfg.modalities or cfg.rna is not None)
 
 
-def load_rna(path: Path) -> dict[str, dict[str, float]]:
-    """{case_id: {gene: value}} from a cohort matrix, or a folder of per-case profiles named `<case_id>.<ext>`."""
+def load_rna(path: Path, case_ids: set[str]) -> dict[str, dict[str, float]]:
+    """{case_id: {gene: value}} from a cohort matrix, or a folder of per-case profiles `<case_id>.<ext>` (files
+    of other names, such as a matrix kept beside them, are not read)."""
     if path.is_dir():
-        return {p.stem: read_profile(p) for p in sorted(path.iterdir()) if p.suffix.lower() in PROFILE_SUFFIXES}
+        return {
+            p.stem: read_profile(p)
+            for p in sorted(path.iterdir())
+            if p.suffix.lower() in PROFILE_SUFFIXES and p.stem in case_ids
+        }
     if not path.is_file():
         raise InvalidParameterError(f"RNA file {path} does not exist")
     return read_matrix(path)
@@ -73,7 +78,7 @@ class RNATable:
     """The cohort's profiles on the model's gene list, imputed, with the training statistics for serving."""
 
     def __init__(self, cfg: DownstreamConfig, cases: list[Case]) -> None:
-        profiles = load_rna(Path(cfg.rna)) if cfg.rna is not None else {}
+        profiles = load_rna(Path(cfg.rna), {c.case_id for c in cases}) if cfg.rna is not None else {}
         self.stage1 = load_stage1_gene(cfg.stage1_checkpoint) if cfg.rna_encoder == "stage1" else None
         if cfg.rna_encoder == "stage1" and cfg.stage1_checkpoint is None:
             raise InvalidParameterError("rna_encoder stage1 needs stage1_checkpoint")
