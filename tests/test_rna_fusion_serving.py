@@ -118,3 +118,45 @@ def test_analyze_cli_refuses_bad_rna_before_reading_the_slide(exported, tmp_path
     no_fusion = Bundle(root=bundle.root, manifest=parse_manifest({k: v for k, v in raw.items() if k != "rna_fusion"}))
     with pytest.raises(click.UsageError, match="no slide \\+ RNA head"):
         _read_rna(bad, no_fusion)
+
+
+def test_export_fusion_command_adds_the_head_to_a_bundle(tmp_path) -> None:
+    """`mstar export-fusion RUN --bundle DIR`: the manifest gains `rna_fusion` and still loads with checksums.
+    The demo bundle's own model files are not built here (minutes on CPU), so the copy's model entries point at
+    stand-in files with their checksums; only the fusion graph is run."""
+    from click.testing import CliRunner
+
+    from service.inference.bundle import load_bundle, sha256_file
+    from training.export.cli import export_fusion_cmd
+
+    raw = json.loads((ROOT / "model_repository" / "bundle.json").read_text())
+    bundle_dir = tmp_path / "bundle"
+    for m in raw["models"]:
+        f = bundle_dir / m["file"]
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(m["name"].encode())
+        m["sha256"] = sha256_file(f)
+    for key in ("tokenizer", "report_vocab"):
+        if raw.get(key) and raw[key].get("path"):
+            f = bundle_dir / raw[key]["path"]
+            f.parent.mkdir(parents=True, exist_ok=True)
+            f.write_text("{}")
+            if raw[key].get("sha256"):
+                raw[key]["sha256"] = sha256_file(f)
+    (bundle_dir / "bundle.json").write_text(json.dumps(raw))
+    load_bundle(bundle_dir)
+    dim = raw["embed_dim"]
+    root = tmp_path / "cohort"
+    make_feature_cohort(root, n_cases=40, n_classes=2, dim=dim, patches=(6, 10), seed=4, rna_genes=20)
+    cfg = {"task": "survival", "cohort": str(root / "cohort.csv"), "features_dir": str(root / "features")}
+    cfg.update({"rna": str(root / "rna.csv"), "modalities": ["wsi", "rna"], "dim": 8, "n_boot": 5, "epochs": 1})
+    (root / "c.yaml").write_text(yaml.safe_dump(cfg))
+    run(DownstreamConfig.from_yaml(root / "c.yaml", out_dir=str(root / "run")))
+    res = CliRunner().invoke(export_fusion_cmd, [str(root / "run"), "--bundle", str(bundle_dir)])
+    assert res.exit_code == 0, res.output
+    bundle = load_bundle(bundle_dir)
+    assert bundle.manifest.rna_fusion is not None and bundle.manifest.rna_fusion.file == "rna_fusion/fusion.onnx"
+    got = RnaFusion(bundle).predict(
+        np.zeros((3, dim), np.float32), b"Gene,Value\n" + b"".join(f"GENE{g:04d},2.0\n".encode() for g in range(20))
+    )
+    assert np.isfinite(got["risk"])

@@ -105,3 +105,27 @@ def export_fusion(head_path: str | Path, out_dir: str | Path) -> dict[str, Any]:
         "min_cosine": parity.min_cosine,
         "manifest_entry": spec.model_dump(mode="json"),  # `rna_fusion` of bundle.json (file relative to out_dir)
     }
+
+
+def add_to_bundle(head_path: str | Path, bundle_dir: str | Path) -> dict[str, Any]:
+    """Export a fusion head into an existing bundle (`rna_fusion/` inside it) and record it in `bundle.json`.
+
+    The head's patch-feature width must be the bundle's `embed_dim`: the served graph reads the features the
+    bundle's own patch encoder produces, so the head must have been trained on them."""
+    from service.errors import InvalidParameterError
+    from service.inference.bundle import load_bundle, write_manifest
+
+    bundle = load_bundle(bundle_dir)
+    head, _ = load_fusion_head(head_path)
+    if "wsi" in head.config["modalities"] and head.config["n_features"] != bundle.manifest.embed_dim:
+        raise InvalidParameterError(
+            f"the head was trained on {head.config['n_features']}-d patch features; the bundle's encoder gives "
+            f"{bundle.manifest.embed_dim}-d (train it on features extracted with this bundle)"
+        )
+    res = export_fusion(head_path, Path(bundle_dir) / "rna_fusion")
+    entry = dict(res["manifest_entry"])
+    entry["file"] = f"rna_fusion/{entry['file']}"
+    manifest = bundle.manifest.model_copy(update={"rna_fusion": RnaFusionSpec(**entry)})
+    write_manifest(bundle_dir, manifest)
+    load_bundle(bundle_dir)  # the written manifest must load, checksums included
+    return res
