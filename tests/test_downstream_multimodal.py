@@ -166,6 +166,8 @@ def test_cli_modalities_flag_and_errors(cohort, tmp_path) -> None:
         run(_cfg(cohort, tmp_path, rna=str(bad)))
     with pytest.raises(InvalidParameterError, match="does not exist"):
         run(_cfg(cohort, tmp_path, rna=str(tmp_path / "nope.csv")))
+    with pytest.raises(InvalidParameterError, match="no column 'os_days'"):
+        run(_cfg(cohort, tmp_path, time_column="os_days"))
     with pytest.raises(InvalidParameterError, match="classification and survival only"):
         run(_cfg(cohort, tmp_path, task="retrieval", rna=None))
 

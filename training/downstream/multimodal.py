@@ -123,7 +123,12 @@ class RNATable:
 
 def _prepare(cfg: DownstreamConfig, keep: Any) -> tuple[FeatureStore, dict[str, list[Case]], RNATable, dict]:
     store = FeatureStore(cfg.features_dir)
-    cases = [c for c in load_cohort(cfg.cohort) if keep(c)]
+    cases = load_cohort(cfg.cohort)
+    needed = (cfg.time_column, cfg.event_column) if cfg.task == "survival" else (cfg.label_column,)
+    for col in needed:
+        if cases and col not in cases[0].fields:
+            raise InvalidParameterError(f"cohort has no column '{col}'")
+    cases = [c for c in cases if keep(c)]
     rna = RNATable(cfg, cases)
     complete = [c for c in cases if c.case_id in rna.values]
     info = {
