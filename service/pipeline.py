@@ -63,6 +63,8 @@ class AnalysisOptions:
     tissue_threshold: float = 0.25
     region: dict | list | None = None  # GeoJSON polygon(s), level-0 px: only patches centred inside are read
     extra: dict = field(default_factory=dict)
+    # an RNA-Seq profile (file bytes) for the bundle's slide + RNA head; patient data: never in to_json or logs
+    rna: bytes | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.tasks) - set(TASKS))
@@ -78,7 +80,10 @@ class AnalysisOptions:
             parse_region(self.region)
 
     def to_json(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        out = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items() if k != "rna"}
+        if self.rna is not None:
+            out["rna_profile"] = "given (not stored)"
+        return out
 
 
 class _Progress:
@@ -308,12 +313,25 @@ def _analyze_with_models(
             if specs[k].role == "survival":
                 surv[k] = {**v, "interpretation": "risk = -sum of the survival curve; higher means worse"}
         res["survival"] = surv
+    if options.rna is not None:
+        res["multimodal"] = multimodal_result(bundle, feats, options.rna, res.get("survival"))
     if "report" in options.tasks:
         prog("report", 0.0)
         res["report"] = _report(bundle, backend, feats)
     if "zeroshot" in options.tasks:
         res["zeroshot"] = _zeroshot(bundle, backend, feats, slide_emb, options.prompts)
     return res
+
+
+def multimodal_result(bundle: Bundle, feats: np.ndarray, rna: bytes, slide_survival: dict | None) -> dict:
+    """The bundle's slide + RNA head on this slide and profile, next to the slide-only risk of each survival
+    head (issue 18). Gene-mapping counts only; the profile's values are not repeated."""
+    from service.inference.fusion import RnaFusion
+
+    out = RnaFusion(bundle).predict(feats, rna)
+    if slide_survival:
+        out["slide_only_risk"] = {k: v.get("risk") for k, v in slide_survival.items()}
+    return out
 
 
 def _write_patch_scores(out_dir: Path, backend: BundleBackend, grid, feats: np.ndarray, attention) -> None:

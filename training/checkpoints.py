@@ -234,9 +234,9 @@ def load_patch_proj(path: str | Path) -> nn.Linear:
 
 
 # ---- downstream heads ----------------------------------------------------------------------------
-def save_head(path: str | Path, model: MILHead | ReportGenerator, meta: dict[str, Any]) -> Path:
+def save_head(path: str | Path, model: nn.Module, meta: dict[str, Any]) -> Path:
     """Write a head checkpoint: format, the model's constructor config, weights and run metadata."""
-    kind = "mil" if isinstance(model, MILHead) else "report"
+    kind = "mil" if isinstance(model, MILHead) else getattr(model, "checkpoint_kind", "report")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     ckpt = {"format": HEAD_FORMAT, "model": kind, "config": dict(model.config), "state_dict": model.state_dict()}
@@ -310,3 +310,58 @@ def run_meta(task: str, aggregator: str | None, config: dict[str, Any], **extra:
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **extra,
     }
+
+
+@dataclass
+class Stage1Gene:
+    """The Stage-1 RNA tower for a downstream task: encoder, `proj_gene`, its gene list and bin edges."""
+
+    encoder: nn.Module
+    proj: nn.Linear
+    genes: list[str]
+    edges: np.ndarray
+
+
+def load_stage1_gene(path: str | Path) -> Stage1Gene:
+    """The gene encoder of a Stage-1 checkpoint, rebuilt from its recorded config and loaded strictly.
+
+    Only quantile binning is supported downstream (the edges are recorded with the checkpoint); a checkpoint
+    trained with scBERT binning, or without an RNA tower, is refused with the reason."""
+    from training.models.gene_encoder import GeneEncoder
+
+    ckpt = _load(path, "Stage-1 checkpoint")
+    state = {k.removeprefix("module."): v for k, v in ckpt.get("model_state_dict", {}).items()}
+    genes, edges = ckpt.get("genes") or [], ckpt.get("bin_edges")
+    enc_state, proj_state = _strip(state, "gene_encoder."), _strip(state, "proj_gene.")
+    if not genes or not enc_state or not proj_state:
+        raise InvalidParameterError(f"{path} holds no Stage-1 gene encoder (trained without RNA?)")
+    if edges is None:
+        raise InvalidParameterError(f"{path}: the gene encoder used scBERT binning; downstream needs quantile edges")
+    g = ((ckpt.get("config") or {}).get("model") or {}).get("gene") or {}
+    encoder = GeneEncoder(
+        len(genes),
+        n_bins=int(g.get("n_bins", 5)),
+        dim=int(g.get("dim", 200)),
+        depth=int(g.get("depth", 1)),
+        heads=int(g.get("heads", 10)),
+        dim_head=int(g.get("dim_head", 64)),
+    )
+    encoder.load_state_dict(enc_state)
+    agg = ckpt.get("aggregator_config") or _legacy_aggregator_config(ckpt)
+    proj = nn.Linear(encoder.dim, int(agg["dim"]))  # as MStar builds it: gene width -> the aggregator's width
+    proj.load_state_dict(proj_state)
+    return Stage1Gene(encoder, proj, list(genes), np.asarray(edges, dtype=np.float32))
+
+
+def load_fusion_head(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """A slide + RNA head (`model: "fusion"`) rebuilt from its recorded config, weights loaded strictly."""
+    from training.models.fusion import FusionHead
+
+    ckpt = _head_checkpoint(path, "fusion")
+    if ckpt.get("model") != "fusion":
+        raise InvalidParameterError(f"{path} is not a slide + RNA (fusion) head")
+    cfg = dict(ckpt["config"])
+    cfg["modalities"] = tuple(cfg["modalities"])
+    model = FusionHead(**cfg)
+    model.load_state_dict(ckpt["state_dict"])
+    return model.eval(), ckpt["meta"]

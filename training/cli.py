@@ -16,6 +16,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("training.data.synth_cli:synth", "Generate a synthetic multimodal cohort with known ground truth."),
     "eval": ("training.downstream.cli:eval_command", "Evaluate a run: report.md, metrics.json and plots."),
     "export": ("training.export.cli:export", "Export a training run to a Triton model repository + bundle."),
+    "export-fusion": (
+        "training.export.cli:export_fusion_cmd",
+        "Add a slide + RNA head (train downstream --modalities wsi,rna) to a bundle.",
+    ),
     "import-encoder": (
         "training.export.cli:import_encoder_cmd",
         "Build a bundle around a released ViT-L checkpoint (mSTAR/UNI) from a local file.",

@@ -73,6 +73,13 @@ def ensure_demo_bundle(bundle_dir: Path) -> Path:
     help="GeoJSON region (level-0 px, e.g. a QuPath export): only patches centred inside it are read.",
 )
 @click.option("--geojson", is_flag=True, help="Also write OUT/annotations.geojson for QuPath (tissue + patches).")
+@click.option(
+    "--rna",
+    "rna_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="RNA-Seq profile (Gene,Value CSV, GDC STAR or TCGA RSEM table) for the bundle's slide + RNA head.",
+)
 def analyze(
     slide: Path,
     bundle_dir: Path | None,
@@ -85,6 +92,7 @@ def analyze(
     batch_size: int,
     roi_file: Path | None,
     geojson: bool,
+    rna_file: Path | None,
 ) -> None:
     """Tile, embed, aggregate and run every head and the report decoder on SLIDE.
 
@@ -102,8 +110,9 @@ def analyze(
     tasks = tasks or DEFAULT_TASKS
     if prompts and "zeroshot" not in tasks:
         tasks = (*tasks, "zeroshot")
+    rna = _read_rna(rna_file, bundle) if rna_file is not None else None
     options = AnalysisOptions(
-        tasks=tasks, prompts=prompts, mpp_override=mpp_override, batch_size=batch_size, region=region
+        tasks=tasks, prompts=prompts, mpp_override=mpp_override, batch_size=batch_size, region=region, rna=rna
     )
     kwargs = {"url": triton_url} if backend == "triton" else {}
     if bundle.manifest.demo:
@@ -127,10 +136,27 @@ def analyze(
     sys.stdout.write("\n")
 
 
+def _read_rna(path: Path, bundle) -> bytes:
+    """The profile's bytes, checked against the bundle's gene list before the slide is read (a bad profile fails
+    in a second, not after the analysis)."""
+    from service.inference.rna_input import MAX_BYTES, map_profile, read_profile
+
+    if bundle.manifest.rna_fusion is None:
+        raise click.UsageError("this bundle has no slide + RNA head (bundle.json has no rna_fusion); drop --rna")
+    if path.stat().st_size > MAX_BYTES:
+        raise click.UsageError(f"{path}: larger than {MAX_BYTES // (1024 * 1024)} MiB")
+    data = path.read_bytes()
+    map_profile(read_profile(data), bundle.manifest.rna_fusion.genes)
+    return data
+
+
 def _summary(result: dict, out_dir: Path) -> dict:
     """What a person wants on the terminal; the full result is in result.json."""
     summary = {k: result[k] for k in ("status", "notice") if k in result}
     summary["patches"] = result["tiling"]["patches"]
+    if "multimodal" in result:
+        m = result["multimodal"]
+        summary["multimodal"] = {k: m.get(k) for k in ("risk", "probabilities", "slide_only_risk", "contributions")}
     for key in ("classification", "survival"):
         if key in result:
             summary[key] = {

@@ -129,6 +129,34 @@ class Provenance(_Strict):
     notes: str = ""
 
 
+class RnaFusionSpec(_Strict):
+    """An optional slide + RNA head (issue 18): its ONNX graph `(features [N, D], rna [G]) -> (logits,
+    wsi_contribution, rna_contribution)`, the gene list in input order and the training means imputed for missing
+    genes. Not one of `models`: it runs only when a request carries an RNA profile, on the ONNX Runtime backend."""
+
+    file: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    task: Literal["survival", "classification"]
+    fusion: str
+    modalities: list[Literal["wsi", "rna"]] = Field(min_length=1)
+    genes: list[str] = Field(min_length=1)
+    impute_mean: list[float] = Field(min_length=1)
+    labels: list[str] | None = None
+    bin_edges: list[float] | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RnaFusionSpec:
+        if len(self.genes) != len(self.impute_mean):
+            raise ValueError(f"rna_fusion: {len(self.genes)} genes but {len(self.impute_mean)} imputation means")
+        if Path(self.file).is_absolute() or ".." in Path(self.file).parts:
+            raise ValueError(f"rna_fusion file {self.file!r} must be a relative path inside the bundle")
+        if self.task == "survival" and (not self.bin_edges or len(self.bin_edges) < 2):
+            raise ValueError("a survival rna_fusion head needs >= 2 bin edges")
+        if self.task == "classification" and not self.labels:
+            raise ValueError("a classification rna_fusion head needs class labels")
+        return self
+
+
 class BundleManifest(_Strict):
     schema_version: int
     name: str
@@ -140,6 +168,7 @@ class BundleManifest(_Strict):
     tokenizer: TokenizerSpec | None = None
     report_vocab: VocabSpec | None = None
     provenance: Provenance
+    rna_fusion: RnaFusionSpec | None = None  # optional; manifests without it load as before
 
     @model_validator(mode="after")
     def _consistent(self) -> BundleManifest:
@@ -278,6 +307,8 @@ def load_bundle(root: str | Path, *, verify_checksums: bool = True) -> Bundle:
     if manifest.report_vocab is not None:
         v = manifest.report_vocab
         _check_file(root, v.path, v.sha256, "report vocabulary", verify_checksums)
+    if manifest.rna_fusion is not None:
+        _check_file(root, manifest.rna_fusion.file, manifest.rna_fusion.sha256, "rna_fusion head", verify_checksums)
     return Bundle(root=root, manifest=manifest)
 
 

@@ -14,6 +14,11 @@ from training.downstream.common import seed_everything
 from training.downstream.config import DownstreamConfig
 from training.downstream.fewshot import run_fewshot
 from training.downstream.mil import train_classification
+from training.downstream.multimodal import (
+    is_multimodal,
+    train_multimodal_classification,
+    train_multimodal_survival,
+)
 from training.downstream.report import train_report
 from training.downstream.retrieval import run_retrieval
 from training.downstream.survival import train_survival
@@ -34,6 +39,10 @@ def run(cfg: DownstreamConfig) -> dict:
     """Seed, run `cfg.task`, write its run directory (`training.downstream.common`), return its metrics."""
     seed_everything(cfg.seed)
     runner = _RUNNERS.get(cfg.task)
+    if is_multimodal(cfg):
+        runner = train_multimodal_survival if cfg.task == "survival" else train_multimodal_classification
+    elif cfg.modalities != ["wsi"]:
+        raise InvalidParameterError(f"modalities {cfg.modalities} apply to classification and survival only")
     if runner is None:
         raise InvalidParameterError(f"unknown task {cfg.task}")
     return runner(cfg)
@@ -68,14 +77,26 @@ def _headline(metrics: dict) -> dict:
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None, help="overrides out_dir")
 @click.option("--epochs", type=int, default=None, help="overrides epochs")
 @click.option("--seed", type=int, default=None, help="overrides seed")
+@click.option("--modalities", default=None, help="wsi, rna or wsi,rna (classification and survival; overrides)")
+@click.option("--rna", "rna_path", type=click.Path(exists=True), default=None, help="RNA matrix or profile folder")
 def downstream_command(
-    config_path: str, task: str | None, out_dir: str | None, epochs: int | None, seed: int | None
+    config_path: str,
+    task: str | None,
+    out_dir: str | None,
+    epochs: int | None,
+    seed: int | None,
+    modalities: str | None,
+    rna_path: str | None,
 ) -> None:
     """Train a downstream head (or run an evaluation-only task) from YAML; select on val, report test."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     # a path typed on the command line is relative to the shell, not to the YAML file like the config's own paths
     out_dir = str(Path(out_dir).resolve()) if out_dir else None
-    cfg = DownstreamConfig.from_yaml(config_path, task=task, out_dir=out_dir, epochs=epochs, seed=seed)
+    mods = [m.strip() for m in modalities.split(",") if m.strip()] if modalities else None
+    rna = str(Path(rna_path).resolve()) if rna_path else None
+    cfg = DownstreamConfig.from_yaml(
+        config_path, task=task, out_dir=out_dir, epochs=epochs, seed=seed, modalities=mods, rna=rna
+    )
     metrics = run(cfg)
     click.echo(json.dumps({"task": cfg.task, "out_dir": str(cfg.out_dir), "test": _headline(metrics)}, default=float))
 

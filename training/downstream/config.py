@@ -66,6 +66,13 @@ class DownstreamConfig(BaseModel):
     survival_selection: Literal["val_nll", "val_c_index"] = "val_nll"
     n_boot: int = 1000
     seed: int = 1
+    # multimodal (classification and survival; docs/downstream.md, "Slide + RNA-Seq"): with "rna" in modalities,
+    # or with `rna` set, the task trains a Porpoise-style fusion head on the cases that have RNA (complete cases)
+    modalities: list[Literal["wsi", "rna"]] = Field(default_factory=lambda: ["wsi"])
+    rna: Path | None = None  # a genes x cases matrix, or a folder of per-case profiles `<case_id>.{csv,tsv,txt}`
+    fusion: Literal["gated_concat", "kronecker"] = "gated_concat"
+    rna_encoder: Literal["snn", "stage1"] = "snn"  # stage1: the Stage-1 gene encoder (needs stage1_checkpoint)
+    rna_min_coverage: float = 0.5
     report: ReportConfig = Field(default_factory=ReportConfig)
     prompts: Path | None = None
     topk: list[int] = Field(default_factory=lambda: [1, 5, 10, 50, 100])

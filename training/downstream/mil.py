@@ -53,12 +53,17 @@ def predict(model: MILHead, store: FeatureStore, cases: list[Case]) -> list[Any]
     return [model(store.case(c)) for c in cases]
 
 
+def _bag_forward(model: Any, bag: torch.Tensor, case: Case) -> Any:
+    return model(bag)
+
+
 @torch.no_grad()
-def mean_loss(model: MILHead, store: FeatureStore, cases: list[Case], loss_fn: Any) -> float:
+def mean_loss(model: MILHead, store: FeatureStore, cases: list[Case], loss_fn: Any, forward: Any = None) -> float:
     if not cases:
         return 0.0
     model.eval()
-    return float(np.mean([loss_fn(model(store.case(c)), c).item() for c in cases]))
+    fwd = forward or _bag_forward
+    return float(np.mean([loss_fn(fwd(model, store.case(c), c), c).item() for c in cases]))
 
 
 def fit_mil(
@@ -70,13 +75,16 @@ def fit_mil(
     select_fn: Any,
     val: list[Case] | None = None,
     select_on_loss: bool = False,
+    forward: Any = None,
 ) -> tuple[MILHead, list[dict], int]:
     """Adam + cosine, one bag per step; keep the epoch with the best `select_fn()` (validation only), or with
     `select_on_loss` the lowest validation loss (`select_fn()` is then only recorded; ties go to the metric).
 
     Ties in the validation metric (common: a macro-AUC of 1.0 on an easy task) go to the lower validation loss,
-    so a barely trained first epoch is not kept just because it ranks perfectly.
+    so a barely trained first epoch is not kept just because it ranks perfectly. `forward(model, bag, case)`
+    replaces `model(bag)` for heads that take more than the bag (the slide + RNA heads).
     """
+    fwd = forward or _bag_forward
     if cfg.epochs < 1:
         raise InvalidParameterError(f"epochs must be >= 1 to train a head, got {cfg.epochs}")
     opt = torch.optim.Adam(model.param_groups(cfg.lr, cfg.lr_pretrained), weight_decay=cfg.weight_decay)
@@ -90,7 +98,7 @@ def fit_mil(
         total = 0.0
         for i in order:
             case = train[i]
-            out = model(sample_bag(store.case(case), cfg.max_patches, gen))
+            out = fwd(model, sample_bag(store.case(case), cfg.max_patches, gen), case)
             loss = loss_fn(out, case)
             opt.zero_grad()
             loss.backward()
@@ -98,7 +106,7 @@ def fit_mil(
             total += loss.item()
         sched.step()
         score = select_fn(model)
-        val_loss = mean_loss(model, store, val or [], loss_fn)
+        val_loss = mean_loss(model, store, val or [], loss_fn, forward)
         history.append(
             {"epoch": epoch, "train_loss": total / max(len(train), 1), "val_score": score, "val_loss": val_loss}
         )

@@ -41,8 +41,18 @@ def make_feature_cohort(
     signal: float = 1.5,
     seed: int = 0,
     split_fractions: tuple[float, float] = (0.6, 0.2),
+    rna_genes: int = 0,
+    rna_share: float = 0.5,
+    rna_signal: float = 1.0,
+    rna_missing: float = 0.0,
 ) -> Path:
-    """Write a synthetic feature cohort under `out` and return the path of its `cohort.csv`."""
+    """Write a synthetic feature cohort under `out` and return the path of its `cohort.csv`.
+
+    With `rna_genes` > 0 the case's true risk is `sqrt(1 - rna_share) * r_wsi + sqrt(rna_share) * r_rna`: the
+    slide carries only `r_wsi`, an RNA matrix `rna.csv` (genes x cases, log1p-like values) carries `r_rna` in a
+    tenth of its genes (scaled by `rna_signal`) and the cancer type weakly, and a fraction `rna_missing` of the
+    cases has no RNA column. Neither modality alone can then reach the true-risk C-index; fusion can. The RNA
+    draws use their own generator, so the slide features of a seed do not change with these options."""
     out = Path(out)
     (out / "features").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -52,14 +62,27 @@ def make_feature_cohort(
     risk_dir = rng.normal(size=dim)
     risk_dir /= np.linalg.norm(risk_dir)
     rows, reports, truth = [], [], {}
+    rna_rng = np.random.default_rng(seed + 7919)
+    n_sig = max(rna_genes // 10, 1)
+    gene_base = rna_rng.uniform(1.0, 6.0, rna_genes)
+    type_genes = rna_rng.normal(0.0, 0.3, (n_classes, rna_genes))
+    rna: dict[str, np.ndarray] = {}
     for i in range(n_cases):
         cls = i % n_classes
         risk = float(rng.normal())
+        slide_risk = risk
+        if rna_genes:
+            r_rna = float(rna_rng.normal())
+            slide_risk, risk = risk, float(np.sqrt(1 - rna_share) * risk + np.sqrt(rna_share) * r_rna)
+            expr = gene_base + type_genes[cls] + rna_rng.normal(0.0, 0.5, rna_genes)
+            expr[:n_sig] += rna_signal * 0.5 * r_rna * np.where(np.arange(n_sig) % 2, -1.0, 1.0)
+            if rna_rng.random() >= rna_missing:
+                rna[f"case-{i:04d}"] = np.clip(expr, 0.0, None)
         n = int(rng.integers(patches[0], patches[1] + 1))
         feats = rng.normal(size=(n, dim))
         tumour = rng.random(n) < 0.3
         tumour[0] = True
-        feats[tumour] += signal * 2.0 * class_dirs[cls] + signal * risk * risk_dir
+        feats[tumour] += signal * 2.0 * class_dirs[cls] + signal * slide_risk * risk_dir
         coords = np.stack([rng.integers(0, 10000, n), rng.integers(0, 10000, n)], axis=1) // 256 * 256
         case_id, slide_id = f"case-{i:04d}", f"slide-{i:04d}"
         with h5py.File(out / "features" / f"{slide_id}.h5", "w") as f:
@@ -83,7 +106,7 @@ def make_feature_cohort(
                 "survival_months": round(float(time), 3),
                 "event": event,
                 "has_report": 1,
-                "has_rna": 0,
+                "has_rna": int(case_id in rna),
             }
         )
         reports.append({"case_id": case_id, "report": report})
@@ -92,6 +115,12 @@ def make_feature_cohort(
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
+    if rna:
+        with open(out / "rna.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["gene", *rna])
+            for g in range(rna_genes):
+                w.writerow([f"GENE{g:04d}", *(f"{v[g]:.4f}" for v in rna.values())])
     with open(out / "reports.jsonl", "w") as f:
         for r in reports:
             f.write(json.dumps(r) + "\n")

@@ -49,3 +49,14 @@ def import_encoder_cmd(checkpoint: Path, out: Path, arch: str, target_mpp: float
         progress=lambda m: click.echo(m, err=True),
     )
     click.echo(json.dumps(rep.summary(), indent=2))
+
+
+@click.command("export-fusion")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--bundle", "bundle_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
+def export_fusion_cmd(run_dir: Path, bundle_dir: Path) -> None:
+    """Add the slide + RNA head of RUN_DIR (`--modalities wsi,rna`) to a bundle: ONNX, gene list, manifest."""
+    from training.export.fusion import add_to_bundle
+
+    res = add_to_bundle(run_dir / "head.pt", bundle_dir)
+    click.echo(json.dumps({"onnx": res["onnx"], "max_abs": res["max_abs"], "min_cosine": res["min_cosine"]}))

@@ -69,6 +69,9 @@ class GeneEncoder(nn.Module):
     ) -> None:
         super().__init__()
         self.n_genes, self.n_bins, self.dim = n_genes, n_bins, dim
+        # the sizes a checkpoint records to rebuild the encoder (the gene table is a weight, not a size)
+        self.config = {"n_genes": n_genes, "n_bins": n_bins, "dim": dim, "depth": depth, "heads": heads}
+        self.config["dim_head"] = dim_head
         self.cls_id = n_bins + 1
         self.bin_emb = nn.Embedding(n_bins + 2, dim)
         self.gene_emb = nn.Embedding(n_genes, dim)

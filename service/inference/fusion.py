@@ -1,0 +1,61 @@
+"""The slide + RNA head of a bundle (`manifest.rna_fusion`) on ONNX Runtime: a request's RNA profile (bytes in any
+format `rna_input.read_profile` reads) and the slide's patch features -> the fused prediction next to what the
+profile mapping did. The profile's values are never logged or returned; only counts of genes are."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from service.errors import InvalidParameterError
+from service.inference.bundle import Bundle
+from service.inference.rna_input import impute, map_profile, read_profile
+
+
+def _risk(logits: np.ndarray) -> float:
+    """risk = -sum S(t) of the discrete-time hazards (as the survival heads)."""
+    hazards = 1.0 / (1.0 + np.exp(-logits))
+    return float(-np.cumprod(1.0 - hazards).sum())
+
+
+@dataclass
+class RnaFusion:
+    """An ORT session over the bundle's fusion graph, with the gene list it expects."""
+
+    bundle: Bundle
+
+    def __post_init__(self) -> None:
+        import onnxruntime as ort
+
+        spec = self.bundle.manifest.rna_fusion
+        if spec is None:
+            raise InvalidParameterError("this model bundle has no slide + RNA head; send the request without RNA")
+        self.spec = spec
+        self.session = ort.InferenceSession(str(self.bundle.root / spec.file), providers=["CPUExecutionProvider"])
+
+    def predict(self, features: np.ndarray, rna: bytes | str, min_coverage: float = 0.5) -> dict[str, Any]:
+        """The fused output for one slide's features [N, D] and one profile; raises `InvalidParameterError` for a
+        profile that cannot be read or covers too few of the model's genes."""
+        mapped = map_profile(read_profile(rna), self.spec.genes, min_coverage)
+        values = impute(mapped.values, np.asarray(self.spec.impute_mean, np.float32))
+        logits, wsi, rna_part = self.session.run(
+            ["logits", "wsi_contribution", "rna_contribution"],
+            {"features": np.ascontiguousarray(features, np.float32), "rna": values},
+        )
+        out: dict[str, Any] = {
+            "modalities": self.spec.modalities,
+            "fusion": self.spec.fusion,
+            "genes_used": len(self.spec.genes) - len(mapped.missing),
+            "genes_missing": len(mapped.missing),
+            "genes_unknown": len(mapped.unknown),
+            "contributions": {"wsi": wsi.tolist(), "rna": rna_part.tolist()},
+        }
+        if self.spec.task == "survival":
+            hazards = 1.0 / (1.0 + np.exp(-logits))
+            out.update({"risk": _risk(logits), "survival": np.cumprod(1.0 - hazards).tolist()})
+        else:
+            p = np.exp(logits - logits.max())
+            out.update({"probabilities": dict(zip(self.spec.labels or [], (p / p.sum()).tolist(), strict=True))})
+        return out
