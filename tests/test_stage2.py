@@ -7,6 +7,7 @@ take too long here); `bench/stage2_compare.py` runs the real chain with a traine
 from __future__ import annotations
 
 import csv
+import json
 
 import h5py
 import numpy as np
@@ -89,6 +90,40 @@ def test_teacher_targets_are_the_aggregator_tokens(setup, tmp_path):
     assert list(rows_f) == [0, 1, 2, 3, 4] and t_f.shape == (5, 64)
     _, t_1 = slide_targets(setup["teacher_model"], few, 16, np.random.default_rng(0), duplicates="first")
     assert not np.allclose(t_f, t_1)
+
+
+def test_teacher_applies_the_stage1_standardisation(setup, tmp_path):
+    """A `standardize: true` Stage-1 run records feature_mean/std; its teacher tokens are the aggregator's tokens on
+    standardised features (as the heads see them), and a cache made by another teacher is not reused."""
+    from training.models.mstar import Stage1Vision
+
+    slides = cohort_slides(setup["cohort"], None)
+    ids = [s for s, _ in slides]
+    allfeats = np.concatenate([h5py.File(setup["root"] / "feats" / f"{s}.h5", "r")["features"][...] for s in ids])
+    mean, std = allfeats.mean(0) + 0.5 * allfeats.std(0), allfeats.std(0) + 1e-6
+    raw = torch.load(setup["teacher"], weights_only=False)
+    torch.save({**raw, "feature_mean": mean, "feature_std": std}, tmp_path / "std_teacher.pt")
+    _, info = load_teacher(tmp_path / "std_teacher.pt")
+    assert info["standardized"] is True
+    truth = Stage1Vision(setup["teacher_model"], torch.from_numpy(mean), torch.from_numpy(std)).eval()
+
+    compute_targets(ids, setup["root"] / "feats", setup["teacher"], tmp_path / "t", n_patches=64, seed=3)
+    counts = compute_targets(ids, setup["root"] / "feats", tmp_path / "std_teacher.pt", tmp_path / "t",
+                             n_patches=64, seed=3)
+    sid = max(counts, key=counts.get)
+    with h5py.File(setup["root"] / "feats" / f"{sid}.h5", "r") as f:
+        feats = f["features"][...]
+    with h5py.File(tmp_path / "t" / f"{sid}.h5", "r") as f:
+        targets, rows = f["targets"][...], f["feature_rows"][...]
+        assert f.attrs["teacher"] == json.dumps(info, sort_keys=True)
+    from training.data.patches import _slide_seed
+
+    r_true, t_true = slide_targets(truth, feats, 64, np.random.default_rng(_slide_seed(3, sid)))
+    np.testing.assert_array_equal(rows, r_true)
+    np.testing.assert_allclose(targets, t_true, atol=1e-5)
+    _, t_raw = slide_targets(setup["teacher_model"], feats, 64, np.random.default_rng(_slide_seed(3, sid)))
+    cos = (t_raw * targets).sum(1) / (np.linalg.norm(t_raw, axis=1) * np.linalg.norm(targets, axis=1))
+    assert cos.mean() < 0.95, "standardisation should change the tokens of this teacher"
 
 
 def test_load_teacher_refuses_non_stage1(tmp_path):
