@@ -25,13 +25,11 @@ import json
 import logging
 import math
 import os
-import random
 import time
 from pathlib import Path
 from typing import Any, Literal
 
 import click
-import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import Field
@@ -51,6 +49,7 @@ from training.data.patches import (
 )
 from training.ema import EMA, momentum_at
 from training.models.patch_encoder import PATCH_ENCODERS, build_patch_encoder
+from training.repro import loader_generator, seed_everything, seed_worker
 from training.stage1 import lr_lambda
 
 log = logging.getLogger(__name__)
@@ -241,9 +240,7 @@ def train_stage2(cfg: Stage2Config, resume: bool = False) -> dict[str, Any]:
     """Targets (cached once), then the distillation loop; returns the paths written and the final metrics."""
     info = tdist.init_distributed()
     device = torch.device(f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu")
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
+    seed_everything(cfg.seed)
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     targets_dir = Path(cfg.data.targets_dir or out_dir / "targets")
@@ -307,7 +304,8 @@ def train_stage2(cfg: Stage2Config, resume: bool = False) -> dict[str, Any]:
         ds.set_epoch(epoch)
         loader = DataLoader(ds, batch_size=local_bs, sampler=sampler, num_workers=cfg.data.num_workers,
                             collate_fn=collate_patches, drop_last=True,
-                            persistent_workers=False, pin_memory=device.type == "cuda")
+                            persistent_workers=False, pin_memory=device.type == "cuda",
+                            worker_init_fn=seed_worker, generator=loader_generator(cfg.seed, epoch))
         for images, targets in loader:
             x = pre(images.to(device, non_blocking=True))
             targets = targets.to(device, non_blocking=True)
