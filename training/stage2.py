@@ -62,7 +62,15 @@ class Stage2DataConfig(_Strict):
     features_dir: Path = Field(description="Stage-0 patch features, <slide_id>.h5 (from `mstar extract`)")
     targets_dir: Path | None = Field(None, description="cached teacher targets; default <out_dir>/targets")
     splits: list[str] = Field(["train"], description="cohort splits used for Stage 2")
-    n_patches: int = Field(4096, ge=1, description="patches per slide sent through the teacher (§1.1)")
+    n_patches: int | None = Field(
+        None,
+        ge=1,
+        description="patches per slide sent through the teacher (sampled as Stage 1 does); null: every patch of the "
+        "slide, as the official Stage 2 re-embeds them (up to max_all_patches)",
+    )
+    max_all_patches: int = Field(
+        65_536, ge=1, description="all-patches mode: larger slides are sampled to this many (bounds teacher memory)"
+    )
     duplicates: Literal["mean", "first"] = Field(
         "mean", description="target of a patch sampled more than once (slides with fewer than n_patches)"
     )
@@ -249,7 +257,7 @@ def train_stage2(cfg: Stage2Config, resume: bool = False) -> dict[str, Any]:
         counts = compute_targets(
             [s for s, _ in slides], cfg.data.features_dir, cfg.teacher.checkpoint, targets_dir,
             n_patches=cfg.data.n_patches, seed=cfg.seed, duplicates=cfg.data.duplicates,
-            num_landmarks=cfg.teacher.num_landmarks, device=str(device),
+            num_landmarks=cfg.teacher.num_landmarks, device=str(device), max_all_patches=cfg.data.max_all_patches,
         )
         log.info("stage2: targets for %d slides (%d patches) in %s", len(counts), sum(counts.values()), targets_dir)
     tdist.barrier()

@@ -40,6 +40,9 @@ from training.models.mstar import Stage1Vision
 
 log = logging.getLogger(__name__)
 
+# all-patches mode: the most patches one teacher pass takes (TransMIL at 512-d: well under 2 GB at this size)
+MAX_ALL_PATCHES = 65_536
+
 # ---------------------------------------------------------------------------------------------- teacher
 
 
@@ -73,13 +76,22 @@ def _slide_seed(seed: int, slide_id: str) -> list[int]:
 def slide_targets(
     teacher: torch.nn.Module,
     features: np.ndarray,
-    n_patches: int,
+    n_patches: int | None,
     rng: np.random.Generator,
     duplicates: str = "mean",
     device: str | torch.device = "cpu",
+    max_all_patches: int = MAX_ALL_PATCHES,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """`(rows [U] of the feature file, targets [U, dim])` for one slide's sampled patches."""
-    idx = sample_indices(features.shape[0], n_patches, rng)
+    """`(rows [U] of the feature file, targets [U, dim])` for one slide's sampled patches.
+
+    `n_patches=None` is the official all-patches mode: the teacher re-embeds every patch of the slide in one pass
+    (full slide context), except that a slide with more than `max_all_patches` rows is sampled down to that many,
+    which bounds the teacher's memory (Nyström attention is linear in the patch count)."""
+    n = features.shape[0]
+    if n_patches is None:
+        idx = np.arange(n) if n <= max_all_patches else sample_indices(n, max_all_patches, rng)
+    else:
+        idx = sample_indices(n, n_patches, rng)
     out = teacher(torch.from_numpy(features[idx]).to(device)[None])
     tokens = out.tokens[0].float().cpu().numpy()  # [n_patches, dim], input order
     rows, inverse = np.unique(idx, return_inverse=True)
@@ -126,19 +138,22 @@ def compute_targets(
     teacher_checkpoint: str | os.PathLike,
     targets_dir: str | os.PathLike,
     *,
-    n_patches: int = 4096,
+    n_patches: int | None = 4096,
     seed: int = 0,
     duplicates: str = "mean",
     num_landmarks: int | None = None,
     device: str = "cpu",
     overwrite: bool = False,
+    max_all_patches: int = MAX_ALL_PATCHES,
 ) -> dict[str, int]:
-    """Cache the teacher targets of every slide that has a feature file; returns {slide_id: targets kept}."""
+    """Cache the teacher targets of every slide that has a feature file; returns {slide_id: targets kept}.
+    `n_patches=None`: every patch of each slide (up to `max_all_patches`), see `slide_targets`."""
     teacher, info = load_teacher(teacher_checkpoint, num_landmarks)
     teacher.to(device)
     recipe = {
         "teacher": json.dumps(info, sort_keys=True),
-        "n_patches": int(n_patches),
+        "n_patches": -1 if n_patches is None else int(n_patches),  # -1: all patches
+        "max_all_patches": int(max_all_patches),
         "seed": int(seed),
         "duplicates": duplicates,
     }
@@ -163,7 +178,9 @@ def compute_targets(
                 f"{src}: {feats.shape[1]}-d features, but the Stage-1 aggregator takes {info['n_features']}-d"
             )
         rng = np.random.default_rng(_slide_seed(seed, sid))
-        rows, targets = slide_targets(teacher, feats, n_patches, rng, duplicates, device)
+        if n_patches is None and len(feats) > max_all_patches:
+            log.warning("stage2: %s has %d patches; the teacher sees a sample of %d", sid, len(feats), max_all_patches)
+        rows, targets = slide_targets(teacher, feats, n_patches, rng, duplicates, device, max_all_patches)
         keep = {k: v for k, v in attrs.items() if not isinstance(v, np.ndarray) or v.size < 64}
         keep.update(recipe, features_file=str(src.resolve()))
         write_targets(dst, coords[rows], rows, targets, keep)
