@@ -162,22 +162,63 @@ def test_report_generation_matches_torch_greedy(backend: OrtBackend, models: dic
         assert report.generate(backend.bundle, backend, feats) == got["text"]
 
 
-def test_zeroshot_prompts_match_torch(backend: OrtBackend, models: dict) -> None:
+def test_served_zeroshot_equals_the_evaluated_one(backend: OrtBackend, models: dict) -> None:
+    """The service's probabilities are those `training.downstream.zeroshot` evaluates for the same slide and prompts
+    (one prompt per class): official MI-Zero top-k over the aggregator's patch tokens at logit scale 14.29."""
     from service.inference import zeroshot
+    from training.downstream.zeroshot import LOGIT_SCALE, PromptSet, class_embeddings, mi_zero_scores
 
+    spec = backend.bundle.manifest.zeroshot
+    assert spec is not None and (spec.method, spec.logit_scale, spec.topk) == ("mi_zero_topk", 14.29, 50)
     prompts = ["squamous cell carcinoma", "benign lung parenchyma with no tumour", "adenocarcinoma, acinar"]
     feats = np.random.default_rng(11).standard_normal((60, 96)).astype(np.float32)
     res = zeroshot.score(backend.bundle, backend, feats, None, prompts)
+
+    def encode(texts: list[str]) -> torch.Tensor:
+        tok = models["text"].tokenize(texts)
+        return models["text_proj"](models["text"](tok["input_ids"], tok["attention_mask"]))
+
+    with torch.no_grad():
+        w = class_embeddings(encode, PromptSet(["CLASSNAME"], {p: [p] for p in prompts}), prompts)
+        tokens = models["aggregator"](torch.from_numpy(feats)[None]).tokens[0]
+        logits = mi_zero_scores(tokens, w, [50])[50]
+        probs = torch.softmax(LOGIT_SCALE * logits.double(), -1).numpy()
+    assert res["method"] == "mi_zero_topk" and res["logit_scale"] == LOGIT_SCALE and res["topk"] == 50
+    assert [p["cosine"] for p in res["prompts"]] == pytest.approx(logits.tolist(), abs=1e-5)
+    assert [p["probability"] for p in res["prompts"]] == pytest.approx(probs.tolist(), abs=1e-4)
+    assert res["best"] == prompts[int(logits.argmax())]
+    with pytest.raises(InvalidParameterError, match="prompts"):
+        zeroshot.score(backend.bundle, backend, feats, None, [])
+
+
+def test_zeroshot_method_comes_from_the_manifest(bundle_dir: Path, models: dict, tmp_path: Path) -> None:
+    """A bundle recording `slide_level` scores the slide embedding; a manifest from before the field loads and is
+    served with the official defaults."""
+    from service.inference import zeroshot
+
+    copy = tmp_path / "b"
+    shutil.copytree(bundle_dir, copy)
+    manifest = json.loads((copy / "bundle.json").read_text())
+    manifest["zeroshot"] = {"method": "slide_level", "logit_scale": 100.0}
+    (copy / "bundle.json").write_text(json.dumps(manifest))
+    prompts = ["squamous cell carcinoma", "adenocarcinoma, acinar"]
+    feats = np.random.default_rng(3).standard_normal((20, 96)).astype(np.float32)
+    with OrtBackend(load_bundle(copy), device="cpu") as b:
+        res = zeroshot.score(b.bundle, b, feats, None, prompts)
     tok = models["text"].tokenize(prompts)
     with torch.no_grad():
         t = models["text_proj"](models["text"](tok["input_ids"], tok["attention_mask"])).numpy()
         s = models["aggregator"](torch.from_numpy(feats)[None]).embedding[0].numpy()
     cos = t @ s / np.linalg.norm(t, axis=-1) / np.linalg.norm(s)
+    assert res["method"] == "slide_level" and res["logit_scale"] == 100.0
     assert [p["cosine"] for p in res["prompts"]] == pytest.approx(cos.tolist(), abs=1e-5)
-    assert sum(p["probability"] for p in res["prompts"]) == pytest.approx(1.0)
-    assert res["best"] == prompts[int(cos.argmax())]
-    with pytest.raises(InvalidParameterError, match="prompts"):
-        zeroshot.score(backend.bundle, backend, feats, None, [])
+    del manifest["zeroshot"]
+    (copy / "bundle.json").write_text(json.dumps(manifest))
+    assert load_bundle(copy).zeroshot.method == "mi_zero_topk" and load_bundle(copy).zeroshot.logit_scale == 14.29
+    manifest["zeroshot"] = {"method": "nearest", "logit_scale": -1}
+    (copy / "bundle.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="zeroshot"):
+        load_bundle(copy)
 
 
 def test_each_model_call_is_timed_for_metrics(backend: OrtBackend) -> None:

@@ -7,6 +7,7 @@ take too long here); `bench/stage2_compare.py` runs the real chain with a traine
 from __future__ import annotations
 
 import csv
+import json
 
 import h5py
 import numpy as np
@@ -51,16 +52,23 @@ def setup(tmp_path_factory) -> dict:
     teacher = TransMIL(n_features=96, dim=64, heads=2, num_landmarks=16)
     state = {f"vision_encoder.{k}": v for k, v in teacher.state_dict().items()}
     state["logit_scale"] = torch.tensor(2.0)  # other Stage-1 keys are ignored
-    torch.save({"format": STAGE1_FORMAT, "aggregator_config": teacher.config, "model_state_dict": state},
-               root / "teacher.pt")
-    return {"root": root, "cohort": cohort, "stage0": stage0, "teacher": root / "teacher.pt",
-            "teacher_model": teacher.eval()}
+    torch.save(
+        {"format": STAGE1_FORMAT, "aggregator_config": teacher.config, "model_state_dict": state}, root / "teacher.pt"
+    )
+    return {
+        "root": root,
+        "cohort": cohort,
+        "stage0": stage0,
+        "teacher": root / "teacher.pt",
+        "teacher_model": teacher.eval(),
+    }
 
 
 def test_teacher_targets_are_the_aggregator_tokens(setup, tmp_path):
     slides = cohort_slides(setup["cohort"], None)
-    counts = compute_targets([s for s, _ in slides], setup["root"] / "feats", setup["teacher"], tmp_path,
-                             n_patches=64, seed=3)
+    counts = compute_targets(
+        [s for s, _ in slides], setup["root"] / "feats", setup["teacher"], tmp_path, n_patches=64, seed=3
+    )
     assert counts and all(n > 0 for n in counts.values())
     sid = max(counts, key=counts.get)
     with h5py.File(setup["root"] / "feats" / f"{sid}.h5", "r") as f:
@@ -91,6 +99,67 @@ def test_teacher_targets_are_the_aggregator_tokens(setup, tmp_path):
     assert not np.allclose(t_f, t_1)
 
 
+def test_teacher_applies_the_stage1_standardisation(setup, tmp_path):
+    """A `standardize: true` Stage-1 run records feature_mean/std; its teacher tokens are the aggregator's tokens on
+    standardised features (as the heads see them), and a cache made by another teacher is not reused."""
+    from training.models.mstar import Stage1Vision
+
+    slides = cohort_slides(setup["cohort"], None)
+    ids = [s for s, _ in slides]
+    allfeats = np.concatenate([h5py.File(setup["root"] / "feats" / f"{s}.h5", "r")["features"][...] for s in ids])
+    mean, std = allfeats.mean(0) + 0.5 * allfeats.std(0), allfeats.std(0) + 1e-6
+    raw = torch.load(setup["teacher"], weights_only=False)
+    torch.save({**raw, "feature_mean": mean, "feature_std": std}, tmp_path / "std_teacher.pt")
+    _, info = load_teacher(tmp_path / "std_teacher.pt")
+    truth = Stage1Vision(setup["teacher_model"], torch.from_numpy(mean), torch.from_numpy(std)).eval()
+
+    compute_targets(ids, setup["root"] / "feats", setup["teacher"], tmp_path / "t", n_patches=64, seed=3)
+    counts = compute_targets(
+        ids, setup["root"] / "feats", tmp_path / "std_teacher.pt", tmp_path / "t", n_patches=64, seed=3
+    )
+    sid = max(counts, key=counts.get)
+    with h5py.File(setup["root"] / "feats" / f"{sid}.h5", "r") as f:
+        feats = f["features"][...]
+    with h5py.File(tmp_path / "t" / f"{sid}.h5", "r") as f:
+        targets, rows, recorded = f["targets"][...], f["feature_rows"][...], f.attrs["teacher"]
+    from training.data.patches import _slide_seed
+
+    r_true, t_true = slide_targets(truth, feats, 64, np.random.default_rng(_slide_seed(3, sid)))
+    np.testing.assert_array_equal(rows, r_true)
+    np.testing.assert_allclose(targets, t_true, atol=1e-5)
+    _, t_raw = slide_targets(setup["teacher_model"], feats, 64, np.random.default_rng(_slide_seed(3, sid)))
+    cos = (t_raw * targets).sum(1) / (np.linalg.norm(t_raw, axis=1) * np.linalg.norm(targets, axis=1))
+    assert cos.mean() < 0.95, "standardisation should change the tokens of this teacher"
+    assert info["standardized"] is True and recorded == json.dumps(info, sort_keys=True)
+
+
+def test_all_patches_mode_re_embeds_every_patch(setup, tmp_path):
+    """`n_patches=None` (the default): one teacher pass over every patch of the slide, in raster order; a slide
+    above `max_all_patches` is sampled down to that many (memory bound)."""
+    slides = cohort_slides(setup["cohort"], None)
+    ids = [s for s, _ in slides]
+    counts = compute_targets(ids, setup["root"] / "feats", setup["teacher"], tmp_path / "all", n_patches=None)
+    for sid in ids:
+        with h5py.File(setup["root"] / "feats" / f"{sid}.h5", "r") as f:
+            feats = f["features"][...]
+        with h5py.File(tmp_path / "all" / f"{sid}.h5", "r") as f:
+            rows, targets = f["feature_rows"][...], f["targets"][...]
+            assert f.attrs["n_patches"] == -1
+        assert counts[sid] == len(feats) and list(rows) == list(range(len(feats)))
+        with torch.no_grad():
+            whole = setup["teacher_model"](torch.from_numpy(feats)[None]).tokens[0].numpy()
+        np.testing.assert_allclose(targets, whole, atol=1e-5)
+    big = max(ids, key=counts.get)
+    cap = counts[big] // 2
+    capped = compute_targets(
+        [big], setup["root"] / "feats", setup["teacher"], tmp_path / "cap", n_patches=None, max_all_patches=cap
+    )
+    assert capped[big] == cap
+    from training.stage2 import Stage2DataConfig
+
+    assert Stage2DataConfig(cohort="c.csv", features_dir="f").n_patches is None
+
+
 def test_load_teacher_refuses_non_stage1(tmp_path):
     torch.save({"model_state_dict": {"foo.weight": torch.zeros(2)}}, tmp_path / "x.pt")
     with pytest.raises(InvalidParameterError, match="vision_encoder"):
@@ -114,8 +183,9 @@ def test_patch_dataset_reads_the_target_patch(setup, tmp_path):
             g = s.grid()
             from service.slides.stream import resize_patch
 
-            ref = resize_patch(rd.read_region(tuple(int(v) for v in s.coords[r]), g.read_level, (g.read_size,) * 2),
-                               g.patch_size)
+            ref = resize_patch(
+                rd.read_region(tuple(int(v) for v in s.coords[r]), g.read_level, (g.read_size,) * 2), g.patch_size
+            )
         np.testing.assert_array_equal(img.numpy(), ref)
         np.testing.assert_array_equal(tgt.numpy(), s.targets[r])
     assert len(ds._cache) <= 2
@@ -174,12 +244,31 @@ def test_export_key_layout_is_released_mstar():
         vit = timm.create_model(spec.arch, pretrained=False, **spec.kwargs)
         student = Student(vit, 1024, 512)
     keys = {k.removeprefix("backbone.") for k in student.state_dict() if k.startswith("backbone.")}
-    expected = {"cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias", "norm.weight",
-                "norm.bias"}
+    expected = {
+        "cls_token",
+        "pos_embed",
+        "patch_embed.proj.weight",
+        "patch_embed.proj.bias",
+        "norm.weight",
+        "norm.bias",
+    }
     for i in range(24):
-        for part in ("norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight",
-                     "attn.proj.bias", "ls1.gamma", "norm2.weight", "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias",
-                     "mlp.fc2.weight", "mlp.fc2.bias", "ls2.gamma"):
+        for part in (
+            "norm1.weight",
+            "norm1.bias",
+            "attn.qkv.weight",
+            "attn.qkv.bias",
+            "attn.proj.weight",
+            "attn.proj.bias",
+            "ls1.gamma",
+            "norm2.weight",
+            "norm2.bias",
+            "mlp.fc1.weight",
+            "mlp.fc1.bias",
+            "mlp.fc2.weight",
+            "mlp.fc2.bias",
+            "ls2.gamma",
+        ):
             expected.add(f"blocks.{i}.{part}")
     assert keys == expected
     assert set(student.state_dict()) - {f"backbone.{k}" for k in keys} == {"proj.weight", "proj.bias"}
@@ -192,14 +281,31 @@ def test_stage2_losses_fall_without_collapse(setup, tmp_path):
     from training.stage2 import Stage2Config, train_stage2
 
     cfg_path = tmp_path / "stage2.yaml"
-    cfg_path.write_text(yaml.safe_dump({
-        "data": {"cohort": str(setup["cohort"]), "features_dir": str(setup["root"] / "feats"), "n_patches": 48,
-                 "splits": ["train", "val", "test"], "num_workers": 1, "block": 4},
-        "teacher": {"checkpoint": str(setup["teacher"])},
-        "student": {"encoder": "vit_micro_112", "init_checkpoint": str(setup["stage0"])},
-        "optim": {"epochs": 20, "batch_size": 16, "lr": 1e-4, "proj_lr": 3e-3, "max_steps": 16, "warmup_frac": 0.1},
-        "out_dir": str(tmp_path / "run"),
-    }))
+    cfg_path.write_text(
+        yaml.safe_dump(
+            {
+                "data": {
+                    "cohort": str(setup["cohort"]),
+                    "features_dir": str(setup["root"] / "feats"),
+                    "n_patches": 48,
+                    "splits": ["train", "val", "test"],
+                    "num_workers": 1,
+                    "block": 4,
+                },
+                "teacher": {"checkpoint": str(setup["teacher"])},
+                "student": {"encoder": "vit_micro_112", "init_checkpoint": str(setup["stage0"])},
+                "optim": {
+                    "epochs": 20,
+                    "batch_size": 16,
+                    "lr": 1e-4,
+                    "proj_lr": 3e-3,
+                    "max_steps": 16,
+                    "warmup_frac": 0.1,
+                },
+                "out_dir": str(tmp_path / "run"),
+            }
+        )
+    )
     cfg = load_config(cfg_path, Stage2Config)
     assert cfg.loss.ema_weight == 0.6 and cfg.loss.similarity == "cosine" and cfg.ema.momentum == 0.996
     res = train_stage2(cfg)
@@ -219,8 +325,9 @@ def test_stage2_losses_fall_without_collapse(setup, tmp_path):
     assert not any(k.startswith(("proj", "backbone", "module", "ema")) for k in state)
     model, _ = build_patch_encoder("vit_micro_112", res["backbone"])
     init, _ = build_patch_encoder("vit_micro_112", setup["stage0"])
-    assert any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), init.state_dict().values(),
-                                                      strict=True))
+    assert any(
+        not torch.equal(a, b) for a, b in zip(model.state_dict().values(), init.state_dict().values(), strict=True)
+    )
     proj = load_patch_proj(res["proj"])
     assert (proj.in_features, proj.out_features) == (96, 64)
     # the student is usable by `mstar extract` without naming its config (sidecar)

@@ -14,7 +14,6 @@ import json
 import logging
 import math
 import os
-import random
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -39,6 +38,7 @@ from training.models.gene_encoder import GeneEncoder, read_gene2vec
 from training.models.mstar import MStar
 from training.models.text_encoder import TextEncoder, build_tiny_bert
 from training.models.transmil import TransMIL
+from training.repro import loader_generator, seed_everything, seed_worker
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +55,6 @@ LOG_COLUMNS = [
     "lr",
     "seconds",
 ]
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def build_model(
@@ -428,7 +422,8 @@ def _train(cfg: Stage1Config, resume: bool, stop_after: int | None) -> dict[str,
             batch_sampler=mine,
             collate_fn=collate,
             num_workers=cfg.data.num_workers,
-            generator=torch.Generator().manual_seed(cfg.seed + epoch),
+            worker_init_fn=seed_worker,
+            generator=loader_generator(cfg.seed, epoch),
         )
         for batch in loader:
             loss, logs = step_loss(ddp, batch, weights, device, amp=cfg.amp)

@@ -25,13 +25,11 @@ import json
 import logging
 import math
 import os
-import random
 import time
 from pathlib import Path
 from typing import Any, Literal
 
 import click
-import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import Field
@@ -51,6 +49,7 @@ from training.data.patches import (
 )
 from training.ema import EMA, momentum_at
 from training.models.patch_encoder import PATCH_ENCODERS, build_patch_encoder
+from training.repro import loader_generator, seed_everything, seed_worker
 from training.stage1 import lr_lambda
 
 log = logging.getLogger(__name__)
@@ -63,7 +62,15 @@ class Stage2DataConfig(_Strict):
     features_dir: Path = Field(description="Stage-0 patch features, <slide_id>.h5 (from `mstar extract`)")
     targets_dir: Path | None = Field(None, description="cached teacher targets; default <out_dir>/targets")
     splits: list[str] = Field(["train"], description="cohort splits used for Stage 2")
-    n_patches: int = Field(4096, ge=1, description="patches per slide sent through the teacher (§1.1)")
+    n_patches: int | None = Field(
+        None,
+        ge=1,
+        description="patches per slide sent through the teacher (sampled as Stage 1 does); null: every patch of the "
+        "slide, as the official Stage 2 re-embeds them (up to max_all_patches)",
+    )
+    max_all_patches: int = Field(
+        65_536, ge=1, description="all-patches mode: larger slides are sampled to this many (bounds teacher memory)"
+    )
     duplicates: Literal["mean", "first"] = Field(
         "mean", description="target of a patch sampled more than once (slides with fewer than n_patches)"
     )
@@ -241,9 +248,7 @@ def train_stage2(cfg: Stage2Config, resume: bool = False) -> dict[str, Any]:
     """Targets (cached once), then the distillation loop; returns the paths written and the final metrics."""
     info = tdist.init_distributed()
     device = torch.device(f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu")
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
+    seed_everything(cfg.seed)
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     targets_dir = Path(cfg.data.targets_dir or out_dir / "targets")
@@ -252,7 +257,7 @@ def train_stage2(cfg: Stage2Config, resume: bool = False) -> dict[str, Any]:
         counts = compute_targets(
             [s for s, _ in slides], cfg.data.features_dir, cfg.teacher.checkpoint, targets_dir,
             n_patches=cfg.data.n_patches, seed=cfg.seed, duplicates=cfg.data.duplicates,
-            num_landmarks=cfg.teacher.num_landmarks, device=str(device),
+            num_landmarks=cfg.teacher.num_landmarks, device=str(device), max_all_patches=cfg.data.max_all_patches,
         )
         log.info("stage2: targets for %d slides (%d patches) in %s", len(counts), sum(counts.values()), targets_dir)
     tdist.barrier()
@@ -307,7 +312,8 @@ def train_stage2(cfg: Stage2Config, resume: bool = False) -> dict[str, Any]:
         ds.set_epoch(epoch)
         loader = DataLoader(ds, batch_size=local_bs, sampler=sampler, num_workers=cfg.data.num_workers,
                             collate_fn=collate_patches, drop_last=True,
-                            persistent_workers=False, pin_memory=device.type == "cuda")
+                            persistent_workers=False, pin_memory=device.type == "cuda",
+                            worker_init_fn=seed_worker, generator=loader_generator(cfg.seed, epoch))
         for images, targets in loader:
             x = pre(images.to(device, non_blocking=True))
             targets = targets.to(device, non_blocking=True)

@@ -16,6 +16,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from service.atomic import atomic_path
@@ -157,6 +158,56 @@ class RnaFusionSpec(_Strict):
         return self
 
 
+OFFICIAL_ZEROSHOT_SCALE = 14.29  # exp(log(1/0.07)): the fixed CLIP scale of the official zero-shot code
+
+
+class ZeroShotSpec(_Strict):
+    """How prompts score a slide: one definition for evaluation (`training.downstream.zeroshot`) and serving.
+
+    `mi_zero_topk` (the official method, mSTAR §3.4): cosine logits of every patch embedding (the aggregator's
+    per-patch output tokens, in the shared text space) against each prompt embedding, mean of the `topk` highest
+    per prompt. `slide_level`: cosine of the aggregator's slide embedding. Probabilities: softmax over the prompts
+    of `logit_scale` × logits. A manifest without this block is served with these defaults."""
+
+    method: Literal["mi_zero_topk", "slide_level"] = "mi_zero_topk"
+    logit_scale: float = Field(default=OFFICIAL_ZEROSHOT_SCALE, gt=0, le=1000)
+    topk: int = Field(default=50, ge=1)  # [ASSUME] when no validation run chose one (official grid 1,5,10,50,100)
+    patch_embedding: Literal["aggregator_tokens"] = "aggregator_tokens"
+
+    def logits(self, class_emb: np.ndarray, patch_emb: np.ndarray | None, slide_emb: np.ndarray | None) -> np.ndarray:
+        """Cosine logits `[C]` of one slide for class (prompt) embeddings `[C, E]` (normalised here)."""
+        if self.method == "slide_level":
+            if slide_emb is None:
+                raise BundleError("slide-level zero-shot needs a slide embedding")
+            return slide_logits(slide_emb, class_emb)
+        if patch_emb is None:
+            raise BundleError("MI-Zero zero-shot needs per-patch embeddings (the aggregator's tokens)")
+        return mi_zero_logits(patch_emb, class_emb, self.topk)
+
+    def probabilities(self, logits: np.ndarray) -> np.ndarray:
+        """Softmax over the last axis of `logit_scale` × logits."""
+        z = self.logit_scale * np.asarray(logits, np.float64)
+        z = np.exp(z - z.max(axis=-1, keepdims=True))
+        return z / z.sum(axis=-1, keepdims=True)
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, np.float64)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def mi_zero_logits(patch_emb: np.ndarray, class_emb: np.ndarray, topk: int) -> np.ndarray:
+    """MI-Zero top-k pooling: per class, the mean of the `topk` highest patch cosine logits (`[N, E]`, `[C, E]`)."""
+    logits = _unit(patch_emb) @ _unit(class_emb).T  # [N, C]
+    k = min(int(topk), logits.shape[0])
+    return -np.sort(-logits, axis=0)[:k].mean(0)
+
+
+def slide_logits(slide_emb: np.ndarray, class_emb: np.ndarray) -> np.ndarray:
+    """Cosine logits `[C]` of one slide embedding `[E]`."""
+    return _unit(class_emb) @ _unit(np.reshape(slide_emb, -1))
+
+
 class BundleManifest(_Strict):
     schema_version: int
     name: str
@@ -167,6 +218,7 @@ class BundleManifest(_Strict):
     models: list[ModelSpec] = Field(min_length=1)
     tokenizer: TokenizerSpec | None = None
     report_vocab: VocabSpec | None = None
+    zeroshot: ZeroShotSpec | None = None  # None: served with the ZeroShotSpec defaults (the official method)
     provenance: Provenance
     rna_fusion: RnaFusionSpec | None = None  # optional; manifests without it load as before
 
@@ -244,6 +296,11 @@ class Bundle:
         """(report_encoder, report_decoder) when the bundle can write reports."""
         enc, dec = self.by_role("report_encoder"), self.by_role("report_decoder")
         return (enc[0], dec[0]) if enc and dec else None
+
+    @property
+    def zeroshot(self) -> ZeroShotSpec:
+        """The zero-shot method recorded at export (older manifests: the official defaults)."""
+        return self.manifest.zeroshot or ZeroShotSpec()
 
     @property
     def tokenizer_path(self) -> Path | None:

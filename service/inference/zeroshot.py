@@ -2,8 +2,9 @@
 
 Prompts are tokenised with the bundle's `tokenizer.json` (the `tokenizers` library: no torch, same ids as the
 training-side HF fast tokenizer), embedded by the exported text tower (BERT CLS -> `proj_text`, i.e. the
-Stage-1 shared space) and compared with the slide embedding by cosine similarity, as in mSTAR's zero-shot
-evaluation; probabilities are a softmax over the prompts at CLIP's temperature (logit scale 100).
+Stage-1 shared space) and scored with the method the bundle manifest records (`ZeroShotSpec`, the same code
+the training-side evaluation uses): by default the official MI-Zero top-k over the aggregator's per-patch tokens,
+probabilities a softmax over the prompts at the official logit scale 14.29. Each prompt is one class.
 """
 
 from __future__ import annotations
@@ -14,13 +15,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from service.errors import BundleError, InvalidParameterError
-from service.inference.backend import softmax
 
 if TYPE_CHECKING:
     from service.inference.backend import BundleBackend
     from service.inference.bundle import Bundle
 
-LOGIT_SCALE = 100.0
 MAX_PROMPTS = 64
 MAX_PROMPT_CHARS = 1000
 
@@ -63,24 +62,31 @@ def embed_prompts(bundle: Bundle, backend: BundleBackend, prompts: list[str]) ->
 def score(
     bundle: Bundle, backend: BundleBackend, feats: np.ndarray, slide_emb: np.ndarray | None, prompts: list[str]
 ) -> dict:
-    """Cosine similarity of each prompt with the slide embedding, and a softmax over the prompts."""
-    if slide_emb is None:
+    """Logit of each prompt (one class each) by the bundle's zero-shot method, and a softmax over the prompts."""
+    spec = bundle.zeroshot
+    tokens = None
+    if spec.method == "mi_zero_topk" or slide_emb is None:
         if bundle.aggregator is None:
-            raise BundleError("zero-shot scoring needs a slide embedding (this bundle has no aggregator)")
-        slide_emb = backend.aggregate(feats)["embedding"]
+            raise BundleError("zero-shot scoring needs the aggregator (this bundle has none)")
+        out = backend.aggregate(feats)
+        tokens = out.get("tokens")
+        slide_emb = out["embedding"] if slide_emb is None else slide_emb
+        if spec.method == "mi_zero_topk" and tokens is None:
+            raise BundleError("this bundle's aggregator does not output per-patch tokens, needed by MI-Zero")
     text = embed_prompts(bundle, backend, prompts)
-    s = np.asarray(slide_emb, dtype=np.float64).reshape(-1)
-    if text.shape[-1] != s.size:
-        raise BundleError(f"text embeddings are {text.shape[-1]}-d but the slide embedding is {s.size}-d")
-    t = text.astype(np.float64)
-    cos = (t @ s) / (np.linalg.norm(t, axis=-1) * np.linalg.norm(s) + 1e-12)
-    probs = softmax(LOGIT_SCALE * cos)
-    best = int(cos.argmax())
+    width = (tokens if spec.method == "mi_zero_topk" else np.reshape(slide_emb, (1, -1))).shape[-1]
+    if text.shape[-1] != width:
+        raise BundleError(f"text embeddings are {text.shape[-1]}-d but the slide's embeddings are {width}-d")
+    logits = spec.logits(text, tokens, slide_emb)
+    probs = spec.probabilities(logits)
+    best = int(logits.argmax())
     return {
         "prompts": [
             {"prompt": p, "cosine": float(c), "probability": float(q)}
-            for p, c, q in zip(prompts, cos, probs, strict=True)
+            for p, c, q in zip(prompts, logits, probs, strict=True)
         ],
         "best": prompts[best],
-        "logit_scale": LOGIT_SCALE,
+        "method": spec.method,
+        "topk": spec.topk if spec.method == "mi_zero_topk" else None,
+        "logit_scale": spec.logit_scale,
     }

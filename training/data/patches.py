@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -35,25 +36,34 @@ from service.errors import InvalidParameterError
 from service.slides.h5io import read_h5
 from training.checkpoints import build_stage1_aggregator, read_stage1
 from training.data.features import sample_indices
-from training.models.transmil import TransMIL
+from training.models.mstar import Stage1Vision
+
+log = logging.getLogger(__name__)
+
+# all-patches mode: the most patches one teacher pass takes (TransMIL at 512-d: well under 2 GB at this size)
+MAX_ALL_PATCHES = 65_536
 
 # ---------------------------------------------------------------------------------------------- teacher
 
 
-def load_teacher(checkpoint: str | os.PathLike, num_landmarks: int | None = None) -> tuple[TransMIL, dict]:
-    """The frozen Stage-1 aggregator of a Stage-1 checkpoint, built from its recorded config.
+def load_teacher(checkpoint: str | os.PathLike, num_landmarks: int | None = None) -> tuple[Stage1Vision, dict]:
+    """The frozen Stage-1 aggregator of a Stage-1 checkpoint, built from its recorded config, behind the feature
+    standardisation Stage 1 trained it with (`feature_mean/std`, as the downstream heads apply it): without it a
+    `standardize: true` run's teacher sees raw features and its tokens are not the ones Stage 1 learnt.
 
     `num_landmarks` overrides the recorded landmark count (landmarks are not weights, so any count loads)."""
     ckpt = read_stage1(checkpoint)
-    model = build_stage1_aggregator(ckpt, num_landmarks=num_landmarks)
+    aggregator = build_stage1_aggregator(ckpt, num_landmarks=num_landmarks)
+    model = Stage1Vision(aggregator, ckpt.feature_mean, ckpt.feature_std)
     model.requires_grad_(False)
     info = {
         "checkpoint": str(Path(checkpoint).resolve()),
-        "n_features": int(model.config["n_features"]),
-        "dim": int(model.config["dim"]),
-        "heads": int(model.config["heads"]),
-        "dim_head": int(model.config["dim_head"]),
-        "num_landmarks": int(model.config["num_landmarks"]),
+        "n_features": int(aggregator.config["n_features"]),
+        "dim": int(aggregator.config["dim"]),
+        "heads": int(aggregator.config["heads"]),
+        "dim_head": int(aggregator.config["dim_head"]),
+        "num_landmarks": int(aggregator.config["num_landmarks"]),
+        "standardized": ckpt.feature_mean is not None,
     }
     return model.eval(), info
 
@@ -64,15 +74,24 @@ def _slide_seed(seed: int, slide_id: str) -> list[int]:
 
 @torch.inference_mode()
 def slide_targets(
-    teacher: TransMIL,
+    teacher: torch.nn.Module,
     features: np.ndarray,
-    n_patches: int,
+    n_patches: int | None,
     rng: np.random.Generator,
     duplicates: str = "mean",
     device: str | torch.device = "cpu",
+    max_all_patches: int = MAX_ALL_PATCHES,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """`(rows [U] of the feature file, targets [U, dim])` for one slide's sampled patches."""
-    idx = sample_indices(features.shape[0], n_patches, rng)
+    """`(rows [U] of the feature file, targets [U, dim])` for one slide's sampled patches.
+
+    `n_patches=None` is the official all-patches mode: the teacher re-embeds every patch of the slide in one pass
+    (full slide context), except that a slide with more than `max_all_patches` rows is sampled down to that many,
+    which bounds the teacher's memory (Nyström attention is linear in the patch count)."""
+    n = features.shape[0]
+    if n_patches is None:
+        idx = np.arange(n) if n <= max_all_patches else sample_indices(n, max_all_patches, rng)
+    else:
+        idx = sample_indices(n, n_patches, rng)
     out = teacher(torch.from_numpy(features[idx]).to(device)[None])
     tokens = out.tokens[0].float().cpu().numpy()  # [n_patches, dim], input order
     rows, inverse = np.unique(idx, return_inverse=True)
@@ -101,30 +120,53 @@ def write_targets(path: Path, coords: np.ndarray, rows: np.ndarray, targets: np.
             f.attrs[k] = v
 
 
+def _cached_count(path: Path, recipe: dict[str, Any]) -> int | None:
+    """Targets in a cached file made by this very recipe (teacher, standardisation, sampling), else None: a cache
+    written before a teacher fix or by another checkpoint must not be reused silently."""
+    with h5py.File(path, "r") as f:
+        for key, want in recipe.items():
+            got = f.attrs.get(key)
+            got = got.decode() if isinstance(got, bytes) else got
+            if got is None or (got != want if isinstance(want, str) else int(got) != want):
+                return None
+        return int(f["targets"].shape[0])
+
+
 def compute_targets(
     slide_ids: list[str],
     features_dir: str | os.PathLike,
     teacher_checkpoint: str | os.PathLike,
     targets_dir: str | os.PathLike,
     *,
-    n_patches: int = 4096,
+    n_patches: int | None = 4096,
     seed: int = 0,
     duplicates: str = "mean",
     num_landmarks: int | None = None,
     device: str = "cpu",
     overwrite: bool = False,
+    max_all_patches: int = MAX_ALL_PATCHES,
 ) -> dict[str, int]:
-    """Cache the teacher targets of every slide that has a feature file; returns {slide_id: targets kept}."""
+    """Cache the teacher targets of every slide that has a feature file; returns {slide_id: targets kept}.
+    `n_patches=None`: every patch of each slide (up to `max_all_patches`), see `slide_targets`."""
     teacher, info = load_teacher(teacher_checkpoint, num_landmarks)
     teacher.to(device)
+    recipe = {
+        "teacher": json.dumps(info, sort_keys=True),
+        "n_patches": -1 if n_patches is None else int(n_patches),  # -1: all patches
+        "max_all_patches": int(max_all_patches),
+        "seed": int(seed),
+        "duplicates": duplicates,
+    }
     out_dir = Path(targets_dir)
     counts: dict[str, int] = {}
     for sid in slide_ids:
         dst = out_dir / f"{sid}.h5"
         if dst.is_file() and not overwrite:
-            with h5py.File(dst, "r") as f:
-                counts[sid] = int(f["targets"].shape[0])
-            continue
+            cached = _cached_count(dst, recipe)
+            if cached is not None:
+                counts[sid] = cached
+                continue
+            log.info("stage2: %s was cached with another teacher or sampling recipe; recomputing", dst)
         src = Path(features_dir) / f"{sid}.h5"
         if not src.is_file():
             continue
@@ -136,15 +178,11 @@ def compute_targets(
                 f"{src}: {feats.shape[1]}-d features, but the Stage-1 aggregator takes {info['n_features']}-d"
             )
         rng = np.random.default_rng(_slide_seed(seed, sid))
-        rows, targets = slide_targets(teacher, feats, n_patches, rng, duplicates, device)
+        if n_patches is None and len(feats) > max_all_patches:
+            log.warning("stage2: %s has %d patches; the teacher sees a sample of %d", sid, len(feats), max_all_patches)
+        rows, targets = slide_targets(teacher, feats, n_patches, rng, duplicates, device, max_all_patches)
         keep = {k: v for k, v in attrs.items() if not isinstance(v, np.ndarray) or v.size < 64}
-        keep.update(
-            teacher=json.dumps(info, sort_keys=True),
-            n_patches=int(n_patches),
-            seed=int(seed),
-            duplicates=duplicates,
-            features_file=str(src.resolve()),
-        )
+        keep.update(recipe, features_file=str(src.resolve()))
         write_targets(dst, coords[rows], rows, targets, keep)
         counts[sid] = len(rows)
     return counts

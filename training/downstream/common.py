@@ -11,7 +11,6 @@ Run directory (every task):
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +21,9 @@ from training.checkpoints import load_stage1_vision, mil_sizes, run_meta, save_h
 from training.cohort import Case, FeatureStore
 from training.downstream.config import DownstreamConfig
 from training.models.heads import MILHead
+from training.repro import seed_everything
 
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+__all__ = ["seed_everything"]
 
 
 def sample_bag(feats: torch.Tensor, max_patches: int | None, gen: torch.Generator) -> torch.Tensor:

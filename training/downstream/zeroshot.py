@@ -13,7 +13,9 @@ Two ways to score a slide, compared side by side:
 - **Slide level**: the aggregator's slide embedding (normed CLS) against W.
 
 Probabilities = softmax(14.29 · cosine), the official fixed CLIP scale. The k reported as "selected" is
-chosen on the validation split; test is scored for every method.
+chosen on the validation split; test is scored for every method. Pooling, logits and probabilities are the
+bundle contract's `ZeroShotSpec` (`service.inference.bundle`), the very code the service scores prompts with, so
+a served slide gets the probabilities evaluated here; the run records the spec it selected under `zeroshot`.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from service.errors import InvalidParameterError
+from service.inference.bundle import OFFICIAL_ZEROSHOT_SCALE, ZeroShotSpec, mi_zero_logits, slide_logits
 from training.checkpoints import load_patch_proj, load_stage1
 from training.cohort import FeatureStore, by_split, load_cohort
 from training.downstream.common import finish_run
@@ -39,7 +42,7 @@ from training.metrics import classification_metrics
 
 log = logging.getLogger(__name__)
 
-LOGIT_SCALE = 14.29  # exp(log(1/0.07)), the scale the official zero-shot code applies
+LOGIT_SCALE = OFFICIAL_ZEROSHOT_SCALE  # exp(log(1/0.07)), the scale the official zero-shot code applies
 
 
 @dataclass
@@ -97,14 +100,15 @@ def class_embeddings(
 
 def mi_zero_scores(patch_emb: torch.Tensor, classifier: torch.Tensor, topk: Sequence[int]) -> dict[int, torch.Tensor]:
     """MI-Zero top-k pooling: for each k, the mean of the k highest patch cosine logits per class `[C]`."""
-    logits = F.normalize(patch_emb.float(), dim=-1) @ classifier.T  # [N, C]
-    n = logits.shape[0]
-    return {k: logits.topk(min(k, n), dim=0).values.mean(0) for k in topk}
+    p, c = patch_emb.detach().float().cpu().numpy(), classifier.detach().float().cpu().numpy()
+    return {k: torch.from_numpy(mi_zero_logits(p, c, k)).float() for k in topk}
 
 
 def slide_scores(slide_emb: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:
     """Cosine logits `[C]` of one slide embedding."""
-    return F.normalize(slide_emb.float(), dim=-1) @ classifier.T
+    return torch.from_numpy(
+        slide_logits(slide_emb.detach().float().cpu().numpy(), classifier.detach().cpu().numpy())
+    ).float()
 
 
 def patch_embeddings(out: Any, feats: torch.Tensor, patch_proj: nn.Module | None) -> torch.Tensor:
@@ -172,7 +176,7 @@ def run_zeroshot(cfg: DownstreamConfig) -> dict:
         preds[split] = {"case_ids": [c.case_id for c in cs], "y_true": y.tolist(), "methods": {}}
         for m in methods:
             logits = np.stack(scores[m])
-            probs = torch.from_numpy(LOGIT_SCALE * logits).softmax(-1).numpy()
+            probs = ZeroShotSpec(logit_scale=LOGIT_SCALE).probabilities(logits)
             result[split][m] = classification_metrics(y, probs, n_boot=cfg.n_boot, seed=cfg.seed)
             preds[split]["methods"][m] = probs.tolist()
     if "test" not in result:
@@ -190,6 +194,9 @@ def run_zeroshot(cfg: DownstreamConfig) -> dict:
         "prompts": prompts.to_dict(),
         "logit_scale": LOGIT_SCALE,
         "topk": int(best_mi.removeprefix("mi_zero_top")),
+        "zeroshot": ZeroShotSpec(
+            method="mi_zero_topk", logit_scale=LOGIT_SCALE, topk=int(best_mi.removeprefix("mi_zero_top"))
+        ).model_dump(),
         "text_model_dir": getattr(enc.text, "model_dir", None),
     }
     holder = nn.Module()

@@ -37,6 +37,7 @@ from service.inference.bundle import (
     TensorSpec,
     TokenizerSpec,
     VocabSpec,
+    ZeroShotSpec,
     load_bundle,
     sha256_file,
     write_manifest,
@@ -364,6 +365,16 @@ def config_hash(config: dict | None) -> str | None:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _zeroshot_spec(given: ZeroShotSpec | dict | None) -> ZeroShotSpec:
+    """The zero-shot method to record: the one given (validated), else the official defaults."""
+    if given is None or isinstance(given, ZeroShotSpec):
+        return given or ZeroShotSpec()
+    try:
+        return ZeroShotSpec(**given)
+    except ValueError as err:
+        raise BundleError(f"invalid zero-shot method {given}: {err}") from err
+
+
 def build_bundle(
     out: str | Path,
     *,
@@ -379,6 +390,7 @@ def build_bundle(
     text_encoder: nn.Module | None = None,
     text_proj: nn.Module | None = None,
     tokenizer_dir: str | Path | None = None,
+    zeroshot: ZeroShotSpec | dict | None = None,
     report_generator: nn.Module | None = None,
     report_vocab: Sequence[str] | None = None,
     name: str = "mstar",
@@ -493,6 +505,7 @@ def build_bundle(
         models=specs,
         tokenizer=tok_spec,
         report_vocab=vocab_spec,
+        zeroshot=_zeroshot_spec(zeroshot) if text_encoder is not None else None,
         provenance=Provenance(
             source=prov.pop("source", "mstar export"),
             created=datetime.now(UTC),
@@ -528,6 +541,7 @@ def export_run(run_dir: str | Path, out: str | Path, *, progress: Callable[[str]
         text_encoder=c.text_encoder,
         text_proj=c.text_proj,
         tokenizer_dir=c.tokenizer_dir,
+        zeroshot=c.zeroshot,
         report_generator=c.report,
         report_vocab=c.report_itos,
         name=c.name,

@@ -111,6 +111,9 @@ def _text_entry(text: dict[str, Any] | None) -> dict[str, Any] | None:
         "proj_config": {"in_features": proj.in_features, "out_features": proj.out_features},
         "bert_state_dict": enc.bert.state_dict(),
         "proj_state_dict": text["proj"].state_dict(),
+        # the zero-shot method a validation run chose (a `ZeroShotSpec` dict, e.g. the zero-shot run's
+        # `meta["zeroshot"]`); absent: the bundle gets the official defaults
+        "zeroshot": text.get("zeroshot"),
     }
 
 
@@ -145,6 +148,7 @@ class ExportContents:
     text_encoder: nn.Module | None = None
     text_proj: nn.Linear | None = None
     tokenizer_dir: str | None = None
+    zeroshot: dict[str, Any] | None = None
     report: ReportGenerator | None = None
     report_itos: list[str] | None = None
     name: str = "mstar"
@@ -213,6 +217,7 @@ def load_export_checkpoint(run_dir: str | Path) -> ExportContents:
             proj_config = {"in_features": out.text_encoder.hidden_size, "out_features": out.aggregator.dim}
         out.text_proj = nn.Linear(**proj_config)
         out.text_proj.load_state_dict(t["proj_state_dict"], strict=True)
+        out.zeroshot = t.get("zeroshot")
         out.tokenizer_dir = t["model_dir"]
     if ckpt.get("report"):
         r = ckpt["report"]
