@@ -13,13 +13,14 @@ from training.models.patch_encoder import PATCH_ENCODERS, build_patch_encoder
 
 
 def _heads(heads: Sequence[tuple[str, str | Path]], embed_dim: int) -> list[HeadSpec]:
-    """Heads saved by `mstar downstream` (`best.pt`), checked to read this encoder's features."""
-    from training.checkpoints import load_head
+    """Heads saved by `mstar downstream` (`best.pt`) or official TransMIL classifiers, checked to read this
+    encoder's features."""
+    from training.checkpoints import load_any_head
     from training.export.contract import head_row
 
     out = []
     for name, path in heads:
-        module, meta = load_head(path)
+        module, meta = load_any_head(path)
         if module.config["n_features"] != embed_dim:
             raise BundleError(
                 f"head {name!r} ({path}) reads {module.config['n_features']}-d features, the encoder gives {embed_dim}"
