@@ -49,7 +49,7 @@ def export(run_dir: Path, out: Path) -> None:
     "heads",
     multiple=True,
     metavar="NAME=PATH",
-    help="A head trained on this encoder's features (`mstar downstream` best.pt); repeatable.",
+    help="A head trained on this encoder's features (`mstar train downstream` head.pt); repeatable.",
 )
 @click.option("--name", default=None, help="Bundle name (default: the checkpoint's file name).")
 def import_encoder_cmd(

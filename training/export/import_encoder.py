@@ -1,5 +1,5 @@
 """`mstar import-encoder`: a servable bundle around a released ViT checkpoint (mSTAR/UNI, a local file), with
-heads trained on its features (`mstar downstream`) when given: bring your own weights, then serve them."""
+heads trained on its features (`mstar train downstream`) when given: bring your own weights, then serve them."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from training.models.patch_encoder import PATCH_ENCODERS, build_patch_encoder
 
 
 def _heads(heads: Sequence[tuple[str, str | Path]], embed_dim: int) -> list[HeadSpec]:
-    """Heads saved by `mstar downstream` (`best.pt`) or official TransMIL classifiers, checked to read this
+    """Heads saved by `mstar train downstream` (`head.pt`) or official TransMIL classifiers, checked to read this
     encoder's features."""
     from training.checkpoints import load_any_head
     from training.export.contract import head_row
