@@ -174,6 +174,26 @@ def _model_refs(bundle: Bundle) -> dict:
     return {m.name: {"role": m.role, "version": m.version, "sha256": m.sha256} for m in bundle.manifest.models}
 
 
+def tiling_for(pre: Any, options: AnalysisOptions) -> tuple[float, int]:
+    """(µm/px of the encoder's input patches, input size) for a bundle's preprocessing and the job's options.
+
+    With a field of view in the bundle (official mSTAR/UNI: 128 µm cut at 0.5 µm/px, resized to 224 px) the
+    tiler is asked for `field_um / patch_size` µm/px, so each patch covers the field the model was trained on
+    whatever the slide's own resolution. A job may not change the scale a bundle was trained at."""
+    target_mpp = options.target_mpp or (pre.target_mpp if pre else 0.5)
+    patch_size = options.patch_size or (pre.patch_size if pre else 224)
+    if pre is None:
+        return target_mpp, patch_size
+    if patch_size != pre.patch_size:
+        raise InvalidParameterError(f"the bundle's patch encoder takes {pre.patch_size} px patches, not {patch_size}")
+    if abs(target_mpp - pre.target_mpp) / pre.target_mpp > 0.05:
+        raise InvalidParameterError(
+            f"the bundle was trained at {pre.target_mpp} µm/px; analysing at {target_mpp} µm/px would "
+            "feed it patches at the wrong scale"
+        )
+    return target_mpp * pre.grid_mpp / pre.target_mpp, patch_size
+
+
 def run_analysis(
     slide_path: str | Path | Any,
     out_dir: str | Path,
@@ -202,15 +222,7 @@ def run_analysis(
     prog("open", 0.0)
     bundle = backend.bundle if backend is not None else (load_bundle(bundle_dir) if bundle_dir else None)
     pre = bundle.manifest.preprocessing if bundle is not None else None
-    target_mpp = options.target_mpp or (pre.target_mpp if pre else 0.5)
-    patch_size = options.patch_size or (pre.patch_size if pre else 224)
-    if pre is not None and patch_size != pre.patch_size:
-        raise InvalidParameterError(f"the bundle's patch encoder takes {pre.patch_size} px patches, not {patch_size}")
-    if pre is not None and abs(target_mpp - pre.target_mpp) / pre.target_mpp > 0.05:
-        raise InvalidParameterError(
-            f"the bundle was trained at {pre.target_mpp} µm/px; analysing at {target_mpp} µm/px would "
-            "feed it patches at the wrong scale"
-        )
+    grid_mpp, patch_size = tiling_for(pre, options)
     owns_backend = backend is None and bundle is not None
     if owns_backend:
         backend = backend_from_settings(bundle)
@@ -223,7 +235,7 @@ def run_analysis(
         with opened as reader:
             prog("grid", 0.0)
             grid = build_grid(
-                reader, target_mpp=target_mpp, patch_size=patch_size, tissue_threshold=options.tissue_threshold
+                reader, target_mpp=grid_mpp, patch_size=patch_size, tissue_threshold=options.tissue_threshold
             )
             if options.region is not None:
                 from service.results.roi import restrict_grid
@@ -235,7 +247,7 @@ def run_analysis(
                     "sha256": source.fingerprint() if source is not None else slide_fingerprint(slide_path),
                     **reader.describe(),
                 },
-                "tiling": grid.summary(),
+                "tiling": {**grid.summary(), "field_um": round(grid_mpp * patch_size, 4)},
                 "options": options.to_json(),
             }
             out_dir.mkdir(parents=True, exist_ok=True)

@@ -40,6 +40,7 @@ def test_import_vit_large_checkpoint(tmp_path: Path) -> None:
     b = load_bundle(tmp_path / "bundle")
     enc = b.patch_encoder
     assert b.manifest.embed_dim == 1024 and b.manifest.preprocessing.patch_size == 224
+    assert b.manifest.preprocessing.field_um == 128.0  # official: 256 px at 0.5 µm/px, resized to 224
     assert enc.inputs[0].shape == ["batch", 224, 224, 3] and enc.outputs[0].shape == ["batch", 1024]
     assert b.manifest.provenance.checkpoint_sha256 is not None
     assert rep.parity[0].ok and rep.parity[0].min_cosine["embedding"] > 0.9999

@@ -158,8 +158,11 @@ def load_stage1_vision(path: str | Path) -> Stage1Vision:
     return Stage1Vision(build_stage1_aggregator(ckpt), ckpt.feature_mean, ckpt.feature_std).eval()
 
 
-def load_stage1(path: str | Path, with_text: bool = True) -> Stage1Encoders:
-    """The Stage-1 towers used after pretraining: aggregator (+ standardisation), text encoder and `proj_text`."""
+def load_stage1(path: str | Path, with_text: bool = True, text_model_dir: str | Path | None = None) -> Stage1Encoders:
+    """The Stage-1 towers used after pretraining: aggregator (+ standardisation), text encoder and `proj_text`.
+
+    `text_model_dir` names the text model's config/tokenizer for checkpoints that record none (the official
+    layout: a BioBERT directory)."""
     from training.models.text_encoder import TextEncoder  # transformers: only when a text tower is wanted
 
     ckpt = read_stage1(path)
@@ -168,8 +171,10 @@ def load_stage1(path: str | Path, with_text: bool = True) -> Stage1Encoders:
     tstate, pstate = ckpt.part("text_encoder."), ckpt.part("proj_text.")
     if with_text and tstate and pstate:
         text_cfg = (ckpt.config.get("model") or {}).get("text") or {}
-        text_dir = ckpt.text_model_dir or text_cfg.get("model_dir")
+        text_dir = text_model_dir or ckpt.text_model_dir or text_cfg.get("model_dir")
         text = TextEncoder(text_dir, text_cfg.get("max_length", 512))
+        # the official text tower is a masked-LM model: its MLM head (`text_encoder.cls.*`) is saved but unused
+        tstate = {k: v for k, v in tstate.items() if not k.startswith("cls.")}
         missing, unexpected = text.load_state_dict(tstate, strict=False)
         if unexpected or missing:
             raise InvalidParameterError(
@@ -281,6 +286,53 @@ def load_head(path: str | Path) -> tuple[MILHead, dict]:
         model.set_standardization(state["feature_mean"], state["feature_std"])
     model.load_state_dict(state)
     return model.eval(), meta
+
+
+def _official_state(ckpt: Any) -> dict[str, torch.Tensor] | None:
+    """The state dict of a checkpoint as the official code saves one (a bare `state_dict()`, or under
+    `model_state_dict`/`state_dict`, with or without DDP `module.`), or None when it is not one."""
+    if not isinstance(ckpt, dict):
+        return None
+    for key in ("model_state_dict", "state_dict"):
+        if isinstance(ckpt.get(key), dict) and "meta" not in ckpt:
+            ckpt = ckpt[key]
+            break
+    if not ckpt or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in ckpt.items()):
+        return None
+    return {k.removeprefix("module."): v for k, v in ckpt.items()}
+
+
+def load_official_transmil(
+    path: str | Path, labels: list[str] | None = None, task: str = "classification"
+) -> tuple[MILHead, dict]:
+    """A TransMIL trained by the official downstream code (`models/TransMIL/network.py`: classifier `classifier`,
+    ours `_fc2`; `_fc1` = Linear + activation + dropout; width 512, 8 heads, 256 landmarks), as a head of ours.
+
+    Sizes come from the weights (input width from `_fc1.0`, classes from `classifier`); `labels` default to the
+    official label indices `"0".."C-1"`. Returns (head in eval mode, meta as `load_head` gives it)."""
+    state = _official_state(_load(path, "TransMIL checkpoint"))
+    if state is None or "classifier.weight" not in state or "_fc1.0.weight" not in state:
+        raise InvalidParameterError(f"{path} is not an official TransMIL checkpoint (no classifier/_fc1 weights)")
+    state = {("_fc2." + k[len("classifier.") :] if k.startswith("classifier.") else k): v for k, v in state.items()}
+    n_outputs, dim = state["_fc2.weight"].shape
+    n_features = int(state["_fc1.0.weight"].shape[1])
+    labels = list(labels) if labels is not None else [str(i) for i in range(n_outputs)]
+    if task == "classification" and len(labels) != n_outputs:
+        raise InvalidParameterError(f"{path}: {n_outputs} classes in the checkpoint, {len(labels)} labels given")
+    model = MILHead("transmil", n_features, int(n_outputs), task=task, dim=int(dim))  # type: ignore[arg-type]
+    try:
+        model.mil.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise InvalidParameterError(f"{path} does not match the official TransMIL layout: {err}") from err
+    return model.eval(), {"task": task, "labels": labels, "source": "official TransMIL", "checkpoint": str(path)}
+
+
+def load_any_head(path: str | Path, labels: list[str] | None = None) -> tuple[MILHead, dict]:
+    """A head saved by `mstar downstream`, or an official TransMIL classifier (see `load_official_transmil`)."""
+    ckpt = _load(path, "head checkpoint")
+    if isinstance(ckpt, dict) and "meta" in ckpt and "state_dict" in ckpt:
+        return load_head(path)
+    return load_official_transmil(path, labels)
 
 
 def load_report_generator(path: str | Path) -> tuple[ReportGenerator, dict, list[str]]:

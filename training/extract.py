@@ -33,7 +33,7 @@ from torch import nn
 
 from service.atomic import atomic_path
 from service.errors import InvalidParameterError, MstarError
-from training.models.patch_encoder import PATCH_ENCODERS, Preprocessing, build_patch_encoder
+from training.models.patch_encoder import PATCH_ENCODERS, Preprocessing, build_patch_encoder, grid_mpp
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,7 @@ class Encoder:
     checkpoint: str | None = None
     checkpoint_sha256: str | None = None
     config: dict[str, Any] = field(default_factory=dict)
+    field_um: float | None = None  # the field of view it was trained on (PatchEncoderSpec.field_um)
 
     def attrs(self) -> dict[str, Any]:
         """HDF5 attributes naming the encoder, so a feature file says which model made it."""
@@ -114,6 +115,7 @@ def load_encoder(
         checkpoint=str(checkpoint.resolve()) if checkpoint else None,
         checkpoint_sha256=_sha256(checkpoint) if checkpoint else None,
         config=config,
+        field_um=spec.field_um,
     )
 
 
@@ -203,6 +205,7 @@ def extract_slide(
     *,
     target_mpp: float = 0.5,
     patch_size: int = 224,
+    field_um: float | None = None,
     tissue_threshold: float = 0.25,
     batch_size: int = 64,
     workers: int = 2,
@@ -217,8 +220,9 @@ def extract_slide(
 
     `reader_or_path` is an open `SlideReader` (left open) or a path (opened with `mpp_override`). With `pt_dir`,
     also writes `pt_dir/pt_files/<id>.pt` and `pt_dir/h5_files/<id>.h5` first. `progress` (a tqdm bar) is
-    advanced by patches; `grid` reuses a `TileGrid` already built for this reader. Returns a summary (patches,
-    seconds, patches/s, tiling). Raises `MstarError`s.
+    advanced by patches; `grid` reuses a `TileGrid` already built for this reader. With `field_um` each patch
+    covers that many µm (cut at `target_mpp`, resized to `patch_size`). Returns a summary (patches, seconds,
+    patches/s, tiling). Raises `MstarError`s.
     """
     from service.embedding import embed_grid
     from service.slides.grid import build_grid
@@ -232,7 +236,12 @@ def extract_slide(
     reader = open_slide(reader_or_path, mpp_override=mpp_override) if own else reader_or_path
     try:
         if grid is None:
-            grid = build_grid(reader, target_mpp=target_mpp, patch_size=patch_size, tissue_threshold=tissue_threshold)
+            grid = build_grid(
+                reader,
+                target_mpp=grid_mpp(target_mpp, patch_size, field_um),
+                patch_size=patch_size,
+                tissue_threshold=tissue_threshold,
+            )
         n = len(grid)
         if n == 0:
             from service.errors import NoTissueError
@@ -252,6 +261,7 @@ def extract_slide(
         if not np.isfinite(feats).all():
             raise MstarError(f"{slide_id}: the encoder produced non-finite features")
         attrs = {**encoder.attrs(), "slide_id": slide_id, "slide_path": str(getattr(reader, "path", "") or "")}
+        attrs["field_um"] = float(grid.patch_size * grid.target_mpp)
         if pt_dir is not None:
             pt_dir = Path(pt_dir)
             with atomic_path(pt_dir / "pt_files" / f"{slide_id}.pt") as tmp:
@@ -286,6 +296,14 @@ class ExtractOptions:
     pt: bool = False
     arch: str | None = None
     seed: int = 0
+    field_um: float | None = None  # None: the encoder's own field of view (official 128 µm for mSTAR/UNI)
+
+    def field_for(self, encoder: Encoder) -> float | None:
+        return self.field_um if self.field_um is not None else encoder.field_um
+
+    def grid_mpp(self, encoder: Encoder) -> float:
+        """The µm/px the tiler is asked for with this encoder (what the HDF5 records as `target_mpp`)."""
+        return grid_mpp(self.target_mpp, self.patch_size, self.field_for(encoder))
 
 
 def _log_record(out_dir: Path, record: dict[str, Any]) -> None:
@@ -306,7 +324,7 @@ def _settings_clash(path: Path, encoder: Encoder, opts: ExtractOptions) -> str:
     want = {
         "encoder": encoder.name,
         "encoder_sha256": encoder.checkpoint_sha256 or None,
-        "target_mpp": float(opts.target_mpp),
+        "target_mpp": float(opts.grid_mpp(encoder)),
         "patch_size": int(opts.patch_size),
         "tissue_threshold": float(opts.tissue_threshold),
     }
@@ -357,7 +375,7 @@ def _run_shard(
                     with open_for_extraction(job) as reader:
                         grid = build_grid(
                             reader,
-                            target_mpp=opts.target_mpp,
+                            target_mpp=opts.grid_mpp(encoder),
                             patch_size=opts.patch_size,
                             tissue_threshold=opts.tissue_threshold,
                         )
@@ -369,6 +387,7 @@ def _run_shard(
                             out_dir / f"{job.slide_id}.h5",
                             target_mpp=opts.target_mpp,
                             patch_size=opts.patch_size,
+                            field_um=opts.field_for(encoder),
                             tissue_threshold=opts.tissue_threshold,
                             batch_size=opts.batch_size,
                             workers=opts.workers,
@@ -486,7 +505,14 @@ def parse_devices(text: str) -> list[str]:
 @click.option("--arch", default=None, help="config of a checkpoint (default: its .json sidecar, else mstar_vit_l16)")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="output folder")
 @click.option("--mpp", "target_mpp", default=0.5, show_default=True, help="target µm/px of the patches")
-@click.option("--patch-size", default=224, show_default=True, help="patch side in pixels at the target µm/px")
+@click.option("--patch-size", default=224, show_default=True, help="the encoder's input size in pixels")
+@click.option(
+    "--field-um",
+    type=float,
+    default=None,
+    help="µm of tissue per patch side, cut at --mpp and resized to --patch-size (default: the encoder's own; "
+    "mstar_vit_l16/uni_vit_l16: 128 = 256 px at 0.5 µm/px, as the official features; others: patch-size x mpp)",
+)
 @click.option("--tissue-threshold", default=0.25, show_default=True, help="minimum tissue fraction per patch")
 @click.option(
     "--mpp-override",
@@ -508,6 +534,7 @@ def extract(
     out_dir: str,
     target_mpp: float,
     patch_size: int,
+    field_um: float | None,
     tissue_threshold: float,
     mpp_override: float | None,
     batch_size: int,
@@ -519,7 +546,7 @@ def extract(
     """Extract patch features for a cohort manifest (cohort.csv) or a folder of slides."""
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("wsidicom").setLevel(logging.ERROR)  # per-file UID chatter on every DICOM series
-    opts = ExtractOptions(target_mpp, patch_size, tissue_threshold, batch_size, workers, pt, arch, seed)
+    opts = ExtractOptions(target_mpp, patch_size, tissue_threshold, batch_size, workers, pt, arch, seed, field_um)
     try:
         summary = extract_cohort(
             source, encoder, out_dir, options=opts, devices=parse_devices(devices), mpp_override=mpp_override

@@ -94,15 +94,35 @@ class ModelSpec(_Strict):
 
 
 class Preprocessing(_Strict):
-    """How patches are cut and fed: the pipeline hands exactly `patch_size`² uint8 RGB patches (NHWC)
-    read at `target_mpp`; when `uint8_input` the graph itself does /255 and mean/std."""
+    """How patches are cut and fed: the pipeline hands exactly `patch_size`² uint8 RGB patches (NHWC, the
+    model's input size); when `uint8_input` the graph itself does /255 and mean/std.
+
+    The field of view: a patch covers `field_um` µm of tissue per side, cut from the slide at `target_mpp` and
+    resized to `patch_size` (official mSTAR/UNI: 256 px at 0.5 µm/px = 128 µm, resized to 224). Without
+    `field_um` (older manifests) a patch is `patch_size` px at `target_mpp`, with no resize."""
 
     patch_size: int = Field(ge=8, le=4096)
     target_mpp: float = Field(gt=0.05, lt=20)
+    field_um: float | None = Field(default=None, gt=0)
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     uint8_input: bool = True
     layout: Literal["NHWC"] = "NHWC"
+
+    @property
+    def patch_um(self) -> float:
+        """µm of tissue per patch side."""
+        return self.field_um if self.field_um is not None else self.patch_size * self.target_mpp
+
+    @property
+    def read_px(self) -> int:
+        """Pixels per patch side at `target_mpp`, before the resize to `patch_size`."""
+        return round(self.patch_um / self.target_mpp)
+
+    @property
+    def grid_mpp(self) -> float:
+        """µm per pixel of the `patch_size` patches the encoder sees (what the tiler is asked for)."""
+        return self.patch_um / self.patch_size
 
 
 class TokenizerSpec(_Strict):

@@ -57,8 +57,12 @@ class PromptSet:
         return {"templates": self.templates, "classes": self.classes}
 
 
-def load_prompts(path: str | Path) -> PromptSet:
-    """Read `{templates: [...CLASSNAME...], classes: {label: [synonyms]}}` and check it."""
+def load_prompts(path: str | Path, prompt_set: str = "0") -> PromptSet:
+    """Read `{templates: [...CLASSNAME...], classes: {label: [synonyms]}}` and check it.
+
+    The official files (`*_prompts_all_per_class.json`, CONCH style) load as they are: numbered prompt sets
+    `{"0": {"classnames": {label: [synonyms]}, "templates": [...]}}`; `prompt_set` picks one (default "0",
+    the set the official zero-shot code reads)."""
     path = Path(path)
     if not path.is_file():
         raise InvalidParameterError(f"prompt file {path} does not exist")
@@ -66,6 +70,12 @@ def load_prompts(path: str | Path) -> PromptSet:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise InvalidParameterError(f"prompt file {path} is not valid JSON: {err}") from err
+    if not isinstance(raw, dict):
+        raise InvalidParameterError(f"prompt file {path} must hold a JSON object")
+    if "templates" not in raw and all(isinstance(v, dict) and "classnames" in v for v in raw.values()) and raw:
+        if prompt_set not in raw:
+            raise InvalidParameterError(f"{path}: no prompt set {prompt_set!r} (has {sorted(raw)})")
+        raw = {"templates": raw[prompt_set].get("templates"), "classes": raw[prompt_set]["classnames"]}
     templates, classes = raw.get("templates"), raw.get("classes")
     if not isinstance(templates, list) or not templates or not all(isinstance(t, str) for t in templates):
         raise InvalidParameterError(f"{path}: 'templates' must be a non-empty list of strings")

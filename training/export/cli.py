@@ -37,14 +37,44 @@ def export(run_dir: Path, out: Path) -> None:
     help="Patch encoder configuration (training.models.patch_encoder.PATCH_ENCODERS).",
 )
 @click.option("--target-mpp", type=float, default=0.5, show_default=True, help="µm/px the encoder was trained at.")
+@click.option(
+    "--field-um",
+    type=float,
+    default=None,
+    help="µm of tissue per patch side (default: the architecture's; mstar_vit_l16/uni_vit_l16: 128, the official "
+    "256 px at 0.5 µm/px resized to 224).",
+)
+@click.option(
+    "--head",
+    "heads",
+    multiple=True,
+    metavar="NAME=PATH",
+    help="A head trained on this encoder's features (`mstar train downstream` head.pt); repeatable.",
+)
 @click.option("--name", default=None, help="Bundle name (default: the checkpoint's file name).")
-def import_encoder_cmd(checkpoint: Path, out: Path, arch: str, target_mpp: float, name: str | None) -> None:
-    """Build an encoder-only bundle around a released mSTAR/UNI ViT checkpoint (a local file)."""
+def import_encoder_cmd(
+    checkpoint: Path,
+    out: Path,
+    arch: str,
+    target_mpp: float,
+    field_um: float | None,
+    heads: tuple[str, ...],
+    name: str | None,
+) -> None:
+    """Build a bundle around a released mSTAR/UNI ViT checkpoint (a local file), with heads trained on it."""
+    pairs = []
+    for h in heads:
+        head_name, sep, path = h.partition("=")
+        if not sep or not head_name or not path:
+            raise click.BadParameter(f"expected NAME=PATH, got {h!r}", param_hint="--head")
+        pairs.append((head_name, Path(path)))
     rep = import_encoder(
         checkpoint,
         out,
         arch=arch,
         target_mpp=target_mpp,
+        field_um=field_um,
+        heads=pairs,
         name=name,
         progress=lambda m: click.echo(m, err=True),
     )

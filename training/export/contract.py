@@ -4,6 +4,7 @@
   "format": "mstar-export/1",
   "patch_encoder": {"name": <key of patch_encoder.PATCH_ENCODERS>, "state_dict": {...} | None},
   "target_mpp": float,
+  "field_um": float | None (µm per patch side; absent in older files: patch size x target_mpp),
   "aggregator": {"kwargs": TransMIL kwargs, "state_dict": {...}} | None,
   "heads": [{"name", "task": "classification"|"survival", "kind": "abmil"|"transmil"|"transmil_pre",
              "n_outputs", "dim", "transmil_kwargs", "labels", "bin_edges", "state_dict"}],
@@ -60,6 +61,7 @@ def save_export_checkpoint(
     encoder_name: str,
     encoder_state: dict | None = None,
     target_mpp: float = 0.5,
+    field_um: float | None = None,
     aggregator=None,
     heads: list[dict[str, Any]] | None = None,
     text: dict[str, Any] | None = None,
@@ -84,6 +86,7 @@ def save_export_checkpoint(
         "name": name,
         "patch_encoder": {"name": encoder_name, "state_dict": encoder_state},
         "target_mpp": float(target_mpp),
+        "field_um": None if field_um is None else float(field_um),
         "aggregator": agg,
         "heads": head_rows,
         "text": _text_entry(text),
@@ -143,6 +146,7 @@ class ExportContents:
     preprocessing: Preprocessing
     embed_dim: int
     target_mpp: float
+    field_um: float | None = None
     aggregator: TransMIL | None = None
     heads: list[HeadEntry] = field(default_factory=list)
     text_encoder: nn.Module | None = None
@@ -180,6 +184,7 @@ def load_export_checkpoint(run_dir: str | Path) -> ExportContents:
         pre,
         PATCH_ENCODERS[enc_name].embed_dim,
         float(ckpt["target_mpp"]),
+        None if ckpt.get("field_um") is None else float(ckpt["field_um"]),
         name=ckpt.get("name", "mstar"),
         demo=bool(ckpt.get("demo")),
         provenance=dict(ckpt.get("provenance") or {}),

@@ -70,6 +70,12 @@ class PatchEncoderSpec:
     kwargs: dict[str, Any] = field(default_factory=dict)
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
     embed_dim: int = 1024
+    # µm of tissue per patch side it was trained on (None: input size x target µm/px, no resize)
+    field_um: float | None = None
+
+
+# official mSTAR/UNI tiling: 256 px at 20x (0.5 µm/px) = 128 µm, resized to 224 (method reference §5)
+OFFICIAL_FIELD_UM = 128.0
 
 
 PATCH_ENCODERS: dict[str, PatchEncoderSpec] = {
@@ -79,6 +85,7 @@ PATCH_ENCODERS: dict[str, PatchEncoderSpec] = {
         dict(img_size=224, patch_size=16, init_values=1e-5, num_classes=0, dynamic_img_size=True),
         Preprocessing(224),
         1024,
+        OFFICIAL_FIELD_UM,
     ),
     "vit_small_224": PatchEncoderSpec(
         "vit_small_patch16_224",
@@ -108,6 +115,14 @@ PATCH_ENCODERS: dict[str, PatchEncoderSpec] = {
         Preprocessing(112),
         96,
     ),
+    # the UNI release: the same timm configuration and field of view as mSTAR (its Stage-2 initialisation)
+    "uni_vit_l16": PatchEncoderSpec(
+        "vit_large_patch16_224",
+        dict(img_size=224, patch_size=16, init_values=1e-5, num_classes=0, dynamic_img_size=True),
+        Preprocessing(224),
+        1024,
+        OFFICIAL_FIELD_UM,
+    ),
     # weight-free colour/texture statistics (training.models.tissue_stats): fast CPU demos only
     "tissue_stats_112": PatchEncoderSpec("tissue_stats", {}, Preprocessing(112), 41),
 }
@@ -131,6 +146,11 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict):
         raise BundleError(f"{path} does not hold a state dict")
     return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def grid_mpp(target_mpp: float, patch_size: int, field_um: float | None) -> float:
+    """µm/px to tile at so a `patch_size` patch covers `field_um` µm (cut at `target_mpp`, then resized)."""
+    return target_mpp if field_um is None else field_um / patch_size
 
 
 def build_patch_encoder(name: str, checkpoint: str | Path | None = None) -> tuple[nn.Module, Preprocessing]:
