@@ -34,11 +34,11 @@ def spans():
 def test_one_trace_spans_gateway_queue_worker_and_stages(spans, redis_server, tmp_path, cmu_svs) -> None:  # noqa: F811
     import redis
     from celery.contrib.testing.worker import start_worker
-    from service.worker.celery_app import make_celery
 
     from service.api import create_app
     from service.config import Settings
     from service.jobs.celery_queue import CeleryQueue
+    from service.worker.tasks import worker_app as make_worker_app
 
     redis.Redis.from_url(redis_server.url).flushdb()
     settings = Settings(
@@ -47,7 +47,7 @@ def test_one_trace_spans_gateway_queue_worker_and_stages(spans, redis_server, tm
         pipeline="runner_pipelines:tiny",
         api_keys=[{"tenant": "lab", "key": KEY}],
     )
-    worker_app = make_celery(settings)
+    worker_app = make_worker_app(settings)
     with (
         TestClient(create_app(settings, queue=CeleryQueue(settings))) as client,
         start_worker(worker_app, pool="solo", perform_ping_check=False, queues=["interactive", "batch"]),

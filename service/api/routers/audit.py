@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query
+from pydantic import BeforeValidator
 
 from service.api.deps import AdminDep, ContextDep
 from service.api.responses import ERRORS
@@ -13,6 +15,16 @@ from service.api.schemas import AuditEventOut, AuditPage
 from service.store import audit
 
 router = APIRouter(tags=["audit"])
+
+
+def _iso_only(value: object) -> object:
+    """The schema says date-time: refuse what pydantic would otherwise read as a Unix timestamp (`until=0.5`)."""
+    if isinstance(value, str) and not re.match(r"^\d{4}-\d{2}-\d{2}", value):
+        raise ValueError("expected an ISO 8601 date-time, e.g. 2026-12-06T10:00:00Z")
+    return value
+
+
+IsoDateTime = Annotated[datetime, BeforeValidator(_iso_only)]
 
 _PRINTABLE = r"^[\x20-\x7e]*$"  # ids are plain ASCII; a NUL would be a database error on PostgreSQL
 Action = Literal["create", "read", "download", "cancel", "delete", "reload"]
@@ -25,8 +37,8 @@ def list_audit(
     tenant_id: Annotated[str | None, Query(max_length=32, pattern=_PRINTABLE)] = None,
     action: Action | None = None,
     resource_id: Annotated[str | None, Query(max_length=64, pattern=_PRINTABLE)] = None,
-    since: Annotated[datetime | None, Query(description="ISO 8601, inclusive")] = None,
-    until: Annotated[datetime | None, Query(description="ISO 8601, exclusive")] = None,
+    since: Annotated[IsoDateTime | None, Query(description="ISO 8601, inclusive")] = None,
+    until: Annotated[IsoDateTime | None, Query(description="ISO 8601, exclusive")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
     offset: Annotated[int, Query(ge=0, le=10**9)] = 0,
 ) -> AuditPage:
