@@ -6,6 +6,9 @@ a worker marks the job failed with `code` and the message. Nothing here should e
 
 from __future__ import annotations
 
+import errno
+from collections.abc import Callable
+
 
 class MstarError(Exception):
     """Base of all expected, user-facing failures."""
@@ -90,6 +93,24 @@ class StorageFullError(MstarError):
 
     code = "storage_full"
     http_status = 507
+
+
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+def is_disk_full(err: BaseException | None, *, also: Callable[[BaseException], bool] | None = None) -> bool:
+    """An error that means "no space": an OSError with ENOSPC/EDQUOT/EFBIG (also when a library wrapped it as its
+    cause), or one that `also` recognises (e.g. a database's own "disk is full"). Stops at a `StorageFullError`,
+    which has already said so."""
+    while err is not None:
+        if isinstance(err, OSError) and err.errno in _DISK_FULL:
+            return True
+        if also is not None and also(err):
+            return True
+        err = err.__cause__ or err.__context__
+        if isinstance(err, StorageFullError):
+            return False
+    return False
 
 
 class IdempotencyConflictError(MstarError):

@@ -6,24 +6,10 @@ because the `StorageFullError` propagates through the same `except`/`finally` bl
 
 from __future__ import annotations
 
-import errno
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from service.errors import StorageFullError
-
-_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
-
-
-def is_disk_full(err: BaseException) -> bool:
-    """An OSError that means "no space" (also when a library wrapped it as its cause)."""
-    while err is not None:
-        if isinstance(err, OSError) and err.errno in _FULL:
-            return True
-        err = err.__cause__ or err.__context__
-        if isinstance(err, StorageFullError):
-            return False
-    return False
+from service.errors import StorageFullError, is_disk_full
 
 
 @contextmanager

@@ -18,8 +18,8 @@ from service.errors import (
     SlideTooLargeError,
     SourceNotAllowedError,
     UnsupportedFormatError,
+    is_disk_full,
 )
-from service.ingest.disk import is_disk_full
 
 CHUNK = 1 << 20
 HTTP_TIMEOUT_S = 60.0

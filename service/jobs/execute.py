@@ -12,7 +12,6 @@ The model bundle and backend are opened once per process (`worker_backend`) and 
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import importlib
 import logging
@@ -30,7 +29,7 @@ from typing import Any
 from sqlalchemy.exc import DBAPIError
 
 from service.config import Settings
-from service.errors import MstarError, SlideNotFoundError, StorageFullError
+from service.errors import MstarError, SlideNotFoundError, StorageFullError, is_disk_full
 from service.jobs import lifecycle
 from service.jobs.lifecycle import Lease
 from service.jobs.resources import open_store
@@ -45,7 +44,6 @@ log = logging.getLogger("mstar.jobs")
 PipelineFn = Callable[..., dict]
 MAX_TIMED_CALLS = 20_000  # backend latencies kept per model and job (a bound on what an outcome carries)
 PROGRESS_WRITE_S = 0.5  # at most this often a progress write / cancel poll hits the database
-_NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
 
 
 @dataclass
@@ -188,17 +186,14 @@ def job_tenant_name(s: Any, tenant_id: str) -> str:
     return tenant.name if tenant is not None else ""
 
 
-def _no_space(err: BaseException | None) -> bool:
-    while err is not None:
-        if isinstance(err, OSError) and err.errno in _NO_SPACE:
-            return True
-        if isinstance(err, DBAPIError) and _db_full(err):
-            return True
-        err = err.__cause__ or err.__context__
-    return False
+def _no_space(err: BaseException) -> bool:
+    return is_disk_full(err, also=_db_full)
 
 
-def _db_full(err: DBAPIError) -> bool:
+def _db_full(err: BaseException) -> bool:
+    """A job store write refused for lack of space (SQLite and PostgreSQL word it differently)."""
+    if not isinstance(err, DBAPIError):
+        return False
     text = str(err.orig).lower()
     return "disk is full" in text or "no space left" in text or "could not extend file" in text
 
