@@ -102,8 +102,14 @@ def main() -> None:
                 embed_batch(enc, np.zeros((2, args.patch_size, args.patch_size, 3), np.uint8))  # warm-up
                 t_naive = naive(reader, grid, enc, args.batch_size)
                 t0 = time.perf_counter()
-                extract_slide(reader, enc, Path(tmp) / f"{path.stem}.h5", grid=grid, batch_size=args.batch_size,
-                              workers=args.workers)
+                extract_slide(
+                    reader,
+                    enc,
+                    Path(tmp) / f"{path.stem}.h5",
+                    grid=grid,
+                    batch_size=args.batch_size,
+                    workers=args.workers,
+                )
                 t_ours = time.perf_counter() - t0
                 t_model = model_only(grid, enc, args.batch_size)
                 t_decode = naive(reader, grid, enc, args.batch_size, decode_only=True)
@@ -111,15 +117,21 @@ def main() -> None:
             rows.append((name, n, n / t_naive, n / t_ours, n / t_model, n / t_decode, t_naive / t_ours))
             for k, v in (("n", n), ("ours", t_ours), ("naive", t_naive), ("model", t_model), ("decode", t_decode)):
                 tot[k] += v
-    print(f"encoder={args.encoder} patch={args.patch_size}px mpp={args.mpp} batch={args.batch_size} "
-          f"reader threads={args.workers} torch threads={torch.get_num_threads()}")
-    print(f"{'slide':34s} {'patches':>7s} {'naive/s':>9s} {'ours/s':>9s} {'model/s':>9s} {'decode/s':>9s} "
-          f"{'ours÷naive':>10s}")
+    print(
+        f"encoder={args.encoder} patch={args.patch_size}px mpp={args.mpp} batch={args.batch_size} "
+        f"reader threads={args.workers} torch threads={torch.get_num_threads()}"
+    )
+    print(
+        f"{'slide':34s} {'patches':>7s} {'naive/s':>9s} {'ours/s':>9s} {'model/s':>9s} {'decode/s':>9s} "
+        f"{'ours÷naive':>10s}"
+    )
     for r in rows:
         print(f"{r[0]:34s} {r[1]:7d} {r[2]:9.1f} {r[3]:9.1f} {r[4]:9.1f} {r[5]:9.1f} {r[6]:10.2f}")
     n = tot["n"]
-    print(f"{'ALL':34s} {n:7d} {n / tot['naive']:9.1f} {n / tot['ours']:9.1f} {n / tot['model']:9.1f} "
-          f"{n / tot['decode']:9.1f} {tot['naive'] / tot['ours']:10.2f}")
+    print(
+        f"{'ALL':34s} {n:7d} {n / tot['naive']:9.1f} {n / tot['ours']:9.1f} {n / tot['model']:9.1f} "
+        f"{n / tot['decode']:9.1f} {tot['naive'] / tot['ours']:10.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -53,8 +53,10 @@ def make_cohort(work: Path, cases: int, seed: int) -> Path:
 
 def features(cohort: Path, encoder: Path, out: Path) -> None:
     summary = extract_cohort(cohort, encoder, out, options=OPTS)
-    step(f"features -> {out.name}: {summary['done']} done, {summary['skipped']} skipped, {summary['failed']} failed "
-         f"({summary['patches_per_s']} patches/s)")
+    step(
+        f"features -> {out.name}: {summary['done']} done, {summary['skipped']} skipped, {summary['failed']} failed "
+        f"({summary['patches_per_s']} patches/s)"
+    )
 
 
 def stage1(work: Path, cohort: Path, feats: Path, epochs: int) -> Path:
@@ -70,12 +72,16 @@ def stage1(work: Path, cohort: Path, feats: Path, epochs: int) -> Path:
     bert = build_tiny_bert(work / "bert", texts, vocab_size=400, hidden=64, layers=1, heads=2)
     cfg = {
         "data": {"cohort": str(cohort), "features_dir": str(feats), "n_patches": 256},
-        "model": {"aggregator": {"dim": 128, "heads": 4, "num_landmarks": 32},
-                  "text": {"model_dir": str(bert), "max_length": 128, "lr": 1e-3},
-                  "gene": {"dim": 32, "heads": 2, "dim_head": 16}},
+        "model": {
+            "aggregator": {"dim": 128, "heads": 4, "num_landmarks": 32},
+            "text": {"model_dir": str(bert), "max_length": 128, "lr": 1e-3},
+            "gene": {"dim": 32, "heads": 2, "dim_head": 16},
+        },
         "optim": {"epochs": epochs, "batch_size": 8, "per_class": 2, "lr": 5e-4},
         "eval": {"every_epochs": epochs},
-        "out_dir": str(work / "stage1"), "seed": 0, "amp": False,
+        "out_dir": str(work / "stage1"),
+        "seed": 0,
+        "amp": False,
     }
     path = work / "stage1.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -93,20 +99,31 @@ def stage2(work: Path, cohort: Path, feats: Path, teacher: Path, stage0: Path, s
 
     step(f"stage 2 ({steps} steps)")
     cfg = {
-        "data": {"cohort": str(cohort), "features_dir": str(feats), "n_patches": 256, "num_workers": 1,
-                 "splits": ["train"]},
+        "data": {
+            "cohort": str(cohort),
+            "features_dir": str(feats),
+            "n_patches": 256,
+            "num_workers": 1,
+            "splits": ["train"],
+        },
         "teacher": {"checkpoint": str(teacher)},
         "student": {"encoder": ENCODER, "init_checkpoint": str(stage0)},
         "optim": {"epochs": 100, "batch_size": 64, "lr": 5e-5, "proj_lr": 1e-3, "max_steps": steps},
-        "out_dir": str(out), "seed": 0, "amp": False,
+        "out_dir": str(out),
+        "seed": 0,
+        "amp": False,
     }
     path = work / "stage2.yaml"
     path.write_text(yaml.safe_dump(cfg))
     res = train_stage2(load_config(path, Stage2Config))
     rows = list(csv.DictReader((out / "metrics.csv").open()))
     first, last = rows[0], rows[-1]
-    step("stage 2 done: " + ", ".join(f"{k} {float(first[k]):.4f} -> {float(last[k]):.4f}"
-                                      for k in ("distill", "ema", "target_cos", "feat_std")))
+    step(
+        "stage 2 done: "
+        + ", ".join(
+            f"{k} {float(first[k]):.4f} -> {float(last[k]):.4f}" for k in ("distill", "ema", "target_cos", "feat_std")
+        )
+    )
     return Path(res["backbone"])
 
 
@@ -129,16 +146,26 @@ def downstream(work: Path, cohort: Path, feats: Path, name: str, seed: int, epoc
 
     out = {}
     for task in ("classification", "survival"):
-        cfg = DownstreamConfig(task=task, cohort=cohort, features_dir=feats, aggregator="abmil",
-                               out_dir=work / "downstream" / f"{name}_{task}_s{seed}", epochs=epochs, seed=seed,
-                               n_boot=200, max_patches=512)
+        cfg = DownstreamConfig(
+            task=task,
+            cohort=cohort,
+            features_dir=feats,
+            aggregator="abmil",
+            out_dir=work / "downstream" / f"{name}_{task}_s{seed}",
+            epochs=epochs,
+            seed=seed,
+            n_boot=200,
+            max_patches=512,
+        )
         m = run(cfg)
         out[task] = m
     return {
         "val_auc": out["classification"]["val"]["macro_auc"]["value"],
         "test_auc": out["classification"]["test"]["macro_auc"]["value"],
-        "test_auc_ci": (out["classification"]["test"]["macro_auc"]["ci_low"],
-                        out["classification"]["test"]["macro_auc"]["ci_high"]),
+        "test_auc_ci": (
+            out["classification"]["test"]["macro_auc"]["ci_low"],
+            out["classification"]["test"]["macro_auc"]["ci_high"],
+        ),
         "val_c": out["survival"]["val"]["c_index"]["value"],
         "test_c": out["survival"]["test"]["c_index"]["value"],
         "test_c_ci": (out["survival"]["test"]["c_index"]["ci_low"], out["survival"]["test"]["c_index"]["ci_high"]),
@@ -176,17 +203,25 @@ def main() -> None:
             results[name].append(downstream(work, eval_cohort, feats, name, seed, args.epochs))
     (work / "results.json").write_text(json.dumps(results, indent=1))
     print()
-    print(f"synthetic cohort: {args.cases} cases; ABMIL {args.epochs} epochs; seeds {args.seeds}; "
-          "model selected on val, scored once on test")
-    print(f"{'features':10s} {'seed':>4s} {'val macro-AUC':>13s} {'test macro-AUC':>14s} {'val C-index':>11s} "
-          f"{'test C-index':>12s}")
+    print(
+        f"synthetic cohort: {args.cases} cases; ABMIL {args.epochs} epochs; seeds {args.seeds}; "
+        "model selected on val, scored once on test"
+    )
+    print(
+        f"{'features':10s} {'seed':>4s} {'val macro-AUC':>13s} {'test macro-AUC':>14s} {'val C-index':>11s} "
+        f"{'test C-index':>12s}"
+    )
     for name, rs in results.items():
         for seed, r in zip(args.seeds, rs, strict=True):
-            print(f"{name:10s} {seed:4d} {r['val_auc']:13.3f} {r['test_auc']:14.3f} {r['val_c']:11.3f} "
-                  f"{r['test_c']:12.3f}")
+            print(
+                f"{name:10s} {seed:4d} {r['val_auc']:13.3f} {r['test_auc']:14.3f} {r['val_c']:11.3f} "
+                f"{r['test_c']:12.3f}"
+            )
         mean = {k: np.mean([r[k] for r in rs]) for k in ("val_auc", "test_auc", "val_c", "test_c")}
-        print(f"{name:10s} {'mean':>4s} {mean['val_auc']:13.3f} {mean['test_auc']:14.3f} {mean['val_c']:11.3f} "
-              f"{mean['test_c']:12.3f}")
+        print(
+            f"{name:10s} {'mean':>4s} {mean['val_auc']:13.3f} {mean['test_auc']:14.3f} {mean['val_c']:11.3f} "
+            f"{mean['test_c']:12.3f}"
+        )
 
 
 if __name__ == "__main__":

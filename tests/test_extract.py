@@ -82,10 +82,12 @@ def test_real_slides_contract_pt_layout_and_failures(tmp_path, stage0, cmu_svs, 
         g = build_grid(r, target_mpp=1.0, patch_size=112)
         np.testing.assert_array_equal(g.coords, cmu["coords"])
         rows_ = [0, n // 2, n - 1]
-        patches = np.stack([
-            resize_patch(r.read_region(tuple(int(v) for v in g.coords[i]), g.read_level, (g.read_size,) * 2), 112)
-            for i in rows_
-        ])
+        patches = np.stack(
+            [
+                resize_patch(r.read_region(tuple(int(v) for v in g.coords[i]), g.read_level, (g.read_size,) * 2), 112)
+                for i in rows_
+            ]
+        )
     with torch.inference_mode():
         ref = enc.model(enc.preprocessing(torch.from_numpy(patches))).numpy()
     np.testing.assert_allclose(cmu["features"][rows_], ref, atol=1e-5)
@@ -119,8 +121,23 @@ def test_find_slides_and_bad_input(tmp_path, synth_cohort, stage0):
 
 
 def _cli(cohort: Path, encoder: Path, out: Path) -> list[str]:
-    return [str(MSTAR), "extract", str(cohort), "--encoder", str(encoder), "--out", str(out), "--mpp", "0.5",
-            "--patch-size", "112", "--batch-size", "16", "--workers", "1"]
+    return [
+        str(MSTAR),
+        "extract",
+        str(cohort),
+        "--encoder",
+        str(encoder),
+        "--out",
+        str(out),
+        "--mpp",
+        "0.5",
+        "--patch-size",
+        "112",
+        "--batch-size",
+        "16",
+        "--workers",
+        "1",
+    ]
 
 
 def test_killed_run_resumes_to_identical_files(tmp_path, synth_cohort, stage0):
@@ -131,8 +148,9 @@ def test_killed_run_resumes_to_identical_files(tmp_path, synth_cohort, stage0):
     assert len(done_full) >= 5
 
     part = tmp_path / "part"
-    proc = subprocess.Popen(_cli(synth_cohort, stage0, part), env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _cli(synth_cohort, stage0, part), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 120
     while time.time() < deadline and not list(part.glob("*.h5")) and proc.poll() is None:
         time.sleep(0.02)

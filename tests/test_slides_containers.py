@@ -52,8 +52,12 @@ def test_same_geometry_and_mpp(containers, name):
 @pytest.mark.parametrize("name", ["generic", "ome", "dicom"])
 def test_same_pixels(containers, name):
     with open_slide(containers["svs"]) as ref, open_slide(containers[name]) as r:
-        diffs = [np.abs(r.read_region(loc, 0, (400, 400)).astype(int)
-                        - ref.read_region(loc, 0, (400, 400)).astype(int)).mean() for loc in REGIONS]
+        diffs = [
+            np.abs(
+                r.read_region(loc, 0, (400, 400)).astype(int) - ref.read_region(loc, 0, (400, 400)).astype(int)
+            ).mean()
+            for loc in REGIONS
+        ]
         assert max(diffs) < MAX_REGION_DIFF and np.mean(diffs) < MAX_MEAN_DIFF, diffs
         # thumbnails come from the coarser levels; DICOM's were downsampled by wsi2dcm with its own filter
         t_ref, t = ref.thumbnail(256).astype(int), r.thumbnail(256).astype(int)

@@ -196,8 +196,7 @@ def test_damaged_tile_data_refused_on_read(tmp_path, cmu_svs):
 def _tiff_declaring(tmp_path: Path, width: int, height: int) -> Path:
     """A real 256x256 tiled TIFF whose header is then rewritten to claim `width`x`height`."""
     p = tmp_path / "bomb.tif"
-    tifffile.imwrite(p, np.zeros((256, 256, 3), np.uint8), tile=(256, 256), photometric="rgb",
-                     compression="zlib")
+    tifffile.imwrite(p, np.zeros((256, 256, 3), np.uint8), tile=(256, 256), photometric="rgb", compression="zlib")
     with tifffile.TiffFile(p, mode="r+b") as tif:
         tif.pages[0].tags["ImageWidth"].overwrite(width)
         tif.pages[0].tags["ImageLength"].overwrite(height)
@@ -264,10 +263,12 @@ def test_mpp_parsers():
     assert m.source == "tiff-resolution" and m.x == pytest.approx(0.499, rel=1e-4)
     assert mppmod.from_tiff_resolution(50800, 50800, "inch").x == pytest.approx(0.5)
     assert mppmod.from_tiff_resolution(1000, 1000, 1) is None  # no absolute unit
-    xml = ('<OME xmlns="http://www.openmicroscopy.org/Schemas/OME/2016-06"><Image ID="Image:0">'
-           '<Pixels PhysicalSizeX="250" PhysicalSizeXUnit="nm" '
-           'PhysicalSizeY="0.00025" PhysicalSizeYUnit="mm"/>'
-           "</Image></OME>")
+    xml = (
+        '<OME xmlns="http://www.openmicroscopy.org/Schemas/OME/2016-06"><Image ID="Image:0">'
+        '<Pixels PhysicalSizeX="250" PhysicalSizeXUnit="nm" '
+        'PhysicalSizeY="0.00025" PhysicalSizeYUnit="mm"/>'
+        "</Image></OME>"
+    )
     m = mppmod.from_ome_xml(xml)
     assert (m.x, m.y, m.source) == (pytest.approx(0.25), pytest.approx(0.25), "ome")
     assert mppmod.from_ome_xml("<not xml") is None
@@ -306,12 +307,19 @@ DICOM_MAX_MEAN_DIFF = 6.0
 
 @pytest.mark.parametrize("which", ["folder", "level-0 file", "level-2 file"])
 def test_dicom_pixels_match_svs(dicom_dir, cmu_svs, which):
-    src = {"folder": dicom_dir, "level-0 file": dicom_dir / "level-0-frames-0-30.dcm",
-           "level-2 file": dicom_dir / "level-2-frames-0-4.dcm"}[which]
+    src = {
+        "folder": dicom_dir,
+        "level-0 file": dicom_dir / "level-0-frames-0-30.dcm",
+        "level-2 file": dicom_dir / "level-2-frames-0-4.dcm",
+    }[which]
     with open_slide(cmu_svs) as svs, open_slide(src) as dcm:
         assert dcm.level_count == 3 and dcm.mpp.source == "dicom-pixel-spacing"
-        diffs = [np.abs(dcm.read_region(loc, 0, (400, 400)).astype(int)
-                        - svs.read_region(loc, 0, (400, 400)).astype(int)).mean() for loc in _regions()]
+        diffs = [
+            np.abs(
+                dcm.read_region(loc, 0, (400, 400)).astype(int) - svs.read_region(loc, 0, (400, 400)).astype(int)
+            ).mean()
+            for loc in _regions()
+        ]
     assert max(diffs) < DICOM_MAX_REGION_DIFF and np.mean(diffs) < DICOM_MAX_MEAN_DIFF, diffs
 
 
@@ -320,8 +328,13 @@ def test_trusting_the_label_would_fail_this_check(dicom_dir, cmu_svs):
     from wsidicom import WsiDicom
 
     with open_slide(cmu_svs) as svs, WsiDicom.open(dicom_dir) as w:
-        diffs = [np.abs(np.asarray(w.read_region(loc, 0, (400, 400))).astype(int)[..., :3]
-                        - svs.read_region(loc, 0, (400, 400)).astype(int)).mean() for loc in _regions()]
+        diffs = [
+            np.abs(
+                np.asarray(w.read_region(loc, 0, (400, 400))).astype(int)[..., :3]
+                - svs.read_region(loc, 0, (400, 400)).astype(int)
+            ).mean()
+            for loc in _regions()
+        ]
     assert min(diffs) > 5 * DICOM_MAX_MEAN_DIFF
 
 
@@ -343,8 +356,7 @@ def test_concurrent_reads_match_serial(dicom_dir):
 
 
 def test_errors_are_mstar_errors():
-    for cls in (UnsupportedFormatError, CorruptSlideError, MissingMppError, SlideTooLargeError,
-                SlideNotFoundError):
+    for cls in (UnsupportedFormatError, CorruptSlideError, MissingMppError, SlideTooLargeError, SlideNotFoundError):
         assert issubclass(cls, MstarError) and cls.code != "error"
 
 
@@ -376,12 +388,26 @@ def test_non_wsi_dicom_refused_with_its_kind(tmp_path):
 
 def test_dicom_header_bomb_refused(tmp_path):
     wsi = "1.2.840.10008.5.1.4.1.1.77.1.6"
-    big = _write_dicom(tmp_path / "big.dcm", wsi, Rows=512, Columns=512, TotalPixelMatrixRows=900_000,
-                       TotalPixelMatrixColumns=400_000, NumberOfFrames=1)
+    big = _write_dicom(
+        tmp_path / "big.dcm",
+        wsi,
+        Rows=512,
+        Columns=512,
+        TotalPixelMatrixRows=900_000,
+        TotalPixelMatrixColumns=400_000,
+        NumberOfFrames=1,
+    )
     with pytest.raises(SlideTooLargeError, match="400000x900000"):
         open_slide(big)
-    many = _write_dicom(tmp_path / "many.dcm", wsi, Rows=512, Columns=512, TotalPixelMatrixRows=1024,
-                        TotalPixelMatrixColumns=1024, NumberOfFrames=10_000)
+    many = _write_dicom(
+        tmp_path / "many.dcm",
+        wsi,
+        Rows=512,
+        Columns=512,
+        TotalPixelMatrixRows=1024,
+        TotalPixelMatrixColumns=1024,
+        NumberOfFrames=10_000,
+    )
     with pytest.raises(CorruptSlideError, match="10000 frames"):
         open_slide(many)
 

@@ -164,8 +164,9 @@ def param_groups(student: Student, cfg: Stage2OptimConfig) -> list[dict[str, Any
 
     bb = student.backbone
     skip = bb.no_weight_decay() if hasattr(bb, "no_weight_decay") else set()
-    groups = param_groups_layer_decay(bb, weight_decay=cfg.weight_decay, no_weight_decay_list=skip,
-                                      layer_decay=cfg.layer_decay)
+    groups = param_groups_layer_decay(
+        bb, weight_decay=cfg.weight_decay, no_weight_decay_list=skip, layer_decay=cfg.layer_decay
+    )
     for g in groups:
         g["lr"] = cfg.lr * g.get("lr_scale", 1.0)
     groups.append({"params": list(student.proj.parameters()), "lr": cfg.proj_lr, "weight_decay": 0.0})
@@ -189,8 +190,9 @@ def init_random_stage0(encoder: str, path: str | os.PathLike, seed: int = 0, lay
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), path)
-    path.with_name(path.name + ".json").write_text(json.dumps({"arch": encoder, "init": f"random(seed={seed})",
-                                                               "layer_scale": layer_scale}))
+    path.with_name(path.name + ".json").write_text(
+        json.dumps({"arch": encoder, "init": f"random(seed={seed})", "layer_scale": layer_scale})
+    )
     return path
 
 
@@ -217,8 +219,19 @@ def cohort_slides(cohort: Path, splits: list[str] | None) -> list[tuple[str, Pat
 
 # ------------------------------------------------------------------------------------------------- training
 
-LOG_COLUMNS = ["step", "epoch", "loss", "distill", "ema", "target_cos", "feat_std", "ema_feat_std", "lr",
-               "momentum", "seconds"]
+LOG_COLUMNS = [
+    "step",
+    "epoch",
+    "loss",
+    "distill",
+    "ema",
+    "target_cos",
+    "feat_std",
+    "ema_feat_std",
+    "lr",
+    "momentum",
+    "seconds",
+]
 
 
 def _save(path: Path, obj: Any) -> None:
@@ -233,14 +246,26 @@ def export_student(student: Student, encoder: str, out_dir: Path, extra: dict | 
     bb_path, proj_path = out_dir / "student_backbone.pt", out_dir / "proj.pt"
     _save(bb_path, backbone)
     spec = PATCH_ENCODERS[encoder]
-    sidecar = {"arch": encoder, "embed_dim": spec.embed_dim, "preprocessing": spec.preprocessing.to_dict(),
-               "proj": proj_path.name, **(extra or {})}
+    sidecar = {
+        "arch": encoder,
+        "embed_dim": spec.embed_dim,
+        "preprocessing": spec.preprocessing.to_dict(),
+        "proj": proj_path.name,
+        **(extra or {}),
+    }
     (out_dir / "student_backbone.pt.json").write_text(json.dumps(sidecar, indent=1))
     proj = student.proj
-    _save(proj_path, {"config": {"in_features": proj.in_features, "out_features": proj.out_features,
-                                 "bias": proj.bias is not None},
-                      "model_state_dict": {f"proj.{k}": v.detach().cpu().clone()
-                                           for k, v in proj.state_dict().items()}})
+    _save(
+        proj_path,
+        {
+            "config": {
+                "in_features": proj.in_features,
+                "out_features": proj.out_features,
+                "bias": proj.bias is not None,
+            },
+            "model_state_dict": {f"proj.{k}": v.detach().cpu().clone() for k, v in proj.state_dict().items()},
+        },
+    )
     return {"backbone": str(bb_path), "proj": str(proj_path)}
 
 
@@ -255,15 +280,25 @@ def train_stage2(cfg: Stage2Config, resume: bool = False) -> dict[str, Any]:
     slides = cohort_slides(Path(cfg.data.cohort), cfg.data.splits)
     if info.is_main:
         counts = compute_targets(
-            [s for s, _ in slides], cfg.data.features_dir, cfg.teacher.checkpoint, targets_dir,
-            n_patches=cfg.data.n_patches, seed=cfg.seed, duplicates=cfg.data.duplicates,
-            num_landmarks=cfg.teacher.num_landmarks, device=str(device), max_all_patches=cfg.data.max_all_patches,
+            [s for s, _ in slides],
+            cfg.data.features_dir,
+            cfg.teacher.checkpoint,
+            targets_dir,
+            n_patches=cfg.data.n_patches,
+            seed=cfg.seed,
+            duplicates=cfg.data.duplicates,
+            num_landmarks=cfg.teacher.num_landmarks,
+            device=str(device),
+            max_all_patches=cfg.data.max_all_patches,
         )
         log.info("stage2: targets for %d slides (%d patches) in %s", len(counts), sum(counts.values()), targets_dir)
     tdist.barrier()
     ds = PatchTargetDataset(
-        load_slide_targets(slides, targets_dir, cfg.data.mpp_override), seed=cfg.seed,
-        augment_flips=cfg.data.hflip_vflip, augment_rot90=cfg.data.rot90, open_slides=cfg.data.open_slides,
+        load_slide_targets(slides, targets_dir, cfg.data.mpp_override),
+        seed=cfg.seed,
+        augment_flips=cfg.data.hflip_vflip,
+        augment_rot90=cfg.data.rot90,
+        open_slides=cfg.data.open_slides,
         cache_mb=cfg.data.cache_mb,
     )
     if cfg.optim.batch_size % info.world_size:
@@ -310,10 +345,18 @@ def train_stage2(cfg: Stage2Config, resume: bool = False) -> dict[str, Any]:
     while step < total:
         sampler.set_epoch(epoch)
         ds.set_epoch(epoch)
-        loader = DataLoader(ds, batch_size=local_bs, sampler=sampler, num_workers=cfg.data.num_workers,
-                            collate_fn=collate_patches, drop_last=True,
-                            persistent_workers=False, pin_memory=device.type == "cuda",
-                            worker_init_fn=seed_worker, generator=loader_generator(cfg.seed, epoch))
+        loader = DataLoader(
+            ds,
+            batch_size=local_bs,
+            sampler=sampler,
+            num_workers=cfg.data.num_workers,
+            collate_fn=collate_patches,
+            drop_last=True,
+            persistent_workers=False,
+            pin_memory=device.type == "cuda",
+            worker_init_fn=seed_worker,
+            generator=loader_generator(cfg.seed, epoch),
+        )
         for images, targets in loader:
             x = pre(images.to(device, non_blocking=True))
             targets = targets.to(device, non_blocking=True)
@@ -336,12 +379,17 @@ def train_stage2(cfg: Stage2Config, resume: bool = False) -> dict[str, Any]:
                 f32 = feats.detach().float()
                 cos = F.cosine_similarity(projected.detach().float(), targets.float(), dim=-1).mean()
                 last = {
-                    "step": step, "epoch": epoch, "loss": loss.item(), "distill": distill.item(),
+                    "step": step,
+                    "epoch": epoch,
+                    "loss": loss.item(),
+                    "distill": distill.item(),
                     "ema": consist.item(),
                     "target_cos": cos.item(),
                     "feat_std": f32.std(0).mean().item(),
                     "ema_feat_std": ema_feats.float().std(0).mean().item(),
-                    "lr": opt.param_groups[-1]["lr"], "momentum": m, "seconds": round(time.time() - t0, 2),
+                    "lr": opt.param_groups[-1]["lr"],
+                    "momentum": m,
+                    "seconds": round(time.time() - t0, 2),
                 }
             if not all(math.isfinite(last[k]) for k in ("loss", "distill", "ema")):
                 raise InvalidParameterError(f"stage2: non-finite loss at step {step}: {last}")
@@ -353,14 +401,24 @@ def train_stage2(cfg: Stage2Config, resume: bool = False) -> dict[str, Any]:
         else:
             epoch += 1
         if info.is_main:
-            _save(ckpt_path, {"student": student.state_dict(), "ema": ema.module.state_dict(),
-                              "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                              "step": step, "epoch": epoch, "config": cfg.model_dump(mode="json")})
+            _save(
+                ckpt_path,
+                {
+                    "student": student.state_dict(),
+                    "ema": ema.module.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(),
+                    "step": step,
+                    "epoch": epoch,
+                    "config": cfg.model_dump(mode="json"),
+                },
+            )
     ds.close()
     paths: dict[str, str] = {}
     if info.is_main:
-        paths = export_student(student, cfg.student.encoder, out_dir,
-                               {"stage": 2, "steps": step, "teacher": str(cfg.teacher.checkpoint)})
+        paths = export_student(
+            student, cfg.student.encoder, out_dir, {"stage": 2, "steps": step, "teacher": str(cfg.teacher.checkpoint)}
+        )
     tdist.barrier()
     tdist.cleanup()
     return {"step": step, "epoch": epoch, "last": last, "out_dir": str(out_dir), **paths}
@@ -369,8 +427,14 @@ def train_stage2(cfg: Stage2Config, resume: bool = False) -> dict[str, Any]:
 @click.command("stage2")
 @click.option("--config", "config_path", required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--resume", is_flag=True, help="continue from <out_dir>/last.pt")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", callback=parse_set_options,
-              help="override a config field, e.g. optim.max_steps=10 (value parsed as JSON when it can be)")
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    callback=parse_set_options,
+    help="override a config field, e.g. optim.max_steps=10 (value parsed as JSON when it can be)",
+)
 def stage2_command(config_path: str, resume: bool, overrides: dict[str, Any]) -> None:
     """Stage-2 self-taught patch-extractor training from a YAML/TOML config."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")

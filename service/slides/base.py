@@ -71,8 +71,9 @@ class SlideReader(ABC):
         from service.errors import SlideError
 
         if name in ("label", "macro") and not allow_phi:
-            raise SlideError(f"associated image {name!r} may carry patient identity and is not returned",
-                             slide=self.path.name)
+            raise SlideError(
+                f"associated image {name!r} may carry patient identity and is not returned", slide=self.path.name
+            )
         raise SlideError(f"associated image {name!r} not available", slide=self.path.name)
 
     def close(self) -> None:  # noqa: B027 - optional hook

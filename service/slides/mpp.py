@@ -19,7 +19,15 @@ if TYPE_CHECKING:
 
 # µm per unit, for OME `PhysicalSizeXUnit` and friends.
 _UNIT_UM = {
-    "pm": 1e-6, "nm": 1e-3, "µm": 1.0, "μm": 1.0, "um": 1.0, "micron": 1.0, "mm": 1e3, "cm": 1e4, "m": 1e6,
+    "pm": 1e-6,
+    "nm": 1e-3,
+    "µm": 1.0,
+    "μm": 1.0,
+    "um": 1.0,
+    "micron": 1.0,
+    "mm": 1e3,
+    "cm": 1e4,
+    "m": 1e6,
 }
 
 

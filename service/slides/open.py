@@ -35,8 +35,9 @@ def _open_tiff(path: Path, fmt: str, max_side: int, mpp_override: float | None) 
             return OpenSlideReader(path, max_side=max_side)
         except UnsupportedFormatError as exc:
             if fmt != "tiff":  # the bytes say SVS/NDPI, so OpenSlide refusing it means damage
-                raise CorruptSlideError(f"{fmt.upper()} file is damaged or incomplete ({exc})",
-                                        slide=path.name) from exc
+                raise CorruptSlideError(
+                    f"{fmt.upper()} file is damaged or incomplete ({exc})", slide=path.name
+                ) from exc
             # a tiled TIFF layout OpenSlide refuses (e.g. an unusual codec)
             return TiffReader(path, max_side=max_side)
     # A stripped, single-image TIFF: a tile (Pillow) when small, else tifffile strip by strip.
@@ -47,9 +48,7 @@ def _open_tiff(path: Path, fmt: str, max_side: int, mpp_override: float | None) 
     return TiffReader(path, max_side=max_side)
 
 
-def open_slide(
-    path: str | Path, *, mpp_override: float | None = None, max_side: int = DEFAULT_MAX_SIDE
-) -> SlideReader:
+def open_slide(path: str | Path, *, mpp_override: float | None = None, max_side: int = DEFAULT_MAX_SIDE) -> SlideReader:
     """Open a slide (file, or folder of a DICOM series) read-only.
 
     `mpp_override` replaces whatever µm/px the file claims (source "override"); `max_side` caps the declared
@@ -84,8 +83,9 @@ def open_slide(
     return reader
 
 
-def open_slide_checked(path: str | Path, *, mpp_override: float | None = None,
-                       max_side: int = DEFAULT_MAX_SIDE) -> SlideReader:
+def open_slide_checked(
+    path: str | Path, *, mpp_override: float | None = None, max_side: int = DEFAULT_MAX_SIDE
+) -> SlideReader:
     """`open_slide` that also insists on a usable µm/px (what tiling needs), closing the reader on refusal."""
     reader = open_slide(path, mpp_override=mpp_override, max_side=max_side)
     try:

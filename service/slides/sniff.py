@@ -68,8 +68,9 @@ def sniff_format(path: str | Path) -> str:
     if path.is_dir():
         if any(is_dicom_file(p) for p in sorted(path.iterdir()) if p.is_file()):
             return "dicom-dir"
-        raise UnsupportedFormatError("folder holds no DICOM files (only a DICOM WSI series can be a folder)",
-                                     slide=path.name)
+        raise UnsupportedFormatError(
+            "folder holds no DICOM files (only a DICOM WSI series can be a folder)", slide=path.name
+        )
     try:
         with path.open("rb") as fh:
             head = fh.read(512)

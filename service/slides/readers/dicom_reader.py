@@ -53,8 +53,8 @@ def jpeg_stream_colour(data: bytes) -> str | None:
         if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
             i += 2
             continue
-        seg_len = int.from_bytes(data[i + 2:i + 4], "big")
-        payload = data[i + 4:i + 2 + seg_len]
+        seg_len = int.from_bytes(data[i + 2 : i + 4], "big")
+        payload = data[i + 4 : i + 2 + seg_len]
         if marker == 0xE0 and payload.startswith(b"JFIF\x00"):
             jfif = True
         elif marker == 0xEE and payload.startswith(b"Adobe") and len(payload) >= 12:
@@ -120,8 +120,7 @@ def _header_checks(files: list[Path], max_side: int, name: str) -> list[Path]:
             try:
                 ds = pydicom.dcmread(f, stop_before_pixels=True)
             except Exception as exc:
-                raise CorruptSlideError(f"DICOM header of {f.name} cannot be parsed ({exc})",
-                                        slide=name) from exc
+                raise CorruptSlideError(f"DICOM header of {f.name} cannot be parsed ({exc})", slide=name) from exc
             if str(ds.get("SOPClassUID", "")) != WSI_SOP_CLASS:
                 uid = ds.get("SOPClassUID")
                 other.append(f"{f.name}: '{getattr(uid, 'name', None) or uid or 'no SOP class'}'")
@@ -131,7 +130,9 @@ def _header_checks(files: list[Path], max_side: int, name: str) -> list[Path]:
     if not wsi_files:
         raise UnsupportedFormatError(
             f"no whole-slide image (VL Whole Slide Microscopy Image Storage) here; found {other[0]}"
-            + (f" and {len(other) - 1} more" if len(other) > 1 else ""), slide=name)
+            + (f" and {len(other) - 1} more" if len(other) > 1 else ""),
+            slide=name,
+        )
     return wsi_files
 
 
@@ -140,20 +141,19 @@ def _header_check(ds: Any, f: Path, max_side: int, name: str) -> None:
     rows = int(ds.get("TotalPixelMatrixRows", ds.get("Rows", 0)) or 0)
     tw, th = int(ds.get("Columns", 0) or 0), int(ds.get("Rows", 0) or 0)
     if max(cols, rows) > max_side:
-        raise SlideTooLargeError(f"{f.name} declares {cols}x{rows} px, over the limit of {max_side} px "
-                                 "per side", slide=name)
+        raise SlideTooLargeError(
+            f"{f.name} declares {cols}x{rows} px, over the limit of {max_side} px per side", slide=name
+        )
     if tw <= 0 or th <= 0 or cols <= 0 or rows <= 0:
         raise CorruptSlideError(f"{f.name} declares an empty image or tile size", slide=name)
     if max(tw, th) > _MAX_TILE_SIDE:
-        raise SlideTooLargeError(f"{f.name} stores {tw}x{th} px frames; too large to decode safely",
-                                 slide=name)
+        raise SlideTooLargeError(f"{f.name} stores {tw}x{th} px frames; too large to decode safely", slide=name)
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     planes = max(1, int(ds.get("TotalPixelMatrixFocalPlanes", 1) or 1))
     paths = max(1, int(ds.get("NumberOfOpticalPaths", 1) or 1))
     expected = math.ceil(cols / tw) * math.ceil(rows / th) * planes * paths
     if frames > expected:
-        raise CorruptSlideError(f"{f.name} holds {frames} frames but its size allows at most {expected}",
-                                slide=name)
+        raise CorruptSlideError(f"{f.name} holds {frames} frames but its size allows at most {expected}", slide=name)
 
 
 class DicomReader(SlideReader):
@@ -162,8 +162,11 @@ class DicomReader(SlideReader):
 
         self.path = Path(path)
         name = self.path.name
-        files = sorted(p for p in self.path.iterdir() if p.is_file() and _is_dicom(p)) if self.path.is_dir() \
+        files = (
+            sorted(p for p in self.path.iterdir() if p.is_file() and _is_dicom(p))
+            if self.path.is_dir()
             else _series_files(self.path)
+        )
         if not files:
             raise UnsupportedFormatError("no DICOM files found", slide=name)
         files = _header_checks(files, max_side, name)
@@ -174,7 +177,9 @@ class DicomReader(SlideReader):
         except Exception as exc:  # wsidicom raises its own errors, pydicom's, and ValueError/KeyError
             raise UnsupportedFormatError(
                 "DICOM is not a readable whole-slide image (needs a tiled VL Whole Slide Microscopy series "
-                f"with ImageType VOLUME and pixel spacing; wsidicom said: {exc})", slide=name) from exc
+                f"with ImageType VOLUME and pixel spacing; wsidicom said: {exc})",
+                slide=name,
+            ) from exc
         try:
             self._setup(max_side)
         except SlideError:
@@ -208,14 +213,13 @@ class DicomReader(SlideReader):
         self._inflight_lock = threading.Lock()
 
     def _detect_mislabel(self, level: int) -> str | None:
-        """"jfif-ycbcr-labelled-rgb" when JPEG frames carry YCbCr markers but the header says RGB."""
+        """ "jfif-ycbcr-labelled-rgb" when JPEG frames carry YCbCr markers but the header says RGB."""
         ds = self._levels[level].default_instance.dataset
         ts = str(ds.file_meta.TransferSyntaxUID) if hasattr(ds, "file_meta") else ""
         if ts and ts not in JPEG_SYNTAXES:
             return None
         try:
-            data = self._wsi.read_encoded_tile(self._levels[level].level, (0, 0),
-                                               crop_to_image_boundary=False)
+            data = self._wsi.read_encoded_tile(self._levels[level].level, (0, 0), crop_to_image_boundary=False)
         except Exception:
             return None
         stream = jpeg_stream_colour(data)
@@ -257,8 +261,9 @@ class DicomReader(SlideReader):
         except SlideError:
             raise
         except Exception as exc:
-            raise CorruptSlideError(f"frame ({tx}, {ty}) of level {level} cannot be decoded ({exc})",
-                                    slide=self.path.name) from exc
+            raise CorruptSlideError(
+                f"frame ({tx}, {ty}) of level {level} cannot be decoded ({exc})", slide=self.path.name
+            ) from exc
 
     def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
         x, y, level, w, h = check_region(location, level, size, self.level_count, self.path.name)
@@ -277,7 +282,7 @@ class DicomReader(SlideReader):
                 cx0, cy0 = max(x0, gx), max(y0, gy)
                 cx1, cy1 = min(x1, gx + tile.shape[1]), min(y1, gy + tile.shape[0])
                 if cx1 > cx0 and cy1 > cy0:
-                    out[cy0 - ly:cy1 - ly, cx0 - lx:cx1 - lx] = tile[cy0 - gy:cy1 - gy, cx0 - gx:cx1 - gx]
+                    out[cy0 - ly : cy1 - ly, cx0 - lx : cx1 - lx] = tile[cy0 - gy : cy1 - gy, cx0 - gx : cx1 - gx]
         return out
 
     def read_associated(self, name: str, *, allow_phi: bool = False) -> np.ndarray:
@@ -286,8 +291,9 @@ class DicomReader(SlideReader):
         try:
             img = self._wsi.read_label() if name == "label" else self._wsi.read_overview()
         except Exception as exc:
-            raise CorruptSlideError(f"associated image {name!r} cannot be decoded ({exc})",
-                                    slide=self.path.name) from exc
+            raise CorruptSlideError(
+                f"associated image {name!r} cannot be decoded ({exc})", slide=self.path.name
+            ) from exc
         return to_rgb(np.asarray(img))
 
     def describe(self) -> dict:

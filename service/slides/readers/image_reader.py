@@ -30,7 +30,8 @@ class ImageReader(SlideReader):
             raise MissingMppError(
                 "plain images (PNG/JPEG/TIFF tiles) carry no trustworthy microscope scale (their dpi tags "
                 f"are screen values); pass µm/px explicitly with --mpp-override ({MPP_MIN}-{MPP_MAX})",
-                slide=name)
+                slide=name,
+            )
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -43,8 +44,9 @@ class ImageReader(SlideReader):
         try:
             check_dimensions([(w, h)], max_side, name)
             if w * h > MAX_IMAGE_PIXELS:
-                raise SlideTooLargeError(f"plain image of {w}x{h} px is too large; convert it to a tiled "
-                                         "pyramidal TIFF", slide=name)
+                raise SlideTooLargeError(
+                    f"plain image of {w}x{h} px is too large; convert it to a tiled pyramidal TIFF", slide=name
+                )
             if getattr(self._img, "n_frames", 1) > 1:
                 raise UnsupportedFormatError("multi-page image; expected a single RGB tile", slide=name)
         except Exception:
@@ -80,7 +82,7 @@ class ImageReader(SlideReader):
         iw, ih = self.dimensions
         x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, iw), min(y + h, ih)
         if x1 > x0 and y1 > y0:
-            out[y0 - y:y1 - y, x0 - x:x1 - x] = pix[y0:y1, x0:x1]
+            out[y0 - y : y1 - y, x0 - x : x1 - x] = pix[y0:y1, x0:x1]
         return out
 
     def close(self) -> None:

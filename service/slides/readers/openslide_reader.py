@@ -22,8 +22,7 @@ class OpenSlideReader(SlideReader):
         try:
             self._slide = openslide.OpenSlide(str(self.path))
         except openslide.OpenSlideUnsupportedFormatError as exc:
-            raise UnsupportedFormatError(f"OpenSlide cannot read this file ({exc})",
-                                         slide=self.path.name) from exc
+            raise UnsupportedFormatError(f"OpenSlide cannot read this file ({exc})", slide=self.path.name) from exc
         except (openslide.OpenSlideError, OSError) as exc:
             raise CorruptSlideError(f"file is damaged or incomplete ({exc})", slide=self.path.name) from exc
         try:
@@ -58,8 +57,9 @@ class OpenSlideReader(SlideReader):
         try:
             img = self._slide.associated_images[name]
         except openslide.OpenSlideError as exc:
-            raise CorruptSlideError(f"associated image {name!r} cannot be decoded ({exc})",
-                                    slide=self.path.name) from exc
+            raise CorruptSlideError(
+                f"associated image {name!r} cannot be decoded ({exc})", slide=self.path.name
+            ) from exc
         return to_rgb(np.asarray(img))
 
     def close(self) -> None:

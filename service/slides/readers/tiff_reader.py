@@ -52,9 +52,7 @@ def _page_checks(page: Any, file_size: int, max_side: int, name: str, what: str)
     shape = page.shape
     h, w = int(page.imagelength), int(page.imagewidth)
     if max(w, h) > max_side:
-        raise SlideTooLargeError(
-            f"{what} declares {w}x{h} px, over the limit of {max_side} px per side", slide=name
-        )
+        raise SlideTooLargeError(f"{what} declares {w}x{h} px, over the limit of {max_side} px per side", slide=name)
     if w <= 0 or h <= 0 or not shape:
         raise CorruptSlideError(f"{what} declares an empty image", slide=name)
     offsets, counts = page.dataoffsets, page.databytecounts
@@ -127,8 +125,14 @@ def inspect_tiff(path: str | Path, *, max_side: int = 200_000) -> TiffInfo:
             if series is not None:
                 for li, lvl in enumerate(series.levels[1:], start=1):
                     _page_checks(lvl.keyframe, size, max_side, path.name, f"pyramid level {li}")
-            return TiffInfo(int(first.imagewidth), int(first.imagelength), bool(first.is_tiled), levels,
-                            len(first.subifds or ()), len(tif.pages))
+            return TiffInfo(
+                int(first.imagewidth),
+                int(first.imagelength),
+                bool(first.is_tiled),
+                levels,
+                len(first.subifds or ()),
+                len(tif.pages),
+            )
     except SlideError:
         raise
     except Exception as exc:  # tifffile raises many types on damaged headers
@@ -184,15 +188,28 @@ class TiffReader(SlideReader):
                 raise UnsupportedFormatError("planar-separate TIFF samples are not supported", slide=name)
             if page.samplesperpixel not in (1, 2, 3, 4) or page.imagedepth != 1:
                 raise UnsupportedFormatError(
-                    f"TIFF with {page.samplesperpixel} samples/depth {page.imagedepth} is not a brightfield "
-                    "RGB slide", slide=name)
+                    f"TIFF with {page.samplesperpixel} samples/depth {page.imagedepth} is not a brightfield RGB slide",
+                    slide=name,
+                )
             w, h = int(page.imagewidth), int(page.imagelength)
             if page.is_tiled:
                 sw, sh = int(page.tilewidth), int(page.tilelength)
             else:
                 sw, sh = w, min(h, int(page.rowsperstrip) or h)
-            levels.append(_Level(page, w, h, sw, sh, math.ceil(w / sw), page.dataoffsets, page.databytecounts,
-                                 page.decode, page.jpegtables))
+            levels.append(
+                _Level(
+                    page,
+                    w,
+                    h,
+                    sw,
+                    sh,
+                    math.ceil(w / sw),
+                    page.dataoffsets,
+                    page.databytecounts,
+                    page.decode,
+                    page.jpegtables,
+                )
+            )
         check_dimensions([(lv.width, lv.height) for lv in levels], max_side, name)
         return levels
 
@@ -216,8 +233,9 @@ class TiffReader(SlideReader):
             return float(v)
 
         unit = tags.get("ResolutionUnit")
-        return from_tiff_resolution(ratio("XResolution"), ratio("YResolution"),
-                                    int(unit.value) if unit is not None else 2)
+        return from_tiff_resolution(
+            ratio("XResolution"), ratio("YResolution"), int(unit.value) if unit is not None else 2
+        )
 
     def _segment(self, lv: _Level, index: int) -> np.ndarray | None:
         """Decoded segment `[sh, sw, S]`, or None when the file stores no data for it (sparse)."""
@@ -262,7 +280,7 @@ class TiffReader(SlideReader):
                 cy1 = min(y1, gy + lv.seg_h, gy + seg.shape[0])
                 if cx1 <= cx0 or cy1 <= cy0:
                     continue
-                out[cy0 - ly:cy1 - ly, cx0 - lx:cx1 - lx] = seg[cy0 - gy:cy1 - gy, cx0 - gx:cx1 - gx]
+                out[cy0 - ly : cy1 - ly, cx0 - lx : cx1 - lx] = seg[cy0 - gy : cy1 - gy, cx0 - gx : cx1 - gx]
         return out
 
     def close(self) -> None:
