@@ -32,10 +32,10 @@ from service.errors import InvalidParameterError, MstarError
 from service.ingest import Ingestor
 from service.ingest.sources import copy_s3_source  # noqa: F401  (moved there; old imports keep working)
 from service.jobs import lifecycle
+from service.jobs.resources import open_store
 from service.store import repo
 from service.store.batches import Batch, BatchItem
-from service.store.blobs import make_blob_store
-from service.store.db import init_db, make_engine, session_factory, transaction
+from service.store.db import transaction
 from service.store.models import TERMINAL_STATES, Job, Result, utcnow
 
 SOURCE_COLUMNS = ("slide", "path", "uri", "source", "file")
@@ -167,14 +167,15 @@ class BatchService:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.engine = make_engine(settings.db_url)
-        init_db(self.engine)
-        self.sessions = session_factory(self.engine)
-        self.blobs = make_blob_store(settings)
+        store = open_store(settings)  # the process's one engine and blob store, as the gateway and workers use
+        self.engine = store.engine
+        self.sessions = store.sessions
+        self.blobs = store.blobs
         self.ingestor = Ingestor(self.sessions, self.blobs, settings)
         self._patches: dict[str, int] = {}
 
     def close(self) -> None:
+        """Release pooled connections (the engine stays usable: it is shared with the rest of the process)."""
         self.engine.dispose()
 
     # --- submit -------------------------------------------------------------------------------------------
