@@ -570,6 +570,8 @@ def test_orthanc_lua_trigger_posts_new_series_once(gateway, ports, cmu_svs, tmp_
         assert job["state"] == "succeeded", job
         result = c.get(f"/jobs/{job['id']}/result").json()
         assert result["source"]["series_uid"] == _uids(files)[1] and result["dicom"]["stored"] is True
+        default = {"mstar-sr.dcm", "mstar-seg.dcm", "mstar-ann.dcm", "mstar-report-sr.dcm"}
+        assert set(result["dicom"]["objects"]) == default  # no `heatmap` in its configuration: seg only
         pacs.upload(files)  # the same series again: Orthanc may fire again; the gateway returns the same job
         time.sleep(3)
         assert [j["id"] for j in new_jobs()] == [job["id"]]
