@@ -669,9 +669,9 @@ def _all_rows(db_url: str) -> dict[str, list[str]]:
         engine.dispose()
 
 
-def test_celery_pacs_job_round_trip_and_no_patient_data_anywhere(celery_stack, orthanc, slide) -> None:
-    """One PACS analysis and two failing PACS jobs through the gateway and a real Celery worker; the source
-    series carries a patient name, ID, birth date and accession number. Those values appear in no log line,
+def test_celery_pacs_job_round_trip_and_no_patient_data_anywhere(celery_stack, orthanc, slide, odd_series) -> None:
+    """One PACS analysis and four failing PACS jobs through the gateway and a real Celery worker; the source
+    series carry a patient name, ID, birth date and accession number. Those values appear in no log line,
     no database row (jobs, slides, results, audit events: all columns), no metrics exposition, no error and no
     result file, only in the DICOM objects written back into the study (which DICOM requires)."""
     import highdicom as hd
@@ -686,13 +686,21 @@ def test_celery_pacs_job_round_trip_and_no_patient_data_anywhere(celery_stack, o
         job = _analyse(c, pacs="main", study_uid=study, series_uid=series, tasks=["classification", "survival"])
         assert job["state"] == "succeeded", job
         result = c.get(f"/jobs/{job['id']}/result").json()
+        cases = [  # refused, refused at STOW after the whole analysis, labels only, frames that do not decode
+            ("wrong-password", (study, series)),
+            ("no-stow", (study, series)),
+            ("main", odd_series["no_volume"]),
+            ("main", odd_series["bad_frames"]),
+        ]
         failed = [
-            _analyse(c, pacs=name, study_uid=study, series_uid=series, tasks=["classification"])
-            for name in ("wrong-password", "no-stow")
+            _analyse(c, pacs=name, study_uid=uids[0], series_uid=uids[1], tasks=["classification"])
+            for name, uids in cases
         ]
         assert [(f["state"], f["error"]["code"]) for f in failed] == [
             ("failed", "pacs_unauthorized"),
             ("failed", "pacs_not_found"),
+            ("failed", "no_volume_image"),
+            ("failed", "corrupt_slide"),
         ], failed
         zipped = c.get(f"/jobs/{job['id']}/dicom")
         assert zipped.status_code == 200
