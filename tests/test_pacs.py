@@ -17,9 +17,19 @@ from pathlib import Path
 from typing import ClassVar
 
 import httpx
+import numpy as np
 import pydicom
 import pytest
-from services import PHI, dicomize, free_port, live_server, run_orthanc, webhook_receiver
+from services import (  # noqa: F401
+    PHI,
+    dicomize,
+    free_port,
+    live_server,
+    postgres_url,
+    redis_server,
+    run_orthanc,
+    webhook_receiver,
+)
 
 from service.api import create_app
 from service.config import Settings
@@ -118,7 +128,7 @@ def fhir_sink():
 def gateway(orthanc, faults, bundle_dir, ports, fhir_sink, tmp_path_factory):
     user, pw = next(iter(USERS.items()))
     servers = [
-        _server("main", orthanc.url, auth="basic", username=user, password=pw),
+        _server("main", orthanc.url, auth="basic", username=user, password=pw, heatmap="both"),
         _server("wrong-password", orthanc.url, auth="basic", username=user, password="nope"),
         _server("no-stow", orthanc.url, auth="basic", username=user, password=pw, stow_prefix="no-such-stow"),
         _server("forbidden", f"{faults}/s403"),
@@ -191,7 +201,7 @@ def _no_phi(text: str) -> None:
 def test_round_trip_results_back_in_the_study(gateway, orthanc, slide, fhir_sink) -> None:
     import highdicom as hd
 
-    url, _root = gateway
+    url, root = gateway
     study, series, files = slide
     before = orthanc.count()
     with _client(url) as c:
@@ -206,13 +216,14 @@ def test_round_trip_results_back_in_the_study(gateway, orthanc, slide, fhir_sink
     assert 0 < src["frames_fetched"] < src["frames_in_series"]
     dicom = result["dicom"]
     assert dicom["stored"] is True and dicom["study_instance_uid"] == study
-    assert set(dicom["objects"]) == {"mstar-sr.dcm", "mstar-seg.dcm", "mstar-ann.dcm", "mstar-report-sr.dcm"}
-    assert orthanc.count() == before + 4
+    written = {"mstar-sr.dcm", "mstar-seg.dcm", "mstar-pmap.dcm", "mstar-ann.dcm", "mstar-report-sr.dcm"}
+    assert set(dicom["objects"]) == written  # heatmap: both
+    assert orthanc.count() == before + 5
 
     # QIDO-RS finds the new series in the same study; highdicom reads each back with result.json's values
     dw = _dicomweb(orthanc)
     found = {s["00080060"]["Value"][0] for s in dw.search_for_series(study)}
-    assert {"SM", "SR", "SEG", "ANN"} <= found
+    assert {"SM", "SR", "SEG", "ANN", "OT"} <= found  # a Parametric Map's modality is OT
 
     def fetch(name: str):
         o = dicom["objects"][name]
@@ -232,12 +243,26 @@ def test_round_trip_results_back_in_the_study(gateway, orthanc, slide, fhir_sink
 
     ann = hd.ann.annread(io.BytesIO(_bytes(fetch("mstar-ann.dcm"))))
     group = ann.get_annotation_groups()[0]
-    _names, att, _units = group.get_measurements()
+    names, values, _units = group.get_measurements()
+    meanings = [n.meaning for n in names]
+    att = values[:, meanings.index("Aggregator attention")]
     polys = group.get_graphic_data(coordinate_type="2D")
     assert len(polys) == result["tiling"]["patches"] == att.shape[0]
-    corner = {(int(p[0][0]), int(p[0][1])): float(a) for p, a in zip(polys, att[:, 0], strict=True)}
+    corner = {(int(p[0][0]), int(p[0][1])): float(a) for p, a in zip(polys, att, strict=True)}
     for top in result["attention"]["top_patches"]:
         assert corner[(top["x"], top["y"])] == pytest.approx(top["score"], abs=1e-5)
+    # per-class patch scores: one measurement per class of each classifier head, as in patch_scores.h5
+    from service.results import patch_scores
+
+    scores = patch_scores.read(next(p for p in root.rglob("patch_scores.h5") if job["id"] in str(p)))
+    corners = np.array([[int(p[0][0]), int(p[0][1])] for p in polys])
+    assert np.array_equal(corners, scores.coords)  # the same patches, in the same order
+    per_class = [(h, label, c) for h in scores.heads if h.probabilities is not None for c, label in enumerate(h.labels)]
+    assert per_class, "the test bundle has a classifier head scoring patches"
+    for head, label, c in per_class:
+        got = values[:, meanings.index(f"Patch probability of {label} ({head.name})")]
+        np.testing.assert_allclose(got, head.probabilities[:, c], atol=1e-6)
+    assert len(meanings) == 1 + len(per_class)
 
     seg = hd.seg.segread(io.BytesIO(_bytes(fetch("mstar-seg.dcm"))))
     assert seg.SegmentationType == "FRACTIONAL"
@@ -251,6 +276,17 @@ def test_round_trip_results_back_in_the_study(gateway, orthanc, slide, fhir_sink
     assert fmap[last["y"] // step, last["x"] // step] == pytest.approx(last["score"] / best["score"], abs=0.01)
     spacing = seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing
     assert float(spacing[0]) == pytest.approx(0.000499 * step, rel=1e-3)
+
+    # the float Parametric Map: the attention values themselves, on the same grid and frame of reference
+    pmap = hd.pm.ParametricMap.from_dataset(fetch("mstar-pmap.dcm"))
+    assert pmap.FrameOfReferenceUID == seg.FrameOfReferenceUID and pmap.Modality == "OT"
+    pm_spacing = pmap.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing
+    assert [float(v) for v in pm_spacing] == [float(v) for v in spacing]
+    pixels = pmap.get_total_pixel_matrix()
+    pixels = pixels[..., 0] if pixels.ndim == 3 else pixels
+    assert pixels.dtype.kind == "f" and pixels.shape == fmap.shape
+    for top in result["attention"]["top_patches"]:
+        assert pixels[top["y"] // step, top["x"] // step] == pytest.approx(top["score"], abs=1e-6)  # 6 decimals
 
     text = hd.sr.srread(io.BytesIO(_bytes(fetch("mstar-report-sr.dcm"))))
     assert text.VerificationFlag == "UNVERIFIED" and text.CompletionFlag == "PARTIAL"
@@ -534,6 +570,188 @@ def test_orthanc_lua_trigger_posts_new_series_once(gateway, ports, cmu_svs, tmp_
         assert job["state"] == "succeeded", job
         result = c.get(f"/jobs/{job['id']}/result").json()
         assert result["source"]["series_uid"] == _uids(files)[1] and result["dicom"]["stored"] is True
+        default = {"mstar-sr.dcm", "mstar-seg.dcm", "mstar-ann.dcm", "mstar-report-sr.dcm"}
+        assert set(result["dicom"]["objects"]) == default  # no `heatmap` in its configuration: seg only
         pacs.upload(files)  # the same series again: Orthanc may fire again; the gateway returns the same job
         time.sleep(3)
         assert [j["id"] for j in new_jobs()] == [job["id"]]
+
+
+# ---- Celery mode and privacy: `mstar serve` + `mstar worker` as real processes, JSON logs captured ----------
+
+
+@pytest.fixture(scope="module")
+def celery_stack(orthanc, faults, bundle_dir, postgres_url, redis_server, tmp_path_factory):  # noqa: F811
+    """The gateway (`mstar serve`) and one Celery worker (`mstar worker`) as processes on real Redis and
+    PostgreSQL, both logging JSON at debug level into files the test reads. The main server writes the
+    heatmap as a Parametric Map only (`heatmap: pmap`), the other choice than the embedded tests' `both`."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from types import SimpleNamespace
+
+    import redis
+    from services import wait_http
+    from sqlalchemy import create_engine, text
+
+    root = tmp_path_factory.mktemp("celery-pacs")
+    admin = create_engine(postgres_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text("DROP DATABASE IF EXISTS mstar_pacs"))
+        conn.execute(text("CREATE DATABASE mstar_pacs"))
+    admin.dispose()
+    db = postgres_url.rsplit("/", 1)[0] + "/mstar_pacs"
+    broker = redis_server.url.rsplit("/", 1)[0] + "/5"  # a database of our own on the shared server
+    redis.Redis.from_url(broker).flushdb()
+    user, pw = next(iter(USERS.items()))
+    servers = [
+        _server("main", orthanc.url, auth="basic", username=user, password=pw, heatmap="pmap", read_timeout_s=10),
+        _server("wrong-password", orthanc.url, auth="basic", username=user, password="nope"),
+        _server("no-stow", orthanc.url, auth="basic", username=user, password=pw, stow_prefix="no-such-stow"),
+    ]
+    port, metrics_port = free_port(), free_port()
+    env = {
+        **os.environ,
+        "MSTAR_DATA_DIR": str(root / "data"),
+        "MSTAR_DATABASE_URL": db,
+        "MSTAR_BROKER_URL": broker,
+        "MSTAR_BUNDLE_DIR": str(bundle_dir),
+        "MSTAR_LOG_FORMAT": "json",
+        "MSTAR_LOG_LEVEL": "debug",
+        "MSTAR_API_KEYS": json.dumps([{"tenant": "hospital", "key": KEY}]),
+        "MSTAR_PACS_SERVERS": json.dumps(servers),
+    }
+    mstar = Path(sys.executable).with_name("mstar")
+    procs: dict[str, subprocess.Popen] = {}
+
+    def start(name: str, args: list[str]) -> None:
+        log = (root / f"{name}.log").open("ab")
+        procs[name] = subprocess.Popen(
+            [str(mstar), *args], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+    start("worker", ["worker", "--name", "pacs@test", "--metrics-port", str(metrics_port)])
+    try:
+        deadline = time.monotonic() + 120
+        while "pacs@test ready" not in (root / "worker.log").read_text(errors="replace"):
+            if procs["worker"].poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError((root / "worker.log").read_text(errors="replace")[-3000:])
+            time.sleep(0.3)
+        start("gateway", ["serve", "--port", str(port)])
+        url = f"http://127.0.0.1:{port}"
+        wait_http(url + "/healthz", timeout=120)
+        yield SimpleNamespace(
+            url=url, root=root, db=db, worker_metrics=f"http://127.0.0.1:{metrics_port}/metrics", data=root / "data"
+        )
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(15)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait(10)
+
+
+def _all_rows(db_url: str) -> dict[str, list[str]]:
+    """Every row of every table of the service's database, each as text (all columns)."""
+    from sqlalchemy import MetaData, create_engine, select
+
+    engine = create_engine(db_url)
+    meta = MetaData()
+    meta.reflect(engine)
+    try:
+        with engine.connect() as conn:
+            return {name: [repr(tuple(r)) for r in conn.execute(select(t))] for name, t in meta.tables.items()}
+    finally:
+        engine.dispose()
+
+
+def test_celery_pacs_job_round_trip_and_no_patient_data_anywhere(celery_stack, orthanc, slide, odd_series) -> None:
+    """One PACS analysis and four failing PACS jobs through the gateway and a real Celery worker; the source
+    series carry a patient name, ID, birth date and accession number. Those values appear in no log line,
+    no database row (jobs, slides, results, audit events: all columns), no metrics exposition, no error and no
+    result file, only in the DICOM objects written back into the study (which DICOM requires)."""
+    import highdicom as hd
+
+    study, series, files = slide
+    src = pydicom.dcmread(files[0], stop_before_pixels=True)
+    for attr, value in PHI.items():  # the premise: the slide series does carry patient data
+        assert str(getattr(src, attr)) == value
+    stack = celery_stack
+    with _client(stack.url) as c:
+        # the options differ from the embedded tests' (no report), so every object here is new to the study
+        job = _analyse(c, pacs="main", study_uid=study, series_uid=series, tasks=["classification", "survival"])
+        assert job["state"] == "succeeded", job
+        result = c.get(f"/jobs/{job['id']}/result").json()
+        cases = [  # refused, refused at STOW after the whole analysis, labels only, frames that do not decode
+            ("wrong-password", (study, series)),
+            ("no-stow", (study, series)),
+            ("main", odd_series["no_volume"]),
+            ("main", odd_series["bad_frames"]),
+        ]
+        failed = [
+            _analyse(c, pacs=name, study_uid=uids[0], series_uid=uids[1], tasks=["classification"])
+            for name, uids in cases
+        ]
+        assert [(f["state"], f["error"]["code"]) for f in failed] == [
+            ("failed", "pacs_unauthorized"),
+            ("failed", "pacs_not_found"),
+            ("failed", "no_volume_image"),
+            ("failed", "corrupt_slide"),
+        ], failed
+        zipped = c.get(f"/jobs/{job['id']}/dicom")
+        assert zipped.status_code == 200
+        gateway_metrics = c.get("/metrics").text
+    worker_metrics = httpx.get(stack.worker_metrics, timeout=10).text
+    assert "mstar_" in gateway_metrics and "mstar_" in worker_metrics
+
+    # Celery mode wrote the objects into the same study: QIDO-RS finds each of result.json's instances
+    dicom = result["dicom"]
+    assert dicom["stored"] is True
+    assert set(dicom["objects"]) == {"mstar-sr.dcm", "mstar-pmap.dcm", "mstar-ann.dcm"}  # heatmap: pmap
+    dw = _dicomweb(orthanc)
+    for o in dicom["objects"].values():
+        hits = dw.search_for_instances(study, o["series_instance_uid"])
+        assert [h["00080018"]["Value"][0] for h in hits] == [o["sop_instance_uid"]]
+    o = dicom["objects"]["mstar-pmap.dcm"]
+    pmap = hd.pm.ParametricMap.from_dataset(
+        dw.retrieve_instance(study, o["series_instance_uid"], o["sop_instance_uid"])
+    )
+    assert pmap.pixel_array.dtype.kind == "f"
+
+    # the DICOM objects carry the patient module (same study), and only they
+    with zipfile.ZipFile(io.BytesIO(zipped.content)) as zf:
+        for name in zf.namelist():
+            ds = pydicom.dcmread(io.BytesIO(zf.read(name)), stop_before_pixels=True)
+            assert str(ds.PatientName) == PHI["PatientName"] and ds.PatientID == PHI["PatientID"], name
+
+    def leaks(text: str) -> list[str]:
+        return [v for v in PHI.values() if v in text]
+
+    # logs: JSON lines from both processes, the job's own lines among them
+    lines = []
+    for name in ("gateway", "worker"):
+        text = (stack.root / f"{name}.log").read_text(errors="replace")
+        assert not leaks(text), f"{name} log: {leaks(text)}"
+        lines += [json.loads(x) for x in text.splitlines() if x.startswith("{")]
+    assert any(line.get("job_id") == job["id"] for line in lines)
+    # every row of the database: jobs (all columns, error messages included), slides, results, audit events
+    rows = _all_rows(stack.db)
+    assert rows["audit_events"] and any(job["id"] in r and "pacs@test" in r for r in rows["jobs"])  # ran on Celery
+    for table, values in rows.items():
+        assert not leaks("\n".join(values)), f"table {table}: {leaks(chr(10).join(values))}"
+    for text in (gateway_metrics, worker_metrics, json.dumps(result), *(json.dumps(f) for f in failed)):
+        assert not leaks(text)
+    # every file the service keeps (results, scratch, metrics files) but the DICOM objects, which do carry them
+    # (so the byte scan below would see a value stored in the clear)
+    assert [p for p in stack.data.rglob("*.dcm") if PHI["PatientID"].encode() in p.read_bytes()]
+    checked = 0
+    for path in stack.data.rglob("*"):
+        if path.is_file() and path.suffix != ".dcm":
+            blob = path.read_bytes()
+            assert not [v for v in PHI.values() if v.encode() in blob], path
+            checked += 1
+    assert checked > 5

@@ -43,6 +43,11 @@ class PacsServer(BaseModel):
     stow_attempts: int = Field(4, ge=1, le=20, description="STOW-RS tries before the job fails")
     stow_backoff_s: float = Field(1.0, ge=0, description="first STOW retry delay; doubles per try")
     write_results: bool = Field(True, description="STOW the DICOM results into the source study")
+    heatmap: Literal["seg", "pmap", "both"] = Field(
+        "seg",
+        description="heatmap objects written: FRACTIONAL Segmentation (8-bit, the widest viewer support), "
+        "float Parametric Map (exact attention values), or both",
+    )
 
     @field_validator("url")
     @classmethod

@@ -80,7 +80,7 @@ def write_back(
     client, _ = make_client(server)
     src = source_dataset(_level0_instance(client, server.name, study_uid, series_uid))
     ident = Identity(study_uid, series_uid, bundle["name"], bundle["version"], options)
-    objects, notes = build_objects(src, result, out_dir / "features.h5", bundle, ident)
+    objects, notes = build_objects(src, result, out_dir / "features.h5", bundle, ident, heatmap=server.heatmap)
     written = {}
     for name, ds in objects.items():
         with atomic_path(out_dir / name) as tmp:

@@ -2,10 +2,11 @@
 
 * a Comprehensive 3D SR measurement report (TID 1500): predicted class, class probabilities, survival risk,
   the model identity (AlgorithmIdentification: bundle name, version, model checksums), referencing the slide;
-* the attention heatmap as a FRACTIONAL Segmentation on the slide's frame of reference, one pixel per patch
-  step, positioned and scaled on the total pixel matrix so a viewer (Slim) overlays it on the slide;
-* per-patch attention as Microscopy Bulk Simple Annotations (one rectangle per patch, in total pixel matrix
-  coordinates of the source image);
+* the attention heatmap as a FRACTIONAL Segmentation and/or a float Parametric Map on the slide's frame of
+  reference, one pixel per patch step, positioned and scaled on the total pixel matrix so a viewer (Slim)
+  overlays it on the slide;
+* per-patch attention and per-class patch probabilities as Microscopy Bulk Simple Annotations (one rectangle
+  per patch, in total pixel matrix coordinates of the source image);
 * the generated report text in its own SR, marked as an AI-generated draft (completion PARTIAL, verification
   UNVERIFIED) that a pathologist must verify.
 
@@ -217,16 +218,14 @@ def _grid_map(coords: np.ndarray, values: np.ndarray, step: int, shape: tuple[in
     return out
 
 
-def heatmap_segmentation(src, coords: np.ndarray, attention: np.ndarray, step: int, bundle: dict, ident: Identity):
-    """FRACTIONAL segmentation of relative attention (attention / max), one pixel per patch step, on the
-    slide's frame of reference: pixel spacing = the slide's x step, origin = the slide's origin."""
+def _placement(src, step: int) -> tuple[tuple[int, int], dict]:
+    """The heatmap grid's shape ([rows, cols], one cell per patch step) and the highdicom geometry that puts it
+    on the slide's total pixel matrix: pixel spacing = the slide's spacing x step, origin = the slide's origin,
+    the slide's orientation. SEG and Parametric Map share it, so both overlay the slide the same way."""
     import highdicom as hd
-    from pydicom.sr.codedict import codes
 
     width, height = int(src.TotalPixelMatrixColumns), int(src.TotalPixelMatrixRows)
     shape = (-(-height // step), -(-width // step))
-    rel = attention / attention.max() if attention.size and attention.max() > 0 else attention
-    fmap = _grid_map(coords, rel.astype(np.float32), step, shape)
     spacing = [float(v) for v in src.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing]
     origin_seq = getattr(src, "TotalPixelMatrixOriginSequence", None)
     origin = origin_seq[0] if origin_seq else None
@@ -239,6 +238,29 @@ def heatmap_segmentation(src, coords: np.ndarray, attention: np.ndarray, step: i
         ),
         pixel_matrix_position=(1, 1),
     )
+    geometry = {
+        "pixel_measures": hd.PixelMeasuresSequence(
+            pixel_spacing=(spacing[0] * step, spacing[1] * step), slice_thickness=1.0
+        ),
+        "plane_orientation": hd.PlaneOrientationSequence(
+            coordinate_system="SLIDE", image_orientation=[float(v) for v in src.ImageOrientationSlide]
+        ),
+        "plane_positions": [position],
+        "tile_pixel_array": True,
+        "tile_size": (min(256, shape[0]), min(256, shape[1])),  # (rows, columns)
+    }
+    return shape, geometry
+
+
+def heatmap_segmentation(src, coords: np.ndarray, attention: np.ndarray, step: int, bundle: dict, ident: Identity):
+    """FRACTIONAL segmentation of relative attention (attention / max), one pixel per patch step, on the
+    slide's frame of reference (`_placement`). 8-bit: what every SEG-capable viewer overlays."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    shape, geometry = _placement(src, step)
+    rel = attention / attention.max() if attention.size and attention.max() > 0 else attention
+    fmap = _grid_map(coords, rel.astype(np.float32), step, shape)
     description = hd.seg.SegmentDescription(
         segment_number=1,
         segment_label="mSTAR attention",
@@ -261,25 +283,86 @@ def heatmap_segmentation(src, coords: np.ndarray, attention: np.ndarray, step: i
         software_versions=str(bundle["version"])[:64],
         device_serial_number="0",
         fractional_type=hd.seg.SegmentationFractionalTypeValues.PROBABILITY,
-        pixel_measures=hd.PixelMeasuresSequence(
-            pixel_spacing=(spacing[0] * step, spacing[1] * step), slice_thickness=1.0
-        ),
-        plane_orientation=hd.PlaneOrientationSequence(
-            coordinate_system="SLIDE", image_orientation=[float(v) for v in src.ImageOrientationSlide]
-        ),
-        plane_positions=[position],
         omit_empty_frames=False,
-        tile_pixel_array=True,
-        tile_size=(min(256, shape[0]), min(256, shape[1])),  # (rows, columns)
         content_label="ATTENTION",
         content_description="relative aggregator attention (1 = most attended patch)",
         series_description="mSTAR attention heatmap (research use)",
         transfer_syntax_uid="1.2.840.10008.1.2.1",
+        **geometry,
     )
 
 
-def patch_annotations(src, coords: np.ndarray, size: int, attention: np.ndarray, bundle: dict, ident: Identity):
-    """One rectangle per patch (total pixel matrix coordinates) with its attention as a measurement."""
+def heatmap_parametric_map(src, coords: np.ndarray, attention: np.ndarray, step: int, bundle: dict, ident: Identity):
+    """Float Parametric Map of the aggregator attention itself (not rescaled: the values of result.json), one
+    pixel per patch step on the slide's frame of reference (`_placement`); cells without a patch are 0."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    shape, geometry = _placement(src, step)
+    fmap = _grid_map(coords, attention.astype(np.float32), step, shape)
+    top = float(fmap.max()) if fmap.size else 0.0
+    mapping = hd.pm.RealWorldValueMapping(
+        lut_label="ATTENTION",
+        lut_explanation="mSTAR aggregator attention per patch",
+        unit=codes.UCUM.NoUnits,
+        value_range=(0.0, max(top, 1e-6)),
+        slope=1.0,
+        intercept=0.0,
+        quantity_definition=_code("attention", "Aggregator attention"),
+    )
+    return hd.pm.ParametricMap(
+        source_images=[src],
+        pixel_array=fmap[None, :, :],
+        series_instance_uid=ident.uid("pmap-series"),
+        series_number=9105,
+        sop_instance_uid=ident.uid("pmap-instance"),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        manufacturer_model_name=bundle["name"][:64],
+        software_versions=str(bundle["version"])[:64],
+        device_serial_number="0",
+        contains_recognizable_visual_features=False,
+        real_world_value_mappings=[mapping],
+        voi_lut_transformations=[hd.VOILUTTransformation(window_center=top / 2, window_width=max(top, 1e-6))],
+        content_label="ATTENTION",
+        content_description="aggregator attention (float, as in result.json)",
+        series_description="mSTAR attention map (research use)",
+        **geometry,
+    )
+
+
+def patch_class_measurements(scores_h5: Path, coords: np.ndarray) -> tuple[list, list[str]]:
+    """One annotation measurement per class of every classifier head that scored each patch alone
+    (`patch_scores.h5`, `heads/<name>/probabilities`), in the rows of `coords`. ([], notes) when there are none
+    or the file's patches are not the annotated ones."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    from service.results import patch_scores
+
+    if not scores_h5.is_file():
+        return [], []
+    scores = patch_scores.read(scores_h5)
+    if scores.coords.shape != coords.shape or not np.array_equal(scores.coords, coords):
+        return [], ["patch_scores.h5 does not list the annotated patches: per-class patch scores not written"]
+    out = []
+    for h, head in enumerate(sorted((x for x in scores.heads if x.probabilities is not None), key=lambda x: x.name)):
+        for c, label in enumerate(head.labels or []):
+            out.append(
+                hd.ann.Measurements(
+                    name=_code(f"patch-p{h}-{c}", f"Patch probability of {label} ({head.name})"),
+                    unit=codes.UCUM.NoUnits,
+                    values=np.asarray(head.probabilities[:, c], np.float32),
+                )
+            )
+    return out, []
+
+
+def patch_annotations(
+    src, coords: np.ndarray, size: int, attention: np.ndarray, bundle: dict, ident: Identity, extra: list = ()
+):
+    """One rectangle per patch (total pixel matrix coordinates) with its attention as a measurement, and
+    `extra` measurements (per-class patch probabilities) next to it."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
@@ -301,9 +384,10 @@ def patch_annotations(src, coords: np.ndarray, size: int, attention: np.ndarray,
                 name=_code("attention", "Aggregator attention"),
                 unit=codes.UCUM.NoUnits,
                 values=attention.astype(np.float32),
-            )
+            ),
+            *extra,
         ],
-        description="analysed patches and their attention",
+        description="analysed patches: attention and per-class scores",
     )
     return hd.ann.MicroscopyBulkSimpleAnnotations(
         source_images=[src],
@@ -323,10 +407,11 @@ def patch_annotations(src, coords: np.ndarray, size: int, attention: np.ndarray,
 
 
 def build_objects(
-    src, result: dict, features_h5: Path, bundle: dict, ident: Identity
+    src, result: dict, features_h5: Path, bundle: dict, ident: Identity, *, heatmap: str = "seg"
 ) -> tuple[dict[str, Any], list[str]]:
     """({file name: dataset}, notes) for every object this analysis yields (what exists depends on the bundle
-    and the source: a heatmap needs the slide's Frame of Reference to be placed on it)."""
+    and the source: a heatmap needs the slide's Frame of Reference to be placed on it). `heatmap` picks the
+    heatmap objects: `seg` (FRACTIONAL Segmentation), `pmap` (float Parametric Map) or `both`."""
     notes: list[str] = []
     import h5py
 
@@ -341,10 +426,15 @@ def build_objects(
         notes.append("no per-patch attention (the bundle has no aggregator): no heatmap or patch annotations")
     else:
         if getattr(src, "FrameOfReferenceUID", None):
-            objects["mstar-seg.dcm"] = heatmap_segmentation(src, coords, attention, step, bundle, ident)
+            if heatmap in ("seg", "both"):
+                objects["mstar-seg.dcm"] = heatmap_segmentation(src, coords, attention, step, bundle, ident)
+            if heatmap in ("pmap", "both"):
+                objects["mstar-pmap.dcm"] = heatmap_parametric_map(src, coords, attention, step, bundle, ident)
         else:
             notes.append("the slide has no FrameOfReferenceUID, so the heatmap cannot be placed on it: not written")
-        objects["mstar-ann.dcm"] = patch_annotations(src, coords, size, attention, bundle, ident)
+        extra, more = patch_class_measurements(features_h5.with_name("patch_scores.h5"), coords)
+        notes += more
+        objects["mstar-ann.dcm"] = patch_annotations(src, coords, size, attention, bundle, ident, extra)
     text = (result.get("report") or {}).get("text")
     if text:
         objects["mstar-report-sr.dcm"] = report_text_sr(src, text, bundle, ident)
