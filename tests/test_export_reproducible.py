@@ -137,6 +137,7 @@ def test_two_checkouts_export_identical_bytes(exports: tuple[Path, Path]) -> Non
             assert needle.encode() not in data[0], (m["name"], needle)
         model = onnx.load_from_string(data[0])
         assert not model.metadata_props and not model.graph.metadata_props
+        assert model.producer_version == torch.__version__.split("+")[0]  # no wheel build label
         assert not any(n.metadata_props or n.doc_string for n in model.graph.node)
         assert not any(v.metadata_props for v in [*model.graph.value_info, *model.graph.input])
 

@@ -8,7 +8,8 @@ max-abs or cosine is out of tolerance.
 Why the debug metadata is stripped: the dynamo exporter annotates every node and value with where it came from
 (`pkg.torch.onnx.stack_trace` holds absolute source paths, plus FX node text, name scopes and the exported
 program's signature), so the same weights exported from two checkouts gave different bytes and the manifest's
-sha256 could not be reproduced. None of it affects what ONNX Runtime or Triton compute.
+sha256 could not be reproduced. None of it affects what ONNX Runtime or Triton compute. For the same reason the
+producer version is torch's release without the wheel's build label (`+cpu`, `+cu130`).
 """
 
 from __future__ import annotations
@@ -111,6 +112,8 @@ def export_onnx(
             verbose=False,
         )
     strip_debug_metadata(program.model)
+    # the public release only: a wheel's build label (2.14.1+cpu / +cu130) traces the same graph on the CPU
+    program.model.producer_version = torch.__version__.split("+")[0]
     program.save(str(path), external_data=_nbytes(module) >= TWO_GB)
     return path
 
