@@ -1,21 +1,31 @@
 """Bring your own weights, end to end (docs/weights.md): a ViT-L checkpoint in the released mSTAR layout ->
 `mstar extract` a cohort (official 128 µm field) -> `mstar train downstream` a head -> `mstar import-encoder
---head` -> `mstar analyze`. The ViT-L is randomly initialised (weights are never downloaded); slow on a CPU."""
+--head` -> `mstar analyze`, and the same bundle through `mstar serve` over HTTP (upload the real CMU slide, the
+job succeeds, results present, equal to the CLI's). The ViT-L is randomly initialised (weights are never
+downloaded); slow on a CPU, so the one bundle serves both."""
 
 from __future__ import annotations
 
 import csv
+import io
 import json
+import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import h5py
+import httpx
+import numpy as np
 import pytest
 import torch
 import yaml
 from click.testing import CliRunner
+from services import free_port, wait_http
 
 MSTAR = Path(sys.executable).parent / "mstar"
+KEY = "byow-tenant-key-0123456789abcdef"
 
 
 @pytest.mark.slow
@@ -101,3 +111,69 @@ def test_released_checkpoint_to_served_bundle(tmp_path: Path, cmu_svs: Path) -> 
     assert result["tiling"]["patch_size_level0"] * 0.499 == pytest.approx(128.0, rel=0.01)
     probs = result["classification"]["subtype"]["probabilities"]
     assert sum(probs.values()) == pytest.approx(1.0, abs=1e-4)
+
+    served = _serve_and_analyze(tmp_path, bundle, cmu_svs, json.loads(roi.read_text()))
+    assert served["bundle"]["name"] == "mSTAR" and served["tiling"]["field_um"] == pytest.approx(128.0)
+    assert served["tiling"]["patches"] == result["tiling"]["patches"]
+    np.testing.assert_allclose(served["embedding"]["values"], result["embedding"]["values"], atol=1e-4)
+    got = served["classification"]["subtype"]["probabilities"]
+    assert got.keys() == probs.keys() and all(abs(got[k] - probs[k]) < 1e-4 for k in probs)
+
+
+def _serve_and_analyze(tmp_path: Path, bundle: Path, slide: Path, region: dict) -> dict:
+    """`mstar serve` with the bundle (a real process, settings from MSTAR_* variables): upload the slide, analyse
+    the region, wait for the job; checks the features and the bundle the API reports, returns the result."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MSTAR_")}
+    env.update(
+        MSTAR_DATA_DIR=str(tmp_path / "serve-data"),
+        MSTAR_BUNDLE_DIR=str(bundle),
+        MSTAR_RUNNER_WORKERS="1",
+        MSTAR_API_KEYS=json.dumps([{"tenant": "byow", "key": KEY}]),
+        MSTAR_LOG_LEVEL="warning",
+        OMP_NUM_THREADS="2",
+    )
+    port = free_port()
+    server = subprocess.Popen(
+        [str(MSTAR), "serve", "--port", str(port)],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{url}/healthz", timeout=120)
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=120) as c:
+            models = c.get("/models").json()
+            assert models["bundle"] == "mSTAR" and models["demo"] is False
+            assert {m["role"] for m in models["models"]} == {"patch_encoder", "classifier"}
+            up = c.post("/slides", files={"file": (slide.name, slide.read_bytes())}, data={"analyze": "false"})
+            assert up.status_code == 201, up.text
+            job = c.post(
+                f"/slides/{up.json()['id']}/analyses",
+                json={"tasks": ["embedding", "classification"], "region": region},
+            )
+            assert job.status_code == 202, job.text
+            job_url = job.headers["location"]
+            deadline = time.monotonic() + 600  # ViT-L on a CPU: a few patches, a worker loading 1.2 GB of ONNX
+            while time.monotonic() < deadline:
+                state = c.get(job_url).json()
+                if state["state"] in ("succeeded", "failed", "canceled"):
+                    break
+                time.sleep(0.5)
+            assert state["state"] == "succeeded", state
+            result = c.get(f"{job_url}/result").json()
+            assert result["status"] == "analyzed"
+            feats = c.get(f"{job_url}/features")
+            assert feats.status_code == 200
+            with h5py.File(io.BytesIO(feats.content), "r") as f:
+                assert f["features"].shape == (result["tiling"]["patches"], 1024)
+                assert f["coords"].attrs["target_mpp"] == pytest.approx(128 / 224)  # 128 µm per 224 px patch
+                assert f["coords"].attrs["patch_size_level0"] * 0.499 == pytest.approx(128.0, rel=0.01)
+            return result
+    finally:
+        server.terminate()
+        out, _ = server.communicate(timeout=60)
+        if server.returncode not in (0, -15):
+            print(out)

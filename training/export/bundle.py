@@ -42,7 +42,7 @@ from service.inference.bundle import (
     sha256_file,
     write_manifest,
 )
-from training.export.contract import load_export_checkpoint
+from training.export.contract import load_export_checkpoint, zeroshot_from_run
 from training.export.onnx import ParityResult, check_parity, export_onnx
 from training.export.triton import write_repository
 from training.export.wrappers import BagHead, ReportMemory, ReportStep, SlideAggregator, TextTower, U8PatchEncoder
@@ -527,12 +527,31 @@ def build_bundle(
     return ExportReport(bundle=bundle, parity=parity)
 
 
-def export_run(run_dir: str | Path, out: str | Path, *, progress: Callable[[str], None] | None = None) -> ExportReport:
-    """Rebuild the models of a training run from `RUN_DIR/export.pt` and export them into a bundle."""
+def export_run(
+    run_dir: str | Path,
+    out: str | Path,
+    *,
+    zeroshot_run: str | Path | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> ExportReport:
+    """Rebuild the models of a training run from `RUN_DIR/export.pt` and export them into a bundle.
+
+    The zero-shot method served is, first, the one `zeroshot_run` (a zero-shot run directory) selected on
+    validation, else the one `export.pt` records, else the official defaults. Provenance names the checkpoint by
+    file name and sha256, not by its absolute path, so two checkouts write the same manifest."""
     c = load_export_checkpoint(run_dir)
     prov = dict(c.provenance)
-    prov.setdefault("run_id", Path(run_dir).name)
-    prov.setdefault("checkpoint", str(c.path))
+    prov.setdefault("run_id", Path(run_dir).resolve().name)
+    prov.setdefault("checkpoint", c.path.name)
+    prov.setdefault("checkpoint_sha256", sha256_file(c.path))
+    zeroshot = c.zeroshot
+    if zeroshot_run is not None:
+        if c.text_encoder is None:
+            raise BundleError(f"{run_dir} has no text encoder: a zero-shot method ({zeroshot_run}) cannot be served")
+        zeroshot = zeroshot_from_run(zeroshot_run)
+        prov["notes"] = "; ".join(
+            filter(None, [prov.get("notes"), f"zero-shot method selected on validation by {Path(zeroshot_run).name}"])
+        )
     return build_bundle(
         out,
         encoder=c.encoder,
@@ -548,7 +567,7 @@ def export_run(run_dir: str | Path, out: str | Path, *, progress: Callable[[str]
         text_encoder=c.text_encoder,
         text_proj=c.text_proj,
         tokenizer_dir=c.tokenizer_dir,
-        zeroshot=c.zeroshot,
+        zeroshot=zeroshot,
         report_generator=c.report,
         report_vocab=c.report_itos,
         name=c.name,

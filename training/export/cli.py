@@ -21,9 +21,16 @@ from training.export.import_encoder import import_encoder
     show_default=True,
     help="Bundle directory (a Triton model repository with bundle.json).",
 )
-def export(run_dir: Path, out: Path) -> None:
+@click.option(
+    "--zeroshot-run",
+    type=click.Path(exists=True, path_type=Path),
+    default=None,
+    help="A `mstar train downstream` zero-shot run: serve the method, top-k and logit scale it selected on "
+    "validation (default: what export.pt records, else MI-Zero top-50 at 14.29).",
+)
+def export(run_dir: Path, out: Path, zeroshot_run: Path | None) -> None:
     """Export a training run's models to ONNX, a Triton repository and a bundle manifest (parity-checked)."""
-    rep = export_run(run_dir, out, progress=lambda m: click.echo(m, err=True))
+    rep = export_run(run_dir, out, zeroshot_run=zeroshot_run, progress=lambda m: click.echo(m, err=True))
     click.echo(json.dumps(rep.summary(), indent=2))
 
 

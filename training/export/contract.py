@@ -9,6 +9,8 @@
   "heads": [{"name", "task": "classification"|"survival", "kind": "abmil"|"transmil"|"transmil_pre",
              "n_outputs", "dim", "transmil_kwargs", "labels", "bin_edges", "state_dict"}],
   "text": {"model_dir", "max_length", "proj_state_dict": {...}, "bert_state_dict": {...} | None} | None,
+  "zeroshot": a `ZeroShotSpec` dict (method, logit_scale, topk: what a zero-shot run chose on validation) | None
+              (older files: under "text"; absent: the bundle gets the official defaults),
   "report": {"kwargs": ReportGenerator kwargs, "state_dict": {...}, "itos": [vocabulary]} | None,
   "provenance": {"run_id", "config_hash", "git_commit", ...}, "demo": bool, "name": str,
 }
@@ -24,6 +26,7 @@ import torch
 from torch import nn
 
 from service.errors import InvalidParameterError
+from service.inference.bundle import ZeroShotSpec
 from training.models.heads import MILHead
 from training.models.patch_encoder import PATCH_ENCODERS, Preprocessing, build_patch_encoder
 from training.models.report_decoder import ReportGenerator
@@ -69,9 +72,15 @@ def save_export_checkpoint(
     provenance: dict[str, Any] | None = None,
     demo: bool = False,
     name: str = "mstar",
+    zeroshot: ZeroShotSpec | dict[str, Any] | str | Path | None = None,
 ) -> Path:
     """Write the file `mstar export` reads. `aggregator`: a `TransMIL` (its config is recorded); `heads`: rows of
-    `head_row` (a `MILHead` plus name/task/n_outputs/labels/bin_edges and its constructor sizes)."""
+    `head_row` (a `MILHead` plus name/task/n_outputs/labels/bin_edges and its constructor sizes); `zeroshot`: the
+    zero-shot method to serve, a spec or the directory of the zero-shot run that chose it on validation (its k and
+    logit scale then reach the bundle manifest; see `zeroshot_from_run`)."""
+    zs = resolve_zeroshot(zeroshot)
+    if zs is not None and text is None:
+        raise InvalidParameterError("a zero-shot method was given but there is no text encoder to score prompts with")
     agg = None
     if aggregator is not None:
         agg = {"kwargs": _transmil_kwargs(aggregator), "state_dict": aggregator.state_dict()}
@@ -93,6 +102,7 @@ def save_export_checkpoint(
         "report": None
         if report is None
         else {"kwargs": report["kwargs"], "state_dict": report["module"].state_dict(), "itos": list(report["itos"])},
+        "zeroshot": zs,
         "provenance": provenance or {},
         "demo": demo,
     }
@@ -118,6 +128,41 @@ def _text_entry(text: dict[str, Any] | None) -> dict[str, Any] | None:
         # `meta["zeroshot"]`); absent: the bundle gets the official defaults
         "zeroshot": text.get("zeroshot"),
     }
+
+
+def zeroshot_from_run(run_dir: str | Path) -> dict[str, Any]:
+    """The `ZeroShotSpec` a `mstar train downstream` zero-shot run selected on validation (`head.pt` meta
+    `zeroshot`: method, logit scale and the top-k with the best validation balanced accuracy), validated."""
+    run_dir = Path(run_dir)
+    path = run_dir / "head.pt" if run_dir.is_dir() else run_dir
+    if not path.is_file():
+        raise InvalidParameterError(f"{run_dir} is not a zero-shot run directory (no head.pt)")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # unreadable / foreign pickle
+        raise InvalidParameterError(f"cannot read zero-shot run {path}: {err}") from err
+    meta = saved.get("meta") if isinstance(saved, dict) else None
+    if not isinstance(meta, dict) or meta.get("task") != "zeroshot":
+        task = meta.get("task") if isinstance(meta, dict) else None
+        raise InvalidParameterError(f"{path} is not from a zero-shot run (task {task!r})")
+    if not isinstance(meta.get("zeroshot"), dict):
+        raise InvalidParameterError(f"{path} records no selected zero-shot method (written before it was recorded)")
+    return resolve_zeroshot(meta["zeroshot"])
+
+
+def resolve_zeroshot(given: ZeroShotSpec | dict[str, Any] | str | Path | None) -> dict[str, Any] | None:
+    """A zero-shot method as export.pt stores it (a checked `ZeroShotSpec` dict): from a spec, a dict, or a
+    zero-shot run directory / its head.pt."""
+    if given is None:
+        return None
+    if isinstance(given, str | Path):
+        return zeroshot_from_run(given)
+    if isinstance(given, ZeroShotSpec):
+        return given.model_dump()
+    try:
+        return ZeroShotSpec(**given).model_dump()
+    except (TypeError, ValueError) as err:
+        raise InvalidParameterError(f"invalid zero-shot method {given}: {err}") from err
 
 
 def _transmil_kwargs(agg: TransMIL) -> dict[str, Any]:
@@ -222,7 +267,7 @@ def load_export_checkpoint(run_dir: str | Path) -> ExportContents:
             proj_config = {"in_features": out.text_encoder.hidden_size, "out_features": out.aggregator.dim}
         out.text_proj = nn.Linear(**proj_config)
         out.text_proj.load_state_dict(t["proj_state_dict"], strict=True)
-        out.zeroshot = t.get("zeroshot")
+        out.zeroshot = ckpt.get("zeroshot") or t.get("zeroshot")  # older files: under "text"
         out.tokenizer_dir = t["model_dir"]
     if ckpt.get("report"):
         r = ckpt["report"]

@@ -4,6 +4,12 @@ Why dynamo only: the legacy TorchScript exporter "succeeds" on Nyström attentio
 into the padding arithmetic, so the aggregator is exact only at the traced N. Every export is followed by a parity
 check, ONNX Runtime vs PyTorch, on fresh random inputs of several sizes, which refuses (`ExportParityError`) when
 max-abs or cosine is out of tolerance.
+
+Why the debug metadata is stripped: the dynamo exporter annotates every node and value with where it came from
+(`pkg.torch.onnx.stack_trace` holds absolute source paths, plus FX node text, name scopes and the exported
+program's signature), so the same weights exported from two checkouts gave different bytes and the manifest's
+sha256 could not be reproduced. None of it affects what ONNX Runtime or Triton compute. For the same reason the
+producer version is torch's release without the wheel's build label (`+cpu`, `+cu130`).
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import onnx_ir as ir
 import torch
 from torch import nn
 
@@ -38,6 +45,35 @@ def _nbytes(module: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
 
 
+def _strip(entity: ir.Model | ir.Graph | ir.Function | ir.Node | ir.Value) -> int:
+    n = len(entity.metadata_props) + bool(entity.doc_string)
+    entity.metadata_props.clear()
+    entity.doc_string = None
+    return n
+
+
+def strip_debug_metadata(model: ir.Model) -> int:
+    """Remove every doc string and metadata property (model, graphs and subgraphs, functions, nodes, values) in
+    place, so the saved bytes depend only on the computation and weights; returns how many were removed."""
+    removed = _strip(model)
+    graphs: list[ir.Graph | ir.Function] = [model.graph, *model.functions.values()]
+    for g in graphs:
+        removed += _strip(g)
+        values = [*g.inputs, *g.outputs]
+        if isinstance(g, ir.Graph):
+            values += list(g.initializers.values())
+        for node in ir.traversal.RecursiveGraphIterator(g):
+            removed += _strip(node)
+            values += list(node.outputs)
+            for attr in node.attributes.values():  # subgraphs (If / Loop / Scan) carry their own inputs
+                for sub in attr.value if attr.type == ir.AttributeType.GRAPHS else [attr.value]:
+                    if isinstance(sub, ir.Graph):
+                        removed += _strip(sub)
+                        values += [*sub.inputs, *sub.outputs, *sub.initializers.values()]
+        removed += sum(_strip(v) for v in values if v is not None)
+    return removed
+
+
 def export_onnx(
     module: nn.Module,
     example: tuple[torch.Tensor, ...],
@@ -49,7 +85,8 @@ def export_onnx(
     opset: int = OPSET,
 ) -> Path:
     """Dynamo export of `module(*example)`. `dynamic_axes`: input index -> {axis: (name, min, max)}.
-    Weights are embedded in one file below 2 GB (a Triton version dir then holds a single model.onnx)."""
+    Weights are embedded in one file below 2 GB (a Triton version dir then holds a single model.onnx). The file
+    is path-free and deterministic: debug metadata is stripped before it is written (see the module docstring)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     dims: dict[str, torch.export.Dim] = {}
@@ -62,19 +99,22 @@ def export_onnx(
     module = module.eval()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(
+        program = torch.onnx.export(
             module,
             example,
-            str(path),
+            None,  # not saved here: stripped first
             dynamo=True,
             opset_version=opset,
             input_names=input_names,
             output_names=output_names,
             dynamic_shapes=tuple(shapes),
-            external_data=_nbytes(module) >= TWO_GB,
             optimize=True,
             verbose=False,
         )
+    strip_debug_metadata(program.model)
+    # the public release only: a wheel's build label (2.14.1+cpu / +cu130) traces the same graph on the CPU
+    program.model.producer_version = torch.__version__.split("+")[0]
+    program.save(str(path), external_data=_nbytes(module) >= TWO_GB)
     return path
 
 
