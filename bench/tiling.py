@@ -190,7 +190,9 @@ class PeakRss:
 def stream_rate(path: Path, grid, mpp_override: float | None, workers: int) -> dict:
     """patches/s, CPU ms per patch (all threads), RSS growth and peak while streaming every patch."""
     with open_slide(path, mpp_override=mpp_override) as reader:
-        mode = PatchReader(reader, grid).mode
+        probe = PatchReader(reader, grid)
+        mode = probe.mode
+        probe.close()
         n = 0
         checksum = 0.0
         with PeakRss() as rss:
@@ -205,6 +207,13 @@ def stream_rate(path: Path, grid, mpp_override: float | None, workers: int) -> d
 def openslide_path(path: Path) -> Path:
     """OpenSlide opens a DICOM series through any one of its files."""
     return next(iter(sorted(path.glob("*.dcm")))) if path.is_dir() else path
+
+
+def _chunks(items: list, threads: int, most: int = 64) -> list[list]:
+    """At most `most` items a chunk, and at least 4 chunks a thread where there are items enough, so that a
+    small slide (47 patches, 10 NDPI blocks) keeps every thread busy instead of handing one thread everything."""
+    size = max(1, min(most, -(-len(items) // (4 * threads))))
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 def _timed_threads(fn, chunks: list, threads: int) -> tuple[float, float]:
@@ -229,7 +238,7 @@ def openslide_rate(path: Path, grid, threads: int = 2) -> tuple[float, float]:
             for xy in chunk:
                 resize_patch(np.asarray(s.read_region(xy, level, (rs, rs)).convert("RGB")), ps)
 
-        dt, cpu = _timed_threads(read, [coords[i : i + 64] for i in range(0, len(coords), 64)], threads)
+        dt, cpu = _timed_threads(read, _chunks(coords, threads), threads)
     return len(coords) / dt, 1000 * cpu / len(coords)
 
 
@@ -242,7 +251,7 @@ def reader_loop_rate(path: Path, grid, mpp_override: float | None, threads: int 
             for xy in chunk:
                 resize_patch(r.read_region(xy, grid.read_level, (grid.read_size,) * 2), grid.patch_size)
 
-        dt, cpu = _timed_threads(read, [coords[i : i + 64] for i in range(0, len(coords), 64)], threads)
+        dt, cpu = _timed_threads(read, _chunks(coords, threads), threads)
     return len(coords) / dt, 1000 * cpu / len(coords)
 
 
@@ -265,11 +274,22 @@ def ceiling_rate(path: Path, grid, mpp_override: float | None, threads: int = 2)
                     for tx in range(x0 // lv.tile_w, x1 // lv.tile_w + 1):
                         keys.add((tx, ty))
             ordered = sorted(keys, key=lambda k: (k[1], k[0]))
-            chunks = [ordered[i : i + 16] for i in range(0, len(ordered), 16)]
-            dt, _ = _timed_threads(lambda c: [lv.decode_tile(k) for k in c], chunks, threads)
+            dt, _ = _timed_threads(lambda c: [lv.decode_tile(k) for k in c], _chunks(ordered, threads, 16), threads)
         finally:
             pr.close()
     return len(grid) / dt
+
+
+def resize_cost(read: int, size: int, n: int = 200) -> float:
+    """CPU ms of one area resize `read` -> `size` px (the same `resize_patch` both columns run), best of 3."""
+    patch = np.random.default_rng(0).integers(0, 256, (read, read, 3), np.uint8)
+    best = math.inf
+    for _ in range(3):
+        c0 = time.process_time()
+        for _ in range(n):
+            resize_patch(patch, size)
+        best = min(best, (time.process_time() - c0) / n)
+    return 1000 * best
 
 
 def pixel_check(path: Path, grid, mpp_override: float | None, n: int = 100) -> tuple[int, float]:
@@ -318,6 +338,8 @@ def bench_slide(name: str, path: Path, mpp_override: float | None, repeats: int,
         "read": grid.read_size,
         "baseline": "openslide" if comparable else "reader",
     }
+    if grid.read_size != grid.patch_size:
+        row["cpu_resize"] = resize_cost(grid.read_size, grid.patch_size)
     ours, loop, ceil = [], [], []
     for _ in range(max(1, repeats)):  # interleaved, so each repeat sees the same machine load
         ours.append(stream_rate(path, grid, mpp_override, workers=2))
@@ -363,6 +385,7 @@ def print_table(rows: list[dict]) -> None:
         ("of_ceil", 7, "{:.2f}"),
         ("cpu_ours", 8, "{:.2f}"),
         ("cpu_loop", 8, "{:.2f}"),
+        ("cpu_resize", 10, "{:.2f}"),
         ("rss_mb", 6, "{:.0f}"),
         ("rss_peak_mb", 11, "{:.0f}"),
         ("max_abs_diff", 12, "{}"),
@@ -379,7 +402,8 @@ def print_table(rows: list[dict]) -> None:
         "medians of the repeats; ours = iter_batches, 2 workers; loop = read_region loop, 2 threads (baseline "
         "openslide, or our reader's generic read_region where OpenSlide cannot read the levels); ceiling = each "
         "stored tile the grid touches decoded once on 2 threads, in patch-equivalents/s; patches/s at 224 px; "
-        "cpu_* = CPU ms per patch (all threads); rss_mb = largest RSS growth while streaming, rss_peak_mb = peak RSS "
+        "cpu_* = CPU ms per patch (all threads), cpu_resize = of it the area resize alone (in both columns); "
+        "rss_mb = largest RSS growth while streaming, rss_peak_mb = peak RSS "
         "of the bench process so far; *_abs_diff = |ours - "
         "OpenSlide| over the first 100 patches (DICOM: OpenSlide skips the YCbCr->RGB conversion of these "
         "mislabelled frames, our reader does not; fractional-downsample levels: nearest level pixel vs "

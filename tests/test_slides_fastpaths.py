@@ -1,5 +1,6 @@
-"""Fast paths beyond tiled JPEG TIFF: NDPI restart-interval blocks and Aperio JPEG 2000 tiles, pixel for pixel
-against OpenSlide on the real sample slides."""
+"""Fast paths beyond tiled JPEG TIFF: NDPI restart-interval blocks, Aperio JPEG 2000 tiles (33005 and 33003) and
+MIRAX camera images, pixel for pixel against OpenSlide on the real sample slides and slides built here from real
+pixels."""
 
 from __future__ import annotations
 
@@ -95,6 +96,34 @@ def test_j2k_svs_fast_path(tcga_j2k_svs: Path) -> None:
     assert np.array_equal(exact, ref)
     diff = np.abs(snapped.astype(int) - ref)
     assert 0 < diff.mean() < 8, diff.mean()  # nearest pixel vs OpenSlide's sub-pixel resampling
+
+
+@pytest.fixture(scope="module")
+def aperio_33003(cmu_svs: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from slide_fixtures import write_aperio_j2k_ycbcr
+
+    if shutil.which("opj_compress") is None:
+        pytest.skip("opj_compress (Debian libopenjp2-tools, in tests/sysdeps.sh) builds the 33003 slide")
+    return write_aperio_j2k_ycbcr(cmu_svs, tmp_path_factory.mktemp("j2k") / "cmu-33003.svs")
+
+
+def test_j2k_ycbcr_33003_fast_path_equals_openslide(aperio_33003: Path, cmu_svs: Path) -> None:
+    """Aperio 33003: YCbCr J2K tiles with chroma halved horizontally; our decode (raw components + OpenSlide's
+    conversion tables) gives OpenSlide's pixels, which are the source's colours (not a YCbCr cast)."""
+    with tifffile.TiffFile(aperio_33003) as tif:
+        assert tif.pages[0].compression == fasttiles.APERIO_J2K_YCBCR
+    _random_regions_equal(aperio_33003, [0], n=8)
+    with open_slide(aperio_33003) as r:
+        assert r.vendor == "aperio"
+        g = build_grid(r)
+        assert PatchReader(r, g).mode == "fast-tiff" and len(g) >= 4
+        ours = _collect(r, g, batch_size=4)
+    assert np.array_equal(ours, _openslide_patches(aperio_33003, g))
+    with openslide.OpenSlide(str(aperio_33003)) as s, openslide.OpenSlide(str(cmu_svs)) as src:
+        built = np.asarray(s.read_region((0, 0), 0, (512, 512)).convert("RGB")).astype(int)
+        real = np.asarray(src.read_region((768, 768), 0, (512, 512)).convert("RGB")).astype(int)
+    assert np.abs(built - real).mean() < 8  # 4:2:2 chroma and lossy J2K of the same real pixels
+    assert np.abs((built - real).mean(axis=(0, 1))).max() < 2  # and no colour cast in any channel
 
 
 def test_damaged_ndpi_block_is_a_typed_error(ndpi: Path, tmp_path: Path) -> None:

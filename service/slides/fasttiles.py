@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import configparser
 import contextlib
+import io
 import os
 import struct
 import sys
@@ -45,12 +46,14 @@ from pathlib import Path
 import imagecodecs
 import numpy as np
 import tifffile
+from PIL import Image
 
 from service.errors import CorruptSlideError
 
 JPEG = 7
+APERIO_J2K_YCBCR = 33003
 APERIO_J2K_RGB = 33005
-FAST_COMPRESSIONS = frozenset({JPEG, APERIO_J2K_RGB})
+FAST_COMPRESSIONS = frozenset({JPEG, APERIO_J2K_YCBCR, APERIO_J2K_RGB})
 NDPI_BLOCK_W = 1024  # target size of an NDPI super tile (level pixels)
 NDPI_BLOCK_H = 256
 
@@ -127,13 +130,59 @@ class TileCache:
                 event.set()
 
 
+def _c_round(x: np.ndarray) -> np.ndarray:
+    """C's round(): halves away from zero (numpy rounds them to even)."""
+    return np.sign(x) * np.floor(np.abs(x) + 0.5)
+
+
+_CHROMA = np.arange(256, dtype=np.float64) - 128
+# OpenSlide's YCbCr -> RGB tables for Aperio 33003 (the JFIF matrix; G in 16-bit fixed point, rounding folded in)
+_R_CR = _c_round(1.402 * _CHROMA).astype(np.int16)
+_G_CB = _c_round(65536 * (0.5 - 0.34414 * _CHROMA)).astype(np.int32)
+_G_CR = _c_round(65536 * -0.71414 * _CHROMA).astype(np.int32)
+_B_CB = _c_round(1.772 * _CHROMA).astype(np.int16)
+
+
+def _srgb_jp2(codestream: bytes, width: int, height: int) -> bytes:
+    """`codestream` in a minimal JP2 container that declares sRGB: decoders then hand back the three
+    components as stored (chroma repeated to full width) instead of applying their own YCbCr conversion."""
+
+    def box(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", 8 + len(payload)) + kind + payload
+
+    ihdr = box(b"ihdr", struct.pack(">IIHBBBB", height, width, 3, 7, 7, 0, 0))  # 3 x 8-bit unsigned
+    colr = box(b"colr", struct.pack(">BBBI", 1, 0, 0, 16))  # enumerated colour space 16 = sRGB
+    head = b"\x00\x00\x00\x0cjP  \r\n\x87\n" + box(b"ftyp", b"jp2 \x00\x00\x00\x00jp2 ")
+    return head + box(b"jp2h", ihdr + colr) + box(b"jp2c", codestream)
+
+
+def decode_aperio_ycbcr(codestream: bytes, width: int, height: int) -> np.ndarray:
+    """uint8 RGB of one Aperio 33003 tile (J2K, YCbCr without the JPEG 2000 colour transform, chroma usually
+    halved horizontally) with the pixels OpenSlide produces: its nearest chroma upsampling and its tables.
+    Pillow's OpenJPEG decoder, given the sRGB container, returns the stored components untouched (imagecodecs
+    converts subsampled YCbCr itself, with other rounding)."""
+    with Image.open(io.BytesIO(_srgb_jp2(codestream, width, height))) as im:
+        im.load()
+        ycc = np.asarray(im)
+    if ycc.shape != (height, width, 3):
+        raise ValueError(f"tile decodes to {ycc.shape}, not {(height, width, 3)}")
+    y = ycc[..., 0].astype(np.int16)
+    cb, cr = ycc[..., 1], ycc[..., 2]
+    out = np.empty((height, width, 3), np.uint8)
+    np.clip(y + _R_CR[cr], 0, 255, out=out[..., 0], casting="unsafe")
+    np.clip(y + ((_G_CB[cb] + _G_CR[cr]) >> 16).astype(np.int16), 0, 255, out=out[..., 1], casting="unsafe")
+    np.clip(y + _B_CB[cb], 0, 255, out=out[..., 2], casting="unsafe")
+    return out
+
+
 class TiffLevel:
     """One tiled JPEG / JPEG 2000 TIFF page, read tile by tile without going through tifffile's file handle."""
 
     kind = "tiff"
 
     def __init__(self, path: Path, page: tifffile.TiffPage) -> None:
-        self.codec = "jpeg2000" if page.compression == APERIO_J2K_RGB else "jpeg"
+        self.codec = "jpeg" if page.compression == JPEG else "jpeg2000"
+        self._ycbcr = page.compression == APERIO_J2K_YCBCR
         self.path = path
         self.width = int(page.imagewidth)
         self.height = int(page.imagelength)
@@ -172,6 +221,8 @@ class TiffLevel:
         try:
             if len(data) != count:
                 raise ValueError(f"file truncated: {len(data)} of {count} bytes")
+            if self._ycbcr:
+                return decode_aperio_ycbcr(data, self.tile_w, self.tile_h)
             arr, _, _ = self._decode(data, index, jpegtables=self._jpegtables)
             return np.ascontiguousarray(arr.reshape(self.tile_h, self.tile_w, -1)[:, :, :3])
         except Exception as exc:  # any codec error means damaged pixels, never a worker crash
