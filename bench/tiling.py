@@ -361,6 +361,54 @@ def bench_slide(name: str, path: Path, mpp_override: float | None, repeats: int,
     return row
 
 
+def breakdown(path: Path, grid, mpp_override: float | None, repeats: int = 3) -> dict:
+    """Where one patch's CPU time goes, on one thread (best of `repeats`, ms a patch): OpenSlide's
+    `read_region` from a cold cache; ours split into decoding every stored tile the grid touches once, cutting
+    patches out of already decoded tiles, and the area resize; `other` = ours cold minus those three (tile
+    cache, fresh memory, Python per patch)."""
+    best: dict[str, float] = {}
+
+    def keep(name: str, seconds: float) -> None:
+        best[name] = min(best.get(name, math.inf), 1000 * seconds / len(grid))
+
+    rs, ps = grid.read_size, grid.patch_size
+    buf = np.empty((rs, rs, 3), np.uint8)
+    with open_slide(path, mpp_override=mpp_override) as reader:
+        for _ in range(repeats):
+            if openslide_comparable(path, grid):
+                with openslide.OpenSlide(str(openslide_path(path))) as s:
+                    c0 = time.process_time()
+                    for x, y in grid.coords:
+                        np.asarray(s.read_region((int(x), int(y)), grid.read_level, (rs, rs)).convert("RGB"))
+                    keep("openslide_read", time.process_time() - c0)
+            pr = PatchReader(reader, grid, cache_mb=4096)  # nothing evicted: the second pass only cuts
+            try:
+                src = pr.fast_source
+                if src is None:
+                    return {}
+                lv = src.level
+                c0 = time.process_time()
+                pr.read_batch(0, len(grid))
+                keep("ours_cold", time.process_time() - c0)
+                keys = list(src.cache._data)
+                c0 = time.process_time()
+                for k in keys:
+                    lv.decode_tile(k, out=src.cache._data[k])
+                keep("decode_once", time.process_time() - c0)
+                c0 = time.process_time()
+                for lx, ly in pr.level_coords:
+                    src.read(int(lx), int(ly), rs, out=buf)
+                keep("cut", time.process_time() - c0)
+                c0 = time.process_time()
+                for _ in range(len(grid)):
+                    resize_patch(buf, ps)
+                keep("resize", time.process_time() - c0 if rs != ps else 0.0)
+            finally:
+                pr.close()
+    best["other"] = best["ours_cold"] - best["decode_once"] - best["cut"] - best["resize"]
+    return best
+
+
 def _subset(grid, n: int):
     """The first `n` patches in grid order (contiguous rows, as a real run reads them)."""
     from dataclasses import replace
@@ -418,6 +466,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-patches", type=int, default=None)
     ap.add_argument("--only", default=None, help="run only slides whose name contains this text")
     ap.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
+    ap.add_argument(
+        "--breakdown", action="store_true", help="only print where one patch's CPU time goes, per slide (1 thread)"
+    )
     args = ap.parse_args(argv)
     repeats = 1 if args.quick else args.repeats
     max_patches = args.max_patches or (2000 if args.quick else None)
@@ -436,9 +487,20 @@ def main(argv: list[str] | None = None) -> int:
     for name, path, override in slides:
         if args.only and args.only.lower() not in name.lower():
             continue
+        if args.breakdown:
+            with open_slide(path, mpp_override=override) as reader:
+                grid = build_grid(reader)
+            if max_patches is not None and len(grid) > max_patches:
+                grid = _subset(grid, max_patches)
+            parts = breakdown(path, grid, override, repeats)
+            print(f"{name:22s} {len(grid):5d} patches  " + "  ".join(f"{k} {v:.3f}" for k, v in parts.items()))
+            continue
         row = bench_slide(name, path, override, repeats, max_patches)
         rows.append(row)
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+    if args.breakdown:
+        print("CPU ms a patch on one thread, best of the repeats (ours_cold = decode_once + cut + resize + other)")
+        return 0
     print()
     print_table(rows)
     if args.json:

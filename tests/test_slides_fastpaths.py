@@ -154,6 +154,12 @@ def test_tiling_bench_row_for_a_real_slide(ndpi: Path) -> None:
     row = bench.bench_slide("NDPI", ndpi, None, repeats=1, max_patches=20)
     assert row["mode"] == "fast-ndpi" and row["measured"] == 20 and row["baseline"] == "openslide"
     assert row["ours"] > 0 and row["loop"] > 0 and row["ceiling"] > 0 and row["max_abs_diff"] == 0
+    assert row["cpu_resize"] > 0  # 245 -> 224 px
+    with open_slide(ndpi) as r:
+        grid = bench._subset(build_grid(r), 20)
+    parts = bench.breakdown(ndpi, grid, None, repeats=1)
+    assert set(parts) == {"openslide_read", "ours_cold", "decode_once", "cut", "resize", "other"}
+    assert min(parts["openslide_read"], parts["decode_once"], parts["cut"], parts["resize"]) > 0
 
 
 @pytest.fixture(scope="module")

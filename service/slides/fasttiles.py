@@ -3,16 +3,20 @@ OME-TIFF, Hamamatsu NDPI): decode each stored tile once and cut patches out of t
 
 Why: OpenSlide's `read_region` spends most of each call outside JPEG decoding (region setup, cache
 lookups, cairo compositing, RGBA -> RGB), and a 224 px patch straddles about four 256 px stored tiles. Here
-the raw tile bytes are read with `os.pread` (thread-safe, releases the GIL), decoded by tifffile's own
-decoder for the page (libjpeg-turbo through imagecodecs, with the page's JPEG tables and colour space, so
-pixels are those OpenSlide produces), and kept in a small byte-bounded LRU so the tile row shared by two
+the raw tile bytes are read with `os.pread` (thread-safe, releases the GIL), decoded by libjpeg-turbo
+(imagecodecs, with the page's JPEG tables and the colour spaces tifffile's own decoder would pass, so pixels
+are those OpenSlide produces), and kept in a small byte-bounded LRU so the tile row shared by two
 patch rows is decoded once.
 
 JPEG 2000 (Aperio 33005, RGB) tiles go through the same path: tifffile's decoder for those pages is OpenJPEG
 (imagecodecs), the library OpenSlide uses, so pixels are identical. One OpenJPEG thread per tile: on 256 px tiles
 its thread option was no faster (3x slower on background tiles), and the reader threads already decode tiles in
-parallel. Aperio
-33003 (YCbCr without the JPEG 2000 colour transform) is left to OpenSlide: there is no sample to pin its colour.
+parallel. Aperio 33003 (YCbCr without the JPEG 2000 colour transform, chroma halved horizontally) is decoded
+to its stored components (Pillow's OpenJPEG, told the stream is sRGB so that it converts nothing) and turned
+into RGB with OpenSlide's own tables and nearest chroma upsampling, so pixels are identical to OpenSlide's.
+
+Decoded tiles live in a byte-bounded cache; tiles it evicts that no reader still holds are decoded into again
+(JPEG tiles, NDPI blocks, MIRAX images), which saves the page faults of fresh arrays.
 
 NDPI stores each level as one JPEG whose restart markers cut it into intervals (tifffile lists them as "tiles"
 of one MCU row). Decoding intervals one by one costs a libjpeg set-up per 8 px row, so `NdpiLevel` groups a
