@@ -134,6 +134,15 @@ class TileCache:
                 event.set()
 
 
+def _jpeg_into(data: bytes, out: np.ndarray | None, **args) -> np.ndarray:
+    """libjpeg-turbo decode into `out` where it fits, else (no buffer, another shape or colour layout, damaged
+    data) into a new array, whose error then names the problem."""
+    if out is not None:
+        with contextlib.suppress(Exception):
+            return imagecodecs.jpeg8_decode(data, out=out, **args)
+    return imagecodecs.jpeg8_decode(data, **args)
+
+
 def _c_round(x: np.ndarray) -> np.ndarray:
     """C's round(): halves away from zero (numpy rounds them to even)."""
     return np.sign(x) * np.floor(np.abs(x) + 0.5)
@@ -221,7 +230,7 @@ class TiffLevel:
         data = os.pread(self._fd, count, int(self.offsets[index]))
         if self._jpeg_args is not None and len(data) == count:
             with contextlib.suppress(Exception):  # on any failure tifffile's decoder below names the error
-                return imagecodecs.jpeg8_decode(data, out=out, **self._jpeg_args)
+                return _jpeg_into(data, out, **self._jpeg_args)
         try:
             if len(data) != count:
                 raise ValueError(f"file truncated: {len(data)} of {count} bytes")
@@ -401,12 +410,7 @@ class NdpiLevel:
         c0, c1, r0, r1 = self._block(key)
         try:
             data = self._block_header((c1 - c0) * self.iw, (r1 - r0) * self.ih) + self._block_data(c0, c1, r0, r1)
-            arr = None
-            if out is not None:
-                with contextlib.suppress(Exception):  # decoded again below, where the error is named
-                    arr = imagecodecs.jpeg8_decode(data, out=out)
-            if arr is None:
-                arr = imagecodecs.jpeg8_decode(data)
+            arr = _jpeg_into(data, out)
         except Exception as exc:  # any codec error means damaged pixels, never a worker crash
             raise CorruptSlideError(
                 f"NDPI block ({tx}, {ty}) of the {self.width}x{self.height} level cannot be decoded ({exc})",
@@ -501,12 +505,7 @@ class MiraxLevel:
             data = os.pread(self._fds[fileno], length, offset)
             if len(data) != length:
                 raise ValueError(f"data file truncated: {len(data)} of {length} bytes")
-            arr = None
-            if out is not None:
-                with contextlib.suppress(Exception):  # decoded again below, where the error is named
-                    arr = imagecodecs.jpeg8_decode(data, out=out)
-            if arr is None:
-                arr = imagecodecs.jpeg8_decode(data)
+            arr = _jpeg_into(data, out)
         except Exception as exc:  # any codec error means damaged pixels, never a worker crash
             raise CorruptSlideError(
                 f"MIRAX image {key} of the {self.width}x{self.height} level cannot be decoded ({exc})",
