@@ -126,6 +126,20 @@ def test_j2k_ycbcr_33003_fast_path_equals_openslide(aperio_33003: Path, cmu_svs:
     assert np.abs((built - real).mean(axis=(0, 1))).max() < 2  # and no colour cast in any channel
 
 
+def test_damaged_33003_tile_is_a_typed_error(aperio_33003: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "damaged.svs"
+    shutil.copy(aperio_33003, bad)
+    with tifffile.TiffFile(bad) as tif:
+        start = tif.pages[0].dataoffsets[5]
+    with open(bad, "r+b") as fh:  # a codestream whose SIZ segment is cut short
+        fh.seek(start)
+        fh.write(b"\xff\x4f\xff\x51" + b"\x00" * 50)
+    src = FastTiffSource(open_tiff_level(bad, 1024, 768))
+    with pytest.raises(CorruptSlideError, match=r"stored tile \(1, 1\).*cannot be decoded"):
+        src.read(256, 256, 256)
+    src.close()
+
+
 def test_damaged_ndpi_block_is_a_typed_error(ndpi: Path, tmp_path: Path) -> None:
     bad = tmp_path / "damaged.ndpi"
     shutil.copy(ndpi, bad)
