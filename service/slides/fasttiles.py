@@ -50,7 +50,7 @@ from pathlib import Path
 import imagecodecs
 import numpy as np
 import tifffile
-from PIL import Image
+from PIL import Image, features
 
 from service.errors import CorruptSlideError
 
@@ -275,6 +275,7 @@ def _fast_tiled_page(page: tifffile.TiffPage, width: int, height: int) -> bool:
         and int(page.imagewidth) == width
         and int(page.imagelength) == height
         and page.compression in FAST_COMPRESSIONS
+        and (page.compression != APERIO_J2K_YCBCR or features.check("jpg_2000"))  # Pillow built with OpenJPEG
         and page.samplesperpixel in (3, 4)
         and page.bitspersample == 8
         and page.planarconfig == 1
