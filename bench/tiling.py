@@ -12,7 +12,9 @@ cached under out/bench/):
   real samples in ../shared/data/slides;
 - OME-TIFF: a pyramidal OME-TIFF (SubIFDs) of the mirrored pixels;
 - MRXS: a MIRAX slide (Slidedat.ini + Index.dat + Data0000.dat, one JPEG per 256 px camera image, no overlap)
-  of the mirrored pixels; no real MRXS sample exists here.
+  of the mirrored pixels; no real MRXS sample exists here;
+- JPEG 2000 YCbCr (Aperio 33003): 2,048 x 2,048 real CMU pixels, 4:2:2 chroma, tiles coded by opj_compress
+  (Debian libopenjp2-tools); no real 33003 sample exists here.
 
 Per slide, each of these is run `--repeats` times, interleaved, and the median is reported:
 - ours: patches/s of `iter_batches` (2 workers) over every grid patch, CPU ms per patch (all threads) and the
@@ -136,11 +138,31 @@ def build_slide(min_side: int, mpp: float, factor: int, kind: str) -> Path:
     return out
 
 
+def _fixtures():
+    """tests/slide_fixtures.py, the writers the tests use."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("slide_fixtures", ROOT / "tests" / "slide_fixtures.py")
+    fixtures = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fixtures)
+    return fixtures
+
+
+def build_j2k_ycbcr(side: int = 2048) -> Path:
+    """An Aperio JPEG 2000 YCbCr (33003) SVS of `side` x `side` real CMU pixels (4:2:2, lossy), cached; written
+    by the tests' writer with OpenJPEG's opj_compress (no such sample exists here)."""
+    out = BENCH_DIR / f"cmu-{side}-33003.svs"
+    if not out.exists():
+        BENCH_DIR.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        _fixtures().write_aperio_j2k_ycbcr(CMU, out, origin=(0, 2967 - side), width=side, height=side)
+        print(f"# built {out.name} in {time.perf_counter() - t0:.1f} s", flush=True)
+    return out
+
+
 def build_mirax(min_side: int, mpp: float = 0.5) -> Path:
     """A MIRAX slide of mirrored CMU pixels (regular camera grid, no overlap), cached; written by the same
     writer the tests use (tests/slide_fixtures.py)."""
-    import importlib.util
-
     with openslide.OpenSlide(str(CMU)) as s:
         src = np.asarray(s.read_region((0, 0), 0, s.dimensions).convert("RGB"))
     h0, w0 = src.shape[:2]
@@ -148,9 +170,7 @@ def build_mirax(min_side: int, mpp: float = 0.5) -> Path:
     out = BENCH_DIR / f"cmu-mirror-{width}x{height}-{mpp}mpp.mrxs"
     if out.exists():
         return out
-    spec = importlib.util.spec_from_file_location("slide_fixtures", ROOT / "tests" / "slide_fixtures.py")
-    fixtures = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(fixtures)
+    fixtures = _fixtures()
     pixels = src[_mirror_index(height, h0)][:, _mirror_index(width, w0)]
     t0 = time.perf_counter()
     fixtures.write_mirax(pixels, out, levels=5, quality=JPEG_QUALITY, mpp=mpp)
@@ -489,6 +509,7 @@ def main(argv: list[str] | None = None) -> int:
         ("JPEG SVS 0.25 (4x)", build_slide(12_000, 0.25, 4, "svs"), None),
         ("NDPI", SLIDES / "test3-DAPI-2-387.ndpi", None),
         ("JPEG2000 SVS (0.25)", SLIDES / "tcga-cr-7395-01a-01-ts1.svs", 0.25),
+        ("JPEG2000 YCbCr 33003", build_j2k_ycbcr(), None),
         ("DICOM", SLIDES / "dicom-cmu-1-small-region", None),
         ("OME-TIFF", build_slide(8_000, 0.5, 2, "ome"), None),
         ("MRXS", build_mirax(8_000), None),
