@@ -12,7 +12,9 @@ cached under out/bench/):
   real samples in ../shared/data/slides;
 - OME-TIFF: a pyramidal OME-TIFF (SubIFDs) of the mirrored pixels;
 - MRXS: a MIRAX slide (Slidedat.ini + Index.dat + Data0000.dat, one JPEG per 256 px camera image, no overlap)
-  of the mirrored pixels; no real MRXS sample exists here.
+  of the mirrored pixels; no real MRXS sample exists here;
+- JPEG 2000 YCbCr (Aperio 33003): 2,048 x 2,048 real CMU pixels, 4:2:2 chroma, tiles coded by opj_compress
+  (Debian libopenjp2-tools); no real 33003 sample exists here.
 
 Per slide, each of these is run `--repeats` times, interleaved, and the median is reported:
 - ours: patches/s of `iter_batches` (2 workers) over every grid patch, CPU ms per patch (all threads) and the
@@ -31,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import statistics
 import sys
 import threading
@@ -136,11 +139,31 @@ def build_slide(min_side: int, mpp: float, factor: int, kind: str) -> Path:
     return out
 
 
+def _fixtures():
+    """tests/slide_fixtures.py, the writers the tests use."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("slide_fixtures", ROOT / "tests" / "slide_fixtures.py")
+    fixtures = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fixtures)
+    return fixtures
+
+
+def build_j2k_ycbcr(side: int = 2048) -> Path:
+    """An Aperio JPEG 2000 YCbCr (33003) SVS of `side` x `side` real CMU pixels (4:2:2, lossy), cached; written
+    by the tests' writer with OpenJPEG's opj_compress (no such sample exists here)."""
+    out = BENCH_DIR / f"cmu-{side}-33003.svs"
+    if not out.exists():
+        BENCH_DIR.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        _fixtures().write_aperio_j2k_ycbcr(CMU, out, origin=(0, 2967 - side), width=side, height=side)
+        print(f"# built {out.name} in {time.perf_counter() - t0:.1f} s", flush=True)
+    return out
+
+
 def build_mirax(min_side: int, mpp: float = 0.5) -> Path:
     """A MIRAX slide of mirrored CMU pixels (regular camera grid, no overlap), cached; written by the same
     writer the tests use (tests/slide_fixtures.py)."""
-    import importlib.util
-
     with openslide.OpenSlide(str(CMU)) as s:
         src = np.asarray(s.read_region((0, 0), 0, s.dimensions).convert("RGB"))
     h0, w0 = src.shape[:2]
@@ -148,9 +171,7 @@ def build_mirax(min_side: int, mpp: float = 0.5) -> Path:
     out = BENCH_DIR / f"cmu-mirror-{width}x{height}-{mpp}mpp.mrxs"
     if out.exists():
         return out
-    spec = importlib.util.spec_from_file_location("slide_fixtures", ROOT / "tests" / "slide_fixtures.py")
-    fixtures = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(fixtures)
+    fixtures = _fixtures()
     pixels = src[_mirror_index(height, h0)][:, _mirror_index(width, w0)]
     t0 = time.perf_counter()
     fixtures.write_mirax(pixels, out, levels=5, quality=JPEG_QUALITY, mpp=mpp)
@@ -190,7 +211,9 @@ class PeakRss:
 def stream_rate(path: Path, grid, mpp_override: float | None, workers: int) -> dict:
     """patches/s, CPU ms per patch (all threads), RSS growth and peak while streaming every patch."""
     with open_slide(path, mpp_override=mpp_override) as reader:
-        mode = PatchReader(reader, grid).mode
+        probe = PatchReader(reader, grid)
+        mode = probe.mode
+        probe.close()
         n = 0
         checksum = 0.0
         with PeakRss() as rss:
@@ -205,6 +228,13 @@ def stream_rate(path: Path, grid, mpp_override: float | None, workers: int) -> d
 def openslide_path(path: Path) -> Path:
     """OpenSlide opens a DICOM series through any one of its files."""
     return next(iter(sorted(path.glob("*.dcm")))) if path.is_dir() else path
+
+
+def _chunks(items: list, threads: int, most: int = 64) -> list[list]:
+    """At most `most` items a chunk, and at least 4 chunks a thread where there are items enough, so that a
+    small slide (47 patches, 10 NDPI blocks) keeps every thread busy instead of handing one thread everything."""
+    size = max(1, min(most, -(-len(items) // (4 * threads))))
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 def _timed_threads(fn, chunks: list, threads: int) -> tuple[float, float]:
@@ -229,7 +259,7 @@ def openslide_rate(path: Path, grid, threads: int = 2) -> tuple[float, float]:
             for xy in chunk:
                 resize_patch(np.asarray(s.read_region(xy, level, (rs, rs)).convert("RGB")), ps)
 
-        dt, cpu = _timed_threads(read, [coords[i : i + 64] for i in range(0, len(coords), 64)], threads)
+        dt, cpu = _timed_threads(read, _chunks(coords, threads), threads)
     return len(coords) / dt, 1000 * cpu / len(coords)
 
 
@@ -242,8 +272,21 @@ def reader_loop_rate(path: Path, grid, mpp_override: float | None, threads: int 
             for xy in chunk:
                 resize_patch(r.read_region(xy, grid.read_level, (grid.read_size,) * 2), grid.patch_size)
 
-        dt, cpu = _timed_threads(read, [coords[i : i + 64] for i in range(0, len(coords), 64)], threads)
+        dt, cpu = _timed_threads(read, _chunks(coords, threads), threads)
     return len(coords) / dt, 1000 * cpu / len(coords)
+
+
+def touched_tiles(pr: PatchReader) -> list[tuple[int, int]]:
+    """Every stored tile (NDPI block) that a patch of the reader's grid overlaps, in row-major order."""
+    lv, rs = pr.fast_source.level, pr.grid.read_size
+    keys: set[tuple[int, int]] = set()
+    for lx, ly in _level_coords(pr.coords, pr.grid.level_downsample):
+        x0, y0 = max(int(lx), 0), max(int(ly), 0)
+        x1, y1 = min(int(lx) + rs, lv.width) - 1, min(int(ly) + rs, lv.height) - 1
+        for ty in range(y0 // lv.tile_h, y1 // lv.tile_h + 1):
+            for tx in range(x0 // lv.tile_w, x1 // lv.tile_w + 1):
+                keys.add((tx, ty))
+    return sorted(keys, key=lambda k: (k[1], k[0]))
 
 
 def ceiling_rate(path: Path, grid, mpp_override: float | None, threads: int = 2) -> float | None:
@@ -255,21 +298,23 @@ def ceiling_rate(path: Path, grid, mpp_override: float | None, threads: int = 2)
             if pr.fast_source is None:
                 return None
             lv = pr.fast_source.level
-            lc = _level_coords(pr.coords, grid.level_downsample)
-            rs = grid.read_size
-            keys: set[tuple[int, int]] = set()
-            for lx, ly in lc:
-                x0, y0 = max(int(lx), 0), max(int(ly), 0)
-                x1, y1 = min(int(lx) + rs, lv.width) - 1, min(int(ly) + rs, lv.height) - 1
-                for ty in range(y0 // lv.tile_h, y1 // lv.tile_h + 1):
-                    for tx in range(x0 // lv.tile_w, x1 // lv.tile_w + 1):
-                        keys.add((tx, ty))
-            ordered = sorted(keys, key=lambda k: (k[1], k[0]))
-            chunks = [ordered[i : i + 16] for i in range(0, len(ordered), 16)]
-            dt, _ = _timed_threads(lambda c: [lv.decode_tile(k) for k in c], chunks, threads)
+            ordered = touched_tiles(pr)
+            dt, _ = _timed_threads(lambda c: [lv.decode_tile(k) for k in c], _chunks(ordered, threads, 16), threads)
         finally:
             pr.close()
     return len(grid) / dt
+
+
+def resize_cost(read: int, size: int, n: int = 200) -> float:
+    """CPU ms of one area resize `read` -> `size` px (the same `resize_patch` both columns run), best of 3."""
+    patch = np.random.default_rng(0).integers(0, 256, (read, read, 3), np.uint8)
+    best = math.inf
+    for _ in range(3):
+        c0 = time.process_time()
+        for _ in range(n):
+            resize_patch(patch, size)
+        best = min(best, (time.process_time() - c0) / n)
+    return 1000 * best
 
 
 def pixel_check(path: Path, grid, mpp_override: float | None, n: int = 100) -> tuple[int, float]:
@@ -318,6 +363,8 @@ def bench_slide(name: str, path: Path, mpp_override: float | None, repeats: int,
         "read": grid.read_size,
         "baseline": "openslide" if comparable else "reader",
     }
+    if grid.read_size != grid.patch_size:
+        row["cpu_resize"] = resize_cost(grid.read_size, grid.patch_size)
     ours, loop, ceil = [], [], []
     for _ in range(max(1, repeats)):  # interleaved, so each repeat sees the same machine load
         ours.append(stream_rate(path, grid, mpp_override, workers=2))
@@ -337,6 +384,60 @@ def bench_slide(name: str, path: Path, mpp_override: float | None, repeats: int,
     if comparable:
         row["max_abs_diff"], row["mean_abs_diff"] = pixel_check(path, grid, mpp_override)
     return row
+
+
+def breakdown(path: Path, grid, mpp_override: float | None, repeats: int = 3) -> dict:
+    """Where one patch's CPU time goes, on one thread (best of `repeats`, ms a patch): OpenSlide's
+    `read_region` from a cold cache; ours (`read_batch` over the grid, default tile cache) split into decoding
+    every touched stored tile once into one reused buffer, cutting patches out of decoded tiles, the area
+    resize, and `other` = the rest (filling the tile cache with fresh arrays, its lookups, Python per patch)."""
+    best: dict[str, float] = {}
+
+    def keep(name: str, seconds: float) -> None:
+        best[name] = min(best.get(name, math.inf), 1000 * seconds / len(grid))
+
+    rs, ps = grid.read_size, grid.patch_size
+    buf = np.empty((rs, rs, 3), np.uint8)
+    with open_slide(path, mpp_override=mpp_override) as reader:
+        for _ in range(repeats):
+            if openslide_comparable(path, grid):
+                with openslide.OpenSlide(str(openslide_path(path))) as s:
+                    c0 = time.process_time()
+                    for x, y in grid.coords:
+                        np.asarray(s.read_region((int(x), int(y)), grid.read_level, (rs, rs)).convert("RGB"))
+                    keep("openslide_read", time.process_time() - c0)
+            pr = PatchReader(reader, grid)
+            warm = PatchReader(reader, grid, cache_mb=1 << 16)  # nothing evicted: its second pass only cuts
+            try:
+                if pr.fast_source is None:
+                    return {}
+                c0 = time.process_time()
+                pr.read_batch(0, len(grid))
+                keep("ours_cold", time.process_time() - c0)
+                lv, targets = pr.fast_source.level, {}
+                keys = touched_tiles(pr)
+                c0 = time.process_time()
+                for k in keys:
+                    shape = lv.tile_shape(k)
+                    lv.decode_tile(
+                        k, out=None if shape is None else targets.setdefault(shape, np.empty(shape, np.uint8))
+                    )
+                keep("decode_once", time.process_time() - c0)
+                for lx, ly in warm.level_coords:
+                    warm.fast_source.read(int(lx), int(ly), rs, out=buf)
+                c0 = time.process_time()
+                for lx, ly in warm.level_coords:
+                    warm.fast_source.read(int(lx), int(ly), rs, out=buf)
+                keep("cut", time.process_time() - c0)
+                c0 = time.process_time()
+                for _ in range(len(grid)):
+                    resize_patch(buf, ps)
+                keep("resize", time.process_time() - c0 if rs != ps else 0.0)
+            finally:
+                pr.close()
+                warm.close()
+    best["other"] = best["ours_cold"] - best["decode_once"] - best["cut"] - best["resize"]
+    return best
 
 
 def _subset(grid, n: int):
@@ -363,6 +464,7 @@ def print_table(rows: list[dict]) -> None:
         ("of_ceil", 7, "{:.2f}"),
         ("cpu_ours", 8, "{:.2f}"),
         ("cpu_loop", 8, "{:.2f}"),
+        ("cpu_resize", 10, "{:.2f}"),
         ("rss_mb", 6, "{:.0f}"),
         ("rss_peak_mb", 11, "{:.0f}"),
         ("max_abs_diff", 12, "{}"),
@@ -379,7 +481,8 @@ def print_table(rows: list[dict]) -> None:
         "medians of the repeats; ours = iter_batches, 2 workers; loop = read_region loop, 2 threads (baseline "
         "openslide, or our reader's generic read_region where OpenSlide cannot read the levels); ceiling = each "
         "stored tile the grid touches decoded once on 2 threads, in patch-equivalents/s; patches/s at 224 px; "
-        "cpu_* = CPU ms per patch (all threads); rss_mb = largest RSS growth while streaming, rss_peak_mb = peak RSS "
+        "cpu_* = CPU ms per patch (all threads), cpu_resize = of it the area resize alone (in both columns); "
+        "rss_mb = largest RSS growth while streaming, rss_peak_mb = peak RSS "
         "of the bench process so far; *_abs_diff = |ours - "
         "OpenSlide| over the first 100 patches (DICOM: OpenSlide skips the YCbCr->RGB conversion of these "
         "mislabelled frames, our reader does not; fractional-downsample levels: nearest level pixel vs "
@@ -394,16 +497,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-patches", type=int, default=None)
     ap.add_argument("--only", default=None, help="run only slides whose name contains this text")
     ap.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
+    ap.add_argument(
+        "--breakdown", action="store_true", help="only print where one patch's CPU time goes, per slide (1 thread)"
+    )
     args = ap.parse_args(argv)
     repeats = 1 if args.quick else args.repeats
     max_patches = args.max_patches or (2000 if args.quick else None)
     cv2.setNumThreads(1)  # the benchmark compares reader threads, not OpenCV's own pool
 
-    slides: list[tuple[str, Path, float | None]] = [
+    slides: list[tuple[str, Path | None, float | None]] = [
         ("JPEG SVS 0.5", build_slide(LARGE_SIDE, 0.5, 2, "svs"), None),
         ("JPEG SVS 0.25 (4x)", build_slide(12_000, 0.25, 4, "svs"), None),
         ("NDPI", SLIDES / "test3-DAPI-2-387.ndpi", None),
         ("JPEG2000 SVS (0.25)", SLIDES / "tcga-cr-7395-01a-01-ts1.svs", 0.25),
+        ("JPEG2000 YCbCr 33003", build_j2k_ycbcr() if shutil.which("opj_compress") else None, None),
         ("DICOM", SLIDES / "dicom-cmu-1-small-region", None),
         ("OME-TIFF", build_slide(8_000, 0.5, 2, "ome"), None),
         ("MRXS", build_mirax(8_000), None),
@@ -412,9 +519,24 @@ def main(argv: list[str] | None = None) -> int:
     for name, path, override in slides:
         if args.only and args.only.lower() not in name.lower():
             continue
+        if path is None:
+            print(f"# {name}: skipped, opj_compress (Debian libopenjp2-tools) builds it", flush=True)
+            continue
+        if args.breakdown:
+            with open_slide(path, mpp_override=override) as reader:
+                grid = build_grid(reader)
+            if max_patches is not None and len(grid) > max_patches:
+                grid = _subset(grid, max_patches)
+            parts = breakdown(path, grid, override, repeats)
+            text = "  ".join(f"{k} {v:.3f}" for k, v in parts.items()) or "no tile fast path (generic read_region)"
+            print(f"{name:22s} {len(grid):5d} patches  {text}")
+            continue
         row = bench_slide(name, path, override, repeats, max_patches)
         rows.append(row)
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+    if args.breakdown:
+        print("CPU ms a patch on one thread, best of the repeats (ours_cold = decode_once + cut + resize + other)")
+        return 0
     print()
     print_table(rows)
     if args.json:

@@ -176,3 +176,67 @@ def write_mirax(
     with out.open("w") as fh:  # the .mrxs itself: the GENERAL section, as scanners write it
         fh.write(f"[GENERAL]\nSLIDE_ID={slide_id}\n")
     return out
+
+
+def _ycbcr422_j2k(rgb: np.ndarray, workdir: Path, quality: float = 8.0) -> bytes:
+    """One Aperio 33003 tile: JFIF YCbCr, Cb and Cr halved horizontally (4:2:2), coded by OpenJPEG's
+    `opj_compress` (irreversible 9/7 wavelet, no component transform) as a raw J2K codestream."""
+    import subprocess
+
+    f = rgb.astype(np.float64)
+    r, g, b = f[..., 0], f[..., 1], f[..., 2]
+    y = 0.299 * r + 0.587 * g + 0.114 * b
+    cb = 128 - 0.168736 * r - 0.331264 * g + 0.5 * b
+    cr = 128 + 0.5 * r - 0.418688 * g - 0.081312 * b
+
+    def u8(a: np.ndarray) -> bytes:
+        return np.clip(np.rint(a), 0, 255).astype(np.uint8).tobytes()
+
+    h, w = y.shape
+    raw, j2k = workdir / "tile.raw", workdir / "tile.j2k"
+    raw.write_bytes(u8(y) + u8((cb[:, 0::2] + cb[:, 1::2]) / 2) + u8((cr[:, 0::2] + cr[:, 1::2]) / 2))
+    fmt = f"{w},{h},3,8,u@1x1:2x1:2x1"
+    subprocess.run(
+        ["opj_compress", "-i", str(raw), "-o", str(j2k), "-F", fmt, "-mct", "0", "-I", "-r", str(quality)],
+        check=True,
+        capture_output=True,
+    )
+    return j2k.read_bytes()
+
+
+def write_aperio_j2k_ycbcr(
+    src: Path, out: Path, origin: tuple[int, int] = (768, 768), width: int = 1024, height: int = 768
+) -> Path:
+    """An Aperio SVS with JPEG 2000 YCbCr tiles (compression 33003, as Aperio's Matrox-based scanners write)
+    of `width` x `height` real pixels of `src` from `origin` (a tissue-rich part of CMU-1-Small-Region): one
+    level, 256 px tiles, MPP in the description, so OpenSlide's aperio driver reads it. Needs `opj_compress`
+    (Debian libopenjp2-tools)."""
+    with openslide.OpenSlide(str(src)) as s:
+        rgb = np.asarray(s.read_region(origin, 0, (width, height)).convert("RGB"))
+        mpp = float(s.properties["openslide.mpp-x"])
+    work = out.parent / (out.stem + ".tiles")
+    work.mkdir(parents=True, exist_ok=True)
+    tiles = [
+        _ycbcr422_j2k(rgb[y : y + TILE, x : x + TILE], work)
+        for y in range(0, height, TILE)
+        for x in range(0, width, TILE)
+    ]
+    desc = (
+        f"Aperio Image Library v11.2.1\r\n{width}x{height} [0,0 {width}x{height}] ({TILE}x{TILE}) J2K/YUV16 Q=70"
+        f"|AppMag = 20|MPP = {mpp}"
+    )
+    with tifffile.TiffWriter(out) as tif:
+        tif.write(
+            iter(tiles),
+            shape=(height, width, 3),
+            dtype=np.uint8,
+            tile=(TILE, TILE),
+            compression=33003,
+            photometric="rgb",
+            description=desc,
+            metadata=None,
+        )
+    for f in work.iterdir():
+        f.unlink()
+    work.rmdir()
+    return out

@@ -1,5 +1,6 @@
-"""Fast paths beyond tiled JPEG TIFF: NDPI restart-interval blocks and Aperio JPEG 2000 tiles, pixel for pixel
-against OpenSlide on the real sample slides."""
+"""Fast paths beyond tiled JPEG TIFF: NDPI restart-interval blocks, Aperio JPEG 2000 tiles (33005 and 33003) and
+MIRAX camera images, pixel for pixel against OpenSlide on the real sample slides and slides built here from real
+pixels."""
 
 from __future__ import annotations
 
@@ -97,6 +98,48 @@ def test_j2k_svs_fast_path(tcga_j2k_svs: Path) -> None:
     assert 0 < diff.mean() < 8, diff.mean()  # nearest pixel vs OpenSlide's sub-pixel resampling
 
 
+@pytest.fixture(scope="module")
+def aperio_33003(cmu_svs: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from slide_fixtures import write_aperio_j2k_ycbcr
+
+    if shutil.which("opj_compress") is None:
+        pytest.skip("opj_compress (Debian libopenjp2-tools, in tests/sysdeps.sh) builds the 33003 slide")
+    return write_aperio_j2k_ycbcr(cmu_svs, tmp_path_factory.mktemp("j2k") / "cmu-33003.svs")
+
+
+def test_j2k_ycbcr_33003_fast_path_equals_openslide(aperio_33003: Path, cmu_svs: Path) -> None:
+    """Aperio 33003: YCbCr J2K tiles with chroma halved horizontally; our decode (raw components + OpenSlide's
+    conversion tables) gives OpenSlide's pixels, which are the source's colours (not a YCbCr cast)."""
+    with tifffile.TiffFile(aperio_33003) as tif:
+        assert tif.pages[0].compression == fasttiles.APERIO_J2K_YCBCR
+    _random_regions_equal(aperio_33003, [0], n=8)
+    with open_slide(aperio_33003) as r:
+        assert r.vendor == "aperio"
+        g = build_grid(r)
+        assert PatchReader(r, g).mode == "fast-tiff" and len(g) >= 4
+        ours = _collect(r, g, batch_size=4)
+    assert np.array_equal(ours, _openslide_patches(aperio_33003, g))
+    with openslide.OpenSlide(str(aperio_33003)) as s, openslide.OpenSlide(str(cmu_svs)) as src:
+        built = np.asarray(s.read_region((0, 0), 0, (512, 512)).convert("RGB")).astype(int)
+        real = np.asarray(src.read_region((768, 768), 0, (512, 512)).convert("RGB")).astype(int)
+    assert np.abs(built - real).mean() < 8  # 4:2:2 chroma and lossy J2K of the same real pixels
+    assert np.abs((built - real).mean(axis=(0, 1))).max() < 2  # and no colour cast in any channel
+
+
+def test_damaged_33003_tile_is_a_typed_error(aperio_33003: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "damaged.svs"
+    shutil.copy(aperio_33003, bad)
+    with tifffile.TiffFile(bad) as tif:
+        start = tif.pages[0].dataoffsets[5]
+    with open(bad, "r+b") as fh:  # a codestream whose SIZ segment is cut short
+        fh.seek(start)
+        fh.write(b"\xff\x4f\xff\x51" + b"\x00" * 50)
+    src = FastTiffSource(open_tiff_level(bad, 1024, 768))
+    with pytest.raises(CorruptSlideError, match=r"stored tile \(1, 1\).*cannot be decoded"):
+        src.read(256, 256, 256)
+    src.close()
+
+
 def test_damaged_ndpi_block_is_a_typed_error(ndpi: Path, tmp_path: Path) -> None:
     bad = tmp_path / "damaged.ndpi"
     shutil.copy(ndpi, bad)
@@ -125,6 +168,12 @@ def test_tiling_bench_row_for_a_real_slide(ndpi: Path) -> None:
     row = bench.bench_slide("NDPI", ndpi, None, repeats=1, max_patches=20)
     assert row["mode"] == "fast-ndpi" and row["measured"] == 20 and row["baseline"] == "openslide"
     assert row["ours"] > 0 and row["loop"] > 0 and row["ceiling"] > 0 and row["max_abs_diff"] == 0
+    assert row["cpu_resize"] > 0  # 245 -> 224 px
+    with open_slide(ndpi) as r:
+        grid = bench._subset(build_grid(r), 20)
+    parts = bench.breakdown(ndpi, grid, None, repeats=1)
+    assert set(parts) == {"openslide_read", "ours_cold", "decode_once", "cut", "resize", "other"}
+    assert min(parts["openslide_read"], parts["decode_once"], parts["cut"], parts["resize"]) > 0
 
 
 @pytest.fixture(scope="module")
@@ -161,3 +210,24 @@ def test_mirax_with_positions_or_overlap_keeps_the_generic_path(mirax: Path, tmp
     assert open_tiff_level(tmp_path / "cmu.mrxs", 2304, 3072) is None
     (folder / "Index.dat").write_bytes(b"garbage")
     assert open_tiff_level(tmp_path / "cmu.mrxs", 2304, 3072) is None
+
+
+@pytest.mark.parametrize("fmt", ["svs", "ndpi", "mrxs"])
+def test_tile_buffers_recycled_under_eviction_keep_pixels(fmt: str, cmu_svs: Path, ndpi: Path, mirax: Path) -> None:
+    """A cache far smaller than the level evicts all the time and decodes into recycled buffers: every read
+    still equals a fresh decode, and buffers were really reused."""
+    path = {"svs": cmu_svs, "ndpi": ndpi, "mrxs": mirax}[fmt]
+    with openslide.OpenSlide(str(path)) as s:
+        w, h = s.level_dimensions[1 if fmt == "ndpi" else 0]
+    rng = np.random.default_rng(1)
+    spots = [(int(rng.integers(0, w - 300)), int(rng.integers(0, h - 300))) for _ in range(40)]
+    big = FastTiffSource(open_tiff_level(path, w, h), cache_bytes=1 << 30)
+    small = FastTiffSource(open_tiff_level(path, w, h), cache_bytes=1)  # NDPI: its floor of two block rows
+    small.cache.max_bytes = 3 * 256 * 1984 * 3 if fmt == "ndpi" else 4 * 256 * 256 * 3
+    try:
+        for x, y in spots:
+            assert np.array_equal(small.read(x, y, 300), big.read(x, y, 300)), (x, y)
+        assert small.cache.reused > 0 and small.cache.misses > big.cache.misses
+    finally:
+        big.close()
+        small.close()
