@@ -22,6 +22,7 @@ from service.ingest.ingestor import slide_ingestor
 from service.ingest.multipart import parse_bool, parse_mpp, receive_upload
 from service.ingest.slots import UploadSlots
 from service.ingest.sources import check_client_source, copy_s3_source
+from service.jobs import rna_channel
 from service.store import repo
 from service.store.db import transaction
 from service.store.models import Slide
@@ -30,6 +31,7 @@ log = logging.getLogger("mstar.api")
 router = APIRouter(tags=["slides"])
 
 UNCAPPED = 1 << 62
+ANALYSIS_BODY_MAX = 34 << 20  # an RNA profile file is at most rna_input.MAX_BYTES (32 MiB)
 IdemHeader = Annotated[str | None, Header(alias="Idempotency-Key", min_length=1, max_length=255)]
 
 
@@ -156,15 +158,22 @@ def _queue(
     req: AnalysisRequest,
     idempotency_key: str | None,
     request_sha256: str | None = None,
+    rna: bytes | None = None,
 ) -> JobOut:
     """Queue `req` on `slide` through the job layer (`ServiceContext.submit`): the request digest kept with an
-    Idempotency-Key makes a reused key with another request a 422; a tenant over its queued quota gets 429."""
+    Idempotency-Key makes a reused key with another request a 422; a tenant over its queued quota gets 429.
+    `rna` (canonical profile bytes) goes through `service.jobs.rna_channel`; only its digest is recorded."""
     if idempotency_key and request_sha256 is None:
+        extra = {"rna_sha256": rna_channel.digest(rna)} if rna is not None else {}
         request_sha256 = repo.request_digest(
-            route="POST /slides/{id}/analyses", slide_id=slide.id, **req.model_dump(mode="json")
+            route="POST /slides/{id}/analyses",
+            slide_id=slide.id,
+            **req.model_dump(mode="json", exclude={"rna"}),
+            **extra,
         )
+    kwargs = {"rna": rna, "blobs": ctx.blobs} if rna is not None else {}
     return job_out(
-        ctx.submit(tenant_id, slide, req, idempotency_key=idempotency_key, request_sha256=request_sha256).job
+        ctx.submit(tenant_id, slide, req, idempotency_key=idempotency_key, request_sha256=request_sha256, **kwargs).job
     )
 
 
@@ -203,6 +212,7 @@ def delete_slide(slide_id: str, principal: TenantDep, ctx: ContextDep) -> Respon
         key = slide.blob_key
         job_ids = repo.delete_slide(s, slide)
     POLLS.forget(principal.tenant_id, job_ids)
+    rna_channel.discard(ctx.blobs, job_ids)
     ctx.blobs.delete(key)
     for job_id in job_ids:
         ctx.blobs.delete_prefix(f"results/{principal.tenant_id}/{job_id}")
@@ -214,8 +224,9 @@ def delete_slide(slide_id: str, principal: TenantDep, ctx: ContextDep) -> Respon
     "/slides/{slide_id}/analyses",
     status_code=202,
     response_model=JobOut,
-    responses=ERRORS(401, 404, 422, 429),
-    summary="Queue an analysis of a stored slide",
+    responses=ERRORS(401, 404, 413, 422, 429),
+    max_body_size=ANALYSIS_BODY_MAX,  # room for a whole-transcriptome RNA profile, JSON or a file
+    summary="Queue an analysis of a stored slide (optionally with an RNA-Seq profile)",
 )
 def create_analysis(
     slide_id: str,
@@ -229,6 +240,12 @@ def create_analysis(
         slide = repo.get_slide(s, principal.tenant_id, slide_id)
         if slide is None:
             raise NotFoundError("no such slide")
-    job = _queue(ctx, principal.tenant_id, slide, req or AnalysisRequest(), idempotency_key)
+    req = req or AnalysisRequest()
+    rna = None
+    if req.rna is not None:
+        from service.inference.rna_input import profile_from_lists
+
+        rna = rna_channel.prepare(ctx.bundle, profile_from_lists(req.rna.genes, req.rna.values))
+    job = _queue(ctx, principal.tenant_id, slide, req, idempotency_key, rna=rna)
     response.headers["Location"] = f"/jobs/{job.id}"
     return job
