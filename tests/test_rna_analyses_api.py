@@ -78,6 +78,14 @@ def test_fused_risk_over_http_and_the_profile_leaves_no_trace(tmp_path, fusion_b
         same = {"genes": [rna["genes"][i] for i in order], "values": [rna["values"][i] for i in order]}
         again = c.post(f"/slides/{slide}/analyses", json={"tasks": ["survival"], "rna": same}).json()
         assert again["state"] == "succeeded" and again["options"].get("reused_from") == job["id"]
+        # the same profile as a file (multipart part `rna`, TSV, with a header) is the same work too
+        tsv = "gene\tvalue\n" + "".join(f"{g}\t{v!r}\n" for g, v in zip(rna["genes"], rna["values"], strict=True))
+        r = c.post(
+            f"/slides/{slide}/analyses",
+            files={"rna": ("profile.tsv", tsv.encode())},
+            data={"request": '{"tasks": ["survival"]}'},
+        )
+        assert r.status_code == 202 and r.json()["options"].get("reused_from") == job["id"], r.text
         # one value changed: new work, never merged with the first
         other = {"genes": rna["genes"], "values": [rna["values"][0] + 1.5, *rna["values"][1:]]}
         r2 = c.post(f"/slides/{slide}/analyses", json={"tasks": ["survival"], "rna": other}).json()
@@ -129,6 +137,48 @@ def test_bad_rna_is_a_422_with_a_reason(tmp_path_factory, fusion_bundle, cmu_svs
         assert r.status_code == 422 and "finite" in r.text
         assert c.get("/jobs").json()["total"] == 0
     assert _held(settings) == []
+
+
+@pytest.mark.parametrize(
+    ("files", "data", "reason"),
+    [
+        ({"rna": ("p.csv", b"\xff\xfe\x00bad")}, {}, "not UTF-8"),
+        ({"rna": ("p.csv", b"a,b,c\nx,y,z\n")}, {}, "format not recognised"),
+        ({"rna": ("p.csv", b"Gene,Value\nGENE0000,inf\n")}, {}, "not finite"),
+        (
+            {"rna": ("p.csv", b"Gene,Value\nGENE0000,1\n")},
+            {"request": '{"rna": {"genes": ["A"], "values": [1]}}'},
+            "send the RNA profile once",
+        ),
+        ({"rna": ("p.csv", b"Gene,Value\nGENE0000,1\n")}, {"other": "x"}, "unknown multipart part"),
+        ({}, {"request": "{}"}, "must be a file"),
+        ({"rna": ("p.csv", b"Gene,Value\nGENE0000,1\n")}, {"request": '{"tasks": ["nope"]}'}, "tasks"),
+    ],
+)
+def test_bad_rna_file_is_a_422_with_a_reason(tmp_path_factory, fusion_bundle, cmu_svs, files, data, reason) -> None:
+    tmp = tmp_path_factory.getbasetemp() / "rna-bad-file"
+    settings = _settings(tmp, fusion_bundle)
+    with live_server(create_app(settings)) as url, httpx.Client(base_url=url, headers=HEADERS, timeout=60) as c:
+        slide = c.post("/slides", files={"file": ("s.svs", cmu_svs.read_bytes())}, data=STORE_ONLY).json()["id"]
+        if not files:  # a form with no file part at all
+            r = c.post(
+                f"/slides/{slide}/analyses",
+                data=data,
+                headers={"Content-Type": "multipart/form-data; boundary=x"},
+                content=b'--x\r\nContent-Disposition: form-data; name="request"\r\n\r\n{}\r\n--x--\r\n',
+            )
+        else:
+            r = c.post(f"/slides/{slide}/analyses", files=files, data=data)
+        assert r.status_code == 422 and reason in r.text, r.text
+        assert c.get("/jobs").json()["total"] == 0
+    assert _held(settings) == []
+
+
+def test_openapi_documents_both_forms(tmp_path) -> None:
+    spec = create_app(_settings(tmp_path, None)).openapi()
+    body = spec["paths"]["/slides/{slide_id}/analyses"]["post"]["requestBody"]["content"]
+    assert set(body) == {"application/json", "multipart/form-data"}
+    assert "rna" in spec["components"]["schemas"]["AnalysisRequest"]["properties"]
 
 
 def test_rna_for_a_bundle_without_the_head_is_refused(tmp_path, tmp_path_factory, cmu_svs) -> None:

@@ -13,6 +13,8 @@ from service.api.deps import ContextDep, TenantDep
 from service.api.errors import NotFoundError
 from service.api.lookups import POLLS
 from service.api.responses import ERRORS, UPLOAD_BODY
+from service.api.rna_form import OPENAPI as RNA_FORM_OPENAPI
+from service.api.rna_form import RnaFormRoute
 from service.api.schemas import AnalysisRequest, JobOut, SlideOut, SlidePage, UploadAccepted
 from service.api.views import job_out, slide_out
 from service.errors import IdempotencyConflictError, InvalidParameterError
@@ -220,18 +222,11 @@ def delete_slide(slide_id: str, principal: TenantDep, ctx: ContextDep) -> Respon
     return Response(status_code=204)
 
 
-@router.post(
-    "/slides/{slide_id}/analyses",
-    status_code=202,
-    response_model=JobOut,
-    responses=ERRORS(401, 404, 413, 422, 429),
-    max_body_size=ANALYSIS_BODY_MAX,  # room for a whole-transcriptome RNA profile, JSON or a file
-    summary="Queue an analysis of a stored slide (optionally with an RNA-Seq profile)",
-)
 def create_analysis(
     slide_id: str,
     principal: TenantDep,
     ctx: ContextDep,
+    request: Request,
     response: Response,
     req: Annotated[AnalysisRequest | None, Body()] = None,
     idempotency_key: IdemHeader = None,
@@ -242,10 +237,35 @@ def create_analysis(
             raise NotFoundError("no such slide")
     req = req or AnalysisRequest()
     rna = None
-    if req.rna is not None:
-        from service.inference.rna_input import profile_from_lists
+    rna_file = getattr(request.state, "rna_file", None)  # the multipart form (`service.api.rna_form`)
+    if rna_file is not None and req.rna is not None:
+        raise InvalidParameterError("send the RNA profile once: the multipart part `rna` or the JSON field `rna`")
+    if rna_file is not None or req.rna is not None:
+        from service.inference.rna_input import profile_from_lists, read_profile
 
-        rna = rna_channel.prepare(ctx.bundle, profile_from_lists(req.rna.genes, req.rna.values))
+        profile = read_profile(rna_file) if rna_file is not None else profile_from_lists(req.rna.genes, req.rna.values)
+        rna = rna_channel.prepare(ctx.bundle, profile)
     job = _queue(ctx, principal.tenant_id, slide, req, idempotency_key, rna=rna)
     response.headers["Location"] = f"/jobs/{job.id}"
     return job
+
+
+router.add_api_route(
+    "/slides/{slide_id}/analyses",
+    create_analysis,
+    methods=["POST"],
+    status_code=202,
+    response_model=JobOut,
+    responses=ERRORS(401, 404, 413, 422, 429),
+    max_body_size=ANALYSIS_BODY_MAX,  # room for a whole-transcriptome RNA profile, JSON or a file
+    summary="Queue an analysis of a stored slide (optionally with an RNA-Seq profile, JSON or a file)",
+    description=(
+        "JSON: the analysis request, optionally with `rna: {genes, values}`. Or multipart/form-data: the part "
+        "`rna` an RNA-Seq profile file (Gene,Value CSV/TSV, GDC STAR gene counts, TCGA RSEM) and the optional "
+        "part `request` the JSON request's other fields. The profile is validated (size, finite numbers, gene "
+        "identifiers, coverage of the bundle's genes) and held only until the job ends; a bundle without a "
+        "slide + RNA head refuses it (422)."
+    ),
+    openapi_extra=RNA_FORM_OPENAPI,
+    route_class_override=RnaFormRoute,
+)
