@@ -174,6 +174,20 @@ def test_bad_rna_file_is_a_422_with_a_reason(tmp_path_factory, fusion_bundle, cm
     assert _held(settings) == []
 
 
+def test_json_keeps_its_cap_and_a_large_file_is_read(tmp_path, fusion_bundle, cmu_svs) -> None:
+    settings = _settings(tmp_path, fusion_bundle)
+    with live_server(create_app(settings)) as url, httpx.Client(base_url=url, headers=HEADERS, timeout=60) as c:
+        slide = c.post("/slides", files={"file": ("s.svs", cmu_svs.read_bytes())}, data=STORE_ONLY).json()["id"]
+        genes = [f"NOTMODEL{i}" for i in range(60_000)]
+        big = {"genes": genes, "values": [1.5] * len(genes)}
+        r = c.post(f"/slides/{slide}/analyses", json={"rna": big})
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+        text = "Gene,Value\n" + "".join(f"{g},1.5\n" for g in genes)  # ~1.3 MB: over the JSON cap, fine as a file
+        r = c.post(f"/slides/{slide}/analyses", files={"rna": ("big.csv", text.encode())})
+        assert r.status_code == 422 and "covers 0 of the model's 20 genes" in r.text  # read, then refused
+        assert c.get("/jobs").json()["total"] == 0
+
+
 def test_openapi_documents_both_forms(tmp_path) -> None:
     spec = create_app(_settings(tmp_path, None)).openapi()
     body = spec["paths"]["/slides/{slide_id}/analyses"]["post"]["requestBody"]["content"]

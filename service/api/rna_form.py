@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from fastapi import Request, Response
+from fastapi import HTTPException, Request, Response
 from fastapi.routing import APIRoute
 from starlette.datastructures import UploadFile
 
@@ -42,14 +42,24 @@ OPENAPI = {
 
 
 class RnaFormRoute(APIRoute):
-    """A route that also takes multipart/form-data with an RNA profile file (see the module docstring)."""
+    """A route that also takes multipart/form-data with an RNA profile file (see the module docstring).
+
+    The route's own body cap (`max_body_size`) leaves room for a profile file; a JSON body keeps the app's JSON
+    cap (`json_max`, 413 beyond it), so a large profile is sent as the file it already is."""
+
+    json_max: int = 1 << 20
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
+        json_max = self.json_max
 
         async def route(request: Request) -> Response:
             if request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
                 request = await _as_json(request)
+            else:
+                declared = request.headers.get("content-length", "")
+                if (declared.isdigit() and int(declared) > json_max) or len(await request.body()) > json_max:
+                    raise HTTPException(status_code=413)
             return await handler(request)
 
         return route
