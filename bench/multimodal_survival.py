@@ -4,8 +4,9 @@ Run: `.venv/bin/python bench/multimodal_survival.py [--seeds 101 202 303] [--cas
 
 Each seed writes a feature-level cohort (`make_feature_cohort` with an RNA matrix) whose true risk is half slide,
 half RNA (`rna_share`), with 15% of cases lacking RNA; then trains three heads on the same complete cases and
-splits: WSI only (ABMIL branch), RNA only (SNN branch) and fused (Porpoise gated concat), and prints test C-index
-with its bootstrap 95% CI next to the true-risk C-index of the same test cases (the ceiling).
+splits: WSI only (ABMIL branch), RNA only (SNN branch) and one fused head per `--fusion` design (default Porpoise
+gated concat and MCAT co-attention over gene groups), and prints test C-index with its bootstrap 95% CI next to the
+true-risk C-index of the same test cases (the ceiling).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from training.downstream.cli import run  # noqa: E402
 from training.downstream.config import DownstreamConfig  # noqa: E402
 from training.downstream.synth import make_feature_cohort  # noqa: E402
 
-ARMS = {"wsi": ["wsi"], "rna": ["rna"], "fused": ["wsi", "rna"]}
+UNIMODAL = {"wsi": ["wsi"], "rna": ["rna"]}
 
 
 def main() -> None:
@@ -34,7 +35,7 @@ def main() -> None:
     ap.add_argument("--cases", type=int, default=160)
     ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--rna-share", type=float, default=0.5)
-    ap.add_argument("--fusion", default="gated_concat")
+    ap.add_argument("--fusion", nargs="+", default=["gated_concat", "mcat"])
     args = ap.parse_args()
     torch.set_num_threads(1)
     rows = []
@@ -52,12 +53,14 @@ def main() -> None:
                 rna_missing=0.15,
             )
             row = {"seed": seed}
-            for arm, mods in ARMS.items():
+            arms = [(a, m, "gated_concat") for a, m in UNIMODAL.items()]
+            arms += [(f"fused {f}", ["wsi", "rna"], f) for f in args.fusion]
+            for arm, mods, fusion in arms:
                 cfg = DownstreamConfig(
                     task="survival",
                     cohort=csv,
                     features_dir=root / "features",
-                    out_dir=root / arm,
+                    out_dir=root / arm.replace(" ", "_"),
                     rna=root / "rna.csv",
                     modalities=mods,
                     epochs=args.epochs,
@@ -65,7 +68,7 @@ def main() -> None:
                     lr=1e-3,
                     n_boot=500,
                     seed=seed,
-                    fusion=args.fusion,
+                    fusion=fusion,
                 )
                 m = run(cfg)
                 ci = m["test"]["c_index"]
@@ -74,10 +77,11 @@ def main() -> None:
                 row["n_test"], row["n_excluded"] = ci["n"], m["n_excluded_no_rna"]
             rows.append(row)
             print(json.dumps(row), flush=True)
-    print("| seed | n test | left out (no RNA) | WSI only | RNA only | fused | true risk |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    fused = [f"fused {f}" for f in args.fusion]
+    print("| seed | n test | left out (no RNA) | WSI only | RNA only | " + " | ".join(fused) + " | true risk |")
+    print("| --- " * (6 + len(fused)) + "|")
     for r in rows:
-        cells = [r[k] for k in ("seed", "n_test", "n_excluded", "wsi", "rna", "fused", "true")]
+        cells = [r[k] for k in ("seed", "n_test", "n_excluded", "wsi", "rna", *fused, "true")]
         print("| " + " | ".join(str(c) for c in cells) + " |")
 
 

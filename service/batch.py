@@ -3,7 +3,9 @@
 Manifest: a CSV with a header and one slide per line. The slide column is `slide` (or `path`, `uri`, `source`,
 `file`): a path (relative to the manifest; a DICOM WSI series folder too), a `file://` / `http(s)://` URI, or
 `s3://bucket/key` with the S3 store. Optional columns: `id` (or `name`) as the display id, `mpp` (µm/px
-override). Other columns are kept as item metadata and appear in the summary table.
+override), `rna` (or `rna_file`): a local RNA-Seq profile file for the slide (relative to the manifest; any format
+`rna_input.read_profile` reads) for the bundle's slide + RNA head, carried to the job by `service.jobs.rna_channel`
+exactly like an API request's. Other columns are kept as item metadata and appear in the summary table.
 
 `BatchService.submit` puts each slide through `service.ingest` (copied into the shared blob store, deduplicated by
 SHA-256 per tenant, checked by the same out-of-process probe as an upload, with the same refusals), creates
@@ -31,16 +33,17 @@ from service.config import Settings
 from service.errors import InvalidParameterError, MstarError
 from service.ingest import Ingestor
 from service.ingest.sources import copy_s3_source  # noqa: F401  (moved there; old imports keep working)
-from service.jobs import lifecycle
+from service.jobs import lifecycle, rna_channel
 from service.jobs.resources import open_store
 from service.store import repo
 from service.store.batches import Batch, BatchItem
 from service.store.db import transaction
-from service.store.models import TERMINAL_STATES, Job, Result, utcnow
+from service.store.models import TERMINAL_STATES, Job, Result, new_id, utcnow
 
 SOURCE_COLUMNS = ("slide", "path", "uri", "source", "file")
 NAME_COLUMNS = ("id", "name", "slide_id")
 MPP_COLUMNS = ("mpp", "mpp_override")
+RNA_COLUMNS = ("rna", "rna_file")
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 MAX_ROWS = 100_000
 
@@ -52,6 +55,7 @@ class ManifestRow:
     name: str
     mpp_override: float | None = None
     meta: dict = field(default_factory=dict)
+    rna: str | None = None  # a local RNA-Seq profile file (absolute path)
 
 
 def parse_manifest(path: str | Path) -> list[ManifestRow]:
@@ -69,6 +73,7 @@ def parse_manifest(path: str | Path) -> list[ManifestRow]:
             )
         name_col = next((header[c] for c in NAME_COLUMNS if c in header), None)
         mpp_col = next((header[c] for c in MPP_COLUMNS if c in header), None)
+        rna_col = next((header[c] for c in RNA_COLUMNS if c in header), None)
         rows: list[ManifestRow] = []
         seen: dict[str, int] = {}
         for line, rec in enumerate(reader, start=2):
@@ -90,13 +95,29 @@ def parse_manifest(path: str | Path) -> list[ManifestRow]:
                 if not 0.01 <= mpp <= 100:
                     raise InvalidParameterError(f"manifest {path.name} line {line}: mpp {mpp} is out of range")
             name = (rec.get(name_col) or "").strip() if name_col else ""
-            meta = {k: v for k, v in rec.items() if k and k not in (col, name_col, mpp_col) and v not in (None, "")}
-            rows.append(ManifestRow(len(rows), source, name or Path(urlparse(source).path).name, mpp, meta))
+            rna = _rna_file(path, line, (rec.get(rna_col) or "").strip()) if rna_col else None
+            skip = (col, name_col, mpp_col, rna_col)
+            meta = {k: v for k, v in rec.items() if k and k not in skip and v not in (None, "")}
+            rows.append(ManifestRow(len(rows), source, name or Path(urlparse(source).path).name, mpp, meta, rna))
             if len(rows) > MAX_ROWS:
                 raise InvalidParameterError(f"manifest {path.name}: more than {MAX_ROWS} slides; split it")
     if not rows:
         raise InvalidParameterError(f"manifest {path.name} lists no slides")
     return rows
+
+
+def _rna_file(manifest: Path, line: int, raw: str) -> str | None:
+    """A line's RNA profile file: a local path (or file:// URI), relative to the manifest; empty = none."""
+    if not raw:
+        return None
+    parsed = urlparse(raw)
+    if parsed.scheme and len(parsed.scheme) > 1 and parsed.scheme != "file":
+        raise InvalidParameterError(f"manifest {manifest.name} line {line}: an RNA file is a local path or file://")
+    p = Path(unquote(parsed.path)) if parsed.scheme == "file" else Path(raw).expanduser()
+    p = (p if p.is_absolute() else manifest.parent / p).resolve()
+    if not p.is_file():
+        raise InvalidParameterError(f"manifest {manifest.name} line {line}: RNA file {raw!r} does not exist")
+    return str(p)
 
 
 def _resolve(raw: str, base: Path) -> str:
@@ -111,6 +132,13 @@ def _resolve(raw: str, base: Path) -> str:
         )
     p = Path(raw).expanduser()
     return str((p if p.is_absolute() else base / p).resolve())
+
+
+def _read_rna(bundle: Any, path: str) -> bytes:
+    """A line's RNA file -> the canonical bytes the job will read (refusals name the row, never a value)."""
+    from service.inference.rna_input import read_profile
+
+    return rna_channel.prepare(bundle, read_profile(Path(path)))
 
 
 def default_batch_id(tenant: str, manifest: str | Path) -> str:
@@ -191,6 +219,7 @@ class BatchService:
     ) -> SubmitReport:
         """Create/resume the batch and its jobs; publish them with `queue.notify(job_id, queue="batch")`."""
         rows = parse_manifest(manifest)
+        bundle = self._rna_bundle() if any(r.rna for r in rows) else None
         batch_id = batch_id or default_batch_id(tenant, manifest)
         if not re.fullmatch(r"[0-9a-f]{32}", batch_id):
             raise InvalidParameterError("a batch id is 32 lowercase hex characters")
@@ -230,6 +259,7 @@ class BatchService:
                     s.flush()
                 item_key = (batch_id, item.idx)
             try:
+                rna = _read_rna(bundle, row.rna) if row.rna else None
                 slide_id = self._ingest(tenant_id, row)
             except MstarError as err:
                 with transaction(self.sessions) as s:
@@ -240,15 +270,41 @@ class BatchService:
             job_options = {**options, "batch_id": batch_id}
             if row.mpp_override is not None:
                 job_options["mpp_override"] = row.mpp_override
-            with transaction(self.sessions) as s:
-                new_job, _ = lifecycle.create(s, tenant_id=tenant_id, slide_id=slide_id, options=job_options)
-                item = s.get(BatchItem, item_key)
-                item.slide_id, item.job_id, item.error_code, item.error_message = slide_id, new_job.id, None, None
-                report.queued.append(new_job.id)
+            job_id = new_id()
+            if rna is not None:  # held for the job before its row exists (see `rna_channel`)
+                job_options[rna_channel.OPTION] = rna_channel.digest(rna)
+                rna_channel.put(self.blobs, job_id, rna)
+            try:
+                with transaction(self.sessions) as s:
+                    new_job, _ = lifecycle.create(
+                        s, tenant_id=tenant_id, slide_id=slide_id, options=job_options, job_id=job_id
+                    )
+                    item = s.get(BatchItem, item_key)
+                    item.slide_id, item.job_id, item.error_code, item.error_message = slide_id, new_job.id, None, None
+                    report.queued.append(new_job.id)
+            except BaseException:
+                if rna is not None:
+                    rna_channel.discard(self.blobs, [job_id])
+                raise
         if queue is not None:
             for job_id in [*report.queued, *republish]:
                 queue.notify(job_id, queue="batch")
         return report
+
+    def _rna_bundle(self) -> Any:
+        """The configured bundle, which must have a slide + RNA head when a manifest names RNA files."""
+        if self.settings.bundle_dir is None:
+            raise InvalidParameterError(
+                "the manifest names RNA files, but no model bundle is configured (MSTAR_BUNDLE_DIR) to check them"
+            )
+        from service.inference.bundle import load_bundle
+
+        bundle = load_bundle(self.settings.bundle_dir)
+        if bundle.manifest.rna_fusion is None:
+            raise InvalidParameterError(
+                "the manifest names RNA files, but the model bundle has no slide + RNA head (no rna_fusion)"
+            )
+        return bundle
 
     def _ingest(self, tenant_id: str, row: ManifestRow) -> str:
         """The line's slide through `service.ingest` (the same dedup, check and refusals as an upload); its id."""

@@ -85,7 +85,7 @@ class HttpBatch:
             }
             rec["items"][row.source] = item
             try:
-                item["job_id"] = self._upload(row.source, row.mpp_override)
+                item["job_id"] = self._upload(row.source, row.mpp_override, row.rna)
                 out["queued"] += 1
             except MstarError as err:
                 item["error_code"], item["reason"] = err.code, str(err)
@@ -94,28 +94,31 @@ class HttpBatch:
         self._save(rec)
         return out
 
-    def _upload(self, source: str, mpp: float | None) -> str:
+    def _upload(self, source: str, mpp: float | None, rna: str | None = None) -> str:
         if source.startswith("s3://"):  # the server copies the object itself (its S3 store's credentials)
-            return self._post(None, None, mpp, source=source)
+            return self._post(None, None, mpp, source=source, rna=rna)
         path = Path(source)
         if path.is_dir():
-            return self._upload_series(path, mpp)
+            return self._upload_series(path, mpp, rna)
         if not path.is_file():
             raise InvalidParameterError(f"{source}: --server batches take local files, DICOM folders and s3:// objects")
         with path.open("rb") as fh:
-            return self._post(path.name, fh, mpp)
+            return self._post(path.name, fh, mpp, rna=rna)
 
-    def _upload_series(self, folder: Path, mpp: float | None) -> str:
+    def _upload_series(self, folder: Path, mpp: float | None, rna: str | None = None) -> str:
         """A DICOM WSI folder: checked here (one series), then sent as one uncompressed ZIP, which `POST /slides`
         unpacks and checks again; the server's upload limit applies to the ZIP."""
         series = dicom_series.collect(folder, max_bytes=1 << 62)
         with tempfile.TemporaryDirectory(prefix="mstar-series-") as tmp:
             archive = dicom_series.zip_series(series, Path(tmp) / "series.zip")
             with archive.open("rb") as fh:
-                return self._post(f"{folder.name}.zip", fh, mpp)
+                return self._post(f"{folder.name}.zip", fh, mpp, rna=rna)
 
-    def _post(self, name: str | None, fh, mpp: float | None, *, source: str | None = None) -> str:
-        data = {"analyze": "true"}
+    def _post(
+        self, name: str | None, fh, mpp: float | None, *, source: str | None = None, rna: str | None = None
+    ) -> str:
+        """Upload (or copy) the slide; with an RNA file, store it first, then analyse it with the profile."""
+        data = {"analyze": "false" if rna else "true"}
         if mpp is not None:
             data["mpp_override"] = str(mpp)
         if source is not None:
@@ -125,15 +128,22 @@ class HttpBatch:
             r = self.client.post("/slides", files=files)
         else:
             r = self.client.post("/slides", files={"file": (name, fh)}, data=data)
-        if r.status_code != 202:
-            try:
-                err = r.json().get("error") or {}
-            except ValueError:
-                err = {}
-            exc = MstarError(err.get("message") or f"upload answered HTTP {r.status_code}")
-            exc.code = err.get("code") or f"http_{r.status_code}"
-            raise exc
+        if r.status_code not in ((200, 201) if rna else (202,)):
+            _raise(r, "upload")
+        if rna:
+            return self._analyse_with_rna(r.json()["id"], rna, mpp)
         return r.json()["job"]["id"]
+
+    def _analyse_with_rna(self, slide_id: str, rna: str, mpp: float | None) -> str:
+        """`POST /slides/{id}/analyses` with the line's RNA file as the multipart part `rna`."""
+        request = json.dumps({"mpp_override": mpp} if mpp is not None else {})
+        with open(rna, "rb") as fh:
+            r = self.client.post(
+                f"/slides/{slide_id}/analyses", files={"rna": (Path(rna).name, fh)}, data={"request": request}
+            )
+        if r.status_code != 202:
+            _raise(r, "analysis")
+        return r.json()["id"]
 
     def status(self, batch_id: str) -> list[dict]:
         rec = self._load(batch_id)
@@ -202,3 +212,14 @@ class HttpBatch:
             w.writeheader()
             w.writerows(items)
         return path
+
+
+def _raise(r, what: str) -> None:
+    """The server's refusal as a typed error (its code and reason)."""
+    try:
+        err = r.json().get("error") or {}
+    except ValueError:
+        err = {}
+    exc = MstarError(err.get("message") or f"{what} answered HTTP {r.status_code}")
+    exc.code = err.get("code") or f"http_{r.status_code}"
+    raise exc

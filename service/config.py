@@ -103,6 +103,12 @@ class Settings(BaseSettings):
     worker_lease_s: float = Field(
         30.0, gt=0, description="a running job whose heartbeat is older than this may be taken over"
     )
+    rna_ttl_s: float = Field(
+        86400.0,
+        gt=0,
+        description="longest a request's RNA profile is held for its job (deleted at once when the job ends); "
+        "a job still queued after this fails with rna_expired",
+    )
     pipeline: str = Field(
         "service.pipeline:run_analysis",
         description="`module:function` with run_analysis's signature (tests swap it)",

@@ -13,6 +13,7 @@ import yaml
 from click.testing import CliRunner
 
 from service.errors import InvalidParameterError
+from training.checkpoints import load_fusion_head
 from training.cohort import load_cohort
 from training.downstream.cli import downstream_command, run
 from training.downstream.config import DownstreamConfig
@@ -68,6 +69,25 @@ def test_fused_survival_is_complete_case_and_reports_contributions(cohort, tmp_p
     out = model(torch.randn(10, 16), torch.randn(1, 30))
     total = sum(out.contributions.values()) + model.bias
     torch.testing.assert_close(total, out.logits)
+
+
+def test_mcat_co_attention_trains_and_splits_its_logits(cohort, tmp_path) -> None:
+    """MCAT-style fusion: gene-group tokens attend over the patches; additive output, so exact contributions."""
+    from training.models.mcat import gene_groups
+
+    m = run(_cfg(cohort, tmp_path, fusion="mcat", mcat_groups=4))
+    assert m["fusion"] == "mcat" and 0.0 <= m["test"]["c_index"]["value"] <= 1.0
+    preds = json.loads((tmp_path / "run" / "predictions.json").read_text())
+    assert set(preds["test"]["contributions"]) == {"wsi", "rna"}
+    head, _ = load_fusion_head(tmp_path / "run" / "head.pt")
+    assert head.config["n_groups"] == 4 and sorted(len(g) for g in head.mcat.groups) == [7, 7, 8, 8]
+    out = head(torch.randn(9, 16), torch.randn(1, 30))
+    torch.testing.assert_close(sum(out.contributions.values()) + head.bias, out.logits)
+    assert out.attention.shape == (1, 9) and torch.allclose(out.attention.sum(), torch.tensor(1.0))
+    assert sorted(i for g in gene_groups(30, 7) for i in g) == list(range(30))
+    for bad in ({"modalities": ["rna"]}, {"rna_encoder": "stage1", "stage1_checkpoint": str(tmp_path / "x.pt")}):
+        with pytest.raises(InvalidParameterError, match=r"mcat|does not exist|stage1"):
+            run(_cfg(cohort, tmp_path / "bad", fusion="mcat", **bad))
 
 
 def test_unimodal_baselines_see_the_same_cases(cohort, tmp_path) -> None:
@@ -174,7 +194,13 @@ def test_cli_modalities_flag_and_errors(cohort, tmp_path) -> None:
 
 @pytest.mark.parametrize(
     ("fusion", "task", "stage1"),
-    [("gated_concat", "survival", False), ("kronecker", "classification", False), ("gated_concat", "survival", True)],
+    [
+        ("gated_concat", "survival", False),
+        ("kronecker", "classification", False),
+        ("gated_concat", "survival", True),
+        ("mcat", "survival", False),
+        ("mcat", "classification", False),
+    ],
 )
 def test_fusion_export_matches_pytorch(cohort, tmp_path, fusion, task, stage1) -> None:
     """ONNX Runtime vs PyTorch on the served graph (the parity gate of `export_fusion` raises beyond 1e-3)."""

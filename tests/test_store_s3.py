@@ -177,6 +177,27 @@ def test_delete_prefix_pages_and_stops_at_the_boundary(moto: MotoServer, bucket:
     store.delete_prefix("results/t/nothing")  # no error on an empty prefix
 
 
+def test_list_prefix_and_the_rna_channel_on_s3(moto: MotoServer, bucket: str, tmp_path: Path) -> None:
+    """`list_prefix` pages, strips the store's own prefix and stops at the folder boundary; the RNA channel
+    (put, digest-checked read, discard) works on the object store as on files."""
+    from service.jobs import rna_channel
+
+    store = _store(moto, bucket, tmp_path, page_size=2)
+    one = _file(tmp_path / "one", 10)
+    for i in range(5):
+        store.put_file(f"ephemeral/rna/j{i}", one)
+    store.put_file("ephemeral/rnax/other", one)
+    listed = list(store.list_prefix("ephemeral/rna"))
+    assert [k for k, _ in listed] == [f"ephemeral/rna/j{i}" for i in range(5)]
+    assert all(abs(t - time.time()) < 600 for _, t in listed)
+    data = b"Gene,Value\nTP53,1.0\n"
+    rna_channel.put(store, "job9", data)
+    assert rna_channel.read(store, "job9", rna_channel.digest(data)) == data
+    rna_channel.discard(store, ["job9"])
+    with pytest.raises(rna_channel.RnaProfileGoneError):
+        rna_channel.read(store, "job9", rna_channel.digest(data))
+
+
 def test_local_copy_is_fetched_once_and_follows_changes(moto: MotoServer, bucket: str, tmp_path: Path) -> None:
     store = _store(moto, bucket, tmp_path)
     store.put_file("slides/t/x.ome.tif", _file(tmp_path / "v1", 6 * MIB, seed=1))

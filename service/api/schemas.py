@@ -63,6 +63,29 @@ class SlidePage(Page):
 
 
 Prompt = Annotated[str, Field(min_length=1, max_length=500)]
+GeneId = Annotated[str, Field(min_length=1, max_length=64)]
+RnaValue = Annotated[float, Field(allow_inf_nan=False, strict=True)]
+MAX_RNA_GENES = 100_000
+
+
+class RnaProfileIn(BaseModel):
+    """One case's RNA-Seq profile as two parallel lists, on the scale the bundle's RNA head was trained on
+    (log1p TPM for the house heads). Patient data: never logged, never stored beyond the job that uses it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    genes: list[GeneId] = Field(
+        min_length=1, max_length=MAX_RNA_GENES, repr=False, description="gene symbols or Ensembl ids"
+    )
+    values: list[RnaValue] = Field(
+        min_length=1, max_length=MAX_RNA_GENES, repr=False, description="one finite number per gene"
+    )
+
+    @model_validator(mode="after")
+    def _same_length(self) -> RnaProfileIn:
+        if len(self.genes) != len(self.values):
+            raise ValueError(f"{len(self.genes)} genes but {len(self.values)} values")
+        return self
 
 
 class AnalysisRequest(BaseModel):
@@ -98,6 +121,16 @@ class AnalysisRequest(BaseModel):
         description=(
             "GeoJSON Polygon/MultiPolygon, Feature or FeatureCollection (a QuPath export as is) in level-0 pixels: "
             "only patches whose centre lies inside are read and analysed"
+        ),
+    )
+
+    rna: RnaProfileIn | None = Field(
+        None,
+        repr=False,
+        description=(
+            "an RNA-Seq profile for the bundle's slide + RNA head (`rna_fusion`): the result gains `multimodal` "
+            "(fused risk next to the slide-only risk, per-modality contributions). Or send it as the multipart "
+            "part `rna` (a file). Held only until the job ends; a bundle without the head refuses it (422)"
         ),
     )
 

@@ -35,7 +35,7 @@ def job_out(job: Job, result: Result | None = None) -> JobOut:
         progress=job.progress or 0.0,
         error=error,
         attempts=job.attempts or 0,
-        options=job.options or {},
+        options=_public_options(job.options or {}),
         created_at=job.created_at,
         started_at=job.started_at,
         finished_at=job.finished_at,
@@ -52,3 +52,10 @@ def _webhook_status(job: Job) -> WebhookStatus | None:
     if job.webhook_sent_at is not None:
         return WebhookStatus(state="done", delivered=job.webhook_delivered, sent_at=job.webhook_sent_at)
     return WebhookStatus(state="sending" if job.webhook_claimed_at is not None else "waiting")
+
+
+def _public_options(options: dict) -> dict:
+    """A job's options as its owner sees them: an RNA profile only as "given", not even its digest."""
+    if "rna_sha256" not in options:
+        return options
+    return {**{k: v for k, v in options.items() if k != "rna_sha256"}, "rna_profile": "given (not stored)"}

@@ -125,6 +125,37 @@ def read_profile(data: bytes | str | Path) -> dict[str, float]:
     return profile
 
 
+def profile_from_lists(genes: Sequence[str], values: Sequence[float]) -> dict[str, float]:
+    """A profile sent as two parallel lists (the JSON form of a request), checked like a file's rows."""
+    if len(genes) != len(values):
+        raise InvalidParameterError(f"RNA profile: {len(genes)} genes but {len(values)} values")
+    if not genes:
+        raise InvalidParameterError("RNA profile has no genes")
+    if len(genes) > MAX_GENES:
+        raise InvalidParameterError(f"RNA profile has more than {MAX_GENES} genes")
+    profile: dict[str, float] = {}
+    for n, (raw, value) in enumerate(zip(genes, values, strict=True)):
+        if not isinstance(raw, str):
+            raise InvalidParameterError(f"RNA gene {n}: not a gene identifier")
+        gene = _check_gene(raw, n)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise InvalidParameterError(f"RNA gene {n}: the value is not a number")
+        if not math.isfinite(value):
+            raise InvalidParameterError(f"RNA gene {n}: the value is not finite")
+        if gene in profile:
+            raise InvalidParameterError(f"RNA gene {n}: listed twice")
+        profile[gene] = float(value)
+    return profile
+
+
+def canonical_bytes(profile: dict[str, float]) -> bytes:
+    """One byte form per profile (`Gene,Value`, genes sorted, values as exact float reprs), which `read_profile`
+    reads back unchanged: what the service keeps for a job, and what its SHA-256 is taken of, so two requests
+    that differ only in format or gene order are the same work and two that differ in any value are not."""
+    rows = "".join(f"{g},{float(profile[g])!r}\n" for g in sorted(profile))
+    return ("Gene,Value\n" + rows).encode()
+
+
 def _is_number(text: str) -> bool:
     try:
         float(text)

@@ -27,7 +27,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.config import Settings
-from service.jobs import lifecycle
+from service.jobs import lifecycle, rna_channel
 from service.jobs.celery_app import BATCH, INTERACTIVE, PRIORITY, TASK_NAME, make_celery
 from service.jobs.resources import open_store
 from service.store.db import transaction
@@ -147,6 +147,7 @@ class CeleryQueue:
             self.republish_queued(factory, unpublished_only=True)
             for job_id in dict.fromkeys([*reaped.failed, *due]):  # the claim inside decides who sends: once
                 self._hooks.submit(webhooks.send_for_job, factory, job_id, self.settings)
+            rna_channel.sweep(factory, open_store(self.settings).blobs, ttl_s=self.settings.rna_ttl_s)
         except Exception:  # broker or database down for a moment: try again next period
             log.warning("stale-job sweep failed", exc_info=True)
         return reaped

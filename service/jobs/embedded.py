@@ -41,7 +41,7 @@ from sqlalchemy import select
 
 from service.config import Settings, time_limits
 from service.errors import JobTimeLimitError, MstarError
-from service.jobs import lifecycle
+from service.jobs import lifecycle, rna_channel
 from service.jobs.execute import (
     JobOutcome,
     PipelineFn,
@@ -324,6 +324,10 @@ class EmbeddedRunner:
         for job_id in due:
             self.job_terminal(job_id)
         self._swept_at = time.monotonic()
+        try:  # RNA profiles of jobs that ended outside an attempt (canceled while queued, recovered, slide deleted)
+            rna_channel.sweep(self._factory, self._store.blobs, ttl_s=self.settings.rna_ttl_s)
+        except Exception as err:  # the store briefly unreachable: the next sweep removes them
+            log.warning("RNA profile sweep failed: %s", type(err).__name__)
 
     def _after(self, outcome: JobOutcome) -> None:
         if outcome.state == "lost":

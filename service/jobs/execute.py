@@ -30,7 +30,7 @@ from sqlalchemy.exc import DBAPIError
 
 from service.config import Settings
 from service.errors import MstarError, SlideNotFoundError, StorageFullError, is_disk_full
-from service.jobs import lifecycle
+from service.jobs import lifecycle, rna_channel
 from service.jobs.lifecycle import Lease
 from service.jobs.resources import open_store
 from service.obs import tracing
@@ -72,8 +72,8 @@ class LeaseLost(Exception):
     """This attempt no longer owns its job: stop, record nothing, remove only this attempt's files."""
 
 
-def options_from_record(options: dict) -> Any:
-    """The stored job options as the pipeline's `AnalysisOptions`."""
+def options_from_record(options: dict, rna: bytes | None = None) -> Any:
+    """The stored job options as the pipeline's `AnalysisOptions` (with the RNA profile `rna_channel` held)."""
     from service.pipeline import AnalysisOptions
 
     extra = dict(options.get("extra") or {})
@@ -88,6 +88,8 @@ def options_from_record(options: dict) -> Any:
         kwargs["mpp_override"] = float(options["mpp_override"])
     if options.get("region") is not None:
         kwargs["region"] = options["region"]
+    if rna is not None:
+        kwargs["rna"] = rna
     return AnalysisOptions(**kwargs)
 
 
@@ -306,6 +308,9 @@ def _execute(lease: Lease, settings: Settings, pipeline: str | PipelineFn | None
                     slide_path = held.enter_context(blobs.local_copy(blob_key))
                 except FileNotFoundError:
                     raise SlideNotFoundError("the stored slide is missing from the blob store") from None
+            rna = None
+            if options_rec.get(rna_channel.OPTION):  # this attempt's copy of the profile, in memory only
+                rna = rna_channel.read(blobs, job_id, options_rec[rna_channel.OPTION])
             fn = load_callable(pipeline or settings.pipeline)
             kwargs: dict[str, Any] = {"bundle_dir": settings.bundle_dir, "progress": progress}
             if is_default_pipeline(pipeline or settings.pipeline):
@@ -313,7 +318,9 @@ def _execute(lease: Lease, settings: Settings, pipeline: str | PipelineFn | None
                 if kwargs["backend"] is not None:  # this job's model calls, for the metrics layer
                     kwargs["backend"].on_infer = _on_infer
                     held.callback(setattr, kwargs["backend"], "on_infer", None)
-            result = fn(slide_path, out_dir, options_from_record(options_rec), should_cancel=should_cancel, **kwargs)
+            options = options_from_record(options_rec, rna)
+            rna = None
+            result = fn(slide_path, out_dir, options, should_cancel=should_cancel, **kwargs)
             _close_stage()
             if should_cancel(force=True):  # canceled (or its slide deleted) while the last stage ran
                 raise PipelineCanceled("canceled by request")
@@ -372,6 +379,8 @@ def _execute(lease: Lease, settings: Settings, pipeline: str | PipelineFn | None
             outcome.state, outcome.error_code, outcome.released = state_, code, done.followers_released
         else:
             outcome.state, outcome.error_code = "lost", None
+    if outcome.terminal_ids:  # the jobs this attempt ended no longer need an RNA profile held
+        rna_channel.discard(blobs, outcome.terminal_ids)
     return outcome
 
 

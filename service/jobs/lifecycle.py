@@ -87,11 +87,13 @@ def create(
     max_queued: int | None = None,
     cache_key: str | None = None,
     reuse: bool = True,
+    job_id: str | None = None,
 ) -> tuple[Job, bool]:
     """(job, created). The same idempotency key from the same tenant returns the first job if it was asked with
     the same request (`request_sha256`), and is refused (422) with a different one. Past `max_queued` queued jobs
     of this tenant a submit is refused (429) and nothing is recorded. With `cache_key` and `reuse`, an identical
-    succeeded job lends its result (the new job is born succeeded) and an identical unfinished one is followed."""
+    succeeded job lends its result (the new job is born succeeded) and an identical unfinished one is followed.
+    `job_id` names the new row in advance (what it carries, e.g. an RNA profile, is stored before it exists)."""
     if idempotency_key:
         found = _by_idem(s, tenant_id, idempotency_key)
         if found is not None:
@@ -104,7 +106,7 @@ def create(
             )
     now = utcnow()
     job = Job(
-        id=new_id(),
+        id=job_id or new_id(),
         tenant_id=tenant_id,
         slide_id=slide_id,
         state="queued",

@@ -13,16 +13,18 @@ import hashlib
 import json
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
 from service import __version__
 from service.config import Settings
-from service.jobs import lifecycle
+from service.jobs import lifecycle, rna_channel
 from service.jobs.protocol import JobQueue
 from service.obs import tracing
+from service.store.blobs import BlobStore
 from service.store.db import transaction
-from service.store.models import Job
+from service.store.models import Job, new_id
 
 log = logging.getLogger("mstar.jobs")
 
@@ -63,16 +65,30 @@ def submit_analysis(
     request_sha256: str | None = None,
     webhook_url: str | None = None,
     fresh: bool = False,
+    rna: bytes | None = None,
+    blobs: BlobStore | None = None,
 ) -> Submitted:
-    """Record the job (or find the one this idempotency key made) and hand it to the queue when it must run."""
+    """Record the job (or find the one this idempotency key made) and hand it to the queue when it must run.
+
+    `rna` (canonical profile bytes, `rna_input.canonical_bytes`) travels through `rna_channel` in `blobs`: it is
+    stored under the new job's id before the row exists (so no attempt can miss it), the row keeps only its
+    digest (part of the reuse key), and it is dropped at once when no new job needs it (a replayed key, a
+    reused result)."""
     if webhook_url:
         from service import webhooks
 
         webhooks.check_url(webhook_url, allow_private=settings.webhook_allow_private)
+    new_id_ = None
+    if rna is not None:
+        if blobs is None:
+            raise ValueError("an RNA profile needs the blob store that carries it")
+        options = {**options, rna_channel.OPTION: rna_channel.digest(rna)}
+        new_id_ = new_id()
+        rna_channel.put(blobs, new_id_, rna)
     key = cache_key(slide_sha256, bundle_version, options, pipeline=settings.pipeline)
-    with transaction(sessions) as s:
-        job, created = lifecycle.create(
-            s,
+    try:
+        job, created = _record(
+            sessions,
             tenant_id=tenant_id,
             slide_id=slide_id,
             options=options,
@@ -82,11 +98,14 @@ def submit_analysis(
             max_queued=settings.tenant_max_queued,
             cache_key=key,
             reuse=not fresh,
+            job_id=new_id_,
         )
-        if created and (trace_id := tracing.current_trace_id()):  # the worker continues it (Celery headers)
-            job.trace_id = trace_id
-            s.flush()
-        s.expunge(job)
+    except BaseException:
+        if new_id_ is not None:
+            rna_channel.discard(blobs, [new_id_])
+        raise
+    if new_id_ is not None and not (created and job.id == new_id_ and job.state == "queued"):
+        rna_channel.discard(blobs, [new_id_])
     if created:
         if job.state == "queued" and job.follows is None:
             log.info("job %s queued for slide %s", job.id, slide_id)
@@ -99,3 +118,14 @@ def submit_analysis(
             if hook is not None:
                 hook(job.id)
     return Submitted(job, created)
+
+
+def _record(sessions: sessionmaker[Session], **create: Any) -> tuple[Job, bool]:
+    """`lifecycle.create` in its own transaction, the row detached for the caller."""
+    with transaction(sessions) as s:
+        job, created = lifecycle.create(s, **create)
+        if created and (trace_id := tracing.current_trace_id()):  # the worker continues it (Celery headers)
+            job.trace_id = trace_id
+            s.flush()
+        s.expunge(job)
+    return job, created

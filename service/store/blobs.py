@@ -111,6 +111,10 @@ class BlobStore(ABC):
     def local_path(self, key: str) -> Path:
         """A path on this machine holding the blob (a copy for remote stores)."""
 
+    @abstractmethod
+    def list_prefix(self, prefix: str) -> Iterator[tuple[str, float]]:
+        """(key, last-modified unix time) of every blob under `prefix/`: what a sweep of short-lived blobs reads."""
+
     @contextmanager
     def local_copy(self, key: str) -> Iterator[Path]:
         """`local_path` held for the duration of the block (a remote store's cache cannot evict it meanwhile)."""
@@ -195,6 +199,17 @@ class FileBlobStore(BlobStore):
 
     def local_path(self, key: str) -> Path:
         return self._path(key)
+
+    def list_prefix(self, prefix: str) -> Iterator[tuple[str, float]]:
+        base = self._path(prefix.rstrip("/"))
+        if not base.is_dir():
+            return
+        for p in sorted(base.rglob("*")):
+            if p.is_file() and not p.name.endswith(".part"):
+                try:
+                    yield p.relative_to(self.root).as_posix(), p.stat().st_mtime
+                except FileNotFoundError:  # removed meanwhile
+                    continue
 
     def describe(self) -> str:
         return str(self.root)

@@ -259,6 +259,19 @@ class S3BlobStore(BlobStore):
         except (ClientError, BotoCoreError) as err:
             raise self._error(err, f"deleting {full}/") from None
 
+    def list_prefix(self, prefix: str) -> Iterator[tuple[str, float]]:
+        full = self._full(prefix.rstrip("/")) + "/"
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        try:
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=full, PaginationConfig={"PageSize": self.page_size}
+            )
+            for page in pages:
+                for obj in page.get("Contents", []):
+                    yield obj["Key"][strip:], obj["LastModified"].timestamp()
+        except (ClientError, BotoCoreError) as err:
+            raise self._error(err, f"listing {full}") from None
+
     def local_path(self, key: str) -> Path:
         """A cached local copy. Not pinned: prefer `local_copy` while the file is used, so it cannot be evicted."""
         path, pin = self._fetch(key)

@@ -79,6 +79,12 @@ def _headline(metrics: dict) -> dict:
 @click.option("--seed", type=int, default=None, help="overrides seed")
 @click.option("--modalities", default=None, help="wsi, rna or wsi,rna (classification and survival; overrides)")
 @click.option("--rna", "rna_path", type=click.Path(exists=True), default=None, help="RNA matrix or profile folder")
+@click.option(
+    "--fusion",
+    type=click.Choice(["gated_concat", "kronecker", "mcat"]),
+    default=None,
+    help="slide + RNA design: Porpoise gated concat or Kronecker, or MCAT co-attention (overrides)",
+)
 def downstream_command(
     config_path: str,
     task: str | None,
@@ -87,6 +93,7 @@ def downstream_command(
     seed: int | None,
     modalities: str | None,
     rna_path: str | None,
+    fusion: str | None,
 ) -> None:
     """Train a downstream head (or run an evaluation-only task) from YAML; select on val, report test."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -95,7 +102,7 @@ def downstream_command(
     mods = [m.strip() for m in modalities.split(",") if m.strip()] if modalities else None
     rna = str(Path(rna_path).resolve()) if rna_path else None
     cfg = DownstreamConfig.from_yaml(
-        config_path, task=task, out_dir=out_dir, epochs=epochs, seed=seed, modalities=mods, rna=rna
+        config_path, task=task, out_dir=out_dir, epochs=epochs, seed=seed, modalities=mods, rna=rna, fusion=fusion
     )
     metrics = run(cfg)
     click.echo(json.dumps({"task": cfg.task, "out_dir": str(cfg.out_dir), "test": _headline(metrics)}, default=float))

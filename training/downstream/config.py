@@ -70,7 +70,8 @@ class DownstreamConfig(BaseModel):
     # or with `rna` set, the task trains a Porpoise-style fusion head on the cases that have RNA (complete cases)
     modalities: list[Literal["wsi", "rna"]] = Field(default_factory=lambda: ["wsi"])
     rna: Path | None = None  # a genes x cases matrix, or a folder of per-case profiles `<case_id>.{csv,tsv,txt}`
-    fusion: Literal["gated_concat", "kronecker"] = "gated_concat"
+    fusion: Literal["gated_concat", "kronecker", "mcat"] = "gated_concat"
+    mcat_groups: int = Field(6, ge=1)  # mcat: gene groups (contiguous blocks of the gene list), MCAT used 6
     rna_encoder: Literal["snn", "stage1"] = "snn"  # stage1: the Stage-1 gene encoder (needs stage1_checkpoint)
     rna_min_coverage: float = 0.5
     report: ReportConfig = Field(default_factory=ReportConfig)

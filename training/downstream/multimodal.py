@@ -162,6 +162,7 @@ def _model(cfg: DownstreamConfig, store: FeatureStore, first: Case, rna: RNATabl
         dropout=cfg.dropout,
         fusion=cfg.fusion,
         rna_branch=branch,
+        n_groups=cfg.mcat_groups,
     )
 
 
@@ -175,7 +176,7 @@ def _forward(rna: RNATable) -> Any:
 @torch.no_grad()
 def _predict(model: FusionHead, store: FeatureStore, rna: RNATable, cases: list[Case]) -> list[Any]:
     model.eval()
-    return [model(store.case(c) if model.wsi is not None else None, rna.tensor(c.case_id)) for c in cases]
+    return [model(store.case(c) if "wsi" in model.modalities else None, rna.tensor(c.case_id)) for c in cases]
 
 
 def _contributions(outs: list[Any]) -> dict[str, list[float]]:

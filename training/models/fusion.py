@@ -9,7 +9,9 @@ slide embedding and an RNA embedding.
   gated attention per modality) and the output is a *sum of per-modality linear terms* plus a bias, so the
   logit contributions of slide and RNA are exact and reported. `kronecker`: Porpoise's bilinear fusion, the
   outer product of `[h_wsi, 1]` and `[h_rna, 1]` (both first reduced to `kron_dim`) into a small MLP; it has
-  no additive split, so no contributions.
+  no additive split, so no contributions. `mcat`: MCAT's genomic-guided co-attention over gene groups
+  (`training.models.mcat`), gene-group tokens attending over the patches, with the same additive output as
+  `gated_concat` (exact contributions).
 
 `modalities` may be `("wsi",)`, `("rna",)` or both, so the unimodal baselines are the same model minus a branch.
 """
@@ -25,20 +27,10 @@ from service.errors import InvalidParameterError
 from training.models.abmil import ABMIL
 from training.models.gene_encoder import GeneEncoder
 from training.models.heads import HeadOutput
+from training.models.mcat import MCATFusion, gene_groups, snn
 from training.survival import hazards_and_survival, risk_from_survival
 
-Fusion = Literal["gated_concat", "kronecker"]
-
-
-def snn(n_in: int, dim: int, dropout: float) -> nn.Sequential:
-    """Porpoise's SNN omic branch: two SELU-initialised blocks of Linear + ELU + AlphaDropout."""
-    layers: list[nn.Module] = []
-    for a, b in ((n_in, dim), (dim, dim)):
-        lin = nn.Linear(a, b)
-        nn.init.normal_(lin.weight, std=1.0 / a**0.5)
-        nn.init.zeros_(lin.bias)
-        layers += [lin, nn.ELU(), nn.AlphaDropout(dropout)]
-    return nn.Sequential(*layers)
+Fusion = Literal["gated_concat", "kronecker", "mcat"]
 
 
 class StageOneRNA(nn.Module):
@@ -82,14 +74,17 @@ class FusionHead(nn.Module):
         fusion: Fusion = "gated_concat",
         kron_dim: int = 32,
         rna_branch: StageOneRNA | dict[str, Any] | None = None,
+        n_groups: int = 6,
     ) -> None:
         super().__init__()
         if isinstance(rna_branch, dict):  # a recorded config (`load_fusion_head`)
             rna_branch = StageOneRNA.from_config(rna_branch)
         if not modalities or set(modalities) - {"wsi", "rna"}:
             raise InvalidParameterError(f"modalities must be wsi and/or rna, got {modalities}")
-        if fusion == "kronecker" and set(modalities) != {"wsi", "rna"}:
-            raise InvalidParameterError("kronecker fusion needs both modalities")
+        if fusion in ("kronecker", "mcat") and set(modalities) != {"wsi", "rna"}:
+            raise InvalidParameterError(f"{fusion} fusion needs both modalities")
+        if fusion == "mcat" and rna_branch is not None:
+            raise InvalidParameterError("mcat fusion embeds gene groups with its own SNNs (rna_encoder: snn)")
         self.config: dict[str, Any] = {
             "modalities": list(modalities),
             "n_features": n_features,
@@ -100,18 +95,23 @@ class FusionHead(nn.Module):
             "dropout": dropout,
             "fusion": fusion,
             "kron_dim": kron_dim,
+            "n_groups": n_groups,
             "rna_branch": rna_branch.config if isinstance(rna_branch, StageOneRNA) else None,
         }
         self.modalities, self.task, self.fusion = tuple(modalities), task, fusion
         self.pretrained: list[nn.Parameter] = []
         self.wsi = ABMIL(n_features, 1, dim=dim, dropout=dropout) if "wsi" in modalities else None
         self.rna: nn.Module | None = None
-        if "rna" in modalities:
+        self.mcat: MCATFusion | None = None
+        if fusion == "mcat":  # one module owns both branches: the slide side is guided by the gene groups
+            self.wsi = None
+            self.mcat = MCATFusion(n_features, gene_groups(n_genes, n_groups), dim, dropout)
+        elif "rna" in modalities:
             self.rna = rna_branch if rna_branch is not None else snn(n_genes, dim, dropout)
             if isinstance(rna_branch, StageOneRNA):
                 self.pretrained = [*rna_branch.encoder.parameters(), *rna_branch.proj.parameters()]
         n = len(modalities)
-        if fusion == "gated_concat":
+        if fusion in ("gated_concat", "mcat"):
             self.gates = nn.ModuleDict({m: nn.Linear(n * dim, dim) for m in modalities})
             self.outs = nn.ModuleDict({m: nn.Linear(dim, n_outputs, bias=False) for m in modalities})
             self.bias = nn.Parameter(torch.zeros(n_outputs))
@@ -123,16 +123,16 @@ class FusionHead(nn.Module):
 
     def output_bias(self) -> torch.Tensor:
         """The bias a survival head starts at the marginal hazards (`init_output`)."""
-        return self.bias if self.fusion == "gated_concat" else self.post[-1].bias
+        return self.post[-1].bias if self.fusion == "kronecker" else self.bias
 
     @torch.no_grad()
     def init_output(self, bias: torch.Tensor) -> None:
         """Zero the output weights and set the bias (a survival head then starts at the population hazards)."""
-        if self.fusion == "gated_concat":
+        if self.fusion == "kronecker":
+            self.post[-1].weight.zero_()
+        else:
             for lin in self.outs.values():
                 lin.weight.zero_()
-        else:
-            self.post[-1].weight.zero_()
         self.output_bias().copy_(bias)
 
     def param_groups(self, lr: float, lr_pretrained: float) -> list[dict[str, Any]]:
@@ -154,8 +154,16 @@ class FusionHead(nn.Module):
             if rna is None:
                 raise InvalidParameterError("this head needs an RNA profile")
             h["rna"] = self.rna(rna)
+        if self.mcat is not None:
+            if features is None or rna is None:
+                raise InvalidParameterError("mcat fusion needs the slide's features and an RNA profile")
+            h["wsi"], h["rna"], attention = self.mcat(features, rna)
         contributions: dict[str, torch.Tensor] = {}
-        if self.fusion == "gated_concat":
+        if self.fusion == "mcat":
+            for m in self.modalities:
+                contributions[m] = self.outs[m](h[m])
+            logits = sum(contributions.values()) + self.bias
+        elif self.fusion == "gated_concat":
             both = torch.cat([h[m] for m in self.modalities], dim=-1)
             for m in self.modalities:
                 contributions[m] = self.outs[m](torch.sigmoid(self.gates[m](both)) * h[m])

@@ -39,6 +39,8 @@ class PacsAnalysisRequest(AnalysisRequest):
     series_uid: Annotated[str | None, UID] = Field(
         None, description="the slide series; may be left out when the study holds exactly one SM series"
     )
+    # RNA with a PACS slide is not supported yet: a profile is refused (422) rather than silently ignored
+    rna: None = Field(None, exclude=True, description="not supported for PACS analyses")
 
 
 @router.get("/pacs/servers", responses=ERRORS(401, 403), summary="Configured PACS servers (admin; no secrets)")

@@ -13,6 +13,8 @@ from service.api.deps import ContextDep, TenantDep
 from service.api.errors import NotFoundError
 from service.api.lookups import POLLS
 from service.api.responses import ERRORS, UPLOAD_BODY
+from service.api.rna_form import OPENAPI as RNA_FORM_OPENAPI
+from service.api.rna_form import RnaFormRoute
 from service.api.schemas import AnalysisRequest, JobOut, SlideOut, SlidePage, UploadAccepted
 from service.api.views import job_out, slide_out
 from service.errors import IdempotencyConflictError, InvalidParameterError
@@ -22,6 +24,7 @@ from service.ingest.ingestor import slide_ingestor
 from service.ingest.multipart import parse_bool, parse_mpp, receive_upload
 from service.ingest.slots import UploadSlots
 from service.ingest.sources import check_client_source, copy_s3_source
+from service.jobs import rna_channel
 from service.store import repo
 from service.store.db import transaction
 from service.store.models import Slide
@@ -30,6 +33,7 @@ log = logging.getLogger("mstar.api")
 router = APIRouter(tags=["slides"])
 
 UNCAPPED = 1 << 62
+ANALYSIS_BODY_MAX = 34 << 20  # an RNA profile file is at most rna_input.MAX_BYTES (32 MiB)
 IdemHeader = Annotated[str | None, Header(alias="Idempotency-Key", min_length=1, max_length=255)]
 
 
@@ -156,15 +160,22 @@ def _queue(
     req: AnalysisRequest,
     idempotency_key: str | None,
     request_sha256: str | None = None,
+    rna: bytes | None = None,
 ) -> JobOut:
     """Queue `req` on `slide` through the job layer (`ServiceContext.submit`): the request digest kept with an
-    Idempotency-Key makes a reused key with another request a 422; a tenant over its queued quota gets 429."""
+    Idempotency-Key makes a reused key with another request a 422; a tenant over its queued quota gets 429.
+    `rna` (canonical profile bytes) goes through `service.jobs.rna_channel`; only its digest is recorded."""
     if idempotency_key and request_sha256 is None:
+        extra = {"rna_sha256": rna_channel.digest(rna)} if rna is not None else {}
         request_sha256 = repo.request_digest(
-            route="POST /slides/{id}/analyses", slide_id=slide.id, **req.model_dump(mode="json")
+            route="POST /slides/{id}/analyses",
+            slide_id=slide.id,
+            **req.model_dump(mode="json", exclude={"rna"}),
+            **extra,
         )
+    kwargs = {"rna": rna, "blobs": ctx.blobs} if rna is not None else {}
     return job_out(
-        ctx.submit(tenant_id, slide, req, idempotency_key=idempotency_key, request_sha256=request_sha256).job
+        ctx.submit(tenant_id, slide, req, idempotency_key=idempotency_key, request_sha256=request_sha256, **kwargs).job
     )
 
 
@@ -203,6 +214,7 @@ def delete_slide(slide_id: str, principal: TenantDep, ctx: ContextDep) -> Respon
         key = slide.blob_key
         job_ids = repo.delete_slide(s, slide)
     POLLS.forget(principal.tenant_id, job_ids)
+    rna_channel.discard(ctx.blobs, job_ids)
     ctx.blobs.delete(key)
     for job_id in job_ids:
         ctx.blobs.delete_prefix(f"results/{principal.tenant_id}/{job_id}")
@@ -210,17 +222,11 @@ def delete_slide(slide_id: str, principal: TenantDep, ctx: ContextDep) -> Respon
     return Response(status_code=204)
 
 
-@router.post(
-    "/slides/{slide_id}/analyses",
-    status_code=202,
-    response_model=JobOut,
-    responses=ERRORS(401, 404, 422, 429),
-    summary="Queue an analysis of a stored slide",
-)
 def create_analysis(
     slide_id: str,
     principal: TenantDep,
     ctx: ContextDep,
+    request: Request,
     response: Response,
     req: Annotated[AnalysisRequest | None, Body()] = None,
     idempotency_key: IdemHeader = None,
@@ -229,6 +235,37 @@ def create_analysis(
         slide = repo.get_slide(s, principal.tenant_id, slide_id)
         if slide is None:
             raise NotFoundError("no such slide")
-    job = _queue(ctx, principal.tenant_id, slide, req or AnalysisRequest(), idempotency_key)
+    req = req or AnalysisRequest()
+    rna = None
+    rna_file = getattr(request.state, "rna_file", None)  # the multipart form (`service.api.rna_form`)
+    if rna_file is not None and req.rna is not None:
+        raise InvalidParameterError("send the RNA profile once: the multipart part `rna` or the JSON field `rna`")
+    if rna_file is not None or req.rna is not None:
+        from service.inference.rna_input import profile_from_lists, read_profile
+
+        profile = read_profile(rna_file) if rna_file is not None else profile_from_lists(req.rna.genes, req.rna.values)
+        rna = rna_channel.prepare(ctx.bundle, profile)
+    job = _queue(ctx, principal.tenant_id, slide, req, idempotency_key, rna=rna)
     response.headers["Location"] = f"/jobs/{job.id}"
     return job
+
+
+router.add_api_route(
+    "/slides/{slide_id}/analyses",
+    create_analysis,
+    methods=["POST"],
+    status_code=202,
+    response_model=JobOut,
+    responses=ERRORS(401, 404, 413, 422, 429),
+    max_body_size=ANALYSIS_BODY_MAX,  # room for a whole-transcriptome RNA profile, JSON or a file
+    summary="Queue an analysis of a stored slide (optionally with an RNA-Seq profile, JSON or a file)",
+    description=(
+        "JSON: the analysis request, optionally with `rna: {genes, values}`. Or multipart/form-data: the part "
+        "`rna` an RNA-Seq profile file (Gene,Value CSV/TSV, GDC STAR gene counts, TCGA RSEM) and the optional "
+        "part `request` the JSON request's other fields. The profile is validated (size, finite numbers, gene "
+        "identifiers, coverage of the bundle's genes) and held only until the job ends; a bundle without a "
+        "slide + RNA head refuses it (422)."
+    ),
+    openapi_extra=RNA_FORM_OPENAPI,
+    route_class_override=RnaFormRoute,
+)
