@@ -83,8 +83,9 @@ def submit_analysis(
             cache_key=key,
             reuse=not fresh,
         )
-        if created and (trace_id := tracing.current_trace_id()):  # the worker continues it (Celery headers)
-            job.trace_id = trace_id
+        if created and (trace_id := tracing.current_trace_id()):  # the worker continues it (Celery headers,
+            job.trace_id = trace_id  # or the stored traceparent in the embedded pool's worker processes)
+            job.trace_parent = tracing.current_traceparent()
             s.flush()
         s.expunge(job)
     if created:
