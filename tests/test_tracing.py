@@ -1,11 +1,13 @@
 """One OpenTelemetry trace from the upload through the Celery queue to the pipeline stages, recorded with the SDK's
 in-memory exporter: the gateway (FastAPI instrumentation) publishes over a real Redis, a Celery worker in this
 process (Celery instrumentation, context from the message headers) runs the job, and the job row and
-`GET /jobs/{id}` carry the trace id."""
+`GET /jobs/{id}` carry the trace id. In embedded mode the trace crosses into the spawned worker process through the
+traceparent stored with the job, and that process exports over OTLP/HTTP to a receiver here."""
 
 from __future__ import annotations
 
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from fastapi.testclient import TestClient
@@ -77,3 +79,108 @@ def test_one_trace_spans_gateway_queue_worker_and_stages(spans, redis_server, tm
     assert stage_open.parent.span_id == job_span.context.span_id == stage_embed.parent.span_id
     assert job_span.attributes["mstar.job_id"] == job_id and job_span.attributes["mstar.state"] == "succeeded"
     assert not any("s.svs" in str(v) for s in mine for v in (s.attributes or {}).values())  # no file names
+
+
+class _OtlpReceiver(ThreadingHTTPServer):
+    """A real OTLP/HTTP endpoint on loopback: decodes every `ExportTraceServiceRequest` POSTed to /v1/traces."""
+
+    def __init__(self) -> None:
+        self.spans: list[dict] = []
+        super().__init__(("127.0.0.1", 0), _OtlpHandler)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/v1/traces"
+
+
+class _OtlpHandler(BaseHTTPRequestHandler):
+    server: _OtlpReceiver
+
+    def do_POST(self) -> None:
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+            ExportTraceServiceRequest,
+            ExportTraceServiceResponse,
+        )
+
+        req = ExportTraceServiceRequest.FromString(self.rfile.read(int(self.headers["Content-Length"])))
+        for rs in req.resource_spans:
+            service = next(a.value.string_value for a in rs.resource.attributes if a.key == "service.name")
+            for ss in rs.scope_spans:
+                for s in ss.spans:
+                    self.server.spans.append(
+                        {
+                            "name": s.name,
+                            "service": service,
+                            "trace_id": s.trace_id.hex(),
+                            "span_id": s.span_id.hex(),
+                            "parent": s.parent_span_id.hex(),
+                        }
+                    )
+        body = ExportTraceServiceResponse().SerializeToString()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-protobuf")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_embedded_worker_process_continues_the_upload_trace(spans, monkeypatch, tmp_path, cmu_svs) -> None:
+    """Embedded mode: the job runs in a spawned worker process that gets no message headers. Its `mstar.job` span
+    (exported by that process over OTLP/HTTP to a receiver here) must be a child of the upload's request span
+    (recorded in this process), in the same trace as `GET /jobs/{id}` reports."""
+    import threading
+
+    from service.api import create_app
+    from service.config import Settings
+
+    receiver = _OtlpReceiver()
+    threading.Thread(target=receiver.serve_forever, daemon=True).start()
+    # read by the spawned worker's tracing.setup (this process already has its in-memory provider)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", receiver.url)
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "50")
+    settings = Settings(
+        data_dir=tmp_path,
+        pipeline="runner_pipelines:tiny",
+        runner_workers=1,
+        runner_poll_s=0.1,
+        api_keys=[{"tenant": "lab", "key": KEY}],
+    )
+    try:
+        with TestClient(create_app(settings)) as client:
+            up = client.post("/slides", files={"file": ("s.svs", cmu_svs.read_bytes())}, headers={"X-API-Key": KEY})
+            assert up.status_code == 202, up.text
+            job_id = up.json()["job"]["id"]
+            deadline = time.monotonic() + 60
+            while (job := client.get(f"/jobs/{job_id}", headers={"X-API-Key": KEY}).json())["state"] not in (
+                "succeeded",
+                "failed",
+            ):
+                assert time.monotonic() < deadline, job
+                time.sleep(0.2)
+            while not any(s["name"] == "mstar.job" for s in receiver.spans):  # the worker's batch export
+                assert time.monotonic() < deadline, receiver.spans
+                time.sleep(0.1)
+    finally:
+        receiver.shutdown()
+        receiver.server_close()
+    assert job["state"] == "succeeded", job
+    trace_id = job["trace_id"]
+    upload = next(
+        s
+        for s in spans.get_finished_spans()
+        if s.name == "POST /slides" and format(s.context.trace_id, "032x") == trace_id
+    )
+    worker = [s for s in receiver.spans if s["trace_id"] == trace_id]
+    by_name = {s["name"]: s for s in worker}
+    job_span = by_name["mstar.job"]
+    assert job_span["service"] == "mstar-worker"  # recorded by the worker process, not this one
+    gateway = {format(s.context.span_id, "016x"): s for s in spans.get_finished_spans()}
+    chain, at = [], job_span["parent"]  # the job span's ancestors, all recorded by the gateway in this process
+    while at:
+        chain.append(gateway[at].name)
+        at = format(gateway[at].parent.span_id, "016x") if gateway[at].parent else None
+    assert chain[-1] == upload.name and format(gateway[job_span["parent"]].context.trace_id, "032x") == trace_id
+    assert by_name["stage open"]["parent"] == job_span["span_id"] == by_name["stage embed"]["parent"]

@@ -1,22 +1,26 @@
 """The /ui viewer in headless Chromium (Debian package) driven by Playwright (playwright-core from npm, no browser
 download): sign in, upload the real CMU slide, wait for the job, pan and zoom, toggle the heatmap, hover a patch,
-read the results; a wrong key and another tenant's job are refused in the page. Everything behind it is real:
-uvicorn, the embedded runner, the tiny exported bundle. Screenshots go to $MSTAR_UI_SHOTS (docs/viewer when
-refreshing the committed ones) or a temporary folder.
+read the results; draw a region of interest and analyse it alone; open a PACS job and download its DICOM objects;
+a wrong key and another tenant's job are refused in the page; axe-core audits every view. Everything behind it is
+real: uvicorn, the embedded runner, the tiny exported bundle, Orthanc with DICOMweb holding the CMU slide as DICOM
+WSI. Screenshots go to $MSTAR_UI_SHOTS (docs/viewer when refreshing the committed ones) or a temporary folder.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import httpx
 import pytest
 from inference_fixtures import build_tiny_bundle
-from services import live_server
+from services import dicomize, live_server, run_orthanc
+from shapely.geometry import Point, shape
 
 from service.api import create_app
 from service.config import Settings
@@ -25,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 KEY_A = "ui-tenant-a-key-0123456789abcdef"
 KEY_B = "ui-tenant-b-key-0123456789abcdef"
 CHROMIUM = "/usr/bin/chromium"
+PACS_USERS = {"pacs": "ui-s3cret-pw"}
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +40,34 @@ def playwright_ready() -> None:
         subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=ROOT / "ui", check=True, timeout=300)
 
 
-def test_viewer_end_to_end(playwright_ready, tmp_path: Path, tmp_path_factory, cmu_svs: Path) -> None:
+def _wait(c: httpx.Client, job_id: str, timeout: float = 300) -> dict:
+    deadline = time.monotonic() + timeout
+    while (job := c.get(f"/jobs/{job_id}").json())["state"] not in ("succeeded", "failed", "canceled"):
+        assert time.monotonic() < deadline, job
+        time.sleep(0.3)
+    return job
+
+
+@pytest.fixture(scope="module")
+def pacs(cmu_svs: Path, tmp_path_factory):
+    """A real Orthanc (DICOMweb) holding the CMU slide as a DICOM WSI series: (server config, study UID)."""
+    import pydicom
+
+    with run_orthanc(users=PACS_USERS) as orthanc:
+        files = dicomize(cmu_svs, tmp_path_factory.mktemp("ui-dicomized"))
+        orthanc.upload(files)
+        study = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+        user, pw = next(iter(PACS_USERS.items()))
+        server = {"name": "main", "tenant": "a", "url": orthanc.url, "auth": "basic", "username": user, "password": pw}
+        yield server, study
+
+
+def test_viewer_end_to_end(
+    playwright_ready, pacs, monkeypatch, tmp_path: Path, tmp_path_factory, cmu_svs: Path
+) -> None:
     bundle = build_tiny_bundle(tmp_path_factory.getbasetemp())
+    server, study = pacs
+    monkeypatch.setenv("MSTAR_PACS_SERVERS", json.dumps([server]))  # the spawned workers read it too
     settings = Settings(
         data_dir=tmp_path / "data",
         bundle_dir=bundle,
@@ -50,11 +81,17 @@ def test_viewer_end_to_end(playwright_ready, tmp_path: Path, tmp_path_factory, c
             r = b.post("/slides", files={"file": ("b.svs", cmu_svs.read_bytes())}, data={"analyze": "false"})
             other = b.post(f"/slides/{r.json()['id']}/analyses", json={"tasks": ["embedding"]}).json()["id"]
             b.post(f"/jobs/{other}/cancel")  # it only has to exist
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY_A}"}, timeout=60) as a:
+            r = a.post("/pacs/analyses", json={"pacs": "main", "study_uid": study})
+            assert r.status_code == 202, r.text
+            pacs_job = _wait(a, r.json()["id"])  # before the page's upload, so the two never share the worker
+        assert pacs_job["state"] == "succeeded", pacs_job
         env = {
             **os.environ,
             "BASE_URL": url,
             "API_KEY": KEY_A,
             "OTHER_JOB": other,
+            "PACS_JOB": pacs_job["id"],
             "SLIDE": str(cmu_svs),
             "SHOTS": str(shots),
             "CHROMIUM": CHROMIUM,
@@ -69,9 +106,14 @@ def test_viewer_end_to_end(playwright_ready, tmp_path: Path, tmp_path_factory, c
         )
         assert proc.returncode == 0, proc.stderr[-4000:]
         seen = {s["name"]: s for s in json.loads(proc.stdout.strip().splitlines()[-1])["steps"]}
+        roi = seen["region"]
         with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY_A}"}, timeout=60) as a:
-            job = a.get("/jobs").json()["items"][0]
+            job = a.get(f"/jobs/{roi['fullJob']}").json()
             result = a.get(f"/jobs/{job['id']}/result").json()
+            full_fc = a.get(f"/jobs/{job['id']}/annotations.geojson").json()
+            region_job = a.get(f"/jobs/{roi['regionJob']}").json()
+            region_result = a.get(f"/jobs/{roi['regionJob']}/result").json()
+            region_fc = a.get(f"/jobs/{roi['regionJob']}/annotations.geojson").json()
 
     assert "invalid API key" in seen["wrong_key"]["error"] and not seen["wrong_key"]["appVisible"]
     assert seen["signed_in"]["tabbedTo"] == "signin-btn"
@@ -102,5 +144,59 @@ def test_viewer_end_to_end(playwright_ready, tmp_path: Path, tmp_path_factory, c
     assert seen["download"]["file"].endswith(".geojson")
     assert "another account" in seen["other_tenant"]["error"]
     assert seen["errors"]["failures"] == [], seen["errors"]["failures"]  # no script error, no CSP violation
-    assert len(seen["errors"]["refused"]) == 2  # the wrong key's 401 and the other tenant's 404, nothing else
-    assert len(list(shots.glob("*.png"))) == 8
+    # the wrong key's 401, the other tenant's 404, the flat region's 422 and the PACS slide's tiles' 415
+    statuses = sorted(int(re.search(r"status of (\d{3})", m).group(1)) for m in seen["errors"]["refused"])
+    assert statuses == [401, 404, 415, 422], seen["errors"]["refused"]
+    assert len(list(shots.glob("*.png"))) == 11
+
+    # DICOM: offered (and downloadable) for the PACS job only, never for an upload job.
+    assert not any(h.endswith("/dicom") for h in res["downloads"]) and job["links"]["dicom"] is None
+    pacs_seen = seen["pacs"]
+    assert f"/jobs/{pacs_job['id']}/dicom" in pacs_seen["downloads"] and pacs_job["links"]["dicom"]
+    assert pacs_seen["file"] == f"{pacs_job['id']}-dicom.zip" and pacs_seen["size"] > 1000
+    assert "lives in a PACS" in pacs_seen["info"] and pacs_seen["label"]
+
+    # The region: bad input explained, Escape cancels, Enter and double-click close, and the analysis of the drawn
+    # polygon covers exactly the full analysis's patches whose centres lie inside it.
+    assert "not valid JSON" in roi["notJson"] and "Region refused" in roi["noArea"] and "no area" in roi["noArea"]
+    assert roi["pointsBeforeEscape"] == 2 and roi["afterEscape"]["points"] == 0
+    assert roi["afterEscape"]["pressed"] == "false" and "cancelled" in roi["afterEscape"]["status"]
+    assert roi["closedByEnter"] == {"closed": True, "points": 3, "geojson": True}
+    assert roi["regionState"] == "succeeded" and region_job["state"] == "succeeded"
+    ring = roi["geojson"]["geometry"]["coordinates"][0]
+    assert len(ring) == 6 and ring[0] == ring[-1]  # five vertices: the double-click's second click added none
+    tol = 2 * roi["drawn"]["imagePerScreenPx"]
+    for (x, y), (ex, ey) in zip(ring, roi["drawn"]["image"], strict=False):
+        assert abs(x - ex) <= tol and abs(y - ey) <= tol, (ring, roi["drawn"]["image"])
+    assert region_job["options"]["region"] == roi["geojson"]  # what the page sent is what the job ran with
+    polygon = shape(roi["geojson"]["geometry"])
+
+    def centres(fc: dict) -> set[tuple[float, float]]:
+        out = set()
+        for f in fc["features"]:
+            if f["properties"]["objectType"] == "detection":
+                (x0, y0), _, (x1, y1) = f["geometry"]["coordinates"][0][:3]
+                out.add(((x0 + x1) / 2, (y0 + y1) / 2))
+        return out
+
+    inside = {c for c in centres(full_fc) if polygon.contains(Point(c))}
+    got = centres(region_fc)
+    assert got and all(polygon.contains(Point(c)) for c in got)
+    assert got == inside and len(got) < len(centres(full_fc))
+    shown = shape({"type": "Polygon", "coordinates": [[*roi["shownRegion"], roi["shownRegion"][0]]]})
+    assert region_result["tiling"]["region"] and shown.equals(polygon)  # the job's region is outlined on the slide
+
+    # axe-core: no serious or critical violation in any view.
+    views = seen["a11y"]["views"]
+    assert [v["view"] for v in views] == [
+        "sign-in",
+        "wrong-key",
+        "job-running",
+        "slide-with-results",
+        "region-drawn",
+        "pacs-job",
+        "other-tenant",
+    ]
+    assert all(v["rules"] > 20 for v in views)  # axe really ran its rules
+    bad = [(v["view"], x) for v in views for x in v["violations"] if x["impact"] in ("serious", "critical")]
+    assert bad == [], bad

@@ -330,16 +330,17 @@ def test_an_older_job_database_gets_the_new_columns(tmp_path):
     with engine.begin() as conn:  # back to the shape `create_all` gave an older release
         conn.exec_driver_sql("DROP TABLE alembic_version")
         conn.exec_driver_sql("DROP TABLE audit_events")
-        for col in ("published_at", "webhook_claimed_at", "webhook_sent_at", "webhook_delivered", "trace_id"):
+        old = ("published_at", "webhook_claimed_at", "webhook_sent_at", "webhook_delivered", "trace_id", "trace_parent")
+        for col in old:
             conn.exec_driver_sql(f"ALTER TABLE jobs DROP COLUMN {col}")
     engine.dispose()
     engine = make_engine(url)
     assert schema_revision(engine) is None
     init_db(engine)
     init_db(engine)  # idempotent
-    assert schema_revision(engine) == "0002"
+    assert schema_revision(engine) == "0003"
     columns = {c["name"] for c in inspect(engine).get_columns("jobs")}
-    assert {"published_at", "webhook_claimed_at", "trace_id"} <= columns
+    assert {"published_at", "webhook_claimed_at", "trace_id", "trace_parent"} <= columns
     assert inspect(engine).has_table("audit_events")
     factory = session_factory(engine)
     finished, queued = _get(factory, done), _get(factory, waiting)

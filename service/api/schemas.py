@@ -170,6 +170,7 @@ class JobLinks(BaseModel):
     features: str | None = None
     heatmap: str | None = None
     annotations: str | None = Field(None, description="QuPath GeoJSON of the result")
+    dicom: str | None = Field(None, description="the DICOM result objects as a ZIP (PACS analyses)")
 
 
 class WebhookStatus(BaseModel):

@@ -26,6 +26,7 @@ def job_out(job: Job, result: Result | None = None) -> JobOut:
         links.features = f"/jobs/{job.id}/features" if "features.h5" in files or result is None else None
         links.heatmap = f"/jobs/{job.id}/heatmap.png" if "heatmap.png" in files else None
         links.annotations = f"/jobs/{job.id}/annotations.geojson" if "patch_scores.h5" in files else None
+        links.dicom = f"/jobs/{job.id}/dicom" if any(n.endswith(".dcm") for n in files) else None
     error = ErrorDetail(code=job.error_code, message=job.error_message or "") if job.error_code else None
     return JobOut(
         id=job.id,

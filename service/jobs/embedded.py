@@ -53,6 +53,7 @@ from service.jobs.execute import (
 )
 from service.jobs.lifecycle import Lease
 from service.jobs.resources import open_store
+from service.obs import tracing
 from service.store.db import transaction
 from service.store.models import Job
 
@@ -117,6 +118,9 @@ def _worker_main(conn: Connection, settings: Settings, warm: str | PipelineFn | 
     It imports the pipeline before saying `ready`, so start-up time never counts against a job's time limit."""
     die_with_parent(parent_pid)
     _worker_init()
+    # Spawned, so nothing of the gateway's tracer provider is inherited: OTEL_* configures this process's own,
+    # and each job span continues the trace stored with its job (`Lease.trace_parent`).
+    tracing.setup("mstar-worker")
     try:
         import service.pipeline  # noqa: F401
 

@@ -209,7 +209,9 @@ def execute_job(lease: Lease, settings: Settings, pipeline: str | PipelineFn | N
     Every log line meanwhile names the job (and its tenant once read)."""
     with (
         log_context(job_id=lease.job_id, tenant=None),
-        tracing.span("mstar.job", **{"mstar.job_id": lease.job_id, "mstar.attempt": lease.attempt}) as span,
+        tracing.span(
+            "mstar.job", parent=lease.trace_parent, **{"mstar.job_id": lease.job_id, "mstar.attempt": lease.attempt}
+        ) as span,
     ):
         outcome = _execute(lease, settings, pipeline)
         if span is not None:

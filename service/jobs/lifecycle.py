@@ -39,6 +39,8 @@ class Lease:
     job_id: str
     worker: str
     attempt: int
+    # the W3C traceparent the job was submitted under: a worker with no trace of its own continues it
+    trace_parent: str | None = field(default=None, compare=False)
 
 
 def result_prefix(tenant_id: str, job_id: str, attempt: int | None = None) -> str:
@@ -215,8 +217,8 @@ def claim_fair(
             ).all()
             for job_id in candidates:
                 if _set(s, Job.id == job_id, Job.state == "queued", **_claim_values(worker, utcnow(), token)) == 1:
-                    attempt = s.scalar(select(Job.attempts).where(Job.id == job_id))
-                    return Lease(job_id, worker, int(attempt))
+                    attempt, parent = s.execute(select(Job.attempts, Job.trace_parent).where(Job.id == job_id)).one()
+                    return Lease(job_id, worker, int(attempt), parent)
     return None
 
 
@@ -275,7 +277,7 @@ def take_over(s: Session, token: str, worker: str, *, max_attempts: int, lease_s
     )
     if n != 1:
         return TakeOver(reason="taken over by another worker")
-    return TakeOver(lease=Lease(job.id, worker, attempts + 1))
+    return TakeOver(lease=Lease(job.id, worker, attempts + 1, job.trace_parent))
 
 
 @dataclass(frozen=True)

@@ -124,8 +124,9 @@ def _record(sessions: sessionmaker[Session], **create: Any) -> tuple[Job, bool]:
     """`lifecycle.create` in its own transaction, the row detached for the caller."""
     with transaction(sessions) as s:
         job, created = lifecycle.create(s, **create)
-        if created and (trace_id := tracing.current_trace_id()):  # the worker continues it (Celery headers)
-            job.trace_id = trace_id
+        if created and (trace_id := tracing.current_trace_id()):  # the worker continues it (Celery headers,
+            job.trace_id = trace_id  # or the stored traceparent in the embedded pool's worker processes)
+            job.trace_parent = tracing.current_traceparent()
             s.flush()
         s.expunge(job)
     return job, created

@@ -5,7 +5,10 @@ and the exporter's own settings are honoured by the SDK).
 One trace follows an analysis: the gateway's request span (FastAPI instrumentation), the Celery publish, whose
 context travels in the message headers (Celery instrumentation), the worker's task span, then `mstar.job` and one
 span per pipeline stage, with each model backend call inside its stage. The trace id is stored on the job
-(`jobs.trace_id`) and returned by `GET /jobs/{id}`. Spans carry ids only, never file names or slide metadata.
+(`jobs.trace_id`) and returned by `GET /jobs/{id}`. In embedded mode (`service.jobs.embedded`) no message carries
+the context to the worker processes, so the submitting span's W3C traceparent is stored with the job
+(`jobs.trace_parent`) and the worker's `mstar.job` span starts as its child. Spans carry ids only, never file
+names or slide metadata.
 
 Everything here is a no-op when the SDK is not installed or tracing is not configured.
 """
@@ -104,15 +107,33 @@ def current_trace_id() -> str | None:
     return format(ctx.trace_id, "032x") if ctx.is_valid and ctx.trace_flags.sampled else None
 
 
+def current_traceparent() -> str | None:
+    """The W3C `traceparent` of the span being recorded now (what a process without message headers needs to
+    continue the trace), or None."""
+    if current_trace_id() is None:
+        return None
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    carrier: dict[str, str] = {}
+    TraceContextTextMapPropagator().inject(carrier)
+    return carrier.get("traceparent")
+
+
 @contextlib.contextmanager
-def span(name: str, **attributes: Any) -> Iterator[Any]:
-    """A child span of the current one (a no-op without tracing)."""
+def span(name: str, *, parent: str | None = None, **attributes: Any) -> Iterator[Any]:
+    """A child span of the current one (a no-op without tracing). With no current span (an embedded worker
+    process), `parent`, a W3C traceparent stored with the job, is its parent instead."""
     if not enabled():
         yield None
         return
     from opentelemetry import trace
 
-    with trace.get_tracer("mstar").start_as_current_span(name, attributes=attributes) as s:
+    ctx = None
+    if parent and not trace.get_current_span().get_span_context().is_valid:
+        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+        ctx = TraceContextTextMapPropagator().extract({"traceparent": parent})
+    with trace.get_tracer("mstar").start_as_current_span(name, context=ctx, attributes=attributes) as s:
         yield s
 
 

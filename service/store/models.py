@@ -122,6 +122,8 @@ class Job(Base):
     follows: Mapped[str | None] = mapped_column(String(32), nullable=True, index=True)
     # the OpenTelemetry trace the job was created under (32 hex digits; NULL when tracing is off)
     trace_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    # its W3C traceparent (the submitting span): the embedded pool's worker processes continue the trace from it
+    trace_parent: Mapped[str | None] = mapped_column(String(55), nullable=True)
 
 
 class Result(Base):

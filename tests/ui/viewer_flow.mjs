@@ -1,7 +1,10 @@
 // Drives the /ui page in headless Chromium (Debian's, through playwright-core: no browser download) the way a
 // pathologist would, and prints what it saw as JSON for tests/test_ui_viewer.py to check.
-// Env: BASE_URL, API_KEY, OTHER_JOB (a job of another tenant), SLIDE (file to upload), SHOTS (folder), CHROMIUM.
-import { mkdirSync } from "node:fs";
+// Env: BASE_URL, API_KEY, OTHER_JOB (a job of another tenant), PACS_JOB (a succeeded PACS job of this tenant,
+// which has DICOM objects), SLIDE (file to upload), SHOTS (folder), CHROMIUM.
+// axe-core (pinned in ui/package-lock.json) audits every view; it is evaluated through the DevTools protocol,
+// which the page's Content-Security-Policy does not apply to, so the page's own CSP stays on.
+import { mkdirSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import { createRequire } from "node:module";
 
@@ -12,6 +15,8 @@ const out = { steps: [] };
 const shots = env.SHOTS;
 mkdirSync(shots, { recursive: true });
 const step = (name, data = {}) => out.steps.push({ name, ...data });
+const axeSource = readFileSync(require.resolve("axe-core/axe.min.js"), "utf8");
+const a11y = [];
 
 const browser = await chromium.launch({
   executablePath: env.CHROMIUM || "/usr/bin/chromium",
@@ -35,9 +40,18 @@ try {
     if (m.text().startsWith("Failed to load resource")) refused.push(m.text()); else failures.push(m.text());
   });
   page.setDefaultTimeout(30000);
+  // axe-core on the page as it is now: every violation, with its impact and the elements it names.
+  const audit = async (view) => {
+    await page.evaluate(axeSource);
+    const r = await page.evaluate(() => axe.run(document, { resultTypes: ["violations"] }));
+    a11y.push({ view, rules: r.passes.length + r.violations.length + r.incomplete.length,
+      violations: r.violations.map((v) => ({ id: v.id, impact: v.impact,
+        nodes: v.nodes.slice(0, 5).map((n) => n.target.join(" ")) })) });
+  };
 
   await page.goto(`${env.BASE_URL}/ui`);
   await page.screenshot({ path: join(shots, "01-sign-in.png") });
+  await audit("sign-in");
 
   // A wrong key is refused in the page.
   await page.fill("#api-key", "not-a-valid-key-000000000000");
@@ -45,6 +59,7 @@ try {
   await page.waitForFunction(() => document.getElementById("signin-error").textContent.length > 0);
   step("wrong_key", { error: await page.textContent("#signin-error"), appVisible: await page.isVisible("#app") });
   await page.screenshot({ path: join(shots, "02-wrong-key.png") });
+  await audit("wrong-key");
 
   // Keyboard: the key field, the button and (after sign-in) the upload controls are reachable with Tab.
   await page.fill("#api-key", env.API_KEY);
@@ -64,6 +79,7 @@ try {
   step("uploaded", { progress: await page.getAttribute("#upload-progress", "value"),
     status: await page.textContent("#upload-status") });
   await page.screenshot({ path: join(shots, "03-uploaded-job-running.png") });
+  await audit("job-running");
   const states = new Set();
   const t0 = Date.now();
   while (Date.now() - t0 < 300000) {
@@ -82,6 +98,7 @@ try {
   const tilesBefore = tiles.length;
   const levelBefore = Math.max(...tiles.map((t) => t.level));
   await page.screenshot({ path: join(shots, "04-slide-with-heatmap.png") });
+  await audit("slide-with-results");
 
   // Pan and zoom with the mouse: new, finer tiles load.
   const box = await page.locator("#viewer").boundingBox();
@@ -160,12 +177,104 @@ try {
   await page.click("#downloads button[data-href$='annotations.geojson']");
   const file = await dl;
   step("download", { file: file.suggestedFilename() });
+  const fullJob = await page.evaluate(() => state.job);
+
+  // A region of interest. Bad input first: text that is not JSON, then a polygon that encloses no area (the API's
+  // 422 reason is shown).
+  await page.click("#region-paste summary");
+  await page.fill("#region-geojson", "{not json");
+  await page.click("#region-run");
+  await page.waitForFunction(() => document.getElementById("region-status").textContent.includes("not valid JSON"));
+  const notJson = await page.textContent("#region-status");
+  await page.fill("#region-geojson", JSON.stringify({ type: "Polygon",
+    coordinates: [[[100, 100], [300, 100], [500, 100], [100, 100]]] }));
+  await page.click("#region-run");
+  await page.waitForFunction(() => document.getElementById("region-status").textContent.startsWith("Region refused"));
+  const noArea = await page.textContent("#region-status");
+  await page.click("#region-clear");
+  await page.click("#region-paste summary");
+  // Escape cancels a polygon being drawn.
+  await page.evaluate(() => state.viewer.viewport.goHome(true));
+  await page.waitForTimeout(300);
+  const vbox = await page.locator("#viewer").boundingBox();
+  await page.click("#region-draw");
+  await page.mouse.click(vbox.x + 100, vbox.y + 100);
+  await page.mouse.click(vbox.x + 200, vbox.y + 100);
+  const pointsBeforeEscape = await page.evaluate(() => region.points.length);
+  await page.keyboard.press("Escape");
+  const afterEscape = { points: await page.evaluate(() => region.points.length),
+    pressed: await page.getAttribute("#region-draw", "aria-pressed"), status: await page.textContent("#region-status") };
+  // Enter closes a polygon (from the keyboard); Clear removes it.
+  await page.click("#region-draw");
+  for (const [dx, dy] of [[100, 100], [200, 100], [150, 180]]) await page.mouse.click(vbox.x + dx, vbox.y + dy);
+  await page.keyboard.press("Enter");
+  const closedByEnter = await page.evaluate(() => ({ closed: region.closed, points: region.points.length,
+    geojson: document.getElementById("region-geojson").value.length > 0 }));
+  await page.click("#region-clear");
+  // Draw a pentagon over the left part of the tissue (its corners on the tissue's bounding box): four clicks, then a
+  // double-click on the fifth vertex closes it (its second click is not a new vertex).
+  // Zoomed out a little from home, so that the whole slide (whose tissue reaches its bottom edge) is in view.
+  await page.click("#region-draw");
+  await page.evaluate(() => { state.viewer.viewport.goHome(true); state.viewer.viewport.zoomBy(0.8, null, true); });
+  await page.waitForTimeout(300);
+  const drawn = await page.evaluate(() => {
+    const xs = [], ys = [];
+    for (const c of state.patches.cells.values()) { xs.push(c.x); ys.push(c.y); }
+    const s = state.patches.size, x0 = Math.min(...xs), x1 = Math.max(...xs) + s, y0 = Math.min(...ys), y1 = Math.max(...ys) + s;
+    const xm = (x0 + x1) / 2;
+    const image = [[x0, y0], [xm, y0], [xm + (x1 - xm) / 3, (y0 + y1) / 2], [xm, y1], [x0, y1]];
+    const r = document.getElementById("viewer").getBoundingClientRect();
+    const item = state.viewer.world.getItemAt(0);
+    const page = image.map(([x, y]) => { const q = item.imageToViewerElementCoordinates(new OpenSeadragon.Point(x, y));
+      return [r.left + q.x, r.top + q.y]; });
+    const one = item.viewerElementToImageCoordinates(new OpenSeadragon.Point(1, 0)).x - item.viewerElementToImageCoordinates(new OpenSeadragon.Point(0, 0)).x;
+    return { image, page, imagePerScreenPx: one };
+  });
+  for (const [x, y] of drawn.page.slice(0, 4)) { await page.mouse.click(x, y); await page.waitForTimeout(120); }
+  await page.mouse.dblclick(drawn.page[4][0], drawn.page[4][1]);
+  await page.waitForFunction(() => region.closed);
+  await page.waitForTimeout(300);
+  const geojson = JSON.parse(await page.inputValue("#region-geojson"));
+  await page.screenshot({ path: join(shots, "09-region-drawn.png") });
+  await audit("region-drawn");
+  // The run button starts the analysis of the drawn region; the job opens when it is queued.
+  await page.click("#region-run");
+  await page.waitForFunction((full) => state.job && state.job !== full, fullJob);
+  const regionJob = await page.evaluate(() => state.job);
+  const t1 = Date.now();
+  let regionState = null;
+  while (Date.now() - t1 < 300000) {
+    regionState = await page.getAttribute(`#jobs li[data-job-id='${regionJob}']`, "data-state").catch(() => null);
+    if (["succeeded", "failed", "canceled"].includes(regionState)) break;
+    await page.waitForTimeout(300);
+  }
+  await page.waitForFunction(() => document.getElementById("viewer").dataset.overlay === "on" && region.closed,
+    null, { timeout: 60000 });
+  await page.waitForLoadState("networkidle");
+  await page.waitForTimeout(500);
+  await page.screenshot({ path: join(shots, "10-region-analysed.png") });
+  step("region", { notJson, noArea, pointsBeforeEscape, afterEscape, closedByEnter, drawn, geojson, regionJob, regionState,
+    shownRegion: await page.evaluate(() => region.points), fullJob });
+
+  // A PACS job: its slide lives in the PACS (no tiles, said so), its results show, with the DICOM download.
+  await page.evaluate((id) => { location.hash = `job=${id}`; }, env.PACS_JOB);
+  await page.waitForSelector("#downloads button[data-href$='/dicom']", { timeout: 60000 });
+  const dicomDl = page.waitForEvent("download");
+  await page.click("#downloads button[data-href$='/dicom']");
+  const dicomFile = await dicomDl;
+  step("pacs", { downloads: await page.locator("#downloads button").evaluateAll((bs) => bs.map((b) => b.dataset.href)),
+    file: dicomFile.suggestedFilename(), size: (readFileSync(await dicomFile.path())).length,
+    info: await page.textContent("#hover-info"), label: await page.textContent("#classification .label") });
+  await page.screenshot({ path: join(shots, "11-pacs-job-dicom.png") });
+  await audit("pacs-job");
 
   // Another tenant's job is refused in the page too.
   await page.evaluate((id) => { location.hash = `job=${id}`; }, env.OTHER_JOB);
   await page.waitForFunction(() => document.getElementById("job-error").textContent.length > 0);
   step("other_tenant", { error: await page.textContent("#job-error") });
   await page.screenshot({ path: join(shots, "08-other-tenant-refused.png") });
+  await audit("other-tenant");
+  step("a11y", { views: a11y });
   step("errors", { failures, refused });
 } finally {
   await browser.close();

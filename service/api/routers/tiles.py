@@ -14,6 +14,8 @@ from fastapi.concurrency import run_in_threadpool
 from service.api.deps import ContextDep, TenantDep
 from service.api.errors import NotFoundError
 from service.api.responses import ERRORS
+from service.errors import UnsupportedFormatError
+from service.pacs.jobs import PACS_FORMAT
 from service.store import repo
 
 router = APIRouter(tags=["viewer"])
@@ -26,12 +28,14 @@ def _slide(ctx, principal, slide_id: str) -> tuple[str, str, float | None]:
         slide = repo.get_slide(session, principal.tenant_id, slide_id)
         if slide is None:
             raise NotFoundError("no such slide")
+        if slide.format == PACS_FORMAT:  # nothing stored here to cut tiles from; its results are viewable
+            raise UnsupportedFormatError("this slide lives in a PACS and is read there only by analyses: no tiles")
         return slide.id, slide.blob_key, slide.mpp_override
 
 
 @router.get(
     "/slides/{slide_id}/dzi",
-    responses=ERRORS(401, 404, 422),
+    responses=ERRORS(401, 404, 415, 422),
     summary="Deep Zoom description of a slide (OpenSeadragon tile source)",
 )
 async def deep_zoom(slide_id: str, principal: TenantDep, ctx: ContextDep, request: Request) -> dict:
@@ -43,7 +47,7 @@ async def deep_zoom(slide_id: str, principal: TenantDep, ctx: ContextDep, reques
 @router.get(
     "/slides/{slide_id}/tiles/{level}/{tile}.jpeg",
     response_class=Response,
-    responses={200: {"content": {"image/jpeg": {}}}, **ERRORS(401, 404, 422)},
+    responses={200: {"content": {"image/jpeg": {}}}, **ERRORS(401, 404, 415, 422)},
     summary="One Deep Zoom tile (JPEG)",
 )
 async def tile(

@@ -5,7 +5,7 @@
 
 const KEY = "mstar.apiKey";
 const state = { key: sessionStorage.getItem(KEY), viewer: null, job: null, overlay: null, overlayUrl: null,
-  patches: null, poll: null };
+  patches: null, poll: null, slideId: null, slideOpen: false };
 const $ = (id) => document.getElementById(id);
 
 function el(tag, attrs = {}, ...children) {
@@ -141,15 +141,25 @@ async function openJob(id) {
     $("job-error").textContent = e.status === 404 ? "Job not found: it does not exist or belongs to another account."
       : `Cannot open the job: ${e.message}`;
     if (state.viewer) state.viewer.close();
+    state.slideId = null; state.slideOpen = false;
+    regionReset();
     $("hover-info").textContent = "No slide open.";
     return;
   }
-  await openSlide(job.slide_id);
+  try {
+    await openSlide(job.slide_id);
+  } catch (e) {  // e.g. a slide that lives in a PACS: its results are still shown
+    state.slideOpen = false; state.slideId = null;
+    if (state.viewer) state.viewer.close();
+    $("hover-info").textContent = `The slide cannot be shown here: ${e.message}`;
+  }
   if (job.state === "succeeded") await showJob(id);
   else $("hover-info").textContent = `Job ${job.state}${job.error ? ": " + job.error.message : ""}; results appear when it succeeds.`;
 }
 
 async function openSlide(slideId) {
+  state.slideId = slideId; state.slideOpen = false;
+  regionReset();
   const dz = await apiJson(`/slides/${encodeURIComponent(slideId)}/dzi`);
   const source = { width: dz.width, height: dz.height, tileSize: dz.tileSize, tileOverlap: dz.tileOverlap,
     minLevel: dz.minLevel, maxLevel: dz.maxLevel,
@@ -159,19 +169,26 @@ async function openSlide(slideId) {
       loadTilesWithAjax: true, ajaxHeaders: { Authorization: `Bearer ${state.key}` }, showNavigator: true,
       navigatorPosition: "BOTTOM_RIGHT", crossOriginPolicy: false, maxZoomPixelRatio: 2, gestureSettingsMouse: { clickToZoom: false } });
     new OpenSeadragon.MouseTracker({ element: state.viewer.canvas, moveHandler: onHover }).setTracking(true);
+    regionWire(state.viewer);
   }
   state.overlay = null;
   state.viewer.open(source);
+  state.slideOpen = true;
+  $("region-draw").disabled = false;
   $("hover-info").textContent = "Slide loaded.";
 }
 
 async function showJob(id) {
   state.shown = true;
-  const result = await apiJson(`/jobs/${encodeURIComponent(id)}/result`);
-  renderResults(id, result);
+  const [job, result] = await Promise.all([apiJson(`/jobs/${encodeURIComponent(id)}`),
+    apiJson(`/jobs/${encodeURIComponent(id)}/result`)]);
+  renderResults(id, result, job.links);
+  if (!state.slideOpen) return;  // results only (the reason is already on the page)
   try {
     const fc = await apiJson(`/jobs/${encodeURIComponent(id)}/annotations.geojson`);
     indexPatches(fc);
+    const roi = fc.features.find((f) => f.properties.objectType === "annotation" && f.properties.name === "Region of interest");
+    if (roi) regionShow(roi.geometry);
     await loadOverlay(id);
     $("hover-info").textContent = "Hover a patch to see its attention and scores.";
   } catch (e) {
@@ -231,6 +248,7 @@ function onHover(ev) {
 function clearResults() {
   for (const id of ["classification", "survival", "zeroshot", "report", "downloads", "result-notice"]) $(id).replaceChildren();
   $("overlay-toggle").disabled = true; $("overlay-opacity").disabled = true; $("overlay-toggle").checked = false;
+  delete $("viewer").dataset.overlay;  // until this job's heatmap is on the slide
   state.patches = null;
 }
 
@@ -279,7 +297,7 @@ function downloadButton(label, path, filename) {
   } }, label));
 }
 
-function renderResults(id, r) {
+function renderResults(id, r, links) {
   $("result-notice").textContent = r.notice || "";
   for (const [head, v] of Object.entries(r.classification || {})) {
     $("classification").append(el("p", {}, el("strong", {}, head), ": most likely ", el("strong", { class: "label" }, v.label)));
@@ -304,7 +322,145 @@ function renderResults(id, r) {
     downloadButton("Features (HDF5)", `${base}/features`, `${id}-features.h5`),
     downloadButton("QuPath GeoJSON", `${base}/annotations.geojson`, `${id}.geojson`),
     downloadButton("Heatmap (PNG)", `${base}/heatmap`, `${id}-heatmap.png`));
-  if (r.dicom || (r.files && r.files.dicom)) $("downloads").append(downloadButton("DICOM", `${base}/dicom`, `${id}.dcm`));
+  if (links && links.dicom) $("downloads").append(downloadButton("DICOM objects (ZIP)", links.dicom, `${id}-dicom.zip`));
+}
+
+// --- region of interest: drawn on the slide (or pasted as GeoJSON), then analysed alone ----------------------
+// Vertices are kept in level-0 image pixels (the API's and QuPath's space) and drawn in an SVG layer that
+// follows the viewport; the layer ignores the pointer, so panning and zooming work while drawing.
+const SVG_NS = "http://www.w3.org/2000/svg";
+const region = { drawing: false, points: [], closed: false, layer: null };
+
+function regionWire(viewer) {
+  region.layer = document.createElementNS(SVG_NS, "svg");
+  region.layer.setAttribute("class", "roi-layer");
+  region.layer.setAttribute("aria-hidden", "true");
+  viewer.canvas.append(region.layer);
+  viewer.addHandler("update-viewport", regionDraw);
+  viewer.addHandler("canvas-click", (e) => {
+    if (!region.drawing || !e.quick) return;  // a drag still pans
+    e.preventDefaultAction = true;
+    regionAdd(slideItem().viewerElementToImageCoordinates(e.position), e.position);
+  });
+  $("viewer").addEventListener("dblclick", (e) => {
+    if (!region.drawing) return;
+    e.preventDefault(); e.stopPropagation();
+    regionClose();
+  }, true);
+  // Capture phase: the keys reach us before OpenSeadragon's own handlers on its canvas.
+  $("viewer").addEventListener("keydown", (e) => {
+    if (!region.drawing) return;
+    const act = { Enter: regionClose, Escape: regionCancel, Backspace: () => { region.points.pop(); regionDraw(); } }[e.key];
+    if (!act) return;
+    e.preventDefault(); e.stopPropagation();
+    act();
+  }, true);
+}
+
+const slideItem = () => state.viewer.world.getItemAt(0);
+
+function regionAdd(p, screen) {
+  const last = region.points[region.points.length - 1];
+  if (last) {  // the second click of a double-click lands on the first: not a new vertex
+    const q = slideItem().imageToViewerElementCoordinates(new OpenSeadragon.Point(last[0], last[1]));
+    if (Math.hypot(q.x - screen.x, q.y - screen.y) < 4) return;
+  }
+  region.points.push([Math.round(p.x), Math.round(p.y)]);
+  $("region-status").textContent = `${region.points.length} point(s); double-click or Enter closes, Escape cancels.`;
+  regionDraw();
+}
+
+function regionDraw() {
+  const layer = region.layer;
+  if (!layer || !state.viewer || !state.viewer.world.getItemCount()) return;
+  const item = slideItem();
+  const pts = region.points.map(([x, y]) => item.imageToViewerElementCoordinates(new OpenSeadragon.Point(x, y)));
+  const shape = document.createElementNS(SVG_NS, region.closed ? "polygon" : "polyline");
+  shape.setAttribute("points", pts.map((q) => `${q.x.toFixed(1)},${q.y.toFixed(1)}`).join(" "));
+  shape.setAttribute("class", region.closed ? "roi closed" : "roi");
+  const dots = region.closed ? [] : pts.map((q) => {
+    const c = document.createElementNS(SVG_NS, "circle");
+    c.setAttribute("cx", q.x.toFixed(1)); c.setAttribute("cy", q.y.toFixed(1)); c.setAttribute("r", "4");
+    c.setAttribute("class", "roi-vertex");
+    return c;
+  });
+  layer.replaceChildren(shape, ...dots);
+}
+
+function regionSetDrawing(on) {
+  region.drawing = on;
+  $("region-draw").setAttribute("aria-pressed", String(on));
+  $("region-draw").textContent = on ? "Stop drawing" : "Draw region";
+  $("viewer").classList.toggle("drawing", on);
+}
+
+function regionStart() {
+  if (region.drawing) { regionClose(); return; }
+  region.points = []; region.closed = false;
+  regionSetDrawing(true);
+  regionDraw();
+  $("region-clear").disabled = false;
+  $("region-status").textContent = "Click to add points; double-click or Enter closes, Escape cancels, Backspace undoes.";
+  $("viewer").focus();
+}
+
+function regionClose() {
+  if (region.points.length < 3) {
+    $("region-status").textContent = `A region needs at least 3 points (${region.points.length} so far).`;
+    return;
+  }
+  regionSetDrawing(false);
+  region.closed = true;
+  regionDraw();
+  const ring = [...region.points, region.points[0]];
+  $("region-geojson").value = JSON.stringify({ type: "Feature", geometry: { type: "Polygon", coordinates: [ring] },
+    properties: { objectType: "annotation", name: "Region of interest" } });
+  $("region-run").disabled = false;
+  $("region-status").textContent = `Region closed (${region.points.length} points). Analyse it, or Clear.`;
+}
+
+function regionCancel() {
+  regionSetDrawing(false);
+  region.points = []; region.closed = false;
+  regionDraw();
+  $("region-status").textContent = "Drawing cancelled.";
+}
+
+function regionShow(geometry) {  // the region a finished job was limited to (outer ring of its first polygon)
+  const ring = geometry.type === "MultiPolygon" ? geometry.coordinates[0][0] : geometry.coordinates[0];
+  region.points = ring.slice(0, -1).map(([x, y]) => [x, y]);
+  region.closed = true;
+  regionDraw();
+}
+
+function regionReset() {
+  regionSetDrawing(false);
+  region.points = []; region.closed = false;
+  if (region.layer) region.layer.replaceChildren();
+  $("region-draw").disabled = true;
+}
+
+async function regionRun() {
+  let geojson;
+  try {
+    geojson = JSON.parse($("region-geojson").value);
+  } catch (e) {
+    $("region-status").textContent = `The region is not valid JSON: ${e.message}`;
+    return;
+  }
+  if (!state.slideId) { $("region-status").textContent = "Open a job first: the region applies to its slide."; return; }
+  $("region-run").disabled = true;
+  try {
+    const job = await apiJson(`/slides/${encodeURIComponent(state.slideId)}/analyses`, {
+      method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ region: geojson }) });
+    $("region-status").textContent = `Region analysis queued (job ${job.id.slice(0, 8)}).`;
+    location.hash = `job=${job.id}`;
+    refreshLists();
+  } catch (e) {
+    $("region-status").textContent = `Region refused: ${e.message}`;
+  } finally {
+    $("region-run").disabled = !$("region-geojson").value.trim();
+  }
 }
 
 // --- wiring --------------------------------------------------------------------------------------------------
@@ -314,6 +470,13 @@ document.addEventListener("DOMContentLoaded", () => {
   $("upload-btn").addEventListener("click", upload);
   $("overlay-toggle").addEventListener("change", setOverlay);
   $("overlay-opacity").addEventListener("input", setOverlay);
+  $("region-draw").addEventListener("click", regionStart);
+  $("region-run").addEventListener("click", regionRun);
+  $("region-clear").addEventListener("click", () => { regionCancel(); $("region-geojson").value = "";
+    $("region-run").disabled = true; $("region-clear").disabled = true; $("region-status").textContent = "Region cleared."; });
+  $("region-geojson").addEventListener("input", () => {
+    const has = Boolean($("region-geojson").value.trim());
+    $("region-run").disabled = !has; $("region-clear").disabled = !has; });
   window.addEventListener("hashchange", () => { if (state.key) openFromHash(); });
   if (state.key) signIn(state.key);
 });
