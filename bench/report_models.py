@@ -1,0 +1,130 @@
+"""HistGen vs the resampler report generator on the demo's synthetic cohort, over several cohort seeds.
+
+For each seed: a fresh synthetic cohort and its patch features exactly as `make demo` builds them
+(`training.demo`), then the report task once per architecture with the demo's report settings. Prints, per
+seed and as mean ± sd with a t-based 95% CI over seeds, test BLEU-4 / ROUGE-L (METEOR with --meteor) of the
+generated reports and of the nearest-neighbour retrieval baseline, the training time and the parameter count.
+
+    python bench/report_models.py --seeds 11 12 13 --work out/bench-report
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import time
+from pathlib import Path
+
+# the demo's report settings (training/demo.py, `report={...}`): shared sizes + each architecture's own
+COMMON = {"d_model": 128, "heads": 4, "d_ff": 256, "decoder_layers": 2, "min_freq": 2, "meteor": False}
+COMMON |= {"beam": 1, "lr": 1e-3, "schedule": "cosine"}
+ARCHS = {
+    "histgen": {"arch": "histgen", "region_size": 16, "hat_layers": 2, "n_prototypes": 64, "cmm_size": 256, "topk": 32},
+    "resampler": {"arch": "resampler", "n_memory": 16},
+}
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def _prepare(work: Path, seed: int, cases: int) -> tuple[Path, Path]:
+    from training.demo import DemoSettings, _extract, _synth
+
+    work.mkdir(parents=True, exist_ok=True)
+    cohort = _synth(work, DemoSettings(seed=seed, cases=cases), print)
+    return cohort, _extract(work, cohort, print)
+
+
+def _run(work: Path, cohort: Path, features: Path, arch: str, seed: int, epochs: int, meteor: bool) -> dict:
+    import torch
+
+    from training.checkpoints import load_report_generator
+    from training.downstream.cli import run
+    from training.downstream.config import DownstreamConfig
+
+    out = work / "report" / arch
+    cfg = DownstreamConfig(
+        task="report",
+        cohort=cohort / "cohort.csv",
+        features_dir=features,
+        reports=cohort / "reports.jsonl",
+        out_dir=out,
+        epochs=epochs,
+        seed=seed,
+        n_boot=200,
+        report=COMMON | ARCHS[arch] | {"meteor": meteor},
+    )
+    t0 = time.perf_counter()
+    m = run(cfg)
+    seconds = time.perf_counter() - t0
+    model, _, _ = load_report_generator(out / "head.pt")
+    test = m["test"]
+    return {
+        "seconds": seconds,
+        "params": sum(p.numel() for p in model.parameters()),
+        "threads": torch.get_num_threads(),
+        "generated": test["generated"],
+        "baseline": test["retrieval_baseline"],
+        "best_epoch": m.get("best_epoch"),
+    }
+
+
+def _summary(values: list[float]) -> str:
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return f"{mean:.3f}"
+    sd = statistics.stdev(values)
+    half = T95.get(len(values) - 1, 1.96) * sd / math.sqrt(len(values))
+    return f"{mean:.3f} ± {sd:.3f} [{mean - half:.3f}, {mean + half:.3f}]"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[11, 12, 13])
+    ap.add_argument("--cases", type=int, default=160)
+    ap.add_argument("--epochs", type=int, default=60)
+    ap.add_argument("--archs", nargs="+", default=list(ARCHS), choices=list(ARCHS))
+    ap.add_argument("--meteor", action="store_true", help="also METEOR (starts a Java process; slow)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--work", type=Path, default=Path("out/bench-report"))
+    args = ap.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    import torch
+
+    torch.set_num_threads(args.threads)
+    metrics = ["BLEU_4", "ROUGE_L"] + (["METEOR"] if args.meteor else [])
+    rows: dict[str, list[dict]] = {a: [] for a in args.archs}
+    for seed in args.seeds:
+        work = args.work / f"seed{seed}"
+        cohort, features = _prepare(work, seed, args.cases)
+        for arch in args.archs:
+            r = _run(work, cohort, features, arch, seed, args.epochs, args.meteor)
+            rows[arch].append(r)
+            gen = " ".join(f"{k} {r['generated'][k]:.3f}" for k in metrics)
+            base = " ".join(f"{k} {r['baseline'][k]:.3f}" for k in metrics)
+            print(
+                f"seed {seed} {arch:9s} {gen} | retrieval {base} | {r['seconds']:.0f} s, {r['params']:,} params, "
+                f"best epoch {r['best_epoch']}, load {os.getloadavg()[0]:.1f}",
+                flush=True,
+            )
+    (args.work / "results.json").write_text(json.dumps({"seeds": args.seeds, "rows": rows}, indent=1))
+    print(f"\n{len(args.seeds)} seeds {args.seeds}, {args.epochs} epochs; mean ± sd [95% CI over seeds]\n")
+    print("| model | " + " | ".join(metrics) + " | train s | params |")
+    print("| --- |" + " --- |" * (len(metrics) + 2))
+    for arch, rs in rows.items():
+        cells = [_summary([r["generated"][k] for r in rs]) for k in metrics]
+        secs = statistics.fmean(r["seconds"] for r in rs)
+        print(f"| {arch} | " + " | ".join(cells) + f" | {secs:.0f} | {rs[0]['params']:,} |")
+    first = next(iter(rows.values()))
+    cells = [_summary([r["baseline"][k] for r in first]) for k in metrics]
+    print("| retrieval baseline | " + " | ".join(cells) + " | – | – |")
+    if len(rows) == 2:
+        a, b = rows["histgen"], rows["resampler"]
+        for k in metrics:
+            diff = [x["generated"][k] - y["generated"][k] for x, y in zip(a, b, strict=True)]
+            print(f"histgen − resampler {k}: {_summary(diff)} (paired by seed)")
+
+
+if __name__ == "__main__":
+    main()
