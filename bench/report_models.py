@@ -5,7 +5,10 @@ For each seed: a fresh synthetic cohort and its patch features exactly as `make 
 seed and as mean ± sd with a t-based 95% CI over seeds, test BLEU-4 / ROUGE-L (METEOR with --meteor) of the
 generated reports and of the nearest-neighbour retrieval baseline, the training time and the parameter count.
 
-    python bench/report_models.py --seeds 11 12 13 --work out/bench-report
+    python bench/report_models.py --seeds 11 12 13 --work out/bench-report [--jobs 2]
+
+With `--jobs N` the training runs go to N worker processes (one thread each) while the next seed's cohort is
+being built; the architectures of one seed then train side by side under the same load, so their times compare.
 """
 
 from __future__ import annotations
@@ -13,9 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
 import os
 import statistics
 import time
+from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 
 # the demo's report settings (training/demo.py, `report={...}`): shared sizes + each architecture's own
@@ -36,8 +41,12 @@ def _prepare(work: Path, seed: int, cases: int) -> tuple[Path, Path]:
     return cohort, _extract(work, cohort, print)
 
 
-def _run(work: Path, cohort: Path, features: Path, arch: str, seed: int, epochs: int, meteor: bool) -> dict:
+def _run(
+    work: Path, cohort: Path, features: Path, arch: str, seed: int, epochs: int, meteor: bool, threads: int
+) -> dict:
     import torch
+
+    torch.set_num_threads(threads)
 
     from training.checkpoints import load_report_generator
     from training.downstream.cli import run
@@ -67,6 +76,7 @@ def _run(work: Path, cohort: Path, features: Path, arch: str, seed: int, epochs:
         "generated": test["generated"],
         "baseline": test["retrieval_baseline"],
         "best_epoch": m.get("best_epoch"),
+        "load": os.getloadavg()[0],
     }
 
 
@@ -86,7 +96,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=60)
     ap.add_argument("--archs", nargs="+", default=list(ARCHS), choices=list(ARCHS))
     ap.add_argument("--meteor", action="store_true", help="also METEOR (starts a Java process; slow)")
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per training run")
+    ap.add_argument("--jobs", type=int, default=1, help="training runs at once")
     ap.add_argument("--work", type=Path, default=Path("out/bench-report"))
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
@@ -95,17 +106,22 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     metrics = ["BLEU_4", "ROUGE_L"] + (["METEOR"] if args.meteor else [])
     rows: dict[str, list[dict]] = {a: [] for a in args.archs}
-    for seed in args.seeds:
-        work = args.work / f"seed{seed}"
-        cohort, features = _prepare(work, seed, args.cases)
-        for arch in args.archs:
-            r = _run(work, cohort, features, arch, seed, args.epochs, args.meteor)
+    pending: list[tuple[int, str, Future]] = []
+    with ProcessPoolExecutor(max(args.jobs, 1), mp_context=multiprocessing.get_context("spawn")) as pool:
+        for seed in args.seeds:
+            work = args.work / f"seed{seed}"
+            cohort, features = _prepare(work, seed, args.cases)
+            for arch in args.archs:
+                job = (work, cohort, features, arch, seed, args.epochs, args.meteor, args.threads)
+                pending.append((seed, arch, pool.submit(_run, *job)))
+        for seed, arch, fut in pending:
+            r = fut.result()
             rows[arch].append(r)
             gen = " ".join(f"{k} {r['generated'][k]:.3f}" for k in metrics)
             base = " ".join(f"{k} {r['baseline'][k]:.3f}" for k in metrics)
             print(
                 f"seed {seed} {arch:9s} {gen} | retrieval {base} | {r['seconds']:.0f} s, {r['params']:,} params, "
-                f"best epoch {r['best_epoch']}, load {os.getloadavg()[0]:.1f}",
+                f"best epoch {r['best_epoch']}, load {r['load']:.1f}",
                 flush=True,
             )
     (args.work / "results.json").write_text(json.dumps({"seeds": args.seeds, "rows": rows}, indent=1))

@@ -181,8 +181,16 @@ def _downstream(work: Path, cohort: Path, features: Path, stage1: Path, s: DemoS
         reports=cohort / "reports.jsonl",
         epochs=s.report_epochs,
         report={
+            # HistGen (the paper's report model) at demo size: regions of 15 patches, 64 prototypes query a
+            # 256-slot memory (top 32); the resampler at these sizes is `"arch": "resampler", "n_memory": 16`
+            # (bench/report_models.py compares the two)
+            "arch": "histgen",
+            "region_size": 16,
+            "hat_layers": 2,
+            "n_prototypes": 64,
+            "cmm_size": 256,
+            "topk": 32,
             "d_model": 128,
-            "n_memory": 16,
             "heads": 4,
             "d_ff": 256,
             "decoder_layers": 2,

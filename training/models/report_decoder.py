@@ -1,6 +1,8 @@
-"""Slide-conditioned report generator: a compact alternative to HistGen (§3.6).
+"""Report generation pieces shared by every architecture (vocabulary, `ReportModel`: teacher forcing, greedy and
+beam search over `encode` + `step`), and the resampler architecture (`report.arch: resampler`), the smaller
+alternative to HistGen (`training/models/histgen.py`, the default).
 
-Design, and why it is simpler than HistGen:
+The resampler's design, and why it is simpler than HistGen:
 - **Encoder**: patch features -> Linear(D→d)+ReLU -> a Perceiver-style resampler (`n_memory` learned queries
   cross-attend over *all* N patches), plus one mean-pooled token (HistGen's fc_feats) -> a small
   TransformerEncoder over those tokens -> memory `[B, M, d]`. HistGen reaches a fixed-size memory with
