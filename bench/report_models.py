@@ -1,11 +1,13 @@
 """HistGen vs the resampler report generator on the demo's synthetic cohort, over several cohort seeds.
 
-For each seed: a fresh synthetic cohort and its patch features exactly as `make demo` builds them
-(`training.demo`), then the report task once per architecture with the demo's report settings. Prints, per
-seed and as mean ± sd with a t-based 95% CI over seeds, test BLEU-4 / ROUGE-L (METEOR with --meteor) of the
-generated reports and of the nearest-neighbour retrieval baseline, the training time and the parameter count.
+For each cohort seed: a fresh synthetic cohort and its patch features exactly as `make demo` builds them
+(`training.demo`), then the report task once per architecture and training seed (`--train-seeds`, default: the
+cohort seed) with the demo's report settings. Prints, per run and as mean ± sd with a t-based 95% CI over runs,
+test BLEU-4 / ROUGE-L (METEOR with --meteor) of the generated reports and of the nearest-neighbour retrieval
+baseline, the training time and the parameter count.
 
     python bench/report_models.py --seeds 11 12 13 --work out/bench-report [--jobs 2]
+    python bench/report_models.py --seeds 11 --train-seeds 1 2 3 --jobs 2   # one cohort, three training seeds
 
 With `--jobs N` the training runs go to N worker processes (one thread each) while the next seed's cohort is
 being built; the architectures of one seed then train side by side under the same load, so their times compare.
@@ -52,7 +54,7 @@ def _run(
     from training.downstream.cli import run
     from training.downstream.config import DownstreamConfig
 
-    out = work / "report" / arch
+    out = work / arch
     cfg = DownstreamConfig(
         task="report",
         cohort=cohort / "cohort.csv",
@@ -92,6 +94,7 @@ def _summary(values: list[float]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[11, 12, 13])
+    ap.add_argument("--train-seeds", type=int, nargs="+", help="training seeds per cohort (default: the cohort seed)")
     ap.add_argument("--cases", type=int, default=160)
     ap.add_argument("--epochs", type=int, default=60)
     ap.add_argument("--archs", nargs="+", default=list(ARCHS), choices=list(ARCHS))
@@ -111,21 +114,26 @@ def main() -> None:
         for seed in args.seeds:
             work = args.work / f"seed{seed}"
             cohort, features = _prepare(work, seed, args.cases)
-            for arch in args.archs:
-                job = (work, cohort, features, arch, seed, args.epochs, args.meteor, args.threads)
-                pending.append((seed, arch, pool.submit(_run, *job)))
+            for train_seed in args.train_seeds or [seed]:
+                for arch in args.archs:
+                    out = work / f"report-seed{train_seed}"
+                    job = (out, cohort, features, arch, train_seed, args.epochs, args.meteor, args.threads)
+                    pending.append((f"{seed}/{train_seed}", arch, pool.submit(_run, *job)))
         for seed, arch, fut in pending:
             r = fut.result()
             rows[arch].append(r)
             gen = " ".join(f"{k} {r['generated'][k]:.3f}" for k in metrics)
             base = " ".join(f"{k} {r['baseline'][k]:.3f}" for k in metrics)
             print(
-                f"seed {seed} {arch:9s} {gen} | retrieval {base} | {r['seconds']:.0f} s, {r['params']:,} params, "
-                f"best epoch {r['best_epoch']}, load {r['load']:.1f}",
+                f"cohort/train seed {seed} {arch:9s} {gen} | retrieval {base} | {r['seconds']:.0f} s, "
+                f"{r['params']:,} params, best epoch {r['best_epoch']}, load {r['load']:.1f}",
                 flush=True,
             )
-    (args.work / "results.json").write_text(json.dumps({"seeds": args.seeds, "rows": rows}, indent=1))
-    print(f"\n{len(args.seeds)} seeds {args.seeds}, {args.epochs} epochs; mean ± sd [95% CI over seeds]\n")
+    runs = {"cohort_seeds": args.seeds, "train_seeds": args.train_seeds, "epochs": args.epochs, "rows": rows}
+    (args.work / "results.json").write_text(json.dumps(runs, indent=1))
+    n = len(next(iter(rows.values())))
+    print(f"\ncohort seeds {args.seeds}, training seeds {args.train_seeds or 'the cohort seed'}, {args.epochs} epochs:")
+    print(f"mean ± sd [t-based 95% CI] over the {n} runs per model, test split\n")
     print("| model | " + " | ".join(metrics) + " | train s | params |")
     print("| --- |" + " --- |" * (len(metrics) + 2))
     for arch, rs in rows.items():
@@ -139,7 +147,7 @@ def main() -> None:
         a, b = rows["histgen"], rows["resampler"]
         for k in metrics:
             diff = [x["generated"][k] - y["generated"][k] for x, y in zip(a, b, strict=True)]
-            print(f"histgen − resampler {k}: {_summary(diff)} (paired by seed)")
+            print(f"histgen − resampler {k}: {_summary(diff)} (paired by run)")
 
 
 if __name__ == "__main__":
