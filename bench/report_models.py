@@ -21,9 +21,13 @@ import math
 import multiprocessing
 import os
 import statistics
+import sys
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # before bench/: bench/service.py must not shadow the package
 
 # the demo's report settings (training/demo.py, `report={...}`): shared sizes + each architecture's own
 COMMON = {"d_model": 128, "heads": 4, "d_ff": 256, "decoder_layers": 2, "min_freq": 2, "meteor": False}
