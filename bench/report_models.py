@@ -54,7 +54,6 @@ def _run(
 
     torch.set_num_threads(threads)
 
-    from training.checkpoints import load_report_generator
     from training.downstream.cli import run
     from training.downstream.config import DownstreamConfig
 
@@ -71,18 +70,28 @@ def _run(
         report=COMMON | ARCHS[arch] | {"meteor": meteor},
     )
     t0 = time.perf_counter()
-    m = run(cfg)
+    run(cfg)
     seconds = time.perf_counter() - t0
+    timing = {"seconds": seconds, "threads": torch.get_num_threads(), "load": os.getloadavg()[0]}
+    (out / "bench.json").write_text(json.dumps(timing))
+    return _collect(out)
+
+
+def _collect(out: Path) -> dict:
+    """One finished run's figures from its run directory (`metrics.json`, `head.pt`, and `bench.json` when this
+    script trained it)."""
+    from training.checkpoints import load_report_generator
+
+    m = json.loads((out / "metrics.json").read_text())
     model, _, _ = load_report_generator(out / "head.pt")
-    test = m["test"]
+    timing = json.loads((out / "bench.json").read_text()) if (out / "bench.json").is_file() else {}
     return {
-        "seconds": seconds,
+        "seconds": timing.get("seconds", float("nan")),
+        "load": timing.get("load", float("nan")),
         "params": sum(p.numel() for p in model.parameters()),
-        "threads": torch.get_num_threads(),
-        "generated": test["generated"],
-        "baseline": test["retrieval_baseline"],
+        "generated": m["test"]["generated"],
+        "baseline": m["test"]["retrieval_baseline"],
         "best_epoch": m.get("best_epoch"),
-        "load": os.getloadavg()[0],
     }
 
 
@@ -106,6 +115,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads per training run")
     ap.add_argument("--jobs", type=int, default=1, help="training runs at once")
     ap.add_argument("--work", type=Path, default=Path("out/bench-report"))
+    ap.add_argument("--summarize", action="store_true", help="only print the table of the finished runs under --work")
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     import torch
@@ -113,6 +123,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     metrics = ["BLEU_4", "ROUGE_L"] + (["METEOR"] if args.meteor else [])
     rows: dict[str, list[dict]] = {a: [] for a in args.archs}
+    if args.summarize:  # the table from finished runs under --work (e.g. runs split over several invocations)
+        for arch in args.archs:
+            for out in sorted(args.work.glob(f"*/report-seed*/{arch}")):
+                if (out / "metrics.json").is_file():
+                    rows[arch].append(_collect(out))
+                    print(f"{out}: BLEU_4 {rows[arch][-1]['generated']['BLEU_4']:.3f}")
+        _table(args, rows, metrics)
+        return
     pending: list[tuple[int, str, Future]] = []
     with ProcessPoolExecutor(max(args.jobs, 1), mp_context=multiprocessing.get_context("spawn")) as pool:
         for seed in args.seeds:
@@ -133,6 +151,10 @@ def main() -> None:
                 f"{r['params']:,} params, best epoch {r['best_epoch']}, load {r['load']:.1f}",
                 flush=True,
             )
+    _table(args, rows, metrics)
+
+
+def _table(args: argparse.Namespace, rows: dict[str, list[dict]], metrics: list[str]) -> None:
     runs = {"cohort_seeds": args.seeds, "train_seeds": args.train_seeds, "epochs": args.epochs, "rows": rows}
     (args.work / "results.json").write_text(json.dumps(runs, indent=1))
     n = len(next(iter(rows.values())))
