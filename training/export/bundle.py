@@ -310,7 +310,7 @@ def export_report_generator(
             [("memory", "float32", [m, d])],
             version=version,
             consumes="patch_features",
-            description=f"report generator ({getattr(generator, 'arch', 'resampler')}): slide memory",
+            description="report generator: slide memory",
         ),
         _spec(
             "mstar_report_decoder",
