@@ -157,20 +157,28 @@ def main() -> None:
 def _table(args: argparse.Namespace, rows: dict[str, list[dict]], metrics: list[str]) -> None:
     runs = {"cohort_seeds": args.seeds, "train_seeds": args.train_seeds, "epochs": args.epochs, "rows": rows}
     (args.work / "results.json").write_text(json.dumps(runs, indent=1))
-    n = len(next(iter(rows.values())))
-    print(f"\ncohort seeds {args.seeds}, training seeds {args.train_seeds or 'the cohort seed'}, {args.epochs} epochs:")
-    print(f"mean ± sd [t-based 95% CI] over the {n} runs per model, test split\n")
+    counts = ", ".join(f"{arch} {len(rs)}" for arch, rs in rows.items())
+    if args.summarize:
+        print(f"\nthe finished runs under {args.work}:")
+    else:
+        seeds = args.train_seeds or "the cohort seed"
+        print(f"\ncohort seeds {args.seeds}, training seeds {seeds}, {args.epochs} epochs:")
+    print(f"mean ± sd [t-based 95% CI] over the runs per model ({counts}), test split\n")
     print("| model | " + " | ".join(metrics) + " | train s | params |")
     print("| --- |" + " --- |" * (len(metrics) + 2))
     for arch, rs in rows.items():
+        if not rs:
+            continue
         cells = [_summary([r["generated"][k] for r in rs]) for k in metrics]
         secs = statistics.fmean(r["seconds"] for r in rs)
         print(f"| {arch} | " + " | ".join(cells) + f" | {secs:.0f} | {rs[0]['params']:,} |")
-    first = next(iter(rows.values()))
+    first = max(rows.values(), key=len)
+    if not first:
+        return
     cells = [_summary([r["baseline"][k] for r in first]) for k in metrics]
     print("| retrieval baseline | " + " | ".join(cells) + " | – | – |")
-    if len(rows) == 2:
-        a, b = rows["histgen"], rows["resampler"]
+    a, b = rows.get("histgen", []), rows.get("resampler", [])
+    if a and len(a) == len(b):  # paired only when every run has its twin
         for k in metrics:
             diff = [x["generated"][k] - y["generated"][k] for x, y in zip(a, b, strict=True)]
             print(f"histgen − resampler {k}: {_summary(diff)} (paired by run)")
