@@ -182,7 +182,7 @@ def _downstream(work: Path, cohort: Path, features: Path, stage1: Path, s: DemoS
         epochs=s.report_epochs,
         report={
             # the resampler, not HistGen (the `ReportConfig` default): at this size on ~100 training reports HistGen
-            # trained 1.7-2.1x longer side by side and wrote 2 distinct reports for 27 test slides (BLEU-4 0.082 vs
+            # trained 1.7-2.1x longer side by side and wrote 1-2 distinct reports for 27 test slides (BLEU-4 0.070 vs
             # 0.144, means; docs/downstream.md, bench/report_models.py), and the first-use build must stay <= 6 min.
             # HistGen at demo size: "arch": "histgen", "region_size": 16, "hat_layers": 2, "n_prototypes": 64,
             # "cmm_size": 256, "topk": 32
