@@ -32,7 +32,8 @@ def tiny_models(root: Path) -> dict:
 
     from training.models.heads import MILHead
     from training.models.patch_encoder import build_patch_encoder
-    from training.models.report_decoder import ReportGenerator, Vocabulary
+    from training.models.report_arch import build_report_model
+    from training.models.report_decoder import Vocabulary
     from training.models.text_encoder import TextEncoder, build_tiny_bert
     from training.models.transmil import TransMIL
 
@@ -49,19 +50,23 @@ def tiny_models(root: Path) -> dict:
         transmil_kwargs={"heads": 2, "num_landmarks": 8},
     ).eval()
     vocab = Vocabulary.build(REPORTS, min_freq=1)
-    report_kwargs = {
+    report_kwargs = {  # HistGen, the default report architecture: 7 patches per region, so 150 patches -> 22
+        "arch": "histgen",
         "n_features": EMBED,
         "vocab_size": len(vocab),
         "d_model": 32,
-        "n_memory": 8,
-        "encoder_layers": 1,
         "decoder_layers": 1,
         "heads": 2,
         "d_ff": 32,
         "max_len": 24,
+        "region_size": 8,
+        "hat_layers": 2,
+        "n_prototypes": 16,
+        "cmm_size": 32,
+        "topk": 8,
     }
     torch.manual_seed(1)
-    report = ReportGenerator(**report_kwargs).eval()
+    report = build_report_model(report_kwargs).eval()
     bert_dir = root / "tinybert"
     if not (bert_dir / "config.json").is_file():
         build_tiny_bert(bert_dir, REPORTS, vocab_size=200, hidden=32, layers=1, heads=2, max_length=64)

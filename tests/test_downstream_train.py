@@ -88,9 +88,12 @@ def test_survival_head(cohort, tmp_path) -> None:
 
 
 def test_report_fewshot_retrieval_and_eval(cohort, tmp_path) -> None:
-    rep = {
+    rep = {  # HistGen (the default arch) at test size
         "d_model": 32,
-        "n_memory": 4,
+        "region_size": 8,
+        "n_prototypes": 16,
+        "cmm_size": 32,
+        "topk": 8,
         "heads": 2,
         "d_ff": 64,
         "decoder_layers": 2,
@@ -110,6 +113,7 @@ def test_report_fewshot_retrieval_and_eval(cohort, tmp_path) -> None:
     ckpt = torch.load(tmp_path / "runs" / "report" / "head.pt", weights_only=False)
     assert ckpt["meta"]["vocabulary"]["itos"][:4] == ["<pad>", "<bos>", "<eos>", "<unk>"]
     assert ckpt["meta"]["decoder"]["vocab_size"] == len(ckpt["meta"]["vocabulary"]["itos"])
+    assert ckpt["config"]["arch"] == "histgen" and ckpt["config"]["region_size"] == 8
 
     fs = run(_cfg(cohort, tmp_path, task="fewshot", fewshot_repeats=3))
     curve = fs["test"]["mean_patch_features"]["prototype"]

@@ -30,7 +30,8 @@ from torch import nn
 from service.errors import InvalidParameterError
 from training.models.heads import MILHead
 from training.models.mstar import Stage1Encoders, Stage1Vision
-from training.models.report_decoder import ReportGenerator
+from training.models.report_arch import SIZE_KEYS, build_report_model
+from training.models.report_decoder import ReportModel
 from training.models.transmil import TransMIL
 
 STAGE1_FORMAT = "mstar-stage1/2"
@@ -49,7 +50,6 @@ OFFICIAL_AGGREGATOR: dict[str, Any] = {
 }
 _AGGREGATOR_CONFIG_KEYS = ("dim", "heads", "dim_head", "num_landmarks", "pinv_iterations", "fc_dropout", "attn_dropout")
 _TRANSMIL_SIZE_KEYS = ("heads", "num_landmarks", "pinv_iterations", "dim_head")
-_REPORT_SIZE_KEYS = ("d_model", "n_memory", "encoder_layers", "decoder_layers", "heads", "d_ff", "dropout", "max_len")
 
 
 def _load(path: str | Path, what: str) -> Any:
@@ -335,8 +335,9 @@ def load_any_head(path: str | Path, labels: list[str] | None = None) -> tuple[MI
     return load_official_transmil(path, labels)
 
 
-def load_report_generator(path: str | Path) -> tuple[ReportGenerator, dict, list[str]]:
-    """A saved report head: (ReportGenerator in eval mode, its constructor config, vocabulary itos)."""
+def load_report_generator(path: str | Path) -> tuple[ReportModel, dict, list[str]]:
+    """A saved report head: (report model of its recorded `arch`, in eval mode; its constructor config;
+    vocabulary itos). A config without `arch` (written before HistGen) is the resampler."""
     ckpt = _head_checkpoint(path, "report")
     if "format" in ckpt:
         config = dict(ckpt["config"])
@@ -344,11 +345,11 @@ def load_report_generator(path: str | Path) -> tuple[ReportGenerator, dict, list
         if "decoder" not in ckpt["meta"]:
             raise InvalidParameterError(f"{path} holds no report generator")
         dec = ckpt["meta"]["decoder"]
-        config = {k: dec[k] for k in _REPORT_SIZE_KEYS} | {
+        config = {k: dec[k] for k in SIZE_KEYS["resampler"]} | {
             "vocab_size": dec["vocab_size"],
             "n_features": dec["n_features"],
         }
-    model = ReportGenerator(**config)
+    model = build_report_model(config)
     model.load_state_dict(ckpt["state_dict"], strict=True)
     return model.eval(), config, list(ckpt["meta"]["vocabulary"]["itos"])
 

@@ -181,8 +181,14 @@ def _downstream(work: Path, cohort: Path, features: Path, stage1: Path, s: DemoS
         reports=cohort / "reports.jsonl",
         epochs=s.report_epochs,
         report={
-            "d_model": 128,
+            # the resampler, not HistGen (the `ReportConfig` default): at this size on ~100 training reports HistGen
+            # trained 1.7-2.1x longer side by side and wrote 1-2 distinct reports for 27 test slides (BLEU-4 0.070 vs
+            # 0.144, means; docs/downstream.md, bench/report_models.py), and the first-use build must stay <= 6 min.
+            # HistGen at demo size: "arch": "histgen", "region_size": 16, "hat_layers": 2, "n_prototypes": 64,
+            # "cmm_size": 256, "topk": 32
+            "arch": "resampler",
             "n_memory": 16,
+            "d_model": 128,
             "heads": 4,
             "d_ff": 256,
             "decoder_layers": 2,

@@ -1,8 +1,9 @@
 """Draft report generation without torch: the decoding loop over the bundle's two report graphs.
 
-`mstar_report_encoder` runs once per slide (patch features -> fixed-size memory), `mstar_report_decoder` once
-per token. Greedy decoding matches `training.models.report_decoder.ReportGenerator.greedy`: <pad>, <bos> and
-<unk> are never emitted, <eos> stops. The loop runs on any `Backend` (onnxruntime or Triton).
+`mstar_report_encoder` runs once per slide (patch features -> memory: a fixed number of rows for the resampler,
+one per region for HistGen), `mstar_report_decoder` once per token. Greedy decoding matches
+`training.models.report_decoder.ReportModel.greedy` for both architectures: <pad>, <bos> and <unk> are never
+emitted, <eos> stops. The loop runs on any `Backend` (onnxruntime or Triton).
 """
 
 from __future__ import annotations

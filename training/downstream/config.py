@@ -14,10 +14,21 @@ Task = Literal["classification", "survival", "report", "zeroshot", "fewshot", "r
 
 class ReportConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    # "histgen": the paper's HistGen (local-global hierarchical encoder + cross-modal context module,
+    # training/models/histgen.py); "resampler": the earlier learned-query resampler (training/models/report_decoder.py)
+    arch: Literal["histgen", "resampler"] = "histgen"
     d_model: int = 512
+    decoder_layers: int = 3
+    # histgen only (official sizes): region of region_size - 1 patches + a region token, HAT layers,
+    # prototypes sampled for the visual memory query, memory slots, slots kept per query
+    region_size: int = 96
+    hat_layers: int = 2
+    n_prototypes: int = 512
+    cmm_size: int = 2048
+    topk: int = 512
+    # resampler only
     n_memory: int = 64
     encoder_layers: int = 1
-    decoder_layers: int = 3
     heads: int = 8
     d_ff: int = 512
     dropout: float = 0.1

@@ -1,5 +1,5 @@
-"""The report task: a HistGen-style report generator over patch features, scored against a retrieval baseline
-(the report of the nearest training case by slide embedding)."""
+"""The report task: a report generator over patch features (`report.arch`: HistGen by default, or the resampler),
+scored against a retrieval baseline (the report of the nearest training case by slide embedding)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from training.cohort import Case, FeatureStore, by_split, load_cohort, load_repo
 from training.downstream.common import finish_run, sample_bag, slide_embeddings, stage1_vision
 from training.downstream.config import DownstreamConfig
 from training.metrics import caption_metrics
-from training.models.report_decoder import ReportGenerator, Vocabulary, normalize
+from training.models.report_arch import build_report_model, report_kwargs
+from training.models.report_decoder import Vocabulary, normalize
 
 log = logging.getLogger(__name__)
 
@@ -39,18 +40,8 @@ def train_report(cfg: DownstreamConfig) -> dict:
     splits = by_split(cases)
     require_splits(splits)
     vocab = Vocabulary.build((reports[c.case_id] for c in splits["train"]), rc.min_freq)
-    model = ReportGenerator(
-        store.dim(splits["train"][0]),
-        len(vocab),
-        d_model=rc.d_model,
-        n_memory=rc.n_memory,
-        encoder_layers=rc.encoder_layers,
-        decoder_layers=rc.decoder_layers,
-        heads=rc.heads,
-        d_ff=rc.d_ff,
-        dropout=rc.dropout,
-        max_len=rc.max_len,
-    )
+    n_features = store.dim(splits["train"][0])
+    model = build_report_model(report_kwargs(rc.arch, rc.model_dump(), n_features=n_features, vocab_size=len(vocab)))
     opt = torch.optim.Adam(model.parameters(), lr=rc.lr, weight_decay=5e-5, amsgrad=True)
     if rc.schedule == "cosine":
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.epochs, 1))
@@ -124,8 +115,8 @@ def train_report(cfg: DownstreamConfig) -> dict:
         }
     meta = {
         "vocabulary": vocab.to_dict(),
-        "n_features": store.dim(train[0]),
-        "decoder": {**rc.model_dump(), "vocab_size": len(vocab), "n_features": store.dim(splits["train"][0])},
+        "n_features": n_features,
+        "decoder": {**rc.model_dump(), "vocab_size": len(vocab), "n_features": n_features},
         "baseline_embedding": "stage1" if encoder is not None else "mean_patch_features",
     }
     return finish_run(cfg, model, meta, result, preds, history, best_epoch)

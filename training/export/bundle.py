@@ -258,7 +258,10 @@ def export_report_generator(
     seed: int = 4,
 ) -> tuple[list[ModelSpec], list[ParityResult]]:
     """Two graphs, so the service runs the decoding loop itself: `mstar_report_encoder` (features [N, D] ->
-    `memory` [M, d]) and `mstar_report_decoder` (`tokens` int64 [B, T] + `memory` [B, M, d] -> `logits` [B, V])."""
+    `memory` [M, d]) and `mstar_report_decoder` (`tokens` int64 [B, T] + `memory` [B, M, d] -> `logits` [B, V]).
+
+    M is fixed for the resampler; for HistGen it is the slide's number of regions, a dynamic axis `n_regions`
+    of both graphs (the service passes the encoder's memory on as it is, so one loop serves both)."""
     mem_mod, step_mod = ReportMemory(generator).eval(), ReportStep(generator).eval()
     enc_path = _model_file(root, "mstar_report_encoder", version)
     export_onnx(
@@ -273,23 +276,28 @@ def export_report_generator(
     cases = [(rng.standard_normal((n, in_dim)).astype(np.float32),) for n in (1, 13, 200)]
     p_enc = check_parity("mstar_report_encoder", mem_mod, enc_path, cases, ["features"], ["memory"])
     with torch.no_grad():
-        mem = mem_mod(torch.randn(20, in_dim))
-    m, d = int(mem.shape[0]), int(mem.shape[1])
+        mem_small, mem = mem_mod(torch.randn(1, in_dim)), mem_mod(torch.randn(2000, in_dim))
+    dynamic_memory = mem_small.shape[0] != mem.shape[0]
+    m_small, d = int(mem_small.shape[0]), int(mem.shape[1])
+    m: int | str = "n_regions" if dynamic_memory else int(mem.shape[0])
+    m_ex = int(mem.shape[0]) if dynamic_memory else m
     vocab = int(generator.out.out_features)
     max_len = int(getattr(generator, "max_len", 100))
     dec_path = _model_file(root, "mstar_report_decoder", version)
-    ex = (torch.randint(4, vocab, (2, 5), dtype=torch.int64), torch.randn(2, m, d))
+    ex = (torch.randint(4, vocab, (2, 5), dtype=torch.int64), torch.randn(2, m_ex, d))
+    mem_axes = {0: ("batch", 1, 64)} | ({1: ("n_regions", 1, 1_000_000)} if dynamic_memory else {})
     export_onnx(
         step_mod,
         ex,
         dec_path,
         input_names=["tokens", "memory"],
         output_names=["logits"],
-        dynamic_axes={0: {0: ("batch", 1, 64), 1: ("prefix", 1, max_len + 2)}, 1: {0: ("batch", 1, 64)}},
+        dynamic_axes={0: {0: ("batch", 1, 64), 1: ("prefix", 1, max_len + 2)}, 1: mem_axes},
     )
+    m_cases = (m_small, m_ex, m_small + 2) if dynamic_memory else (m_ex, m_ex, m_ex)
     cases = [
-        (rng.integers(1, vocab, (b, t), dtype=np.int64), rng.standard_normal((b, m, d)).astype(np.float32))
-        for b, t in ((1, 1), (1, min(9, max_len)), (3, max_len + 1))
+        (rng.integers(1, vocab, (b, t), dtype=np.int64), rng.standard_normal((b, mm, d)).astype(np.float32))
+        for (b, t), mm in zip(((1, 1), (1, min(9, max_len)), (3, max_len + 1)), m_cases, strict=True)
     ]
     p_dec = check_parity("mstar_report_decoder", step_mod, dec_path, cases, ["tokens", "memory"], ["logits"])
     specs = [

@@ -11,7 +11,7 @@
   "text": {"model_dir", "max_length", "proj_state_dict": {...}, "bert_state_dict": {...} | None} | None,
   "zeroshot": a `ZeroShotSpec` dict (method, logit_scale, topk: what a zero-shot run chose on validation) | None
               (older files: under "text"; absent: the bundle gets the official defaults),
-  "report": {"kwargs": ReportGenerator kwargs, "state_dict": {...}, "itos": [vocabulary]} | None,
+  "report": {"kwargs": model config (`arch`; none = resampler), "state_dict": {...}, "itos": [vocabulary]} | None,
   "provenance": {"run_id", "config_hash", "git_commit", ...}, "demo": bool, "name": str,
 }
 """
@@ -29,7 +29,8 @@ from service.errors import InvalidParameterError
 from service.inference.bundle import ZeroShotSpec
 from training.models.heads import MILHead
 from training.models.patch_encoder import PATCH_ENCODERS, Preprocessing, build_patch_encoder
-from training.models.report_decoder import ReportGenerator
+from training.models.report_arch import build_report_model
+from training.models.report_decoder import ReportModel
 from training.models.transmil import TransMIL
 
 EXPORT_FORMAT = "mstar-export/1"
@@ -198,7 +199,7 @@ class ExportContents:
     text_proj: nn.Linear | None = None
     tokenizer_dir: str | None = None
     zeroshot: dict[str, Any] | None = None
-    report: ReportGenerator | None = None
+    report: ReportModel | None = None
     report_itos: list[str] | None = None
     name: str = "mstar"
     demo: bool = False
@@ -271,7 +272,7 @@ def load_export_checkpoint(run_dir: str | Path) -> ExportContents:
         out.tokenizer_dir = t["model_dir"]
     if ckpt.get("report"):
         r = ckpt["report"]
-        out.report = ReportGenerator(**r["kwargs"]).eval()
+        out.report = build_report_model(r["kwargs"]).eval()
         out.report.load_state_dict(r["state_dict"], strict=True)
         out.report_itos = list(r["itos"])
     return out

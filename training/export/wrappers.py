@@ -70,7 +70,8 @@ class TextTower(nn.Module):
 
 
 class ReportMemory(nn.Module):
-    """Report generator, once per slide: one bag [N, D] -> memory [M, d]."""
+    """Report generator, once per slide: one bag [N, D] -> memory [M, d] (M fixed for the resampler, the number
+    of regions for HistGen)."""
 
     def __init__(self, generator: nn.Module) -> None:
         super().__init__()
@@ -83,18 +84,12 @@ class ReportMemory(nn.Module):
 class ReportStep(nn.Module):
     """Report generator, once per token: prefix [B, T] + memory [B, M, d] -> next-token logits [B, V].
 
-    Same computation as `ReportGenerator.step` for unpadded prefixes (greedy/beam decoding never pads), without
-    its data-dependent `if pad.any()` branch, which would not export."""
+    The model's `export_step`: `step` for unpadded prefixes (greedy/beam decoding never pads) without
+    data-dependent branches."""
 
     def __init__(self, generator: nn.Module) -> None:
         super().__init__()
         self.g = generator
 
     def forward(self, tokens: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
-        g = self.g
-        t = tokens.shape[1]
-        pos = torch.arange(t, device=tokens.device).unsqueeze(0)
-        x = g.embed(tokens) + g.pos(pos)
-        causal = torch.triu(torch.full((t, t), float("-inf"), device=tokens.device), diagonal=1)
-        h = g.decoder(x, memory, tgt_mask=causal, tgt_is_causal=True)  # no data-dependent mask check
-        return g.out(g.out_norm(h[:, -1:]))[:, 0]
+        return self.g.export_step(tokens, memory)

@@ -1,6 +1,8 @@
-"""Slide-conditioned report generator: a compact alternative to HistGen (§3.6).
+"""Report generation pieces shared by every architecture (vocabulary, `ReportModel`: teacher forcing, greedy and
+beam search over `encode` + `step`), and the resampler architecture (`report.arch: resampler`), the smaller
+alternative to HistGen (`training/models/histgen.py`, the default).
 
-Design, and why it is simpler than HistGen:
+The resampler's design, and why it is simpler than HistGen:
 - **Encoder**: patch features -> Linear(D→d)+ReLU -> a Perceiver-style resampler (`n_memory` learned queries
   cross-attend over *all* N patches), plus one mean-pooled token (HistGen's fc_feats) -> a small
   TransformerEncoder over those tokens -> memory `[B, M, d]`. HistGen reaches a fixed-size memory with
@@ -111,66 +113,46 @@ class ReportEncoder(nn.Module):
         return self.encoder(mem) if self.encoder is not None else mem
 
 
-class ReportGenerator(nn.Module):
-    def __init__(
-        self,
-        n_features: int,
-        vocab_size: int,
-        d_model: int = 512,
-        n_memory: int = 64,
-        encoder_layers: int = 1,
-        decoder_layers: int = 3,
-        heads: int = 8,
-        d_ff: int = 512,
-        dropout: float = 0.1,
-        max_len: int = 100,
-    ) -> None:
-        super().__init__()
-        self.config = {
-            "n_features": n_features,
-            "vocab_size": vocab_size,
-            "d_model": d_model,
-            "n_memory": n_memory,
-            "encoder_layers": encoder_layers,
-            "decoder_layers": decoder_layers,
-            "heads": heads,
-            "d_ff": d_ff,
-            "dropout": dropout,
-            "max_len": max_len,
-        }
-        self.max_len = max_len
-        self.encoder_module = ReportEncoder(n_features, d_model, n_memory, encoder_layers, heads, d_ff, dropout)
-        self.embed = nn.Embedding(vocab_size, d_model, padding_idx=Vocabulary.PAD)
-        self.pos = nn.Embedding(max_len + 2, d_model)
-        layer = nn.TransformerDecoderLayer(d_model, heads, d_ff, dropout, batch_first=True, norm_first=True)
-        self.decoder = nn.TransformerDecoder(layer, decoder_layers)
-        self.out_norm = nn.LayerNorm(d_model)
-        self.out = nn.Linear(d_model, vocab_size)
+class ReportModel(nn.Module):
+    """What every report architecture shares: teacher forcing, greedy (one slide or a padded batch) and beam search.
+
+    A subclass provides `encode_masked(features, padding_mask) -> (memory, memory_mask)` (once per slide;
+    `memory_mask` is True at padded memory rows, or None), `decode(tokens, memory, memory_mask) -> logits`, and
+    `export_step(tokens, memory)`: the exported decoder step, for unpadded input without data-dependent branches."""
+
+    max_len: int
+
+    def encode_masked(
+        self, features: torch.Tensor, padding_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        raise NotImplementedError
+
+    def decode(
+        self, tokens: torch.Tensor, memory: torch.Tensor, memory_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Logits `[B, T, V]` for every prefix of `tokens` `[B, T]` (teacher forcing)."""
+        raise NotImplementedError
+
+    def export_step(self, tokens: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
     def encode(self, features: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Run once per slide. features `[B, N, D]` (or `[N, D]`), padding_mask `[B, N]` True at padding."""
         if features.dim() == 2:
             features = features.unsqueeze(0)
-        return self.encoder_module(features, padding_mask)
+        return self.encode_masked(features, padding_mask)[0]
 
-    def decode(self, tokens: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
-        """Logits `[B, T, V]` for every prefix of `tokens` `[B, T]` (teacher forcing)."""
-        t = tokens.shape[1]
-        pos = torch.arange(t, device=tokens.device).unsqueeze(0)
-        x = self.embed(tokens) + self.pos(pos)
-        causal = torch.triu(torch.ones(t, t, dtype=torch.bool, device=tokens.device), diagonal=1)
-        pad = tokens == Vocabulary.PAD
-        h = self.decoder(x, memory, tgt_mask=causal, tgt_key_padding_mask=pad if pad.any() else None)
-        return self.out(self.out_norm(h))
-
-    def step(self, tokens: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
-        """Next-token logits `[B, V]` given the prefix `tokens` `[B, T]` (the exported decoder step)."""
-        return self.decode(tokens, memory)[:, -1]
+    def step(self, tokens: torch.Tensor, memory: torch.Tensor, memory_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Next-token logits `[B, V]` given the prefix `tokens` `[B, T]`."""
+        return self.decode(tokens, memory, memory_mask)[:, -1]
 
     def forward(
         self, features: torch.Tensor, tokens: torch.Tensor, padding_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        return self.decode(tokens, self.encode(features, padding_mask))
+        if features.dim() == 2:
+            features = features.unsqueeze(0)
+        memory, memory_mask = self.encode_masked(features, padding_mask)
+        return self.decode(tokens, memory, memory_mask)
 
     # ---- generation ------------------------------------------------------------------------------
     def _banned(self, logp: torch.Tensor) -> torch.Tensor:
@@ -196,12 +178,14 @@ class ReportGenerator(nn.Module):
         self, features: torch.Tensor, padding_mask: torch.Tensor | None = None, max_len: int | None = None
     ) -> list[list[int]]:
         """Greedy decoding of a padded batch of bags at once (validation-time model selection)."""
-        memory = self.encode(features, padding_mask)
+        if features.dim() == 2:
+            features = features.unsqueeze(0)
+        memory, memory_mask = self.encode_masked(features, padding_mask)
         b = memory.shape[0]
         toks = torch.full((b, 1), Vocabulary.BOS, dtype=torch.long, device=memory.device)
         done = torch.zeros(b, dtype=torch.bool, device=memory.device)
         for _ in range(max_len or self.max_len):
-            nxt = self._banned(self.step(toks, memory).log_softmax(-1)).argmax(-1)
+            nxt = self._banned(self.step(toks, memory, memory_mask).log_softmax(-1)).argmax(-1)
             nxt = torch.where(done, torch.full_like(nxt, Vocabulary.PAD), nxt)
             toks = torch.cat([toks, nxt.unsqueeze(1)], dim=1)
             done |= nxt == Vocabulary.EOS
@@ -269,3 +253,72 @@ class ReportGenerator(nn.Module):
     @staticmethod
     def _norm(seq: list[int], score: float, alpha: float) -> float:
         return score / max(len(seq) - 1, 1) ** alpha
+
+
+class ReportGenerator(ReportModel):
+    """`report.arch: resampler`: learned-query resampler + mean token -> small transformer encoder ->
+    `nn.TransformerDecoder`. Its memory has a fixed size (`n_memory + 1` rows), so it is never padded."""
+
+    arch = "resampler"
+
+    def __init__(
+        self,
+        n_features: int,
+        vocab_size: int,
+        d_model: int = 512,
+        n_memory: int = 64,
+        encoder_layers: int = 1,
+        decoder_layers: int = 3,
+        heads: int = 8,
+        d_ff: int = 512,
+        dropout: float = 0.1,
+        max_len: int = 100,
+    ) -> None:
+        super().__init__()
+        self.config = {
+            "arch": "resampler",
+            "n_features": n_features,
+            "vocab_size": vocab_size,
+            "d_model": d_model,
+            "n_memory": n_memory,
+            "encoder_layers": encoder_layers,
+            "decoder_layers": decoder_layers,
+            "heads": heads,
+            "d_ff": d_ff,
+            "dropout": dropout,
+            "max_len": max_len,
+        }
+        self.max_len = max_len
+        self.encoder_module = ReportEncoder(n_features, d_model, n_memory, encoder_layers, heads, d_ff, dropout)
+        self.embed = nn.Embedding(vocab_size, d_model, padding_idx=Vocabulary.PAD)
+        self.pos = nn.Embedding(max_len + 2, d_model)
+        layer = nn.TransformerDecoderLayer(d_model, heads, d_ff, dropout, batch_first=True, norm_first=True)
+        self.decoder = nn.TransformerDecoder(layer, decoder_layers)
+        self.out_norm = nn.LayerNorm(d_model)
+        self.out = nn.Linear(d_model, vocab_size)
+
+    def encode_masked(
+        self, features: torch.Tensor, padding_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.encoder_module(features, padding_mask), None
+
+    def decode(
+        self, tokens: torch.Tensor, memory: torch.Tensor, memory_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        t = tokens.shape[1]
+        pos = torch.arange(t, device=tokens.device).unsqueeze(0)
+        x = self.embed(tokens) + self.pos(pos)
+        causal = torch.triu(torch.ones(t, t, dtype=torch.bool, device=tokens.device), diagonal=1)
+        pad = tokens == Vocabulary.PAD
+        h = self.decoder(x, memory, tgt_mask=causal, tgt_key_padding_mask=pad if pad.any() else None)
+        return self.out(self.out_norm(h))
+
+    def export_step(self, tokens: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        """`step` for unpadded prefixes (greedy/beam decoding never pads), without `decode`'s data-dependent
+        `if pad.any()` branch, which would not export."""
+        t = tokens.shape[1]
+        pos = torch.arange(t, device=tokens.device).unsqueeze(0)
+        x = self.embed(tokens) + self.pos(pos)
+        causal = torch.triu(torch.full((t, t), float("-inf"), device=tokens.device), diagonal=1)
+        h = self.decoder(x, memory, tgt_mask=causal, tgt_is_causal=True)  # no data-dependent mask check
+        return self.out(self.out_norm(h[:, -1:]))[:, 0]
