@@ -16,7 +16,9 @@ from service.inference.bundle import load_bundle
 from training import demo
 
 MSTAR = Path(sys.executable).parent / "mstar"
-SMALL = demo.DemoSettings(cases=24, slide_size=1024, stage1_epochs=2, head_epochs=2, report_epochs=2)
+SMALL = demo.DemoSettings(
+    cases=24, slide_size=1024, stage0_steps=4, stage1_epochs=2, stage2_steps=3, head_epochs=2, report_epochs=2
+)
 
 
 def test_fold_standardization_is_exact() -> None:
@@ -48,6 +50,16 @@ def test_first_use_builds_the_demo_bundle_then_analyze_serves_it(monkeypatch, ca
     assert {"patch_encoder", "aggregator", "classifier", "survival", "text_encoder", "report_decoder"} <= roles
     labels = next(x for x in m.models if x.role == "classifier").labels
     assert labels == ["BRCA", "COAD", "HNSC", "LUSC"]
+    # the patch encoder is the demo ViT that Stage 2 made from the Stage-0 ViT, exported to ONNX and parity-checked
+    enc = next(x for x in m.models if x.role == "patch_encoder")
+    assert enc.description == "VisionTransformer" and enc.outputs[0].shape == ["batch", 96]
+    lineage = m.provenance.encoder
+    assert lineage is not None and lineage.arch == demo.ENCODER == "vit_micro_112"
+    assert lineage.timm_model.startswith("vit_") and lineage.stages == ["stage0", "stage2"]
+    assert "tissue_stats_112" in lineage.details["stage0"] and "3 steps" in lineage.details["stage2"]
+    parity = json.loads((bundle_dir / "parity.json").read_text())
+    assert any(p["model"] == "mstar_patch_encoder" for p in parity)
+    assert any("Stage 0" in line for line in logs) and any("Stage 2" in line for line in logs)
     assert any("building the demo bundle" in line for line in logs)
     assert any("Stage 1" in line for line in logs) and any("ready" in line for line in logs)
     assert ensure_demo_bundle(bundle_dir) == bundle_dir  # second use: loads, no rebuild

@@ -1,18 +1,20 @@
 """The demo bundle: the whole mSTAR chain, small enough to train on a laptop CPU in minutes.
 
-synthetic cohort -> patch features -> Stage 1 (slide aggregator + report and RNA towers) -> downstream heads
-(cancer-type classifier on the Stage-1 aggregator, survival, report generator) -> ONNX export into a Triton model
-repository with a bundle manifest flagged `demo: true`.
+synthetic cohort -> Stage 0 (a small timm ViT distilled from `tissue_stats_112` colour/texture statistics, standing
+in for UNI) -> Stage-0 ViT features -> Stage 1 (slide aggregator + report and RNA towers) -> Stage 2 (the ViT
+fine-tuned against the frozen aggregator's re-embedded tokens, with the EMA branch) -> Stage-2 ViT features ->
+downstream heads (cancer-type classifier and survival on the Stage-1 aggregator, report generator) -> ONNX export
+into a Triton model repository with a bundle manifest flagged `demo: true`, whose patch encoder is the Stage-2 ViT.
 
-The patch encoder is `tissue_stats_112`, a weight-free colour/texture statistics encoder standing in for UNI/mSTAR
-ViT-L (no weights can be downloaded here, and a random ViT carries little signal); a real deployment imports its
-ViT-L with `mstar import-encoder` and trains the rest on its own cohort. `mstar analyze` calls `build_demo_bundle`
-through the `mstar.bundle_builders` entry point the first time it needs the demo bundle.
+A real deployment imports its ViT-L with `mstar import-encoder` and trains the rest on its own cohort.
+`mstar analyze` calls `build_demo_bundle` through the `mstar.bundle_builders` entry point the first time it needs
+the demo bundle.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import os
 import shutil
 import tempfile
@@ -25,7 +27,8 @@ import torch
 
 from service.errors import InvalidParameterError
 
-ENCODER = "tissue_stats_112"
+ENCODER = "vit_micro_112"  # the demo ViT (training.models.patch_encoder)
+STAGE0_TEACHER = "tissue_stats_112"  # the weight-free features Stage 0 distils the ViT from
 PATCH_SIZE = 112
 TARGET_MPP = 0.5
 STAGE1_CONFIG = Path(__file__).parent / "configs" / "stage1_demo.yaml"
@@ -38,7 +41,10 @@ class DemoSettings:
     cases: int = 160
     slide_size: int = 2048
     seed: int = 7
+    stage0_steps: int = 300
     stage1_epochs: int = 20
+    stage2_steps: int = 200
+    stage2_all_patches: bool = True  # the official Stage 2: the teacher re-embeds every patch of a slide
     head_epochs: int = 25
     report_epochs: int = 60
     threads: int = 1  # oversubscribed small CPUs spin-wait with more OpenMP threads
@@ -80,10 +86,14 @@ def build_demo_bundle(
 
     try:
         cohort = _synth(work, s, step)
-        features = _extract(work, cohort, step)
-        stage1_ckpt = _stage1(work, cohort, features, s, step)
+        stats = _extract(work, cohort, STAGE0_TEACHER, "features_stats", step)
+        stage0 = _stage0(work, cohort, stats, s, step)
+        features0 = _extract(work, cohort, stage0, "features_stage0", step)
+        stage1_ckpt = _stage1(work, cohort, features0, s, step)
+        stage2 = _stage2(work, cohort, features0, stage1_ckpt, stage0, s, step)
+        features = _extract(work, cohort, stage2, "features", step)
         heads, report = _downstream(work, cohort, features, stage1_ckpt, s, step)
-        run_dir = _export_checkpoint(work, stage1_ckpt, heads, report, s)
+        run_dir = _export_checkpoint(work, stage1_ckpt, stage2, heads, report, s)
         step("exporting ONNX models into the Triton model repository ...")
         from training.export.bundle import export_run
 
@@ -106,14 +116,16 @@ def _synth(work: Path, s: DemoSettings, step) -> Path:
     return out
 
 
-def _extract(work: Path, cohort: Path, step) -> Path:
+def _extract(work: Path, cohort: Path, encoder: str | Path, name: str, step) -> Path:
+    """Features of every cohort slide with `encoder` (a config name or a ViT backbone file with its sidecar)."""
     from training.extract import ExtractOptions, extract_cohort
 
-    out = work / "features"
-    step(f"patch features ({ENCODER}, {PATCH_SIZE} px at {TARGET_MPP} µm/px) ...")
+    out = work / name
+    label = encoder if isinstance(encoder, str) else f"{Path(encoder).parent.name} ViT"
+    step(f"patch features ({label}, {PATCH_SIZE} px at {TARGET_MPP} µm/px) ...")
     res = extract_cohort(
         cohort / "cohort.csv",
-        ENCODER,
+        encoder,
         out,
         options=ExtractOptions(target_mpp=TARGET_MPP, patch_size=PATCH_SIZE),
     )
@@ -121,6 +133,22 @@ def _extract(work: Path, cohort: Path, step) -> Path:
         raise InvalidParameterError(f"demo feature extraction failed on {res['failed']} slide(s): see {out}")
     step(f"  {res['patches']} patches from {res['done']} slides ({res['skipped']} already done)")
     return out
+
+
+def _stage0(work: Path, cohort: Path, stats: Path, s: DemoSettings, step) -> Path:
+    """The Stage-0 ViT (UNI's place in the paper): distilled from the statistics features on the train split."""
+    from training.stage0 import Stage0Config, distill_stage0
+
+    step(f"Stage 0: {ENCODER} distilled from {STAGE0_TEACHER} features, {s.stage0_steps} steps ...")
+    res = distill_stage0(
+        cohort / "cohort.csv",
+        stats,
+        work / "stage0",
+        Stage0Config(encoder=ENCODER, steps=s.stage0_steps, seed=s.seed),
+        teacher_name=STAGE0_TEACHER,
+    )
+    step(f"  feature regression R² {res['r2']:.3f} (last steps)")
+    return Path(res["backbone"])
 
 
 def _stage1(work: Path, cohort: Path, features: Path, s: DemoSettings, step) -> Path:
@@ -145,6 +173,47 @@ def _stage1(work: Path, cohort: Path, features: Path, s: DemoSettings, step) -> 
     m = res["metrics"]
     step(f"  val kNN cancer-type accuracy {m.get('knn_acc', float('nan')):.3f}")
     return Path(res["checkpoint"])
+
+
+def _stage2(work: Path, cohort: Path, features0: Path, stage1: Path, stage0: Path, s: DemoSettings, step) -> Path:
+    """Stage 2: the Stage-0 ViT fine-tuned against the frozen Stage-1 aggregator's tokens (plus EMA consistency)."""
+    from training.stage2 import Stage2Config, train_stage2
+
+    mode = "every patch of each slide" if s.stage2_all_patches else "256 patches per slide"
+    step(f"Stage 2: self-taught ViT against the Stage-1 aggregator ({mode}), {s.stage2_steps} steps ...")
+    cfg = Stage2Config.model_validate(
+        {
+            "data": {
+                "cohort": str(cohort / "cohort.csv"),
+                "features_dir": str(features0),
+                "n_patches": None if s.stage2_all_patches else 256,
+                "num_workers": 1,
+                "block": 32,
+                "open_slides": 4,
+            },
+            "teacher": {"checkpoint": str(stage1)},
+            "student": {"encoder": ENCODER, "init_checkpoint": str(stage0)},
+            "optim": {
+                "epochs": 1000,
+                "batch_size": 64,
+                "lr": 1e-4,
+                "proj_lr": 1e-3,
+                "max_steps": s.stage2_steps,
+            },
+            "out_dir": str(work / "stage2"),
+            "seed": s.seed,
+            "amp": False,
+            "log_every": 1,
+        }
+    )
+    res = train_stage2(cfg)
+    last = res["last"]
+    (work / "stage2" / "demo_summary.json").write_text(json.dumps(last))
+    step(
+        f"  teacher-token cosine {last.get('target_cos', float('nan')):.3f}, "
+        f"EMA consistency loss {last.get('ema', float('nan')):.4f}"
+    )
+    return Path(res["backbone"])
 
 
 def _downstream(work: Path, cohort: Path, features: Path, stage1: Path, s: DemoSettings, step):
@@ -226,7 +295,7 @@ def _headline(metrics: dict) -> str:
     return ", ".join(parts) or "done"
 
 
-def _export_checkpoint(work: Path, stage1: Path, heads, report_path: Path, s: DemoSettings) -> Path:
+def _export_checkpoint(work: Path, stage1: Path, stage2: Path, heads, report_path: Path, s: DemoSettings) -> Path:
     from training.checkpoints import load_report_generator, load_stage1
     from training.export.contract import head_row, save_export_checkpoint
 
@@ -241,7 +310,7 @@ def _export_checkpoint(work: Path, stage1: Path, heads, report_path: Path, s: De
     save_export_checkpoint(
         run_dir / "export.pt",
         encoder_name=ENCODER,
-        encoder_state=None,
+        encoder_state=torch.load(stage2, map_location="cpu", weights_only=True),
         target_mpp=TARGET_MPP,
         aggregator=aggregator,
         heads=head_rows,
@@ -250,12 +319,42 @@ def _export_checkpoint(work: Path, stage1: Path, heads, report_path: Path, s: De
         provenance={
             "run_id": f"demo-seed{s.seed}",
             "notes": f"synthetic cohort, {s.cases} cases",
-            "config_hash": f"{hash((s.cases, s.seed, s.stage1_epochs)) & 0xFFFFFFFF:08x}",
+            "config_hash": _config_hash(s),
+            "encoder": _lineage(work, s),
         },
         demo=True,
         name="mstar-demo",
     )
     return run_dir
+
+
+def _config_hash(s: DemoSettings) -> str:
+    """Stable across processes (Python's `hash` of a tuple is, but spelled out so it never depends on it)."""
+    import hashlib
+    from dataclasses import asdict
+
+    return hashlib.sha256(json.dumps(asdict(s), sort_keys=True).encode()).hexdigest()[:8]
+
+
+def _lineage(work: Path, s: DemoSettings) -> dict:
+    """The manifest's `provenance.encoder`: the ViT config and the stages that made its weights."""
+    from training.models.patch_encoder import PATCH_ENCODERS
+
+    stage0 = json.loads((work / "stage0" / "stage0.json").read_text())
+    last = json.loads((work / "stage2" / "demo_summary.json").read_text())
+    spec = PATCH_ENCODERS[ENCODER]
+    return {
+        "arch": ENCODER,
+        "timm_model": spec.arch,
+        "stages": ["stage0", "stage2"],
+        "details": {
+            "config": {k: v for k, v in spec.kwargs.items() if isinstance(v, int | float | str | bool)},
+            "stage0": f"distilled from {STAGE0_TEACHER} features on the train split, {stage0['steps']} steps, "
+            f"R² {stage0['r2']:.3f}",
+            "stage2": f"self-taught against the Stage-1 aggregator's tokens (EMA weight 0.6), {last['step']} steps, "
+            f"teacher-token cosine {last['target_cos']:.3f}",
+        },
+    }
 
 
 if __name__ == "__main__":  # pragma: no cover - manual use: python -m training.demo OUT_DIR

@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -139,6 +139,16 @@ class VocabSpec(_Strict):
     max_len: int = Field(default=100, ge=1)
 
 
+class EncoderLineage(_Strict):
+    """Where the patch encoder's weights come from: its config and the training stages that made it, in order
+    (the demo: `stage0` distilled from a feature encoder, then `stage2` self-taught against the Stage-1 aggregator)."""
+
+    arch: str  # patch-encoder config name (training.models.patch_encoder.PATCH_ENCODERS)
+    timm_model: str | None = None  # the timm architecture it builds
+    stages: list[str] = Field(default_factory=list)  # e.g. ["stage0", "stage2"]
+    details: dict[str, Any] = Field(default_factory=dict)  # per-stage notes (steps, teacher, losses)
+
+
 class Provenance(_Strict):
     source: str  # "mstar export", "mstar import-encoder", ...
     created: datetime
@@ -148,6 +158,7 @@ class Provenance(_Strict):
     checkpoint: str | None = None
     checkpoint_sha256: str | None = None
     notes: str = ""
+    encoder: EncoderLineage | None = None  # absent in older manifests and imported encoders
 
 
 class RnaFusionSpec(_Strict):
