@@ -33,6 +33,7 @@ demo: venv
 
 test: venv sysdeps
 	$(VENV)/bin/ruff check service training tests bench docker
+	$(VENV)/bin/ruff format --check service training tests bench docker
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
