@@ -84,6 +84,16 @@ def _algorithm(bundle: dict):
     return AlgorithmIdentification(name=bundle["name"], version=bundle["version"], parameters=params)
 
 
+def _equipment(bundle: dict) -> dict:
+    """The General Equipment attributes the SEG, map and annotations require: the bundle is the "device"."""
+    return {
+        "manufacturer": MANUFACTURER,
+        "manufacturer_model_name": bundle["name"][:64],
+        "software_versions": str(bundle["version"])[:64],
+        "device_serial_number": "0",
+    }
+
+
 def _algorithm_sequence(bundle: dict):
     from highdicom import AlgorithmIdentificationSequence
     from pydicom.sr.codedict import codes
@@ -278,10 +288,7 @@ def heatmap_segmentation(src, coords: np.ndarray, attention: np.ndarray, step: i
         series_number=9102,
         sop_instance_uid=ident.uid("seg-instance"),
         instance_number=1,
-        manufacturer=MANUFACTURER,
-        manufacturer_model_name=bundle["name"][:64],
-        software_versions=str(bundle["version"])[:64],
-        device_serial_number="0",
+        **_equipment(bundle),
         fractional_type=hd.seg.SegmentationFractionalTypeValues.PROBABILITY,
         omit_empty_frames=False,
         content_label="ATTENTION",
@@ -317,10 +324,7 @@ def heatmap_parametric_map(src, coords: np.ndarray, attention: np.ndarray, step:
         series_number=9105,
         sop_instance_uid=ident.uid("pmap-instance"),
         instance_number=1,
-        manufacturer=MANUFACTURER,
-        manufacturer_model_name=bundle["name"][:64],
-        software_versions=str(bundle["version"])[:64],
-        device_serial_number="0",
+        **_equipment(bundle),
         contains_recognizable_visual_features=False,
         real_world_value_mappings=[mapping],
         voi_lut_transformations=[hd.VOILUTTransformation(window_center=top / 2, window_width=max(top, 1e-6))],
@@ -397,10 +401,7 @@ def patch_annotations(
         series_number=9103,
         sop_instance_uid=ident.uid("ann-instance"),
         instance_number=1,
-        manufacturer=MANUFACTURER,
-        manufacturer_model_name=bundle["name"][:64],
-        software_versions=str(bundle["version"])[:64],
-        device_serial_number="0",
+        **_equipment(bundle),
         content_label="PATCHES",
         series_description="mSTAR patch scores (research use)",
     )
