@@ -33,6 +33,20 @@ def spans():
     exporter.clear()
 
 
+def _upload_and_wait(client: TestClient, slide, *, deadline: float) -> dict:
+    """Upload `slide` and poll its job until it ends (before `deadline`); the job view."""
+    up = client.post("/slides", files={"file": ("s.svs", slide.read_bytes())}, headers={"X-API-Key": KEY})
+    assert up.status_code == 202, up.text
+    job_id = up.json()["job"]["id"]
+    while (job := client.get(f"/jobs/{job_id}", headers={"X-API-Key": KEY}).json())["state"] not in (
+        "succeeded",
+        "failed",
+    ):
+        assert time.monotonic() < deadline, job
+        time.sleep(0.2)
+    return job
+
+
 def test_one_trace_spans_gateway_queue_worker_and_stages(spans, redis_server, tmp_path, cmu_svs) -> None:  # noqa: F811
     import redis
     from celery.contrib.testing.worker import start_worker
@@ -54,16 +68,7 @@ def test_one_trace_spans_gateway_queue_worker_and_stages(spans, redis_server, tm
         TestClient(create_app(settings, queue=CeleryQueue(settings))) as client,
         start_worker(worker_app, pool="solo", perform_ping_check=False, queues=["interactive", "batch"]),
     ):
-        up = client.post("/slides", files={"file": ("s.svs", cmu_svs.read_bytes())}, headers={"X-API-Key": KEY})
-        assert up.status_code == 202, up.text
-        job_id = up.json()["job"]["id"]
-        deadline = time.monotonic() + 60
-        while (job := client.get(f"/jobs/{job_id}", headers={"X-API-Key": KEY}).json())["state"] not in (
-            "succeeded",
-            "failed",
-        ):
-            assert time.monotonic() < deadline, job
-            time.sleep(0.2)
+        job = _upload_and_wait(client, cmu_svs, deadline=time.monotonic() + 60)
     assert job["state"] == "succeeded", job
     trace_id = job["trace_id"]
     assert trace_id and len(trace_id) == 32
@@ -77,7 +82,7 @@ def test_one_trace_spans_gateway_queue_worker_and_stages(spans, redis_server, tm
     assert run.parent.span_id == publish.context.span_id  # the worker continued the publisher's context
     assert job_span.parent.span_id == run.context.span_id
     assert stage_open.parent.span_id == job_span.context.span_id == stage_embed.parent.span_id
-    assert job_span.attributes["mstar.job_id"] == job_id and job_span.attributes["mstar.state"] == "succeeded"
+    assert job_span.attributes["mstar.job_id"] == job["id"] and job_span.attributes["mstar.state"] == "succeeded"
     assert not any("s.svs" in str(v) for s in mine for v in (s.attributes or {}).values())  # no file names
 
 
@@ -150,16 +155,8 @@ def test_embedded_worker_process_continues_the_upload_trace(spans, monkeypatch, 
     )
     try:
         with TestClient(create_app(settings)) as client:
-            up = client.post("/slides", files={"file": ("s.svs", cmu_svs.read_bytes())}, headers={"X-API-Key": KEY})
-            assert up.status_code == 202, up.text
-            job_id = up.json()["job"]["id"]
             deadline = time.monotonic() + 60
-            while (job := client.get(f"/jobs/{job_id}", headers={"X-API-Key": KEY}).json())["state"] not in (
-                "succeeded",
-                "failed",
-            ):
-                assert time.monotonic() < deadline, job
-                time.sleep(0.2)
+            job = _upload_and_wait(client, cmu_svs, deadline=deadline)
             while not any(s["name"] == "mstar.job" for s in receiver.spans):  # the worker's batch export
                 assert time.monotonic() < deadline, receiver.spans
                 time.sleep(0.1)
