@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import re
 import socket
 import subprocess
 import threading
@@ -216,9 +217,22 @@ def test_stalled_uploads_are_bounded_and_timed_out_while_other_tenants_are_serve
         assert _staging(settings) == [] and _blobs(settings) == []  # the staging files went with them
 
 
-def test_client_gone_mid_upload_leaves_no_staging_file_and_frees_its_slot(server, cmu_svs: Path) -> None:
-    url, settings = server
+def _uploads_answered(url: str) -> float:
+    """How many `POST /slides` requests the server has ended, whatever their status (from its /metrics)."""
+    text = httpx.get(url + "/metrics", timeout=30).text
+    found = re.findall(r"^mstar_http_request_duration_seconds_count\{([^}]*)\} (\S+)$", text, re.M)
+    return sum(float(v) for labels, v in found if 'method="POST"' in labels and 'route="/slides"' in labels)
+
+
+def test_client_gone_mid_upload_leaves_no_staging_file_and_frees_its_slot(tmp_path: Path, cmu_svs: Path) -> None:
+    settings = _settings(tmp_path / "d", metrics_public=True)
+    with live_server(create_app(settings)) as url:
+        _client_gone_six_times(url, settings, cmu_svs)
+
+
+def _client_gone_six_times(url: str, settings: Settings, cmu_svs: Path) -> None:
     host, port = url.removeprefix("http://").split(":")
+    before = _uploads_answered(url)
     for _ in range(6):  # more than the tenant's 4 slots: each one must come back when its client vanishes
         with socket.create_connection((host, int(port)), timeout=10) as s:
             s.sendall(
@@ -227,9 +241,12 @@ def test_client_gone_mid_upload_leaves_no_staging_file_and_frees_its_slot(server
                 b'--b\r\nContent-Disposition: form-data; name="file"; filename="s.svs"\r\n\r\n'
                 + cmu_svs.read_bytes()[: 3 << 20]
             )
-    deadline = time.monotonic() + 10
-    while _staging(settings) and time.monotonic() < deadline:
+    # The server may not have begun the last requests yet when the client is gone: wait until it has ended all
+    # six (its request counter), not merely until staging looks empty, which it also is before they begin.
+    deadline = time.monotonic() + 30
+    while _uploads_answered(url) < before + 6 and time.monotonic() < deadline:
         time.sleep(0.1)
+    assert _uploads_answered(url) == before + 6
     assert _staging(settings) == []
     with _client(url, KEY_A) as c:
         ok = c.post("/slides", files={"file": ("c.svs", cmu_svs.read_bytes())}, data={"analyze": "false"})
