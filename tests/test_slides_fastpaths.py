@@ -7,6 +7,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import cv2
 import numpy as np
 import openslide
 import pytest
@@ -138,6 +139,88 @@ def test_damaged_33003_tile_is_a_typed_error(aperio_33003: Path, tmp_path: Path)
     with pytest.raises(CorruptSlideError, match=r"stored tile \(1, 1\).*cannot be decoded"):
         src.read(256, 256, 256)
     src.close()
+
+
+def _area(img: np.ndarray, f: int) -> np.ndarray:
+    h, w = -(-img.shape[0] // f), -(-img.shape[1] // f)
+    return cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA)
+
+
+def _low_pass_close(small: np.ndarray, area: np.ndarray) -> None:
+    """The wavelet low-pass band keeps more fine texture than a box average (per-pixel mean |d| 9-20 on tissue
+    tiles of the TCGA sample and the built 33003 slide), but carries the same colours: channel means within
+    1.5 levels (a YCbCr or channel mix-up moves them by tens), and close once both are blurred a little."""
+    d = small.astype(int) - area
+    assert np.abs(d.mean(axis=(0, 1))).max() < 1.5, d.mean(axis=(0, 1))
+    blurred = cv2.GaussianBlur(small, (0, 0), 1).astype(int) - cv2.GaussianBlur(area, (0, 0), 1)
+    assert 0 < np.abs(blurred).mean() < 7, np.abs(blurred).mean()
+
+
+@pytest.mark.parametrize("fmt", ["33005", "33003"])
+def test_j2k_reduced_resolution_decode(fmt: str, tcga_j2k_svs: Path, aperio_33003: Path) -> None:
+    """Reduced-resolution JPEG 2000 decoding: at reduce 0 exactly the full decode; coarser, the wavelet
+    low-pass band, with the colours of an area average of the full tile (not its pixels), and a whole level
+    assembles at the right size."""
+    path = tcga_j2k_svs if fmt == "33005" else aperio_33003
+    with openslide.OpenSlide(str(path)) as s:
+        w, h = s.level_dimensions[-1 if fmt == "33005" else 0]
+    level = open_tiff_level(path, w, h)
+    assert level is not None and level.codec == "jpeg2000"
+    try:
+        key = (level.tiles_x // 2, level.tiles_y // 2)
+        full = level.decode_tile(key)
+        assert np.array_equal(level.decode_reduced(key, 0), full)
+        for r in (1, 3):
+            small = level.decode_reduced(key, r)
+            assert small.shape == (level.tile_h >> r, level.tile_w >> r, 3)
+            _low_pass_close(small, _area(full, 1 << r))
+        whole = fasttiles.read_level_reduced(level, 2)
+        assert whole.shape == (-(-h // 4), -(-w // 4), 3)
+        _low_pass_close(whole, _area(FastTiffSource(open_tiff_level(path, w, h)).read(0, 0, (w, h)), 4))
+        with pytest.raises(CorruptSlideError, match="1/64 resolution"):
+            level.decode_reduced(key, 6)  # Aperio codes 5 wavelet levels
+    finally:
+        level.close()
+
+
+def test_tissue_mask_of_j2k_slide_reads_reduced_resolution(tcga_j2k_svs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The mask image of a JPEG 2000 slide comes from reduced-resolution tile decodes; against the full decode
+    plus area resize its pixels differ (TCGA sample: mean |d| 5.0, the wavelet low-pass band), its mask by
+    about 1 % of pixels, and the grid is the same."""
+    from service.slides import tissue
+
+    calls: list[int] = []
+    real = fasttiles.read_level_reduced
+    monkeypatch.setattr(fasttiles, "read_level_reduced", lambda lv, r: calls.append(r) or real(lv, r))
+    with open_slide(tcga_j2k_svs, mpp_override=0.25) as r:
+        reduced = tissue.mask_image(r, 0.25)
+        grid = build_grid(r)
+        assert calls and calls[0] == 4  # level 1 (2x) read at 1/16 for a 32x (8 µm/px) mask
+        monkeypatch.setattr(tissue, "_reduced_j2k", lambda *a: None)  # the full-decode path, for reference
+        full = tissue.mask_image(r, 0.25)
+        full_grid = build_grid(r)
+    assert reduced.shape == full.shape
+    _low_pass_close(reduced, full)
+    with open_slide(tcga_j2k_svs, mpp_override=0.25) as r:
+        mask_full = tissue.tissue_mask(r, mpp=0.25).mask
+        monkeypatch.undo()
+        mask_reduced = tissue.tissue_mask(r, mpp=0.25).mask
+    assert (mask_full != mask_reduced).mean() < 0.02  # 149 of 15,429 mask pixels when measured
+    assert np.array_equal(grid.coords, full_grid.coords)
+
+
+def test_damaged_j2k_tile_in_mask_read_is_a_typed_error(aperio_33003: Path, tmp_path: Path) -> None:
+    from service.slides import tissue
+
+    bad = tmp_path / "damaged.svs"
+    shutil.copy(aperio_33003, bad)
+    with tifffile.TiffFile(bad) as tif:
+        start = tif.pages[0].dataoffsets[5]
+    with open(bad, "r+b") as fh:
+        fh.seek(start)
+        fh.write(b"\xff\x4f\xff\x51" + b"\x00" * 50)
+    with open_slide(bad) as r, pytest.raises(CorruptSlideError, match=r"stored tile \(1, 1\)"):
+        tissue.mask_image(r, 0.5)
 
 
 def test_damaged_ndpi_block_is_a_typed_error(ndpi: Path, tmp_path: Path) -> None:

@@ -179,6 +179,12 @@ def decode_aperio_ycbcr(codestream: bytes, width: int, height: int) -> np.ndarra
         ycc = np.asarray(im)
     if ycc.shape != (height, width, 3):
         raise ValueError(f"tile decodes to {ycc.shape}, not {(height, width, 3)}")
+    return _ycbcr_to_rgb(ycc)
+
+
+def _ycbcr_to_rgb(ycc: np.ndarray) -> np.ndarray:
+    """OpenSlide's Aperio 33003 YCbCr -> RGB (its tables, C rounding) of stored components [h, w, 3]."""
+    height, width = ycc.shape[:2]
     y = ycc[..., 0].astype(np.int16)
     cb, cr = ycc[..., 1], ycc[..., 2]
     out = np.empty((height, width, 3), np.uint8)
@@ -244,6 +250,39 @@ class TiffLevel:
                 slide=self.path.name,
             ) from None
 
+    def decode_reduced(self, key: tuple[int, int], reduce: int) -> np.ndarray:
+        """uint8 RGB of JPEG 2000 tile `key` at 1 / 2**reduce of its resolution, [ceil(tile_h / f),
+        ceil(tile_w / f), 3]: OpenJPEG (Pillow's `reduce`) stops the inverse wavelet transform early and skips
+        the finer resolutions' code-blocks, so a 16x smaller tile costs ~1/15 of a full decode. The pixels are
+        the wavelet low-pass band, not an area average of the full tile. Missing tiles are white."""
+        if self.codec != "jpeg2000":
+            raise ValueError("reduced-resolution decoding needs JPEG 2000 tiles")
+        tx, ty = key
+        f = 1 << reduce
+        shape = (-(-self.tile_h // f), -(-self.tile_w // f), 3)
+        index = ty * self.tiles_x + tx
+        count = int(self.counts[index])
+        if count == 0:
+            return np.full(shape, 255, np.uint8)
+        data = os.pread(self._fd, count, int(self.offsets[index]))
+        try:
+            if len(data) != count:
+                raise ValueError(f"file truncated: {len(data)} of {count} bytes")
+            stream = _srgb_jp2(data, self.tile_w, self.tile_h) if self._ycbcr else data
+            with Image.open(io.BytesIO(stream)) as im:
+                im.reduce = reduce
+                im.load()
+                arr = np.asarray(im.convert("RGB") if im.mode != "RGB" else im)
+            if arr.shape != shape:
+                raise ValueError(f"tile decodes to {arr.shape}, not {shape}")
+        except Exception as exc:  # damaged data, or fewer wavelet levels than asked for
+            raise CorruptSlideError(
+                f"stored tile ({tx}, {ty}) of the {self.width}x{self.height} level cannot be decoded at 1/{f} "
+                f"resolution ({exc})",
+                slide=self.path.name,
+            ) from None
+        return _ycbcr_to_rgb(arr) if self._ycbcr else arr
+
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
@@ -252,6 +291,24 @@ class TiffLevel:
     def __del__(self) -> None:
         with contextlib.suppress(OSError):
             self.close()
+
+
+def read_level_reduced(level: TiffLevel, reduce: int) -> np.ndarray:
+    """The whole JPEG 2000 `level` at 1 / 2**reduce resolution, [ceil(height / f), ceil(width / f), 3], assembled
+    from reduced-resolution tile decodes (`TiffLevel.decode_reduced`); tile sides must be multiples of 2**reduce
+    so the tiles land on whole pixels (ValueError otherwise)."""
+    f = 1 << reduce
+    if level.codec != "jpeg2000" or level.tile_w % f or level.tile_h % f:
+        raise ValueError(f"level with {level.tile_w}x{level.tile_h} {level.codec} tiles cannot be read at 1/{f}")
+    h, w = -(-level.height // f), -(-level.width // f)
+    tw, th = level.tile_w // f, level.tile_h // f
+    out = np.empty((h, w, 3), np.uint8)
+    for ty in range(level.tiles_y):
+        for tx in range(level.tiles_x):
+            y0, x0 = ty * th, tx * tw
+            tile = level.decode_reduced((tx, ty), reduce)
+            out[y0 : y0 + th, x0 : x0 + tw] = tile[: h - y0, : w - x0]
+    return out
 
 
 def _tiled_pages(tif: tifffile.TiffFile):
