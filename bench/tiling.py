@@ -255,9 +255,11 @@ def openslide_rate(path: Path, grid, threads: int = 2) -> tuple[float, float]:
     level, rs, ps = grid.read_level, grid.read_size, grid.patch_size
     with openslide.OpenSlide(str(openslide_path(path))) as s:
 
-        def read(chunk: list[tuple[int, int]]) -> None:
+        def read(chunk: list[tuple[int, int]]) -> None:  # what a typical script does: OpenSlide + cv2 INTER_AREA
             for xy in chunk:
-                resize_patch(np.asarray(s.read_region(xy, level, (rs, rs)).convert("RGB")), ps)
+                patch = np.asarray(s.read_region(xy, level, (rs, rs)).convert("RGB"))
+                if rs != ps:
+                    cv2.resize(patch, (ps, ps), interpolation=cv2.INTER_AREA)
 
         dt, cpu = _timed_threads(read, _chunks(coords, threads), threads)
     return len(coords) / dt, 1000 * cpu / len(coords)
@@ -315,6 +317,63 @@ def resize_cost(read: int, size: int, n: int = 200) -> float:
             resize_patch(patch, size)
         best = min(best, (time.process_time() - c0) / n)
     return 1000 * best
+
+
+def _area_weights(read: int, size: int) -> np.ndarray:
+    """[size, read] exact area (box) weights: output pixel i averages [i * s, (i + 1) * s), s = read / size."""
+    s = read / size
+    w = np.zeros((size, read), np.float32)
+    for i in range(size):
+        a, b = i * s, (i + 1) * s
+        for k in range(math.floor(a), min(read, math.ceil(b))):
+            w[i, k] = (min(b, k + 1) - max(a, k)) / s
+    return w
+
+
+def resize_candidates(read: int, size: int, n: int = 200) -> list[dict]:
+    """CPU ms per patch (best of 3, one thread) and max / mean |difference| to cv2 INTER_AREA of the ways to
+    area-resize a `read` px patch of real pixels (CMU) to `size` px; INTER_LINEAR is listed for scale only
+    (not an area filter)."""
+    import scipy.sparse
+    from PIL import Image
+
+    with openslide.OpenSlide(str(CMU)) as s:
+        patch = np.ascontiguousarray(np.asarray(s.read_region((600, 400), 0, (read, read)).convert("RGB")))
+    sparse = scipy.sparse.csr_matrix(_area_weights(read, size))
+
+    def sparse_area(a: np.ndarray) -> np.ndarray:  # exact weights, two sparse products
+        v = (sparse @ a.reshape(read, -1).astype(np.float32)).reshape(size, read, 3)
+        h = sparse @ v.transpose(1, 0, 2).reshape(read, size * 3)
+        return np.rint(h.reshape(size, size, 3).transpose(1, 0, 2)).astype(np.uint8)
+
+    def two_pass(a: np.ndarray) -> np.ndarray:  # rows, then columns, each a 1-axis INTER_AREA
+        v = cv2.resize(a.reshape(read, -1), (read * 3, size), interpolation=cv2.INTER_AREA).reshape(size, read, 3)
+        return cv2.resize(v, (size, size), interpolation=cv2.INTER_AREA)
+
+    cands = {
+        "cv2 INTER_AREA (uint8; resize_patch)": lambda a: cv2.resize(a, (size, size), interpolation=cv2.INTER_AREA),
+        "cv2 INTER_AREA on float32": lambda a: cv2.convertScaleAbs(
+            cv2.resize(a.astype(np.float32), (size, size), interpolation=cv2.INTER_AREA)
+        ),
+        "cv2 INTER_AREA, two 1-axis passes": two_pass,
+        "Pillow BOX": lambda a: np.asarray(Image.fromarray(a).resize((size, size), Image.Resampling.BOX)),
+        "scipy sparse exact weights": sparse_area,
+        "cv2 INTER_LINEAR (not area)": lambda a: cv2.resize(a, (size, size), interpolation=cv2.INTER_LINEAR),
+    }
+    ref = cv2.resize(patch, (size, size), interpolation=cv2.INTER_AREA).astype(int)
+    rows = []
+    for name, fn in cands.items():
+        best = math.inf
+        for _ in range(3):
+            c0 = time.process_time()
+            for _ in range(n):
+                out = fn(patch)
+            best = min(best, (time.process_time() - c0) / n)
+        d = np.abs(out.astype(int) - ref)
+        rows.append(
+            {"resize": f"{read}->{size}", "way": name, "cpu_ms": 1000 * best, "max": int(d.max()), "mean": d.mean()}
+        )
+    return rows
 
 
 def pixel_check(path: Path, grid, mpp_override: float | None, n: int = 100) -> tuple[int, float]:
@@ -500,10 +559,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--breakdown", action="store_true", help="only print where one patch's CPU time goes, per slide (1 thread)"
     )
+    ap.add_argument("--resize", action="store_true", help="only compare ways to area-resize one patch (CPU ms, pixels)")
     args = ap.parse_args(argv)
     repeats = 1 if args.quick else args.repeats
     max_patches = args.max_patches or (2000 if args.quick else None)
     cv2.setNumThreads(1)  # the benchmark compares reader threads, not OpenCV's own pool
+    if args.resize:
+        for read in (245, 336, 448):
+            for row in resize_candidates(read, 224):
+                print(
+                    f"{row['resize']:9s} {row['way']:38s} {row['cpu_ms']:.3f} ms  max {row['max']:3d}  "
+                    f"mean {row['mean']:.4f}"
+                )
+        print("CPU ms a patch on one thread (best of 3); max/mean = |difference| to cv2 INTER_AREA (0-255)")
+        return 0
 
     slides: list[tuple[str, Path | None, float | None]] = [
         ("JPEG SVS 0.5", build_slide(LARGE_SIDE, 0.5, 2, "svs"), None),

@@ -257,6 +257,10 @@ def test_tiling_bench_row_for_a_real_slide(ndpi: Path) -> None:
     parts = bench.breakdown(ndpi, grid, None, repeats=1)
     assert set(parts) == {"openslide_read", "ours_cold", "decode_once", "cut", "resize", "other"}
     assert min(parts["openslide_read"], parts["decode_once"], parts["cut"], parts["resize"]) > 0
+    rows = {r["way"]: r for r in bench.resize_candidates(245, 224, n=2)}
+    assert rows["cv2 INTER_AREA (uint8; resize_patch)"]["max"] == 0
+    assert rows["scipy sparse exact weights"]["max"] <= 1  # the exact area weights agree with OpenCV's
+    assert all(r["cpu_ms"] > 0 for r in rows.values())
 
 
 @pytest.fixture(scope="module")
