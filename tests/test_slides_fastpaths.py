@@ -209,6 +209,23 @@ def test_tissue_mask_of_j2k_slide_reads_reduced_resolution(tcga_j2k_svs: Path, m
     assert np.array_equal(grid.coords, full_grid.coords)
 
 
+def test_j2k_thumbnail_reads_reduced_resolution(tcga_j2k_svs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A thumbnail of a JPEG 2000 slide far smaller than its level: reduced-resolution decode, then the box
+    filter; the same size and colours as the full decode's thumbnail (the TCGA sample: mean |d| about 6)."""
+    from service.slides import thumbnail
+
+    with open_slide(tcga_j2k_svs, mpp_override=0.25) as r:
+        calls: list[float] = []
+        real = fasttiles.reduced_j2k_image
+        monkeypatch.setattr(fasttiles, "reduced_j2k_image", lambda *a: calls.append(a[-1]) or real(*a))
+        reduced = thumbnail.thumbnail_from_levels(r, 512)
+        assert calls
+        monkeypatch.setattr(fasttiles, "reduced_j2k_image", lambda *a: None)
+        full = thumbnail.thumbnail_from_levels(r, 512)
+    assert reduced.shape == full.shape == (411, 512, 3)
+    _low_pass_close(reduced, full)
+
+
 def test_damaged_j2k_tile_in_mask_read_is_a_typed_error(aperio_33003: Path, tmp_path: Path) -> None:
     from service.slides import tissue
 

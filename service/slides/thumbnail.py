@@ -1,5 +1,6 @@
 """Thumbnails built from the pyramid: read the coarsest level that still has enough pixels, in bounded
-chunks, and box-filter each chunk down. Memory stays bounded even on single-level gigapixel slides."""
+chunks, and box-filter each chunk down. Memory stays bounded even on single-level gigapixel slides. JPEG 2000
+levels much finer than the thumbnail are decoded at a reduced wavelet resolution instead (one bounded image)."""
 
 from __future__ import annotations
 
@@ -41,6 +42,12 @@ def thumbnail_from_levels(reader: SlideReader, max_size: int) -> np.ndarray:
     lw, lh = reader.level_dimensions[level]
     ds = reader.level_downsamples[level]
     sx, sy = tw / lw, th / lh  # level px -> thumbnail px
+    if max(sx, sy) < 0.5:  # JPEG 2000: decode the level at a coarser wavelet resolution, then box-filter
+        from service.slides.fasttiles import reduced_j2k_image
+
+        reduced = reduced_j2k_image(getattr(reader, "path", ""), lw, lh, max(sx, sy))
+        if reduced is not None:
+            return np.asarray(Image.fromarray(reduced).resize((tw, th), Image.Resampling.BOX))
     out = np.full((th, tw, 3), 255, dtype=np.uint8)
     for cy in range(0, lh, CHUNK):
         for cx in range(0, lw, CHUNK):

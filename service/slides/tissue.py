@@ -22,7 +22,6 @@ if TYPE_CHECKING:
 
 DEFAULT_MASK_MPP = 8.0
 MAX_DIRECT_READ_PIXELS = 16_000_000  # one read_region of the mask level (64 MB RGBA in OpenSlide)
-MAX_J2K_REDUCE = 5  # JPEG 2000 resolutions skipped at most for the mask read (Aperio codes 5 wavelet levels)
 
 
 MAX_FILTER_SHARE = 0.01  # speck/hole filters never drop more than 1 % of the image per component
@@ -186,18 +185,15 @@ def mask_image(reader: SlideReader, mpp: float, params: TissueParams = TissuePar
         side = max(16, min(longest, round(longest / want)))
         return np.ascontiguousarray(reader.thumbnail(side))
     shrink = ds[level] / want
-    tiff_level = open_tiff_level(getattr(reader, "path", ""), lw, lh)
-    img = None
+    img = _reduced_j2k(reader, lw, lh, shrink) if shrink < 0.8 else None
+    tiff_level = None if img is not None else open_tiff_level(getattr(reader, "path", ""), lw, lh)
     if tiff_level is not None:
         source = FastTiffSource(tiff_level, cache_bytes=0)
         try:
-            if shrink < 0.8 and tiff_level.codec == "jpeg2000":
-                img = _reduced_j2k(tiff_level, shrink)
-            if img is None:
-                img = source.read(0, 0, (lw, lh))
+            img = source.read(0, 0, (lw, lh))
         finally:
             source.close()
-    else:
+    elif img is None:
         img = reader.read_region((0, 0), level, (lw, lh))
     if shrink < 0.8:  # level much finer than needed: area-average down
         size = (max(1, round(lw * shrink)), max(1, round(lh * shrink)))
@@ -207,29 +203,13 @@ def mask_image(reader: SlideReader, mpp: float, params: TissueParams = TissuePar
     return np.ascontiguousarray(img)
 
 
-def _reduced_j2k(level, shrink: float) -> np.ndarray | None:
-    """The JPEG 2000 level decoded straight at the coarsest power-of-two resolution not below `shrink`
-    (OpenJPEG skips the finer wavelet levels: the TCGA sample's mask read drops from ~70 full tile decodes to
-    ~1/15 of that work), or None where the tiles cannot be reduced that far (then the caller decodes in full).
-    Its pixels are the wavelet low-pass band instead of an area average of the full level (measured on the
-    TCGA sample: see docs/slides.md)."""
-    from service.errors import CorruptSlideError
-    from service.slides.fasttiles import read_level_reduced
+def _reduced_j2k(reader: SlideReader, lw: int, lh: int, shrink: float) -> np.ndarray | None:
+    """The JPEG 2000 mask level decoded at a reduced wavelet resolution (`fasttiles.reduced_j2k_image`:
+    OpenJPEG skips the finer resolutions, ~15x less CPU on the TCGA sample), or None where that does not apply.
+    Its pixels are the wavelet low-pass band instead of an area average (measured: docs/slides.md)."""
+    from service.slides.fasttiles import reduced_j2k_image
 
-    reduce = 0
-    while (
-        reduce < MAX_J2K_REDUCE
-        and (1 << (reduce + 1)) * shrink <= 1.01  # downsamples like 2.0005 from halving odd sizes
-        and level.tile_w % (2 << reduce) == 0
-        and level.tile_h % (2 << reduce) == 0
-    ):
-        reduce += 1
-    if reduce == 0:
-        return None
-    try:
-        return read_level_reduced(level, reduce)
-    except CorruptSlideError:  # e.g. fewer wavelet levels than `reduce`: the full decode names real damage
-        return None
+    return reduced_j2k_image(getattr(reader, "path", ""), lw, lh, shrink)
 
 
 def tissue_mask(
