@@ -316,34 +316,40 @@ MAX_REDUCED_PIXELS = 64_000_000  # a reduced whole-level read is refused above t
 
 
 def reduced_j2k_image(path: str | Path, width: int, height: int, shrink: float) -> np.ndarray | None:
-    """The `width` x `height` JPEG 2000 level of `path` decoded straight at the coarsest power-of-two
-    resolution not below `shrink` (output px per level px; downsamples within 1 % of a power of two count,
-    for levels like 2.0005), or None where that does not apply: not a JPEG 2000 tiled level, `shrink` above
-    1/2, tile sides not divisible, too many pixels, or fewer wavelet levels than asked (callers then decode in
-    full, which also names real damage). Its pixels are the wavelet low-pass band, not an area average."""
+    """`reduced_level_image` of the `width` x `height` level of `path`, or None where it is not a tiled JPEG
+    2000 level."""
     level = open_tiff_level(path, width, height)
     if level is None:
         return None
     try:
-        if not isinstance(level, TiffLevel) or level.codec != "jpeg2000":
-            return None
-        reduce = 0
-        while (
-            reduce < MAX_J2K_REDUCE
-            and (1 << (reduce + 1)) * shrink <= 1.01
-            and level.tile_w % (2 << reduce) == 0
-            and level.tile_h % (2 << reduce) == 0
-        ):
-            reduce += 1
-        f = 1 << reduce
-        if reduce == 0 or -(-width // f) * -(-height // f) > MAX_REDUCED_PIXELS:
-            return None
-        try:
-            return read_level_reduced(level, reduce)
-        except CorruptSlideError:
-            return None
+        return reduced_level_image(level, shrink)
     finally:
         level.close()
+
+
+def reduced_level_image(level: TiffLevel | NdpiLevel | MiraxLevel, shrink: float) -> np.ndarray | None:
+    """A JPEG 2000 `level` decoded straight at the coarsest power-of-two resolution not below `shrink` (output
+    px per level px; downsamples within 1 % of a power of two count, for levels like 2.0005), or None where
+    that does not apply: not JPEG 2000, `shrink` above 1/2, tile sides not divisible, too many pixels, or fewer
+    wavelet levels than asked (callers then decode in full, which also names real damage). Its pixels are the
+    wavelet low-pass band, not an area average."""
+    if not isinstance(level, TiffLevel) or level.codec != "jpeg2000":
+        return None
+    reduce = 0
+    while (
+        reduce < MAX_J2K_REDUCE
+        and (1 << (reduce + 1)) * shrink <= 1.01
+        and level.tile_w % (2 << reduce) == 0
+        and level.tile_h % (2 << reduce) == 0
+    ):
+        reduce += 1
+    f = 1 << reduce
+    if reduce == 0 or -(-level.width // f) * -(-level.height // f) > MAX_REDUCED_PIXELS:
+        return None
+    try:
+        return read_level_reduced(level, reduce)
+    except CorruptSlideError:
+        return None
 
 
 def _tiled_pages(tif: tifffile.TiffFile):

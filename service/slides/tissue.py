@@ -185,15 +185,17 @@ def mask_image(reader: SlideReader, mpp: float, params: TissueParams = TissuePar
         side = max(16, min(longest, round(longest / want)))
         return np.ascontiguousarray(reader.thumbnail(side))
     shrink = ds[level] / want
-    img = _reduced_j2k(reader, lw, lh, shrink) if shrink < 0.8 else None
-    tiff_level = None if img is not None else open_tiff_level(getattr(reader, "path", ""), lw, lh)
+    tiff_level = open_tiff_level(getattr(reader, "path", ""), lw, lh)
+    img = None
     if tiff_level is not None:
         source = FastTiffSource(tiff_level, cache_bytes=0)
         try:
-            img = source.read(0, 0, (lw, lh))
+            img = _reduced_j2k(tiff_level, shrink) if shrink < 0.8 else None
+            if img is None:
+                img = source.read(0, 0, (lw, lh))
         finally:
             source.close()
-    elif img is None:
+    else:
         img = reader.read_region((0, 0), level, (lw, lh))
     if shrink < 0.8:  # level much finer than needed: area-average down
         size = (max(1, round(lw * shrink)), max(1, round(lh * shrink)))
@@ -203,13 +205,13 @@ def mask_image(reader: SlideReader, mpp: float, params: TissueParams = TissuePar
     return np.ascontiguousarray(img)
 
 
-def _reduced_j2k(reader: SlideReader, lw: int, lh: int, shrink: float) -> np.ndarray | None:
-    """The JPEG 2000 mask level decoded at a reduced wavelet resolution (`fasttiles.reduced_j2k_image`:
+def _reduced_j2k(level, shrink: float) -> np.ndarray | None:
+    """The JPEG 2000 mask level decoded at a reduced wavelet resolution (`fasttiles.reduced_level_image`:
     OpenJPEG skips the finer resolutions, ~15x less CPU on the TCGA sample), or None where that does not apply.
     Its pixels are the wavelet low-pass band instead of an area average (measured: docs/slides.md)."""
-    from service.slides.fasttiles import reduced_j2k_image
+    from service.slides.fasttiles import reduced_level_image
 
-    return reduced_j2k_image(getattr(reader, "path", ""), lw, lh, shrink)
+    return reduced_level_image(level, shrink)
 
 
 def tissue_mask(
