@@ -5,6 +5,9 @@ OS user when we are root (the server refuses to run as root). Needs the Debian `
 (`tests/sysdeps.sh`). Use from a conftest or test module:
 
     from services import postgres_url  # noqa: F401  (a session-scoped fixture)
+
+`mstar serve` as a user runs it: `with mstar_serve(env, ["--workers", "1"]) as gw:` waits for `/readyz`, yields
+`gw.url`, `gw.proc` and `gw.log`, and stops the process on exit (`gw.kill()` ends it on purpose mid-test).
 """
 
 from __future__ import annotations
@@ -12,11 +15,13 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import pytest
@@ -129,6 +134,117 @@ def live_server(app, *, timeout: float = 60.0) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout)
+
+
+class ServedProcess:
+    """A running `mstar serve` started by `mstar_serve`: its URL, the process, and its combined stdout/stderr log.
+
+    `kill()` is how a test ends it on purpose (SIGKILL of the main process alone by default, as the OOM killer
+    does): the helper then expects it dead on exit instead of reporting a crash."""
+
+    def __init__(self, proc: subprocess.Popen, port: int, log: Path) -> None:
+        self.proc, self.port, self.log = proc, port, log
+        self.url = f"http://127.0.0.1:{port}"
+        self.killed = False
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.poll()
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def tail(self, chars: int = 3000) -> str:
+        return self.output()[-chars:]
+
+    def kill(self, sig: int = signal.SIGKILL, timeout: float = 10.0) -> None:
+        """Signal the main process only (not its children) and wait for it to exit."""
+        self.killed = True
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        self.proc.wait(timeout)
+
+
+MSTAR = Path(sys.executable).with_name("mstar")
+
+
+@contextlib.contextmanager
+def mstar_serve(
+    env: Mapping[str, str],
+    args: Sequence[str] = (),
+    *,
+    port: int | None = None,
+    log: Path | None = None,
+    cwd: Path | None = None,
+    ready: str = "/readyz",
+    timeout: float = 90.0,
+    stop_timeout: float = 30.0,
+) -> Iterator[ServedProcess]:
+    """`mstar serve --port PORT *args` as a real process with exactly `env`; yields it once `ready` answers 200.
+
+    Output (stdout and stderr) goes to `log` (appended, so a restart on the same file keeps both runs; a temporary
+    file when not given). Start-up fails at once, with the log's tail, if the process exits or `ready` does not
+    answer 200 within `timeout` s. On exit: SIGTERM, then SIGKILL of its whole process group after
+    `stop_timeout` s; a server that died without `kill()` fails the test with its log's tail."""
+    import httpx
+
+    port = port or free_port()
+    tmp = None
+    if log is None:
+        tmp = Path(tempfile.mkdtemp(prefix="mstar-serve-"))
+        log = tmp / "serve.log"
+    with log.open("ab") as out:  # own session: a leftover child can be reaped by group, the test stays unsignalled
+        proc = subprocess.Popen(
+            [str(MSTAR), "serve", "--port", str(port), *args],
+            env=dict(env),
+            cwd=cwd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    served = ServedProcess(proc, port, log)
+    try:
+        deadline, last = time.monotonic() + timeout, "no answer"
+        while True:
+            try:
+                r = httpx.get(served.url + ready, timeout=2.0)
+                if r.status_code == 200:
+                    break
+                last = f"{r.status_code} {r.text[:500]}"
+            except httpx.HTTPError as err:
+                last = type(err).__name__
+            if proc.poll() is not None:
+                pytest.fail(f"mstar serve exited with {proc.returncode} during start-up:\n{served.tail()}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"mstar serve: {ready} not ready within {timeout} s ({last}):\n{served.tail()}")
+            time.sleep(0.1)
+        try:
+            yield served
+        except BaseException as err:  # the test failed: say whether the server had died under it
+            if proc.poll() is not None and not served.killed:
+                err.add_note(f"mstar serve had died (exit {proc.returncode}):\n{served.tail()}")
+            raise
+        if proc.poll() is not None and not served.killed:
+            pytest.fail(f"mstar serve died during the test (exit {proc.returncode}):\n{served.tail()}")
+    finally:
+        _stop(proc, stop_timeout)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _stop(proc: subprocess.Popen, timeout: float) -> None:
+    """SIGTERM the main process (a graceful shutdown), SIGKILL its process group if it overstays, reap it."""
+    if proc.poll() is None:
+        proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)  # the group outlives a dead leader while any member remains
+    proc.wait(10)
 
 
 class RedisServer:

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import httpx
-from services import free_port, wait_http
+from services import mstar_serve
 
 MSTAR = str(Path(sys.executable).with_name("mstar"))
 
@@ -33,18 +33,8 @@ def test_keys_and_serve(tmp_path: Path, cmu_svs: Path) -> None:
     )
     assert bad.returncode != 0 and "tenant" in bad.stderr
 
-    port = free_port()
-    server = subprocess.Popen(
-        [MSTAR, "serve", "--port", str(port)],
-        env=env,
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(f"{url}/healthz", timeout=60)
+    with mstar_serve(env, cwd=tmp_path, timeout=60, log=tmp_path / "serve.log") as server:
+        url = server.url
         lab, ops = ({"Authorization": f"Bearer {k}"} for k in keys)
         assert httpx.get(f"{url}/readyz").json()["status"] == "ok"
         r = httpx.post(
@@ -58,8 +48,5 @@ def test_keys_and_serve(tmp_path: Path, cmu_svs: Path) -> None:
         assert httpx.post(f"{url}/models/reload", headers=lab).status_code == 403
         assert httpx.post(f"{url}/models/reload", headers=ops).status_code == 200
         assert httpx.get(f"{url}/slides/{r.json()['id']}", headers=ops).status_code == 404  # other tenant
-    finally:
-        server.terminate()
-        out, _ = server.communicate(timeout=30)
-    assert "s.svs" not in out  # the client's filename never reaches the log
+    assert "s.svs" not in server.output()  # the client's filename never reaches the log
     assert server.returncode in (0, -15)

@@ -10,8 +10,6 @@ import csv
 import io
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,9 +20,8 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-from services import free_port, wait_http
+from services import mstar_serve
 
-MSTAR = Path(sys.executable).parent / "mstar"
 KEY = "byow-tenant-key-0123456789abcdef"
 
 
@@ -132,48 +129,36 @@ def _serve_and_analyze(tmp_path: Path, bundle: Path, slide: Path, region: dict) 
         MSTAR_LOG_LEVEL="warning",
         OMP_NUM_THREADS="2",
     )
-    port = free_port()
-    server = subprocess.Popen(
-        [str(MSTAR), "serve", "--port", str(port)],
-        env=env,
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(f"{url}/healthz", timeout=120)
-        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=120) as c:
-            models = c.get("/models").json()
-            assert models["bundle"] == "mSTAR" and models["demo"] is False
-            assert {m["role"] for m in models["models"]} == {"patch_encoder", "classifier"}
-            up = c.post("/slides", files={"file": (slide.name, slide.read_bytes())}, data={"analyze": "false"})
-            assert up.status_code == 201, up.text
-            job = c.post(
-                f"/slides/{up.json()['id']}/analyses",
-                json={"tasks": ["embedding", "classification"], "region": region},
-            )
-            assert job.status_code == 202, job.text
-            job_url = job.headers["location"]
-            deadline = time.monotonic() + 600  # ViT-L on a CPU: a few patches, a worker loading 1.2 GB of ONNX
-            while time.monotonic() < deadline:
-                state = c.get(job_url).json()
-                if state["state"] in ("succeeded", "failed", "canceled"):
-                    break
-                time.sleep(0.5)
-            assert state["state"] == "succeeded", state
-            result = c.get(f"{job_url}/result").json()
-            assert result["status"] == "analyzed"
-            feats = c.get(f"{job_url}/features")
-            assert feats.status_code == 200
-            with h5py.File(io.BytesIO(feats.content), "r") as f:
-                assert f["features"].shape == (result["tiling"]["patches"], 1024)
-                assert f["coords"].attrs["target_mpp"] == pytest.approx(128 / 224)  # 128 µm per 224 px patch
-                assert f["coords"].attrs["patch_size_level0"] * 0.499 == pytest.approx(128.0, rel=0.01)
-            return result
-    finally:
-        server.terminate()
-        out, _ = server.communicate(timeout=60)
-        if server.returncode not in (0, -15):
-            print(out)
+    with (
+        mstar_serve(env, cwd=tmp_path, timeout=120, log=tmp_path / "serve.log", stop_timeout=60) as server,
+        httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=120) as c,
+    ):
+        models = c.get("/models").json()
+        assert models["bundle"] == "mSTAR" and models["demo"] is False
+        assert {m["role"] for m in models["models"]} == {"patch_encoder", "classifier"}
+        up = c.post("/slides", files={"file": (slide.name, slide.read_bytes())}, data={"analyze": "false"})
+        assert up.status_code == 201, up.text
+        job = c.post(
+            f"/slides/{up.json()['id']}/analyses",
+            json={"tasks": ["embedding", "classification"], "region": region},
+        )
+        assert job.status_code == 202, job.text
+        job_url = job.headers["location"]
+        deadline = time.monotonic() + 600  # ViT-L on a CPU: a few patches, a worker loading 1.2 GB of ONNX
+        while time.monotonic() < deadline:
+            state = c.get(job_url).json()
+            if state["state"] in ("succeeded", "failed", "canceled"):
+                break
+            time.sleep(0.5)
+        assert state["state"] == "succeeded", state
+        result = c.get(f"{job_url}/result").json()
+        assert result["status"] == "analyzed"
+        feats = c.get(f"{job_url}/features")
+        assert feats.status_code == 200
+        with h5py.File(io.BytesIO(feats.content), "r") as f:
+            assert f["features"].shape == (result["tiling"]["patches"], 1024)
+            assert f["coords"].attrs["target_mpp"] == pytest.approx(128 / 224)  # 128 µm per 224 px patch
+            assert f["coords"].attrs["patch_size_level0"] * 0.499 == pytest.approx(128.0, rel=0.01)
+    if server.returncode not in (0, -15):
+        print(server.output())
+    return result

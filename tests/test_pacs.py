@@ -592,7 +592,7 @@ def celery_stack(orthanc, faults, bundle_dir, postgres_url, redis_server, tmp_pa
     from types import SimpleNamespace
 
     import redis
-    from services import wait_http
+    from services import mstar_serve
     from sqlalchemy import create_engine, text
 
     root = tmp_path_factory.mktemp("celery-pacs")
@@ -623,36 +623,37 @@ def celery_stack(orthanc, faults, bundle_dir, postgres_url, redis_server, tmp_pa
         "MSTAR_PACS_SERVERS": json.dumps(servers),
     }
     mstar = Path(sys.executable).with_name("mstar")
-    procs: dict[str, subprocess.Popen] = {}
-
-    def start(name: str, args: list[str]) -> None:
-        log = (root / f"{name}.log").open("ab")
-        procs[name] = subprocess.Popen(
-            [str(mstar), *args], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-
-    start("worker", ["worker", "--name", "pacs@test", "--metrics-port", str(metrics_port)])
+    log = (root / "worker.log").open("ab")
+    worker = subprocess.Popen(
+        [str(mstar), "worker", "--name", "pacs@test", "--metrics-port", str(metrics_port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    log.close()
     try:
         deadline = time.monotonic() + 120
         while "pacs@test ready" not in (root / "worker.log").read_text(errors="replace"):
-            if procs["worker"].poll() is not None or time.monotonic() > deadline:
+            if worker.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError((root / "worker.log").read_text(errors="replace")[-3000:])
             time.sleep(0.3)
-        start("gateway", ["serve", "--port", str(port)])
-        url = f"http://127.0.0.1:{port}"
-        wait_http(url + "/healthz", timeout=120)
-        yield SimpleNamespace(
-            url=url, root=root, db=db, worker_metrics=f"http://127.0.0.1:{metrics_port}/metrics", data=root / "data"
-        )
+        with mstar_serve(env, port=port, log=root / "gateway.log", timeout=120) as gateway:
+            yield SimpleNamespace(
+                url=gateway.url,
+                root=root,
+                db=db,
+                worker_metrics=f"http://127.0.0.1:{metrics_port}/metrics",
+                data=root / "data",
+            )
     finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(15)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait(10)
+        if worker.poll() is None:
+            os.killpg(worker.pid, signal.SIGTERM)
+            try:
+                worker.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(worker.pid, signal.SIGKILL)
+                worker.wait(10)
 
 
 def _all_rows(db_url: str) -> dict[str, list[str]]:

@@ -8,12 +8,13 @@ import math
 import numpy as np
 import pytest
 import torch
+from report_toy import train_toy_reports
 
 from service.errors import InvalidParameterError
 from training.checkpoints import load_report_generator, save_head
 from training.models.histgen import HistGenGenerator, MemoryQuery
 from training.models.report_arch import build_report_model, report_kwargs
-from training.models.report_decoder import ReportGenerator, Vocabulary, normalize
+from training.models.report_decoder import ReportGenerator, Vocabulary
 
 TINY = {"d_model": 32, "heads": 2, "d_ff": 64, "decoder_layers": 1, "region_size": 5, "n_prototypes": 8}
 TINY |= {"cmm_size": 32, "topk": 8, "dropout": 0.0, "max_len": 16}
@@ -90,26 +91,11 @@ def test_padded_batch_equals_one_slide_at_a_time() -> None:
 
 def test_histgen_learns_and_decodes() -> None:
     """Two classes of bags, two fixed reports: HistGen must map each bag to its report (greedy and beam)."""
-    torch.manual_seed(0)
-    texts = ["benign tissue without tumor .", "invasive carcinoma with necrosis , high grade ."]
-    vocab = Vocabulary.build(texts, min_freq=1)
-    model = _model(vocab=len(vocab)).train()
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    protos = torch.randn(2, 6) * 2
-    targets = [torch.tensor(vocab.encode(t)) for t in texts]
-    for step in range(150):
-        c = step % 2
-        tok = targets[c].unsqueeze(0)
-        logits = model(torch.randn(1, 10, 6) + protos[c], tok[:, :-1])
-        loss = torch.nn.functional.cross_entropy(logits[0], tok[0, 1:])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
+    toy = train_toy_reports(lambda vocab: _model(vocab=vocab))
     for c in (0, 1):
-        x = torch.randn(10, 6) + protos[c]
-        assert vocab.decode(model.greedy(x)) == normalize(texts[c])
-        assert vocab.decode(model.beam_search(x, beam=3)) == normalize(texts[c])
+        x = toy.bag(c)
+        assert toy.vocab.decode(toy.model.greedy(x)) == toy.expected(c)
+        assert toy.vocab.decode(toy.model.beam_search(x, beam=3)) == toy.expected(c)
 
 
 def test_arch_factory_and_checkpoint_round_trip(tmp_path) -> None:

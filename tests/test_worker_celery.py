@@ -18,7 +18,7 @@ from pathlib import Path
 
 import h5py
 import pytest
-from services import free_port, postgres_url, redis_server, webhook_receiver  # noqa: F401
+from services import free_port, mstar_serve, postgres_url, redis_server, webhook_receiver  # noqa: F401
 from sqlalchemy import create_engine, text
 from worker_pipelines import make_slide
 
@@ -494,52 +494,39 @@ def test_killing_the_gateway_alone_mid_job_loses_nothing(cluster: Cluster, svc, 
     import hashlib
 
     import httpx
-    from services import free_port, wait_http
 
     cluster.ensure()
     key = "mstar-kill-gw-key-0123456789abcdef"
     port = free_port()
     env = {**cluster.env, "MSTAR_API_KEYS": json.dumps([{"tenant": "default", "key": key}])}
-
-    def serve() -> subprocess.Popen:
-        log = (tmp_path / "gateway.log").open("ab")
-        proc = subprocess.Popen(
-            [str(MSTAR), "serve", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT
-        )
-        wait_http(f"http://127.0.0.1:{port}/healthz", timeout=90)
-        return proc
-
+    log = tmp_path / "gateway.log"
     slide = make_slide(cmu_svs, tmp_path / "gw.svs", "slow=3")
-    gateway = serve()
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"X-API-Key": key}, timeout=60) as c:
+    service, _ = svc
+    with mstar_serve(env, port=port, log=log) as gateway:
+        with httpx.Client(base_url=gateway.url, headers={"X-API-Key": key}, timeout=60) as c:
             r = c.post("/slides", files={"file": ("gw.svs", slide.read_bytes())})
             assert r.status_code == 202, r.text
             job_id = r.json()["job"]["id"]
-        service, _ = svc
         _running(service, job_id)
-        gateway.send_signal(signal.SIGKILL)
-        gateway.wait(10)
-        deadline = time.monotonic() + 60
-        while True:  # the worker finishes while no gateway runs
-            with transaction(service.sessions) as s:
-                if s.get(Job, job_id).state == "succeeded":
-                    break
-            assert time.monotonic() < deadline, "the job did not finish without its gateway"
-            time.sleep(0.2)
-        gateway = serve()
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"X-API-Key": key}, timeout=60) as c:
-            job = c.get(f"/jobs/{job_id}").json()
-            assert job["state"] == "succeeded" and job["attempts"] == 1, job
-            for path in ("result", "features"):
-                got = c.get(f"/jobs/{job_id}/{path}")
-                assert got.status_code == 200, got.text
-                assert hashlib.sha256(got.content).hexdigest() == got.headers["X-Content-SHA256"]
+        gateway.kill(signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while True:  # the worker finishes while no gateway runs
+        with transaction(service.sessions) as s:
+            if s.get(Job, job_id).state == "succeeded":
+                break
+        assert time.monotonic() < deadline, "the job did not finish without its gateway"
+        time.sleep(0.2)
+    with (
+        mstar_serve(env, port=port, log=log) as gateway,
+        httpx.Client(base_url=gateway.url, headers={"X-API-Key": key}, timeout=60) as c,
+    ):
+        job = c.get(f"/jobs/{job_id}").json()
+        assert job["state"] == "succeeded" and job["attempts"] == 1, job
+        for path in ("result", "features"):
+            got = c.get(f"/jobs/{job_id}/{path}")
+            assert got.status_code == 200, got.text
+            assert hashlib.sha256(got.content).hexdigest() == got.headers["X-Content-SHA256"]
         assert _runs(cluster, job_id) == 1
-    finally:
-        if gateway.poll() is None:
-            gateway.send_signal(signal.SIGTERM)
-            gateway.wait(30)
 
 
 def _worker_metrics(cluster: Cluster) -> dict[tuple[str, tuple], float]:

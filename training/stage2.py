@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -34,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from service.atomic import atomic_path
 from service.errors import InvalidParameterError
@@ -269,6 +270,26 @@ def export_student(student: Student, encoder: str, out_dir: Path, extra: dict | 
     return {"backbone": str(bb_path), "proj": str(proj_path)}
 
 
+def epoch_loader(
+    ds: Dataset, sampler: Iterable[int], batch_size: int, num_workers: int, seed: int, epoch: int, pin_memory: bool
+) -> DataLoader:
+    """One epoch's DataLoader, seeded as Stage 1's: its own generator from (seed, epoch), so creating it draws
+    nothing from the global RNG (a resumed run stays on track) and the workers' seeds depend on (seed, epoch)
+    only; `seed_worker` derives each worker's NumPy and `random` state from that seed."""
+    return DataLoader(
+        ds,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=collate_patches,
+        drop_last=True,
+        persistent_workers=False,
+        pin_memory=pin_memory,
+        worker_init_fn=seed_worker,
+        generator=loader_generator(seed, epoch),
+    )
+
+
 def train_stage2(cfg: Stage2Config, resume: bool = False) -> dict[str, Any]:
     """Targets (cached once), then the distillation loop; returns the paths written and the final metrics."""
     info = tdist.init_distributed()
@@ -345,18 +366,7 @@ def train_stage2(cfg: Stage2Config, resume: bool = False) -> dict[str, Any]:
     while step < total:
         sampler.set_epoch(epoch)
         ds.set_epoch(epoch)
-        loader = DataLoader(
-            ds,
-            batch_size=local_bs,
-            sampler=sampler,
-            num_workers=cfg.data.num_workers,
-            collate_fn=collate_patches,
-            drop_last=True,
-            persistent_workers=False,
-            pin_memory=device.type == "cuda",
-            worker_init_fn=seed_worker,
-            generator=loader_generator(cfg.seed, epoch),
-        )
+        loader = epoch_loader(ds, sampler, local_bs, cfg.data.num_workers, cfg.seed, epoch, device.type == "cuda")
         for images, targets in loader:
             x = pre(images.to(device, non_blocking=True))
             targets = targets.to(device, non_blocking=True)
