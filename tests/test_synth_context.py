@@ -108,3 +108,33 @@ def test_context_cohort_is_deterministic_and_on_the_cli(tmp_path: Path) -> None:
     generate_cohort(c, SynthConfig(cases=2, seed=4, size=512, render_slides=False))
     assert not list((c / "truth").glob("*_clones.png"))
     assert "context" not in json.loads((c / "truth.json").read_text())
+
+
+def test_rendered_tumour_draws_each_territory_cytology() -> None:
+    """The pixels follow the cytology truth: level-0 tumour labels agree with `_clones.png`, and the nuclei drawn
+    in a territory have that cytology's shape (COAD-like columnar, BRCA-like round)."""
+    from training.data.synth import _layout_for, plan_cohort
+    from training.data.synth_tissue import CHUNK, CLONE0, SlideRenderer, clone_mask, make_stain
+
+    cfg = SynthConfig(cases=8, seed=6, size=768, render_slides=False, context=True)
+    ratios: dict[int, list[float]] = {k: [] for k in range(4)}
+    agree = total = 0
+    for case in plan_cohort(cfg):
+        s = case.slides[0]
+        lay, rng = _layout_for(cfg, case, s)
+        r = SlideRenderer(lay, make_stain(rng), s.width, s.height, s.mpp, (cfg.seed, case.index, 4, 0))
+        truth = clone_mask(lay)
+        lab0 = lay.labels(r.fields_rows(0, s.height), detail=True)
+        ys, xs = np.nonzero(lab0 >= CLONE0)
+        ty = np.minimum((ys * s.mpp / LABEL_MPP).astype(int), truth.shape[0] - 1)
+        tx = np.minimum((xs * s.mpp / LABEL_MPP).astype(int), truth.shape[1] - 1)
+        agree += int((truth[ty, tx] == lab0[ys, xs] - CLONE0 + 1).sum())
+        total += len(ys)
+        assert set(np.unique(lab0[lab0 >= CLONE0]) - CLONE0) <= set(lay.clones)
+        for c in range(s.height // CHUNK + 1):
+            for _x, _y, a, b, _ang, _inten, _ves, cls in r._nuclei(c):
+                if cls >= CLONE0 and a >= 4:
+                    ratios[cls - CLONE0].append(b / a)
+    assert total > 10_000 and agree / total > 0.9  # bilinear level-0 vs nearest low-res at territory edges: 0.96
+    coad, brca = np.mean(ratios[1]), np.mean(ratios[3])  # cytology indices follow CANCER_TYPES
+    assert coad < 0.55 < 0.75 < brca, (coad, brca)
