@@ -113,7 +113,7 @@ def evaluate(work: Path, cohort: Path, feats: Path, name: str, epochs: int, seed
 
 def teacher(work: Path) -> dict:
     """What Stage 2 distils: Stage 1's last validation kNN type accuracy and the student's teacher-token cosine."""
-    val = (work / "stage1" / "val_metrics.jsonl").read_text().split()
+    val = (work / "stage1" / "val_metrics.jsonl").read_text().splitlines()
     knn = json.loads(val[-1]).get("knn_acc", math.nan) if val else math.nan
     s2 = json.loads((work / "stage2" / "demo_summary.json").read_text())
     return {"stage1_val_knn": float(knn), "stage2_teacher_cos": float(s2.get("target_cos", math.nan))}
