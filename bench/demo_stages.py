@@ -11,7 +11,11 @@ evaluates both feature sets with the same `training.downstream` tasks, split and
   (mean over the task's repeated support draws).
 
 ABMIL from scratch, not the Stage-1 aggregator: the aggregator was trained on Stage-0 features, so initialising a
-head from it would favour them. The summary gives, per metric, the mean over cohort seeds of Stage 0, of Stage 2
+head from it would favour them. `--context` builds each cohort as a context cohort (`SynthConfig.context`: every
+type draws its tumour cells from one pool of cytologies, and only which cytologies co-occur on a slide tells the
+type), the case where Stage 2 has slide-level knowledge to distil into patches. Per cohort the table also shows
+what the teacher knows: Stage 1's last validation kNN cancer-type accuracy and the teacher-token cosine the
+Stage-2 student reaches. The summary gives, per metric, the mean over cohort seeds of Stage 0, of Stage 2
 and of the paired difference (Stage 2 - Stage 0) with a 95% t-interval over the seeds. Every step is cached in
 --workdir, so a rerun continues where it stopped.
 
@@ -38,15 +42,23 @@ sys.path.insert(0, str(ROOT))
 from training import demo  # noqa: E402
 
 METRICS = ("test_macro_auc", "test_c_index", "recall_at_1", "recall_at_5", "fewshot_bacc")
+TEACHER = ("stage1_val_knn", "stage2_teacher_cos")
 
 
 def log(msg: str) -> None:
     print(f"== {msg}", flush=True)
 
 
-def chain(work: Path, s: demo.DemoSettings) -> tuple[Path, Path, Path]:
+def chain(work: Path, s: demo.DemoSettings, context: bool = False) -> tuple[Path, Path, Path]:
     """The demo chain up to the Stage-2 ViT's features; returns (cohort dir, Stage-0 features, Stage-2 features)."""
-    cohort = demo._synth(work, s, log)
+    if context and not (work / "cohort" / "cohort.csv").is_file():
+        from training.data.synth import SynthConfig, generate_cohort
+
+        log(f"context cohort: {s.cases} cases ...")
+        generate_cohort(
+            work / "cohort", SynthConfig(cases=s.cases, seed=s.seed, size=s.slide_size, workers=2, context=True)
+        )
+    cohort = demo._synth(work, s, log)  # reuses the cohort above when there is one
     stats = demo._extract(work, cohort, demo.STAGE0_TEACHER, "features_stats", log)
     stage0 = work / "stage0" / "student_backbone.pt"
     if not stage0.is_file():
@@ -99,6 +111,14 @@ def evaluate(work: Path, cohort: Path, feats: Path, name: str, epochs: int, seed
     return out
 
 
+def teacher(work: Path) -> dict:
+    """What Stage 2 distils: Stage 1's last validation kNN type accuracy and the student's teacher-token cosine."""
+    val = (work / "stage1" / "val_metrics.jsonl").read_text().splitlines()
+    knn = json.loads(val[-1]).get("knn_acc", math.nan) if val else math.nan
+    s2 = json.loads((work / "stage2" / "demo_summary.json").read_text())
+    return {"stage1_val_knn": float(knn), "stage2_teacher_cos": float(s2.get("target_cos", math.nan))}
+
+
 def _recall(table: dict, k: int) -> float:
     for key in (f"recall@{k}", f"R@{k}", str(k), k):
         if key in table:
@@ -127,6 +147,7 @@ def main() -> None:
     ap.add_argument("--stage2-steps", type=int, default=demo.DemoSettings.stage2_steps)
     ap.add_argument("--epochs", type=int, default=20, help="ABMIL epochs")
     ap.add_argument("--head-seed", type=int, default=1)
+    ap.add_argument("--context", action="store_true", help="context cohorts (the type only in slide-level context)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     import torch
@@ -141,17 +162,22 @@ def main() -> None:
     rows: dict[str, list[dict]] = {"stage0": [], "stage2": []}
     t0 = time.perf_counter()
     for cs in args.cohort_seeds:
-        work = args.workdir / f"cohort{cs}"
+        work = args.workdir / (f"context{cs}" if args.context else f"cohort{cs}")
         work.mkdir(parents=True, exist_ok=True)
         log(f"cohort seed {cs}: {args.cases} cases ({time.perf_counter() - t0:.0f} s)")
-        cohort, f0, f2 = chain(work, replace(base, seed=cs))
+        cohort, f0, f2 = chain(work, replace(base, seed=cs), args.context)
+        teach = teacher(work)
+        log(f"  teacher: {json.dumps(teach)}")
         for name, feats in (("stage0", f0), ("stage2", f2)):
-            log(f"  downstream tasks on {name} features")
-            rows[name].append({"cohort_seed": cs, **evaluate(work, cohort, feats, name, args.epochs, args.head_seed)})
-    (args.workdir / "results.json").write_text(json.dumps(rows, indent=1))
+            log(f"  downstream tasks on {name} features ({time.perf_counter() - t0:.0f} s)")
+            res = evaluate(work, cohort, feats, name, args.epochs, args.head_seed)
+            rows[name].append({"cohort_seed": cs, **res, **teach})
+    kind = "context" if args.context else "default"
+    (args.workdir / f"results_{kind}.json").write_text(json.dumps(rows, indent=1))
 
     print(
-        f"\nsynthetic cohorts {args.cohort_seeds}, {args.cases} cases at {args.slide_size} px; ABMIL {args.epochs} "
+        f"\n{kind} synthetic cohorts {args.cohort_seeds}, {args.cases} cases at {args.slide_size} px; "
+        f"ABMIL {args.epochs} "
         f"epochs (head seed {args.head_seed}); Stage 0 {args.stage0_steps} steps, Stage 2 {args.stage2_steps} steps; "
         f"{time.perf_counter() - t0:.0f} s"
     )
@@ -164,6 +190,13 @@ def main() -> None:
                 ci = r.get(f"{m}_ci")
                 cells.append(f"{r[m]:.3f}" + (f" [{ci[0]:.2f},{ci[1]:.2f}]" if ci else ""))
             print(f"{cs:6d} {name:8s} " + " ".join(f"{c:>16s}" for c in cells))
+    print(
+        "\nteacher per cohort: "
+        + ", ".join(
+            f"{cs}: " + " ".join(f"{m} {rows['stage0'][i][m]:.3f}" for m in TEACHER)
+            for i, cs in enumerate(args.cohort_seeds)
+        )
+    )
     print("\nmean over cohort seeds [95% t-interval over seeds]")
     for m in METRICS:
         a = [r[m] for r in rows["stage0"]]

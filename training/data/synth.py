@@ -16,6 +16,7 @@ do not depend on worker count or order; the same seed gives byte-identical CSV/J
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import math
@@ -36,9 +37,13 @@ from training.data.synth_tissue import (
     ARRANGEMENT,
     CANCER_TYPES,
     CLASSES,
+    CONTEXT_ARRANGEMENT,
+    CONTEXT_SETS,
+    CYTOLOGIES,
     LABEL_MPP,
     SlideLayout,
     SlideRenderer,
+    clone_mask,
     label_mask,
     make_layout,
     make_stain,
@@ -79,6 +84,9 @@ class SynthConfig:
     workers: int = 2
     render_slides: bool = True
     band_rows: int = 0  # level-0 rows rendered at once; 0 = about 2 Mpx per band (bounded memory)
+    # context cohort: every type draws tumour cells from one pool of cytologies under one tissue rule, and the
+    # type is only in which cytologies co-occur on the slide (`synth_tissue.CONTEXT_SETS`); off by default
+    context: bool = False
 
     def validate(self) -> None:
         if not 1 <= self.cases <= 100_000:
@@ -150,15 +158,33 @@ def _layout_for(cfg: SynthConfig, case: CaseSpec, s: SlideSpec) -> tuple[SlideLa
     rng = np.random.default_rng([cfg.seed, case.index, 3, s.index[1]])
     shape = (max(8, round(s.height * s.mpp / LABEL_MPP)), max(8, round(s.width * s.mpp / LABEL_MPP)))
     z = case.risk - TYPE_RISK_OFFSET[case.cancer_type]  # within-type risk: what the tissue shows
-    lay = make_layout(rng, shape, case.cancer_type, z, case.immune, case.stroma, case.grade)
+    clones = context_clones(cfg, case) if cfg.context else ()
+    lay = make_layout(rng, shape, case.cancer_type, z, case.immune, case.stroma, case.grade, clones)
     return lay, rng
+
+
+def context_clones(cfg: SynthConfig, case: CaseSpec) -> tuple[int, ...]:
+    """The tumour cytologies of a context-cohort case (one choice per case, so its slides agree).
+
+    A type's cases take its sets in turn (by their rank among the type's cases in the shuffled assignment), not
+    by coin flips, so every cytology's share within a type stays 1/4 in a finite cohort too: an unbalanced draw
+    would let a single patch's cytology hint at the type."""
+    sets = CONTEXT_SETS[case.cancer_type]
+    rank = int(_type_order(cfg.seed, cfg.cases)[case.index]) // len(cfg.cancer_types)
+    return sets[rank % len(sets)]
+
+
+@functools.lru_cache(maxsize=8)
+def _type_order(seed: int, cases: int) -> np.ndarray:
+    """The shuffled order that `plan_cohort` deals the types by (case i gets type order[i] % n_types)."""
+    return np.random.default_rng([seed, 10]).permutation(cases)
 
 
 def plan_cohort(cfg: SynthConfig) -> list[CaseSpec]:
     """Latent variables, survival, modality availability and slide geometry for every case (no pixels)."""
     cfg.validate()
     types = list(cfg.cancer_types)
-    order = np.random.default_rng([cfg.seed, 10]).permutation(cfg.cases)
+    order = _type_order(cfg.seed, cfg.cases)
     cases: list[CaseSpec] = []
     for i in range(cfg.cases):
         rng = np.random.default_rng([cfg.seed, i, 0])
@@ -260,6 +286,8 @@ def generate_cohort(out_dir: str | os.PathLike, cfg: SynthConfig) -> dict:
             lab = label_mask(lay)
             s.proportions = proportions(lab)
             _save_labels(out / s.label_path, lab)
+            if cfg.context:
+                _save_labels(out / _clone_path(s), clone_mask(lay))
             stain = make_stain(rng)
             key = (cfg.seed, case.index, 4, s.index[1])
             SlideRenderer(lay, stain, s.width, s.height, s.mpp, key)  # calibrates stain.gain
@@ -375,7 +403,7 @@ def generate_cohort(out_dir: str | os.PathLike, cfg: SynthConfig) -> dict:
         "label_mpp": LABEL_MPP,
         "label_note": "truth/<slide_id>_labels.png: palette PNG whose pixel values are class indices at "
         "label_mpp µm/px, covering the whole level-0 image (scale = label_mpp / slide mpp).",
-        "arrangement": {ct: ARRANGEMENT[ct] for ct in cfg.cancer_types},
+        "arrangement": {ct: CONTEXT_ARRANGEMENT if cfg.context else ARRANGEMENT[ct] for ct in cfg.cancer_types},
         "hazard_model": {
             "form": "Weibull proportional hazards h(t)=lambda*k*t^(k-1)*exp(beta*risk)",
             "k": WEIBULL_SHAPE,
@@ -388,6 +416,13 @@ def generate_cohort(out_dir: str | os.PathLike, cfg: SynthConfig) -> dict:
         "cases": {},
         "slides": {},
     }
+    if cfg.context:
+        truth["context"] = {
+            "cytologies": list(CYTOLOGIES),
+            "sets_per_type": {ct: [list(g) for g in CONTEXT_SETS[ct]] for ct in cfg.cancer_types},
+            "clone_note": "truth/<slide_id>_clones.png: pixel 0 off tumour, else 1 + the tumour cytology index, "
+            "at label_mpp µm/px",
+        }
     for case in cases:
         truth["cases"][case.case_id] = {
             "cancer_type": case.cancer_type,
@@ -405,6 +440,8 @@ def generate_cohort(out_dir: str | os.PathLike, cfg: SynthConfig) -> dict:
             "rna_programs": programs[case.case_id],
             "report_facts": facts[case.case_id],
         }
+        if cfg.context:
+            truth["cases"][case.case_id]["cytologies"] = list(context_clones(cfg, case))
         for k, s in enumerate(case.slides):
             truth["slides"][s.slide_id] = {
                 "case_id": case.case_id,
@@ -419,6 +456,8 @@ def generate_cohort(out_dir: str | os.PathLike, cfg: SynthConfig) -> dict:
                 "stain": s.stain,
                 "levels": [list(x) for x in levels[_flat_index(cases, case, k)]] if levels else None,
             }
+            if cfg.context:
+                truth["slides"][s.slide_id]["clone_mask"] = _clone_path(s)
     (out / "truth.json").write_text(json.dumps(truth, indent=1, sort_keys=False) + "\n")
 
     times = [c.survival_months for c in cases]
@@ -441,8 +480,14 @@ def generate_cohort(out_dir: str | os.PathLike, cfg: SynthConfig) -> dict:
         "c_index_true_risk": None if ci is None else _r(ci, 4),
         "slides_rendered": cfg.render_slides,
     }
+    if cfg.context:
+        summary["context"] = True
     (out / "cohort_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
+
+
+def _clone_path(s: SlideSpec) -> str:
+    return s.label_path.replace("_labels.png", "_clones.png")
 
 
 def _case_props(case: CaseSpec) -> dict[str, float]:

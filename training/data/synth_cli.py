@@ -25,6 +25,11 @@ import click
 @click.option("--missing-rna", default=0.1, show_default=True, help="Fraction of cases without RNA-Seq.")
 @click.option("--two-slides", default=0.15, show_default=True, help="Fraction of patients with two slides.")
 @click.option("--workers", default=min(2, os.cpu_count() or 1), show_default=True, help="Rendering processes.")
+@click.option(
+    "--context",
+    is_flag=True,
+    help="Context cohort: one pool of tumour cytologies for every type; the type is only in which co-occur.",
+)
 @click.option("--no-slides", is_flag=True, help="Skip rendering (labels, truth, RNA, reports, survival only).")
 @click.option(
     "--montage",
@@ -42,6 +47,7 @@ def synth(
     missing_rna: float,
     two_slides: float,
     workers: int,
+    context: bool,
     no_slides: bool,
     montage: str | None,
 ) -> None:
@@ -58,6 +64,7 @@ def synth(
         two_slide_fraction=two_slides,
         workers=workers,
         render_slides=not no_slides,
+        context=context,
     )
     t0 = time.perf_counter()
     summary = generate_cohort(out_dir, cfg)

@@ -28,6 +28,27 @@ LABEL_MPP = 4.0  # µm per label-mask pixel
 CHUNK = 128  # rows per random chunk (level-0 pixels); bands are multiples of it
 
 CANCER_TYPES: tuple[str, ...] = ("LUSC", "COAD", "HNSC", "BRCA")
+# Context cohorts (`SynthConfig.context`): every type draws its tumour cells from the same pool of four
+# cytologies (the four types' own cells, index -> whose cells) under one shared tissue rule, so a patch alone
+# cannot tell the type; the type is carried only by which cytologies co-occur on a slide. Each type's marginal
+# share of every cytology is 1/4: LUSC slides hold all four, the other types one of two complementary pairs.
+CYTOLOGIES: tuple[str, ...] = CANCER_TYPES
+CONTEXT_SETS: dict[str, tuple[tuple[int, ...], ...]] = {
+    "LUSC": ((0, 1, 2, 3),),
+    "COAD": ((0, 1), (2, 3)),
+    "HNSC": ((0, 2), (1, 3)),
+    "BRCA": ((0, 3), (1, 2)),
+}
+CLONE0 = 8  # render-only sub-classes of tumour in context cohorts: CLONE0 + cytology index
+CLONE_SCALE_UM = 40.0  # correlation length of the fields that split tumour into clone territories
+CONTEXT_ARRANGEMENT = (
+    "context cohort: one tissue rule (tumour nests, necrosis, lymphocytes, fat) for every type; tumour cells "
+    "from a shared pool of four cytologies in clone territories; the type is which cytologies co-occur: "
+    + "; ".join(
+        f"{ct}: " + " or ".join("+".join(CYTOLOGIES[k] + "-like" for k in grp) for grp in sets)
+        for ct, sets in CONTEXT_SETS.items()
+    )
+)
 ARRANGEMENT = {
     "LUSC": "solid tumour nests with central keratinisation/necrosis in desmoplastic stroma",
     "COAD": "glands: tumour epithelium in rings around lumens, dirty luminal necrosis",
@@ -72,13 +93,20 @@ class SlideLayout:
     fields: dict[str, np.ndarray]
     thr: dict[str, float]
     grade: float  # 1..3, continuous: drives nuclear size, darkness, pleomorphism, mitoses
+    clones: tuple[int, ...] = ()  # context cohorts: the cytologies of this slide's tumour (empty: by type)
 
     def labels(self, f: dict[str, np.ndarray], detail: bool = False) -> np.ndarray:
-        """Class indices; `detail` also marks keratin pearls (KER) inside tumour, for rendering only."""
+        """Class indices; `detail` also marks keratin pearls (KER) inside tumour and, in context cohorts, each
+        tumour pixel's cytology (CLONE0 + index), for rendering only."""
         t, ct = self.thr, self.cancer_type
         tissue = f["tissue"] > t["tissue"]
         lab = np.full(tissue.shape, STR, np.uint8)
-        if ct in ("LUSC", "HNSC"):
+        if self.clones:  # context cohort: the same rule for every type
+            tum = f["nest"] > t["tum"]
+            lab[tum] = TUM
+            lab[tum & (f["nest"] > t["nec"])] = NEC
+            lab[(~tum) & (f["lym"] > t["lym"])] = LYM
+        elif ct in ("LUSC", "HNSC"):
             tum = f["nest"] > t["tum"]
             lab[tum] = TUM
             lab[tum & (f["nest"] > t["nec"])] = NEC
@@ -106,7 +134,14 @@ class SlideLayout:
         lab[~tissue] = BG
         if detail and "ker" in f:
             lab[(lab == TUM) & (f["ker"] > t["ker"])] = KER
+        if detail and self.clones:
+            tum = lab == TUM
+            lab[tum] = CLONE0 + np.asarray(self.clones, np.uint8)[self.clone_index(f)[tum]]
         return lab
+
+    def clone_index(self, f: dict[str, np.ndarray]) -> np.ndarray:
+        """Index into `clones` of the territory each pixel lies in (argmax of one smooth field per clone)."""
+        return np.argmax(np.stack([f[f"clone{k}"] for k in range(len(self.clones))]), 0).astype(np.uint8)
 
 
 def make_layout(
@@ -117,10 +152,12 @@ def make_layout(
     immune: float,
     stroma: float,
     grade: float,
+    clones: tuple[int, ...] = (),
 ) -> SlideLayout:
     """Fields and thresholds for one slide. Risk raises tumour and necrosis share; immune raises TILs; stroma
     (desmoplasia) lowers the tumour share; `grade` (1..3, the case's) sets nuclear size, darkness and
-    pleomorphism."""
+    pleomorphism. `clones` (context cohorts): the slide's tumour cytologies; the tissue rule is then the same
+    for every type."""
     h, w = shape_lr
     um = 1.0 / LABEL_MPP  # label px per µm
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
@@ -139,7 +176,21 @@ def make_layout(
     noise = lambda s: rng.normal(0, s)  # noqa: E731
     risk = risk + noise(0.6)  # each slide shows the risk through its own noise
     sig = lambda z: 1.0 / (1.0 + np.exp(-z))  # noqa: E731
-    if cancer_type in ("LUSC", "HNSC"):
+    if cancer_type not in CANCER_TYPES:
+        raise ValueError(f"unknown cancer type {cancer_type!r}; known: {', '.join(CANCER_TYPES)}")
+    if clones:
+        # one rule for every type: the nest, necrosis and lymphocyte shares follow risk and immune exactly as
+        # in the nest types, and nothing in it depends on the type
+        f["nest"] = _smooth_noise(rng, shape_lr, 40 * um)
+        f["lym"] = _smooth_noise(rng, shape_lr, 25 * um)
+        ft = sig(-0.3 + 0.45 * risk - 0.25 * stroma + noise(0.3))
+        thr["tum"] = _q(f["nest"], tissue, ft)
+        thr["nec"] = _q(f["nest"], tissue, ft * sig(-2.6 + 0.9 * risk + noise(0.3)))
+        stroma_mask = tissue & (f["nest"] <= thr["tum"])
+        thr["lym"] = _q(f["lym"], stroma_mask, sig(-1.6 + 0.8 * immune - 0.3 * risk + noise(0.3)))
+        for k in range(len(clones)):
+            f[f"clone{k}"] = _smooth_noise(rng, shape_lr, CLONE_SCALE_UM * um)
+    elif cancer_type in ("LUSC", "HNSC"):
         scale = 55 if cancer_type == "LUSC" else 30
         f["nest"] = _smooth_noise(rng, shape_lr, scale * um)
         if cancer_type == "LUSC":  # keratin pearls scattered in the nests
@@ -190,7 +241,17 @@ def make_layout(
         raise ValueError(f"unknown cancer type {cancer_type!r}; known: {', '.join(CANCER_TYPES)}")
     f["fat"] = _smooth_noise(rng, shape_lr, 45 * um)
     thr["fat"] = _q(f["fat"], tissue, min(0.45, sig(-1.6 - 0.2 * stroma + noise(0.6))))
-    return SlideLayout(cancer_type, f, thr, float(np.clip(grade, 1.0, 3.0)))
+    return SlideLayout(cancer_type, f, thr, float(np.clip(grade, 1.0, 3.0)), tuple(clones))
+
+
+def clone_mask(layout: SlideLayout) -> np.ndarray:
+    """Context cohorts' cytology truth at `LABEL_MPP` µm/px: 0 off tumour, else 1 + the cytology index."""
+    lab = layout.labels(layout.fields)
+    out = np.zeros(lab.shape, np.uint8)
+    if layout.clones:
+        tum = lab == TUM
+        out[tum] = 1 + np.asarray(layout.clones, np.uint8)[layout.clone_index(layout.fields)[tum]]
+    return out
 
 
 def proportions(labels: np.ndarray) -> dict[str, float]:
@@ -284,14 +345,16 @@ class SlideRenderer:
         g = self.layout.grade
         # tumour cytology per type: squamous = large nuclei, abundant cytoplasm (LUSC) or basaloid (HNSC);
         # colonic = crowded elongated (columnar) nuclei; breast = small monotonous round nuclei in cords
-        density, size, ratio = {
+        cyto = {
             "LUSC": (1 / (190 - 20 * g), (3.4 + 0.5 * g, 4.2 + 1.1 * g), (0.6, 0.95)),
             "HNSC": (1 / (110 - 12 * g), (2.8 + 0.5 * g, 3.4 + 1.0 * g), (0.6, 0.95)),
             "COAD": (1 / (95 - 10 * g), (3.4 + 0.5 * g, 4.4 + 1.0 * g), (0.3, 0.5)),
             "BRCA": (1 / (120 - 12 * g), (2.4 + 0.35 * g, 3.0 + 0.7 * g), (0.75, 1.0)),
-        }[self.layout.cancer_type]
+        }
+        tum_inten = (0.75 + 0.12 * g, 1.0 + 0.2 * g)
+        density, size, ratio = cyto[self.layout.cancer_type]
         self._nuc = {
-            TUM: _NucleusClass(density, size, ratio, (0.75 + 0.12 * g, 1.0 + 0.2 * g)),
+            TUM: _NucleusClass(density, size, ratio, tum_inten),
             KER: _NucleusClass(1 / 1500, (3.0, 4.5), (0.2, 0.35), (0.7, 1.0)),
             STR: _NucleusClass(1 / 900, (4.0, 6.5), (0.18, 0.3), (0.9, 1.2)),
             LYM: _NucleusClass(1 / 42, (2.4, 3.2), (0.85, 1.0), (1.4, 1.8)),
@@ -299,6 +362,10 @@ class SlideRenderer:
             FAT: _NucleusClass(1 / 6000, (3.5, 5.0), (0.25, 0.4), (0.8, 1.0)),
             LUM: _NucleusClass(1 / 3000, (0.8, 2.0), (0.5, 1.0), (0.4, 0.9)),
         }
+        if self.layout.clones:  # context cohort: each clone territory has one of the four types' cells
+            for k, name in enumerate(CYTOLOGIES):
+                self._nuc[CLONE0 + k] = _NucleusClass(*cyto[name], tum_inten)
+            self._nuc[TUM] = _NucleusClass(*cyto[CYTOLOGIES[0]], tum_inten)  # never drawn: tumour is clones
         # classes:       BG     TUM   STR   LYM   NEC   FAT   LUM   KER
         h0 = np.array([0.0, 0.14, 0.03, 0.12, 0.16, 0.0, 0.01, 0.02], np.float32)
         hm = np.array([0.0, 0.03, 0.0, 0.0, 0.06, 0.0, 0.0, 0.0], np.float32)
@@ -308,9 +375,15 @@ class SlideRenderer:
         eb = np.array([0.0, 0.0, 0.14, 0.0, 0.0, 0.0, 0.0, 0.0], np.float32)
         ec = np.array([0.004, 0.02, 0.06, 0.0, 0.0, 0.0, 0.0, 0.0], np.float32)
         # tumour cytoplasm: eosinophilic in keratinising squamous (LUSC), scant/basophilic in basaloid HNSC
-        h0[TUM], e0[TUM] = {"LUSC": (0.07, 0.46), "HNSC": (0.17, 0.26), "COAD": (0.14, 0.30), "BRCA": (0.12, 0.33)}[
-            self.layout.cancer_type
-        ]
+        cyto_he = {"LUSC": (0.07, 0.46), "HNSC": (0.17, 0.26), "COAD": (0.14, 0.30), "BRCA": (0.12, 0.33)}
+        h0[TUM], e0[TUM] = cyto_he[self.layout.cancer_type]
+        if self.layout.clones:  # rows CLONE0 + k: tumour of cytology k (same texture terms as TUM)
+            h0[TUM], e0[TUM] = cyto_he[CYTOLOGIES[0]]  # never drawn: tumour pixels are clones
+            h0, hm, e0, em, ef, eb, ec = (
+                np.concatenate([a, np.repeat(a[TUM : TUM + 1], 4)]) for a in (h0, hm, e0, em, ef, eb, ec)
+            )
+            for k, name in enumerate(CYTOLOGIES):
+                h0[CLONE0 + k], e0[CLONE0 + k] = cyto_he[name]
         self._lut = (h0, hm, e0, em, ef, eb, ec)
         self.stain.gain = self._calibrated_gain()
 
@@ -323,9 +396,14 @@ class SlideRenderer:
         cellular tissue independent of its composition."""
         h0, _, e0, *_ = self._lut
         props = proportions(label_mask(self.layout))
+        parts: list[tuple[int, float]] = [(ci, props.get(name, 0.0)) for ci, name in enumerate(CLASSES)]
+        if self.layout.clones:  # context cohort: tumour is its clones' mixture, so colour ignores the mixture
+            cm = clone_mask(self.layout)
+            n_tum = max(int((cm > 0).sum()), 1)
+            parts = [(ci, p) for ci, p in parts if ci != TUM]
+            parts += [(CLONE0 + k, props["tumour"] * float((cm == 1 + k).sum()) / n_tum) for k in range(4)]
         comps: list[tuple[float, float, float]] = []  # (weight, H, E)
-        for ci, name in enumerate(CLASSES):
-            p = props.get(name, 0.0)
+        for ci, p in parts:
             if ci in (BG, FAT) or p <= 0:  # fat stays white, as glass does
                 continue
             nc = self._nuc[ci]
@@ -418,11 +496,12 @@ class SlideRenderer:
                 continue
             p = params[i]
             a = nc.a[0] + (nc.a[1] - nc.a[0]) * p[0]
-            if lab[i] == TUM and p[5] < 0.04 * g:  # pleomorphic giant nuclei with grade
+            tumour = lab[i] == TUM or lab[i] >= CLONE0
+            if tumour and p[5] < 0.04 * g:  # pleomorphic giant nuclei with grade
                 a *= 1.5
             b = a * (nc.ratio[0] + (nc.ratio[1] - nc.ratio[0]) * p[1])
             inten = nc.intensity[0] + (nc.intensity[1] - nc.intensity[0]) * p[2]
-            ves = bool(lab[i] == TUM and p[4] < 0.25 * g)
+            ves = bool(tumour and p[4] < 0.25 * g)
             out.append(
                 (
                     int(xs[i]),
