@@ -38,16 +38,21 @@ STAGE1_SPLITS = ("train", "val")  # Stage 1 trains on train and reports kNN accu
 
 @dataclass(frozen=True)
 class DemoSettings:
-    """Sizes of the demo build. The defaults take a few minutes on 2 CPU cores; tests shrink them."""
+    """Sizes of the demo build; tests shrink them.
+
+    Chosen for the first-use budget of issue 16 (the whole build <= 6 minutes on 2 idle CPU cores, the report
+    generator's share ~80 s): slides of 1280 px (was 2048: the cohort and every feature pass scale with the pixels),
+    14 Stage-1 epochs (was 20) and 15 head epochs (was 25). Measured per step in CPU seconds, with what each cut
+    costs in the logged metrics, in docs/demo.md ("Build time")."""
 
     cases: int = 160
-    slide_size: int = 2048
+    slide_size: int = 1280
     seed: int = 7
     stage0_steps: int = 300
-    stage1_epochs: int = 20
+    stage1_epochs: int = 14
     stage2_steps: int = 200
     stage2_all_patches: bool = True  # the official Stage 2: the teacher re-embeds every patch of a slide
-    head_epochs: int = 25
+    head_epochs: int = 15
     report_epochs: int = 60
     threads: int = 1  # oversubscribed small CPUs spin-wait with more OpenMP threads
 
