@@ -37,6 +37,25 @@ def test_fold_standardization_is_exact() -> None:
     torch.testing.assert_close(a.attention, b.attention, atol=1e-5, rtol=1e-5)
 
 
+def test_split_manifest_keeps_the_asked_splits_with_absolute_slide_paths(tmp_path) -> None:
+    # the feature passes that only Stage 0 (train) and Stage 1 (train, val) read extract only those slides
+    cohort = tmp_path / "cohort"
+    cohort.mkdir()
+    (cohort / "cohort.csv").write_text(
+        "case_id,slide_id,slide_path,split\n"
+        "C1,C1-S1,slides/C1-S1.svs,train\nC1,C1-S2,slides/C1-S2.tiff,train\n"
+        "C2,C2-S1,slides/C2-S1.svs,val\nC3,C3-S1,slides/C3-S1.svs,test\n"
+    )
+    from training.extract import find_slides
+
+    train = demo._split_manifest(cohort, ("train",), tmp_path / "work" / "stats.cohort.csv")
+    jobs = find_slides(train)
+    assert [j.slide_id for j in jobs] == ["C1-S1", "C1-S2"]
+    assert jobs[1].path == (cohort / "slides" / "C1-S2.tiff").resolve()
+    both = demo._split_manifest(cohort, demo.STAGE1_SPLITS, tmp_path / "s1.cohort.csv")
+    assert [j.slide_id for j in find_slides(both)] == ["C1-S1", "C1-S2", "C2-S1"]
+
+
 def test_first_use_builds_the_demo_bundle_then_analyze_serves_it(monkeypatch, capsys, tmp_path, cmu_svs) -> None:
     # the real first-use path (entry point -> training.demo.build_demo_bundle), at a small scale
     monkeypatch.setattr(demo, "DemoSettings", functools.partial(demo.DemoSettings, **SMALL.__dict__))
@@ -62,6 +81,10 @@ def test_first_use_builds_the_demo_bundle_then_analyze_serves_it(monkeypatch, ca
     assert any("Stage 0" in line for line in logs) and any("Stage 2" in line for line in logs)
     assert any("building the demo bundle" in line for line in logs)
     assert any("Stage 1" in line for line in logs) and any("ready" in line for line in logs)
+    # every progress line says the CPU seconds too (what compares on a shared machine), and the statistics
+    # that Stage 0 regresses are extracted for its training slides only
+    assert all("CPU s]" in line for line in logs if line.strip().startswith("["))
+    assert any("tissue_stats_112" in line and "train slides" in line for line in logs)
     assert ensure_demo_bundle(bundle_dir) == bundle_dir  # second use: loads, no rebuild
     assert "building" not in capsys.readouterr().err
 

@@ -43,7 +43,10 @@ def ensure_demo_bundle(bundle_dir: Path) -> Path:
             f"no usable bundle at {bundle_dir} ({reason}), and the training extra that builds the demo bundle "
             "is not installed; pass --bundle DIR"
         )
-    click.echo(f"building the demo bundle in {bundle_dir} (first use: a few minutes on CPU) ...", err=True)
+    click.echo(
+        f"building the demo bundle in {bundle_dir} (first use: about 8 minutes of CPU time, see docs/demo.md) ...",
+        err=True,
+    )
     builders["demo"].load()(bundle_dir, log=lambda msg: click.echo(f"  {msg}", err=True))
     load_bundle(bundle_dir)
     return bundle_dir

@@ -48,9 +48,10 @@ def output_layer(model: MILHead) -> torch.nn.Linear:
 
 
 @torch.no_grad()
-def predict(model: MILHead, store: FeatureStore, cases: list[Case]) -> list[Any]:
+def predict(model: MILHead, store: FeatureStore, cases: list[Case], forward: Any = None) -> list[Any]:
     model.eval()
-    return [model(store.case(c)) for c in cases]
+    fwd = forward or _bag_forward
+    return [fwd(model, store.case(c), c) for c in cases]
 
 
 def _bag_forward(model: Any, bag: torch.Tensor, case: Case) -> Any:
@@ -76,13 +77,16 @@ def fit_mil(
     val: list[Case] | None = None,
     select_on_loss: bool = False,
     forward: Any = None,
+    score_outputs: Any = None,
 ) -> tuple[MILHead, list[dict], int]:
     """Adam + cosine, one bag per step; keep the epoch with the best `select_fn()` (validation only), or with
     `select_on_loss` the lowest validation loss (`select_fn()` is then only recorded; ties go to the metric).
 
     Ties in the validation metric (common: a macro-AUC of 1.0 on an easy task) go to the lower validation loss,
     so a barely trained first epoch is not kept just because it ranks perfectly. `forward(model, bag, case)`
-    replaces `model(bag)` for heads that take more than the bag (the slide + RNA heads).
+    replaces `model(bag)` for heads that take more than the bag (the slide + RNA heads). With
+    `score_outputs(outputs of val)` instead of `select_fn`, the validation bags run through the model once per
+    epoch for both the score and the loss, not twice.
     """
     fwd = forward or _bag_forward
     if cfg.epochs < 1:
@@ -105,8 +109,13 @@ def fit_mil(
             opt.step()
             total += loss.item()
         sched.step()
-        score = select_fn(model)
-        val_loss = mean_loss(model, store, val or [], loss_fn, forward)
+        if score_outputs is not None:
+            outs = predict(model, store, val or [], forward)
+            score = score_outputs(outs)
+            val_loss = float(np.mean([loss_fn(o, c).item() for o, c in zip(outs, val, strict=True)])) if val else 0.0
+        else:
+            score = select_fn(model)
+            val_loss = mean_loss(model, store, val or [], loss_fn, forward)
         history.append(
             {"epoch": epoch, "train_loss": total / max(len(train), 1), "val_score": score, "val_loss": val_loss}
         )
@@ -138,8 +147,11 @@ def train_classification(cfg: DownstreamConfig) -> dict:
     def y_of(cs: list[Case]) -> np.ndarray:
         return np.array([lab_idx[c.fields[cfg.label_column]] for c in cs])
 
+    def probs(outs: list[Any]) -> np.ndarray:
+        return np.stack([o.logits.softmax(-1)[0].numpy() for o in outs])
+
     def probs_of(cs: list[Case], m: MILHead) -> np.ndarray:
-        return np.stack([o.logits.softmax(-1)[0].numpy() for o in predict(m, store, cs)])
+        return probs(predict(m, store, cs))
 
     def loss_fn(out: Any, case: Case) -> torch.Tensor:
         target = torch.tensor([lab_idx[case.fields[cfg.label_column]]])
@@ -147,7 +159,14 @@ def train_classification(cfg: DownstreamConfig) -> dict:
 
     yv = y_of(splits["val"])
     model, history, best_epoch = fit_mil(
-        cfg, model, store, splits["train"], loss_fn, lambda m: macro_auc(yv, probs_of(splits["val"], m)), splits["val"]
+        cfg,
+        model,
+        store,
+        splits["train"],
+        loss_fn,
+        lambda m: macro_auc(yv, probs_of(splits["val"], m)),
+        splits["val"],
+        score_outputs=lambda outs: macro_auc(yv, probs(outs)),
     )
     result = {"val": {}, "test": {}}
     preds = {}

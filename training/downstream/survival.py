@@ -61,11 +61,14 @@ def train_survival(cfg: DownstreamConfig) -> dict:
         outs = predict(m, store, cs)
         return np.array([float(o.risk[0]) for o in outs]), np.stack([o.survival[0].numpy() for o in outs])
 
-    def val_score(m: MILHead) -> float:
+    def val_score_of(outs: list[Any]) -> float:
         ev = arr(splits["val"], cfg.event_column)
         if not ev.any():
             return float("nan")
-        return c_index(ev, arr(splits["val"], cfg.time_column), risks(splits["val"], m)[0])
+        return c_index(ev, arr(splits["val"], cfg.time_column), np.array([float(o.risk[0]) for o in outs]))
+
+    def val_score(m: MILHead) -> float:
+        return val_score_of(predict(m, store, splits["val"]))
 
     # the validation NLL, not the C-index, picks the epoch by default: on ~30 validation cases the C-index moves
     # less between epochs than its own bootstrap SD and ignores calibration (docs/downstream.md, "Survival")
@@ -78,6 +81,7 @@ def train_survival(cfg: DownstreamConfig) -> dict:
         val_score,
         splits["val"],
         select_on_loss=cfg.survival_selection == "val_nll",
+        score_outputs=val_score_of,
     )
     result, preds = {"selection": cfg.survival_selection, "init": cfg.survival_init}, {}
     for split in ("val", "test"):
