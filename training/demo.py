@@ -47,7 +47,10 @@ class DemoSettings:
     stage2_all_patches: bool = True  # the official Stage 2: the teacher re-embeds every patch of a slide
     head_epochs: int = 25
     report_epochs: int = 60
-    report_arch: str = "histgen"  # the paper's HistGen; "resampler" for the earlier learned-query model
+    # "resampler" (the learned-query model) or "histgen" (the paper's HistGen, the `report.arch` default elsewhere):
+    # at demo size HistGen costs ~2.5x the resampler's CPU time, over the report step's budget (docs/downstream.md,
+    # "Report models: HistGen vs the resampler")
+    report_arch: str = "resampler"
     threads: int = 1  # oversubscribed small CPUs spin-wait with more OpenMP threads
 
 
