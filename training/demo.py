@@ -48,15 +48,15 @@ class DemoSettings:
     head_epochs: int = 25
     report_epochs: int = 60
     # "resampler" (the learned-query model) or "histgen" (the paper's HistGen, the `report.arch` default elsewhere):
-    # at demo size HistGen costs ~2.5x the resampler's CPU time, over the report step's budget (docs/downstream.md,
-    # "Report models: HistGen vs the resampler")
+    # at demo size HistGen costs 2-3x the resampler's CPU time, about twice the report step's budget, and writes
+    # near-generic reports (docs/downstream.md, "Report models: HistGen vs the resampler")
     report_arch: str = "resampler"
     threads: int = 1  # oversubscribed small CPUs spin-wait with more OpenMP threads
 
 
 # The demo's report generator (the report step): sizes and training settings shared by both architectures, then each
 # architecture's own. Tuned on cohort seed 101 (not a reported seed); bench/report_models.py and
-# docs/downstream.md ("Report models: HistGen vs the resampler") compare the two on cohort seeds 11-13.
+# docs/downstream.md ("Report models: HistGen vs the resampler") compare the two on held-out cohort seeds.
 REPORT_COMMON = {
     "d_model": 128,
     "heads": 4,
