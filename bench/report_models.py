@@ -1,10 +1,12 @@
 """HistGen vs the resampler report generator on the demo's synthetic cohort, over several cohort seeds.
 
-For each cohort seed: a fresh synthetic cohort and its patch features exactly as `make demo` builds them
-(`training.demo`), then the report task once per architecture and training seed (`--train-seeds`, default: the
-cohort seed) with the demo's report settings. Prints, per run and as mean ± sd with a t-based 95% CI over runs,
-test BLEU-4 / ROUGE-L (METEOR with --meteor) of the generated reports and of the nearest-neighbour retrieval
-baseline, the training time and the parameter count.
+For each cohort seed: a fresh synthetic cohort as `make demo` builds it (`training.demo`) with the demo's
+`tissue_stats_112` features (the Stage-0 teacher; not the Stage-2 ViT's, which would add the whole demo chain per
+cohort), then the report task once per architecture and training seed (`--train-seeds`, default: the cohort seed)
+with the demo's report settings (`training.demo.report_settings`). Prints, per run and as mean ± sd with a t-based
+95% CI over runs, test BLEU-4 / ROUGE-L (METEOR with --meteor) of the generated reports and of the
+nearest-neighbour retrieval baseline, the training CPU seconds (process time: comparable on a loaded machine, unlike
+wall time) and the parameter count.
 
     python bench/report_models.py --seeds 11 12 13 --work out/bench-report [--jobs 2]
     python bench/report_models.py --seeds 11 --train-seeds 1 2 3 --jobs 2   # one cohort, three training seeds
@@ -29,22 +31,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # before bench/: bench/service.py must not shadow the package
 
-# the demo's report settings (training/demo.py, `report={...}`): shared sizes + each architecture's own
-COMMON = {"d_model": 128, "heads": 4, "d_ff": 256, "decoder_layers": 2, "min_freq": 2, "meteor": False}
-COMMON |= {"beam": 1, "lr": 1e-3, "schedule": "cosine"}
-ARCHS = {
-    "histgen": {"arch": "histgen", "region_size": 16, "hat_layers": 2, "n_prototypes": 64, "cmm_size": 256, "topk": 32},
-    "resampler": {"arch": "resampler", "n_memory": 16},
-}
+# the report architectures, each trained with the demo's settings (`training.demo.report_settings`)
+ARCHS = ("histgen", "resampler")
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
 def _prepare(work: Path, seed: int, cases: int) -> tuple[Path, Path]:
-    from training.demo import DemoSettings, _extract, _synth
+    """The demo's synthetic cohort and its `tissue_stats_112` features (the demo's Stage-0 teacher; the full
+    demo chain's Stage-2 ViT features would add ~8 minutes per cohort)."""
+    from training.demo import STAGE0_TEACHER, DemoSettings, _extract, _synth
 
     work.mkdir(parents=True, exist_ok=True)
     cohort = _synth(work, DemoSettings(seed=seed, cases=cases), print)
-    return cohort, _extract(work, cohort, print)
+    return cohort, _extract(work, cohort, STAGE0_TEACHER, "features", print)
 
 
 def _run(
@@ -54,6 +53,7 @@ def _run(
 
     torch.set_num_threads(threads)
 
+    from training.demo import DemoSettings, report_settings
     from training.downstream.cli import run
     from training.downstream.config import DownstreamConfig
 
@@ -64,15 +64,15 @@ def _run(
         features_dir=features,
         reports=cohort / "reports.jsonl",
         out_dir=out,
-        epochs=epochs,
+        epochs=epochs or DemoSettings().report_epochs,
         seed=seed,
         n_boot=200,
-        report=COMMON | ARCHS[arch] | {"meteor": meteor},
+        report=report_settings(arch) | {"meteor": meteor},
     )
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     run(cfg)
-    seconds = time.perf_counter() - t0
-    timing = {"seconds": seconds, "threads": torch.get_num_threads(), "load": os.getloadavg()[0]}
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    timing = {"seconds": seconds, "cpu": cpu, "threads": torch.get_num_threads(), "load": os.getloadavg()[0]}
     (out / "bench.json").write_text(json.dumps(timing))
     return _collect(out)
 
@@ -87,6 +87,7 @@ def _collect(out: Path) -> dict:
     timing = json.loads((out / "bench.json").read_text()) if (out / "bench.json").is_file() else {}
     return {
         "seconds": timing.get("seconds", float("nan")),
+        "cpu": timing.get("cpu", float("nan")),
         "load": timing.get("load", float("nan")),
         "params": sum(p.numel() for p in model.parameters()),
         "generated": m["test"]["generated"],
@@ -95,13 +96,13 @@ def _collect(out: Path) -> dict:
     }
 
 
-def _summary(values: list[float]) -> str:
+def _summary(values: list[float], digits: int = 3) -> str:
     mean = statistics.fmean(values)
     if len(values) < 2:
-        return f"{mean:.3f}"
+        return f"{mean:.{digits}f}"
     sd = statistics.stdev(values)
     half = T95.get(len(values) - 1, 1.96) * sd / math.sqrt(len(values))
-    return f"{mean:.3f} ± {sd:.3f} [{mean - half:.3f}, {mean + half:.3f}]"
+    return f"{mean:.{digits}f} ± {sd:.{digits}f} [{mean - half:.{digits}f}, {mean + half:.{digits}f}]"
 
 
 def main() -> None:
@@ -109,7 +110,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[11, 12, 13])
     ap.add_argument("--train-seeds", type=int, nargs="+", help="training seeds per cohort (default: the cohort seed)")
     ap.add_argument("--cases", type=int, default=160)
-    ap.add_argument("--epochs", type=int, default=60)
+    ap.add_argument("--epochs", type=int, help="report epochs (default: the demo's)")
     ap.add_argument("--archs", nargs="+", default=list(ARCHS), choices=list(ARCHS))
     ap.add_argument("--meteor", action="store_true", help="also METEOR (starts a Java process; slow)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per training run")
@@ -147,7 +148,8 @@ def main() -> None:
             gen = " ".join(f"{k} {r['generated'][k]:.3f}" for k in metrics)
             base = " ".join(f"{k} {r['baseline'][k]:.3f}" for k in metrics)
             print(
-                f"cohort/train seed {seed} {arch:9s} {gen} | retrieval {base} | {r['seconds']:.0f} s, "
+                f"cohort/train seed {seed} {arch:9s} {gen} | retrieval {base} | "
+                f"{r['cpu']:.0f} CPU-s, {r['seconds']:.0f} s, "
                 f"{r['params']:,} params, best epoch {r['best_epoch']}, load {r['load']:.1f}",
                 flush=True,
             )
@@ -162,21 +164,23 @@ def _table(args: argparse.Namespace, rows: dict[str, list[dict]], metrics: list[
         print(f"\nthe finished runs under {args.work}:")
     else:
         seeds = args.train_seeds or "the cohort seed"
-        print(f"\ncohort seeds {args.seeds}, training seeds {seeds}, {args.epochs} epochs:")
+        epochs = args.epochs or "the demo's"
+        print(f"\ncohort seeds {args.seeds}, training seeds {seeds}, {epochs} epochs:")
     print(f"mean ± sd [t-based 95% CI] over the runs per model ({counts}), test split\n")
-    print("| model | " + " | ".join(metrics) + " | train s | params |")
-    print("| --- |" + " --- |" * (len(metrics) + 2))
+    print("| model | " + " | ".join(metrics) + " | train CPU-s | train wall s | params |")
+    print("| --- |" + " --- |" * (len(metrics) + 3))
     for arch, rs in rows.items():
         if not rs:
             continue
         cells = [_summary([r["generated"][k] for r in rs]) for k in metrics]
         secs = statistics.fmean(r["seconds"] for r in rs)
-        print(f"| {arch} | " + " | ".join(cells) + f" | {secs:.0f} | {rs[0]['params']:,} |")
+        cpu = _summary([r["cpu"] for r in rs], digits=0)
+        print(f"| {arch} | " + " | ".join(cells) + f" | {cpu} | {secs:.0f} | {rs[0]['params']:,} |")
     first = max(rows.values(), key=len)
     if not first:
         return
     cells = [_summary([r["baseline"][k] for r in first]) for k in metrics]
-    print("| retrieval baseline | " + " | ".join(cells) + " | – | – |")
+    print("| retrieval baseline | " + " | ".join(cells) + " | – | – | – |")
     a, b = rows.get("histgen", []), rows.get("resampler", [])
     if a and len(a) == len(b):  # paired only when every run has its twin
         for k in metrics:

@@ -103,8 +103,11 @@ def test_report_fewshot_retrieval_and_eval(cohort, tmp_path) -> None:
         "meteor": False,
         "batch_size": 8,
         "schedule": "cosine",
+        "val_every": 2,
     }
     m = run(_cfg(cohort, tmp_path, task="report", epochs=3, report=rep))
+    # validated (and selectable) at every 2nd epoch and at the last only
+    assert ["val_score" in h for h in m["history"]] == [False, True, True] and m["best_epoch"] in (1, 2)
     assert set(m["test"]) == {"generated", "retrieval_baseline"}
     # cosine anneals over the run's epochs (StepLR's per-epoch decay stalls a small cohort's decoder early)
     lrs = [h["lr"] for h in m["history"]]

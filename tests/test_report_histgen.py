@@ -164,3 +164,12 @@ def test_bad_sizes_are_refused() -> None:
         HistGenGenerator(6, 30, **(TINY | {"heads": 5}))
     with pytest.raises(InvalidParameterError):
         load_report_generator("/nonexistent/report.pt")
+
+
+def test_word_embeddings_start_at_the_scale_of_the_positions() -> None:
+    """× √d, a word starts unit-sized per dimension like the sinusoidal positions (with PyTorch's N(0, 1) it would be
+    √d times larger and the decoder would start as a word-bigram model that hardly reads the slide)."""
+    m = HistGenGenerator(6, 500, d_model=64, heads=2, d_ff=64, region_size=5, n_prototypes=8, cmm_size=32, topk=8)
+    scaled = m.embed.weight[Vocabulary.PAD + 1 :] * math.sqrt(64)
+    assert 0.8 < float(scaled.std()) < 1.2
+    assert float(m.embed.weight[Vocabulary.PAD].abs().max()) == 0.0

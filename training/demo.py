@@ -54,7 +54,43 @@ class DemoSettings:
     stage2_all_patches: bool = True  # the official Stage 2: the teacher re-embeds every patch of a slide
     head_epochs: int = 15
     report_epochs: int = 60
+    # "resampler" (the learned-query model) or "histgen" (the paper's HistGen, the `report.arch` default elsewhere):
+    # at demo size HistGen costs 2-3x the resampler's CPU time, about twice the report step's budget, and writes
+    # near-generic reports (docs/downstream.md, "Report models: HistGen vs the resampler")
+    report_arch: str = "resampler"
     threads: int = 1  # oversubscribed small CPUs spin-wait with more OpenMP threads
+
+
+# The demo's report generator (the report step): sizes and training settings shared by both architectures, then each
+# architecture's own. Tuned on cohort seed 101 (not a reported seed); bench/report_models.py and
+# docs/downstream.md ("Report models: HistGen vs the resampler") compare the two on held-out cohort seeds.
+REPORT_COMMON = {
+    "d_model": 128,
+    "heads": 4,
+    "d_ff": 256,
+    "decoder_layers": 2,
+    "min_freq": 2,
+    "meteor": False,
+    "beam": 1,
+    "lr": 1e-3,
+    # HistGen's per-epoch StepLR(0.8) stops a 100-report cohort's decoder after ~15 short epochs (it then writes one
+    # generic report for every slide); cosine annealing over the run fits this size
+    "schedule": "cosine",
+    # greedy-decode the val split (model selection) every 10th epoch instead of every epoch: with cosine annealing
+    # the best val epoch is late anyway, and decoding costs more than an epoch of training on ~100 reports
+    "val_every": 10,
+}
+REPORT_ARCHS = {
+    "histgen": {"arch": "histgen", "region_size": 16, "hat_layers": 2, "n_prototypes": 64, "cmm_size": 256, "topk": 32},
+    "resampler": {"arch": "resampler", "n_memory": 16},
+}
+
+
+def report_settings(arch: str) -> dict:
+    """The demo's `report` config for `arch` ("histgen" or "resampler")."""
+    if arch not in REPORT_ARCHS:
+        raise InvalidParameterError(f"unknown demo report architecture {arch!r} (one of {sorted(REPORT_ARCHS)})")
+    return REPORT_COMMON | REPORT_ARCHS[arch]
 
 
 def fold_standardization(aggregator: torch.nn.Module, mean: torch.Tensor, std: torch.Tensor) -> torch.nn.Module:
@@ -284,32 +320,13 @@ def _downstream(work: Path, cohort: Path, features: Path, stage1: Path, s: DemoS
         step(f"  test: {_headline(metrics)}")
         module, meta = load_head(work / "heads" / name / "head.pt")
         heads.append((name, module, meta))
-    step("report generator ...")
+    step(f"report generator ({s.report_arch}, {s.report_epochs} epochs) ...")
     rcfg = DownstreamConfig(
         task="report",
         out_dir=work / "heads" / "report",
         reports=cohort / "reports.jsonl",
         epochs=s.report_epochs,
-        report={
-            # the resampler, not HistGen (the `ReportConfig` default): at this size on ~100 training reports HistGen
-            # trained 1.7-2.1x longer side by side and wrote 1-2 distinct reports for 27 test slides (BLEU-4 0.070 vs
-            # 0.144, means; docs/downstream.md, bench/report_models.py), and the first-use build must stay <= 6 min.
-            # HistGen at demo size: "arch": "histgen", "region_size": 16, "hat_layers": 2, "n_prototypes": 64,
-            # "cmm_size": 256, "topk": 32
-            "arch": "resampler",
-            "n_memory": 16,
-            "d_model": 128,
-            "heads": 4,
-            "d_ff": 256,
-            "decoder_layers": 2,
-            "min_freq": 2,
-            "meteor": False,
-            "beam": 1,
-            "lr": 1e-3,
-            # HistGen's per-epoch StepLR(0.8) stops a 100-report cohort's decoder after ~15 short epochs (it then
-            # writes one generic report for every slide); cosine over the run fits it: BLEU-4 0.077 -> 0.193
-            "schedule": "cosine",
-        },
+        report=report_settings(s.report_arch),
         **common,
     )
     metrics = run(rcfg)

@@ -42,6 +42,9 @@ class ReportConfig(BaseModel):
     schedule: Literal["step", "cosine"] = "step"
     gamma: float = 0.8
     val_beam: int = 1  # greedy on val for model selection speed; beam on test
+    # validate (greedy-decode the val split, the costliest part of an epoch on a small cohort) every `val_every`
+    # epochs and at the last; model selection then picks among those epochs
+    val_every: int = Field(1, ge=1)
     meteor: bool = True  # METEOR starts a Java process (slow); BLEU/ROUGE-L always
 
 

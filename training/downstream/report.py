@@ -84,9 +84,12 @@ def train_report(cfg: DownstreamConfig) -> dict:
             opt.step()
             total, steps = total + loss.item(), steps + 1
         sched.step()
+        lr_now = opt.param_groups[0]["lr"]
+        if (epoch + 1) % rc.val_every and epoch != cfg.epochs - 1:
+            history.append({"epoch": epoch, "train_loss": total / max(steps, 1), "lr": lr_now})
+            continue
         val_scores = caption_metrics(refs(splits["val"]), generate(splits["val"], rc.val_beam), meteor=False)
         score = val_scores["BLEU_4"]
-        lr_now = opt.param_groups[0]["lr"]
         history.append({"epoch": epoch, "train_loss": total / max(steps, 1), "val_score": score, "lr": lr_now})
         log.info("epoch %d loss %.4f val BLEU-4 %.4f", epoch, total / max(steps, 1), score)
         if score > best or best_state is None:

@@ -23,6 +23,8 @@ Deliberate differences from the official code (none changes the architecture's s
 - padding is masked everywhere (in-region attention, the global encoder, pooling, the prototype sampling),
   so a padded batch gives the same output per slide as batch size 1 (the official code trains with batch 1
   and pools over zero-padding);
+- word embeddings start at N(0, 1/d_model) (PyTorch's default N(0, 1) in the official code): × √d they are then
+  unit-sized like the positions and the memory response, instead of √d times larger;
 - sinusoidal positions are added once (inside regions at the first layer, over regions before each global
   layer); the official code re-adds in-region positions at every layer;
 - attention is `scaled_dot_product_attention` with explicit masks, which exports to ONNX with a dynamic N.
@@ -218,6 +220,13 @@ class HistGenGenerator(ReportModel):
         self.visual_response = Attention(d_model, heads, dropout)
         self.encoder = HATEncoder(d_model, heads, d_ff, dropout, region_size, hat_layers)
         self.embed = nn.Embedding(vocab_size, d_model, padding_idx=Vocabulary.PAD)
+        # N(0, 1/d): after the × √d scale a word starts at unit size per dimension, like the positions and the
+        # memory response it is summed with. PyTorch's N(0, 1) (the official code's) makes the words √d times
+        # larger, so the decoder starts as a word-bigram model that hardly reads the slide: on the ~100 reports of
+        # the demo cohort it wrote one generic report for every slide (docs/downstream.md)
+        nn.init.normal_(self.embed.weight, 0.0, d_model**-0.5)
+        with torch.no_grad():
+            self.embed.weight[Vocabulary.PAD].zero_()
         self.drop = nn.Dropout(dropout)
         self.decoder = nn.ModuleList(Block(d_model, heads, d_ff, dropout, cross=True) for _ in range(decoder_layers))
         self.out_norm = nn.LayerNorm(d_model)
