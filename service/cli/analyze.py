@@ -44,7 +44,7 @@ def ensure_demo_bundle(bundle_dir: Path) -> Path:
             "is not installed; pass --bundle DIR"
         )
     click.echo(
-        f"building the demo bundle in {bundle_dir} (first use: about 8 minutes of CPU time, see docs/demo.md) ...",
+        f"building the demo bundle in {bundle_dir} (first use: about 5 minutes on 2 idle cores, see docs/demo.md) ...",
         err=True,
     )
     builders["demo"].load()(bundle_dir, log=lambda msg: click.echo(f"  {msg}", err=True))
