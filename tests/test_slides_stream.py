@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -210,3 +211,27 @@ def test_damaged_tile_is_a_typed_error(cmu_svs: Path, tmp_path: Path) -> None:
         with pytest.raises(CorruptSlideError, match="cannot be decoded"):
             for _ in iter_batches(r, g, batch_size=8):
                 pass
+
+
+def test_a_batch_is_split_evenly_across_the_reader_threads(cmu_svs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 42-patch slide read in batches of 64 on 2 workers is read as 21 + 21, not 32 + 10 (one core doing three
+    quarters of a small slide); parts stay at least MIN_PART patches, and the pixels are those of one read."""
+    seen: list[tuple[int, int]] = []
+    real = PatchReader.read_batch
+
+    def spy(self, start: int, stop: int, out=None):
+        seen.append((start, stop))
+        return real(self, start, stop, out)
+
+    with open_slide(cmu_svs) as reader:
+        full = build_grid(reader, patch_size=224, target_mpp=0.5, tissue_threshold=0.0)
+        assert len(full.coords) >= 64
+        whole = PatchReader(reader, full).read_batch(0, 42)
+        monkeypatch.setattr(PatchReader, "read_batch", spy)
+        for n, parts in ((42, [(0, 21), (21, 42)]), (64, [(0, 32), (32, 64)]), (31, [(0, 31)])):
+            grid = replace(full, coords=full.coords[:n], tissue_fraction=full.tissue_fraction[:n])
+            seen.clear()
+            got, _ = _collect(reader, grid, batch_size=64, workers=2)
+            assert sorted(seen) == parts, (n, sorted(seen))
+            if n == 42:
+                np.testing.assert_array_equal(got, whole)

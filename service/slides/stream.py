@@ -178,15 +178,17 @@ def iter_batches(
         return
     inflight = max(1, max_inflight if max_inflight is not None else workers + 1)
     patches = PatchReader(reader, grid, fast=fast, cache_mb=cache_mb, run_length=run_length)
-    # a batch is read in up to `workers` parts of at least MIN_PART patches, so that both cores work on a
-    # small slide (or the last batch) too, not only when several batches are in flight
-    part = max(MIN_PART, -(-batch_size // workers))
     size = grid.patch_size
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mstar-tiles")
     pending: deque[tuple[int, int, np.ndarray, list[Future]]] = deque()
 
     def submit(start: int, stop: int) -> None:
-        out = np.empty((stop - start, size, size, 3), np.uint8)
+        # a batch is read in up to `workers` equal parts of at least MIN_PART patches, so that both cores work
+        # on a small slide (or the last batch) too, not only when several batches are in flight; equal, or a
+        # 42-patch slide would be read as 32 + 10 and one core would do three quarters of it
+        count = stop - start
+        part = -(-count // max(1, min(workers, count // MIN_PART)))
+        out = np.empty((count, size, size, 3), np.uint8)
         futs = [
             pool.submit(patches.read_batch, a, min(a + part, stop), out[a - start : min(a + part, stop) - start])
             for a in range(start, stop, part)
