@@ -87,7 +87,16 @@ def test_concurrent_requests_are_dynamically_batched(server: TritonServer, bundl
         before = tb.statistics("mstar_patch_encoder")
         px = real_patches(48)
         got = tb.embed_patches(px)
-        after = tb.statistics("mstar_patch_encoder")
+        # the server counts a request after its response has gone out: read the statistics once all 48 are in
+        deadline = time.monotonic() + 15
+        while True:
+            after = tb.statistics("mstar_patch_encoder")
+            done = int(after["inference_stats"]["success"]["count"]) - int(
+                before["inference_stats"]["success"]["count"]
+            )
+            if done >= 48 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
     np.testing.assert_allclose(got, local.embed_patches(px), atol=1e-6)
     requests = int(after["inference_stats"]["success"]["count"]) - int(before["inference_stats"]["success"]["count"])
     executions = int(after["execution_count"]) - int(before["execution_count"])
