@@ -149,14 +149,21 @@ def _fixtures():
     return fixtures
 
 
-def build_j2k_ycbcr(side: int = 2048) -> Path:
-    """An Aperio JPEG 2000 YCbCr (33003) SVS of `side` x `side` real CMU pixels (4:2:2, lossy), cached; written
-    by the tests' writer with OpenJPEG's opj_compress (no such sample exists here)."""
-    out = BENCH_DIR / f"cmu-{side}-33003.svs"
+def build_j2k_ycbcr(width: int = 2048, height: int = 2048) -> Path:
+    """An Aperio JPEG 2000 YCbCr (33003) SVS of `width` x `height` real pixels (4:2:2, lossy), cached; written
+    by the tests' writer with OpenJPEG's opj_compress (no such sample exists here). 2,048 px square: a crop of
+    CMU-1-Small-Region; wider: a strip of the mirrored JPEG SVS (`build_slide`), as wide as real slides are."""
+    out = BENCH_DIR / (f"cmu-{width}-33003.svs" if width == height == 2048 else f"cmu-{width}x{height}-33003.svs")
     if not out.exists():
         BENCH_DIR.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        _fixtures().write_aperio_j2k_ycbcr(CMU, out, origin=(0, 2967 - side), width=side, height=side)
+        if width == height == 2048:
+            src, origin = CMU, (0, 2967 - height)
+        else:
+            src, origin = build_slide(LARGE_SIDE, 0.5, 2, "svs"), (0, 6000)
+        tmp = out.with_name(out.stem + ".tmp.svs")
+        _fixtures().write_aperio_j2k_ycbcr(src, tmp, origin=origin, width=width, height=height)
+        tmp.rename(out)
         print(f"# built {out.name} in {time.perf_counter() - t0:.1f} s", flush=True)
     return out
 
@@ -580,6 +587,7 @@ def main(argv: list[str] | None = None) -> int:
         ("NDPI", SLIDES / "test3-DAPI-2-387.ndpi", None),
         ("JPEG2000 SVS (0.25)", SLIDES / "tcga-cr-7395-01a-01-ts1.svs", 0.25),
         ("JPEG2000 YCbCr 33003", build_j2k_ycbcr() if shutil.which("opj_compress") else None, None),
+        ("JPEG2000 YCbCr 33003 wide", build_j2k_ycbcr(20_480, 2_048) if shutil.which("opj_compress") else None, None),
         ("DICOM", SLIDES / "dicom-cmu-1-small-region", None),
         ("OME-TIFF", build_slide(8_000, 0.5, 2, "ome"), None),
         ("MRXS", build_mirax(8_000), None),

@@ -127,6 +127,27 @@ def test_j2k_ycbcr_33003_fast_path_equals_openslide(aperio_33003: Path, cmu_svs:
     assert np.abs((built - real).mean(axis=(0, 1))).max() < 2  # and no colour cast in any channel
 
 
+def test_33003_pixels_do_not_depend_on_the_openjpeg_binding(
+    aperio_33003: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ctypes decode (GIL free) and the Pillow fallback (where no libopenjp2 loads) give the same RGB tiles,
+    in full and at reduced resolution."""
+    from service.slides import openjpeg
+
+    level = open_tiff_level(aperio_33003, 1024, 768)
+    keys = [(0, 0), (2, 1), (3, 2)]
+    try:
+        assert openjpeg.available()
+        ctypes_tiles = [level.decode_tile(k) for k in keys] + [level.decode_reduced(k, 2) for k in keys]
+        monkeypatch.setattr(openjpeg, "_library", lambda: None)
+        assert not openjpeg.available()
+        pillow_tiles = [level.decode_tile(k) for k in keys] + [level.decode_reduced(k, 2) for k in keys]
+    finally:
+        level.close()
+    for a, b in zip(ctypes_tiles, pillow_tiles, strict=True):
+        assert a.shape == b.shape and np.array_equal(a, b)
+
+
 def test_damaged_33003_tile_is_a_typed_error(aperio_33003: Path, tmp_path: Path) -> None:
     bad = tmp_path / "damaged.svs"
     shutil.copy(aperio_33003, bad)

@@ -53,6 +53,7 @@ import tifffile
 from PIL import Image, features
 
 from service.errors import CorruptSlideError
+from service.slides import openjpeg
 
 JPEG = 7
 APERIO_J2K_YCBCR = 33003
@@ -169,28 +170,53 @@ def _srgb_jp2(codestream: bytes, width: int, height: int) -> bytes:
     return head + box(b"jp2h", ihdr + colr) + box(b"jp2c", codestream)
 
 
-def decode_aperio_ycbcr(codestream: bytes, width: int, height: int) -> np.ndarray:
+def decode_aperio_ycbcr(codestream: bytes, width: int, height: int, reduce: int = 0) -> np.ndarray:
     """uint8 RGB of one Aperio 33003 tile (J2K, YCbCr without the JPEG 2000 colour transform, chroma usually
-    halved horizontally) with the pixels OpenSlide produces: its nearest chroma upsampling and its tables.
-    Pillow's OpenJPEG decoder, given the sRGB container, returns the stored components untouched (imagecodecs
-    converts subsampled YCbCr itself, with other rounding)."""
+    halved horizontally) at 1 / 2**reduce resolution, with the pixels OpenSlide produces: its nearest chroma
+    upsampling and its tables. The stored components come from OpenJPEG through ctypes (`openjpeg`, no GIL
+    held while decoding); where no libopenjp2 loads, from Pillow's OpenJPEG given an sRGB container (it then
+    returns the components untouched, but holds the GIL). imagecodecs converts subsampled YCbCr itself, with
+    other rounding, so it is not used here."""
+    f = 1 << reduce
+    shape = (-(-height // f), -(-width // f))
+    if openjpeg.available():
+        planes = openjpeg.decode_components(codestream, reduce, expect_size=(width, height))
+        if len(planes) != 3:
+            raise ValueError(f"tile has {len(planes)} components, not 3")
+        luma = planes[0]
+        if luma.shape != shape:
+            raise ValueError(f"tile decodes to {luma.shape}, not {shape}")
+        return _ycbcr_to_rgb(luma, planes[1], planes[2])
     with Image.open(io.BytesIO(_srgb_jp2(codestream, width, height))) as im:
+        im.reduce = reduce
         im.load()
         ycc = np.asarray(im)
-    if ycc.shape != (height, width, 3):
-        raise ValueError(f"tile decodes to {ycc.shape}, not {(height, width, 3)}")
-    return _ycbcr_to_rgb(ycc)
+    if ycc.shape != (*shape, 3):
+        raise ValueError(f"tile decodes to {ycc.shape}, not {(*shape, 3)}")
+    return _ycbcr_to_rgb(ycc[..., 0], ycc[..., 1], ycc[..., 2])
 
 
-def _ycbcr_to_rgb(ycc: np.ndarray) -> np.ndarray:
-    """OpenSlide's Aperio 33003 YCbCr -> RGB (its tables, C rounding) of stored components [h, w, 3]."""
-    height, width = ycc.shape[:2]
-    y = ycc[..., 0].astype(np.int16)
-    cb, cr = ycc[..., 1], ycc[..., 2]
-    out = np.empty((height, width, 3), np.uint8)
-    np.clip(y + _R_CR[cr], 0, 255, out=out[..., 0], casting="unsafe")
-    np.clip(y + ((_G_CB[cb] + _G_CR[cr]) >> 16).astype(np.int16), 0, 255, out=out[..., 1], casting="unsafe")
-    np.clip(y + _B_CB[cb], 0, 255, out=out[..., 2], casting="unsafe")
+def _upsample(plane: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour upsampling of a subsampled plane to `shape` (OpenSlide repeats chroma samples)."""
+    fy, fx = -(-shape[0] // plane.shape[0]), -(-shape[1] // plane.shape[1])
+    if fx > 1:
+        plane = np.repeat(plane, fx, axis=1)
+    if fy > 1:
+        plane = np.repeat(plane, fy, axis=0)
+    return plane[: shape[0], : shape[1]]
+
+
+def _ycbcr_to_rgb(y: np.ndarray, cb: np.ndarray, cr: np.ndarray) -> np.ndarray:
+    """OpenSlide's Aperio 33003 YCbCr -> RGB (its tables, C rounding) of stored planes; the chroma terms are
+    looked up at the chroma planes' own (subsampled) size, then repeated to the luma's."""
+    shape = y.shape
+    if cb.shape != cr.shape or cb.shape[0] > shape[0] or cb.shape[1] > shape[1]:
+        raise ValueError(f"chroma planes {cb.shape} / {cr.shape} do not fit luma {shape}")
+    luma = y.astype(np.int16)
+    out = np.empty((*shape, 3), np.uint8)
+    terms = (_R_CR[cr], ((_G_CB[cb] + _G_CR[cr]) >> 16).astype(np.int16), _B_CB[cb])
+    for channel, term in enumerate(terms):
+        np.clip(luma + _upsample(term, shape), 0, 255, out=out[..., channel], casting="unsafe")
     return out
 
 
@@ -268,11 +294,16 @@ class TiffLevel:
         try:
             if len(data) != count:
                 raise ValueError(f"file truncated: {len(data)} of {count} bytes")
-            stream = _srgb_jp2(data, self.tile_w, self.tile_h) if self._ycbcr else data
-            with Image.open(io.BytesIO(stream)) as im:
-                im.reduce = reduce
-                im.load()
-                arr = np.asarray(im.convert("RGB") if im.mode != "RGB" else im)
+            if self._ycbcr:
+                arr = decode_aperio_ycbcr(data, self.tile_w, self.tile_h, reduce)
+            elif openjpeg.available():
+                planes = openjpeg.decode_components(data, reduce, expect_size=(self.tile_w, self.tile_h))
+                arr = np.stack(planes[:3] if len(planes) >= 3 else planes * 3, axis=-1)
+            else:
+                with Image.open(io.BytesIO(data)) as im:
+                    im.reduce = reduce
+                    im.load()
+                    arr = np.asarray(im.convert("RGB") if im.mode != "RGB" else im)
             if arr.shape != shape:
                 raise ValueError(f"tile decodes to {arr.shape}, not {shape}")
         except Exception as exc:  # damaged data, or fewer wavelet levels than asked for
@@ -281,7 +312,7 @@ class TiffLevel:
                 f"resolution ({exc})",
                 slide=self.path.name,
             ) from None
-        return _ycbcr_to_rgb(arr) if self._ycbcr else arr
+        return arr
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -649,7 +680,8 @@ def _mirax_images(index: Path, slide_id: str, zoom: int) -> list[tuple[int, int,
         count, nxt = i32(page), i32(page + 4)
         if count < 0 or page + 8 + 16 * count > len(raw):
             raise ValueError("Index.dat page out of bounds")
-        out.extend(struct.unpack_from(f"<{4 * count}i", raw, page + 8)[i : i + 4] for i in range(0, 4 * count, 4))
+        records = struct.unpack_from(f"<{4 * count}i", raw, page + 8)  # once a page: per record was O(count²)
+        out.extend(records[i : i + 4] for i in range(0, 4 * count, 4))
         if nxt == 0:
             return [tuple(r) for r in out]
         page = nxt
