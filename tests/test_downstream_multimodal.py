@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
+from fit_spy import assert_one_validation_pass, spy_on_fit_mil
 
 from service.errors import InvalidParameterError
 from training.checkpoints import load_fusion_head
@@ -69,6 +70,17 @@ def test_fused_survival_is_complete_case_and_reports_contributions(cohort, tmp_p
     out = model(torch.randn(10, 16), torch.randn(1, 30))
     total = sum(out.contributions.values()) + model.bias
     torch.testing.assert_close(total, out.logits)
+
+
+@pytest.mark.parametrize("task", ["classification", "survival"])
+def test_fused_heads_run_validation_once_per_epoch(cohort, tmp_path, monkeypatch, task) -> None:
+    """The slide + RNA heads score and take the validation loss from one pass, like the slide-only ones."""
+    import training.downstream.multimodal as multimodal
+
+    calls = spy_on_fit_mil(monkeypatch, multimodal)
+    run(_cfg(cohort, tmp_path, task=task))
+    assert len(calls) == 1 and calls[0]["val"] > 0
+    assert_one_validation_pass(calls)
 
 
 def test_mcat_co_attention_trains_and_splits_its_logits(cohort, tmp_path) -> None:

@@ -275,37 +275,33 @@ def test_export_key_layout_is_released_mstar():
     assert tuple(student.backbone.pos_embed.shape) == (1, 197, 1024)
 
 
+def _stage2_cfg(setup, out_dir, *, n_patches: int, num_workers: int, block: int) -> dict:
+    """A Stage-2 config over the module's cohort, Stage-1 teacher and Stage-0 student; tests add their optim."""
+    return {
+        "data": {
+            "cohort": str(setup["cohort"]),
+            "features_dir": str(setup["root"] / "feats"),
+            "n_patches": n_patches,
+            "splits": ["train", "val", "test"],
+            "num_workers": num_workers,
+            "block": block,
+        },
+        "teacher": {"checkpoint": str(setup["teacher"])},
+        "student": {"encoder": "vit_micro_112", "init_checkpoint": str(setup["stage0"])},
+        "optim": {"lr": 1e-4, "proj_lr": 3e-3},
+        "out_dir": str(out_dir),
+    }
+
+
 def test_stage2_losses_fall_without_collapse(setup, tmp_path):
     from training.checkpoints import load_patch_proj
     from training.config import load_config
     from training.stage2 import Stage2Config, train_stage2
 
     cfg_path = tmp_path / "stage2.yaml"
-    cfg_path.write_text(
-        yaml.safe_dump(
-            {
-                "data": {
-                    "cohort": str(setup["cohort"]),
-                    "features_dir": str(setup["root"] / "feats"),
-                    "n_patches": 48,
-                    "splits": ["train", "val", "test"],
-                    "num_workers": 1,
-                    "block": 4,
-                },
-                "teacher": {"checkpoint": str(setup["teacher"])},
-                "student": {"encoder": "vit_micro_112", "init_checkpoint": str(setup["stage0"])},
-                "optim": {
-                    "epochs": 20,
-                    "batch_size": 16,
-                    "lr": 1e-4,
-                    "proj_lr": 3e-3,
-                    "max_steps": 16,
-                    "warmup_frac": 0.1,
-                },
-                "out_dir": str(tmp_path / "run"),
-            }
-        )
-    )
+    raw = _stage2_cfg(setup, tmp_path / "run", n_patches=48, num_workers=1, block=4)
+    raw["optim"].update({"epochs": 20, "batch_size": 16, "max_steps": 16, "warmup_frac": 0.1})
+    cfg_path.write_text(yaml.safe_dump(raw))
     cfg = load_config(cfg_path, Stage2Config)
     assert cfg.loss.ema_weight == 0.6 and cfg.loss.similarity == "cosine" and cfg.ema.momentum == 0.996
     res = train_stage2(cfg)
@@ -402,24 +398,9 @@ def test_stage2_is_repeatable_with_two_loader_workers(setup, tmp_path):
     from training.stage2 import Stage2Config, train_stage2
 
     def run(name: str) -> dict:
-        cfg = Stage2Config.model_validate(
-            {
-                "data": {
-                    "cohort": str(setup["cohort"]),
-                    "features_dir": str(setup["root"] / "feats"),
-                    "n_patches": 2,
-                    "splits": ["train", "val", "test"],
-                    "num_workers": 2,
-                    "block": 2,
-                },
-                "teacher": {"checkpoint": str(setup["teacher"])},
-                "student": {"encoder": "vit_micro_112", "init_checkpoint": str(setup["stage0"])},
-                "optim": {"epochs": 2, "batch_size": 4, "lr": 1e-4, "proj_lr": 3e-3},
-                "out_dir": str(tmp_path / name),
-                "seed": 7,
-            }
-        )
-        return train_stage2(cfg)
+        raw = _stage2_cfg(setup, tmp_path / name, n_patches=2, num_workers=2, block=2)
+        raw["optim"].update({"epochs": 2, "batch_size": 4})
+        return train_stage2(Stage2Config.model_validate({**raw, "seed": 7}))
 
     a, b = run("a"), run("b")
     assert a["step"] == b["step"] > 2 and a["epoch"] == b["epoch"] >= 1  # a second epoch, with a fresh loader

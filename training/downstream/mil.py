@@ -58,35 +58,24 @@ def _bag_forward(model: Any, bag: torch.Tensor, case: Case) -> Any:
     return model(bag)
 
 
-@torch.no_grad()
-def mean_loss(model: MILHead, store: FeatureStore, cases: list[Case], loss_fn: Any, forward: Any = None) -> float:
-    if not cases:
-        return 0.0
-    model.eval()
-    fwd = forward or _bag_forward
-    return float(np.mean([loss_fn(fwd(model, store.case(c), c), c).item() for c in cases]))
-
-
 def fit_mil(
     cfg: DownstreamConfig,
     model: MILHead,
     store: FeatureStore,
     train: list[Case],
     loss_fn: Any,
-    select_fn: Any,
+    score_outputs: Any,
     val: list[Case] | None = None,
     select_on_loss: bool = False,
     forward: Any = None,
-    score_outputs: Any = None,
 ) -> tuple[MILHead, list[dict], int]:
-    """Adam + cosine, one bag per step; keep the epoch with the best `select_fn()` (validation only), or with
-    `select_on_loss` the lowest validation loss (`select_fn()` is then only recorded; ties go to the metric).
+    """Adam + cosine, one bag per step; keep the epoch with the best `score_outputs(outputs on val)`, or with
+    `select_on_loss` the lowest validation loss (the score is then only recorded; ties go to the metric).
 
-    Ties in the validation metric (common: a macro-AUC of 1.0 on an easy task) go to the lower validation loss,
-    so a barely trained first epoch is not kept just because it ranks perfectly. `forward(model, bag, case)`
-    replaces `model(bag)` for heads that take more than the bag (the slide + RNA heads). With
-    `score_outputs(outputs of val)` instead of `select_fn`, the validation bags run through the model once per
-    epoch for both the score and the loss, not twice.
+    The validation bags run through the model once per epoch, for both the score and the loss. Ties in the
+    validation metric (common: a macro-AUC of 1.0 on an easy task) go to the lower validation loss, so a barely
+    trained first epoch is not kept just because it ranks perfectly. `forward(model, bag, case)` replaces
+    `model(bag)` for heads that take more than the bag (the slide + RNA heads).
     """
     fwd = forward or _bag_forward
     if cfg.epochs < 1:
@@ -109,13 +98,10 @@ def fit_mil(
             opt.step()
             total += loss.item()
         sched.step()
-        if score_outputs is not None:
-            outs = predict(model, store, val or [], forward)
-            score = score_outputs(outs)
+        outs = predict(model, store, val or [], forward)
+        score = score_outputs(outs)
+        with torch.no_grad():
             val_loss = float(np.mean([loss_fn(o, c).item() for o, c in zip(outs, val, strict=True)])) if val else 0.0
-        else:
-            score = select_fn(model)
-            val_loss = mean_loss(model, store, val or [], loss_fn, forward)
         history.append(
             {"epoch": epoch, "train_loss": total / max(len(train), 1), "val_score": score, "val_loss": val_loss}
         )
@@ -164,9 +150,8 @@ def train_classification(cfg: DownstreamConfig) -> dict:
         store,
         splits["train"],
         loss_fn,
-        lambda m: macro_auc(yv, probs_of(splits["val"], m)),
+        lambda outs: macro_auc(yv, probs(outs)),
         splits["val"],
-        score_outputs=lambda outs: macro_auc(yv, probs(outs)),
     )
     result = {"val": {}, "test": {}}
     preds = {}

@@ -206,14 +206,11 @@ def train_multimodal_survival(cfg: DownstreamConfig) -> dict:
         censored = torch.tensor([1.0 - float(case.fields[cfg.event_column])])
         return nll_survival_loss(out.hazards, out.survival, y, censored)
 
-    def risks(cs: list[Case], m: FusionHead) -> np.ndarray:
-        return np.array([float(o.risk[0]) for o in _predict(m, store, rna, cs)])
-
-    def val_score(m: FusionHead) -> float:
+    def val_score(outs: list[Any]) -> float:
         ev = arr(splits["val"], cfg.event_column)
         if not ev.any():
             return float("nan")
-        return c_index(ev, arr(splits["val"], cfg.time_column), risks(splits["val"], m))
+        return c_index(ev, arr(splits["val"], cfg.time_column), np.array([float(o.risk[0]) for o in outs]))
 
     model, history, best_epoch = fit_mil(
         cfg,
@@ -269,8 +266,11 @@ def train_multimodal_classification(cfg: DownstreamConfig) -> dict:
     def y_of(cs: list[Case]) -> np.ndarray:
         return np.array([idx[c.fields[col]] for c in cs])
 
+    def probs(outs: list[Any]) -> np.ndarray:
+        return np.stack([o.logits.softmax(-1)[0].numpy() for o in outs])
+
     def probs_of(cs: list[Case], m: FusionHead) -> np.ndarray:
-        return np.stack([o.logits.softmax(-1)[0].numpy() for o in _predict(m, store, rna, cs)])
+        return probs(_predict(m, store, rna, cs))
 
     def loss_fn(out: Any, case: Case) -> torch.Tensor:
         return torch.nn.functional.cross_entropy(out.logits, torch.tensor([idx[case.fields[col]]]))
@@ -282,7 +282,7 @@ def train_multimodal_classification(cfg: DownstreamConfig) -> dict:
         store,
         splits["train"],
         loss_fn,
-        lambda m: macro_auc(yv, probs_of(splits["val"], m)),
+        lambda outs: macro_auc(yv, probs(outs)),
         splits["val"],
         forward=_forward(rna),
     )

@@ -67,9 +67,6 @@ def train_survival(cfg: DownstreamConfig) -> dict:
             return float("nan")
         return c_index(ev, arr(splits["val"], cfg.time_column), np.array([float(o.risk[0]) for o in outs]))
 
-    def val_score(m: MILHead) -> float:
-        return val_score_of(predict(m, store, splits["val"]))
-
     # the validation NLL, not the C-index, picks the epoch by default: on ~30 validation cases the C-index moves
     # less between epochs than its own bootstrap SD and ignores calibration (docs/downstream.md, "Survival")
     model, history, best_epoch = fit_mil(
@@ -78,10 +75,9 @@ def train_survival(cfg: DownstreamConfig) -> dict:
         store,
         splits["train"],
         loss_fn,
-        val_score,
+        val_score_of,
         splits["val"],
         select_on_loss=cfg.survival_selection == "val_nll",
-        score_outputs=val_score_of,
     )
     result, preds = {"selection": cfg.survival_selection, "init": cfg.survival_init}, {}
     for split in ("val", "test"):
