@@ -117,3 +117,31 @@ def test_decoding_leaves_the_gil_free(cmu_svs: Path) -> None:
     alone = rate_while(lambda: time.sleep(0.3))  # the counter with the main thread idle
     decoding = rate_while(lambda: [openjpeg.decode_components(stream) for _ in range(4)])
     assert decoding > 0.25 * alone, (decoding, alone)  # with Pillow's decoder: about 0.03
+
+
+def test_concurrent_decodes_with_damaged_ones_among_them(cmu_svs: Path) -> None:
+    """Four threads decoding good and damaged codestreams at once: each good one gives its own pixels, each
+    damaged one its own ValueError (the callbacks find their stream by the id OpenJPEG hands back)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rgb = _cmu_rgb(cmu_svs, 512)
+    good = [_j2k(np.ascontiguousarray(rgb[y : y + 128, x : x + 128])) for y in (0, 256) for x in (0, 128, 256, 384)]
+    expected = [_pillow(s) for s in good]
+    jobs = [(i % len(good), i % 3 == 2) for i in range(48)]
+
+    def decode(job: tuple[int, bool]) -> np.ndarray | str:
+        i, damaged = job
+        stream = good[i][:200] if damaged else good[i]
+        try:
+            return np.stack(openjpeg.decode_components(stream, expect_size=(128, 128)), axis=-1)
+        except ValueError as exc:
+            return str(exc)
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(decode, jobs))
+    for (i, damaged), got in zip(jobs, results, strict=True):
+        if damaged:
+            assert isinstance(got, str) and got
+        else:
+            assert isinstance(got, np.ndarray) and np.array_equal(got, expected[i])
+    assert not openjpeg._streams  # nothing left registered
