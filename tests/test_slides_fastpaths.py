@@ -4,6 +4,7 @@ pixels."""
 
 from __future__ import annotations
 
+import itertools
 import shutil
 from pathlib import Path
 
@@ -106,6 +107,42 @@ def aperio_33003(cmu_svs: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     if shutil.which("opj_compress") is None:
         pytest.skip("opj_compress (Debian libopenjp2-tools, in tests/sysdeps.sh) builds the 33003 slide")
     return write_aperio_j2k_ycbcr(cmu_svs, tmp_path_factory.mktemp("j2k") / "cmu-33003.svs")
+
+
+def test_j2k_batches_split_by_tiles_and_decode_ahead(tcga_j2k_svs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """JPEG 2000 batches are split where the tiles to decode are even (each tile counted for the last patch that
+    touches it: the later run starts on shared tiles), every part decodes its tiles before cutting, and the
+    pixels are those of one plain read whatever the split, the cache size or the thread count."""
+    with open_slide(tcga_j2k_svs, mpp_override=0.25) as r:
+        g = build_grid(r)
+        pr = PatchReader(r, g)
+        n = len(g)
+        bounds = pr.split(0, n, 2)
+        assert bounds[0] == 0 and bounds[-1] == n and len(bounds) == 3
+        tiles = pr.fast_source.tiles_of(pr.level_coords, g.read_size)
+        later = set().union(*tiles[bounds[1] :])
+        work = [len(set().union(*tiles[: bounds[1]]) - later), len(later)]
+        assert abs(work[0] - work[1]) <= 4, work  # tiles to decode per part, about even
+        assert bounds != [0, -(-n // 2), n]  # not the count split (the second half has more tiles)
+        for parts in (1, 3, n, n + 5):
+            b = pr.split(0, n, parts)
+            assert b[0] == 0 and b[-1] == n and all(x < y for x, y in itertools.pairwise(b))
+        whole = pr.read_batch(0, n)
+        ensured: list[tuple[int, int]] = []
+        real_ensure = fasttiles.TileCache.ensure
+
+        def spy(self, key, load):
+            ensured.append(key)
+            return real_ensure(self, key, load)
+
+        monkeypatch.setattr(fasttiles.TileCache, "ensure", spy)
+        for kw in ({"workers": 2}, {"workers": 3, "batch_size": 16}, {"workers": 2, "cache_mb": 1}):
+            ensured.clear()
+            assert np.array_equal(_collect(r, g, **kw), whole), kw
+            if "cache_mb" in kw:  # a 1 MB cache cannot hold a part's tiles: no decoding ahead, same pixels
+                assert not ensured
+            else:
+                assert set(ensured) == set().union(*tiles)
 
 
 def test_j2k_ycbcr_33003_fast_path_equals_openslide(aperio_33003: Path, cmu_svs: Path) -> None:

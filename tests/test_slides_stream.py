@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -183,6 +184,40 @@ def test_tile_cache_decodes_each_tile_once_and_stays_bounded(cmu_svs: Path) -> N
     assert calls == [evicted]
     level.close()
     assert open_tiff_level(Path("/nonexistent.svs"), 1, 1) is None
+
+
+def test_tile_cache_ensure_decodes_what_is_missing_and_never_waits(cmu_svs: Path) -> None:
+    """`ensure` decodes a tile that is neither cached nor being decoded, leaves cached ones alone, and returns at
+    once for a tile another thread is decoding (which `get` would wait for)."""
+    import threading
+
+    from service.slides.fasttiles import TileCache, open_tiff_level
+
+    level = open_tiff_level(cmu_svs, 2220, 2967)
+    started, release = threading.Event(), threading.Event()
+    calls: list[tuple[int, int]] = []
+
+    def load(key: tuple[int, int]) -> np.ndarray:
+        calls.append(key)
+        if key == (1, 1):  # a slow decode, held until released
+            started.set()
+            release.wait(10)
+        return level.decode_tile(key)
+
+    cache = TileCache(max_bytes=64 << 20)
+    cache.ensure((0, 0), load)
+    cache.ensure((0, 0), load)  # cached: nothing decoded
+    slow = threading.Thread(target=cache.get, args=((1, 1), load))
+    slow.start()
+    assert started.wait(10)
+    t0 = time.perf_counter()
+    cache.ensure((1, 1), load)  # pending in the other thread: returns without waiting or decoding
+    waited = time.perf_counter() - t0
+    release.set()
+    slow.join(10)
+    assert calls == [(0, 0), (1, 1)] and waited < 5
+    assert cache.get((1, 1), load) is cache._data[(1, 1)] and calls == [(0, 0), (1, 1)]
+    level.close()
 
 
 def test_damaged_tile_is_a_typed_error(cmu_svs: Path, tmp_path: Path) -> None:

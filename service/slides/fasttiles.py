@@ -114,25 +114,40 @@ class TileCache:
                     self.hits += 1
                     return tile
                 event = self._pending.get(key)
-                owner = event is None
-                if owner:
-                    event = self._pending[key] = threading.Event()
-                    self.misses += 1
-            if not owner:
-                event.wait()
-                continue  # now cached, or the owner failed and this thread retries
-            try:
-                tile = load(key)
-                with self._lock:
-                    if tile.nbytes <= self.max_bytes:
-                        self._data[key] = tile
-                        self._bytes += tile.nbytes
-                        self._evict()
-                return tile
-            finally:
-                with self._lock:
-                    self._pending.pop(key, None)
-                event.set()
+                if event is None:
+                    event = self._claim(key)
+                    break
+            event.wait()  # now cached, or the owner failed and this thread retries
+        return self._fill(key, load, event)
+
+    def ensure(self, key: tuple[int, int], load) -> None:
+        """Decode `key` into the cache unless it is cached or another thread is decoding it: never waits, so
+        threads that need overlapping tiles decode different ones side by side instead of one waiting."""
+        with self._lock:
+            if key in self._data or key in self._pending:
+                return
+            event = self._claim(key)
+        self._fill(key, load, event)
+
+    def _claim(self, key: tuple[int, int]) -> threading.Event:
+        """Mark `key` as being decoded by this thread (lock held)."""
+        event = self._pending[key] = threading.Event()
+        self.misses += 1
+        return event
+
+    def _fill(self, key: tuple[int, int], load, event: threading.Event) -> np.ndarray:
+        try:
+            tile = load(key)
+            with self._lock:
+                if tile.nbytes <= self.max_bytes:
+                    self._data[key] = tile
+                    self._bytes += tile.nbytes
+                    self._evict()
+            return tile
+        finally:
+            with self._lock:
+                self._pending.pop(key, None)
+            event.set()
 
 
 def _jpeg_into(data: bytes, out: np.ndarray | None, **args) -> np.ndarray:
@@ -700,6 +715,33 @@ class FastTiffSource:
     def _load(self, key: tuple[int, int]) -> np.ndarray:
         """Decode one stored tile, into a recycled buffer where one of its shape is spare."""
         return self.level.decode_tile(key, out=self.cache.recycled(self.level.tile_shape(key)))
+
+    def tiles_of(self, origins: np.ndarray, size: int) -> list[list[tuple[int, int]]]:
+        """The stored tiles each `size` px read at level `origins` [N, 2] touches, row-major per read."""
+        lv = self.level
+        if not len(origins):
+            return []
+        x0 = np.clip(origins[:, 0], 0, lv.width - 1) // lv.tile_w
+        x1 = np.clip(origins[:, 0] + size - 1, 0, lv.width - 1) // lv.tile_w
+        y0 = np.clip(origins[:, 1], 0, lv.height - 1) // lv.tile_h
+        y1 = np.clip(origins[:, 1] + size - 1, 0, lv.height - 1) // lv.tile_h
+        return [
+            [(tx, ty) for ty in range(c, d + 1) for tx in range(a, b + 1)]
+            for a, b, c, d in zip(x0.tolist(), x1.tolist(), y0.tolist(), y1.tolist(), strict=True)
+        ]
+
+    def decode_ahead(self, origins: np.ndarray, size: int) -> None:
+        """Decode every stored tile that `size` px reads at level `origins` [N, 2] will touch, skipping those
+        cached or being decoded by another thread, before any patch is cut. For JPEG 2000, whose tiles cost
+        5-10 ms each, this keeps both reader threads decoding where their patches share tiles instead of one
+        waiting for the other's tile. Skipped where the tiles would not all fit a quarter of the cache, so none
+        is evicted before its patches are cut."""
+        lv = self.level
+        keys = dict.fromkeys(k for per_read in self.tiles_of(origins, size) for k in per_read)
+        if len(keys) * lv.tile_w * lv.tile_h * 3 > self.cache.max_bytes // 4:
+            return
+        for key in keys:
+            self.cache.ensure(key, self._load)
 
     def read(self, lx: int, ly: int, size: int | tuple[int, int], out: np.ndarray | None = None) -> np.ndarray:
         """Level pixels `[ly, ly + h) x [lx, lx + w)` (size = side or (w, h)); outside the level is white."""
