@@ -12,8 +12,10 @@ JPEG 2000 (Aperio 33005, RGB) tiles go through the same path: tifffile's decoder
 (imagecodecs), the library OpenSlide uses, so pixels are identical. One OpenJPEG thread per tile: on 256 px tiles
 its thread option was no faster (3x slower on background tiles), and the reader threads already decode tiles in
 parallel. Aperio 33003 (YCbCr without the JPEG 2000 colour transform, chroma halved horizontally) is decoded
-to its stored components (Pillow's OpenJPEG, told the stream is sRGB so that it converts nothing) and turned
-into RGB with OpenSlide's own tables and nearest chroma upsampling, so pixels are identical to OpenSlide's.
+to its stored components (OpenJPEG through ctypes, `openjpeg.py`, which releases the GIL; Pillow's decoder,
+told the stream is sRGB so that it converts nothing, where no libopenjp2 loads) and turned into RGB with
+OpenSlide's own tables and nearest chroma upsampling, so pixels are identical to OpenSlide's. JPEG 2000 parts
+of a batch decode their tiles ahead of cutting (`decode_ahead`), so two threads never wait on each other's tile.
 
 Decoded tiles live in a byte-bounded cache; tiles it evicts that no reader still holds are decoded into again
 (JPEG tiles, NDPI blocks, MIRAX images), which saves the page faults of fresh arrays.
