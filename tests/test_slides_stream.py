@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from dataclasses import replace
@@ -246,6 +247,27 @@ def test_damaged_tile_is_a_typed_error(cmu_svs: Path, tmp_path: Path) -> None:
         with pytest.raises(CorruptSlideError, match="cannot be decoded"):
             for _ in iter_batches(r, g, batch_size=8):
                 pass
+
+
+@pytest.mark.parametrize(
+    ("weights", "parts", "bounds"),
+    [
+        ([1.0] * 42, 2, [0, 21, 42]),  # equal weights: equal counts
+        ([1.0] * 64, 2, [0, 32, 64]),
+        ([50.1, 0.1, 0.1, 0.1], 2, [0, 1, 4]),  # one heavy item runs alone
+        ([50.1, 0.1, 0.1, 0.1], 3, [0, 1, 2, 4]),  # and the light ones still split
+        ([0.1, 0.1, 0.1, 50.1], 3, [0, 2, 3, 4]),
+        ([2.1, 0.1, 2.1, 0.1, 2.1, 0.1], 3, [0, 2, 4, 6]),
+        ([1.0] * 3, 5, [0, 1, 2, 3]),  # more parts than items: one item each
+        ([1.0], 2, [0, 1]),
+    ],
+)
+def test_balanced_bounds(weights: list[float], parts: int, bounds: list[int]) -> None:
+    from service.slides.stream import balanced_bounds
+
+    got = balanced_bounds(np.asarray(weights), parts)
+    assert got == bounds
+    assert all(a < b for a, b in itertools.pairwise(got))  # no empty run
 
 
 def test_a_batch_is_split_evenly_across_the_reader_threads(cmu_svs: Path, monkeypatch: pytest.MonkeyPatch) -> None:

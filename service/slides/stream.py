@@ -49,6 +49,19 @@ def resize_patch(region: np.ndarray, size: int) -> np.ndarray:
     return cv2.resize(region, (size, size), interpolation=interp)
 
 
+def balanced_bounds(weights: np.ndarray, parts: int) -> list[int]:
+    """Boundaries `[0, ..., len(weights)]` of `parts` runs (at most one per item) whose summed weights are about
+    equal; every run holds at least one item, however the weight is spread."""
+    count = len(weights)
+    parts = max(1, min(parts, count))
+    cum = np.cumsum(weights)
+    bounds = [0]
+    for k, cut in enumerate(np.searchsorted(cum, cum[-1] * np.arange(1, parts) / parts, side="left") + 1, 1):
+        # strictly after the previous cut, and leaving an item for each run still to come
+        bounds.append(min(max(int(cut), bounds[-1] + 1), count - (parts - k)))
+    return [*bounds, count]
+
+
 def _level_coords(coords: np.ndarray, downsample: float) -> np.ndarray:
     """Level pixel of each level-0 coordinate: the nearest one, as the readers land (pyramids written by
     halving odd sizes have downsamples like 2.0003, so exact division is the exception)."""
@@ -119,11 +132,7 @@ class PatchReader:
             for i in range(count - 1, -1, -1):
                 weights[i] = 0.1 + sum(k not in seen for k in per_patch[i])
                 seen.update(per_patch[i])
-        cum = np.cumsum(weights)
-        cuts = np.searchsorted(cum, cum[-1] * np.arange(1, parts) / parts, side="left") + 1
-        cuts = np.clip(cuts, np.arange(1, parts), count - np.arange(parts - 1, 0, -1))  # >= 1 patch each
-        cuts = np.maximum.accumulate(cuts)
-        return [start, *(start + int(c) for c in cuts), stop]
+        return [start + b for b in balanced_bounds(weights, parts)]
 
     @property
     def mode(self) -> str:
