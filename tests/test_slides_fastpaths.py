@@ -199,6 +199,33 @@ def test_damaged_33003_tile_is_a_typed_error(aperio_33003: Path, tmp_path: Path)
     src.close()
 
 
+def test_j2k_tile_claiming_a_huge_image_is_refused_before_decoding(tcga_j2k_svs: Path, tmp_path: Path) -> None:
+    """A 33005 tile whose codestream header claims 60,000 x 60,000 px (imagecodecs' decoder grew the process to
+    24 GB on such a tile until the kernel killed it) is a corrupt_slide error from the header bytes alone, in
+    full and reduced reads, and the slide's other tiles still read."""
+    import resource
+
+    bad = tmp_path / "bomb.svs"
+    shutil.copy(tcga_j2k_svs, bad)
+    with tifffile.TiffFile(bad) as tif:
+        page = next(p for p in tif.pages if p.compression == fasttiles.APERIO_J2K_RGB and p.is_tiled)
+        w, h, start = page.imagewidth, page.imagelength, page.dataoffsets[0]
+    with open(bad, "r+b") as fh:  # SOC, SIZ marker, Lsiz, Rsiz, then Xsiz and Ysiz
+        fh.seek(start + 8)
+        fh.write((60_000).to_bytes(4, "big") * 2)
+    level = open_tiff_level(bad, w, h)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    try:
+        with pytest.raises(CorruptSlideError, match=r"stored tile \(0, 0\).*60000x60000 px, not the 256x256"):
+            level.decode_tile((0, 0))
+        with pytest.raises(CorruptSlideError, match="60000x60000"):
+            level.decode_reduced((0, 0), 3)
+        assert level.decode_tile((1, 0)).shape == (256, 256, 3)  # the other tiles still read
+    finally:
+        level.close()
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # KB: no gigabytes taken
+
+
 def _area(img: np.ndarray, f: int) -> np.ndarray:
     h, w = -(-img.shape[0] // f), -(-img.shape[1] // f)
     return cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA)

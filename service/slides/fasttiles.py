@@ -56,6 +56,7 @@ from PIL import Image, features
 
 from service.errors import CorruptSlideError
 from service.slides import openjpeg
+from service.slides.headers import check_size, j2k_codestream_size, jpeg_frame_size
 
 JPEG = 7
 APERIO_J2K_YCBCR = 33003
@@ -277,12 +278,13 @@ class TiffLevel:
         if count == 0:
             return np.full((self.tile_h, self.tile_w, 3), 255, np.uint8)
         data = os.pread(self._fd, count, int(self.offsets[index]))
-        if self._jpeg_args is not None and len(data) == count:
-            with contextlib.suppress(Exception):  # on any failure tifffile's decoder below names the error
-                return _jpeg_into(data, out, **self._jpeg_args)
         try:
             if len(data) != count:
                 raise ValueError(f"file truncated: {len(data)} of {count} bytes")
+            self._check_header(data)
+            if self._jpeg_args is not None:
+                with contextlib.suppress(Exception):  # on any failure tifffile's decoder below names the error
+                    return _jpeg_into(data, out, **self._jpeg_args)
             if self._ycbcr:
                 return decode_aperio_ycbcr(data, self.tile_w, self.tile_h)
             arr, _, _ = self._decode(data, index, jpegtables=self._jpegtables)
@@ -292,6 +294,14 @@ class TiffLevel:
                 f"stored tile ({tx}, {ty}) of the {self.width}x{self.height} level cannot be decoded ({exc})",
                 slide=self.path.name,
             ) from None
+
+    def _check_header(self, data: bytes) -> None:
+        """A stored tile must declare the TIFF tile's size, checked from its bytes before any decoder allocates
+        for it (`headers`): one hostile tile header made the decoders take 10-24 GB."""
+        if self.codec == "jpeg2000":
+            check_size(j2k_codestream_size(data), (self.tile_w, self.tile_h), "JPEG 2000 tile")
+        else:  # a JPEG tile is a stream of its own (SOI, frame, scan), its tables perhaps in JPEGTables
+            check_size(jpeg_frame_size(data), (self.tile_w, self.tile_h), "JPEG tile")
 
     def decode_reduced(self, key: tuple[int, int], reduce: int) -> np.ndarray:
         """uint8 RGB of JPEG 2000 tile `key` at 1 / 2**reduce of its resolution, [ceil(tile_h / f),
@@ -311,6 +321,7 @@ class TiffLevel:
         try:
             if len(data) != count:
                 raise ValueError(f"file truncated: {len(data)} of {count} bytes")
+            self._check_header(data)
             if self._ycbcr:
                 arr = decode_aperio_ycbcr(data, self.tile_w, self.tile_h, reduce)
             elif openjpeg.available():
@@ -652,6 +663,7 @@ class MiraxLevel:
             data = os.pread(self._fds[fileno], length, offset)
             if len(data) != length:
                 raise ValueError(f"data file truncated: {len(data)} of {length} bytes")
+            check_size(jpeg_frame_size(data), (self.tile_w, self.tile_h), "camera image")
             arr = _jpeg_into(data, out)
         except Exception as exc:  # any codec error means damaged pixels, never a worker crash
             raise CorruptSlideError(

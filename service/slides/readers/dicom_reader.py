@@ -19,6 +19,7 @@ import numpy as np
 
 from service.errors import CorruptSlideError, SlideError, SlideTooLargeError, UnsupportedFormatError
 from service.slides.base import SlideReader
+from service.slides.headers import check_size, jpeg_frame_size
 from service.slides.mpp import from_pixel_spacing
 from service.slides.readers._common import (
     TileCache,
@@ -256,6 +257,7 @@ class DicomReader(SlideReader):
             import imagecodecs
 
             data = self._wsi.read_encoded_tile(lv, (tx, ty), crop_to_image_boundary=False)
+            check_size(jpeg_frame_size(data), self._tile_sizes[level], "JPEG frame")  # before it allocates
             # libjpeg follows the stream's own markers (JFIF -> YCbCr->RGB), which is what the data is.
             return to_rgb(imagecodecs.jpeg8_decode(data))
         except SlideError:

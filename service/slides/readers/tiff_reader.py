@@ -23,6 +23,7 @@ import tifffile
 
 from service.errors import CorruptSlideError, SlideError, SlideTooLargeError, UnsupportedFormatError
 from service.slides.base import Mpp, SlideReader
+from service.slides.headers import declared_size
 from service.slides.mpp import from_ome_xml, from_tiff_resolution
 from service.slides.readers._common import (
     TileCache,
@@ -246,6 +247,9 @@ class TiffReader(SlideReader):
             self._fh.seek(offset)
             data = self._fh.read(count)
         try:
+            declared = declared_size(data)  # before the decoder allocates what a hostile header claims
+            if declared is not None and (declared[0] > lv.seg_w or declared[1] > lv.seg_h):
+                raise ValueError(f"its header says {declared[0]}x{declared[1]} px, the file {lv.seg_w}x{lv.seg_h}")
             arr = lv.decode(data, index, jpegtables=lv.jpegtables)[0]
         except Exception as exc:
             raise CorruptSlideError(f"tile {index} cannot be decoded ({exc})", slide=self.path.name) from exc

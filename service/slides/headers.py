@@ -1,0 +1,67 @@
+"""The image size a JPEG or JPEG 2000 stream declares, read from its header bytes before any decoder runs.
+
+Why: a decoder allocates what the header declares. One stored tile whose header claimed 60,000 x 60,000 px
+made libjpeg-turbo (through imagecodecs) allocate and fill a 10 GB array, and OpenJPEG grow the process to 24 GB
+until the kernel killed it. Every stored tile or frame is checked against the size its container gives it
+(TIFF tile size, MIRAX camera image, DICOM frame) first, as OpenSlide does ("Dimensional mismatch")."""
+
+from __future__ import annotations
+
+import struct
+
+# start-of-frame markers: SOF0-3, 5-7, 9-11, 13-15 (C4 is DHT, C8 JPG, CC DAC)
+_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+_SOS, _SOI = 0xDA, 0xD8
+
+
+def jpeg_frame_size(data: bytes) -> tuple[int, int]:
+    """(width, height) of a JPEG stream's frame header (SOFn), found by walking its marker segments from SOI.
+    ValueError where there is no SOI, the segments are malformed, or the scan starts before any frame."""
+    if len(data) < 4 or data[0] != 0xFF or data[1] != _SOI:
+        raise ValueError("not a JPEG stream (no SOI marker at its start)")
+    i = 2
+    while i + 4 <= len(data):
+        if data[i] != 0xFF:
+            raise ValueError(f"malformed JPEG header at byte {i}")
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in _SOF:
+            if i + 9 > len(data):
+                break
+            height, width = struct.unpack_from(">HH", data, i + 5)
+            return width, height
+        if marker == _SOS:
+            raise ValueError("JPEG scan starts before any frame header")
+        i += 2 + struct.unpack_from(">H", data, i + 2)[0]
+    raise ValueError("JPEG stream ends before its frame header")
+
+
+def j2k_codestream_size(codestream: bytes) -> tuple[int, int]:
+    """(width, height) a raw J2K codestream declares in its SIZ segment, which must follow the SOC marker.
+    ValueError where the codestream does not start SOC, SIZ, or declares an empty image."""
+    if len(codestream) < 24 or codestream[:4] != b"\xff\x4f\xff\x51":
+        raise ValueError("not a JPEG 2000 codestream (no SOC and SIZ markers at its start)")
+    x, y, x0, y0 = struct.unpack_from(">IIII", codestream, 8)
+    if x <= x0 or y <= y0:
+        raise ValueError(f"codestream header declares an empty image ({x} x {y} from {x0}, {y0})")
+    return x - x0, y - y0
+
+
+def declared_size(data: bytes) -> tuple[int, int] | None:
+    """The size a JPEG or raw JPEG 2000 stream declares, by its first bytes; None for anything else (other
+    codecs decode to the size their container states)."""
+    if data[:2] == b"\xff\xd8":
+        return jpeg_frame_size(data)
+    if data[:4] == b"\xff\x4f\xff\x51":
+        return j2k_codestream_size(data)
+    return None
+
+
+def check_size(declared: tuple[int, int], expected: tuple[int, int], what: str) -> None:
+    if tuple(declared) != tuple(expected):
+        raise ValueError(
+            f"{what} header says {declared[0]}x{declared[1]} px, not the {expected[0]}x{expected[1]} its container "
+            "gives it"
+        )

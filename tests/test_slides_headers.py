@@ -1,0 +1,150 @@
+"""Declared image sizes read from JPEG / JPEG 2000 header bytes (`service.slides.headers`), and the readers that
+refuse a stored tile or frame whose header claims another size than its container gives it, before decoding:
+one such header made the decoders allocate and fill 10-24 GB."""
+
+from __future__ import annotations
+
+import io
+import resource
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from service.errors import CorruptSlideError
+from service.slides.fasttiles import FastTiffSource, MiraxLevel, open_tiff_level
+from service.slides.headers import check_size, j2k_codestream_size, jpeg_frame_size
+from service.slides.open import open_slide
+
+HUGE = (60_000).to_bytes(2, "big")
+
+
+def _jpeg(w: int, h: int, **options) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.full((h, w, 3), 128, np.uint8)).save(buf, "JPEG", **options)
+    return buf.getvalue()
+
+
+def test_jpeg_frame_size_walks_the_markers() -> None:
+    assert jpeg_frame_size(_jpeg(120, 200)) == (120, 200)
+    assert jpeg_frame_size(_jpeg(64, 48, progressive=True)) == (64, 48)  # SOF2
+    exif = _jpeg(33, 17, exif=b"Exif\x00\x00" + b"\x00" * 300)  # an APP1 segment before the frame
+    assert jpeg_frame_size(exif) == (33, 17)
+    for bad in (b"", b"\x00\x00\x00\x00", b"\xff\xd8\xff\xda\x00\x02", b"\xff\xd8\x12\x34\x00\x02"):
+        with pytest.raises(ValueError):
+            jpeg_frame_size(bad)
+    with pytest.raises(ValueError, match="ends before"):
+        jpeg_frame_size(_jpeg(8, 8)[:20])
+
+
+def test_j2k_codestream_size_reads_the_siz_segment() -> None:
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((200, 120, 3), np.uint8)).save(buf, "JPEG2000", no_jp2=True)
+    stream = buf.getvalue()
+    assert j2k_codestream_size(stream) == (120, 200)
+    with pytest.raises(ValueError, match="not a JPEG 2000 codestream"):
+        j2k_codestream_size(stream[4:])
+    empty = bytearray(stream)
+    empty[8:12] = (0).to_bytes(4, "big")
+    with pytest.raises(ValueError, match="empty image"):
+        j2k_codestream_size(bytes(empty))
+    with pytest.raises(ValueError, match="says 60000x60000 px, not the 256x256"):
+        check_size((60_000, 60_000), (256, 256), "tile")
+
+
+def _peak_kb() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def test_jpeg_tile_claiming_a_huge_image_is_refused(cmu_svs: Path, tmp_path: Path) -> None:
+    """A JPEG SVS tile whose frame header claims 60,000 x 60,000 px: the fast path took 10 GB and 15 s decoding
+    it; now a corrupt_slide error from the header, and the slide's other tiles still read."""
+    bad = tmp_path / "bomb.svs"
+    shutil.copy(cmu_svs, bad)
+    with tifffile.TiffFile(bad) as tif:
+        page = tif.pages[0]
+        start, count, w, h = page.dataoffsets[0], page.databytecounts[0], page.imagewidth, page.imagelength
+    with open(bad, "r+b") as fh:
+        fh.seek(start)
+        sof = fh.read(count).index(b"\xff\xc0")
+        fh.seek(start + sof + 5)
+        fh.write(HUGE * 2)
+    before = _peak_kb()
+    src = FastTiffSource(open_tiff_level(bad, w, h))
+    try:
+        with pytest.raises(CorruptSlideError, match=r"tile \(0, 0\).*60000x60000 px, not the 240x240"):
+            src.read(0, 0, 224)
+        assert src.read(480, 480, 224).shape == (224, 224, 3)
+    finally:
+        src.close()
+    assert _peak_kb() - before < 200_000  # KB: no gigabytes taken
+
+
+def test_mirax_image_claiming_a_huge_image_is_refused(cmu_svs: Path, tmp_path: Path) -> None:
+    from slide_fixtures import write_mirax
+
+    bad = write_mirax(cmu_svs, tmp_path / "bomb.mrxs")
+    with open_slide(bad) as r:
+        w, h = (int(v) for v in r.level_dimensions[0])
+    level = open_tiff_level(bad, w, h)
+    assert isinstance(level, MiraxLevel)
+    fileno, offset, length = level.images[(0, 0)]
+    level.close()
+    with open(sorted(bad.with_suffix("").glob("Data*.dat"))[fileno], "r+b") as fh:
+        fh.seek(offset)
+        sof = fh.read(length).index(b"\xff\xc0")
+        fh.seek(offset + sof + 5)
+        fh.write(HUGE * 2)
+    level = open_tiff_level(bad, w, h)
+    try:
+        with pytest.raises(CorruptSlideError, match=r"MIRAX image \(0, 0\).*60000x60000"):
+            level.decode_tile((0, 0))
+        assert level.decode_tile((1, 0)).shape == (level.tile_h, level.tile_w, 3)
+    finally:
+        level.close()
+
+
+def test_dicom_frame_claiming_a_huge_image_is_refused(dicom_dir: Path, tmp_path: Path) -> None:
+    """The DICOM reader decodes the sample's mislabelled YCbCr frames itself; a frame whose header claims
+    60,000 x 60,000 px is a corrupt_slide error naming the frame."""
+    bad = tmp_path / "dicom"
+    shutil.copytree(dicom_dir, bad)
+    with open_slide(bad) as r:
+        level0 = max(bad.glob("*.dcm"), key=lambda p: p.stat().st_size)  # the largest file: level 0's frames
+    raw = bytearray(level0.read_bytes())
+    first = raw.index(b"\xff\xd8\xff")  # the first encapsulated frame
+    sof = raw.index(b"\xff\xc0", first)
+    raw[sof + 5 : sof + 9] = HUGE * 2
+    level0.write_bytes(bytes(raw))
+    with open_slide(bad) as r, pytest.raises(CorruptSlideError, match=r"frame \(0, 0\) of level 0.*60000x60000"):
+        r.read_region((0, 0), 0, (64, 64))
+
+
+def test_tifffile_reader_refuses_an_oversized_tile_header(cmu_svs: Path, tmp_path: Path) -> None:
+    """The tifffile reader (OME-TIFF, SubIFD pyramids) decodes through tifffile, which checks a tile's size only
+    after decoding it; a JPEG tile claiming 60,000 x 60,000 px is refused from its header first."""
+    from service.slides.readers.tiff_reader import TiffReader
+
+    path = tmp_path / "bomb.tif"
+    with open_slide(cmu_svs) as r:
+        rgb = np.ascontiguousarray(r.read_region((0, 0), 0, (512, 512)))
+    tifffile.imwrite(path, rgb, tile=(256, 256), compression="jpeg", photometric="rgb")
+    with tifffile.TiffFile(path) as tif:
+        start, count = tif.pages[0].dataoffsets[0], tif.pages[0].databytecounts[0]
+    with open(path, "r+b") as fh:
+        fh.seek(start)
+        sof = fh.read(count).index(b"\xff\xc0")
+        fh.seek(start + sof + 5)
+        fh.write(HUGE * 2)
+    reader = TiffReader(path)
+    before = _peak_kb()
+    try:
+        with pytest.raises(CorruptSlideError, match=r"tile 0 cannot be decoded.*60000x60000 px, the file 256x256"):
+            reader.read_region((0, 0), 0, (64, 64))
+        assert reader.read_region((300, 300), 0, (64, 64)).shape == (64, 64, 3)
+    finally:
+        reader.close()
+    assert _peak_kb() - before < 200_000
