@@ -107,20 +107,32 @@ def test_mirax_image_claiming_a_huge_image_is_refused(cmu_svs: Path, tmp_path: P
         level.close()
 
 
-def test_dicom_frame_claiming_a_huge_image_is_refused(dicom_dir: Path, tmp_path: Path) -> None:
-    """The DICOM reader decodes the sample's mislabelled YCbCr frames itself; a frame whose header claims
-    60,000 x 60,000 px is a corrupt_slide error naming the frame."""
+@pytest.mark.parametrize("label", ["RGB", "YBR_FULL_422"])
+def test_dicom_frame_claiming_a_huge_image_is_refused(dicom_dir: Path, tmp_path: Path, label: str) -> None:
+    """A DICOM frame whose JPEG header claims 60,000 x 60,000 px is a corrupt_slide error naming the frame, both
+    where the reader decodes the sample's mislabelled YCbCr frames itself ("RGB", as stored) and where wsidicom
+    decodes them (the label set right: wsidicom's decoder asked for 10 GB on such a frame)."""
+    import pydicom
+
     bad = tmp_path / "dicom"
     shutil.copytree(dicom_dir, bad)
-    with open_slide(bad) as r:
-        level0 = max(bad.glob("*.dcm"), key=lambda p: p.stat().st_size)  # the largest file: level 0's frames
+    for f in bad.glob("*.dcm"):
+        ds = pydicom.dcmread(f)
+        if getattr(ds, "PhotometricInterpretation", None) == "RGB" and label != "RGB":
+            ds.PhotometricInterpretation = label
+            ds.save_as(f)
+    level0 = max(bad.glob("*.dcm"), key=lambda p: p.stat().st_size)  # the largest file: level 0's frames
     raw = bytearray(level0.read_bytes())
-    first = raw.index(b"\xff\xd8\xff")  # the first encapsulated frame
-    sof = raw.index(b"\xff\xc0", first)
+    sof = raw.index(b"\xff\xc0", raw.index(b"\xff\xd8\xff"))  # in the first encapsulated frame
     raw[sof + 5 : sof + 9] = HUGE * 2
     level0.write_bytes(bytes(raw))
-    with open_slide(bad) as r, pytest.raises(CorruptSlideError, match=r"frame \(0, 0\) of level 0.*60000x60000"):
-        r.read_region((0, 0), 0, (64, 64))
+    before = _peak_kb()
+    with open_slide(bad) as r:
+        assert (r._corrections[0] is None) == (label != "RGB")  # which decoder the frame goes to
+        with pytest.raises(CorruptSlideError, match=r"frame \(0, 0\) of level 0.*60000x60000"):
+            r.read_region((0, 0), 0, (64, 64))
+        assert r.read_region((600, 600), 0, (64, 64)).shape == (64, 64, 3)
+    assert _peak_kb() - before < 200_000
 
 
 def test_tifffile_reader_refuses_an_oversized_tile_header(cmu_svs: Path, tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ import numpy as np
 
 from service.errors import CorruptSlideError, SlideError, SlideTooLargeError, UnsupportedFormatError
 from service.slides.base import SlideReader
-from service.slides.headers import check_size, jpeg_frame_size
+from service.slides.headers import check_size, declared_size
 from service.slides.mpp import from_pixel_spacing
 from service.slides.readers._common import (
     TileCache,
@@ -251,13 +251,17 @@ class DicomReader(SlideReader):
     def _decode_tile(self, level: int, tx: int, ty: int) -> np.ndarray:
         lv = self._levels[level].level
         try:
+            # the frame's own header, before any decoder allocates what it claims (a JPEG frame claiming
+            # 60,000 x 60,000 px had wsidicom's decoder ask for 10 GB); raw frames are sized by the tags
+            data = self._wsi.read_encoded_tile(lv, (tx, ty), crop_to_image_boundary=False)
+            declared = declared_size(data)
+            if declared is not None:
+                check_size(declared, self._tile_sizes[level], "frame")
             if self._corrections[level] is None:
                 img = self._wsi.read_tile(lv, (tx, ty), crop_to_image_boundary=False)
                 return to_rgb(np.asarray(img))
             import imagecodecs
 
-            data = self._wsi.read_encoded_tile(lv, (tx, ty), crop_to_image_boundary=False)
-            check_size(jpeg_frame_size(data), self._tile_sizes[level], "JPEG frame")  # before it allocates
             # libjpeg follows the stream's own markers (JFIF -> YCbCr->RGB), which is what the data is.
             return to_rgb(imagecodecs.jpeg8_decode(data))
         except SlideError:
