@@ -52,7 +52,7 @@ sys.path.insert(0, str(ROOT))
 
 from service.slides.grid import build_grid  # noqa: E402
 from service.slides.open import open_slide  # noqa: E402
-from service.slides.stream import PatchReader, _level_coords, iter_batches, resize_patch  # noqa: E402
+from service.slides.stream import PatchReader, iter_batches, resize_patch  # noqa: E402
 
 SLIDES = ROOT.parent / "shared" / "data" / "slides"
 CMU = SLIDES / "CMU-1-Small-Region.svs"
@@ -287,14 +287,7 @@ def reader_loop_rate(path: Path, grid, mpp_override: float | None, threads: int 
 
 def touched_tiles(pr: PatchReader) -> list[tuple[int, int]]:
     """Every stored tile (NDPI block) that a patch of the reader's grid overlaps, in row-major order."""
-    lv, rs = pr.fast_source.level, pr.grid.read_size
-    keys: set[tuple[int, int]] = set()
-    for lx, ly in _level_coords(pr.coords, pr.grid.level_downsample):
-        x0, y0 = max(int(lx), 0), max(int(ly), 0)
-        x1, y1 = min(int(lx) + rs, lv.width) - 1, min(int(ly) + rs, lv.height) - 1
-        for ty in range(y0 // lv.tile_h, y1 // lv.tile_h + 1):
-            for tx in range(x0 // lv.tile_w, x1 // lv.tile_w + 1):
-                keys.add((tx, ty))
+    keys = {k for per_patch in pr.fast_source.tiles_of(pr.level_coords, pr.grid.read_size) for k in per_patch}
     return sorted(keys, key=lambda k: (k[1], k[0]))
 
 

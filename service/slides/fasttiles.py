@@ -274,14 +274,10 @@ class TiffLevel:
         codec allows; missing tiles are white."""
         tx, ty = key
         index = ty * self.tiles_x + tx
-        count = int(self.counts[index])
-        if count == 0:
+        if int(self.counts[index]) == 0:
             return np.full((self.tile_h, self.tile_w, 3), 255, np.uint8)
-        data = os.pread(self._fd, count, int(self.offsets[index]))
         try:
-            if len(data) != count:
-                raise ValueError(f"file truncated: {len(data)} of {count} bytes")
-            self._check_header(data)
+            data = self._stored(index)
             if self._jpeg_args is not None:
                 with contextlib.suppress(Exception):  # on any failure tifffile's decoder below names the error
                     return _jpeg_into(data, out, **self._jpeg_args)
@@ -295,13 +291,19 @@ class TiffLevel:
                 slide=self.path.name,
             ) from None
 
-    def _check_header(self, data: bytes) -> None:
-        """A stored tile must declare the TIFF tile's size, checked from its bytes before any decoder allocates
-        for it (`headers`): one hostile tile header made the decoders take 10-24 GB."""
+    def _stored(self, index: int) -> bytes:
+        """The stored bytes of tile `index` (non-empty), whose header must declare the TIFF tile's size: checked
+        before any decoder allocates for it (`headers`; one hostile tile header made the decoders take 10-24 GB).
+        ValueError when truncated or mis-sized."""
+        count = int(self.counts[index])
+        data = os.pread(self._fd, count, int(self.offsets[index]))
+        if len(data) != count:
+            raise ValueError(f"file truncated: {len(data)} of {count} bytes")
         if self.codec == "jpeg2000":
             check_size(j2k_codestream_size(data), (self.tile_w, self.tile_h), "JPEG 2000 tile")
         else:  # a JPEG tile is a stream of its own (SOI, frame, scan), its tables perhaps in JPEGTables
             check_size(jpeg_frame_size(data), (self.tile_w, self.tile_h), "JPEG tile")
+        return data
 
     def decode_reduced(self, key: tuple[int, int], reduce: int) -> np.ndarray:
         """uint8 RGB of JPEG 2000 tile `key` at 1 / 2**reduce of its resolution, [ceil(tile_h / f),
@@ -314,14 +316,10 @@ class TiffLevel:
         f = 1 << reduce
         shape = (-(-self.tile_h // f), -(-self.tile_w // f), 3)
         index = ty * self.tiles_x + tx
-        count = int(self.counts[index])
-        if count == 0:
+        if int(self.counts[index]) == 0:
             return np.full(shape, 255, np.uint8)
-        data = os.pread(self._fd, count, int(self.offsets[index]))
         try:
-            if len(data) != count:
-                raise ValueError(f"file truncated: {len(data)} of {count} bytes")
-            self._check_header(data)
+            data = self._stored(index)
             if self._ycbcr:
                 arr = decode_aperio_ycbcr(data, self.tile_w, self.tile_h, reduce)
             elif openjpeg.available():

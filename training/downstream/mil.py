@@ -54,6 +54,11 @@ def predict(model: MILHead, store: FeatureStore, cases: list[Case], forward: Any
     return [fwd(model, store.case(c), c) for c in cases]
 
 
+def class_probs(outs: list[Any]) -> np.ndarray:
+    """Softmax class probabilities [N, C] of classification head outputs, one row per case."""
+    return np.stack([o.logits.softmax(-1)[0].numpy() for o in outs])
+
+
 def _bag_forward(model: Any, bag: torch.Tensor, case: Case) -> Any:
     return model(bag)
 
@@ -133,11 +138,8 @@ def train_classification(cfg: DownstreamConfig) -> dict:
     def y_of(cs: list[Case]) -> np.ndarray:
         return np.array([lab_idx[c.fields[cfg.label_column]] for c in cs])
 
-    def probs(outs: list[Any]) -> np.ndarray:
-        return np.stack([o.logits.softmax(-1)[0].numpy() for o in outs])
-
     def probs_of(cs: list[Case], m: MILHead) -> np.ndarray:
-        return probs(predict(m, store, cs))
+        return class_probs(predict(m, store, cs))
 
     def loss_fn(out: Any, case: Case) -> torch.Tensor:
         target = torch.tensor([lab_idx[case.fields[cfg.label_column]]])
@@ -150,7 +152,7 @@ def train_classification(cfg: DownstreamConfig) -> dict:
         store,
         splits["train"],
         loss_fn,
-        lambda outs: macro_auc(yv, probs(outs)),
+        lambda outs: macro_auc(yv, class_probs(outs)),
         splits["val"],
     )
     result = {"val": {}, "test": {}}

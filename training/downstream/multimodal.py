@@ -28,7 +28,7 @@ from training.checkpoints import load_stage1_gene
 from training.cohort import Case, FeatureStore, by_split, load_cohort, require_splits
 from training.downstream.common import finish_run
 from training.downstream.config import DownstreamConfig
-from training.downstream.mil import fit_mil
+from training.downstream.mil import class_probs, fit_mil
 from training.metrics import classification_metrics, macro_auc
 from training.models.fusion import FusionHead, StageOneRNA
 from training.survival import (
@@ -266,11 +266,8 @@ def train_multimodal_classification(cfg: DownstreamConfig) -> dict:
     def y_of(cs: list[Case]) -> np.ndarray:
         return np.array([idx[c.fields[col]] for c in cs])
 
-    def probs(outs: list[Any]) -> np.ndarray:
-        return np.stack([o.logits.softmax(-1)[0].numpy() for o in outs])
-
     def probs_of(cs: list[Case], m: FusionHead) -> np.ndarray:
-        return probs(_predict(m, store, rna, cs))
+        return class_probs(_predict(m, store, rna, cs))
 
     def loss_fn(out: Any, case: Case) -> torch.Tensor:
         return torch.nn.functional.cross_entropy(out.logits, torch.tensor([idx[case.fields[col]]]))
@@ -282,7 +279,7 @@ def train_multimodal_classification(cfg: DownstreamConfig) -> dict:
         store,
         splits["train"],
         loss_fn,
-        lambda outs: macro_auc(yv, probs(outs)),
+        lambda outs: macro_auc(yv, class_probs(outs)),
         splits["val"],
         forward=_forward(rna),
     )
