@@ -65,6 +65,8 @@ def setup(service_name: str, *, processor: Any = None) -> bool:
             provider = TracerProvider(resource=Resource.create({"service.name": service}))
             provider.add_span_processor(processor)
             trace.set_tracer_provider(provider)
+        elif processor is not None:  # the global provider is set once per process: a later test's exporter joins it
+            current.add_span_processor(processor)
         _STATE["pid"] = os.getpid()
         return True
 
