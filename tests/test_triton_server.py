@@ -166,3 +166,19 @@ def test_chunks_in_flight_together_stay_in_the_callers_trace(server: TritonServe
     assert len(calls) == 5  # 10 patches in chunks of 2
     assert [format(s.context.trace_id, "032x") for s in calls] == [format(stage.trace_id, "032x")] * 5
     assert all(s.parent is not None and s.parent.span_id == stage.span_id for s in calls)
+
+
+def test_dashboard_triton_metrics_are_what_this_server_exports(server: TritonServer, bundle) -> None:
+    """The dashboard's Triton panels read `nv_*` series by `model`: this server (CPU build, so no GPU series)
+    exports each non-GPU one the dashboard names, labelled by model."""
+    import json
+
+    with TritonBackend(bundle, server.grpc_url) as tb:  # at least one request, so the counters have moved
+        tb.embed_patches(real_patches(2))
+    dash = (Path(__file__).resolve().parents[1] / "deploy/grafana/dashboards/mstar.json").read_text()
+    exprs = [t["expr"] for p in json.loads(dash)["panels"] for t in p["targets"]]
+    used = {n for e in exprs for n in re.findall(r"\b(nv_[a-z_]+)\b", e) if not n.startswith("nv_gpu_")}
+    assert len(used) >= 4, used
+    text = server.metrics()  # read as Prometheus stores it (a parser would rename counters to *_total)
+    for name in used:
+        assert re.search(rf'^{name}{{[^}}]*model="mstar_patch_encoder"', text, re.M), (name, text[:2000])
