@@ -172,3 +172,18 @@ def test_a_job_span_stays_in_its_own_jobs_trace(spans) -> None:
     assert job_b.parent.span_id == upload_b.span_id
     assert [link.context.span_id for link in job_b.links] == [task_ctx.span_id]
     assert a.trace_id == task_ctx.trace_id and job_a.parent.span_id == task_ctx.span_id and not job_a.links
+
+
+def test_disable_stops_request_spans_too(spans, tmp_path) -> None:
+    """FastAPI makes request spans whenever a tracer provider is installed (it stays, once set); after
+    `tracing.disable` it must make none. (Last in this module: it leaves tracing off.)"""
+    from service.api import create_app
+    from service.config import Settings
+    from service.obs import tracing
+
+    spans.clear()
+    tracing.disable()
+    settings = Settings(data_dir=tmp_path, api_keys=[{"tenant": "lab", "key": KEY}])
+    with TestClient(create_app(settings)) as client:
+        assert client.get("/jobs", headers={"X-API-Key": KEY}).status_code == 200
+    assert not spans.get_finished_spans(), [s.name for s in spans.get_finished_spans()]

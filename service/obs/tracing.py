@@ -94,7 +94,8 @@ def fastapi_telemetry() -> dict[str, Any]:
 
 
 def _untraced(scope: Any) -> bool:
-    return scope.get("path") in _UNTRACED_PATHS
+    """FastAPI traces whenever a provider is installed: also after `disable`, unless told here."""
+    return not enabled() or scope.get("path") in _UNTRACED_PATHS
 
 
 def instrument_celery() -> None:
