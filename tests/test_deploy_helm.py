@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -286,3 +287,59 @@ def test_chart_values_match_the_images() -> None:
     assert re.search(r"mkdir -p /trt-cache", (ROOT / "docker/triton.Dockerfile").read_text())
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     assert values["podSecurityContext"]["runAsUser"] == 10001 and "--uid 10001" in service_df
+
+
+@pytest.mark.parametrize(
+    "values", [[], ["-f", str(CHART / "values-gpu-s3-postgres.yaml"), "--set", "workers.gpu=true"]]
+)
+def test_scrape_jobs_carry_the_names_the_alerts_watch(helm: str, tmp_path: Path, values: list[str]) -> None:
+    """The alerts (`absent(up{job="mstar-worker"})`, ...) and the dashboard name scrape jobs: the chart's scrape
+    config must define exactly those jobs (promtool accepts it with the alert rules), and each job must keep the
+    metrics port of the pods it is named for, and only theirs (Prometheus anchors relabel regexes)."""
+    from deploy_tools import tool
+
+    docs = _render(helm, *values)
+    scrape = yaml.safe_load(_objs(docs, "ConfigMap")["mstar-prometheus-scrape"]["data"]["scrape.yml"])
+    jobs = {j["job_name"]: j for j in scrape}
+    watched = set(re.findall(r'job="([^"]+)"', (ROOT / "deploy/prometheus/alerts.yml").read_text()))
+    watched |= set(re.findall(r'job=\\"([^"\\]+)\\"', (ROOT / "deploy/grafana/dashboards/mstar.json").read_text()))
+    assert set(jobs) == watched == {"mstar-gateway", "mstar-worker", "triton"}
+
+    token = tmp_path / "token"
+    token.write_text("k" * 32)
+    for job in scrape:
+        if "authorization" in job:  # the token file is a Secret mounted into Prometheus in the cluster
+            job["authorization"]["credentials_file"] = str(token)
+        # Debian's promtool is built without Kubernetes discovery: it checks the rest of each job (relabelling,
+        # authorization) with a static target in its place
+        assert job.pop("kubernetes_sd_configs") == [{"role": "pod", "namespaces": {"names": ["pathology"]}}]
+        job["static_configs"] = [{"targets": ["pod:9808"]}]
+    shutil.copy(ROOT / "deploy/prometheus/alerts.yml", tmp_path / "alerts.yml")
+    config = {"rule_files": ["alerts.yml"], "scrape_configs": scrape}
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    run([tool("promtool"), "check", "config", str(tmp_path / "prometheus.yml")])
+
+    def kept_by(labels: dict, port_name: str) -> list[str]:
+        key = ";".join([labels["app.kubernetes.io/instance"], labels["app.kubernetes.io/component"], port_name])
+        return [n for n, j in jobs.items() if re.fullmatch(j["relabel_configs"][0]["regex"], key)]
+
+    scraped = {}
+    for name, dep in _objs(docs, "Deployment").items():
+        tpl = dep["spec"]["template"]
+        port = int(tpl["metadata"]["annotations"]["prometheus.io/port"])
+        for c in tpl["spec"]["containers"]:
+            for p in c.get("ports", []):
+                kept = kept_by(tpl["metadata"]["labels"], p["name"])
+                if p["containerPort"] == port:
+                    assert len(kept) == 1, (name, p, kept)
+                    scraped[name] = kept[0]
+                else:
+                    assert not kept, (name, p, kept)  # not a metrics port: no target
+    assert scraped == {
+        "mstar-gateway": "mstar-gateway",
+        "mstar-worker-interactive": "mstar-worker",
+        "mstar-worker-batch": "mstar-worker",
+        "mstar-triton": "triton",
+    }
+    gateway_auth = "authorization" in jobs["mstar-gateway"]
+    assert gateway_auth and not any("authorization" in jobs[n] for n in ("mstar-worker", "triton"))

@@ -456,21 +456,32 @@ TRITON_METRICS = {
 }
 
 
-def _exported_metric_names() -> set[str]:
-    """Every series name the gateway's /metrics can carry (histograms and counters with their suffixes)."""
-    from prometheus_client import generate_latest
+def _exported_labels() -> dict[str, set[str]]:
+    """Every series name the gateway's /metrics and the workers' own endpoint carry (histograms with their
+    suffixes), each with its label names: the real registries, with one finished job observed so that labelled
+    series exist."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
 
     from service.api.metrics import Metrics
+    from service.jobs.execute import JobOutcome
+    from service.obs.job_metrics import JobMetrics
 
-    names = set()
     stats = ({"queued": 1}, {"interactive": {"depth": 1.0, "oldest_age_s": 2.0}})
-    for line in generate_latest(Metrics(lambda: stats).registry).decode().splitlines():
-        if line.startswith("# TYPE "):
-            _, _, name, kind = line.split()
-            names.add(name)
-            names |= {f"{name}_bucket", f"{name}_count", f"{name}_sum"} if kind == "histogram" else set()
-            names |= {f"{name}_total"} if kind == "counter" else set()
-    return names
+    gateway = Metrics(lambda: stats)
+    gateway.request_seconds.labels("GET", "/jobs/{job_id}", "200").observe(0.01)
+    worker = CollectorRegistry()
+    outcome = JobOutcome(
+        "j", "failed", error_code="no_tissue", stage_seconds={"embed": 1.0}, n_patches=9, backend_seconds={"m": [0.1]}
+    )
+    for metrics in (gateway.jobs, JobMetrics(worker)):
+        metrics.observe(outcome)
+    labels: dict[str, set[str]] = {}
+    for registry in (gateway.registry, worker):
+        for fam in text_string_to_metric_families(generate_latest(registry).decode()):
+            for sample in fam.samples:
+                labels.setdefault(sample.name, set()).update(sample.labels)
+    return labels
 
 
 def _metric_names(expr: str) -> set[str]:
@@ -517,12 +528,28 @@ def test_grafana_dashboard_queries_are_valid_promql_on_known_metrics(tmp_path: P
     (tmp_path / "dash.yml").write_text(yaml.safe_dump(rules))
     run([tool("promtool"), "check", "rules", str(tmp_path / "dash.yml")])
 
-    exported = _exported_metric_names()
-    alerts = (ROOT / "deploy/prometheus/alerts.yml").read_text()
-    used = set().union(*(_metric_names(e) for e in [*exprs, alerts]))
-    known = exported | WORKER_ONLY_METRICS | TRITON_METRICS | {"up"}
+    exported = _exported_labels()
+    alert_exprs = [
+        r["expr"] for r in yaml.safe_load((ROOT / "deploy/prometheus/alerts.yml").read_text())["groups"][0]["rules"]
+    ]
+    used = set().union(*(_metric_names(e) for e in [*exprs, *alert_exprs]))
+    known = set(exported) | WORKER_ONLY_METRICS | TRITON_METRICS | {"up"}
     unknown = {n for n in used if n not in known and _strip_suffix(n) not in WORKER_ONLY_METRICS}
     assert not unknown, f"dashboard/alerts use metrics nobody exports: {sorted(unknown)}"
+    # and only labels those metrics carry: a selector's matchers on its own metric, `by (...)` on the query's
+    # metrics together (`le` and the target labels Prometheus adds are on every series)
+    added = {"job", "instance", "le"}
+    for e in [*exprs, *alert_exprs]:
+        mine = {n for n in _metric_names(e) if n in exported}
+        for name, matchers in re.findall(r"\b([a-z_][a-z0-9_]*)\{([^}]*)\}", e):
+            if name in mine:
+                wrong = set(re.findall(r"([a-z_][a-z0-9_]*)\s*(?:=~|!~|!=|=)", matchers)) - exported[name] - added
+                assert not wrong, f"{e!r}: {name} has no label {sorted(wrong)} (it has {sorted(exported[name])})"
+        if mine and mine == _metric_names(e):
+            carried = set().union(*(exported[n] for n in mine)) | added
+            for group in re.findall(r"\bby\s*\(([^)]*)\)", e):
+                wrong = {g.strip() for g in group.split(",") if g.strip()} - carried
+                assert not wrong, f"{e!r} groups by {sorted(wrong)}, which {sorted(mine)} do not carry"
     # what issue 19 asks the dashboard to show
     for needed in (
         "mstar_queue_depth",
@@ -536,6 +563,42 @@ def test_grafana_dashboard_queries_are_valid_promql_on_known_metrics(tmp_path: P
         assert needed in used, f"the dashboard does not show {needed}"
     provider = yaml.safe_load((ROOT / "deploy/grafana/provisioning/dashboards/mstar.yml").read_text())
     assert provider["providers"][0]["options"]["path"] == "/var/lib/grafana/dashboards"
+
+
+# Read from the job database at scrape time by every gateway replica (service.api.metrics._StoreCollector), with
+# the label each is broken down by
+STORE_GAUGES = {"mstar_jobs": "state", "mstar_queue_depth": "queue", "mstar_queue_oldest_age_seconds": "queue"}
+
+
+def test_dashboard_counts_each_job_once_behind_several_gateways(tmp_path: Path) -> None:
+    """Every gateway replica (the chart runs two, its HPA up to six) reports the same database's job counts, queue
+    depths and ages: the panels reading them, evaluated by promtool on two replicas' series, must show one
+    database's numbers, not their sum."""
+    dash = json.loads((ROOT / "deploy/grafana/dashboards/mstar.json").read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"] if _metric_names(t["expr"]) & set(STORE_GAUGES)]
+    assert len(exprs) == 3, exprs  # queue depth, oldest job, jobs by state
+    values = {
+        "mstar_jobs": {"queued": 3, "running": 1},
+        "mstar_queue_depth": {"batch": 2, "interactive": 1},
+        "mstar_queue_oldest_age_seconds": {"batch": 120, "interactive": 5},
+    }
+    series = [
+        {"series": f'{m}{{job="mstar-gateway",instance="gw{i}:8000",{label}="{k}"}}', "values": f"{v}x10"}
+        for m, label in STORE_GAUGES.items()
+        for k, v in values[m].items()
+        for i in (1, 2)
+    ]
+    checks = []
+    for e in exprs:
+        (metric,) = _metric_names(e)
+        label = STORE_GAUGES[metric]
+        samples = [{"labels": f'{{{label}="{k}"}}', "value": v} for k, v in values[metric].items()]
+        checks.append({"expr": e, "eval_time": "5m", "exp_samples": samples})
+    (tmp_path / "none.yml").write_text("groups: []\n")
+    test = {"input_series": series, "promql_expr_test": checks, "interval": "1m"}
+    (tmp_path / "dash.test.yml").write_text(yaml.safe_dump({"rule_files": ["none.yml"], "tests": [test]}))
+    proc = run([tool("promtool"), "test", "rules", "dash.test.yml"], cwd=tmp_path, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def test_compose_commands_boot_natively_and_pass_the_image_health_checks(

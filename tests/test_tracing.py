@@ -7,10 +7,10 @@ traceparent stored with the job, and that process exports over OTLP/HTTP to a re
 from __future__ import annotations
 
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from fastapi.testclient import TestClient
+from otlp_receiver import OtlpReceiver
 from services import redis_server  # noqa: F401  (session fixture: a real Redis)
 
 pytestmark = pytest.mark.services
@@ -86,66 +86,13 @@ def test_one_trace_spans_gateway_queue_worker_and_stages(spans, redis_server, tm
     assert not any("s.svs" in str(v) for s in mine for v in (s.attributes or {}).values())  # no file names
 
 
-class _OtlpReceiver(ThreadingHTTPServer):
-    """A real OTLP/HTTP endpoint on loopback: decodes every `ExportTraceServiceRequest` POSTed to /v1/traces."""
-
-    def __init__(self) -> None:
-        self.spans: list[dict] = []
-        super().__init__(("127.0.0.1", 0), _OtlpHandler)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/v1/traces"
-
-
-class _OtlpHandler(BaseHTTPRequestHandler):
-    server: _OtlpReceiver
-
-    def do_POST(self) -> None:
-        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-            ExportTraceServiceRequest,
-            ExportTraceServiceResponse,
-        )
-
-        req = ExportTraceServiceRequest.FromString(self.rfile.read(int(self.headers["Content-Length"])))
-        for rs in req.resource_spans:
-            service = next(a.value.string_value for a in rs.resource.attributes if a.key == "service.name")
-            for ss in rs.scope_spans:
-                for s in ss.spans:
-                    self.server.spans.append(
-                        {
-                            "name": s.name,
-                            "service": service,
-                            "trace_id": s.trace_id.hex(),
-                            "span_id": s.span_id.hex(),
-                            "parent": s.parent_span_id.hex(),
-                        }
-                    )
-        body = ExportTraceServiceResponse().SerializeToString()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/x-protobuf")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args) -> None:
-        pass
-
-
 def test_embedded_worker_process_continues_the_upload_trace(spans, monkeypatch, tmp_path, cmu_svs) -> None:
     """Embedded mode: the job runs in a spawned worker process that gets no message headers. Its `mstar.job` span
     (exported by that process over OTLP/HTTP to a receiver here) must be a child of the upload's request span
     (recorded in this process), in the same trace as `GET /jobs/{id}` reports."""
-    import threading
-
     from service.api import create_app
     from service.config import Settings
 
-    receiver = _OtlpReceiver()
-    threading.Thread(target=receiver.serve_forever, daemon=True).start()
-    # read by the spawned worker's tracing.setup (this process already has its in-memory provider)
-    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", receiver.url)
-    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "50")
     settings = Settings(
         data_dir=tmp_path,
         pipeline="runner_pipelines:tiny",
@@ -153,16 +100,16 @@ def test_embedded_worker_process_continues_the_upload_trace(spans, monkeypatch, 
         runner_poll_s=0.1,
         api_keys=[{"tenant": "lab", "key": KEY}],
     )
-    try:
+    with OtlpReceiver() as receiver:
+        # read by the spawned worker's tracing.setup (this process already has its in-memory provider)
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", receiver.url)
+        monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "50")
         with TestClient(create_app(settings)) as client:
             deadline = time.monotonic() + 60
             job = _upload_and_wait(client, cmu_svs, deadline=deadline)
             while not any(s["name"] == "mstar.job" for s in receiver.spans):  # the worker's batch export
                 assert time.monotonic() < deadline, receiver.spans
                 time.sleep(0.1)
-    finally:
-        receiver.shutdown()
-        receiver.server_close()
     assert job["state"] == "succeeded", job
     trace_id = job["trace_id"]
     upload = next(
@@ -181,3 +128,62 @@ def test_embedded_worker_process_continues_the_upload_trace(spans, monkeypatch, 
         at = format(gateway[at].parent.span_id, "016x") if gateway[at].parent else None
     assert chain[-1] == upload.name and format(gateway[job_span["parent"]].context.trace_id, "032x") == trace_id
     assert by_name["stage open"]["parent"] == job_span["span_id"] == by_name["stage embed"]["parent"]
+
+
+def test_probes_and_scrapes_make_no_spans(spans, tmp_path, caplog) -> None:
+    """Health probes and Prometheus scrapes (every few seconds from each kubelet and scraper) would drown the
+    traces: the gateway's request spans leave them out, and setting tracing up logs no error."""
+    import logging
+
+    from service.api import create_app
+    from service.config import Settings
+
+    spans.clear()
+    settings = Settings(data_dir=tmp_path, api_keys=[{"tenant": "ops", "key": KEY, "admin": True}])
+    with caplog.at_level(logging.WARNING), TestClient(create_app(settings)) as client:
+        for path in ("/healthz", "/readyz", "/metrics"):
+            assert client.get(path, headers={"X-API-Key": KEY}).status_code == 200, path
+        assert client.get("/jobs", headers={"X-API-Key": KEY}).status_code == 200
+    names = {s.name for s in spans.get_finished_spans()}
+    assert "GET /jobs" in names, names
+    assert not {n for n in names if n.rsplit(" ", 1)[-1] in ("/healthz", "/readyz", "/metrics")}, names
+    assert not [r.getMessage() for r in caplog.records if r.name.startswith("opentelemetry")]
+
+
+def test_a_job_span_stays_in_its_own_jobs_trace(spans) -> None:
+    """A Celery token may run another job of its queue than the one whose upload published it: the job's span
+    joins the trace stored with that job (its parent: the submitting span), linked to the task span that ran
+    it; a token that ran its own job keeps the task span as the parent."""
+    from opentelemetry import trace
+
+    from service.obs import tracing
+
+    tracer = trace.get_tracer("test")
+    with tracer.start_as_current_span("POST /slides (job B)"):
+        stored_b = tracing.current_traceparent()
+        upload_b = trace.get_current_span().get_span_context()
+    with tracer.start_as_current_span("run/task (token of job A)") as task:
+        with tracing.span("mstar.job", parent=stored_b) as job_b:
+            pass
+        with tracing.span("mstar.job", parent=tracing.current_traceparent()) as job_a:
+            pass
+    b, a, task_ctx = job_b.get_span_context(), job_a.get_span_context(), task.get_span_context()
+    assert b.trace_id == upload_b.trace_id != task_ctx.trace_id
+    assert job_b.parent.span_id == upload_b.span_id
+    assert [link.context.span_id for link in job_b.links] == [task_ctx.span_id]
+    assert a.trace_id == task_ctx.trace_id and job_a.parent.span_id == task_ctx.span_id and not job_a.links
+
+
+def test_disable_stops_request_spans_too(spans, tmp_path) -> None:
+    """FastAPI makes request spans whenever a tracer provider is installed (it stays, once set); after
+    `tracing.disable` it must make none. (Last in this module: it leaves tracing off.)"""
+    from service.api import create_app
+    from service.config import Settings
+    from service.obs import tracing
+
+    spans.clear()
+    tracing.disable()
+    settings = Settings(data_dir=tmp_path, api_keys=[{"tenant": "lab", "key": KEY}])
+    with TestClient(create_app(settings)) as client:
+        assert client.get("/jobs", headers={"X-API-Key": KEY}).status_code == 200
+    assert not spans.get_finished_spans(), [s.name for s in spans.get_finished_spans()]

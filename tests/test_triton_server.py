@@ -143,3 +143,42 @@ def test_launcher_bounds_a_hanging_start_and_cleans_up(bundle, tmp_path: Path) -
 def test_missing_repository_refused(tmp_path: Path) -> None:
     with pytest.raises(BackendUnavailableError, match="does not exist"):
         TritonServer(tmp_path / "nope").start()
+
+
+def test_chunks_in_flight_together_stay_in_the_callers_trace(server: TritonServer, bundle) -> None:
+    """Triton's chunks of one batch run on the backend's thread pool; each model call's span must still be a child
+    of the span that asked (the job's embed stage), not the root of a trace of its own."""
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from service.obs import tracing
+
+    exporter = InMemorySpanExporter()
+    assert tracing.setup("mstar-test", processor=SimpleSpanProcessor(exporter))
+    try:
+        with TritonBackend(bundle, server.grpc_url, parallel=4, max_chunk=2) as tb, tracing.span("stage embed") as st:
+            tb.embed_patches(real_patches(10))
+    finally:
+        tracing.disable()
+        exporter.shutdown()
+    stage = st.get_span_context()
+    calls = [s for s in exporter.get_finished_spans() if s.name == "infer mstar_patch_encoder"]
+    assert len(calls) == 5  # 10 patches in chunks of 2
+    assert [format(s.context.trace_id, "032x") for s in calls] == [format(stage.trace_id, "032x")] * 5
+    assert all(s.parent is not None and s.parent.span_id == stage.span_id for s in calls)
+
+
+def test_dashboard_triton_metrics_are_what_this_server_exports(server: TritonServer, bundle) -> None:
+    """The dashboard's Triton panels read `nv_*` series by `model`: this server (CPU build, so no GPU series)
+    exports each non-GPU one the dashboard names, labelled by model."""
+    import json
+
+    with TritonBackend(bundle, server.grpc_url) as tb:  # at least one request, so the counters have moved
+        tb.embed_patches(real_patches(2))
+    dash = (Path(__file__).resolve().parents[1] / "deploy/grafana/dashboards/mstar.json").read_text()
+    exprs = [t["expr"] for p in json.loads(dash)["panels"] for t in p["targets"]]
+    used = {n for e in exprs for n in re.findall(r"\b(nv_[a-z_]+)\b", e) if not n.startswith("nv_gpu_")}
+    assert len(used) >= 4, used
+    text = server.metrics()  # read as Prometheus stores it (a parser would rename counters to *_total)
+    for name in used:
+        assert re.search(rf'^{name}{{[^}}]*model="mstar_patch_encoder"', text, re.M), (name, text[:2000])

@@ -53,6 +53,7 @@ def create_app(settings: Settings | None = None, *, queue: JobQueue | None = Non
         redoc_url=None,
         openapi_url="/openapi.json" if docs else None,
         description="Upload whole-slide images, run mSTAR analyses as durable jobs, fetch results.",
+        telemetry=tracing.fastapi_telemetry(),  # request spans once tracing.setup has run (below)
     )
     app.state.ctx = ctx
     install_handlers(app)
@@ -73,7 +74,6 @@ def create_app(settings: Settings | None = None, *, queue: JobQueue | None = Non
     else:
         app.include_router(pacs.router)
     app.include_router(audit.router)
-    if tracing.setup("mstar-gateway"):  # OTEL_* configured
-        tracing.instrument_fastapi(app)
+    if tracing.setup("mstar-gateway"):  # OTEL_* configured: FastAPI's telemetry makes the request spans
         tracing.instrument_celery()  # the publish carries the trace to the worker
     return app

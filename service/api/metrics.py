@@ -9,6 +9,7 @@ record and expose them (`mstar worker --metrics-port`).
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 
@@ -17,6 +18,8 @@ from prometheus_client.core import GaugeMetricFamily
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.obs.job_metrics import JobMetrics
+
+log = logging.getLogger("mstar.api")
 
 _LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -28,7 +31,8 @@ class _StoreCollector:
     def collect(self):
         try:
             counts, queues = self._counts()
-        except Exception:  # store down: /readyz says so; a scrape must still succeed
+        except Exception as err:  # store down: /readyz says so; a scrape must still succeed, and say why it is short
+            log.warning("/metrics without job counts and queue gauges: %s: %s", type(err).__name__, err)
             return
         jobs = GaugeMetricFamily("mstar_jobs", "Jobs by state", labels=["state"])
         for state, n in counts.items():

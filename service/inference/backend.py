@@ -7,6 +7,8 @@ manifest, so both backends agree on shapes, chunking and error handling by const
 
 from __future__ import annotations
 
+import contextvars
+import functools
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -122,11 +124,15 @@ class BundleBackend:
         return out
 
     def _map(self, fn, items: list) -> list:
+        """`fn` over `items`, up to `parallel` at once. Each call runs in a copy of the caller's context: pool
+        threads do not inherit it, and without it each model call's span would start a trace of its own instead
+        of nesting in the job's stage."""
         if self.parallel == 1 or len(items) == 1:
             return [fn(i) for i in items]
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.parallel, thread_name_prefix="mstar-infer")
-        return list(self._pool.map(fn, items))
+        calls = [functools.partial(contextvars.copy_context().run, fn, i) for i in items]  # one context per call
+        return list(self._pool.map(lambda call: call(), calls))
 
     def infer_batched(self, model_name: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """`infer` for batch-first models of any batch size: chunks of at most `max_batch_size` (in flight

@@ -620,15 +620,20 @@ def count_by_state(s: Session) -> dict[str, int]:
 def queue_stats(s: Session) -> dict[str, dict[str, float]]:
     """Per queue: queued jobs and the age in seconds of the oldest (for metrics and autoscaling)."""
     now = utcnow()
-    out = {q: {"depth": 0.0, "oldest_age_s": 0.0} for q in QUEUES}
+    waiting: dict[str, tuple[int, datetime | None]] = {}
+    # grouped by the bare column: PostgreSQL refuses `GROUP BY coalesce(queue, :p)` against a select list whose
+    # coalesce has a bind parameter of its own; a job from before queues were recorded (NULL) is interactive
     rows = s.execute(
-        select(func.coalesce(Job.queue, INTERACTIVE), func.count(), func.min(Job.created_at))
-        .where(Job.state == "queued")
-        .group_by(func.coalesce(Job.queue, INTERACTIVE))
+        select(Job.queue, func.count(), func.min(Job.created_at)).where(Job.state == "queued").group_by(Job.queue)
     ).all()
     for q, n, oldest in rows:
+        q = q or INTERACTIVE
+        count, first = waiting.get(q, (0, None))
+        oldest = _aware(oldest, now)
+        waiting[q] = (count + int(n), min((t for t in (first, oldest) if t is not None), default=None))
+    out = {q: {"depth": 0.0, "oldest_age_s": 0.0} for q in QUEUES}
+    for q, (n, oldest) in waiting.items():
         if q in out:
-            oldest = _aware(oldest, now)
             out[q] = {"depth": float(n), "oldest_age_s": max(0.0, (now - oldest).total_seconds()) if oldest else 0.0}
     return out
 

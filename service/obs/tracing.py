@@ -2,7 +2,7 @@
 `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` or `OTEL_TRACES_EXPORTER=otlp`; `OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`
 and the exporter's own settings are honoured by the SDK).
 
-One trace follows an analysis: the gateway's request span (FastAPI instrumentation), the Celery publish, whose
+One trace follows an analysis: the gateway's request span (FastAPI's own telemetry), the Celery publish, whose
 context travels in the message headers (Celery instrumentation), the worker's task span, then `mstar.job` and one
 span per pipeline stage, with each model backend call inside its stage. The trace id is stored on the job
 (`jobs.trace_id`) and returned by `GET /jobs/{id}`. In embedded mode (`service.jobs.embedded`) no message carries
@@ -65,6 +65,8 @@ def setup(service_name: str, *, processor: Any = None) -> bool:
             provider = TracerProvider(resource=Resource.create({"service.name": service}))
             provider.add_span_processor(processor)
             trace.set_tracer_provider(provider)
+        elif processor is not None:  # the global provider is set once per process: a later test's exporter joins it
+            current.add_span_processor(processor)
         _STATE["pid"] = os.getpid()
         return True
 
@@ -79,11 +81,21 @@ def enabled() -> bool:
     return _STATE["pid"] is not None
 
 
-def instrument_fastapi(app: Any) -> None:
-    """Server spans per request (probes and metrics left out: they would drown the traces)."""
-    from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+_UNTRACED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
-    FastAPIInstrumentor.instrument_app(app, excluded_urls="healthz,readyz,metrics")
+
+def fastapi_telemetry() -> dict[str, Any]:
+    """Settings for FastAPI's own OpenTelemetry support (`FastAPI(telemetry=...)`), which makes the server span
+    of each request once `setup` has installed a tracer provider. (opentelemetry-instrumentation-fastapi refuses
+    the gateway's middleware stack, whose outermost layer is `JsonTooLarge`, and would only log an error.) Probes
+    and scrapes are left out, as they would drown the traces; no OpenTelemetry logs or metrics: the service has
+    its JSON logs and Prometheus metrics, and an exception message in a log record may carry what a client sent."""
+    return {"exclude": _untraced, "logs": False, "metrics": False}
+
+
+def _untraced(scope: Any) -> bool:
+    """FastAPI traces whenever a provider is installed: also after `disable`, unless told here."""
+    return not enabled() or scope.get("path") in _UNTRACED_PATHS
 
 
 def instrument_celery() -> None:
@@ -121,19 +133,28 @@ def current_traceparent() -> str | None:
 
 @contextlib.contextmanager
 def span(name: str, *, parent: str | None = None, **attributes: Any) -> Iterator[Any]:
-    """A child span of the current one (a no-op without tracing). With no current span (an embedded worker
-    process), `parent`, a W3C traceparent stored with the job, is its parent instead."""
+    """A child span of the current one (a no-op without tracing). `parent`, the W3C traceparent stored with the
+    job, is its parent instead when there is no current span (an embedded worker process) or the current one
+    belongs to another trace: a Celery message is a token for the next job of its queue, fairly claimed, which
+    need not be the job whose upload published it. The job's span then stays in its own job's trace, linked to
+    the task span that ran it."""
     if not enabled():
         yield None
         return
     from opentelemetry import trace
 
-    ctx = None
-    if parent and not trace.get_current_span().get_span_context().is_valid:
+    ctx, links = None, None
+    current = trace.get_current_span().get_span_context()
+    if parent:
         from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-        ctx = TraceContextTextMapPropagator().extract({"traceparent": parent})
-    with trace.get_tracer("mstar").start_as_current_span(name, context=ctx, attributes=attributes) as s:
+        theirs = TraceContextTextMapPropagator().extract({"traceparent": parent})
+        stored = trace.get_current_span(theirs).get_span_context()
+        if stored.is_valid and (not current.is_valid or current.trace_id != stored.trace_id):
+            ctx = theirs
+            links = [trace.Link(current)] if current.is_valid else None
+    tracer = trace.get_tracer("mstar")
+    with tracer.start_as_current_span(name, context=ctx, links=links, attributes=attributes) as s:
         yield s
 
 
