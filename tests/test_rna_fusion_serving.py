@@ -183,3 +183,23 @@ def test_contributions_only_where_the_design_splits_them(exported, tmp_path, fus
     else:
         assert set(got["contributions"]) == {"wsi", "rna"}
         assert max(abs(v) for v in got["contributions"]["rna"]) > 0
+
+
+def test_a_classification_head_is_set_beside_the_slide_only_classifiers(exported, tmp_path) -> None:
+    """A fused classification is compared with the slide-only classifiers, not with survival risks."""
+    from service.pipeline import multimodal_result
+
+    root, _, raw = exported
+    cfg = yaml.safe_load((root / "c.yaml").read_text()) | {"task": "classification"}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    run(DownstreamConfig.from_yaml(tmp_path / "c.yaml", out_dir=str(tmp_path / "run")))
+    res = export_fusion(tmp_path / "run" / "head.pt", tmp_path / "bundle")
+    bundle = Bundle(root=tmp_path / "bundle", manifest=parse_manifest({**raw, "rna_fusion": res["manifest_entry"]}))
+    profile = ("Gene,Value\n" + "".join(f"{g},1.0\n" for g in bundle.manifest.rna_fusion.genes)).encode()
+    slide_cls = {"subtype": {"label": "a", "probabilities": {"a": 0.7, "b": 0.3}}}
+    out = multimodal_result(
+        bundle, np.ones((5, 16), np.float32), profile, {"os": {"risk": -2.5}}, slide_classification=slide_cls
+    )
+    assert set(out["probabilities"]) == set(bundle.manifest.rna_fusion.labels)
+    assert sum(out["probabilities"].values()) == pytest.approx(1.0)
+    assert out["slide_only_probabilities"] == {"subtype": {"a": 0.7, "b": 0.3}} and "slide_only_risk" not in out
