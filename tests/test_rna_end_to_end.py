@@ -8,7 +8,9 @@ with the profile mapped by hand (one model gene left out, so it takes the manife
 from __future__ import annotations
 
 import json
+import logging
 import os
+import sqlite3
 import subprocess
 import sys
 import time
@@ -52,7 +54,8 @@ def _onnx_fused(bundle: Path, feats: np.ndarray, profile: dict[str, float]) -> d
     return {"risk": float(-surv.sum()), "wsi": wsi, "rna": rna_part}
 
 
-def test_cli_and_api_agree_with_onnxruntime_on_the_real_slide(tmp_path, fusion_bundle, cmu_svs) -> None:
+def test_cli_and_api_agree_with_onnxruntime_on_the_real_slide(tmp_path, fusion_bundle, cmu_svs, capfd, caplog) -> None:
+    caplog.set_level(logging.DEBUG)
     genes = json.loads((fusion_bundle / "bundle.json").read_text())["rna_fusion"]["genes"]
     profile = {g: MARKER + 0.37 * i for i, g in enumerate(genes[1:], start=1)}  # genes[0] left out
     rna_file = tmp_path / "case-17.csv"
@@ -128,8 +131,16 @@ def test_cli_and_api_agree_with_onnxruntime_on_the_real_slide(tmp_path, fusion_b
     assert np.abs(ref["rna"]).max() > 1e-4
     assert all(abs(a["risk"] - r) > 1e-6 for r in a["slide_only_risk"].values())
 
-    # the profile's values are in neither result, nor the CLI's output and files
-    texts = [proc.stdout, proc.stderr, api_text, *(p.read_text(errors="replace") for p in out.glob("*.json"))]
+    # the profile's values are in neither result, nor the CLI's output and files, nor the database, nor any log
+    # record of the gateway, nor anything the runner's worker processes write to stderr (the worker log of a real
+    # `mstar worker` is grepped in test_rna_worker_celery)
+    db = sqlite3.connect(settings.data_dir / "mstar.db")
+    dump = "\n".join(db.iterdump())
+    db.close()
+    captured = capfd.readouterr()
+    texts = [proc.stdout, proc.stderr, api_text, dump, captured.out, captured.err]
+    texts += [p.read_text(errors="replace") for p in out.glob("*.json")]
+    texts += [rec.getMessage() for rec in caplog.records]
     for text in texts:
         for v in [MARKER, *profile.values()]:
             assert repr(v) not in text and f"{v:.6f}" not in text
