@@ -326,7 +326,9 @@ def _analyze_with_models(
                 surv[k] = {**v, "interpretation": "risk = -sum of the survival curve; higher means worse"}
         res["survival"] = surv
     if options.rna is not None:
-        res["multimodal"] = multimodal_result(bundle, feats, options.rna, res.get("survival"))
+        res["multimodal"] = multimodal_result(
+            bundle, feats, options.rna, res.get("survival"), slide_classification=res.get("classification")
+        )
     if "report" in options.tasks:
         prog("report", 0.0)
         res["report"] = _report(bundle, backend, feats)
@@ -335,14 +337,25 @@ def _analyze_with_models(
     return res
 
 
-def multimodal_result(bundle: Bundle, feats: np.ndarray, rna: bytes, slide_survival: dict | None) -> dict:
-    """The bundle's slide + RNA head on this slide and profile, next to the slide-only risk of each survival
-    head (issue 18). Gene-mapping counts only; the profile's values are not repeated."""
+def multimodal_result(
+    bundle: Bundle,
+    feats: np.ndarray,
+    rna: bytes,
+    slide_survival: dict | None,
+    *,
+    slide_classification: dict | None = None,
+) -> dict:
+    """The bundle's slide + RNA head on this slide and profile, next to what the slide alone gives for the same
+    kind of task (issue 18): the risk of each slide-only survival head beside a fused risk, the probabilities of
+    each slide-only classifier beside fused probabilities. Gene-mapping counts only; the profile's values are not
+    repeated."""
     from service.inference.fusion import RnaFusion
 
     out = RnaFusion(bundle).predict(feats, rna)
-    if slide_survival:
+    if slide_survival and "risk" in out:
         out["slide_only_risk"] = {k: v.get("risk") for k, v in slide_survival.items()}
+    if slide_classification and "probabilities" in out:
+        out["slide_only_probabilities"] = {k: v.get("probabilities") for k, v in slide_classification.items()}
     return out
 
 

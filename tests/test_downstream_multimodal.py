@@ -102,6 +102,33 @@ def test_mcat_co_attention_trains_and_splits_its_logits(cohort, tmp_path) -> Non
             run(_cfg(cohort, tmp_path / "bad", fusion="mcat", **bad))
 
 
+def test_mcat_takes_signature_groups(cohort, tmp_path) -> None:
+    """MCAT's signatures.csv layout (a column per group): the head's groups are those genes' indices in its gene
+    list (any order, ids normalised), a group with no gene of the list is left out, and the head exports with
+    ORT-vs-PyTorch parity."""
+    from training.export.fusion import export_fusion
+
+    genes = [line.split(",", 1)[0] for line in (cohort / "rna.csv").read_text().splitlines()[1:]]  # genes x cases
+    sig = tmp_path / "signatures.csv"
+    rows = [
+        ("Tumor Suppressor Genes", "Oncogenes", "Cytokines"),
+        (genes[5].lower(), genes[0], "NOTAGENE"),
+        (genes[2], genes[29], ""),
+        (genes[17], "", ""),
+    ]
+    sig.write_text("\n".join(",".join(r) for r in rows) + "\n")
+    run(_cfg(cohort, tmp_path, fusion="mcat", mcat_signatures=str(sig), epochs=1))
+    head, meta = load_fusion_head(tmp_path / "run" / "head.pt")
+    pos = {g: i for i, g in enumerate(meta["genes"])}
+    want = [sorted(pos[genes[i]] for i in (5, 2, 17)), sorted(pos[genes[i]] for i in (0, 29))]
+    assert head.config["groups"] == want and head.mcat.groups == want
+    res = export_fusion(tmp_path / "run" / "head.pt", tmp_path / "bundle")
+    assert max(res["max_abs"].values()) < 1e-3
+    sig.write_text("A,B\nTP53,EGFR\n")
+    with pytest.raises(InvalidParameterError, match="no group names a gene of the head's gene list"):
+        run(_cfg(cohort, tmp_path / "bad", fusion="mcat", mcat_signatures=str(sig), epochs=1))
+
+
 def test_unimodal_baselines_see_the_same_cases(cohort, tmp_path) -> None:
     n = {}
     for mods in (["wsi"], ["rna"]):

@@ -143,6 +143,11 @@ def test_bad_rna_is_a_422_with_a_reason(tmp_path_factory, fusion_bundle, cmu_svs
     ("files", "data", "reason"),
     [
         ({"rna": ("p.csv", b"\xff\xfe\x00bad")}, {}, "not UTF-8"),
+        ({"rna": ("p.csv", b"")}, {}, "RNA profile is empty"),
+        ({"rna": ("p.csv", b"Gene,Value\nGENE0000,high\n")}, {}, "RNA row 2: the value is not a number"),
+        ({"rna": ("p.csv", b"Gene,Value\nGENE0000,1\nGENE0001,2\ngene0000,3\n")}, {}, "listed twice (rows 2 and 4"),
+        ({"rna": ("p.csv", b"Gene,Value\nTP53,1\nEGFR,2\n")}, {}, "covers 0 of the model's 20 genes"),
+        ({"rna": ("p.csv", b"G,1\n" * 8_400_000)}, {}, "larger than 32 MiB"),
         ({"rna": ("p.csv", b"a,b,c\nx,y,z\n")}, {}, "format not recognised"),
         ({"rna": ("p.csv", b"Gene,Value\nGENE0000,inf\n")}, {}, "not finite"),
         (
@@ -203,3 +208,45 @@ def test_rna_for_a_bundle_without_the_head_is_refused(tmp_path, tmp_path_factory
         slide = c.post("/slides", files={"file": ("s.svs", cmu_svs.read_bytes())}, data=STORE_ONLY).json()["id"]
         r = c.post(f"/slides/{slide}/analyses", json={"rna": {"genes": ["GENE0000"], "values": [1.0]}})
         assert r.status_code == 422 and "no slide + RNA head" in r.json()["error"]["message"]
+
+
+def test_the_profile_goes_when_its_job_is_canceled_or_fails(tmp_path, fusion_bundle, cmu_svs) -> None:
+    """A job canceled while queued ends without an attempt: its profile is removed by the cancel itself, not
+    left for the periodic sweep (MSTAR_WORKER_LEASE_S apart, made long here). A job whose held profile was
+    altered fails with rna_expired, and the profile is removed then too."""
+    settings = _settings(tmp_path, fusion_bundle).model_copy(update={"worker_lease_s": 600.0})
+    genes = fusion_genes(fusion_bundle)
+
+    def rna(shift: float) -> dict:
+        return {"genes": genes, "values": [m + shift for m in MARKERS]}
+
+    with live_server(create_app(settings)) as url, httpx.Client(base_url=url, headers=HEADERS, timeout=60) as c:
+        slide = c.post("/slides", files={"file": ("s.svs", cmu_svs.read_bytes())}, data=STORE_ONLY).json()["id"]
+        first = c.post(f"/slides/{slide}/analyses", json={"rna": rna(0.0)}).json()  # all tasks: keeps the worker
+        queued = c.post(f"/slides/{slide}/analyses", json={"tasks": ["survival"], "rna": rna(1.0)}).json()
+        broken = c.post(f"/slides/{slide}/analyses", json={"tasks": ["survival"], "rna": rna(2.0)}).json()
+        assert {p.name for p in _held(settings)} >= {queued["id"], broken["id"]}
+        assert c.get(f"/jobs/{queued['id']}").json()["state"] == "queued"  # behind the first (one worker)
+        (settings.blob_dir / "ephemeral" / "rna" / broken["id"]).write_bytes(b"Gene,Value\nGENE0000,1.0\n")
+        r = c.post(f"/jobs/{queued['id']}/cancel")
+        assert r.status_code == 202 and r.json()["state"] == "canceled"
+        assert queued["id"] not in {p.name for p in _held(settings)}  # at once
+        assert _wait(c, first["id"])["state"] == "succeeded"
+        failed = _wait(c, broken["id"])
+        assert failed["state"] == "failed" and failed["error"]["code"] == "rna_expired", failed
+        assert "submit the analysis again" in failed["error"]["message"]
+        assert _held(settings) == []
+
+
+@pytest.mark.parametrize("media", ["text/csv", "text/tab-separated-values", "application/octet-stream", "text/plain"])
+def test_a_profile_posted_as_the_body_is_a_422_naming_the_content_type(tmp_path, fusion_bundle, cmu_svs, media):
+    """The CSV sent as the body itself (not as the multipart part) was FastAPI's "valid dictionary" 422."""
+    settings = _settings(tmp_path, fusion_bundle)
+    with live_server(create_app(settings)) as url, httpx.Client(base_url=url, headers=HEADERS, timeout=60) as c:
+        slide = c.post("/slides", files={"file": ("s.svs", cmu_svs.read_bytes())}, data=STORE_ONLY).json()["id"]
+        body = "Gene,Value\n" + "".join(f"{g},1.5\n" for g in fusion_genes(fusion_bundle))
+        r = c.post(f"/slides/{slide}/analyses", content=body.encode(), headers={"Content-Type": media})
+        assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_parameter", r.text
+        msg = r.json()["error"]["message"]
+        assert f"a {media} body is not accepted" in msg and "multipart/form-data" in msg and "`rna`" in msg
+        assert c.get("/jobs").json()["total"] == 0

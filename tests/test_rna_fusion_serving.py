@@ -160,3 +160,46 @@ def test_export_fusion_command_adds_the_head_to_a_bundle(tmp_path) -> None:
         np.zeros((3, dim), np.float32), b"Gene,Value\n" + b"".join(f"GENE{g:04d},2.0\n".encode() for g in range(20))
     )
     assert np.isfinite(got["risk"])
+
+
+@pytest.mark.parametrize("fusion", ["kronecker", "mcat"])
+def test_contributions_only_where_the_design_splits_them(exported, tmp_path, fusion) -> None:
+    """Kronecker fusion has no per-modality split: its served result says so (None) instead of the graph's
+    placeholder zeros, which read as "neither modality mattered"; MCAT's additive output has them."""
+    root, _, raw = exported
+    cfg = yaml.safe_load((root / "c.yaml").read_text()) | {"fusion": fusion}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    run(DownstreamConfig.from_yaml(tmp_path / "c.yaml", out_dir=str(tmp_path / "run")))
+    res = export_fusion(tmp_path / "run" / "head.pt", tmp_path / "bundle")
+    manifest = parse_manifest({**raw, "rna_fusion": res["manifest_entry"]})
+    genes = manifest.rna_fusion.genes
+    profile = ("Gene,Value\n" + "".join(f"{g},{0.3 * i}\n" for i, g in enumerate(genes))).encode()
+    got = RnaFusion(Bundle(root=tmp_path / "bundle", manifest=manifest)).predict(
+        np.random.default_rng(1).normal(size=(9, 16)).astype(np.float32), profile
+    )
+    assert got["fusion"] == fusion and np.isfinite(got["risk"])
+    if fusion == "kronecker":
+        assert got["contributions"] is None
+    else:
+        assert set(got["contributions"]) == {"wsi", "rna"}
+        assert max(abs(v) for v in got["contributions"]["rna"]) > 0
+
+
+def test_a_classification_head_is_set_beside_the_slide_only_classifiers(exported, tmp_path) -> None:
+    """A fused classification is compared with the slide-only classifiers, not with survival risks."""
+    from service.pipeline import multimodal_result
+
+    root, _, raw = exported
+    cfg = yaml.safe_load((root / "c.yaml").read_text()) | {"task": "classification"}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    run(DownstreamConfig.from_yaml(tmp_path / "c.yaml", out_dir=str(tmp_path / "run")))
+    res = export_fusion(tmp_path / "run" / "head.pt", tmp_path / "bundle")
+    bundle = Bundle(root=tmp_path / "bundle", manifest=parse_manifest({**raw, "rna_fusion": res["manifest_entry"]}))
+    profile = ("Gene,Value\n" + "".join(f"{g},1.0\n" for g in bundle.manifest.rna_fusion.genes)).encode()
+    slide_cls = {"subtype": {"label": "a", "probabilities": {"a": 0.7, "b": 0.3}}}
+    out = multimodal_result(
+        bundle, np.ones((5, 16), np.float32), profile, {"os": {"risk": -2.5}}, slide_classification=slide_cls
+    )
+    assert set(out["probabilities"]) == set(bundle.manifest.rna_fusion.labels)
+    assert sum(out["probabilities"].values()) == pytest.approx(1.0)
+    assert out["slide_only_probabilities"] == {"subtype": {"a": 0.7, "b": 0.3}} and "slide_only_risk" not in out

@@ -96,3 +96,20 @@ def test_oversized_profile_is_refused() -> None:
         read_profile(b"G,1\n" * (9 * 1024 * 1024))
     with pytest.raises(InvalidParameterError, match="more than"):
         read_profile("".join(f"G{i},1\n" for i in range(100_020)))
+
+
+def test_a_gene_named_twice_in_a_gene_value_file_is_refused(tmp_path: Path) -> None:
+    """Which of two values was meant cannot be guessed (the JSON form refuses it too); ids that normalise to one
+    gene count as the same gene. A GDC table's repeated symbols keep their larger TPM (test above)."""
+    with pytest.raises(InvalidParameterError, match=r"RNA row 4: gene listed twice \(rows 2 and 4"):
+        read_profile(b"Gene,Value\nTP53,1.0\nEGFR,2.0\ntp53,3.0\n")
+    with pytest.raises(InvalidParameterError, match=r"rows 2 and 3"):
+        read_profile("Gene,Index,Value\nENSG00000141510.17,0,1\nENSG00000141510.18,1,2\n")
+    assert read_profile(RSEM + "TP53|9999\t1.0\n")["TP53"] == pytest.approx(math.log1p(812.5))
+    p = tmp_path / "rna.csv"
+    p.write_text("gene,case-1,case-2\nTP53,1.0,2.0\nEGFR,1,1\nTP53,5.0,6.0\n")
+    with pytest.raises(InvalidParameterError, match=r"gene listed twice \(rows 2 and 4\)"):
+        read_matrix(p)
+    p.write_text("gene,case-1,case-1\nTP53,1.0,2.0\n")
+    with pytest.raises(InvalidParameterError, match="more than one column"):
+        read_matrix(p)

@@ -41,6 +41,13 @@ OPENAPI = {
 }
 
 
+# A profile posted as the body itself (text/csv, ...) would otherwise get FastAPI's "valid dictionary" 422
+_WRONG_MEDIA = (
+    "a {media} body is not accepted here: send the analysis request as application/json (an RNA profile as "
+    "`rna: {{genes, values}}`), or multipart/form-data with the RNA-Seq profile file as the part `{part}`"
+)
+
+
 class RnaFormRoute(APIRoute):
     """A route that also takes multipart/form-data with an RNA profile file (see the module docstring).
 
@@ -54,12 +61,15 @@ class RnaFormRoute(APIRoute):
         json_max = self.json_max
 
         async def route(request: Request) -> Response:
-            if request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
+            media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+            if media == "multipart/form-data":
                 request = await _as_json(request)
             else:
                 declared = request.headers.get("content-length", "")
-                if (declared.isdigit() and int(declared) > json_max) or len(await request.body()) > json_max:
+                if (declared.isdigit() and int(declared) > json_max) or len(body := await request.body()) > json_max:
                     raise HTTPException(status_code=413)
+                if body and media not in ("", "application/json") and not media.endswith("+json"):
+                    raise InvalidParameterError(_WRONG_MEDIA.format(media=media, part=FILE_PART))
             return await handler(request)
 
         return route

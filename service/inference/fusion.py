@@ -13,6 +13,10 @@ from service.errors import InvalidParameterError
 from service.inference.bundle import Bundle
 from service.inference.rna_input import impute, map_profile, read_profile
 
+# Designs whose logits are a sum of one term per modality (`training.models.fusion`): only their contributions
+# mean anything. Kronecker fusion has no such split; its graph's contribution outputs are placeholder zeros.
+ADDITIVE_FUSIONS = ("gated_concat", "mcat")
+
 
 def _risk(logits: np.ndarray) -> float:
     """risk = -sum S(t) of the discrete-time hazards (as the survival heads)."""
@@ -50,7 +54,9 @@ class RnaFusion:
             "genes_used": len(self.spec.genes) - len(mapped.missing),
             "genes_missing": len(mapped.missing),
             "genes_unknown": len(mapped.unknown),
-            "contributions": {"wsi": wsi.tolist(), "rna": rna_part.tolist()},
+            "contributions": {"wsi": wsi.tolist(), "rna": rna_part.tolist()}
+            if self.spec.fusion in ADDITIVE_FUSIONS
+            else None,  # not zeros, which would read as "neither modality mattered"
         }
         if self.spec.task == "survival":
             hazards = 1.0 / (1.0 + np.exp(-logits))

@@ -6,9 +6,11 @@ same way: a value the model was trained on as log1p(TPM) has to arrive as log1p(
 
 Formats (`read_profile` detects them from the header):
 - `Gene,Value` (CSV or TSV, any header names, two columns; or `Gene` and `Value` among more columns, as the
-  synthetic cohort's `Gene,Index,Value`): values taken as they are (the cohort's own scale);
+  synthetic cohort's `Gene,Index,Value`): values taken as they are (the cohort's own scale); a gene named twice
+  (after `normalize_gene_id`) is refused, since either value could be the intended one;
 - GDC STAR "augmented gene counts" (`gene_id, gene_name, gene_type, ..., tpm_unstranded`): `gene_name`, and
-  log1p(`tpm_unstranded`), the house scale; the `N_unmapped`-style summary rows are skipped;
+  log1p(`tpm_unstranded`), the house scale; the `N_unmapped`-style summary rows are skipped; a symbol listed
+  twice (the PAR genes, a few GENCODE symbols) keeps its larger value;
 - legacy TCGA RSEM (`gene_id` / `normalized_count` or `scaled_estimate`, ids `SYMBOL|ENTREZ`): log1p(value),
   the rows without a symbol (`?|ENTREZ`) skipped;
 - a cohort matrix (`read_matrix`): genes x cases, the first column the gene, one column per case id.
@@ -109,6 +111,7 @@ def read_profile(data: bytes | str | Path) -> dict[str, float]:
             "(gene_name, tpm_unstranded) or a TCGA RSEM table (gene_id, normalized_count)"
         )
     profile: dict[str, float] = {}
+    first_row: dict[str, int] = {}
     for n, r in enumerate(body, start=2):
         if len(r) <= max(gi, vi):
             raise InvalidParameterError(f"RNA row {n}: expected at least {max(gi, vi) + 1} columns")
@@ -117,8 +120,15 @@ def read_profile(data: bytes | str | Path) -> dict[str, float]:
             if value < 0:
                 raise InvalidParameterError(f"RNA row {n}: a TPM or count is negative")
             value = math.log1p(value)
-        if gene in profile:  # GDC lists PAR genes twice (chrX and chrY); keep the larger, as their sum is not TPM
+        if gene in profile:
+            if not log:  # a Gene,Value file naming a gene twice is ambiguous: which value did the sender mean?
+                raise InvalidParameterError(
+                    f"RNA row {n}: gene listed twice (rows {first_row[gene]} and {n}, after normalising the id)"
+                )
+            # GDC lists PAR genes twice (chrX and chrY) and GENCODE/RSEM repeat a few symbols: keep the larger,
+            # as their sum is not a TPM
             value = max(value, profile[gene])
+        first_row.setdefault(gene, n)
         profile[gene] = value
     if not profile:
         raise InvalidParameterError("RNA profile has no genes")
@@ -170,11 +180,17 @@ def read_matrix(path: str | Path) -> dict[str, dict[str, float]]:
     cases = rows[0][1:]
     if not cases:
         raise InvalidParameterError(f"{path}: an RNA matrix needs a gene column and one column per case")
+    if len(set(cases)) != len(cases):
+        raise InvalidParameterError(f"{path}: a case id heads more than one column")
     out: dict[str, dict[str, float]] = {c: {} for c in cases}
+    seen: dict[str, int] = {}
     for n, r in enumerate(rows[1:], start=2):
         if len(r) != len(cases) + 1:
             raise InvalidParameterError(f"{path}: row {n} has {len(r)} cells, the header {len(cases) + 1}")
         gene = _check_gene(r[0], n)
+        if gene in seen:
+            raise InvalidParameterError(f"{path}: gene listed twice (rows {seen[gene]} and {n})")
+        seen[gene] = n
         for case, cell in zip(cases, r[1:], strict=True):
             if cell != "":
                 out[case][gene] = _number(cell, n)

@@ -86,6 +86,9 @@ class DownstreamConfig(BaseModel):
     rna: Path | None = None  # a genes x cases matrix, or a folder of per-case profiles `<case_id>.{csv,tsv,txt}`
     fusion: Literal["gated_concat", "kronecker", "mcat"] = "gated_concat"
     mcat_groups: int = Field(6, ge=1)  # mcat: gene groups (contiguous blocks of the gene list), MCAT used 6
+    # mcat: MCAT's signatures.csv layout (one column per group, header = group names, cells = genes); overrides
+    # mcat_groups with those groups, restricted to the head's gene list
+    mcat_signatures: Path | None = None
     rna_encoder: Literal["snn", "stage1"] = "snn"  # stage1: the Stage-1 gene encoder (needs stage1_checkpoint)
     rna_min_coverage: float = 0.5
     report: ReportConfig = Field(default_factory=ReportConfig)

@@ -163,7 +163,38 @@ def _model(cfg: DownstreamConfig, store: FeatureStore, first: Case, rna: RNATabl
         fusion=cfg.fusion,
         rna_branch=branch,
         n_groups=cfg.mcat_groups,
+        groups=read_signatures(cfg.mcat_signatures, rna.genes) if cfg.mcat_signatures is not None else None,
     )
+
+
+def read_signatures(path: Path, genes: list[str]) -> list[list[int]]:
+    """MCAT's `signatures.csv` (one column per group: header the group name, cells its genes, blank cells
+    allowed) -> each group's indices in `genes`, the head's gene list. A group none of whose genes is in the list
+    is dropped (logged); no group left is an error, since the co-attention would have no queries."""
+    import csv
+
+    from service.inference.rna_input import normalize_gene_id
+
+    if not Path(path).is_file():
+        raise InvalidParameterError(f"mcat_signatures {path} does not exist")
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        rows = list(csv.reader(f))
+    if not rows or not any(h.strip() for h in rows[0]):
+        raise InvalidParameterError(f"mcat_signatures {path}: needs a header row of group names")
+    index = {normalize_gene_id(g): i for i, g in enumerate(genes)}
+    groups: list[list[int]] = []
+    for col, name in enumerate(rows[0]):
+        cells = [r[col].strip() for r in rows[1:] if col < len(r) and r[col].strip()]
+        idx = sorted({index[g] for g in map(normalize_gene_id, cells) if g in index})
+        if idx:
+            groups.append(idx)
+        else:
+            log.warning("mcat_signatures: group %r has none of the head's %d genes; left out", name, len(genes))
+    if not groups:
+        raise InvalidParameterError(
+            f"mcat_signatures {path}: no group names a gene of the head's gene list ({len(genes)} genes)"
+        )
+    return groups
 
 
 def _forward(rna: RNATable) -> Any:

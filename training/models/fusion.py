@@ -75,6 +75,7 @@ class FusionHead(nn.Module):
         kron_dim: int = 32,
         rna_branch: StageOneRNA | dict[str, Any] | None = None,
         n_groups: int = 6,
+        groups: list[list[int]] | None = None,
     ) -> None:
         super().__init__()
         if isinstance(rna_branch, dict):  # a recorded config (`load_fusion_head`)
@@ -96,6 +97,7 @@ class FusionHead(nn.Module):
             "fusion": fusion,
             "kron_dim": kron_dim,
             "n_groups": n_groups,
+            "groups": [list(g) for g in groups] if groups is not None else None,  # mcat: explicit gene groups
             "rna_branch": rna_branch.config if isinstance(rna_branch, StageOneRNA) else None,
         }
         self.modalities, self.task, self.fusion = tuple(modalities), task, fusion
@@ -105,7 +107,10 @@ class FusionHead(nn.Module):
         self.mcat: MCATFusion | None = None
         if fusion == "mcat":  # one module owns both branches: the slide side is guided by the gene groups
             self.wsi = None
-            self.mcat = MCATFusion(n_features, gene_groups(n_genes, n_groups), dim, dropout)
+            chosen = groups if groups is not None else gene_groups(n_genes, n_groups)
+            if not chosen or any(not g or min(g) < 0 or max(g) >= n_genes for g in chosen):
+                raise InvalidParameterError(f"mcat gene groups must be non-empty lists of indices below {n_genes}")
+            self.mcat = MCATFusion(n_features, chosen, dim, dropout)
         elif "rna" in modalities:
             self.rna = rna_branch if rna_branch is not None else snn(n_genes, dim, dropout)
             if isinstance(rna_branch, StageOneRNA):

@@ -15,7 +15,7 @@ from service.api.lookups import POLLS, succeeded_files
 from service.api.responses import ERRORS
 from service.api.schemas import JobOut, JobPage, JobState
 from service.api.views import job_out
-from service.jobs import lifecycle
+from service.jobs import lifecycle, rna_channel
 from service.store import repo
 from service.store.db import transaction
 from service.store.models import TERMINAL_STATES
@@ -75,7 +75,8 @@ def cancel_job(job_id: str, principal: TenantDep, ctx: ContextDep) -> JobOut:
         job, released = lifecycle.request_cancel(s, job)
         out = job_out(job)
     POLLS.forget(principal.tenant_id, [job_id])
-    if out.state == "canceled":
+    if out.state == "canceled":  # ended while queued: no attempt will remove its RNA profile, so do it now
+        rna_channel.discard(ctx.blobs, [out.id])
         ctx.job_terminal(out.id)
     for job_id in released:  # identical jobs that waited for this one now run themselves
         ctx.queue.notify(job_id)
