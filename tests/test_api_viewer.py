@@ -132,7 +132,20 @@ def test_region_in_the_analyses_request(served) -> None:
     res = c.get(f"/jobs/{done['id']}/result", headers=A).json()
     full = len(xs)
     assert 0 < res["tiling"]["patches"] < full and res["tiling"]["region"]["tissue_patches_before"] == full
-    bad = c.post(
-        f"/slides/{job['slide_id']}/analyses", json={"region": {"type": "Point", "coordinates": [0, 0]}}, headers=A
-    )
-    assert bad.status_code == 422 and "Polygon" in bad.text
+    jobs_before = c.get("/jobs", params={"limit": 100}, headers=A).json()["items"]
+    w, h = res["slide"]["level_dimensions"][0]
+    refused = {
+        "no Polygon": {"type": "Point", "coordinates": [0, 0]},
+        "no Polygon ": {"type": "FeatureCollection", "features": [{"type": "Feature", "geometry": None}]},
+        "not a simple polygon": {"type": "Polygon", "coordinates": [[[0, 0], [900, 900], [900, 0], [0, 900], [0, 0]]]},
+        "no area": {"type": "Polygon", "coordinates": [[[0, 0], [500, 0], [900, 0], [0, 0]]]},
+        # in another unit (e.g. µm, or a thumbnail's pixels scaled up): off the slide, refused before any job runs
+        "lies outside the slide": {
+            "type": "Feature",
+            "geometry": {"type": "Polygon", "coordinates": [[[w + 10, 0], [w + 900, 0], [w + 900, h], [w + 10, 0]]]},
+        },
+    }
+    for why, region in refused.items():
+        bad = c.post(f"/slides/{job['slide_id']}/analyses", json={"region": region}, headers=A)
+        assert bad.status_code == 422 and why.strip() in bad.json()["error"]["message"], (why, bad.text)
+    assert c.get("/jobs", params={"limit": 100}, headers=A).json()["items"] == jobs_before  # no job was queued
