@@ -59,14 +59,26 @@ def deep_zoom_info(reader: SlideReader) -> DeepZoomInfo:
     return DeepZoomInfo(w, h, max(0, math.ceil(math.log2(max(w, h, 1)))))
 
 
-def render_tile(reader: SlideReader, info: DeepZoomInfo, level: int, col: int, row: int) -> np.ndarray:
-    """RGB uint8 tile (`TILE` px, smaller at the right and bottom edges)."""
+def check_tile(info: DeepZoomInfo, level: int, col: int, row: int) -> None:
+    """A clear 422 for a level or tile the slide does not have."""
     if not 0 <= level <= info.max_level:
         raise InvalidParameterError(f"Deep Zoom level must be 0-{info.max_level}, got {level}")
     lw, lh = info.level_size(level)
     t = info.tile_size
     if not (0 <= col < math.ceil(lw / t) and 0 <= row < math.ceil(lh / t)):
         raise InvalidParameterError(f"no tile {col}_{row} at Deep Zoom level {level}")
+
+
+def tile_etag(slide_sha256: str, level: int, col: int, row: int) -> str:
+    """A tile's bytes follow from the slide's bytes, the tile's place and this renderer's settings only."""
+    return f'"{slide_sha256[:32]}-{level}-{col}-{row}-t{TILE}q{JPEG_QUALITY}"'
+
+
+def render_tile(reader: SlideReader, info: DeepZoomInfo, level: int, col: int, row: int) -> np.ndarray:
+    """RGB uint8 tile (`TILE` px, smaller at the right and bottom edges)."""
+    check_tile(info, level, col, row)
+    lw, lh = info.level_size(level)
+    t = info.tile_size
     x0, y0 = col * t, row * t
     tw, th = min(t, lw - x0), min(t, lh - y0)
     scale = float(2 ** (info.max_level - level))  # level-0 px per Deep Zoom px
