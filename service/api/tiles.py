@@ -110,6 +110,9 @@ class TileCache:
         self.max_readers, self.max_bytes = max_readers, max_bytes
         self._readers: OrderedDict[str, tuple[SlideReader, DeepZoomInfo, ExitStack]] = OrderedDict()
         self._tiles: OrderedDict[tuple, bytes] = OrderedDict()
+        # A slide's Deep Zoom geometry outlives its reader: tile checks need it, and reopening a slide (a download
+        # from S3) only to refuse a tile or answer a 304 would cost what the tile cache saves.
+        self._infos: OrderedDict[str, DeepZoomInfo] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
         self.hits = self.misses = 0
@@ -136,10 +139,22 @@ class TileCache:
                 reader, info, _ = self._readers[slide_id]
                 return reader, info
             self._readers[slide_id] = (reader, info, stack)
+            self._infos[slide_id] = info
+            self._infos.move_to_end(slide_id)
+            while len(self._infos) > 4096:
+                self._infos.popitem(last=False)
             while len(self._readers) > self.max_readers:
                 _, (_, _, old) = self._readers.popitem(last=False)
                 old.close()
         return reader, info
+
+    def info(self, slide_id: str, blob_key: str, mpp_override: float | None) -> DeepZoomInfo:
+        """The slide's Deep Zoom geometry, without opening it again when it was opened before."""
+        with self._lock:
+            info = self._infos.get(slide_id)
+        if info is None:
+            info = self.reader(slide_id, blob_key, mpp_override)[1]
+        return info
 
     def tile(self, slide_id: str, blob_key: str, mpp: float | None, level: int, col: int, row: int) -> bytes:
         key = (slide_id, level, col, row)
@@ -165,6 +180,7 @@ class TileCache:
         with self._lock:
             entries = list(self._readers.values())
             self._readers.clear()
+            self._infos.clear()
             self._tiles.clear()
             self._bytes = 0
         for _, _, stack in entries:

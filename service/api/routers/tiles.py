@@ -66,7 +66,7 @@ async def tile(
 ) -> Response:
     sid, key, mpp, sha = await run_in_threadpool(_slide, ctx, principal, slide_id)
     col, row = (int(v) for v in tile.split("_"))
-    _, info = await run_in_threadpool(request.app.state.tiles.reader, sid, key, mpp)
+    info = await run_in_threadpool(request.app.state.tiles.info, sid, key, mpp)
     check_tile(info, level, col, row)
     etag = tile_etag(sha, level, col, row)
     unchanged = not_modified(request, etag, {"Cache-Control": CACHE})
