@@ -79,6 +79,24 @@ def test_deep_zoom_tiles_are_tenant_checked_cached_and_from_the_pyramid(served, 
     again = c.get(f"/slides/{sid}/tiles/{dz['maxLevel']}/2_3.jpeg", headers=A)
     assert again.status_code == 200 and len(again.content) > 0
     assert tiles.hits == hits + 1
+    # Revalidation: the tile's ETag answers 304 without rendering or sending it; another tile's ETag does not match,
+    # and another tenant (or no key) learns nothing from an ETag.
+    etag = again.headers["etag"]
+    assert etag.startswith('"') and etag.endswith('"')
+    first = c.get(f"/slides/{sid}/tiles/{dz['maxLevel']}/2_3.jpeg", headers=A).headers["etag"]
+    assert first == etag and "immutable" in again.headers["cache-control"]
+    misses, hits = tiles.misses, tiles.hits
+    for sent in (etag, f"W/{etag}", f'"x", {etag}'):
+        nm = c.get(f"/slides/{sid}/tiles/{dz['maxLevel']}/2_3.jpeg", headers={**A, "If-None-Match": sent})
+        assert nm.status_code == 304 and nm.content == b"" and nm.headers["etag"] == etag, sent
+        assert "private" in nm.headers["cache-control"]
+    assert (tiles.misses, tiles.hits) == (misses, hits)  # nothing rendered or looked up for a 304
+    other = c.get(f"/slides/{sid}/tiles/{dz['maxLevel']}/2_4.jpeg", headers={**A, "If-None-Match": etag})
+    assert other.status_code == 200 and other.headers["etag"] != etag
+    assert c.get(f"/slides/{sid}/tiles/0/0_0.jpeg", headers={**B, "If-None-Match": "*"}).status_code == 404
+    assert c.get(f"/slides/{sid}/tiles/0/0_0.jpeg", headers={"If-None-Match": "*"}).status_code == 401
+    stale = c.get(f"/slides/{sid}/tiles/{dz['maxLevel']}/99_0.jpeg", headers={**A, "If-None-Match": "*"})
+    assert stale.status_code == 422  # a tile that does not exist is never "not modified"
     for bad in (f"{dz['maxLevel']}/99_0", f"{dz['maxLevel'] + 1}/0_0", "3/a_b", "3/0_0_0"):
         r = c.get(f"/slides/{sid}/tiles/{bad}.jpeg", headers=A)
         assert r.status_code == 422 and r.json()["error"]["message"], bad
@@ -96,7 +114,7 @@ def test_geojson_and_heatmap_routes(served) -> None:
     assert job["links"]["annotations"] == f"/jobs/{jid}/annotations.geojson"
     r = c.get(f"/jobs/{jid}/annotations.geojson", headers=A)
     assert r.status_code == 200 and r.headers["content-type"] == "application/geo+json"
-    fc = r.json()
+    geo, fc = r, r.json()
     jsonschema.validate(fc, QUPATH_SCHEMA)
     result = c.get(f"/jobs/{jid}/result", headers=A).json()
     dets = [f for f in fc["features"] if f["properties"]["objectType"] == "detection"]
@@ -115,6 +133,17 @@ def test_geojson_and_heatmap_routes(served) -> None:
     r = c.get(f"/jobs/{jid}/heatmap", params={"score": "nope"}, headers=A)
     assert r.status_code == 422 and "choose from" in r.json()["error"]["message"]
     assert c.get(f"/jobs/{jid}/heatmap", params={"level": 7}, headers=A).status_code == 422
+    # Both views revalidate with their ETag (304, nothing sent); another level's image is another ETag.
+    for path, params, resp in (("annotations.geojson", {}, geo), ("heatmap", {"level": 0}, png)):
+        tag = resp.headers["etag"]
+        nm = c.get(f"/jobs/{jid}/{path}", params=params, headers={**A, "If-None-Match": tag})
+        assert nm.status_code == 304 and nm.content == b"" and nm.headers["etag"] == tag, path
+        assert c.get(f"/jobs/{jid}/{path}", params=params, headers={**B, "If-None-Match": tag}).status_code == 404
+    by_class = {"level": 0, "score": f"{head}.{label}"}
+    other = c.get(f"/jobs/{jid}/heatmap", params=by_class, headers={**A, "If-None-Match": png.headers["etag"]})
+    assert other.status_code == 200 and other.headers["etag"] != png.headers["etag"]
+    bad = c.get(f"/jobs/{jid}/heatmap", params={"level": 7}, headers={**A, "If-None-Match": "*"})
+    assert bad.status_code == 422 and "level must be" in bad.json()["error"]["message"]
     for path in ("annotations.geojson", "heatmap"):
         assert c.get(f"/jobs/{jid}/{path}", headers=B).status_code == 404
 
@@ -132,7 +161,20 @@ def test_region_in_the_analyses_request(served) -> None:
     res = c.get(f"/jobs/{done['id']}/result", headers=A).json()
     full = len(xs)
     assert 0 < res["tiling"]["patches"] < full and res["tiling"]["region"]["tissue_patches_before"] == full
-    bad = c.post(
-        f"/slides/{job['slide_id']}/analyses", json={"region": {"type": "Point", "coordinates": [0, 0]}}, headers=A
-    )
-    assert bad.status_code == 422 and "Polygon" in bad.text
+    jobs_before = c.get("/jobs", params={"limit": 100}, headers=A).json()["items"]
+    w, h = res["slide"]["level_dimensions"][0]
+    refused = {
+        "no Polygon": {"type": "Point", "coordinates": [0, 0]},
+        "no Polygon ": {"type": "FeatureCollection", "features": [{"type": "Feature", "geometry": None}]},
+        "not a simple polygon": {"type": "Polygon", "coordinates": [[[0, 0], [900, 900], [900, 0], [0, 900], [0, 0]]]},
+        "no area": {"type": "Polygon", "coordinates": [[[0, 0], [500, 0], [900, 0], [0, 0]]]},
+        # in another unit (e.g. µm, or a thumbnail's pixels scaled up): off the slide, refused before any job runs
+        "lies outside the slide": {
+            "type": "Feature",
+            "geometry": {"type": "Polygon", "coordinates": [[[w + 10, 0], [w + 900, 0], [w + 900, h], [w + 10, 0]]]},
+        },
+    }
+    for why, region in refused.items():
+        bad = c.post(f"/slides/{job['slide_id']}/analyses", json={"region": region}, headers=A)
+        assert bad.status_code == 422 and why.strip() in bad.json()["error"]["message"], (why, bad.text)
+    assert c.get("/jobs", params={"limit": 100}, headers=A).json()["items"] == jobs_before  # no job was queued

@@ -21,6 +21,7 @@ from service.pipeline import AnalysisOptions, run_analysis
 from service.results import geojson as gj
 from service.results import patch_scores
 from service.results.roi import parse_region
+from service.slides.fasttiles import FastTiffSource
 from service.slides.stream import PatchReader
 
 # QuPath's GeoJSON conventions, as its importer reads them (objectType, classification, measurements).
@@ -161,13 +162,23 @@ def test_roi_reads_only_patches_inside_the_polygon(analysed, tiny_bundle, cmu_sv
     roi_file = tmp_path / "region.geojson"
     roi_file.write_text(json.dumps(region))
     read: list[np.ndarray] = []
+    sources: set = set()
     real_read = PatchReader.read_batch
 
     def recording(self, start: int, stop: int, out=None) -> np.ndarray:  # observe the real reader, change nothing
         read.append(np.array(self.grid.coords[start:stop]))
+        sources.add(self.fast_source)
         return real_read(self, start, stop, out)
 
     monkeypatch.setattr(PatchReader, "read_batch", recording)
+    decoded: list[tuple[FastTiffSource, tuple[int, int]]] = []  # every stored slide tile decoded for a patch
+    real_load = FastTiffSource._load
+
+    def loading(self, key: tuple[int, int]) -> np.ndarray:
+        decoded.append((self, key))
+        return real_load(self, key)
+
+    monkeypatch.setattr(FastTiffSource, "_load", loading)
     out = tmp_path / "roi"
     res = CliRunner().invoke(
         main,
@@ -182,6 +193,16 @@ def test_roi_reads_only_patches_inside_the_polygon(analysed, tiny_bundle, cmu_sv
     assert 0.3 < inside.mean() < 0.7  # the polygon covers about half the tissue
     # Exactly the tissue patches centred inside were read, each once; none outside.
     assert sorted(map(tuple, read_xy.tolist())) == sorted(map(tuple, full_coords[inside].tolist()))
+    # Below the patch reader: the full-resolution tiles it decoded are exactly those the inside patches cover, each
+    # once; the tiles only outside patches cover were never decoded. (The tissue mask and the heatmap's backdrop
+    # read a thumbnail of the whole slide through their own reader, as every analysis does.)
+    assert len(sources) == 1 and None not in sources  # the CMU slide's JPEG tiles are cut on the fast path
+    src = next(iter(sources))
+    keys = [k for s_, k in decoded if s_ is src]
+    tiles_inside = {k for per in src.tiles_of(full_coords[inside], size) for k in per}
+    tiles_all = {k for per in src.tiles_of(full_coords, size) for k in per}
+    assert len(keys) == len(set(keys)) and set(keys) == tiles_inside
+    assert len(tiles_all - tiles_inside) >= 0.3 * len(tiles_all)
     result = json.loads((out / "result.json").read_text())
     assert result["tiling"]["patches"] == int(inside.sum())
     assert result["tiling"]["region"]["tissue_patches_before"] == len(full_coords)
@@ -210,6 +231,20 @@ def test_bad_regions_are_refused_clearly(analysed, cmu_svs, tiny_bundle, tmp_pat
     bad.write_text("{not json")
     res = CliRunner().invoke(main, ["analyze", str(cmu_svs), "--bundle", str(tiny_bundle), "--roi", str(bad)])
     assert res.exit_code == 2 and "not a readable GeoJSON" in res.output
+    # The CLI says why for a bow-tie (before anything runs) and for a region off the slide.
+    for region, why in (
+        (
+            {"type": "Polygon", "coordinates": [[[0, 0], [900, 900], [900, 0], [0, 900], [0, 0]]]},
+            "not a simple polygon",
+        ),
+        (far, "outside the slide"),
+    ):
+        bad.write_text(json.dumps({"type": "FeatureCollection", "features": [{"type": "Feature", "geometry": region}]}))
+        res = CliRunner().invoke(
+            main,
+            ["analyze", str(cmu_svs), "--bundle", str(tiny_bundle), "--out", str(tmp_path / "o"), "--roi", str(bad)],
+        )
+        assert res.exit_code == 2 and why in res.output, res.output
 
 
 def test_heatmap_rerendered_at_any_level_from_saved_scores(analysed: Path, cmu_svs: Path) -> None:
@@ -258,3 +293,92 @@ def test_heatmap_rerendered_at_any_level_from_saved_scores(analysed: Path, cmu_s
     assert res.exit_code == 2 and "level must be" in res.output
     res = runner.invoke(main, ["heatmap", str(analysed), "--score", "nope"])
     assert res.exit_code == 2 and "choose from" in res.output
+
+
+def _ring(x0: float, y0: float, x1: float, y1: float) -> list[list[float]]:
+    return [[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]
+
+
+def test_qupath_region_shapes_are_accepted_as_exported(cmu_svs: Path) -> None:
+    """Every shape QuPath's "Export objects" writes selects exactly the patches centred inside its area: a bare
+    geometry, a Feature, a FeatureCollection, a list of Features (QuPath 0.2 style: `colorRGB`, measurements as a
+    list), a Polygon with a hole (patches in the hole are left out) and a MultiPolygon; points and lines next to
+    the region are ignored."""
+    from service.results.roi import restrict_grid
+    from service.slides.grid import build_grid
+    from service.slides.open import open_slide
+
+    with open_slide(cmu_svs) as reader:
+        grid = build_grid(reader, target_mpp=0.5, patch_size=224)
+    c, s = grid.coords.astype(float), grid.patch_size_level0
+    x0, y0 = c.min(axis=0)
+    x1, y1 = c.max(axis=0) + s
+    xm, ym = (x0 + x1) / 2, (y0 + y1) / 2
+    shell = _ring(x0 - 1, y0 - 1, x1 + 1, y1 + 1)
+    hole = _ring(xm - 2 * s + 7, ym - 2 * s + 7, xm + 2 * s + 7, ym + 2 * s + 7)  # no centre on its edge
+    holed = {"type": "Polygon", "coordinates": [shell, hole]}
+    two = {"type": "MultiPolygon", "coordinates": [[_ring(x0 - 1, y0 - 1, xm, ym)], [_ring(xm, ym, x1 + 1, y1 + 1)]]}
+    feature = {
+        "type": "Feature",
+        "id": "0b7f3f7e-1c1e-4a4e-9d6f-2f0c9b1b2a11",
+        "geometry": holed,
+        "properties": {"objectType": "annotation", "classification": {"name": "Tumor", "color": [200, 0, 0]}},
+    }
+    old_style = {
+        "type": "Feature",
+        "id": "PathAnnotationObject",
+        "geometry": two,
+        "properties": {
+            "classification": {"name": "Stroma", "colorRGB": -3670016},
+            "isLocked": False,
+            "measurements": [],
+        },
+    }
+    point = {"type": "Feature", "geometry": {"type": "MultiPoint", "coordinates": [[xm, ym]]}, "properties": {}}
+    line = {"type": "Feature", "geometry": {"type": "LineString", "coordinates": [[x0, y0], [x1, y1]]}}
+    centres = c + s / 2
+
+    def expected(geom) -> np.ndarray:
+        return c[shapely.contains_xy(shape(geom), centres[:, 0], centres[:, 1])]
+
+    cases = {
+        "bare geometry": (holed, holed),
+        "Feature": (feature, holed),
+        "FeatureCollection with a point and a line": (
+            {"type": "FeatureCollection", "features": [point, feature, line]},
+            holed,
+        ),
+        "list of Features (QuPath 0.2)": ([old_style, point], two),
+        "MultiPolygon": (two, two),
+    }
+    for name, (region, geom) in cases.items():
+        got = restrict_grid(grid, region).coords
+        want = expected(geom)
+        assert 0 < len(want) <= len(c) and np.array_equal(got, want), name
+    in_hole = shapely.contains_xy(shape({"type": "Polygon", "coordinates": [hole]}), centres[:, 0], centres[:, 1])
+    assert in_hole.sum() >= 4 and len(restrict_grid(grid, holed)) == len(c) - in_hole.sum()
+    assert len(restrict_grid(grid, two)) < len(c)  # the MultiPolygon's two quarters leave the other two out
+
+
+@pytest.mark.parametrize(
+    ("region", "message"),
+    [
+        (
+            {"type": "Polygon", "coordinates": [[[0, 0], [100, 100], [100, 0], [0, 100], [0, 0]]]},
+            "not a simple polygon",
+        ),  # a bow-tie: its outline crosses itself
+        (
+            {"type": "Polygon", "coordinates": [_ring(0, 0, 100, 100), _ring(200, 200, 300, 300)]},
+            "not a simple polygon",
+        ),  # a hole outside its shell
+        ({"type": "Polygon", "coordinates": []}, "no area"),
+        ({"type": "FeatureCollection", "features": []}, "no Polygon"),
+        ({"type": "LineString", "coordinates": [[0, 0], [100, 100]]}, "no Polygon"),
+        ({"type": "Polygon", "coordinates": [[[0, 0], [50, 0], [100, 0], [0, 0]]]}, "no area"),
+        ({"type": "Polygon", "coordinates": [[[0, 0], ["a", 0], [1, 1], [0, 0]]]}, "not a valid polygon"),
+        ({"type": "Circle", "coordinates": [0, 0]}, "unknown GeoJSON type"),
+    ],
+)
+def test_bad_region_shapes_say_why(region, message: str) -> None:
+    with pytest.raises(InvalidParameterError, match=message):
+        parse_region(region)

@@ -114,6 +114,7 @@ def test_viewer_end_to_end(
             region_job = a.get(f"/jobs/{roi['regionJob']}").json()
             region_result = a.get(f"/jobs/{roi['regionJob']}/result").json()
             region_fc = a.get(f"/jobs/{roi['regionJob']}/annotations.geojson").json()
+            zs_result = a.get(f"/jobs/{seen['zeroshot']['job']}/result").json()
 
     assert "invalid API key" in seen["wrong_key"]["error"] and not seen["wrong_key"]["appVisible"]
     assert seen["signed_in"]["tabbedTo"] == "signin-btn"
@@ -126,6 +127,8 @@ def test_viewer_end_to_end(
     hover = seen["hover"]
     assert f"Patch at ({hover['expected']['px']}, {hover['expected']['py']})" in hover["text"]
     assert "Attention" in hover["text"] and "probability" in hover["text"]
+    # The patch's three lines of scores never resize the slide under the pointer (the hover line has a fixed height).
+    assert hover["boxAfterHover"] == hover["boxLoaded"] and len(hover["text"]) > 200
     ov = seen["overlay"]
     assert ov["opacityOn"] == pytest.approx(0.6) and ov["afterToggle"] == {"flag": "off", "opacity": 0}
     assert ov["opacityAt25"] == pytest.approx(0.25)
@@ -147,7 +150,13 @@ def test_viewer_end_to_end(
     # the wrong key's 401, the other tenant's 404, the flat region's 422 and the PACS slide's tiles' 415
     statuses = sorted(int(re.search(r"status of (\d{3})", m).group(1)) for m in seen["errors"]["refused"])
     assert statuses == [401, 404, 415, 422], seen["errors"]["refused"]
-    assert len(list(shots.glob("*.png"))) == 11
+    assert len(list(shots.glob("*.png"))) == 12
+    # Zero-shot: the prompts and their probabilities as the result has them, the best match named.
+    zs = seen["zeroshot"]
+    assert zs["best"] == zs_result["zeroshot"]["best"]
+    want = sorted(zs_result["zeroshot"]["prompts"], key=lambda p: -p["probability"])
+    assert zs["bars"] == [f"{p['prompt']} {100 * p['probability']:.1f} percent" for p in want]
+    assert zs["barOverlaps"] == [] and zs["regionStatus"] == ""  # readable at 1280x800; no stale region line
 
     # DICOM: offered (and downloadable) for the PACS job only, never for an upload job.
     assert not any(h.endswith("/dicom") for h in res["downloads"]) and job["links"]["dicom"] is None
@@ -155,6 +164,9 @@ def test_viewer_end_to_end(
     assert f"/jobs/{pacs_job['id']}/dicom" in pacs_seen["downloads"] and pacs_job["links"]["dicom"]
     assert pacs_seen["file"] == f"{pacs_job['id']}-dicom.zip" and pacs_seen["size"] > 1000
     assert "lives in a PACS" in pacs_seen["info"] and pacs_seen["label"]
+    # The region drawn on the uploaded slide is forgotten when another slide's job opens: it is never sent for it.
+    assert pacs_seen["regionRunDisabled"] and pacs_seen["regionText"] == "" and pacs_seen["regionStatus"] == ""
+    assert "PACS series" in pacs_seen["slides"] and "0 × 0" not in pacs_seen["slides"]
 
     # The region: bad input explained, Escape cancels, Enter and double-click close, and the analysis of the drawn
     # polygon covers exactly the full analysis's patches whose centres lie inside it.
@@ -185,6 +197,8 @@ def test_viewer_end_to_end(
     assert got == inside and len(got) < len(centres(full_fc))
     shown = shape({"type": "Polygon", "coordinates": [[*roi["shownRegion"], roi["shownRegion"][0]]]})
     assert region_result["tiling"]["region"] and shown.equals(polygon)  # the job's region is outlined on the slide
+    assert roi["statusShown"] == f"Job {roi['regionJob'][:8]} analysed only the outlined region."
+    assert roi["currentJobs"] == [roi["regionJob"]] and seen["pacs_current"]["current"] == [pacs_job["id"]]
 
     # axe-core: no serious or critical violation in any view.
     views = seen["a11y"]["views"]
@@ -198,5 +212,9 @@ def test_viewer_end_to_end(
         "other-tenant",
     ]
     assert all(v["rules"] > 20 for v in views)  # axe really ran its rules
+    for v in views:  # 1280x800: no page scroll, nothing past the window, the main column's parts never overlap
+        lay = v["layout"]
+        assert (lay["w"], lay["h"]) == (1280, 800) and lay["scrollW"] <= 1280 and lay["scrollH"] <= 800, v
+        assert lay["overlaps"] == [] and lay["outside"] == [], v
     bad = [(v["view"], x) for v in views for x in v["violations"] if x["impact"] in ("serious", "critical")]
     assert bad == [], bad

@@ -1,6 +1,9 @@
-"""OpenAPI fragments shared by routers: documented error responses and the streamed upload body."""
+"""OpenAPI fragments shared by routers (documented error responses, the streamed upload body) and the
+conditional-request check of immutable views (tiles, re-rendered results)."""
 
 from __future__ import annotations
+
+from fastapi import Request, Response
 
 from service.api.schemas import ErrorBody
 
@@ -62,3 +65,15 @@ UPLOAD_BODY = {
         },
     }
 }
+
+
+def not_modified(request: Request, etag: str, headers: dict[str, str]) -> Response | None:
+    """A 304 when the request's If-None-Match names `etag` (or `*`), else None. Called only after the tenant
+    and the parameters were checked, so a 304 never says more than a 200 would."""
+    sent = request.headers.get("if-none-match")
+    if sent is None:
+        return None
+    tags = {t.strip().removeprefix("W/") for t in sent.split(",")}
+    if etag in tags or "*" in tags:
+        return Response(status_code=304, headers={"ETag": etag, **headers})
+    return None

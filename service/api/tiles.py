@@ -59,14 +59,26 @@ def deep_zoom_info(reader: SlideReader) -> DeepZoomInfo:
     return DeepZoomInfo(w, h, max(0, math.ceil(math.log2(max(w, h, 1)))))
 
 
-def render_tile(reader: SlideReader, info: DeepZoomInfo, level: int, col: int, row: int) -> np.ndarray:
-    """RGB uint8 tile (`TILE` px, smaller at the right and bottom edges)."""
+def check_tile(info: DeepZoomInfo, level: int, col: int, row: int) -> None:
+    """A clear 422 for a level or tile the slide does not have."""
     if not 0 <= level <= info.max_level:
         raise InvalidParameterError(f"Deep Zoom level must be 0-{info.max_level}, got {level}")
     lw, lh = info.level_size(level)
     t = info.tile_size
     if not (0 <= col < math.ceil(lw / t) and 0 <= row < math.ceil(lh / t)):
         raise InvalidParameterError(f"no tile {col}_{row} at Deep Zoom level {level}")
+
+
+def tile_etag(slide_sha256: str, level: int, col: int, row: int) -> str:
+    """A tile's bytes follow from the slide's bytes, the tile's place and this renderer's settings only."""
+    return f'"{slide_sha256[:32]}-{level}-{col}-{row}-t{TILE}q{JPEG_QUALITY}"'
+
+
+def render_tile(reader: SlideReader, info: DeepZoomInfo, level: int, col: int, row: int) -> np.ndarray:
+    """RGB uint8 tile (`TILE` px, smaller at the right and bottom edges)."""
+    check_tile(info, level, col, row)
+    lw, lh = info.level_size(level)
+    t = info.tile_size
     x0, y0 = col * t, row * t
     tw, th = min(t, lw - x0), min(t, lh - y0)
     scale = float(2 ** (info.max_level - level))  # level-0 px per Deep Zoom px
@@ -98,6 +110,9 @@ class TileCache:
         self.max_readers, self.max_bytes = max_readers, max_bytes
         self._readers: OrderedDict[str, tuple[SlideReader, DeepZoomInfo, ExitStack]] = OrderedDict()
         self._tiles: OrderedDict[tuple, bytes] = OrderedDict()
+        # A slide's Deep Zoom geometry outlives its reader: tile checks need it, and reopening a slide (a download
+        # from S3) only to refuse a tile or answer a 304 would cost what the tile cache saves.
+        self._infos: OrderedDict[str, DeepZoomInfo] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
         self.hits = self.misses = 0
@@ -124,10 +139,22 @@ class TileCache:
                 reader, info, _ = self._readers[slide_id]
                 return reader, info
             self._readers[slide_id] = (reader, info, stack)
+            self._infos[slide_id] = info
+            self._infos.move_to_end(slide_id)
+            while len(self._infos) > 4096:
+                self._infos.popitem(last=False)
             while len(self._readers) > self.max_readers:
                 _, (_, _, old) = self._readers.popitem(last=False)
                 old.close()
         return reader, info
+
+    def info(self, slide_id: str, blob_key: str, mpp_override: float | None) -> DeepZoomInfo:
+        """The slide's Deep Zoom geometry, without opening it again when it was opened before."""
+        with self._lock:
+            info = self._infos.get(slide_id)
+        if info is None:
+            info = self.reader(slide_id, blob_key, mpp_override)[1]
+        return info
 
     def tile(self, slide_id: str, blob_key: str, mpp: float | None, level: int, col: int, row: int) -> bytes:
         key = (slide_id, level, col, row)
@@ -153,6 +180,7 @@ class TileCache:
         with self._lock:
             entries = list(self._readers.values())
             self._readers.clear()
+            self._infos.clear()
             self._tiles.clear()
             self._bytes = 0
         for _, _, stack in entries:

@@ -39,8 +39,9 @@ def _geometries(obj: Any, depth: int = 0) -> list[dict]:
     kind = obj.get("type")
     if kind == "FeatureCollection":
         return _geometries(obj.get("features") or [], depth + 1)
-    if kind == "Feature":
-        return _geometries(obj.get("geometry"), depth + 1)
+    if kind == "Feature":  # a Feature without geometry (RFC 7946 allows it) encloses nothing
+        geometry = obj.get("geometry")
+        return [] if geometry is None else _geometries(geometry, depth + 1)
     if kind == "GeometryCollection":
         return _geometries(obj.get("geometries") or [], depth + 1)
     if kind in ("Polygon", "MultiPolygon"):
@@ -64,13 +65,30 @@ def parse_region(obj: Any) -> BaseGeometry:
         n_vertices = sum(shapely.get_num_coordinates(p) for p in parts)
         if n_vertices > MAX_VERTICES:
             raise InvalidParameterError(f"the region has {n_vertices} vertices (limit {MAX_VERTICES})")
-        region = shapely.make_valid(shapely.union_all([shapely.make_valid(p) for p in parts]))
-        region = shapely.union_all([g for g in getattr(region, "geoms", [region]) if g.area > 0] or [region])
+        for part in parts:
+            _check_simple(part)
+        region = shapely.union_all(parts)  # overlapping parts (several annotations) merge
     except (KeyError, TypeError, ValueError, IndexError, AttributeError, ShapelyError) as err:
         raise InvalidParameterError(f"the region's coordinates are not a valid polygon ({err})") from None
     if region.is_empty or region.area <= 0 or not np.isfinite(region.bounds).all():
         raise InvalidParameterError("the region encloses no area")
     return region
+
+
+def _check_simple(part: BaseGeometry) -> None:
+    """Refuse a polygon whose outline crosses itself (or a hole outside its shell): which side of a bow-tie is
+    "inside" is a guess, and repairing it silently would analyse patches the user did not mean. QuPath writes
+    valid polygons, so its exports pass as they are."""
+    import shapely
+
+    if part.is_empty or part.convex_hull.area <= 0 or not np.isfinite(part.bounds).all():
+        raise InvalidParameterError("the region encloses no area")
+    if not part.is_valid:
+        reason = shapely.is_valid_reason(part)
+        raise InvalidParameterError(
+            f"the region is not a simple polygon ({reason}): an outline must not cross itself, and holes must lie "
+            "inside their outline; redraw it"
+        )
 
 
 def load_region_file(path: str | Path) -> dict:
@@ -84,17 +102,25 @@ def load_region_file(path: str | Path) -> dict:
     return obj
 
 
+def check_on_slide(region: BaseGeometry, width: int, height: int) -> None:
+    """Refuse a region that does not overlap the slide's level-0 image (a region in another unit, e.g. µm or a
+    downsampled image's pixels, usually lands outside); one reaching past an edge is fine."""
+    from shapely.geometry import box
+
+    if not region.intersection(box(0, 0, width, height)).area > 0:
+        minx, miny, maxx, maxy = region.bounds
+        raise InvalidParameterError(
+            f"the region (bounds {minx:.0f},{miny:.0f}-{maxx:.0f},{maxy:.0f}) lies outside the slide "
+            f"({width}x{height} level-0 px); regions are in level-0 pixel coordinates"
+        )
+
+
 def restrict_grid(grid: TileGrid, region_geojson: Any) -> TileGrid:
     """The grid's patches whose centre lies inside the region, in the same order (nothing is read here)."""
     import shapely
 
     region = parse_region(region_geojson)
-    minx, miny, maxx, maxy = region.bounds
-    if maxx <= 0 or maxy <= 0 or minx >= grid.level0_width or miny >= grid.level0_height:
-        raise InvalidParameterError(
-            f"the region (bounds {minx:.0f},{miny:.0f}-{maxx:.0f},{maxy:.0f}) lies outside the slide "
-            f"({grid.level0_width}x{grid.level0_height} level-0 px); regions are in level-0 pixel coordinates"
-        )
+    check_on_slide(region, grid.level0_width, grid.level0_height)
     half = grid.patch_size_level0 / 2.0
     centres = np.asarray(grid.coords, np.float64) + half
     keep = shapely.contains_xy(region, centres[:, 0], centres[:, 1]) if len(centres) else np.zeros(0, bool)

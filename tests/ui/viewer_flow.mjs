@@ -44,7 +44,19 @@ try {
   const audit = async (view) => {
     await page.evaluate(axeSource);
     const r = await page.evaluate(() => axe.run(document, { resultTypes: ["violations"] }));
-    a11y.push({ view, rules: r.passes.length + r.violations.length + r.incomplete.length,
+    // 1280x800: the page itself never scrolls or overflows (only the side panels scroll), and the main column's
+    // visible parts (toolbar, region tools, error, viewer, hover line) stack without overlapping.
+    const layout = await page.evaluate(() => {
+      const d = document.documentElement;
+      const boxes = [...document.querySelectorAll("#main > *")].map((e) => [e.id, e.getBoundingClientRect()])
+        .filter(([, b]) => b.height > 0);
+      const overlaps = boxes.slice(1).filter(([, b], i) => b.top < boxes[i][1].bottom - 0.5).map(([id]) => id);
+      const outside = [...document.querySelectorAll("#app > *, header, #signin")].filter((e) => e.offsetParent !== null)
+        .map((e) => [e.id || e.tagName, e.getBoundingClientRect()])
+        .filter(([, b]) => b.right > innerWidth + 0.5 || b.bottom > innerHeight + 0.5).map(([id]) => id);
+      return { scrollW: d.scrollWidth, scrollH: d.scrollHeight, w: innerWidth, h: innerHeight, overlaps, outside };
+    });
+    a11y.push({ view, layout, rules: r.passes.length + r.violations.length + r.incomplete.length,
       violations: r.violations.map((v) => ({ id: v.id, impact: v.impact,
         nodes: v.nodes.slice(0, 5).map((n) => n.target.join(" ")) })) });
   };
@@ -99,6 +111,9 @@ try {
   const levelBefore = Math.max(...tiles.map((t) => t.level));
   await page.screenshot({ path: join(shots, "04-slide-with-heatmap.png") });
   await audit("slide-with-results");
+  const viewerBox = async () => page.evaluate(() => { const b = document.getElementById("viewer").getBoundingClientRect();
+    return [b.left, b.top, b.width, b.height]; });
+  const boxLoaded = await viewerBox();  // the pointer has not been over the slide yet: a one-line hover message
 
   // Pan and zoom with the mouse: new, finer tiles load.
   const box = await page.locator("#viewer").boundingBox();
@@ -126,7 +141,8 @@ try {
   });
   await page.mouse.move(target.x, target.y, { steps: 3 });
   await page.waitForFunction(() => document.getElementById("hover-info").textContent.startsWith("Patch at"));
-  step("hover", { text: await page.textContent("#hover-info"), expected: target });
+  step("hover", { text: await page.textContent("#hover-info"), expected: target, boxLoaded,
+    boxAfterHover: await viewerBox() });
   await page.screenshot({ path: join(shots, "06-hover-patch.png") });
 
   // Overlay toggle and opacity.
@@ -254,7 +270,31 @@ try {
   await page.waitForTimeout(500);
   await page.screenshot({ path: join(shots, "10-region-analysed.png") });
   step("region", { notJson, noArea, pointsBeforeEscape, afterEscape, closedByEnter, drawn, geojson, regionJob, regionState,
+    statusShown: await page.textContent("#region-status"),
+    currentJobs: await page.locator("#jobs li.current").evaluateAll((ls) => ls.map((l) => l.dataset.jobId)),
     shownRegion: await page.evaluate(() => region.points), fullJob });
+
+  // Zero-shot prompts and their scores. The page's upload runs the default tasks, so this job is queued through the
+  // API with the page's own key (as a script would), then opened in the page like any other job.
+  const zsJob = await page.evaluate(async () => (await apiJson(`/slides/${state.slideId}/analyses`, {
+    method: "POST", headers: { "Content-Type": "application/json" },
+    body: JSON.stringify({ tasks: ["classification", "zeroshot"], prompts: ["lung adenocarcinoma", "normal lung tissue"] }),
+  })).id);
+  await page.evaluate((id) => { location.hash = `job=${id}`; }, zsJob);
+  await page.waitForSelector("#zeroshot .bar", { timeout: 300000 });
+  await page.waitForFunction(() => document.getElementById("viewer").dataset.overlay === "on", null, { timeout: 60000 });
+  await page.locator("#zeroshot").scrollIntoViewIfNeeded();
+  // No label runs over its bar (long prompts and class names wrap), and the line about the region job opened before
+  // is gone (this job analysed the whole slide).
+  const barOverlaps = await page.evaluate(() => [...document.querySelectorAll("#results .bar")].filter((b) => {
+    const [label, track] = [b.children[0].getBoundingClientRect(), b.children[1].getBoundingClientRect()];
+    const sameRow = label.bottom > track.top + 0.5 && label.top < track.bottom - 0.5;
+    return (sameRow && label.right > track.left + 0.5) || b.children[0].scrollWidth > b.children[0].clientWidth + 0.5;
+  }).map((b) => b.getAttribute("aria-label")));
+  step("zeroshot", { job: zsJob, best: await page.textContent("#zeroshot strong"), barOverlaps,
+    regionStatus: await page.textContent("#region-status"),
+    bars: await page.locator("#zeroshot .bar").evaluateAll((bs) => bs.map((b) => b.getAttribute("aria-label"))) });
+  await page.screenshot({ path: join(shots, "12-zero-shot-prompts.png") });
 
   // A PACS job: its slide lives in the PACS (no tiles, said so), its results show, with the DICOM download.
   await page.evaluate((id) => { location.hash = `job=${id}`; }, env.PACS_JOB);
@@ -262,9 +302,13 @@ try {
   const dicomDl = page.waitForEvent("download");
   await page.click("#downloads button[data-href$='/dicom']");
   const dicomFile = await dicomDl;
-  step("pacs", { downloads: await page.locator("#downloads button").evaluateAll((bs) => bs.map((b) => b.dataset.href)),
+  step("pacs", { regionRunDisabled: await page.isDisabled("#region-run"), regionText: await page.inputValue("#region-geojson"),
+    regionStatus: await page.textContent("#region-status"), slides: await page.textContent("#slides"),
+    downloads: await page.locator("#downloads button").evaluateAll((bs) => bs.map((b) => b.dataset.href)),
     file: dicomFile.suggestedFilename(), size: (readFileSync(await dicomFile.path())).length,
     info: await page.textContent("#hover-info"), label: await page.textContent("#classification .label") });
+  const currentPacs = await page.locator("#jobs li.current").evaluateAll((ls) => ls.map((l) => l.dataset.jobId));
+  step("pacs_current", { current: currentPacs });
   await page.screenshot({ path: join(shots, "11-pacs-job-dicom.png") });
   await audit("pacs-job");
 

@@ -9,13 +9,13 @@ from collections import OrderedDict
 from contextlib import ExitStack
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
 from service.api.deps import ContextDep, TenantDep
 from service.api.errors import NotFoundError
 from service.api.lookups import succeeded_files
-from service.api.responses import ERRORS
+from service.api.responses import ERRORS, not_modified
 
 router = APIRouter(tags=["jobs"])
 CACHE = "private, max-age=3600"
@@ -48,6 +48,13 @@ class _Lru:
 
 
 _VIEWS = _Lru()
+
+
+def _etag(key: tuple) -> str:
+    """A view's bytes follow from the job's per-patch scores and the view's parameters (`key`)."""
+    import hashlib
+
+    return '"' + hashlib.sha256(repr(key).encode()).hexdigest()[:32] + '"'
 
 
 def _result_files(ctx, principal, job_id: str) -> dict:
@@ -87,12 +94,20 @@ def _geojson(ctx, files: dict) -> bytes:
     },
     summary="Results as QuPath GeoJSON (level-0 pixels)",
 )
-async def annotations(job_id: str, principal: TenantDep, ctx: ContextDep) -> Response:
+async def annotations(job_id: str, principal: TenantDep, ctx: ContextDep, request: Request) -> Response:
     files = await run_in_threadpool(_result_files, ctx, principal, job_id)
     key = ("geojson", job_id, files["patch_scores.h5"]["sha256"])
+    etag = _etag(key)
+    unchanged = not_modified(request, etag, {"Cache-Control": CACHE})
+    if unchanged is not None:
+        return unchanged
     cached = _VIEWS.get(key)
     if cached is None:
-        headers = {"Cache-Control": CACHE, "Content-Disposition": f'attachment; filename="{job_id}.geojson"'}
+        headers = {
+            "Cache-Control": CACHE,
+            "ETag": etag,
+            "Content-Disposition": f'attachment; filename="{job_id}.geojson"',
+        }
         cached = (await run_in_threadpool(_geojson, ctx, files), headers)
         _VIEWS.put(key, *cached)
     return Response(cached[0], media_type="application/geo+json", headers=cached[1])
@@ -125,6 +140,7 @@ async def heatmap(
     job_id: str,
     principal: TenantDep,
     ctx: ContextDep,
+    request: Request,
     level: Annotated[int | None, Query(ge=0, le=40)] = None,
     score: Annotated[str, Query(min_length=1, max_length=200)] = "attention",
     alpha: Annotated[float, Query(ge=0, le=1)] = 1.0,
@@ -132,8 +148,12 @@ async def heatmap(
     files = await run_in_threadpool(_result_files, ctx, principal, job_id)
     key = ("heatmap", job_id, files["patch_scores.h5"]["sha256"], level, score, alpha)
     cached = _VIEWS.get(key)
-    if cached is None:
+    if cached is None:  # rendered (and so checked) before any 304: a bad level or score is a 422 either way
         data, chosen = await run_in_threadpool(_heatmap, ctx, files, level, score, alpha)
-        cached = (data, {"Cache-Control": CACHE, "X-Pyramid-Level": str(chosen)})
+        cached = (data, {"Cache-Control": CACHE, "ETag": _etag(key), "X-Pyramid-Level": str(chosen)})
         _VIEWS.put(key, *cached)
+    kept = {k: cached[1][k] for k in ("Cache-Control", "X-Pyramid-Level")}
+    unchanged = not_modified(request, cached[1]["ETag"], kept)
+    if unchanged is not None:
+        return unchanged
     return Response(cached[0], media_type="image/png", headers=cached[1])

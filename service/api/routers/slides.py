@@ -222,6 +222,15 @@ def delete_slide(slide_id: str, principal: TenantDep, ctx: ContextDep) -> Respon
     return Response(status_code=204)
 
 
+def _region_on_slide(region: dict | list, slide: Slide) -> None:
+    """A region off the slide is refused now (422), not when the job runs: the slide's size is known."""
+    from service.results.roi import check_on_slide, parse_region
+
+    dims = (slide.info or {}).get("level_dimensions") or []
+    if dims and min(int(v) for v in dims[0]) > 0:  # a PACS slide's size is known only to its reader
+        check_on_slide(parse_region(region), int(dims[0][0]), int(dims[0][1]))
+
+
 def create_analysis(
     slide_id: str,
     principal: TenantDep,
@@ -236,6 +245,8 @@ def create_analysis(
         if slide is None:
             raise NotFoundError("no such slide")
     req = req or AnalysisRequest()
+    if req.region is not None:
+        _region_on_slide(req.region, slide)
     rna = None
     rna_file = getattr(request.state, "rna_file", None)  # the multipart form (`service.api.rna_form`)
     if rna_file is not None and req.rna is not None:

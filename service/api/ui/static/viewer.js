@@ -76,7 +76,8 @@ async function refreshLists() {
     const li = el("li", { "data-job-id": j.id, "data-state": j.state, class: state.job === j.id ? "current" : "" },
       el("button", { class: "link", type: "button", onclick: () => { location.hash = `job=${j.id}`; } },
         `Job ${j.id.slice(0, 8)}`),
-      el("span", { class: "meta" }, `${j.state}${j.stage ? " · " + j.stage : ""} · ${Math.round(j.progress * 100)} %`));
+      el("span", { class: "meta" }, `${j.state}${j.stage ? " · " + j.stage : ""} · ${Math.round(j.progress * 100)} %` +
+        `${j.options && j.options.region ? " · region" : ""}`));
     if (j.state === "queued" || j.state === "running") {
       li.append(el("progress", { max: "1", value: String(j.progress), "aria-label": `Job ${j.id.slice(0, 8)} progress` }));
     }
@@ -84,9 +85,13 @@ async function refreshLists() {
     return li;
   }));
   if (!jobs.items.length) ul.replaceChildren(el("li", {}, "No jobs yet."));
-  $("slides").replaceChildren(...slides.items.map((s) => el("li", { "data-slide-id": s.id },
-    `${s.format.toUpperCase()} · ${(s.size_bytes / 1e6).toFixed(1)} MB`,
-    el("span", { class: "meta" }, `${s.id.slice(0, 8)} · ${(s.info.level_dimensions || [[0, 0]])[0].join(" × ")} px`))));
+  $("slides").replaceChildren(...slides.items.map((s) => {
+    const dims = ((s.info || {}).level_dimensions || [])[0];
+    const known = dims && dims[0] > 0 && dims[1] > 0;  // a PACS series is stored there, not here: no size to show
+    return el("li", { "data-slide-id": s.id },
+      s.size_bytes > 0 ? `${s.format.toUpperCase()} · ${(s.size_bytes / 1e6).toFixed(1)} MB` : `${s.format.toUpperCase()} series`,
+      el("span", { class: "meta" }, `${s.id.slice(0, 8)}${known ? ` · ${dims.join(" × ")} px` : " · in the PACS"}`));
+  }));
   if (state.job) {
     const cur = jobs.items.find((j) => j.id === state.job);
     if (cur && cur.state === "succeeded" && !state.shown) showJob(state.job);
@@ -131,6 +136,7 @@ function openFromHash() {
 
 async function openJob(id) {
   state.job = id; state.shown = false;
+  for (const li of document.querySelectorAll("#jobs li[data-job-id]")) li.classList.toggle("current", li.dataset.jobId === id);
   $("job-error").textContent = "";
   clearResults();
   let job;
@@ -142,7 +148,7 @@ async function openJob(id) {
       : `Cannot open the job: ${e.message}`;
     if (state.viewer) state.viewer.close();
     state.slideId = null; state.slideOpen = false;
-    regionReset();
+    regionReset(true);
     $("hover-info").textContent = "No slide open.";
     return;
   }
@@ -150,6 +156,7 @@ async function openJob(id) {
     await openSlide(job.slide_id);
   } catch (e) {  // e.g. a slide that lives in a PACS: its results are still shown
     state.slideOpen = false; state.slideId = null;
+    regionReset(true);  // a region drawn on another slide must not be sent for this one
     if (state.viewer) state.viewer.close();
     $("hover-info").textContent = `The slide cannot be shown here: ${e.message}`;
   }
@@ -158,8 +165,9 @@ async function openJob(id) {
 }
 
 async function openSlide(slideId) {
+  const other = slideId !== state.slideId;  // a region belongs to the slide it was drawn on
   state.slideId = slideId; state.slideOpen = false;
-  regionReset();
+  regionReset(other);
   const dz = await apiJson(`/slides/${encodeURIComponent(slideId)}/dzi`);
   const source = { width: dz.width, height: dz.height, tileSize: dz.tileSize, tileOverlap: dz.tileOverlap,
     minLevel: dz.minLevel, maxLevel: dz.maxLevel,
@@ -188,7 +196,14 @@ async function showJob(id) {
     const fc = await apiJson(`/jobs/${encodeURIComponent(id)}/annotations.geojson`);
     indexPatches(fc);
     const roi = fc.features.find((f) => f.properties.objectType === "annotation" && f.properties.name === "Region of interest");
-    if (roi) regionShow(roi.geometry);
+    if (roi) {
+      regionShow(roi.geometry);
+      $("region-status").textContent = `Job ${id.slice(0, 8)} analysed only the outlined region.`;
+      region.aboutJob = true;
+    } else if (region.aboutJob) {  // that line described the region job opened before, not this one
+      $("region-status").textContent = "";
+      region.aboutJob = false;
+    }
     await loadOverlay(id);
     $("hover-info").textContent = "Hover a patch to see its attention and scores.";
   } catch (e) {
@@ -259,9 +274,9 @@ function fill(p) {
   return f;
 }
 
-function bars(container, probs) {
+function bars(container, probs, wide = false) {  // wide: labels are sentences (prompts), on a row of their own
   const entries = Object.entries(probs).sort((a, b) => b[1] - a[1]);
-  container.append(...entries.map(([label, p], i) => el("div", { class: i === 0 ? "bar top" : "bar", role: "img",
+  container.append(...entries.map(([label, p], i) => el("div", { class: `bar${i === 0 ? " top" : ""}${wide ? " wide" : ""}`, role: "img",
     "aria-label": `${label} ${(p * 100).toFixed(1)} percent` },
   el("span", {}, label), el("span", { class: "track" }, fill(p)),
   el("span", {}, `${(p * 100).toFixed(1)} %`))));
@@ -311,7 +326,7 @@ function renderResults(id, r, links) {
   if (!r.survival || !Object.keys(r.survival).length) $("survival").append("Not computed.");
   if (r.zeroshot && r.zeroshot.prompts) {
     $("zeroshot").append(el("p", {}, "Best match: ", el("strong", {}, r.zeroshot.best)));
-    bars($("zeroshot"), Object.fromEntries(r.zeroshot.prompts.map((p) => [p.prompt, p.probability])));
+    bars($("zeroshot"), Object.fromEntries(r.zeroshot.prompts.map((p) => [p.prompt, p.probability])), true);
   } else $("zeroshot").append("No prompts were given for this job.");
   if (r.report && r.report.available) {
     $("report").append(el("p", { class: "notice" }, r.report.notice || "AI-drafted text; a pathologist must review it."),
@@ -329,7 +344,7 @@ function renderResults(id, r, links) {
 // Vertices are kept in level-0 image pixels (the API's and QuPath's space) and drawn in an SVG layer that
 // follows the viewport; the layer ignores the pointer, so panning and zooming work while drawing.
 const SVG_NS = "http://www.w3.org/2000/svg";
-const region = { drawing: false, points: [], closed: false, layer: null };
+const region = { drawing: false, points: [], closed: false, layer: null, aboutJob: false };
 
 function regionWire(viewer) {
   region.layer = document.createElementNS(SVG_NS, "svg");
@@ -433,11 +448,15 @@ function regionShow(geometry) {  // the region a finished job was limited to (ou
   regionDraw();
 }
 
-function regionReset() {
+function regionReset(forget) {  // forget: another slide (or none) is opened, so the pasted/drawn region goes too
   regionSetDrawing(false);
   region.points = []; region.closed = false;
   if (region.layer) region.layer.replaceChildren();
   $("region-draw").disabled = true;
+  if (!forget) return;
+  $("region-geojson").value = "";
+  $("region-run").disabled = true; $("region-clear").disabled = true;
+  $("region-status").textContent = "";
 }
 
 async function regionRun() {
