@@ -295,6 +295,91 @@ def test_heatmap_rerendered_at_any_level_from_saved_scores(analysed: Path, cmu_s
     assert res.exit_code == 2 and "choose from" in res.output
 
 
+def test_tiled_tiff_heatmap_equals_the_png_and_is_a_pyramid(analysed: Path, cmu_svs: Path, monkeypatch) -> None:
+    """`--format tiff` renders the same pixels as the PNG path, tile by tile, into a tiled pyramidal BigTIFF;
+    `auto` switches to it where the level is over the one-image limit, which the PNG path refuses by name."""
+    import tifffile
+
+    from service.results import heatmap_levels as hl
+
+    dims = json.loads((analysed / "result.json").read_text())["slide"]["level_dimensions"]
+    runner = CliRunner()
+    res = runner.invoke(main, ["heatmap", str(analysed), "--level", "0", "--format", "png"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    png = np.asarray(Image.open(analysed / "heatmap-level0.png"))
+    res = runner.invoke(main, ["heatmap", str(analysed), "--level", "0", "--format", "tiff"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["tiff"] == str(analysed / "heatmap-level0.tif")
+    with tifffile.TiffFile(analysed / "heatmap-level0.tif") as tif:
+        page = tif.pages[0]
+        assert tif.is_bigtiff and page.is_tiled and (page.tilewidth, page.tilelength) == (512, 512)
+        assert page.shape == (dims[0][1], dims[0][0], 4) and page.compression == tifffile.COMPRESSION.ADOBE_DEFLATE
+        np.testing.assert_array_equal(page.asarray(), png)
+        subs = tif.series[0].levels[1:]  # the SubIFDs
+        w, h = dims[0]
+        assert [s.shape[:2] for s in subs] == [(h // 2, w // 2), (h // 4, w // 4)]
+        for sub in subs:  # each reduced resolution is the map rendered at that size, not a resample
+            size = (sub.shape[1], sub.shape[0])
+            scores = patch_scores.read(analysed / patch_scores.FILE_NAME)
+            values, covered = hl.normalised_map(scores, scores.attention, tuple(dims[0]), size)
+            np.testing.assert_array_equal(sub.asarray(), hl._colour(values, covered, "inferno", 0.6, None))
+    for fmt in ("png", "tiff"):  # blended over the slide, tile by tile: the same pixels as one whole read
+        args = ["heatmap", str(analysed), "--level", "0", "--slide", str(cmu_svs), "--format", fmt]
+        res = runner.invoke(main, [*args, "--out", str(analysed / f"blend0.{fmt}")], catch_exceptions=False)
+        assert res.exit_code == 0, res.output
+    blended = tifffile.imread(analysed / "blend0.tiff")
+    np.testing.assert_array_equal(blended, np.asarray(Image.open(analysed / "blend0.png")))
+    assert (blended[..., 3] == 255).all()
+    monkeypatch.setattr(hl, "MAX_PIXELS", 1_000_000)
+    res = runner.invoke(main, ["heatmap", str(analysed), "--level", "0", "--format", "png"])
+    assert res.exit_code == 2 and "--format tiff" in res.output
+    res = runner.invoke(main, ["heatmap", str(analysed), "--level", "0", "--out", str(analysed / "big.tif")])
+    assert res.exit_code == 0 and "tiff" in json.loads(res.output)
+
+
+def test_tiled_tiff_heatmap_of_a_40x_sized_level_stays_small_in_memory(tmp_path: Path) -> None:
+    """A level the size of a 40x slide's level 0 (here 40,960 x 30,720 px: 1.26 G px, 5 GB as one RGBA array)
+    is written with a few tiles in memory; the tiles under patches carry their scores, the rest are
+    transparent."""
+    import tracemalloc
+    import zlib
+
+    import tifffile
+
+    from service.results import heatmap_levels as hl
+    from service.results.patch_scores import PatchScores
+
+    w, h, s = 40_960, 30_720, 512
+    xs, ys = np.meshgrid(np.arange(20_000, 24_096, s), np.arange(10_240, 12_288, s))
+    coords = np.stack([xs.ravel(), ys.ravel()], 1).astype(np.int64)
+    attention = np.linspace(0.0, 1.0, len(coords))
+    scores = PatchScores(coords=coords, attrs={"patch_size_level0": s}, attention=attention)
+    dims = [[w, h], [w // 4, h // 4]]
+    tracemalloc.start()
+    hl.write_tiled_tiff(tmp_path / "big.tif", scores, dims, 0, tile=1024)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 128 << 20, f"peak {peak / 2**20:.0f} MiB"  # one array would be 5,000 MiB
+    with tifffile.TiffFile(tmp_path / "big.tif") as tif:
+        page = tif.pages[0]
+        assert page.shape == (h, w, 4) and len(tif.series[0].levels) >= 5
+
+        def tile(tx: int, ty: int) -> np.ndarray:
+            i = ty * (w // 1024) + tx
+            tif.filehandle.seek(page.dataoffsets[i])
+            return np.frombuffer(zlib.decompress(tif.filehandle.read(page.databytecounts[i])), np.uint8).reshape(
+                1024, 1024, 4
+            )
+
+        assert not tile(0, 0)[..., 3].any()  # no patch there: transparent
+        last = tile(23, 11)  # holds the last (highest-attention) patch, [23,552, 24,064) x [11,776, 12,288)
+        np.testing.assert_array_equal(last[512:, 23_552 - 23_552 : 512, 3], round(0.6 * 255))
+        from matplotlib import colormaps
+
+        top = (np.array(colormaps["inferno"](1.0)[:3]) * 255).round()
+        assert np.abs(last[600, 100, :3].astype(int) - top).max() <= 1
+
+
 def _ring(x0: float, y0: float, x1: float, y1: float) -> list[list[float]]:
     return [[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]
 

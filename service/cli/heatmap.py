@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -29,19 +30,36 @@ from service.errors import MstarError
 )
 @click.option("--alpha", type=float, default=0.6, show_default=True, help="Opacity of the scores.")
 @click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["auto", "png", "tiff"]),
+    default="auto",
+    show_default=True,
+    help="png: one image (levels up to 64 MP); tiff: a tiled pyramidal BigTIFF, any level (level 0 of a 40x "
+    "slide too); auto: png where the level fits, else tiff.",
+)
+@click.option(
     "--out",
     "out_path",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
-    help="PNG to write. Default: RESULT_DIR/heatmap-level{N}[-SCORE].png",
+    help="File to write. Default: RESULT_DIR/heatmap-level{N}[-SCORE].png or .tif",
 )
 def heatmap(
-    result_dir: Path, level: int | None, score: str, slide_path: Path | None, alpha: float, out_path: Path | None
+    result_dir: Path,
+    level: int | None,
+    score: str,
+    slide_path: Path | None,
+    alpha: float,
+    fmt: str,
+    out_path: Path | None,
 ) -> None:
-    """Write the per-patch SCORE of RESULT_DIR (from patch_scores.h5) as a PNG the size of pyramid LEVEL.
+    """Write the per-patch SCORE of RESULT_DIR (from patch_scores.h5) as an image the size of pyramid LEVEL.
 
-    Without --slide the PNG is transparent where no patch was analysed, ready to lay over the slide in a viewer."""
-    from service.results import heatmap_levels, patch_scores
+    Without --slide the image is transparent where no patch was analysed, ready to lay over the slide in a
+    viewer (QuPath opens the tiled TIFF as an image and as an overlay)."""
+    from service.results import heatmap_levels as hl
+    from service.results import patch_scores
 
     res_file, ps_file = result_dir / "result.json", result_dir / patch_scores.FILE_NAME
     if not res_file.is_file() or not ps_file.is_file():
@@ -49,20 +67,27 @@ def heatmap(
     result = json.loads(res_file.read_text())
     dims = result["slide"]["level_dimensions"]
     level = len(dims) - 1 if level is None else level
+    w, h = hl.level_size(dims, level, max_pixels=None if fmt != "png" else hl.MAX_PIXELS)
+    if fmt == "auto":
+        fmt = "png" if w * h <= hl.MAX_PIXELS else "tiff"
     scores = patch_scores.read(ps_file)
-    background = None
-    if slide_path is not None:
-        background = _slide_level(slide_path, result, level, dims)
-    rgba = heatmap_levels.render_rgba(scores, dims, level, score=score, alpha=alpha, background=background)
+    hl.pick_scores(scores, score)  # an unknown score is refused before the slide is read
     suffix = "" if score == "attention" else "-" + "".join(c if c.isalnum() else "_" for c in score)
-    out_path = out_path or result_dir / f"heatmap-level{level}{suffix}.png"
-    heatmap_levels.write_png(out_path, rgba)
+    out_path = out_path or result_dir / f"heatmap-level{level}{suffix}.{'png' if fmt == 'png' else 'tif'}"
+    with contextlib.ExitStack() as stack:
+        reader = None if slide_path is None else stack.enter_context(_analysed_slide(slide_path, result))
+        if fmt == "png":
+            background = None if reader is None else reader.read_region((0, 0), level, (w, h))
+            hl.write_png(out_path, hl.render_rgba(scores, dims, level, score=score, alpha=alpha, background=background))
+        else:
+            background = None if reader is None else _window_reader(reader, level)
+            hl.write_tiled_tiff(out_path, scores, dims, level, score=score, alpha=alpha, background=background)
     click.echo(
         json.dumps(
             {
-                "png": str(out_path),
+                fmt: str(out_path),
                 "level": level,
-                "size": [rgba.shape[1], rgba.shape[0]],
+                "size": [w, h],
                 "score": score,
                 "patches": len(scores.coords),
             }
@@ -70,15 +95,21 @@ def heatmap(
     )
 
 
-def _slide_level(slide_path: Path, result: dict, level: int, dims: list):
-    """The whole of `level` read from the slide, after checking it is the slide that was analysed."""
+def _analysed_slide(slide_path: Path, result: dict):
+    """The slide opened, after checking it is the slide that was analysed."""
     from service.pipeline import slide_fingerprint
-    from service.results.heatmap_levels import level_size
     from service.slides.open import open_slide
 
-    w, h = level_size(dims, level)
     if slide_fingerprint(slide_path) != result["slide"]["sha256"]:
         raise MstarError(f"{slide_path.name} is not the slide this result was computed from (content differs)")
-    mpp = (result.get("options") or {}).get("mpp_override")
-    with open_slide(slide_path, mpp_override=mpp) as reader:
-        return reader.read_region((0, 0), level, (w, h))
+    return open_slide(slide_path, mpp_override=(result.get("options") or {}).get("mpp_override"))
+
+
+def _window_reader(reader, level: int):
+    """`(x, y, w, h)` in `level` pixels -> RGB of that window, for blending tile by tile."""
+    ds = float(reader.level_downsamples[level])
+
+    def read(x: int, y: int, w: int, h: int):
+        return reader.read_region((round(x * ds), round(y * ds)), level, (w, h))
+
+    return read
