@@ -114,7 +114,7 @@ def _server(name: str, url: str, **kw) -> dict:
 def ports() -> dict[str, int]:
     """Ports of the Orthancs that tests start later (the watched one, the one with the Lua trigger): the
     gateway's configuration names them before they run."""
-    return {"watched": free_port(), "trigger": free_port()}
+    return {"watched": free_port(), "trigger": free_port(), "picky": free_port()}
 
 
 @pytest.fixture(scope="module")
@@ -139,6 +139,7 @@ def gateway(orthanc, faults, bundle_dir, ports, fhir_sink, tmp_path_factory):
         {**_server("other-tenant", orthanc.url), "tenant": "someone-else"},
         _server("watched", f"http://127.0.0.1:{ports['watched']}", read_timeout_s=10),
         _server("trigger", f"http://127.0.0.1:{ports['trigger']}", read_timeout_s=10),
+        _server("picky", f"http://127.0.0.1:{ports['picky']}", read_timeout_s=10, stow_attempts=2),
         {**_server("clinic-pacs", orthanc.url, auth="basic", username=user, password=pw), "tenant": "clinic"},
     ]
     root = tmp_path_factory.mktemp("gateway")
@@ -373,6 +374,49 @@ def test_second_trigger_stores_nothing_twice(gateway, orthanc, slide) -> None:
         b = c.get(f"/jobs/{rerun['id']}/result").json()["dicom"]["objects"]
     assert a == b
     assert orthanc.count() == count
+
+
+# An Orthanc that drops Microscopy Bulk Simple Annotations while the flag file exists, as a PACS without
+# support for that SOP class does: Orthanc 1.10's STOW-RS still lists the dropped instance as stored.
+_PICKY_LUA = """
+function ReceivedInstanceFilter(dicom, origin, info)
+  local f = io.open("%s", "r")
+  if f ~= nil then
+    f:close()
+    return dicom.SOPClassUID ~= "1.2.840.10008.5.1.4.1.1.91.1"
+  end
+  return true
+end
+"""
+
+
+def test_stow_that_leaves_an_object_out_fails_and_a_rerun_adds_only_it(gateway, ports, slide, tmp_path) -> None:
+    """A STOW-RS the PACS answers with success but keeps only part of: the job fails naming the missing object
+    (checked back by QIDO-RS), and once the PACS takes it, a re-run stores that object alone, nothing twice."""
+    url, _ = gateway
+    study, series, files = slide
+    flag = tmp_path / "refuse-annotations"
+    flag.touch()
+    with run_orthanc(port=ports["picky"], lua=_PICKY_LUA % flag) as pacs, _client(url) as c:
+        pacs.upload(files)
+        before = pacs.count()
+        body = {"pacs": "picky", "study_uid": study, "series_uid": series, "tasks": ["classification"]}
+        job = _analyse(c, **body)
+        assert job["state"] == "failed", job
+        assert job["error"]["code"] == "pacs_store_incomplete", job
+        message = job["error"]["message"]
+        assert "kept 2 of 3 objects" in message and "Microscopy Bulk Simple Annotations" in message, message
+        assert "after 2 tries" in message
+        assert c.get(f"/jobs/{job['id']}/dicom").status_code == 409  # not announced as results
+        assert pacs.count() == before + 2  # the SR and the SEG are in the study; DICOMweb cannot take them back
+
+        flag.unlink()  # the PACS now takes annotations: a re-run completes the set without duplicates
+        r = c.post("/pacs/analyses", json=body, headers={"Idempotency-Key": "after-the-pacs-was-fixed"})
+        rerun = _wait(c, r.json()["id"])
+        assert rerun["state"] == "succeeded", rerun
+        objects = c.get(f"/jobs/{rerun['id']}/result").json()["dicom"]["objects"]
+        assert set(objects) == {"mstar-sr.dcm", "mstar-seg.dcm", "mstar-ann.dcm"}
+        assert pacs.count() == before + 3  # only the annotations were added
 
 
 @pytest.fixture(scope="module")
