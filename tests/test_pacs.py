@@ -277,6 +277,7 @@ def test_round_trip_results_back_in_the_study(gateway, orthanc, slide, fhir_sink
     assert fmap[last["y"] // step, last["x"] // step] == pytest.approx(last["score"] / best["score"], abs=0.01)
     spacing = seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing
     assert float(spacing[0]) == pytest.approx(0.000499 * step, rel=1e-3)
+    _assert_on_the_slide(seg, files, step)
 
     # the float Parametric Map: the attention values themselves, on the same grid and frame of reference
     pmap = hd.pm.ParametricMap.from_dataset(fetch("mstar-pmap.dcm"))
@@ -286,6 +287,7 @@ def test_round_trip_results_back_in_the_study(gateway, orthanc, slide, fhir_sink
     pixels = pmap.get_total_pixel_matrix()
     pixels = pixels[..., 0] if pixels.ndim == 3 else pixels
     assert pixels.dtype.kind == "f" and pixels.shape == fmap.shape
+    _assert_on_the_slide(pmap, files, step)
     for top in result["attention"]["top_patches"]:
         assert pixels[top["y"] // step, top["x"] // step] == pytest.approx(top["score"], abs=1e-6)  # 6 decimals
 
@@ -322,6 +324,34 @@ def test_round_trip_results_back_in_the_study(gateway, orthanc, slide, fhir_sink
     for text_out in (job_row, json.dumps(result), json.dumps(report)):
         _no_phi(text_out)
     assert any(p in pydicom.dcmread(files[0], stop_before_pixels=True).PatientName for p in ["SOME"])
+
+
+def _assert_on_the_slide(obj, files: list[Path], step: int) -> None:
+    """What a viewer needs to overlay a heatmap on the slide, checked against the source series itself: the
+    level-0 VOLUME image it references, the same frame of reference, container (slide), orientation and
+    origin as every pyramid level, a pixel spacing of the slide's x step, and a total pixel matrix that
+    covers the slide's with less than one step to spare."""
+    levels = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+    levels = [d for d in levels if "VOLUME" in d.ImageType]
+    src = max(levels, key=lambda d: int(d.TotalPixelMatrixColumns))
+    refs = {str(r.ReferencedSOPInstanceUID) for r in obj.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
+    assert refs == {str(src.SOPInstanceUID)}
+    assert obj.FrameOfReferenceUID == src.FrameOfReferenceUID
+    assert obj.ContainerIdentifier == src.ContainerIdentifier
+    assert [float(v) for v in obj.ImageOrientationSlide] == [float(v) for v in src.ImageOrientationSlide]
+    origin = obj.TotalPixelMatrixOriginSequence[0]
+    for level in levels:  # the heatmap sits on the slide like one more (coarser) level of its pyramid
+        o = level.TotalPixelMatrixOriginSequence[0]
+        assert float(origin.XOffsetInSlideCoordinateSystem) == float(o.XOffsetInSlideCoordinateSystem)
+        assert float(origin.YOffsetInSlideCoordinateSystem) == float(o.YOffsetInSlideCoordinateSystem)
+    spacing = [float(v) for v in obj.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing]
+    src_spacing = [float(v) for v in src.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing]
+    assert spacing == pytest.approx([v * step for v in src_spacing], rel=1e-6)
+    for ours, theirs in (
+        (obj.TotalPixelMatrixRows, src.TotalPixelMatrixRows),
+        (obj.TotalPixelMatrixColumns, src.TotalPixelMatrixColumns),
+    ):
+        assert 0 <= int(ours) * step - int(theirs) < step
 
 
 def _bytes(ds) -> bytes:
