@@ -536,6 +536,32 @@ def test_fhir_endpoint_that_stays_down_fails_the_job_after_retries(gateway, slid
     assert _Faults.hits["s502"] == 2
 
 
+def test_fhir_post_retries_then_succeeds_with_one_conditional_create() -> None:
+    """The LIS answers 503, then 429, then 201: three POSTs of the same validated report, each a conditional
+    create on the job identifier, so a retry of a POST the LIS did take files nothing twice; a 400 is final."""
+    from service.pacs.config import FhirEndpoint
+    from service.pacs.fhir import diagnostic_report, post_report
+
+    result = {
+        "bundle": {"name": "tiny", "models": {"enc": {"version": "1", "sha256": "ab" * 32}}},
+        "classification": {"subtype": {"label": "LUAD", "probabilities": {"LUAD": 0.7, "LUSC": 0.3}}},
+        "survival": {"os": {"risk": [0.25]}},
+        "report": {"text": "Adenocarcinoma, acinar pattern."},
+    }
+    report = diagnostic_report("job123", result, study_uid="1.2.3", bundle_version="abc")
+    with webhook_receiver(statuses=(503, 429, 201)) as (url, got):
+        endpoint = FhirEndpoint(tenant="t", url=url.rsplit("/", 1)[0], attempts=3, backoff_s=0.01)
+        assert post_report(endpoint, report) == 201
+    assert len(got) == 3
+    assert {h["If-None-Exist"] for h, _ in got} == {"identifier=urn:mstar:job|job123"}
+    assert all(json.loads(body) == report for _, body in got)
+    with webhook_receiver(statuses=(400,)) as (url, got):
+        endpoint = FhirEndpoint(tenant="t", url=url.rsplit("/", 1)[0], attempts=3, backoff_s=0.01)
+        with pytest.raises(httpx.HTTPStatusError):
+            post_report(endpoint, report)
+    assert len(got) == 1
+
+
 def test_api_refuses_unknown_servers_and_shows_no_secrets(gateway) -> None:
     url, _ = gateway
     with _client(url) as c:
