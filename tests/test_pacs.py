@@ -81,6 +81,57 @@ def faults():
         server.server_close()
 
 
+class _FrameFaults(http.server.BaseHTTPRequestHandler):
+    """`/<mode>/...` forwards to the real Orthanc (`upstream`), except WADO-RS frame requests after the first
+    few: `frames500` answers them 500, `frameshang` does not answer within the read timeout. A PACS whose
+    search, metadata and first frames work, and whose frame store then breaks or stalls mid-analysis."""
+
+    upstream: ClassVar[str] = ""
+    frames: ClassVar[dict[str, int]] = {}
+    healthy_frames = 10  # opening the slide works (one frame per level and a few more); later reads fail
+
+    def do_GET(self) -> None:
+        import requests
+
+        mode, _, rest = self.path.lstrip("/").partition("/")
+        if "/frames/" in rest:
+            type(self).frames[mode] = type(self).frames.get(mode, 0) + 1
+            if type(self).frames[mode] <= self.healthy_frames:
+                mode = "pass"
+        if "/frames/" in rest and mode == "frames500":
+            self.send_response(500)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        if "/frames/" in rest and mode == "frameshang":
+            time.sleep(4)
+        headers = {k: v for k, v in self.headers.items() if k.lower() in ("authorization", "accept")}
+        r = requests.get(f"{self.upstream}/{rest}", headers=headers, timeout=30)
+        self.send_response(r.status_code)
+        for k, v in r.headers.items():
+            if k.lower() in ("content-type",):
+                self.send_header(k, v)
+        self.send_header("Content-Length", str(len(r.content)))
+        self.end_headers()
+        self.wfile.write(r.content)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def frame_faults(orthanc):
+    _FrameFaults.upstream = orthanc.url
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FrameFaults)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 @pytest.fixture(scope="module")
 def bundle_dir(tmp_path_factory) -> Path:
     from inference_fixtures import build_tiny_bundle
@@ -125,7 +176,7 @@ def fhir_sink():
 
 
 @pytest.fixture(scope="module")
-def gateway(orthanc, faults, bundle_dir, ports, fhir_sink, tmp_path_factory):
+def gateway(orthanc, faults, frame_faults, bundle_dir, ports, fhir_sink, tmp_path_factory):
     user, pw = next(iter(USERS.items()))
     servers = [
         _server("main", orthanc.url, auth="basic", username=user, password=pw, heatmap="both"),
@@ -136,6 +187,8 @@ def gateway(orthanc, faults, bundle_dir, ports, fhir_sink, tmp_path_factory):
         _server("broken", f"{faults}/s500"),
         _server("garbled", f"{faults}/badjson"),
         _server("hangs", f"{faults}/hang"),
+        _server("frames-fail", f"{frame_faults}/frames500", auth="basic", username=user, password=pw),
+        _server("frames-hang", f"{frame_faults}/frameshang", auth="basic", username=user, password=pw),
         {**_server("other-tenant", orthanc.url), "tenant": "someone-else"},
         _server("watched", f"http://127.0.0.1:{ports['watched']}", read_timeout_s=10),
         _server("trigger", f"http://127.0.0.1:{ports['trigger']}", read_timeout_s=10),
@@ -508,6 +561,8 @@ def odd_series(orthanc, cmu_svs, tmp_path_factory) -> dict[str, tuple[str, str]]
         ("main", "no_volume", "no_volume_image", "VOLUME"),
         ("main", "bad_frames", "corrupt_slide", "cannot be decoded"),
         ("no-stow", "slide", "pacs_not_found", "STOW-RS"),
+        ("frames-fail", "slide", "pacs_unavailable", "PACS 'frames-fail' frame ("),
+        ("frames-hang", "slide", "pacs_timeout", "PACS 'frames-hang' frame ("),
     ],
 )
 def test_pacs_faults_fail_the_job_with_a_reason(gateway, orthanc, slide, odd_series, pacs, which, code, words) -> None:
@@ -645,6 +700,39 @@ def test_watcher_submits_each_new_series_once_across_restarts(gateway, ports, cm
         rows = [line.split() for line in res.output.splitlines()]
         jobs = {r[2] for r in rows if len(r) == 3 and len(r[2]) == 32 and r[0][0].isdigit()}
         assert jobs == {x[2] for x in done + later}
+
+
+def test_watcher_skips_a_series_the_gateway_refuses_and_submits_the_rest(gateway, ports, tmp_path) -> None:
+    """A PACS series whose study UID is not a DICOM UID (seen in the wild: letters in a UID) is refused by the
+    gateway (422); the watcher logs it, submits the other new series and records only those."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    from service.pacs.config import PacsSettings
+    from service.pacs.watch import WatchState, gateway_submitter, poll_once, slide_series
+
+    url, _ = gateway
+    files, uids = [], []
+    for n, study in enumerate(["1.2.826.0.1.3680043.8.498.1a", "1.2.826.0.1.3680043.8.498.2"]):  # bad, good
+        ds = pydicom.Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.77.1.6"
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality, ds.PatientID = study, generate_uid(), "SM", "X"
+        ds.save_as(tmp_path / f"{n}.dcm", enforce_file_format=True)
+        files.append(tmp_path / f"{n}.dcm")
+        uids.append((study, str(ds.SeriesInstanceUID)))
+    with run_orthanc(port=ports["watched"]) as pacs:
+        pacs.upload(files)
+        server = PacsSettings().server("hospital", "watched")
+        assert sorted(slide_series(server)) == sorted(uids)  # the PACS lists both
+        state = WatchState(tmp_path / "watch.db")
+        submit = gateway_submitter(url, KEY, "watched")
+        for _ in range(2):  # the refused series stays unrecorded and refused; the good one is submitted once
+            done = poll_once(server, state, submit)
+            assert [x[:2] for x in done] == ([uids[1]] if _ == 0 else [])
+        assert state.seen("watched") == {uids[1][1]}
 
 
 def test_orthanc_lua_trigger_posts_new_series_once(gateway, ports, cmu_svs, tmp_path) -> None:
