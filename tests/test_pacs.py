@@ -32,6 +32,7 @@ from services import (  # noqa: F401
 )
 
 from service.api import create_app
+from service.api.schemas import DEFAULT_TASKS
 from service.config import Settings
 
 pytestmark = pytest.mark.services
@@ -455,7 +456,15 @@ def test_second_trigger_stores_nothing_twice(gateway, orthanc, slide) -> None:
         assert rerun["state"] == "succeeded" and rerun["id"] != first["id"]
         a = c.get(f"/jobs/{first['id']}/result").json()["dicom"]["objects"]
         b = c.get(f"/jobs/{rerun['id']}/result").json()["dicom"]["objects"]
-    assert a == b
+        # the same analysis asked for with the default tasks listed in another order: the same job, and forced
+        # to run again, the same objects
+        reordered = {"pacs": "main", "study_uid": study, "series_uid": series, "tasks": DEFAULT_TASKS[::-1]}
+        assert c.post("/pacs/analyses", json=reordered).json()["id"] == first["id"]
+        r = c.post("/pacs/analyses", json=reordered, headers={"Idempotency-Key": "forced-rerun-2"})
+        third = _wait(c, r.json()["id"])
+        assert third["state"] == "succeeded" and third["id"] not in (first["id"], rerun["id"])
+        d = c.get(f"/jobs/{third['id']}/result").json()["dicom"]["objects"]
+    assert a == b == d
     assert orthanc.count() == count
 
 

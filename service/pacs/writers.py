@@ -37,6 +37,16 @@ def derive_uid(*parts: Any) -> str:
     return _ROOT_PREFIX + str(int.from_bytes(hashlib.sha256(raw).digest()[:16], "big"))
 
 
+def analysis_options(options: dict) -> dict:
+    """The job options that change what an analysis computes, in one canonical form: the task list as a sorted
+    set (["survival", "classification"] is the same analysis as the reverse) and without `bundle_version`,
+    which only pins the served bundle (the gateway refuses any other) and is in the identity already."""
+    out = {k: v for k, v in options.items() if k != "bundle_version"}
+    if isinstance(out.get("tasks"), list | tuple):
+        out["tasks"] = sorted(set(out["tasks"]))
+    return out
+
+
 @dataclass(frozen=True)
 class Identity:
     """What makes two analyses the same: the source series, the bundle (name + version) and the options."""
@@ -48,7 +58,8 @@ class Identity:
     options: dict
 
     def uid(self, kind: str) -> str:
-        return derive_uid("mstar-result", self.series_uid, self.bundle_name, self.bundle_version, self.options, kind)
+        options = analysis_options(self.options)
+        return derive_uid("mstar-result", self.series_uid, self.bundle_name, self.bundle_version, options, kind)
 
 
 def _code(value: str, meaning: str):
