@@ -438,6 +438,102 @@ def _sr_text(sr) -> str:
     return "\n".join(parts)
 
 
+class _ViewerSite(http.server.BaseHTTPRequestHandler):
+    """One origin for the viewer test: the page, the viewer's prebuilt bundle (npm, ui/package.json) and a
+    DICOMweb proxy to Orthanc (which sends no CORS headers). The browser's Host header goes through, so the
+    bulk data URIs Orthanc writes into its metadata point back at this origin."""
+
+    upstream: ClassVar[str] = ""
+    auth: ClassVar[tuple[str, str] | None] = None
+    ROOT = Path(__file__).resolve().parents[1]
+    FILES: ClassVar[dict[str, Path]] = {
+        "/": ROOT / "tests" / "ui" / "dmv_page.html",
+        "/dicomweb-client.js": ROOT / "ui" / "node_modules" / "dicomweb-client" / "build" / "dicomweb-client.js",
+    }
+    DIST = ROOT / "ui" / "node_modules" / "dicom-microscopy-viewer" / "dist"
+
+    def do_GET(self) -> None:
+        import requests
+
+        if self.path.startswith("/dicom-web/"):
+            keep = {k: v for k, v in self.headers.items() if k.lower() in ("accept", "host")}
+            r = requests.get(self.upstream + self.path, headers=keep, auth=self.auth, timeout=30)
+            body, ctype, status = r.content, r.headers.get("Content-Type", ""), r.status_code
+        else:
+            path = self.FILES.get(self.path)
+            if path is None and self.path.startswith("/dmv/") and ".." not in self.path:
+                path = self.DIST / self.path[len("/dmv/") :]
+            if path is None or not path.is_file():
+                self.send_error(404)
+                return
+            body, status = path.read_bytes(), 200
+            ctype = {".html": "text/html", ".js": "text/javascript", ".wasm": "application/wasm"}.get(
+                path.suffix, "application/octet-stream"
+            )
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_dicom_microscopy_viewer_opens_the_slide_with_our_segmentation_and_annotations(gateway, orthanc, slide) -> None:
+    """A real DICOM viewer (dicom-microscopy-viewer, in Debian's headless Chromium) opens the slide from Orthanc
+    over DICOMweb and takes our SEG and bulk annotations from the same study: it fetches the slide's and the
+    SEG's frames (all answered 200), lists our segment and annotation group by UID, shows both, and raises no
+    page error."""
+    import shutil
+    import subprocess
+
+    root = _ViewerSite.ROOT
+    if shutil.which("node") is None or not Path("/usr/bin/chromium").exists():
+        pytest.fail("node and Debian chromium are needed: run `bash tests/sysdeps.sh`")
+    if not _ViewerSite.DIST.is_dir():  # the pinned versions of ui/package-lock.json, as the `ui` step installs
+        subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=root / "ui", check=True, timeout=300)
+    url, _ = gateway
+    study, series, _files = slide
+    with _client(url) as c:  # the round trip's analysis (the same options give the same job back)
+        job = _analyse(c, pacs="main", study_uid=study)
+        assert job["state"] == "succeeded", job
+        objects = c.get(f"/jobs/{job['id']}/result").json()["dicom"]["objects"]
+    seg, ann = objects["mstar-seg.dcm"], objects["mstar-ann.dcm"]
+    _ViewerSite.upstream, _ViewerSite.auth = orthanc.url, orthanc.auth
+    site = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ViewerSite)
+    site.daemon_threads = True
+    threading.Thread(target=site.serve_forever, daemon=True).start()
+    try:
+        args = json.dumps([study, series, seg["series_instance_uid"], ann["series_instance_uid"]])
+        proc = subprocess.run(
+            ["node", str(root / "tests" / "ui" / "dmv_flow.mjs"), f"http://127.0.0.1:{site.server_port}/", args],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+    finally:
+        site.shutdown()
+        site.server_close()
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert seen["errors"] == [], seen["errors"]
+    loaded = seen["loaded"]
+    assert loaded["levels"] >= 2
+    assert [s["visible"] for s in loaded["segments"]] == [True] and loaded["segments"][0]["label"] == "mSTAR attention"
+    assert [(g["uid"], g["visible"]) for g in loaded["groups"]] == [(_ann_group_uid(orthanc, study, ann), True)]
+    frames = seen["frames"]
+    assert frames and all(f["status"] == 200 for f in frames), frames
+    assert any(f"/series/{series}/" in f["url"] for f in frames)  # the slide's tiles
+    assert any(f"/series/{seg['series_instance_uid']}/" in f["url"] for f in frames)  # our heatmap's
+
+
+def _ann_group_uid(orthanc, study: str, ann: dict) -> str:
+    ds = _dicomweb(orthanc).retrieve_instance(study, ann["series_instance_uid"], ann["sop_instance_uid"])
+    return str(ds.AnnotationGroupSequence[0].AnnotationGroupUID)
+
+
 def test_second_trigger_stores_nothing_twice(gateway, orthanc, slide) -> None:
     url, _ = gateway
     study, series, _files = slide
