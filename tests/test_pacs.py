@@ -534,6 +534,43 @@ def _ann_group_uid(orthanc, study: str, ann: dict) -> str:
     return str(ds.AnnotationGroupSequence[0].AnnotationGroupUID)
 
 
+def test_slide_without_frame_of_reference_gets_no_heatmap_but_a_note(slide, tmp_path) -> None:
+    """OrthancWSIDicomizer 1.1 writes no FrameOfReferenceUID: such a slide gets its SR, no SEG, Parametric
+    Map or annotations (nothing to place them on), and result.json's notes say why."""
+    import h5py
+
+    from service.pacs.writers import Identity, build_objects
+
+    src = pydicom.dcmread(max(slide[2], key=lambda f: f.stat().st_size), stop_before_pixels=True)
+    assert "FrameOfReferenceUID" in src
+    del src.FrameOfReferenceUID
+    with h5py.File(tmp_path / "features.h5", "w") as f:
+        f["coords"] = np.array([[0, 0], [224, 0], [0, 224]])
+        f["attention"] = np.array([0.5, 0.3, 0.2])
+        f.attrs["patch_size_level0"] = f.attrs["step_level0"] = 224
+    bundle = {"name": "tiny", "version": "v1", "models": {}}
+    result = {"classification": {"subtype": {"label": "A", "probabilities": {"A": 0.6, "B": 0.4}}}}
+    ident = Identity("1.2.3", "1.2.3.4", "tiny", "v1", {})
+    objects, notes = build_objects(src, result, tmp_path / "features.h5", bundle, ident, heatmap="both")
+    assert set(objects) == {"mstar-sr.dcm"}
+    assert len(notes) == 1 and "no FrameOfReferenceUID" in notes[0] and "patch annotations" in notes[0]
+
+
+def test_pacs_job_on_a_series_without_frame_of_reference_succeeds_with_a_note(gateway, orthanc, cmu_svs, tmp_path):
+    """The same through the API on a real dicomized series without FrameOfReferenceUID: the job succeeds, the
+    SR is in the study, and the notes name what was left out."""
+    files = dicomize(cmu_svs, tmp_path / "no-for", levels=2, frame_of_reference=False)
+    orthanc.upload(files)
+    study, series = _uids(files)
+    url, _ = gateway
+    with _client(url) as c:
+        job = _analyse(c, pacs="main", study_uid=study, series_uid=series, tasks=["classification"])
+        assert job["state"] == "succeeded", job
+        dicom = c.get(f"/jobs/{job['id']}/result").json()["dicom"]
+    assert set(dicom["objects"]) == {"mstar-sr.dcm"} and dicom["stored"] is True
+    assert any("no FrameOfReferenceUID" in n for n in dicom["notes"])
+
+
 def test_second_trigger_stores_nothing_twice(gateway, orthanc, slide) -> None:
     url, _ = gateway
     study, series, _files = slide

@@ -436,14 +436,18 @@ def build_objects(
     step = int(attrs.get("step_level0") or size)
     if attention is None or not coords.shape[0]:
         notes.append("no per-patch attention (the bundle has no aggregator): no heatmap or patch annotations")
+    elif not getattr(src, "FrameOfReferenceUID", None):
+        # both are placed on the slide's frame of reference (highdicom's slide-coordinate annotations need it
+        # too): without one, building the annotations raised AttributeError and failed the whole write-back
+        notes.append(
+            "the slide has no FrameOfReferenceUID, so the heatmap and the patch annotations cannot be placed "
+            "on it: not written (the per-patch values are in result.json and the job's other files)"
+        )
     else:
-        if getattr(src, "FrameOfReferenceUID", None):
-            if heatmap in ("seg", "both"):
-                objects["mstar-seg.dcm"] = heatmap_segmentation(src, coords, attention, step, bundle, ident)
-            if heatmap in ("pmap", "both"):
-                objects["mstar-pmap.dcm"] = heatmap_parametric_map(src, coords, attention, step, bundle, ident)
-        else:
-            notes.append("the slide has no FrameOfReferenceUID, so the heatmap cannot be placed on it: not written")
+        if heatmap in ("seg", "both"):
+            objects["mstar-seg.dcm"] = heatmap_segmentation(src, coords, attention, step, bundle, ident)
+        if heatmap in ("pmap", "both"):
+            objects["mstar-pmap.dcm"] = heatmap_parametric_map(src, coords, attention, step, bundle, ident)
         extra, more = patch_class_measurements(features_h5.with_name("patch_scores.h5"), coords)
         notes += more
         objects["mstar-ann.dcm"] = patch_annotations(src, coords, size, attention, bundle, ident, extra)
