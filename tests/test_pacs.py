@@ -32,6 +32,7 @@ from services import (  # noqa: F401
 )
 
 from service.api import create_app
+from service.api.schemas import DEFAULT_TASKS
 from service.config import Settings
 
 pytestmark = pytest.mark.services
@@ -81,6 +82,57 @@ def faults():
         server.server_close()
 
 
+class _FrameFaults(http.server.BaseHTTPRequestHandler):
+    """`/<mode>/...` forwards to the real Orthanc (`upstream`), except WADO-RS frame requests after the first
+    few: `frames500` answers them 500, `frameshang` does not answer within the read timeout. A PACS whose
+    search, metadata and first frames work, and whose frame store then breaks or stalls mid-analysis."""
+
+    upstream: ClassVar[str] = ""
+    frames: ClassVar[dict[str, int]] = {}
+    healthy_frames = 10  # opening the slide works (one frame per level and a few more); later reads fail
+
+    def do_GET(self) -> None:
+        import requests
+
+        mode, _, rest = self.path.lstrip("/").partition("/")
+        if "/frames/" in rest:
+            type(self).frames[mode] = type(self).frames.get(mode, 0) + 1
+            if type(self).frames[mode] <= self.healthy_frames:
+                mode = "pass"
+        if "/frames/" in rest and mode == "frames500":
+            self.send_response(500)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        if "/frames/" in rest and mode == "frameshang":
+            time.sleep(4)
+        headers = {k: v for k, v in self.headers.items() if k.lower() in ("authorization", "accept")}
+        r = requests.get(f"{self.upstream}/{rest}", headers=headers, timeout=30)
+        self.send_response(r.status_code)
+        for k, v in r.headers.items():
+            if k.lower() in ("content-type",):
+                self.send_header(k, v)
+        self.send_header("Content-Length", str(len(r.content)))
+        self.end_headers()
+        self.wfile.write(r.content)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def frame_faults(orthanc):
+    _FrameFaults.upstream = orthanc.url
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FrameFaults)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 @pytest.fixture(scope="module")
 def bundle_dir(tmp_path_factory) -> Path:
     from inference_fixtures import build_tiny_bundle
@@ -114,7 +166,7 @@ def _server(name: str, url: str, **kw) -> dict:
 def ports() -> dict[str, int]:
     """Ports of the Orthancs that tests start later (the watched one, the one with the Lua trigger): the
     gateway's configuration names them before they run."""
-    return {"watched": free_port(), "trigger": free_port()}
+    return {"watched": free_port(), "trigger": free_port(), "picky": free_port()}
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +177,7 @@ def fhir_sink():
 
 
 @pytest.fixture(scope="module")
-def gateway(orthanc, faults, bundle_dir, ports, fhir_sink, tmp_path_factory):
+def gateway(orthanc, faults, frame_faults, bundle_dir, ports, fhir_sink, tmp_path_factory):
     user, pw = next(iter(USERS.items()))
     servers = [
         _server("main", orthanc.url, auth="basic", username=user, password=pw, heatmap="both"),
@@ -136,9 +188,12 @@ def gateway(orthanc, faults, bundle_dir, ports, fhir_sink, tmp_path_factory):
         _server("broken", f"{faults}/s500"),
         _server("garbled", f"{faults}/badjson"),
         _server("hangs", f"{faults}/hang"),
+        _server("frames-fail", f"{frame_faults}/frames500", auth="basic", username=user, password=pw),
+        _server("frames-hang", f"{frame_faults}/frameshang", auth="basic", username=user, password=pw),
         {**_server("other-tenant", orthanc.url), "tenant": "someone-else"},
         _server("watched", f"http://127.0.0.1:{ports['watched']}", read_timeout_s=10),
         _server("trigger", f"http://127.0.0.1:{ports['trigger']}", read_timeout_s=10),
+        _server("picky", f"http://127.0.0.1:{ports['picky']}", read_timeout_s=10, stow_attempts=2),
         {**_server("clinic-pacs", orthanc.url, auth="basic", username=user, password=pw), "tenant": "clinic"},
     ]
     root = tmp_path_factory.mktemp("gateway")
@@ -276,6 +331,7 @@ def test_round_trip_results_back_in_the_study(gateway, orthanc, slide, fhir_sink
     assert fmap[last["y"] // step, last["x"] // step] == pytest.approx(last["score"] / best["score"], abs=0.01)
     spacing = seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing
     assert float(spacing[0]) == pytest.approx(0.000499 * step, rel=1e-3)
+    _assert_on_the_slide(seg, files, step)
 
     # the float Parametric Map: the attention values themselves, on the same grid and frame of reference
     pmap = hd.pm.ParametricMap.from_dataset(fetch("mstar-pmap.dcm"))
@@ -285,6 +341,7 @@ def test_round_trip_results_back_in_the_study(gateway, orthanc, slide, fhir_sink
     pixels = pmap.get_total_pixel_matrix()
     pixels = pixels[..., 0] if pixels.ndim == 3 else pixels
     assert pixels.dtype.kind == "f" and pixels.shape == fmap.shape
+    _assert_on_the_slide(pmap, files, step)
     for top in result["attention"]["top_patches"]:
         assert pixels[top["y"] // step, top["x"] // step] == pytest.approx(top["score"], abs=1e-6)  # 6 decimals
 
@@ -323,6 +380,34 @@ def test_round_trip_results_back_in_the_study(gateway, orthanc, slide, fhir_sink
     assert any(p in pydicom.dcmread(files[0], stop_before_pixels=True).PatientName for p in ["SOME"])
 
 
+def _assert_on_the_slide(obj, files: list[Path], step: int) -> None:
+    """What a viewer needs to overlay a heatmap on the slide, checked against the source series itself: the
+    level-0 VOLUME image it references, the same frame of reference, container (slide), orientation and
+    origin as every pyramid level, a pixel spacing of the slide's x step, and a total pixel matrix that
+    covers the slide's with less than one step to spare."""
+    levels = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+    levels = [d for d in levels if "VOLUME" in d.ImageType]
+    src = max(levels, key=lambda d: int(d.TotalPixelMatrixColumns))
+    refs = {str(r.ReferencedSOPInstanceUID) for r in obj.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
+    assert refs == {str(src.SOPInstanceUID)}
+    assert obj.FrameOfReferenceUID == src.FrameOfReferenceUID
+    assert obj.ContainerIdentifier == src.ContainerIdentifier
+    assert [float(v) for v in obj.ImageOrientationSlide] == [float(v) for v in src.ImageOrientationSlide]
+    origin = obj.TotalPixelMatrixOriginSequence[0]
+    for level in levels:  # the heatmap sits on the slide like one more (coarser) level of its pyramid
+        o = level.TotalPixelMatrixOriginSequence[0]
+        assert float(origin.XOffsetInSlideCoordinateSystem) == float(o.XOffsetInSlideCoordinateSystem)
+        assert float(origin.YOffsetInSlideCoordinateSystem) == float(o.YOffsetInSlideCoordinateSystem)
+    spacing = [float(v) for v in obj.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing]
+    src_spacing = [float(v) for v in src.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing]
+    assert spacing == pytest.approx([v * step for v in src_spacing], rel=1e-6)
+    for ours, theirs in (
+        (obj.TotalPixelMatrixRows, src.TotalPixelMatrixRows),
+        (obj.TotalPixelMatrixColumns, src.TotalPixelMatrixColumns),
+    ):
+        assert 0 <= int(ours) * step - int(theirs) < step
+
+
 def _bytes(ds) -> bytes:
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
@@ -353,6 +438,139 @@ def _sr_text(sr) -> str:
     return "\n".join(parts)
 
 
+class _ViewerSite(http.server.BaseHTTPRequestHandler):
+    """One origin for the viewer test: the page, the viewer's prebuilt bundle (npm, ui/package.json) and a
+    DICOMweb proxy to Orthanc (which sends no CORS headers). The browser's Host header goes through, so the
+    bulk data URIs Orthanc writes into its metadata point back at this origin."""
+
+    upstream: ClassVar[str] = ""
+    auth: ClassVar[tuple[str, str] | None] = None
+    ROOT = Path(__file__).resolve().parents[1]
+    FILES: ClassVar[dict[str, Path]] = {
+        "/": ROOT / "tests" / "ui" / "dmv_page.html",
+        "/dicomweb-client.js": ROOT / "ui" / "node_modules" / "dicomweb-client" / "build" / "dicomweb-client.js",
+    }
+    DIST = ROOT / "ui" / "node_modules" / "dicom-microscopy-viewer" / "dist"
+
+    def do_GET(self) -> None:
+        import requests
+
+        if self.path.startswith("/dicom-web/"):
+            keep = {k: v for k, v in self.headers.items() if k.lower() in ("accept", "host")}
+            r = requests.get(self.upstream + self.path, headers=keep, auth=self.auth, timeout=30)
+            body, ctype, status = r.content, r.headers.get("Content-Type", ""), r.status_code
+        else:
+            path = self.FILES.get(self.path)
+            if path is None and self.path.startswith("/dmv/") and ".." not in self.path:
+                path = self.DIST / self.path[len("/dmv/") :]
+            if path is None or not path.is_file():
+                self.send_error(404)
+                return
+            body, status = path.read_bytes(), 200
+            ctype = {".html": "text/html", ".js": "text/javascript", ".wasm": "application/wasm"}.get(
+                path.suffix, "application/octet-stream"
+            )
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_dicom_microscopy_viewer_opens_the_slide_with_our_segmentation_and_annotations(gateway, orthanc, slide) -> None:
+    """A real DICOM viewer (dicom-microscopy-viewer, in Debian's headless Chromium) opens the slide from Orthanc
+    over DICOMweb and takes our SEG and bulk annotations from the same study: it fetches the slide's and the
+    SEG's frames (all answered 200), lists our segment and annotation group by UID, shows both, and raises no
+    page error."""
+    import shutil
+    import subprocess
+
+    root = _ViewerSite.ROOT
+    if shutil.which("node") is None or not Path("/usr/bin/chromium").exists():
+        pytest.fail("node and Debian chromium are needed: run `bash tests/sysdeps.sh`")
+    if not _ViewerSite.DIST.is_dir():  # the pinned versions of ui/package-lock.json, as the `ui` step installs
+        subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=root / "ui", check=True, timeout=300)
+    url, _ = gateway
+    study, series, _files = slide
+    with _client(url) as c:  # the round trip's analysis (the same options give the same job back)
+        job = _analyse(c, pacs="main", study_uid=study)
+        assert job["state"] == "succeeded", job
+        objects = c.get(f"/jobs/{job['id']}/result").json()["dicom"]["objects"]
+    seg, ann = objects["mstar-seg.dcm"], objects["mstar-ann.dcm"]
+    _ViewerSite.upstream, _ViewerSite.auth = orthanc.url, orthanc.auth
+    site = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ViewerSite)
+    site.daemon_threads = True
+    threading.Thread(target=site.serve_forever, daemon=True).start()
+    try:
+        args = json.dumps([study, series, seg["series_instance_uid"], ann["series_instance_uid"]])
+        proc = subprocess.run(
+            ["node", str(root / "tests" / "ui" / "dmv_flow.mjs"), f"http://127.0.0.1:{site.server_port}/", args],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+    finally:
+        site.shutdown()
+        site.server_close()
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert seen["errors"] == [], seen["errors"]
+    loaded = seen["loaded"]
+    assert loaded["levels"] >= 2
+    assert [s["visible"] for s in loaded["segments"]] == [True] and loaded["segments"][0]["label"] == "mSTAR attention"
+    assert [(g["uid"], g["visible"]) for g in loaded["groups"]] == [(_ann_group_uid(orthanc, study, ann), True)]
+    frames = seen["frames"]
+    assert frames and all(f["status"] == 200 for f in frames), frames
+    assert any(f"/series/{series}/" in f["url"] for f in frames)  # the slide's tiles
+    assert any(f"/series/{seg['series_instance_uid']}/" in f["url"] for f in frames)  # our heatmap's
+
+
+def _ann_group_uid(orthanc, study: str, ann: dict) -> str:
+    ds = _dicomweb(orthanc).retrieve_instance(study, ann["series_instance_uid"], ann["sop_instance_uid"])
+    return str(ds.AnnotationGroupSequence[0].AnnotationGroupUID)
+
+
+def test_slide_without_frame_of_reference_gets_no_heatmap_but_a_note(slide, tmp_path) -> None:
+    """OrthancWSIDicomizer 1.1 writes no FrameOfReferenceUID: such a slide gets its SR, no SEG, Parametric
+    Map or annotations (nothing to place them on), and result.json's notes say why."""
+    import h5py
+
+    from service.pacs.writers import Identity, build_objects
+
+    src = pydicom.dcmread(max(slide[2], key=lambda f: f.stat().st_size), stop_before_pixels=True)
+    assert "FrameOfReferenceUID" in src
+    del src.FrameOfReferenceUID
+    with h5py.File(tmp_path / "features.h5", "w") as f:
+        f["coords"] = np.array([[0, 0], [224, 0], [0, 224]])
+        f["attention"] = np.array([0.5, 0.3, 0.2])
+        f.attrs["patch_size_level0"] = f.attrs["step_level0"] = 224
+    bundle = {"name": "tiny", "version": "v1", "models": {}}
+    result = {"classification": {"subtype": {"label": "A", "probabilities": {"A": 0.6, "B": 0.4}}}}
+    ident = Identity("1.2.3", "1.2.3.4", "tiny", "v1", {})
+    objects, notes = build_objects(src, result, tmp_path / "features.h5", bundle, ident, heatmap="both")
+    assert set(objects) == {"mstar-sr.dcm"}
+    assert len(notes) == 1 and "no FrameOfReferenceUID" in notes[0] and "patch annotations" in notes[0]
+
+
+def test_pacs_job_on_a_series_without_frame_of_reference_succeeds_with_a_note(gateway, orthanc, cmu_svs, tmp_path):
+    """The same through the API on a real dicomized series without FrameOfReferenceUID: the job succeeds, the
+    SR is in the study, and the notes name what was left out."""
+    files = dicomize(cmu_svs, tmp_path / "no-for", levels=2, frame_of_reference=False)
+    orthanc.upload(files)
+    study, series = _uids(files)
+    url, _ = gateway
+    with _client(url) as c:
+        job = _analyse(c, pacs="main", study_uid=study, series_uid=series, tasks=["classification"])
+        assert job["state"] == "succeeded", job
+        dicom = c.get(f"/jobs/{job['id']}/result").json()["dicom"]
+    assert set(dicom["objects"]) == {"mstar-sr.dcm"} and dicom["stored"] is True
+    assert any("no FrameOfReferenceUID" in n for n in dicom["notes"])
+
+
 def test_second_trigger_stores_nothing_twice(gateway, orthanc, slide) -> None:
     url, _ = gateway
     study, series, _files = slide
@@ -371,8 +589,59 @@ def test_second_trigger_stores_nothing_twice(gateway, orthanc, slide) -> None:
         assert rerun["state"] == "succeeded" and rerun["id"] != first["id"]
         a = c.get(f"/jobs/{first['id']}/result").json()["dicom"]["objects"]
         b = c.get(f"/jobs/{rerun['id']}/result").json()["dicom"]["objects"]
-    assert a == b
+        # the same analysis asked for with the default tasks listed in another order: the same job, and forced
+        # to run again, the same objects
+        reordered = {"pacs": "main", "study_uid": study, "series_uid": series, "tasks": DEFAULT_TASKS[::-1]}
+        assert c.post("/pacs/analyses", json=reordered).json()["id"] == first["id"]
+        r = c.post("/pacs/analyses", json=reordered, headers={"Idempotency-Key": "forced-rerun-2"})
+        third = _wait(c, r.json()["id"])
+        assert third["state"] == "succeeded" and third["id"] not in (first["id"], rerun["id"])
+        d = c.get(f"/jobs/{third['id']}/result").json()["dicom"]["objects"]
+    assert a == b == d
     assert orthanc.count() == count
+
+
+# An Orthanc that drops Microscopy Bulk Simple Annotations while the flag file exists, as a PACS without
+# support for that SOP class does: Orthanc 1.10's STOW-RS still lists the dropped instance as stored.
+_PICKY_LUA = """
+function ReceivedInstanceFilter(dicom, origin, info)
+  local f = io.open("%s", "r")
+  if f ~= nil then
+    f:close()
+    return dicom.SOPClassUID ~= "1.2.840.10008.5.1.4.1.1.91.1"
+  end
+  return true
+end
+"""
+
+
+def test_stow_that_leaves_an_object_out_fails_and_a_rerun_adds_only_it(gateway, ports, slide, tmp_path) -> None:
+    """A STOW-RS the PACS answers with success but keeps only part of: the job fails naming the missing object
+    (checked back by QIDO-RS), and once the PACS takes it, a re-run stores that object alone, nothing twice."""
+    url, _ = gateway
+    study, series, files = slide
+    flag = tmp_path / "refuse-annotations"
+    flag.touch()
+    with run_orthanc(port=ports["picky"], lua=_PICKY_LUA % flag) as pacs, _client(url) as c:
+        pacs.upload(files)
+        before = pacs.count()
+        body = {"pacs": "picky", "study_uid": study, "series_uid": series, "tasks": ["classification"]}
+        job = _analyse(c, **body)
+        assert job["state"] == "failed", job
+        assert job["error"]["code"] == "pacs_store_incomplete", job
+        message = job["error"]["message"]
+        assert "kept 2 of 3 objects" in message and "Microscopy Bulk Simple Annotations" in message, message
+        assert "after 2 tries" in message
+        assert c.get(f"/jobs/{job['id']}/dicom").status_code == 409  # not announced as results
+        assert pacs.count() == before + 2  # the SR and the SEG are in the study; DICOMweb cannot take them back
+
+        flag.unlink()  # the PACS now takes annotations: a re-run completes the set without duplicates
+        r = c.post("/pacs/analyses", json=body, headers={"Idempotency-Key": "after-the-pacs-was-fixed"})
+        rerun = _wait(c, r.json()["id"])
+        assert rerun["state"] == "succeeded", rerun
+        objects = c.get(f"/jobs/{rerun['id']}/result").json()["dicom"]["objects"]
+        assert set(objects) == {"mstar-sr.dcm", "mstar-seg.dcm", "mstar-ann.dcm"}
+        assert pacs.count() == before + 3  # only the annotations were added
 
 
 @pytest.fixture(scope="module")
@@ -434,6 +703,8 @@ def odd_series(orthanc, cmu_svs, tmp_path_factory) -> dict[str, tuple[str, str]]
         ("main", "no_volume", "no_volume_image", "VOLUME"),
         ("main", "bad_frames", "corrupt_slide", "cannot be decoded"),
         ("no-stow", "slide", "pacs_not_found", "STOW-RS"),
+        ("frames-fail", "slide", "pacs_unavailable", "PACS 'frames-fail' frame ("),
+        ("frames-hang", "slide", "pacs_timeout", "PACS 'frames-hang' frame ("),
     ],
 )
 def test_pacs_faults_fail_the_job_with_a_reason(gateway, orthanc, slide, odd_series, pacs, which, code, words) -> None:
@@ -460,6 +731,32 @@ def test_fhir_endpoint_that_stays_down_fails_the_job_after_retries(gateway, slid
     assert job["state"] == "failed" and job["error"]["code"] == "fhir_delivery_failed", job
     assert "HTTP 502" in job["error"]["message"] and "2 tries" in job["error"]["message"]
     assert _Faults.hits["s502"] == 2
+
+
+def test_fhir_post_retries_then_succeeds_with_one_conditional_create() -> None:
+    """The LIS answers 503, then 429, then 201: three POSTs of the same validated report, each a conditional
+    create on the job identifier, so a retry of a POST the LIS did take files nothing twice; a 400 is final."""
+    from service.pacs.config import FhirEndpoint
+    from service.pacs.fhir import diagnostic_report, post_report
+
+    result = {
+        "bundle": {"name": "tiny", "models": {"enc": {"version": "1", "sha256": "ab" * 32}}},
+        "classification": {"subtype": {"label": "LUAD", "probabilities": {"LUAD": 0.7, "LUSC": 0.3}}},
+        "survival": {"os": {"risk": [0.25]}},
+        "report": {"text": "Adenocarcinoma, acinar pattern."},
+    }
+    report = diagnostic_report("job123", result, study_uid="1.2.3", bundle_version="abc")
+    with webhook_receiver(statuses=(503, 429, 201)) as (url, got):
+        endpoint = FhirEndpoint(tenant="t", url=url.rsplit("/", 1)[0], attempts=3, backoff_s=0.01)
+        assert post_report(endpoint, report) == 201
+    assert len(got) == 3
+    assert {h["If-None-Exist"] for h, _ in got} == {"identifier=urn:mstar:job|job123"}
+    assert all(json.loads(body) == report for _, body in got)
+    with webhook_receiver(statuses=(400,)) as (url, got):
+        endpoint = FhirEndpoint(tenant="t", url=url.rsplit("/", 1)[0], attempts=3, backoff_s=0.01)
+        with pytest.raises(httpx.HTTPStatusError):
+            post_report(endpoint, report)
+    assert len(got) == 1
 
 
 def test_api_refuses_unknown_servers_and_shows_no_secrets(gateway) -> None:
@@ -545,6 +842,39 @@ def test_watcher_submits_each_new_series_once_across_restarts(gateway, ports, cm
         rows = [line.split() for line in res.output.splitlines()]
         jobs = {r[2] for r in rows if len(r) == 3 and len(r[2]) == 32 and r[0][0].isdigit()}
         assert jobs == {x[2] for x in done + later}
+
+
+def test_watcher_skips_a_series_the_gateway_refuses_and_submits_the_rest(gateway, ports, tmp_path) -> None:
+    """A PACS series whose study UID is not a DICOM UID (seen in the wild: letters in a UID) is refused by the
+    gateway (422); the watcher logs it, submits the other new series and records only those."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    from service.pacs.config import PacsSettings
+    from service.pacs.watch import WatchState, gateway_submitter, poll_once, slide_series
+
+    url, _ = gateway
+    files, uids = [], []
+    for n, study in enumerate(["1.2.826.0.1.3680043.8.498.1a", "1.2.826.0.1.3680043.8.498.2"]):  # bad, good
+        ds = pydicom.Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.77.1.6"
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality, ds.PatientID = study, generate_uid(), "SM", "X"
+        ds.save_as(tmp_path / f"{n}.dcm", enforce_file_format=True)
+        files.append(tmp_path / f"{n}.dcm")
+        uids.append((study, str(ds.SeriesInstanceUID)))
+    with run_orthanc(port=ports["watched"]) as pacs:
+        pacs.upload(files)
+        server = PacsSettings().server("hospital", "watched")
+        assert sorted(slide_series(server)) == sorted(uids)  # the PACS lists both
+        state = WatchState(tmp_path / "watch.db")
+        submit = gateway_submitter(url, KEY, "watched")
+        for _ in range(2):  # the refused series stays unrecorded and refused; the good one is submitted once
+            done = poll_once(server, state, submit)
+            assert [x[:2] for x in done] == ([uids[1]] if _ == 0 else [])
+        assert state.seen("watched") == {uids[1][1]}
 
 
 def test_orthanc_lua_trigger_posts_new_series_once(gateway, ports, cmu_svs, tmp_path) -> None:

@@ -53,6 +53,13 @@ class PacsBadResponseError(PacsError):
     code = "pacs_bad_response"
 
 
+class PacsStoreIncompleteError(PacsError):
+    """STOW-RS answered, but the PACS did not keep every object (a FailedSOPSequence, or an instance that
+    QIDO-RS cannot find afterwards: some PACS drop a SOP class they do not support without saying so)."""
+
+    code = "pacs_store_incomplete"
+
+
 class NoSlideSeriesError(MstarError):
     code = "no_slide_series"
     http_status = 422

@@ -132,10 +132,14 @@ def _b64(text: str) -> str:
 
 def post_report(endpoint: Any, report: dict) -> int:
     """POST to the configured FHIR endpoint with retries; returns the final HTTP status (raises after the last
-    try)."""
+    try). A conditional create (`If-None-Exist` on the report's job identifier): a retry after an answer that
+    was lost, or a redelivered job, finds the report the LIS already has instead of filing it twice."""
     import httpx
 
     headers = {"Content-Type": "application/fhir+json"}
+    ident = next(iter(report.get("identifier") or []), None)
+    if ident and ident.get("system") and ident.get("value"):
+        headers["If-None-Exist"] = f"identifier={ident['system']}|{ident['value']}"
     if endpoint.token is not None:
         headers["Authorization"] = f"Bearer {endpoint.token.get_secret_value()}"
     delay = endpoint.backoff_s

@@ -34,9 +34,11 @@ def slide_info(server: str, study_uid: str, series_uid: str | None) -> dict:
 
 
 def job_key(server: str, study_uid: str, series_uid: str | None, options: dict) -> str:
-    """Idempotency key of an analysis: one job per (server, study, series, options), whoever triggers it
-    (API client, watcher, Orthanc callback)."""
-    raw = json.dumps([server, study_uid, series_uid or "", options], sort_keys=True)
+    """Idempotency key of an analysis: one job per (server, study, series, options in canonical form), whoever
+    triggers it (API client, watcher, Orthanc callback)."""
+    from service.pacs.writers import analysis_options
+
+    raw = json.dumps([server, study_uid, series_uid or "", analysis_options(options)], sort_keys=True)
     return "pacs-" + hashlib.sha256(raw.encode()).hexdigest()[:40]
 
 

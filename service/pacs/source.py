@@ -29,6 +29,7 @@ class DicomWebReader(DicomReader):
         from wsidicom import WsiDicom, WsiDicomWebClient
 
         self.path = Path(f"dicomweb-{series.series_uid}")  # error messages name the opaque series UID
+        self.server = server
         self.series = series
         for inst in series.volume_instances:  # the bomb guard, from QIDO attributes before any frame
             ds = Dataset.from_json(inst)
@@ -60,7 +61,7 @@ class DicomWebReader(DicomReader):
         except SlideError as err:
             cause = err.__cause__
             if cause is not None and not isinstance(cause, MstarError) and _is_http(cause):
-                raise translate(cause, "source", f"frame ({tx}, {ty}) of level {level}") from cause
+                raise translate(cause, self.server, f"frame ({tx}, {ty}) of level {level}") from cause
             raise
 
 

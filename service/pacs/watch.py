@@ -77,13 +77,19 @@ def slide_series(server: PacsServer, *, study_date_from: str | None = None) -> I
 
 
 def poll_once(server: PacsServer, state: WatchState, submit: Submit, *, study_date_from: str | None = None) -> list:
-    """Submit every SM series not recorded yet; returns [(study, series, job_id)] submitted now."""
+    """Submit every SM series not recorded yet; returns [(study, series, job_id)] submitted now. A series the
+    gateway refuses is logged and left unrecorded (tried again next poll) without holding up the series after
+    it: one malformed series in the PACS must not stop every later slide from being analysed."""
     done = state.seen(server.name)
     submitted = []
     for study, series in slide_series(server, study_date_from=study_date_from):
         if series in done:
             continue
-        job_id = submit(study, series)
+        try:
+            job_id = submit(study, series)
+        except Exception as err:
+            log.warning("series %s not submitted (%s); trying again next poll", series, err)
+            continue
         state.record(server.name, study, series, job_id)
         done.add(series)
         submitted.append((study, series, job_id))

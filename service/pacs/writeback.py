@@ -2,8 +2,9 @@
 them) and stored into the slide's study over STOW-RS, with retries and backoff.
 
 Idempotent end to end: the objects' UIDs come from (source series, bundle, options), so a retry, a second
-trigger or a re-run stores the same instances again, which a PACS keeps once. A STOW that still fails after
-its tries fails the job with the reason; the objects are never half-announced in result.json.
+trigger or a re-run stores the same instances again, which a PACS keeps once. Every stored instance is
+checked back by QIDO-RS; a STOW that still fails (or leaves an object out) after its tries fails the job with
+the reason, and the objects are never half-announced in result.json.
 """
 
 from __future__ import annotations
@@ -15,7 +16,15 @@ from pathlib import Path
 from typing import Any
 
 from service.atomic import atomic_path
-from service.pacs.client import PacsError, PacsTimeoutError, PacsUnavailableError, make_client, translate
+from service.pacs.client import (
+    PacsError,
+    PacsStoreIncompleteError,
+    PacsTimeoutError,
+    PacsUnavailableError,
+    _value,
+    make_client,
+    translate,
+)
 from service.pacs.config import PacsServer
 from service.pacs.writers import Identity, build_objects, source_dataset
 
@@ -46,13 +55,43 @@ def _level0_instance(client: Any, server: str, study: str, series: str) -> dict:
     return meta
 
 
+def _refused(response: Any) -> set[str]:
+    """SOP instance UIDs a STOW-RS answer lists as failed (its FailedSOPSequence); a 2xx answer may carry them."""
+    return {
+        str(getattr(item, "ReferencedSOPInstanceUID", ""))
+        for item in getattr(response, "FailedSOPSequence", None) or []
+    }
+
+
+def _kept(client: Any, server: PacsServer, study_uid: str, ds: Any) -> bool:
+    """Whether QIDO-RS finds the instance in the study: the PACS kept it, whatever its STOW answer said."""
+    sop = str(ds.SOPInstanceUID)
+    try:
+        found = client.search_for_instances(
+            study_uid, str(ds.SeriesInstanceUID), search_filters={"SOPInstanceUID": sop}, fields=["00080018"]
+        )
+    except Exception as err:
+        raise translate(err, server.name, f"QIDO-RS check of stored series {ds.SeriesInstanceUID}") from err
+    return isinstance(found, list) and any(isinstance(i, dict) and _value(i, "00080018") == sop for i in found)
+
+
+def _describe(ds: Any) -> str:
+    from pydicom.uid import UID
+
+    return f"{UID(str(ds.SOPClassUID)).name} {ds.SOPInstanceUID}"
+
+
 def store_with_retry(client: Any, server: PacsServer, datasets: list, study_uid: str) -> None:
-    """STOW-RS into `study_uid`; transient failures are retried with exponential backoff."""
+    """STOW-RS into `study_uid`, then QIDO-RS that the PACS keeps every instance (a PACS may list an object as
+    failed, or drop a SOP class it does not support while answering 200). Transient failures (5xx, timeouts)
+    and objects not kept are sent again with exponential backoff; a resend is harmless, the UIDs are fixed.
+    DICOMweb has no transaction or delete, so objects kept before a final failure stay in the study: the error
+    names what is missing, and a re-run stores only that (the rest is already there under the same UIDs)."""
+    pending = list(datasets)
     delay = server.stow_backoff_s
     for attempt in range(1, server.stow_attempts + 1):
         try:
-            client.store_instances(datasets, study_instance_uid=study_uid)
-            return
+            response = client.store_instances(pending, study_instance_uid=study_uid)
         except Exception as err:
             failure = translate(err, server.name, f"STOW-RS into study {study_uid}")
             transient = isinstance(failure, PacsUnavailableError | PacsTimeoutError)
@@ -60,11 +99,25 @@ def store_with_retry(client: Any, server: PacsServer, datasets: list, study_uid:
                 raise failure from err
             if attempt == server.stow_attempts:
                 raise type(failure)(f"{failure} (after {attempt} tries)") from err
-            log.warning(
-                "STOW-RS try %d/%d failed (%s); retrying in %.1f s", attempt, server.stow_attempts, failure.code, delay
-            )
-            time.sleep(delay)
-            delay *= 2
+            reason = failure.code
+        else:
+            refused = _refused(response)
+            pending = [
+                ds for ds in pending if str(ds.SOPInstanceUID) in refused or not _kept(client, server, study_uid, ds)
+            ]
+            if not pending:
+                return
+            if attempt == server.stow_attempts:
+                kept = len(datasets) - len(pending)
+                raise PacsStoreIncompleteError(
+                    f"PACS {server.name!r} kept {kept} of {len(datasets)} objects stored into study {study_uid} "
+                    f"(after {attempt} tries); not kept: {'; '.join(_describe(ds) for ds in pending)}. "
+                    "The kept ones carry fixed UIDs: a re-run stores only what is missing, nothing twice"
+                )
+            reason = f"{len(pending)} of {len(datasets)} objects not kept"
+        log.warning("STOW-RS try %d/%d failed (%s); retrying in %.1f s", attempt, server.stow_attempts, reason, delay)
+        time.sleep(delay)
+        delay *= 2
 
 
 def write_back(

@@ -37,6 +37,16 @@ def derive_uid(*parts: Any) -> str:
     return _ROOT_PREFIX + str(int.from_bytes(hashlib.sha256(raw).digest()[:16], "big"))
 
 
+def analysis_options(options: dict) -> dict:
+    """The job options that change what an analysis computes, in one canonical form: the task list as a sorted
+    set (["survival", "classification"] is the same analysis as the reverse) and without `bundle_version`,
+    which only pins the served bundle (the gateway refuses any other) and is in the identity already."""
+    out = {k: v for k, v in options.items() if k != "bundle_version"}
+    if isinstance(out.get("tasks"), list | tuple):
+        out["tasks"] = sorted(set(out["tasks"]))
+    return out
+
+
 @dataclass(frozen=True)
 class Identity:
     """What makes two analyses the same: the source series, the bundle (name + version) and the options."""
@@ -48,7 +58,8 @@ class Identity:
     options: dict
 
     def uid(self, kind: str) -> str:
-        return derive_uid("mstar-result", self.series_uid, self.bundle_name, self.bundle_version, self.options, kind)
+        options = analysis_options(self.options)
+        return derive_uid("mstar-result", self.series_uid, self.bundle_name, self.bundle_version, options, kind)
 
 
 def _code(value: str, meaning: str):
@@ -425,14 +436,18 @@ def build_objects(
     step = int(attrs.get("step_level0") or size)
     if attention is None or not coords.shape[0]:
         notes.append("no per-patch attention (the bundle has no aggregator): no heatmap or patch annotations")
+    elif not getattr(src, "FrameOfReferenceUID", None):
+        # both are placed on the slide's frame of reference (highdicom's slide-coordinate annotations need it
+        # too): without one, building the annotations raised AttributeError and failed the whole write-back
+        notes.append(
+            "the slide has no FrameOfReferenceUID, so the heatmap and the patch annotations cannot be placed "
+            "on it: not written (the per-patch values are in result.json and the job's other files)"
+        )
     else:
-        if getattr(src, "FrameOfReferenceUID", None):
-            if heatmap in ("seg", "both"):
-                objects["mstar-seg.dcm"] = heatmap_segmentation(src, coords, attention, step, bundle, ident)
-            if heatmap in ("pmap", "both"):
-                objects["mstar-pmap.dcm"] = heatmap_parametric_map(src, coords, attention, step, bundle, ident)
-        else:
-            notes.append("the slide has no FrameOfReferenceUID, so the heatmap cannot be placed on it: not written")
+        if heatmap in ("seg", "both"):
+            objects["mstar-seg.dcm"] = heatmap_segmentation(src, coords, attention, step, bundle, ident)
+        if heatmap in ("pmap", "both"):
+            objects["mstar-pmap.dcm"] = heatmap_parametric_map(src, coords, attention, step, bundle, ident)
         extra, more = patch_class_measurements(features_h5.with_name("patch_scores.h5"), coords)
         notes += more
         objects["mstar-ann.dcm"] = patch_annotations(src, coords, size, attention, bundle, ident, extra)

@@ -85,7 +85,9 @@ def create_pacs_analysis(
                     info=slide_info(req.pacs, req.study_uid, req.series_uid),
                 ),
             )
-    digest = repo.request_digest(route="POST /pacs/analyses", **req.model_dump(mode="json"))
+    body = req.model_dump(mode="json")
+    body["tasks"] = sorted(set(body["tasks"]))  # the same analysis whatever order the tasks are listed in
+    digest = repo.request_digest(route="POST /pacs/analyses", **body)
     got = ctx.submit(principal.tenant_id, slide, req, idempotency_key=key, request_sha256=digest)
     if got.created:
         log.info("job %s queued for PACS slide %s", got.job.id, slide.id)
