@@ -7,6 +7,7 @@ reason. Faults Orthanc cannot produce (403, 500, malformed JSON, a hang) come fr
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import io
 import json
@@ -70,9 +71,10 @@ class _Faults(http.server.BaseHTTPRequestHandler):
         pass
 
 
-@pytest.fixture(scope="module")
-def faults():
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Faults)
+@contextlib.contextmanager
+def _serve(handler: type[http.server.BaseHTTPRequestHandler]):
+    """`handler` on a loopback port in a thread, for the module's fault-injecting servers."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
@@ -80,6 +82,12 @@ def faults():
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture(scope="module")
+def faults():
+    with _serve(_Faults) as url:
+        yield url
 
 
 class _FrameFaults(http.server.BaseHTTPRequestHandler):
@@ -123,14 +131,8 @@ class _FrameFaults(http.server.BaseHTTPRequestHandler):
 @pytest.fixture(scope="module")
 def frame_faults(orthanc):
     _FrameFaults.upstream = orthanc.url
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FrameFaults)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with _serve(_FrameFaults) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
