@@ -236,6 +236,42 @@ def mstar_serve(
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def mstar_worker(
+    env: Mapping[str, str],
+    name: str,
+    log: Path,
+    args: Sequence[str] = (),
+    *,
+    timeout: float = 120.0,
+    stop_timeout: float = 30.0,
+) -> Iterator[subprocess.Popen]:
+    """`mstar worker --name NAME@test *args` as a real process with exactly `env`; yields it once its output
+    (appended to `log`) says `NAME@test ready`. Start-up fails at once, with the log's tail, if it exits first or
+    is not ready within `timeout` s. On exit: SIGTERM, then SIGKILL of its whole process group (its pool
+    children too) after `stop_timeout` s."""
+    node = f"{name}@test"
+    start = log.stat().st_size if log.exists() else 0  # a restart on the same log: only its own lines count
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            [str(MSTAR), "worker", "--name", node, *args],
+            env=dict(env),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + timeout
+        while f"{node} ready" not in log.read_bytes()[start:].decode(errors="replace"):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                tail = log.read_text(errors="replace")[-3000:]
+                pytest.fail(f"mstar worker {node} did not start (exit {proc.poll()}):\n{tail}")
+            time.sleep(0.2)
+        yield proc
+    finally:
+        _stop(proc, stop_timeout)
+
+
 def _stop(proc: subprocess.Popen, timeout: float) -> None:
     """SIGTERM the main process (a graceful shutdown), SIGKILL its process group if it overstays, reap it."""
     if proc.poll() is None:

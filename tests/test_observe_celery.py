@@ -15,9 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -25,12 +22,11 @@ import httpx
 import pytest
 from otlp_receiver import OtlpReceiver
 from prometheus_client.parser import text_string_to_metric_families
-from services import free_port, mstar_serve, postgres_url, redis_server  # noqa: F401
+from services import free_port, mstar_serve, mstar_worker, postgres_url, redis_server  # noqa: F401
 
 pytestmark = pytest.mark.services
 
 KEY = "observe-celery-key-0123456789"
-MSTAR = Path(sys.executable).with_name("mstar")
 
 
 def _samples(text: str) -> dict[tuple[str, tuple], float]:
@@ -98,16 +94,8 @@ def test_celery_mode_metrics_and_one_trace_through_real_processes(env, tmp_path:
             assert 1.0 <= age[queue] < 60, age
             assert waiting[("mstar_jobs", (("state", "queued"),))] == 1
 
-            log = (tmp_path / "worker.log").open("ab")
-            worker = subprocess.Popen(
-                [str(MSTAR), "worker", "--name", "obs@test", "--metrics-port", str(metrics_port)],
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-            log.close()
-            try:
+            worker_args = ["--metrics-port", str(metrics_port)]
+            with mstar_worker(env, "obs", tmp_path / "worker.log", worker_args) as worker:
                 deadline = time.monotonic() + 240
                 while (job := c.get(f"/jobs/{job_id}").json())["state"] not in ("succeeded", "failed", "canceled"):
                     assert worker.poll() is None, (tmp_path / "worker.log").read_text(errors="replace")[-3000:]
@@ -125,14 +113,6 @@ def test_celery_mode_metrics_and_one_trace_through_real_processes(env, tmp_path:
                     assert time.monotonic() < deadline, receiver.spans
                     time.sleep(0.2)
                 after = _samples(c.get("/metrics").text)
-            finally:
-                if worker.poll() is None:
-                    os.killpg(worker.pid, signal.SIGTERM)
-                    try:
-                        worker.wait(30)
-                    except subprocess.TimeoutExpired:
-                        os.killpg(worker.pid, signal.SIGKILL)
-                        worker.wait(10)
 
     # the worker recorded the job: stages (embed among them), patches/s, outcome, backend latency per model
     stages = {dict(k[1])["stage"] for k, v in got.items() if k[0] == "mstar_job_stage_duration_seconds_count" and v}

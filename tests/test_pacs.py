@@ -918,13 +918,10 @@ def celery_stack(orthanc, faults, bundle_dir, postgres_url, redis_server, tmp_pa
     PostgreSQL, both logging JSON at debug level into files the test reads. The main server writes the
     heatmap as a Parametric Map only (`heatmap: pmap`), the other choice than the embedded tests' `both`."""
     import os
-    import signal
-    import subprocess
-    import sys
     from types import SimpleNamespace
 
     import redis
-    from services import mstar_serve
+    from services import mstar_serve, mstar_worker
     from sqlalchemy import create_engine, text
 
     root = tmp_path_factory.mktemp("celery-pacs")
@@ -954,38 +951,17 @@ def celery_stack(orthanc, faults, bundle_dir, postgres_url, redis_server, tmp_pa
         "MSTAR_API_KEYS": json.dumps([{"tenant": "hospital", "key": KEY}]),
         "MSTAR_PACS_SERVERS": json.dumps(servers),
     }
-    mstar = Path(sys.executable).with_name("mstar")
-    log = (root / "worker.log").open("ab")
-    worker = subprocess.Popen(
-        [str(mstar), "worker", "--name", "pacs@test", "--metrics-port", str(metrics_port)],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    log.close()
-    try:
-        deadline = time.monotonic() + 120
-        while "pacs@test ready" not in (root / "worker.log").read_text(errors="replace"):
-            if worker.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError((root / "worker.log").read_text(errors="replace")[-3000:])
-            time.sleep(0.3)
-        with mstar_serve(env, port=port, log=root / "gateway.log", timeout=120) as gateway:
-            yield SimpleNamespace(
-                url=gateway.url,
-                root=root,
-                db=db,
-                worker_metrics=f"http://127.0.0.1:{metrics_port}/metrics",
-                data=root / "data",
-            )
-    finally:
-        if worker.poll() is None:
-            os.killpg(worker.pid, signal.SIGTERM)
-            try:
-                worker.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(worker.pid, signal.SIGKILL)
-                worker.wait(10)
+    with (
+        mstar_worker(env, "pacs", root / "worker.log", ["--metrics-port", str(metrics_port)], stop_timeout=15),
+        mstar_serve(env, port=port, log=root / "gateway.log", timeout=120) as gateway,
+    ):
+        yield SimpleNamespace(
+            url=gateway.url,
+            root=root,
+            db=db,
+            worker_metrics=f"http://127.0.0.1:{metrics_port}/metrics",
+            data=root / "data",
+        )
 
 
 def _all_rows(db_url: str) -> dict[str, list[str]]:

@@ -6,16 +6,12 @@ message, the job row, Redis or the worker's log, and it is gone once the job end
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 from rna_fixtures import build_fusion_bundle, fusion_genes
-from services import live_server, postgres_url, redis_server  # noqa: F401
+from services import live_server, mstar_worker, postgres_url, redis_server  # noqa: F401
 from sqlalchemy import create_engine, text
 
 from service.api import create_app
@@ -25,7 +21,6 @@ pytestmark = pytest.mark.services
 
 KEY = "rna-celery-key-0123456789abcdef"
 MARKERS = [6.24681357 + 0.01 * i for i in range(20)]
-MSTAR = Path(sys.executable).with_name("mstar")
 
 
 @pytest.fixture(scope="module")
@@ -50,19 +45,7 @@ def test_rna_analysis_on_a_celery_worker(tmp_path_factory, pg_db, redis_server, 
         "MSTAR_BUNDLE_DIR": str(bundle),
     }
     log_path = root / "worker.log"
-    with log_path.open("ab") as log:
-        proc = subprocess.Popen(
-            [str(MSTAR), "worker", "--name", "rna@test", "--concurrency", "1"],
-            env={**os.environ, **values},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        deadline = time.monotonic() + 120
-        while "rna@test ready" not in log_path.read_text(errors="replace"):
-            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
-            time.sleep(0.2)
+    with mstar_worker({**os.environ, **values}, "rna", log_path, ["--concurrency", "1"]):
         settings = Settings(
             **{k.removeprefix("MSTAR_").lower(): v for k, v in values.items()}, api_keys=[{"tenant": "t", "key": KEY}]
         )
@@ -95,7 +78,3 @@ def test_rna_analysis_on_a_celery_worker(tmp_path_factory, pg_db, redis_server, 
         for t in texts:
             for v in MARKERS:
                 assert repr(v) not in t and f"{v:.6f}" not in t
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)

@@ -23,7 +23,7 @@ from pathlib import Path
 import boto3
 import httpx
 import pytest
-from services import free_port, live_server, postgres_url, redis_server, wait_http  # noqa: F401
+from services import free_port, live_server, mstar_worker, postgres_url, redis_server, wait_http  # noqa: F401
 
 from service.config import Settings
 from service.store.blobs import BlobStoreError, FileBlobStore, make_blob_store
@@ -550,24 +550,14 @@ def test_job_through_a_real_worker_with_only_the_bucket_shared(
         "MSTAR_WORKER_LEASE_S": "5",
     }
     log = tmp_path / "worker.log"
-    worker = subprocess.Popen(
-        [str(MSTAR), "worker", "--name", "s3w@test", "--concurrency", "1"],
-        env={**os.environ, **common, "MSTAR_DATA_DIR": str(tmp_path / "worker")},
-        stdout=log.open("ab"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
     key = "s3-e2e-key-0123456789abcdef"
     settings = Settings(
         **{k.removeprefix("MSTAR_").lower(): v for k, v in common.items()},
         data_dir=tmp_path / "gateway",
         api_keys=[{"tenant": "lab", "key": key}],
     )
-    try:
-        deadline = time.monotonic() + 90
-        while "s3w@test ready" not in log.read_text(errors="replace"):
-            assert worker.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.2)
+    worker_env = {**os.environ, **common, "MSTAR_DATA_DIR": str(tmp_path / "worker")}
+    with mstar_worker(worker_env, "s3w", log, ["--concurrency", "1"], timeout=90):
         assert "blob store: s3://" in log.read_text()
         with (
             live_server(create_app(settings)) as url,
@@ -597,9 +587,6 @@ def test_job_through_a_real_worker_with_only_the_bucket_shared(
             assert got["features"].headers["content-disposition"].startswith("attachment")
             fc = c.get(f"{job_url}/annotations.geojson")  # built from result files read back from the bucket
             assert fc.status_code == 200 and len(fc.json()["features"]) > got["result"].json()["tiling"]["patches"]
-    finally:
-        os.killpg(worker.pid, 9)
-        worker.wait(10)
     client = boto3.client("s3", endpoint_url=moto.url)
     keys = {o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="deploy/")["Contents"]}
     names = {k.rsplit("/", 1)[-1] for k in keys if k.startswith("deploy/results/")}
