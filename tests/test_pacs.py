@@ -874,9 +874,19 @@ def test_watcher_skips_a_series_the_gateway_refuses_and_submits_the_rest(gateway
         state = WatchState(tmp_path / "watch.db")
         submit = gateway_submitter(url, KEY, "watched")
         for _ in range(2):  # the refused series stays unrecorded and refused; the good one is submitted once
-            done = poll_once(server, state, submit)
+            refused: list = []
+            done = poll_once(server, state, submit, refused=refused)
             assert [x[:2] for x in done] == ([uids[1]] if _ == 0 else [])
+            assert [x[:2] for x in refused] == [uids[0]] and "HTTP 422" in refused[0][2]
         assert state.seen("watched") == {uids[1][1]}
+        # `--once` (a cron job, a systemd timer) ends with status 1 while a series is left unsubmitted
+        from click.testing import CliRunner
+
+        from service.cli import main
+
+        args = ["pacs", "watch", "--pacs", "watched", "--tenant", "hospital", "--gateway", url, "--api-key", KEY]
+        res = CliRunner().invoke(main, [*args, "--state", str(tmp_path / "watch.db"), "--once"])
+        assert res.exit_code == 1 and "1 series not submitted" in res.output, res.output
 
 
 def test_orthanc_lua_trigger_posts_new_series_once(gateway, ports, cmu_svs, tmp_path) -> None:

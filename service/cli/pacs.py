@@ -31,7 +31,11 @@ def pacs_group() -> None:
 )
 @click.option("--interval", type=float, default=60.0, show_default=True, help="seconds between polls")
 @click.option("--study-date-from", default=None, help="only studies on or after YYYYMMDD")
-@click.option("--once", is_flag=True, help="poll once and exit")
+@click.option(
+    "--once",
+    is_flag=True,
+    help="poll once and exit: status 1 when a series was not submitted (it is tried again by the next poll)",
+)
 def watch(
     pacs_name: str,
     tenant: str | None,
@@ -57,8 +61,9 @@ def watch(
     state = WatchState(state_path)
     submit = gateway_submitter(gateway, api_key, pacs_name)
     while True:
+        refused: list = []
         try:
-            done = poll_once(servers[0], state, submit, study_date_from=study_date_from)
+            done = poll_once(servers[0], state, submit, study_date_from=study_date_from, refused=refused)
             click.echo(f"submitted {len(done)} new series")
             for study, series, job in done:
                 click.echo(f"{study} {series} {job}")
@@ -67,5 +72,8 @@ def watch(
                 raise
             logging.getLogger("mstar.pacs.watch").warning("poll failed: %s", err)
         if once:
+            if refused:  # a cron job or systemd timer sees it; the series stay unrecorded, so a later run retries
+                click.echo(f"{len(refused)} series not submitted (see the log); the next poll tries them again")
+                raise SystemExit(1)
             return
         time.sleep(interval)

@@ -76,10 +76,18 @@ def slide_series(server: PacsServer, *, study_date_from: str | None = None) -> I
         offset += len(page)
 
 
-def poll_once(server: PacsServer, state: WatchState, submit: Submit, *, study_date_from: str | None = None) -> list:
+def poll_once(
+    server: PacsServer,
+    state: WatchState,
+    submit: Submit,
+    *,
+    study_date_from: str | None = None,
+    refused: list | None = None,
+) -> list:
     """Submit every SM series not recorded yet; returns [(study, series, job_id)] submitted now. A series the
-    gateway refuses is logged and left unrecorded (tried again next poll) without holding up the series after
-    it: one malformed series in the PACS must not stop every later slide from being analysed."""
+    gateway refuses is logged, added to `refused` as (study, series, reason) when given, and left unrecorded
+    (tried again next poll) without holding up the series after it: one malformed series in the PACS must not
+    stop every later slide from being analysed."""
     done = state.seen(server.name)
     submitted = []
     for study, series in slide_series(server, study_date_from=study_date_from):
@@ -89,6 +97,8 @@ def poll_once(server: PacsServer, state: WatchState, submit: Submit, *, study_da
             job_id = submit(study, series)
         except Exception as err:
             log.warning("series %s not submitted (%s); trying again next poll", series, err)
+            if refused is not None:
+                refused.append((study, series, str(err)))
             continue
         state.record(server.name, study, series, job_id)
         done.add(series)
