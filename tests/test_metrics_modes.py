@@ -8,8 +8,8 @@ from datetime import timedelta
 import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
-from services import postgres_url  # noqa: F401  (session fixture: a real PostgreSQL server)
-from sqlalchemy import create_engine, text, update
+from services import fresh_database, postgres_url  # noqa: F401  (postgres_url: the session fixture)
+from sqlalchemy import update
 
 from service.api.context import ServiceContext
 from service.config import Settings
@@ -48,12 +48,7 @@ def database_url(request, tmp_path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'jobs.db'}"
     pg = request.getfixturevalue("postgres_url")
-    admin = create_engine(pg, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text("DROP DATABASE IF EXISTS mstar_metrics_modes"))
-        conn.execute(text("CREATE DATABASE mstar_metrics_modes"))
-    admin.dispose()
-    return pg.rsplit("/", 1)[0] + "/mstar_metrics_modes"
+    return fresh_database(pg, "mstar_metrics_modes")
 
 
 def test_queue_depth_and_oldest_age_per_queue_at_scrape_time(tmp_path, database_url) -> None:

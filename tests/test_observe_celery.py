@@ -22,7 +22,7 @@ import httpx
 import pytest
 from otlp_receiver import OtlpReceiver
 from prometheus_client.parser import text_string_to_metric_families
-from services import free_port, mstar_serve, mstar_worker, postgres_url, redis_server  # noqa: F401
+from services import free_port, fresh_database, mstar_serve, mstar_worker, postgres_url, redis_server  # noqa: F401
 
 pytestmark = pytest.mark.services
 
@@ -52,19 +52,13 @@ def bundle_dir(tmp_path_factory) -> Path:
 @pytest.fixture
 def env(tmp_path: Path, bundle_dir: Path, postgres_url: str, redis_server) -> dict[str, str]:  # noqa: F811
     import redis
-    from sqlalchemy import create_engine, text
 
-    admin = create_engine(postgres_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text("DROP DATABASE IF EXISTS mstar_observe"))
-        conn.execute(text("CREATE DATABASE mstar_observe"))
-    admin.dispose()
     broker = redis_server.url.rsplit("/", 1)[0] + "/7"  # a database of our own on the shared server
     redis.Redis.from_url(broker).flushdb()
     return {
         **{k: v for k, v in os.environ.items() if not k.startswith(("MSTAR_", "OTEL_"))},
         "MSTAR_DATA_DIR": str(tmp_path / "data"),
-        "MSTAR_DATABASE_URL": postgres_url.rsplit("/", 1)[0] + "/mstar_observe",
+        "MSTAR_DATABASE_URL": fresh_database(postgres_url, "mstar_observe"),
         "MSTAR_BROKER_URL": broker,
         "MSTAR_BUNDLE_DIR": str(bundle_dir),
         "MSTAR_API_KEYS": json.dumps([{"tenant": "lab", "key": KEY, "admin": True}]),  # admin: /metrics too

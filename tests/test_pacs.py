@@ -25,6 +25,7 @@ from services import (  # noqa: F401
     PHI,
     dicomize,
     free_port,
+    fresh_database,
     live_server,
     postgres_url,
     redis_server,
@@ -932,15 +933,9 @@ def celery_stack(orthanc, faults, bundle_dir, postgres_url, redis_server, tmp_pa
 
     import redis
     from services import mstar_serve, mstar_worker
-    from sqlalchemy import create_engine, text
 
     root = tmp_path_factory.mktemp("celery-pacs")
-    admin = create_engine(postgres_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text("DROP DATABASE IF EXISTS mstar_pacs"))
-        conn.execute(text("CREATE DATABASE mstar_pacs"))
-    admin.dispose()
-    db = postgres_url.rsplit("/", 1)[0] + "/mstar_pacs"
+    db = fresh_database(postgres_url, "mstar_pacs")
     broker = redis_server.url.rsplit("/", 1)[0] + "/5"  # a database of our own on the shared server
     redis.Redis.from_url(broker).flushdb()
     user, pw = next(iter(USERS.items()))

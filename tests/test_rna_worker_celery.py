@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 from rna_fixtures import build_fusion_bundle, fusion_genes
-from services import live_server, mstar_worker, postgres_url, redis_server  # noqa: F401
+from services import fresh_database, live_server, mstar_worker, postgres_url, redis_server  # noqa: F401
 from sqlalchemy import create_engine, text
 
 from service.api import create_app
@@ -25,12 +25,7 @@ MARKERS = [6.24681357 + 0.01 * i for i in range(20)]
 
 @pytest.fixture(scope="module")
 def pg_db(postgres_url: str) -> str:  # noqa: F811
-    admin = create_engine(postgres_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text("DROP DATABASE IF EXISTS mstar_rna_workers"))
-        conn.execute(text("CREATE DATABASE mstar_rna_workers"))
-    admin.dispose()
-    return postgres_url.rsplit("/", 1)[0] + "/mstar_rna_workers"
+    return fresh_database(postgres_url, "mstar_rna_workers")
 
 
 def test_rna_analysis_on_a_celery_worker(tmp_path_factory, pg_db, redis_server, cmu_svs) -> None:  # noqa: F811

@@ -5,8 +5,8 @@ from __future__ import annotations
 import multiprocessing as mp
 
 import pytest
-from services import postgres_url  # noqa: F401  (session fixture: a real PostgreSQL server)
-from sqlalchemy import create_engine, inspect, text
+from services import fresh_database, postgres_url  # noqa: F401  (postgres_url: the session fixture)
+from sqlalchemy import inspect, text
 from sqlalchemy.exc import DBAPIError
 
 from service.store import batches  # noqa: F401  (the batch tables are part of the schema)
@@ -14,20 +14,11 @@ from service.store.db import init_db, make_engine, schema_revision, session_fact
 from service.store.models import AuditEvent, Base, Job, Slide, Tenant
 
 
-def _fresh_pg(postgres_url: str, name: str) -> str:  # noqa: F811
-    admin = create_engine(postgres_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f"DROP DATABASE IF EXISTS {name}"))
-        conn.execute(text(f"CREATE DATABASE {name}"))
-    admin.dispose()
-    return postgres_url.rsplit("/", 1)[0] + f"/{name}"
-
-
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db_url(request, tmp_path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'jobs.db'}"
-    return _fresh_pg(request.getfixturevalue("postgres_url"), "mstar_migrations")
+    return fresh_database(request.getfixturevalue("postgres_url"), "mstar_migrations")
 
 
 def test_head_matches_the_models(db_url):
@@ -127,7 +118,7 @@ def _init(url: str, q) -> None:
 def test_processes_starting_together_migrate_once(postgres_url):  # noqa: F811
     """Six processes run `init_db` on one empty PostgreSQL database at once: the advisory lock makes them take
     turns, so none fails on a table or type another one just created."""
-    url = _fresh_pg(postgres_url, "mstar_migration_race")
+    url = fresh_database(postgres_url, "mstar_migration_race")
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     procs = [ctx.Process(target=_init, args=(url, q)) for _ in range(6)]

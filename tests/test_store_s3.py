@@ -23,7 +23,15 @@ from pathlib import Path
 import boto3
 import httpx
 import pytest
-from services import free_port, live_server, mstar_worker, postgres_url, redis_server, wait_http  # noqa: F401
+from services import (  # noqa: F401
+    free_port,
+    fresh_database,
+    live_server,
+    mstar_worker,
+    postgres_url,
+    redis_server,
+    wait_http,
+)
 
 from service.config import Settings
 from service.store.blobs import BlobStoreError, FileBlobStore, make_blob_store
@@ -531,18 +539,12 @@ def test_job_through_a_real_worker_with_only_the_bucket_shared(
     moto: MotoServer, bucket: str, tmp_path: Path, request, bundle_dir: Path, cmu_svs: Path
 ) -> None:
     """Gateway and `mstar worker` have separate data folders: slides and results meet only in the bucket."""
-    from sqlalchemy import create_engine, text
 
     from service.api import create_app
 
     pg, redis = request.getfixturevalue("postgres_url"), request.getfixturevalue("redis_server")
-    admin = create_engine(pg, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text("DROP DATABASE IF EXISTS mstar_s3"))
-        conn.execute(text("CREATE DATABASE mstar_s3"))
-    admin.dispose()
     common = {
-        "MSTAR_DATABASE_URL": pg.rsplit("/", 1)[0] + "/mstar_s3",
+        "MSTAR_DATABASE_URL": fresh_database(pg, "mstar_s3"),
         "MSTAR_BROKER_URL": redis.url.rsplit("/", 1)[0] + "/5",  # a database of its own on the shared Redis
         "MSTAR_BLOB_URL": f"s3://{bucket}/deploy",
         "MSTAR_S3_ENDPOINT_URL": moto.url,

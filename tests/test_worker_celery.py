@@ -18,8 +18,7 @@ from pathlib import Path
 
 import h5py
 import pytest
-from services import free_port, mstar_serve, postgres_url, redis_server, webhook_receiver  # noqa: F401
-from sqlalchemy import create_engine, text
+from services import free_port, fresh_database, mstar_serve, postgres_url, redis_server, webhook_receiver  # noqa: F401
 from worker_pipelines import make_slide
 
 from service import webhooks
@@ -94,12 +93,7 @@ class Cluster:
 @pytest.fixture(scope="module")
 def pg_db(postgres_url: str) -> str:  # noqa: F811
     """A database of our own on the shared server: no other test's runner can see these jobs."""
-    admin = create_engine(postgres_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text("DROP DATABASE IF EXISTS mstar_workers"))
-        conn.execute(text("CREATE DATABASE mstar_workers"))
-    admin.dispose()
-    return postgres_url.rsplit("/", 1)[0] + "/mstar_workers"  # workers create the schema (racing: see cli)
+    return fresh_database(postgres_url, "mstar_workers")  # workers create the schema (racing: see cli)
 
 
 @pytest.fixture(scope="module")
