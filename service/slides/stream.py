@@ -30,6 +30,7 @@ import cv2
 import numpy as np
 
 from service.errors import InvalidParameterError
+from service.slides.area_resize import area_resize
 from service.slides.fasttiles import FastTiffSource, open_tiff_level
 
 if TYPE_CHECKING:
@@ -42,11 +43,13 @@ MIN_PART = 16  # patches: a batch is split across reader threads only into parts
 
 
 def resize_patch(region: np.ndarray, size: int) -> np.ndarray:
-    """Area interpolation when shrinking (anti-aliased, like a box filter), linear if ever enlarging."""
+    """Area interpolation when shrinking (anti-aliased, like a box filter; OpenCV's INTER_AREA pixels at a
+    fraction of its CPU, `area_resize`), linear if ever enlarging."""
     if region.shape[0] == size and region.shape[1] == size:
         return region
-    interp = cv2.INTER_AREA if region.shape[0] >= size else cv2.INTER_LINEAR
-    return cv2.resize(region, (size, size), interpolation=interp)
+    if region.shape[0] >= size:
+        return area_resize(region, size, size)
+    return cv2.resize(region, (size, size), interpolation=cv2.INTER_LINEAR)
 
 
 def balanced_bounds(weights: np.ndarray, parts: int) -> list[int]:
