@@ -353,6 +353,8 @@ def test_tiling_bench_row_for_a_real_slide(ndpi: Path) -> None:
     spec.loader.exec_module(bench)
     row = bench.bench_slide("NDPI", ndpi, None, repeats=1, max_patches=20)
     assert row["mode"] == "fast-ndpi" and row["measured"] == 20 and row["baseline"] == "openslide"
+    assert row["samples"] == 1 and bench.samples(3, 65) == 15 and bench.samples(3, 606) == 3
+    assert bench.samples(3, 3501) == 3 and bench.samples(5, 200) == 8
     assert row["ours"] > 0 and row["loop"] > 0 and row["ceiling"] > 0 and row["max_abs_diff"] == 0
     assert row["cpu_resize"] > 0 and row["cpu_resize_cv2"] > 0  # 245 -> 224 px
     with open_slide(ndpi) as r:
