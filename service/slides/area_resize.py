@@ -12,9 +12,7 @@ vectorises; the weights are read off OpenCV itself (an impulse image through `cv
 identical to `cv2.resize(..., INTER_AREA)` in every pixel (tests compare random and real patches over many
 factors). Whole factors and enlargements stay on OpenCV, which is faster or not an area filter there.
 
-The kernels are compiled by numba on first use (about a second) and cached on disk next to this module, or
-in the user's cache directory (NUMBA_CACHE_DIR overrides) where that is not writable; with neither, each
-process compiles them once.
+The kernels are compiled by numba on first use and cached on disk (`jit.compile_kernel`).
 """
 
 from __future__ import annotations
@@ -25,6 +23,8 @@ from collections.abc import Callable
 
 import cv2
 import numpy as np
+
+from service.slides.jit import compile_kernel
 
 MAX_SIDE = 4096  # the weight table comes from a side x side float32 impulse image: bounded, else OpenCV
 
@@ -48,58 +48,45 @@ def area_taps(src: int, dst: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return index, weight, count
 
 
-_compile_lock = threading.Lock()
+def _weighted_rows_u8(src, index, weight, count, out):  # pragma: no cover - compiled by numba
+    """out[d] = sum_k weight[d, k] * src[index[d, k]] in float32, taps in order (OpenCV's buf[])."""
+    n = src.shape[1]
+    for d in range(out.shape[0]):
+        r = index[d, 0]
+        w = weight[d, 0]
+        for j in range(n):
+            out[d, j] = np.float32(src[r, j]) * w
+        for k in range(1, count[d]):
+            r = index[d, k]
+            w = weight[d, k]
+            for j in range(n):
+                out[d, j] = out[d, j] + np.float32(src[r, j]) * w
+
+
+def _weighted_rows_round(src, index, weight, count, out):  # pragma: no cover - compiled by numba
+    """The vertical pass (OpenCV's sum[]), then round half to even and saturate as cvRound does."""
+    n = src.shape[1]
+    acc = np.empty(n, np.float32)
+    lo = np.float32(0)
+    hi = np.float32(255)
+    for d in range(out.shape[0]):
+        r = index[d, 0]
+        w = weight[d, 0]
+        for j in range(n):
+            acc[j] = w * src[r, j]
+        for k in range(1, count[d]):
+            r = index[d, k]
+            w = weight[d, k]
+            for j in range(n):
+                acc[j] = acc[j] + w * src[r, j]
+        for j in range(n):
+            out[d, j] = np.uint8(min(max(np.rint(acc[j]), lo), hi))
 
 
 @functools.cache
 def _kernels() -> tuple[Callable, Callable]:
-    """Compile (or load from numba's cache) the two passes; imported lazily so that processes that never
-    shrink a patch (the API gateway) do not pay for numba."""
-    with _compile_lock:
-        import numba
-
-        def njit(fn: Callable) -> Callable:
-            try:
-                return numba.njit(nogil=True, cache=True)(fn)
-            except RuntimeError:  # no writable cache location (read-only tree, no home): compile per process
-                return numba.njit(nogil=True)(fn)
-
-        @njit
-        def weighted_rows_u8(src, index, weight, count, out):  # pragma: no cover - compiled
-            # out[d] = sum_k weight[d, k] * src[index[d, k]] in float32, taps in order (OpenCV's buf[])
-            n = src.shape[1]
-            for d in range(out.shape[0]):
-                r = index[d, 0]
-                w = weight[d, 0]
-                for j in range(n):
-                    out[d, j] = np.float32(src[r, j]) * w
-                for k in range(1, count[d]):
-                    r = index[d, k]
-                    w = weight[d, k]
-                    for j in range(n):
-                        out[d, j] = out[d, j] + np.float32(src[r, j]) * w
-
-        @njit
-        def weighted_rows_round(src, index, weight, count, out):  # pragma: no cover - compiled
-            # the vertical pass (OpenCV's sum[]), then round half to even and saturate like cvRound
-            n = src.shape[1]
-            acc = np.empty(n, np.float32)
-            lo = np.float32(0)
-            hi = np.float32(255)
-            for d in range(out.shape[0]):
-                r = index[d, 0]
-                w = weight[d, 0]
-                for j in range(n):
-                    acc[j] = w * src[r, j]
-                for k in range(1, count[d]):
-                    r = index[d, k]
-                    w = weight[d, k]
-                    for j in range(n):
-                        acc[j] = acc[j] + w * src[r, j]
-                for j in range(n):
-                    out[d, j] = np.uint8(min(max(np.rint(acc[j]), lo), hi))
-
-        return weighted_rows_u8, weighted_rows_round
+    """The two passes, compiled (or loaded from numba's cache) on first use."""
+    return compile_kernel(_weighted_rows_u8), compile_kernel(_weighted_rows_round)
 
 
 def _use_opencv(h: int, w: int, dh: int, dw: int) -> bool:
