@@ -57,6 +57,7 @@ from service.slides.stream import PatchReader, iter_batches, resize_patch  # noq
 SLIDES = ROOT.parent / "shared" / "data" / "slides"
 CMU = SLIDES / "CMU-1-Small-Region.svs"
 BENCH_DIR = ROOT / "out" / "bench"
+FIELD_MPP = 128 / 224  # the released mSTAR/UNI field of view: 128 µm in a 224 px patch
 LARGE_SIDE = 20_000
 TILE = 256
 JPEG_QUALITY = 80
@@ -425,9 +426,16 @@ def samples(repeats: int, patches: int) -> int:
     return max(1, repeats, min(MAX_SAMPLES, math.ceil(MEDIAN_PATCHES / max(1, patches)))) if repeats > 1 else 1
 
 
-def bench_slide(name: str, path: Path, mpp_override: float | None, repeats: int, max_patches: int | None) -> dict:
+def bench_slide(
+    name: str,
+    path: Path,
+    mpp_override: float | None,
+    repeats: int,
+    max_patches: int | None,
+    target_mpp: float = 0.5,
+) -> dict:
     with open_slide(path, mpp_override=mpp_override) as reader:
-        grid = build_grid(reader)
+        grid = build_grid(reader, target_mpp=target_mpp)
         fmt = reader.vendor or reader.format
     full = len(grid)
     if max_patches is not None and full > max_patches:
@@ -595,7 +603,7 @@ def main(argv: list[str] | None = None) -> int:
     max_patches = args.max_patches or (2000 if args.quick else None)
     cv2.setNumThreads(1)  # the benchmark compares reader threads, not OpenCV's own pool
     if args.resize:
-        for read in (245, 336, 448):
+        for read in (245, 256, 280, 336, 448, 512):
             for row in resize_candidates(read, 224):
                 print(
                     f"{row['resize']:9s} {row['way']:38s} {row['cpu_ms']:.3f} ms  max {row['max']:3d}  "
@@ -604,20 +612,32 @@ def main(argv: list[str] | None = None) -> int:
         print("CPU ms a patch on one thread (best of 3); max/mean = |difference| to cv2 INTER_AREA (0-255)")
         return 0
 
-    slides: list[tuple[str, Path | None, float | None]] = [
-        ("JPEG SVS 0.5", build_slide(LARGE_SIDE, 0.5, 2, "svs"), None),
-        ("JPEG SVS 0.25 (4x)", build_slide(12_000, 0.25, 4, "svs"), None),
-        ("NDPI", SLIDES / "test3-DAPI-2-387.ndpi", None),
-        ("JPEG2000 SVS (0.25)", SLIDES / "tcga-cr-7395-01a-01-ts1.svs", 0.25),
-        ("JPEG2000 YCbCr 33003", build_j2k_ycbcr() if shutil.which("opj_compress") else None, None),
-        ("JPEG2000 YCbCr 33003 wide", build_j2k_ycbcr(20_480, 2_048) if shutil.which("opj_compress") else None, None),
-        ("DICOM", SLIDES / "dicom-cmu-1-small-region", None),
-        ("OME-TIFF", build_slide(8_000, 0.5, 2, "ome"), None),
-        ("MRXS", build_mirax(8_000), None),
+    svs_05, svs_025 = build_slide(LARGE_SIDE, 0.5, 2, "svs"), build_slide(12_000, 0.25, 4, "svs")
+    ndpi = SLIDES / "test3-DAPI-2-387.ndpi"
+    # (name, slide, µm/px override, grid µm/px): 0.5 = 224 px patches at 0.5 µm/px; FIELD_MPP = the released
+    # mSTAR/UNI field of view (128 µm in 224 px), which every real-weight bundle tiles at (256 px read at 0.5)
+    slides: list[tuple[str, Path | None, float | None, float]] = [
+        ("JPEG SVS 0.5", svs_05, None, 0.5),
+        ("JPEG SVS 0.5, 128 µm", svs_05, None, FIELD_MPP),
+        ("JPEG SVS 0.25 (4x)", svs_025, None, 0.5),
+        ("JPEG SVS 0.25 (4x), 128 µm", svs_025, None, FIELD_MPP),
+        ("NDPI", ndpi, None, 0.5),
+        ("NDPI, 128 µm", ndpi, None, FIELD_MPP),
+        ("JPEG2000 SVS (0.25)", SLIDES / "tcga-cr-7395-01a-01-ts1.svs", 0.25, 0.5),
+        ("JPEG2000 YCbCr 33003", build_j2k_ycbcr() if shutil.which("opj_compress") else None, None, 0.5),
+        (
+            "JPEG2000 YCbCr 33003 wide",
+            build_j2k_ycbcr(20_480, 2_048) if shutil.which("opj_compress") else None,
+            None,
+            0.5,
+        ),
+        ("DICOM", SLIDES / "dicom-cmu-1-small-region", None, 0.5),
+        ("OME-TIFF", build_slide(8_000, 0.5, 2, "ome"), None, 0.5),
+        ("MRXS", build_mirax(8_000), None, 0.5),
     ]
     resize_patch(np.zeros((245, 245, 3), np.uint8), 224)  # numba compiles (or loads) area_resize before any timer
     rows = []
-    for name, path, override in slides:
+    for name, path, override, target_mpp in slides:
         if args.only and args.only.lower() not in name.lower():
             continue
         if path is None:
@@ -625,14 +645,14 @@ def main(argv: list[str] | None = None) -> int:
             continue
         if args.breakdown:
             with open_slide(path, mpp_override=override) as reader:
-                grid = build_grid(reader)
+                grid = build_grid(reader, target_mpp=target_mpp)
             if max_patches is not None and len(grid) > max_patches:
                 grid = _subset(grid, max_patches)
             parts = breakdown(path, grid, override, repeats)
             text = "  ".join(f"{k} {v:.3f}" for k, v in parts.items()) or "no tile fast path (generic read_region)"
             print(f"{name:22s} {len(grid):5d} patches  {text}")
             continue
-        row = bench_slide(name, path, override, repeats, max_patches)
+        row = bench_slide(name, path, override, repeats, max_patches, target_mpp)
         rows.append(row)
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
     if args.breakdown:
