@@ -360,7 +360,16 @@ def test_tiling_bench_row_for_a_real_slide(ndpi: Path) -> None:
     with open_slide(ndpi) as r:
         grid = bench._subset(build_grid(r), 20)
     parts = bench.breakdown(ndpi, grid, None, repeats=1)
-    assert set(parts) == {"openslide_read", "ours_cold", "decode_once", "cut", "resize", "other"}
+    assert set(parts) == {
+        "openslide_read",
+        "ours_cold",
+        "decode_once",
+        "cut",
+        "resize",
+        "resize_cv2",
+        "other",
+        "best_ratio",
+    }
     assert min(parts["openslide_read"], parts["decode_once"], parts["cut"], parts["resize"]) > 0
     rows = {r["way"]: r for r in bench.resize_candidates(245, 224, n=2)}
     assert rows["area_resize (resize_patch)"]["max"] == 0 and rows["cv2 INTER_AREA (uint8)"]["max"] == 0
