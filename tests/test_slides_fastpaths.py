@@ -146,6 +146,31 @@ def test_j2k_batches_split_by_tiles_and_decode_ahead(tcga_j2k_svs: Path, monkeyp
                 assert set(ensured) == set().union(*tiles)
 
 
+def test_jpeg_and_mirax_parts_decode_ahead_ndpi_does_not(
+    cmu_svs: Path, mirax: Path, ndpi: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every part of a batch decodes the JPEG tiles / MIRAX images it needs before cutting (both threads keep
+    decoding where their patches share tiles); NDPI blocks are not decoded ahead (measured slower). The
+    pixels stay OpenSlide's."""
+    ensured: list[tuple[int, int]] = []
+    real_ensure = fasttiles.TileCache.ensure
+
+    def spy(self, key, load):
+        ensured.append(key)
+        return real_ensure(self, key, load)
+
+    monkeypatch.setattr(fasttiles.TileCache, "ensure", spy)
+    for path, ahead in ((cmu_svs, True), (mirax, True), (ndpi, False)):
+        ensured.clear()
+        with open_slide(path) as r:
+            g = build_grid(r)
+            pr = PatchReader(r, g)
+            tiles = set().union(*pr.fast_source.tiles_of(pr.level_coords, g.read_size))
+            ours = _collect(r, g, workers=2, batch_size=32)
+        assert (set(ensured) == tiles) if ahead else not ensured, path.name
+        assert np.array_equal(ours, _openslide_patches(path, g)), path.name
+
+
 def test_j2k_ycbcr_33003_fast_path_equals_openslide(aperio_33003: Path, cmu_svs: Path) -> None:
     """Aperio 33003: YCbCr J2K tiles with chroma halved horizontally; our decode (raw components + OpenSlide's
     conversion tables) gives OpenSlide's pixels, which are the source's colours (not a YCbCr cast)."""

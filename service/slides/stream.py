@@ -150,7 +150,7 @@ class PatchReader:
             out = np.empty((n, g.patch_size, g.patch_size, 3), np.uint8)
         if self.fast_source is not None:
             rs = g.read_size
-            if self.fast_source.level.codec == "jpeg2000":
+            if self.fast_source.level.kind != "ndpi":  # see FastTiffSource.decode_ahead
                 self.fast_source.decode_ahead(self.level_coords[start:stop], rs)
             buf = None if rs == g.patch_size else np.empty((rs, rs, 3), np.uint8)
             for i, (lx, ly) in enumerate(self.level_coords[start:stop]):
