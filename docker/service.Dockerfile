@@ -21,8 +21,10 @@ RUN pip install --no-compile -c constraints.txt -c requirements/lock.txt '.[serv
     && python docker/assert_dists.py --absent torch onnxruntime-gpu --present onnxruntime celery tritonclient
 
 FROM ${PYTHON_IMAGE} AS runtime
+# NUMBA_CACHE_DIR: the patch-resize kernels (service/slides/jit.py) compile once per container into a path any
+# uid can write, and every Celery child process loads them from there
 ENV PATH=/opt/venv/bin:$PATH PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
-    MSTAR_DATA_DIR=/data MSTAR_BUNDLE_DIR=/models
+    MSTAR_DATA_DIR=/data MSTAR_BUNDLE_DIR=/models NUMBA_CACHE_DIR=/tmp/numba-cache
 # uid 10001, group 0: also runs under OpenShift-style random uids (group-writable /data)
 RUN useradd --system --uid 10001 --gid 0 --create-home --home-dir /home/mstar mstar \
     && mkdir -p /data /models \

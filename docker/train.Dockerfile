@@ -29,7 +29,7 @@ RUN apt-get update \
     && useradd --system --uid 10001 --gid 0 --create-home --home-dir /home/mstar mstar \
     && mkdir -p /work /models && chown 10001:0 /work /models && chmod 2775 /work /models
 ENV PATH=/opt/venv/bin:$PATH PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1 \
-    MSTAR_BUNDLE_DIR=/models
+    MSTAR_BUNDLE_DIR=/models NUMBA_CACHE_DIR=/tmp/numba-cache
 COPY --from=build /opt/venv /opt/venv
 COPY docker/bundle-init.sh /usr/local/bin/mstar-bundle-init
 USER 10001

@@ -29,7 +29,7 @@ RUN pip install --no-compile -c constraints.txt -c requirements/lock.txt '.[gpu,
 
 FROM base AS runtime
 ENV PATH=/opt/venv/bin:$PATH PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
-    MSTAR_DATA_DIR=/data MSTAR_BUNDLE_DIR=/models MSTAR_ORT_DEVICE=cuda \
+    MSTAR_DATA_DIR=/data MSTAR_BUNDLE_DIR=/models MSTAR_ORT_DEVICE=cuda NUMBA_CACHE_DIR=/tmp/numba-cache \
     NVIDIA_VISIBLE_DEVICES=all NVIDIA_DRIVER_CAPABILITIES=compute,utility
 RUN useradd --system --uid 10001 --gid 0 --create-home --home-dir /home/mstar mstar \
     && mkdir -p /data /models \

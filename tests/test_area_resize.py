@@ -124,3 +124,41 @@ def test_compiles_without_a_writable_cache(monkeypatch: pytest.MonkeyPatch) -> N
         assert np.array_equal(area_resize(a, 224, 224), _cv2(a, 224, 224))
     finally:
         ar._kernels.cache_clear()
+
+
+def test_falls_back_to_opencv_where_numba_cannot_compile(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """numba missing or unable to compile on this CPU: slower, the same pixels, a warning; never a failed read."""
+
+    def broken(fn):
+        raise ImportError("No module named 'numba'")
+
+    monkeypatch.setattr(ar, "compile_kernel", broken)
+    ar._kernels.cache_clear()
+    try:
+        a = np.random.default_rng(11).integers(0, 256, (245, 245, 3), np.uint8)
+        with caplog.at_level("WARNING", logger="service.slides.area_resize"):
+            assert np.array_equal(area_resize(a, 224, 224), _cv2(a, 224, 224))
+        assert "numba kernels unavailable" in caplog.text
+    finally:
+        ar._kernels.cache_clear()
+
+
+def test_falls_back_where_the_compiled_pixels_would_differ(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernels are checked once against OpenCV before first use: a numba build that rounded differently
+    (say, contracting to fused multiply-adds) would be refused, not silently change every patch."""
+    real = ar._weighted_rows_round
+
+    def off_by_one(src, index, weight, count, out):
+        real(src, index, weight, count, out)
+        out[0, 0] ^= 1
+
+    monkeypatch.setattr(ar, "compile_kernel", lambda fn: off_by_one if fn is real else fn)
+    ar._kernels.cache_clear()
+    try:
+        assert ar._kernels() is None
+        a = np.random.default_rng(12).integers(0, 256, (245, 245, 3), np.uint8)
+        assert np.array_equal(area_resize(a, 224, 224), _cv2(a, 224, 224))
+    finally:
+        ar._kernels.cache_clear()

@@ -18,6 +18,7 @@ The kernels are compiled by numba on first use and cached on disk (`jit.compile_
 from __future__ import annotations
 
 import functools
+import logging
 import threading
 from collections.abc import Callable
 
@@ -25,6 +26,8 @@ import cv2
 import numpy as np
 
 from service.slides.jit import compile_kernel
+
+log = logging.getLogger(__name__)
 
 MAX_SIDE = 4096  # the weight table comes from a side x side float32 impulse image: bounded, else OpenCV
 
@@ -84,9 +87,19 @@ def _weighted_rows_round(src, index, weight, count, out):  # pragma: no cover - 
 
 
 @functools.cache
-def _kernels() -> tuple[Callable, Callable]:
-    """The two passes, compiled (or loaded from numba's cache) on first use."""
-    return compile_kernel(_weighted_rows_u8), compile_kernel(_weighted_rows_round)
+def _kernels() -> tuple[Callable, Callable] | None:
+    """The two passes, compiled (or loaded from numba's cache) on first use and checked once against OpenCV on
+    a small random image; None where numba cannot compile them here (not installed, an unsupported CPU) or
+    their pixels would differ: OpenCV then does every resize, slower and with the same pixels."""
+    try:
+        kernels = compile_kernel(_weighted_rows_u8), compile_kernel(_weighted_rows_round)
+        probe = np.random.default_rng(0).integers(0, 256, (37, 41, 3), np.uint8)
+        if not np.array_equal(_resize(kernels, probe, 29, 33), _opencv(probe, 29, 33)):
+            raise ArithmeticError("the compiled passes do not give OpenCV's pixels")
+        return kernels
+    except Exception as exc:  # any numba failure: slower, never a failed slide
+        log.warning("area_resize: numba kernels unavailable (%s); using OpenCV's INTER_AREA", exc)
+        return None
 
 
 def _use_opencv(h: int, w: int, dh: int, dw: int) -> bool:
@@ -95,14 +108,25 @@ def _use_opencv(h: int, w: int, dh: int, dw: int) -> bool:
     return h % dh == 0 and w % dw == 0  # whole factors: OpenCV's own fast path is quicker
 
 
+def _opencv(region: np.ndarray, width: int, height: int) -> np.ndarray:
+    return cv2.resize(region, (width, height), interpolation=cv2.INTER_AREA)
+
+
 def area_resize(region: np.ndarray, width: int, height: int) -> np.ndarray:
     """`cv2.resize(region, (width, height), interpolation=cv2.INTER_AREA)` for a uint8 (H, W) or (H, W, C)
     image, with identical pixels."""
     h, w = region.shape[:2]
     c = 1 if region.ndim == 2 else region.shape[-1]
     if region.dtype != np.uint8 or region.ndim not in (2, 3) or c > 4 or _use_opencv(h, w, height, width):
-        return cv2.resize(region, (width, height), interpolation=cv2.INTER_AREA)
-    horizontal, vertical = _kernels()
+        return _opencv(region, width, height)
+    kernels = _kernels()
+    return _opencv(region, width, height) if kernels is None else _resize(kernels, region, width, height)
+
+
+def _resize(kernels: tuple[Callable, Callable], region: np.ndarray, width: int, height: int) -> np.ndarray:
+    horizontal, vertical = kernels
+    h, w = region.shape[:2]
+    c = 1 if region.ndim == 2 else region.shape[-1]
     xi, xw, xn = area_taps(w, width)
     yi, yw, yn = area_taps(h, height)
     scratch = _scratch(h, w, c, width)
