@@ -110,7 +110,21 @@ def aperio_33003(cmu_svs: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     return write_aperio_j2k_ycbcr(cmu_svs, tmp_path_factory.mktemp("j2k") / "cmu-33003.svs")
 
 
-def test_j2k_batches_split_by_tiles_and_decode_ahead(tcga_j2k_svs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def ensured(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """The tile keys decoded ahead (`TileCache.ensure`), in call order."""
+    keys: list[tuple[int, int]] = []
+    real_ensure = fasttiles.TileCache.ensure
+
+    def spy(self, key, load):
+        keys.append(key)
+        return real_ensure(self, key, load)
+
+    monkeypatch.setattr(fasttiles.TileCache, "ensure", spy)
+    return keys
+
+
+def test_j2k_batches_split_by_tiles_and_decode_ahead(tcga_j2k_svs: Path, ensured: list[tuple[int, int]]) -> None:
     """JPEG 2000 batches are split where the tiles to decode are even (each tile counted for the last patch that
     touches it: the later run starts on shared tiles), every part decodes its tiles before cutting, and the
     pixels are those of one plain read whatever the split, the cache size or the thread count."""
@@ -129,14 +143,6 @@ def test_j2k_batches_split_by_tiles_and_decode_ahead(tcga_j2k_svs: Path, monkeyp
             b = pr.split(0, n, parts)
             assert b[0] == 0 and b[-1] == n and all(x < y for x, y in itertools.pairwise(b))
         whole = pr.read_batch(0, n)
-        ensured: list[tuple[int, int]] = []
-        real_ensure = fasttiles.TileCache.ensure
-
-        def spy(self, key, load):
-            ensured.append(key)
-            return real_ensure(self, key, load)
-
-        monkeypatch.setattr(fasttiles.TileCache, "ensure", spy)
         for kw in ({"workers": 2}, {"workers": 3, "batch_size": 16}, {"workers": 2, "cache_mb": 1}):
             ensured.clear()
             assert np.array_equal(_collect(r, g, **kw), whole), kw
@@ -147,19 +153,11 @@ def test_j2k_batches_split_by_tiles_and_decode_ahead(tcga_j2k_svs: Path, monkeyp
 
 
 def test_jpeg_and_mirax_parts_decode_ahead_ndpi_does_not(
-    cmu_svs: Path, mirax: Path, ndpi: Path, monkeypatch: pytest.MonkeyPatch
+    cmu_svs: Path, mirax: Path, ndpi: Path, ensured: list[tuple[int, int]]
 ) -> None:
     """Every part of a batch decodes the JPEG tiles / MIRAX images it needs before cutting (both threads keep
     decoding where their patches share tiles); NDPI blocks are not decoded ahead (measured slower). The
     pixels stay OpenSlide's."""
-    ensured: list[tuple[int, int]] = []
-    real_ensure = fasttiles.TileCache.ensure
-
-    def spy(self, key, load):
-        ensured.append(key)
-        return real_ensure(self, key, load)
-
-    monkeypatch.setattr(fasttiles.TileCache, "ensure", spy)
     for path, ahead in ((cmu_svs, True), (mirax, True), (ndpi, False)):
         ensured.clear()
         with open_slide(path) as r:
