@@ -178,6 +178,114 @@ def write_mirax(
     return out
 
 
+def _restart_starts(jpeg: bytes) -> list[int]:
+    """Byte offsets of each restart interval's entropy-coded data in a baseline JPEG: just after the SOS
+    header, then just after each RSTn marker (what Hamamatsu stores as McuStarts)."""
+    sos = jpeg.find(b"\xff\xda")
+    starts = [sos + 2 + int.from_bytes(jpeg[sos + 2 : sos + 4], "big")]
+    i = starts[0]
+    while (i := jpeg.find(b"\xff", i)) >= 0 and i + 1 < len(jpeg):
+        marker = jpeg[i + 1]
+        if 0xD0 <= marker <= 0xD7:
+            starts.append(i + 2)
+        elif marker == 0xD9:  # EOI
+            break
+        i += 2  # 0xFF00 is a stuffed data byte; any other marker is skipped
+    return starts
+
+
+def _ndpi_page(jpeg: bytes, w: int, h: int, mpp: float, lens: float, at: int) -> tuple[bytes, bytes]:
+    """(IFD, data) of one NDPI page whose IFD starts at file offset `at`: the JPEG strip and out-of-line tag
+    values follow the IFD. NDPI's IFD layout: classic 12-byte entries, then an 8-byte next-IFD offset and
+    4 high-order bytes per entry (all zero below 4 GB); libtiff reads it as classic TIFF, tifffile as NDPI."""
+    import struct
+
+    starts = _restart_starts(jpeg)
+    if len(starts) != -(-h // 8):
+        raise ValueError(f"{len(starts)} restart intervals for {h} px (8 px MCU rows)")
+    px_per_cm = round(10_000.0 / mpp)
+    # (code, TIFF type, values): 2 ASCII, 3 SHORT, 4 LONG, 5 RATIONAL, 9 SLONG, 11 FLOAT
+    tags = [
+        (256, 4, [w]),
+        (257, 4, [h]),
+        (258, 3, [8, 8, 8]),
+        (259, 3, [7]),  # JPEG
+        (262, 3, [6]),  # YCbCr, as NDP.scan writes
+        (271, 2, b"Hamamatsu\0"),
+        (273, 4, [0]),  # StripOffsets, patched below
+        (277, 3, [3]),
+        (278, 4, [h]),
+        (279, 4, [len(jpeg)]),
+        (282, 5, [px_per_cm, 1]),
+        (283, 5, [px_per_cm, 1]),
+        (296, 3, [3]),  # centimetre
+        (530, 3, [1, 1]),  # no chroma subsampling
+        (65420, 4, [1]),  # NDPI format flag
+        (65421, 11, [lens]),  # source lens: this level's magnification
+        (65422, 9, [0]),  # x offset from the slide centre, nm
+        (65423, 9, [0]),  # y offset
+        (65424, 9, [0]),  # focal plane
+        (65426, 4, starts),  # McuStarts: each restart interval's offset in the strip
+    ]
+    fmt = {2: "s", 3: "H", 4: "I", 5: "I", 9: "i", 11: "f"}
+    ifd_size = 2 + 16 * len(tags) + 8
+    data = bytearray(jpeg)
+    strip_at = at + ifd_size
+    entries = []
+    for code, kind, values in tags:
+        count = len(values) // (2 if kind == 5 else 1) if kind != 2 else len(values)
+        raw = values if kind == 2 else struct.pack(f"<{len(values)}{fmt[kind]}", *values)
+        if code == 273:
+            raw = struct.pack("<I", strip_at)
+        if len(raw) <= 4:
+            entries.append(struct.pack("<HHI", code, kind, count) + raw.ljust(4, b"\0"))
+        else:
+            if len(data) % 2:
+                data += b"\0"
+            entries.append(struct.pack("<HHII", code, kind, count, strip_at + len(data)))
+            data += raw
+    ifd = struct.pack("<H", len(tags)) + b"".join(entries) + b"\0" * 8 + b"\0" * 4 * len(tags)
+    return ifd, bytes(data)
+
+
+def write_ndpi(pixels: np.ndarray, out: Path, levels: int = 3, mpp: float = 0.2282, quality: int = 90) -> Path:
+    """A Hamamatsu NDPI of `pixels` (RGB at `mpp`, 40x by default) that OpenSlide's hamamatsu driver and
+    tifffile both read as NDPI: one page per level (2x box-filtered), each level one baseline JPEG strip
+    (4:4:4) with a restart marker after every MCU row, as NDP.scan writes them (the sample's intervals are
+    whole rows too), and the Hamamatsu tags OpenSlide needs (format flag, source lens, offsets, focal plane,
+    McuStarts). No macro or map image; files stay under 4 GB (no high-order offset bytes)."""
+    import io
+    import struct
+
+    unit = 8 << (levels - 1)  # every level in whole 8 px MCUs, as scanners write them (OpenSlide reads a
+    if pixels.shape[0] % unit or pixels.shape[1] % unit:  # partial-MCU NDPI level as black)
+        raise ValueError(f"NDPI sides must be multiples of {unit} px for {levels} levels, not {pixels.shape[:2]}")
+    pyr = [np.ascontiguousarray(pixels)]
+    img = Image.fromarray(pixels)
+    for _ in range(levels - 1):
+        img = img.resize((max(1, img.width // 2), max(1, img.height // 2)), Image.Resampling.BOX)
+        pyr.append(np.asarray(img))
+    pages = []
+    for level in pyr:
+        buf = io.BytesIO()
+        Image.fromarray(level).save(buf, "JPEG", quality=quality, subsampling=0, restart_marker_rows=1)
+        pages.append(buf.getvalue())
+    with out.open("wb") as fh:
+        fh.write(b"II" + struct.pack("<HQ", 42, 12))  # NDPI: the first-IFD offset is 8 bytes wide
+        for i, (level, jpeg) in enumerate(zip(pyr, pages, strict=True)):
+            at = fh.tell()
+            ifd, data = _ndpi_page(jpeg, level.shape[1], level.shape[0], mpp * 2**i, 40.0 / 2**i, at)
+            fh.write(ifd + data)
+            if len(data) % 2:
+                fh.write(b"\0")
+            if i + 1 < len(pyr):  # link this IFD to the next one (its next-IFD field, low 4 bytes)
+                end = fh.tell()
+                fh.seek(at + 2 + 12 * ((len(ifd) - 10) // 16))  # after the entries
+                fh.write(struct.pack("<I", end))
+                fh.seek(end)
+    return out
+
+
 def _ycbcr422_j2k(rgb: np.ndarray, workdir: Path, quality: float = 8.0) -> bytes:
     """One Aperio 33003 tile: JFIF YCbCr, Cb and Cr halved horizontally (4:2:2), coded by OpenJPEG's
     `opj_compress` (irreversible 9/7 wavelet, no component transform) as a raw J2K codestream."""

@@ -73,6 +73,18 @@ def test_ndpi_blocks_not_aligned_to_restart_numbering(ndpi: Path, monkeypatch: p
     _random_regions_equal(ndpi, [1], n=6)
 
 
+def test_ndpi_cache_keeps_every_block_row_a_read_spans(ndpi: Path) -> None:
+    """A 245 px read spans up to 5 block rows of 64 px (whole level rows in this sample): the cache keeps them
+    and the next one whatever cache size is asked for, or each patch row would decode its blocks again."""
+    level = open_tiff_level(ndpi, 1984, 2432)
+    assert level.kind == "ndpi" and level.tile_h == fasttiles.NDPI_BLOCK_H == 64 and level.tiles_x == 1
+    row = level.tile_w * level.tile_h * 3
+    assert FastTiffSource(level, cache_bytes=1, read_size=245).cache.max_bytes == 6 * row
+    assert FastTiffSource(level, cache_bytes=1).cache.max_bytes == 2 * row
+    assert FastTiffSource(level, cache_bytes=64 << 20, read_size=245).cache.max_bytes == 64 << 20
+    level.close()
+
+
 def test_ndpi_grid_streams_fast_and_equals_openslide(ndpi: Path) -> None:
     with open_slide(ndpi) as r:
         g = build_grid(r)
@@ -80,6 +92,34 @@ def test_ndpi_grid_streams_fast_and_equals_openslide(ndpi: Path) -> None:
         assert PatchReader(r, g).mode == "fast-ndpi"
         ours = _collect(r, g, batch_size=8, workers=2)
     assert np.array_equal(ours, _openslide_patches(ndpi, g))
+
+
+@pytest.fixture(scope="module")
+def built_ndpi(cmu_svs: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from slide_fixtures import write_ndpi
+
+    with openslide.OpenSlide(str(cmu_svs)) as s:
+        pixels = np.asarray(s.read_region((0, 0), 0, (1984, 1664)).convert("RGB"))
+    return write_ndpi(pixels, tmp_path_factory.mktemp("ndpi") / "cmu-40x.ndpi")
+
+
+def test_ndpi_written_here_reads_like_scanner_files(built_ndpi: Path, cmu_svs: Path) -> None:
+    """The NDPI writer the bench builds large slides with: OpenSlide's hamamatsu driver opens it with the
+    source's pixels; our block reader equals OpenSlide on every level, and a 0.5 µm/px grid (level 1, 245 ->
+    224 px) streams through the fast path with OpenSlide + OpenCV's pixels."""
+    with openslide.OpenSlide(str(built_ndpi)) as s:
+        assert s.properties["openslide.vendor"] == "hamamatsu" and s.level_dimensions[0] == (1984, 1664)
+        assert abs(float(s.properties["openslide.mpp-x"]) - 0.2282) < 1e-4
+        ours = np.asarray(s.read_region((300, 200), 0, (400, 400)).convert("RGB")).astype(int)
+    with openslide.OpenSlide(str(cmu_svs)) as s:
+        src = np.asarray(s.read_region((300, 200), 0, (400, 400)).convert("RGB")).astype(int)
+    assert np.abs(ours - src).mean() < 2  # JPEG at quality 90, 4:4:4
+    _random_regions_equal(built_ndpi, range(3), n=6, size=200)
+    with open_slide(built_ndpi) as r:
+        g = build_grid(r)
+        assert (g.read_level, g.read_size) == (1, 245) and PatchReader(r, g).mode == "fast-ndpi"
+        streamed = _collect(r, g, batch_size=8, workers=2)
+    assert np.array_equal(streamed, _openslide_patches(built_ndpi, g))
 
 
 def test_j2k_svs_fast_path(tcga_j2k_svs: Path) -> None:
@@ -447,7 +487,7 @@ def test_tile_buffers_recycled_under_eviction_keep_pixels(fmt: str, cmu_svs: Pat
     spots = [(int(rng.integers(0, w - 300)), int(rng.integers(0, h - 300))) for _ in range(40)]
     big = FastTiffSource(open_tiff_level(path, w, h), cache_bytes=1 << 30)
     small = FastTiffSource(open_tiff_level(path, w, h), cache_bytes=1)  # NDPI: its floor of two block rows
-    small.cache.max_bytes = 3 * 256 * 1984 * 3 if fmt == "ndpi" else 4 * 256 * 256 * 3
+    small.cache.max_bytes = 3 * small.level.tile_h * 1984 * 3 if fmt == "ndpi" else 4 * 256 * 256 * 3
     try:
         for x, y in spots:
             assert np.array_equal(small.read(x, y, 300), big.read(x, y, 300)), (x, y)

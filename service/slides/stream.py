@@ -99,7 +99,7 @@ class PatchReader:
             lw, lh = reader.level_dimensions[grid.read_level]
             level = open_tiff_level(getattr(reader, "path", ""), int(lw), int(lh))
             if level is not None:
-                self.fast_source = FastTiffSource(level, cache_bytes=int(cache_mb) << 20)
+                self.fast_source = FastTiffSource(level, cache_bytes=int(cache_mb) << 20, read_size=grid.read_size)
                 self.level_coords = level_coords
         if fast is True and self.fast_source is None:
             raise InvalidParameterError("the fast tile path does not apply to this slide/grid")
