@@ -1,16 +1,18 @@
-"""OpenCV's `INTER_AREA` shrink, bit for bit, at a third to a quarter of its CPU time for fractional factors.
+"""OpenCV's `INTER_AREA` shrink, bit for bit, at a third to a half of its CPU time for fractional factors.
 
 Every patch read at a finer µm/px than it is delivered goes through an area resize: a Hamamatsu 40x slide at
-0.5 µm/px reads 245 px and delivers 224 (factor 35/32), an Aperio 40x slide read at 336 px factor 1.5. OpenCV
-has a fast path only for whole factors (448 -> 224); for a fractional one its generic code costs about as much
-as decoding the patch, so it capped the NDPI reader at ~1.4x the OpenSlide loop (docs/slides.md).
+0.5 µm/px reads 245 px and delivers 224 (factor 35/32), and the released mSTAR/UNI field of view (128 µm in
+224 px) reads 256 px on a 0.5 µm/px slide and 512 on a 40x Aperio one. OpenCV has a fast path only for whole
+factors (448 -> 224); for a fractional one its generic code costs about as much as decoding the patch, so it
+capped the NDPI reader at ~1.4x the OpenSlide loop (docs/slides.md).
 
-Same arithmetic, laid out for SIMD: OpenCV shrinks each source row (a float32 sum of 2-3 weighted pixels per
-output pixel, in source order), then sums those rows the same way and rounds half to even. Here the source is
-transposed first, so the horizontal pass also becomes weighted sums of whole contiguous rows, which numba
-vectorises; the weights are read off OpenCV itself (an impulse image through `cv2.resize`), so the result is
-identical to `cv2.resize(..., INTER_AREA)` in every pixel (tests compare random and real patches over many
-factors). Whole factors and enlargements stay on OpenCV, which is faster or not an area filter there.
+Same arithmetic, laid out for SIMD: OpenCV shrinks each source row (a float32 sum of the 2-5 weighted
+pixels each output pixel overlaps, in source order), then sums those rows the same way and rounds half to
+even. Here the source is transposed first, so the horizontal pass also becomes weighted sums of whole
+contiguous rows, which numba vectorises; the weights are read off OpenCV itself (an impulse image through
+`cv2.resize`), so the result is identical to `cv2.resize(..., INTER_AREA)` in every pixel (tests compare
+random and real patches over many factors). Whole factors and enlargements stay on OpenCV, which is faster or
+not an area filter there.
 
 The kernels are compiled by numba on first use and cached on disk (`jit.compile_kernel`).
 """

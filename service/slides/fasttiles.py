@@ -755,10 +755,10 @@ class FastTiffSource:
         cached or being decoded by another thread, before any patch is cut: both reader threads keep decoding
         where their parts of a batch share tiles, instead of one waiting for the other's tile (a patch row
         shares its upper tile row with the row before). JPEG 2000 tiles cost 5-10 ms each; for JPEG tiles and
-        MIRAX images it measured +5-10 % (OME-TIFF), +7-13 % (MRXS) and +4 % (SVS) patches/s, with less CPU (A/B
-        in one process, interleaved). Not for NDPI: its blocks are whole level rows (4 ms each), and decoding
-        a part's blocks first measured 4-7 % slower there. Skipped where the tiles would not all fit a quarter of
-        the cache, so none is evicted before its patches are cut."""
+        MIRAX images it measured +5-10 % (OME-TIFF), +7-13 % (MRXS) and +4 % (SVS) patches/s, with less CPU
+        (A/B in one process, interleaved). Not for NDPI: its blocks span the level's width where restart
+        intervals are whole rows, and decoding a part's blocks first measured 4-7 % slower there. Skipped where
+        the tiles would not all fit a quarter of the cache, so none is evicted before its patches are cut."""
         lv = self.level
         keys = dict.fromkeys(k for per_read in self.tiles_of(origins, size) for k in per_read)
         if len(keys) * lv.tile_w * lv.tile_h * 3 > self.cache.max_bytes // 4:

@@ -1,4 +1,4 @@
-"""numba compilation for the slide engine's few compiled loops (the area resize, cutting patches out of tiles).
+"""numba compilation for the slide engine's compiled loops (today the two passes of `area_resize`).
 
 numba is imported on first use only, so processes that never read patches (the API gateway) do not load it.
 Kernels are compiled with the GIL released (`nogil`: the reader threads run them in parallel) and cached on
