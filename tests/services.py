@@ -122,6 +122,20 @@ def wait_http(url: str, timeout: float = 30.0) -> None:
     raise TimeoutError(f"{url} did not answer within {timeout} s")
 
 
+FINAL_JOB_STATES = ("succeeded", "failed", "canceled")
+
+
+def wait_job(client, job: str, timeout: float = 90.0, poll: float = 0.2) -> dict:
+    """GET the job (`job`: its id, or the URL of a Location header) through an HTTP client until it reaches a
+    final state and return it; fails with the last answer after `timeout` s."""
+    url = job if "/" in job else f"/jobs/{job}"
+    deadline = time.monotonic() + timeout
+    while (answer := client.get(url).json())["state"] not in FINAL_JOB_STATES:
+        assert time.monotonic() < deadline, f"job {job} did not finish: {answer}"
+        time.sleep(poll)
+    return answer
+
+
 @contextlib.contextmanager
 def live_server(app, *, timeout: float = 60.0) -> Iterator[str]:
     """Serve an ASGI app with uvicorn on a free loopback port in a background thread; yields its base URL.

@@ -8,7 +8,7 @@ import time
 
 import httpx
 import pytest
-from services import live_server
+from services import live_server, wait_job
 
 from service.api import create_app
 from service.api.observe import audit_action
@@ -39,16 +39,6 @@ def _client(url: str, key: str | None) -> httpx.Client:
     return httpx.Client(base_url=url, headers={"X-API-Key": key} if key else {}, timeout=60)
 
 
-def _wait(c: httpx.Client, job_id: str) -> dict:
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        j = c.get(f"/jobs/{job_id}").json()
-        if j["state"] in ("succeeded", "failed", "canceled"):
-            return j
-        time.sleep(0.1)
-    raise AssertionError(j)
-
-
 def _audit(admin: httpx.Client, **params) -> list[dict]:
     deadline = time.monotonic() + 10  # written just after each response: allow the thread a moment
     while True:
@@ -76,7 +66,7 @@ def test_every_access_to_tenant_data_is_audited(server, cmu_svs) -> None:
         )
         assert up.status_code == 202, up.text
         job_id, slide_id = up.json()["job"]["id"], up.json()["slide"]["id"]
-        assert _wait(a, job_id)["state"] == "succeeded"
+        assert wait_job(a, job_id)["state"] == "succeeded"
         assert a.get(f"/jobs/{job_id}/result").status_code == 200
         assert b.get(f"/jobs/{job_id}").status_code == 404  # another tenant probing: audited as refused
         assert a.delete(f"/slides/{slide_id}").status_code in (200, 204)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from services import live_server, webhook_receiver
+from services import live_server, wait_job, webhook_receiver
 
 from service import webhooks
 from service.api import create_app
@@ -52,16 +52,6 @@ def _client(url: str, key: str | None, bearer: bool = False) -> httpx.Client:
     return httpx.Client(base_url=url, headers=headers, timeout=60)
 
 
-def _wait(c: httpx.Client, job_id: str, timeout: float = 90) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        j = c.get(f"/jobs/{job_id}").json()
-        if j["state"] in ("succeeded", "failed", "canceled"):
-            return j
-        time.sleep(0.1)
-    raise AssertionError(f"job {job_id} did not finish: {j}")
-
-
 def _blob_files(settings: Settings) -> list[Path]:
     root = settings.blob_dir
     return sorted(p for p in root.rglob("*") if p.is_file())
@@ -95,7 +85,7 @@ def test_upload_analyse_and_fetch_results(server, cmu_svs: Path) -> None:
         assert slide["format"] == "svs" and slide["info"]["mpp"]["x"] == pytest.approx(0.499)
         assert "patient-name" not in r.text  # the client's filename is never kept
         assert not any("patient-name" in p.name for p in _blob_files(settings))
-        job = _wait(c, body["job"]["id"])
+        job = wait_job(c, body["job"]["id"])
         assert job["state"] == "succeeded" and job["progress"] == 1.0 and job["attempts"] == 1
         assert job["links"]["heatmap"].endswith("/heatmap.png")
         res = c.get(job["links"]["result"])
@@ -110,7 +100,7 @@ def test_upload_analyse_and_fetch_results(server, cmu_svs: Path) -> None:
         assert again["slide"]["id"] == slide["id"] and again["job"]["id"] != job["id"]
         plain = c.post("/slides", files={"file": ("x", cmu_svs.read_bytes())}, data={"analyze": "false"})
         assert plain.status_code == 200 and plain.json()["id"] == slide["id"]
-        _wait(c, again["job"]["id"])
+        wait_job(c, again["job"]["id"])
 
         # explicit analyses with an idempotency key
         opts = {"tasks": ["embedding", "zeroshot"], "prompts": ["tumour", "normal"]}
@@ -118,7 +108,7 @@ def test_upload_analyse_and_fetch_results(server, cmu_svs: Path) -> None:
         a2 = c.post(f"/slides/{slide['id']}/analyses", json=opts, headers={"Idempotency-Key": "k-1"})
         assert a1.status_code == a2.status_code == 202 and a1.json()["id"] == a2.json()["id"]
         assert a1.headers["location"] == f"/jobs/{a1.json()['id']}"
-        assert _wait(c, a1.json()["id"])["state"] == "succeeded"
+        assert wait_job(c, a1.json()["id"])["state"] == "succeeded"
         assert c.get(f"/jobs/{a1.json()['id']}/result").json()["tasks"] == ["embedding", "zeroshot"]
         bad = c.post(f"/slides/{slide['id']}/analyses", json={"tasks": ["zeroshot"]})
         assert bad.status_code == 422 and bad.json()["error"]["code"] == "invalid_request"
@@ -135,7 +125,7 @@ def test_tenants_cannot_see_each_others_anything(server, cmu_svs: Path) -> None:
     with _client(url, KEY_A) as a, _client(url, KEY_B) as b:
         up = a.post("/slides", files={"file": ("s.svs", cmu_svs.read_bytes())}).json()
         sid, jid = up["slide"]["id"], up["job"]["id"]
-        _wait(a, jid)
+        wait_job(a, jid)
         for path in (
             f"/slides/{sid}",
             f"/jobs/{jid}",
@@ -218,7 +208,7 @@ def test_cancel_delete_and_listing(server, cmu_svs: Path) -> None:
         jobs = [c.post(f"/slides/{sid}/analyses", json={}).json()["id"] for _ in range(3)]
         r = c.post(f"/jobs/{jobs[-1]}/cancel")  # the last one is still queued behind the others
         assert r.status_code == 202 and r.json()["state"] in ("canceled", "running")
-        final = [_wait(c, j) for j in jobs]
+        final = [wait_job(c, j) for j in jobs]
         assert final[-1]["state"] == "canceled" or final[-1]["state"] == "succeeded"
         if final[-1]["state"] == "canceled":
             res = c.get(f"/jobs/{jobs[-1]}/result")
@@ -243,7 +233,7 @@ def test_signed_webhook_is_delivered(server, cmu_svs: Path) -> None:
         bad = c.post(f"/slides/{sid}/analyses", json={"webhook_url": "ftp://example.org/x"})
         assert bad.status_code == 422
         job = c.post(f"/slides/{sid}/analyses", json={"webhook_url": hook_url}).json()
-        _wait(c, job["id"])
+        wait_job(c, job["id"])
         deadline = time.monotonic() + 20
         while len(received) < 2 and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -325,7 +315,7 @@ def test_idempotency_key_reused_with_another_request_is_refused(server, cmu_svs:
             r = c.post(path, json=body, headers=key)
             assert r.status_code == 422 and r.json()["error"]["code"] == "idempotency_key_reused", r.text
         assert c.get("/jobs").json()["total"] == total
-        _wait(c, first.json()["id"])
+        wait_job(c, first.json()["id"])
 
 
 def test_private_webhook_urls_are_refused_at_submit(tmp_path: Path, cmu_svs: Path) -> None:
@@ -366,7 +356,7 @@ def test_queued_quota_and_result_reuse(tmp_path: Path, cmu_svs: Path) -> None:
         for j in ids:
             a.post(f"/jobs/{j}/cancel")
         for j in ids:
-            _wait(a, j)
+            wait_job(a, j)
 
 
 def test_identical_analyses_reuse_the_finished_result(server, cmu_svs: Path) -> None:
@@ -374,7 +364,7 @@ def test_identical_analyses_reuse_the_finished_result(server, cmu_svs: Path) -> 
     with _client(url, KEY_B) as c:
         sid = c.post("/slides", files={"file": ("r", cmu_svs.read_bytes())}, data={"analyze": "false"}).json()["id"]
         body = {"tasks": ["embedding", "survival"]}
-        first = _wait(c, c.post(f"/slides/{sid}/analyses", json=body).json()["id"])
+        first = wait_job(c, c.post(f"/slides/{sid}/analyses", json=body).json()["id"])
         assert first["state"] == "succeeded" and "reused_from" not in first["options"]
         again = c.post(f"/slides/{sid}/analyses", json=body)
         assert again.status_code == 202
@@ -384,7 +374,7 @@ def test_identical_analyses_reuse_the_finished_result(server, cmu_svs: Path) -> 
         a, b = c.get(f"/jobs/{first['id']}/result"), c.get(f"/jobs/{reused['id']}/result")
         assert a.status_code == b.status_code == 200 and a.content == b.content
         assert a.headers["X-Content-SHA256"] == b.headers["X-Content-SHA256"]
-        fresh = _wait(c, c.post(f"/slides/{sid}/analyses", json={**body, "fresh": True}).json()["id"])
+        fresh = wait_job(c, c.post(f"/slides/{sid}/analyses", json={**body, "fresh": True}).json()["id"])
         assert fresh["state"] == "succeeded" and fresh["attempts"] == 1 and "reused_from" not in fresh["options"]
-        other = _wait(c, c.post(f"/slides/{sid}/analyses", json={"tasks": ["embedding"]}).json()["id"])
+        other = wait_job(c, c.post(f"/slides/{sid}/analyses", json={"tasks": ["embedding"]}).json()["id"])
         assert "reused_from" not in other["options"]  # other options: computed anew

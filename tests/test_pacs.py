@@ -8,6 +8,7 @@ reason. Faults Orthanc cannot produce (403, 500, malformed JSON, a hang) come fr
 from __future__ import annotations
 
 import contextlib
+import functools
 import http.server
 import io
 import json
@@ -30,6 +31,7 @@ from services import (  # noqa: F401
     postgres_url,
     redis_server,
     run_orthanc,
+    wait_job,
     webhook_receiver,
 )
 
@@ -226,14 +228,7 @@ def _client(url: str, key: str = KEY) -> httpx.Client:
     return httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=60)
 
 
-def _wait(c: httpx.Client, job_id: str, timeout: float = 240) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = c.get(f"/jobs/{job_id}").json()
-        if job["state"] in ("succeeded", "failed", "canceled"):
-            return job
-        time.sleep(0.2)
-    raise AssertionError(f"job {job_id} did not finish: {job}")
+_wait = functools.partial(wait_job, timeout=240)  # a job through the whole stack
 
 
 def _analyse(c: httpx.Client, **body) -> dict:

@@ -5,15 +5,15 @@ is nowhere in the database, the job view, the result or the gateway's log, how r
 
 from __future__ import annotations
 
+import functools
 import logging
 import sqlite3
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 from rna_fixtures import build_fusion_bundle, fusion_genes
-from services import live_server
+from services import live_server, wait_job
 
 from service.api import create_app
 from service.config import Settings
@@ -36,14 +36,7 @@ def _settings(tmp: Path, bundle: Path) -> Settings:
     )
 
 
-def _wait(c: httpx.Client, job_id: str, timeout: float = 300) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = c.get(f"/jobs/{job_id}").json()
-        if job["state"] in ("succeeded", "failed", "canceled"):
-            return job
-        time.sleep(0.3)
-    raise AssertionError(f"job {job_id} did not finish: {job}")
+_wait = functools.partial(wait_job, timeout=300)  # a job through the whole stack
 
 
 def _held(settings: Settings) -> list[Path]:

@@ -21,7 +21,7 @@ import httpx
 import numpy as np
 import pytest
 from rna_fixtures import build_fusion_bundle
-from services import live_server
+from services import live_server, wait_job
 
 from service.api import create_app
 from service.config import Settings
@@ -95,10 +95,7 @@ def test_cli_and_api_agree_with_onnxruntime_on_the_real_slide(tmp_path, fusion_b
         )
         assert r.status_code == 202, r.text
         job_id = r.json()["id"]
-        deadline = time.monotonic() + 300
-        while (job := c.get(f"/jobs/{job_id}").json())["state"] not in ("succeeded", "failed", "canceled"):
-            assert time.monotonic() < deadline, job
-            time.sleep(0.2)
+        job = wait_job(c, job_id, timeout=300)
         assert job["state"] == "succeeded", job
         api_text = c.get(f"/jobs/{job_id}/result").text
         api = json.loads(api_text)

@@ -6,12 +6,11 @@ message, the job row, Redis or the worker's log, and it is gone once the job end
 from __future__ import annotations
 
 import os
-import time
 
 import httpx
 import pytest
 from rna_fixtures import build_fusion_bundle, fusion_genes
-from services import fresh_database, live_server, mstar_worker, postgres_url, redis_server  # noqa: F401
+from services import fresh_database, live_server, mstar_worker, postgres_url, redis_server, wait_job  # noqa: F401
 from sqlalchemy import create_engine, text
 
 from service.api import create_app
@@ -53,10 +52,7 @@ def test_rna_analysis_on_a_celery_worker(tmp_path_factory, pg_db, redis_server, 
             r = c.post(f"/slides/{slide}/analyses", json={"tasks": ["survival"], "rna": rna})
             assert r.status_code == 202, r.text
             job_id = r.json()["id"]
-            deadline = time.monotonic() + 300
-            while (job := c.get(f"/jobs/{job_id}").json())["state"] not in ("succeeded", "failed", "canceled"):
-                assert time.monotonic() < deadline, job
-                time.sleep(0.3)
+            job = wait_job(c, job_id, timeout=300)
             assert job["state"] == "succeeded", job
             mm = c.get(f"/jobs/{job_id}/result").json()["multimodal"]
             assert mm["genes_used"] == len(genes) and set(mm["contributions"]) == {"wsi", "rna"}

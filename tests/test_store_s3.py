@@ -31,6 +31,7 @@ from services import (  # noqa: F401
     postgres_url,
     redis_server,
     wait_http,
+    wait_job,
 )
 
 from service.config import Settings
@@ -569,10 +570,7 @@ def test_job_through_a_real_worker_with_only_the_bucket_shared(
             r = c.post("/slides", files={"file": ("CMU-1-Small-Region.svs", cmu_svs.read_bytes())})
             assert r.status_code == 202, r.text
             job_url = r.headers["location"]
-            deadline = time.monotonic() + 180
-            while (job := c.get(job_url).json())["state"] not in ("succeeded", "failed", "canceled"):
-                assert time.monotonic() < deadline, job
-                time.sleep(0.3)
+            job = wait_job(c, job_url, timeout=180)
             assert job["state"] == "succeeded", (job, log.read_text()[-3000:])
             got = {}
             for path, ctype in (

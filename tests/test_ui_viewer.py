@@ -8,18 +8,18 @@ WSI. Screenshots go to $MSTAR_UI_SHOTS (docs/viewer when refreshing the committe
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 from inference_fixtures import build_tiny_bundle
-from services import dicomize, live_server, run_orthanc
+from services import dicomize, live_server, run_orthanc, wait_job
 from shapely.geometry import Point, shape
 
 from service.api import create_app
@@ -40,12 +40,7 @@ def playwright_ready() -> None:
         subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=ROOT / "ui", check=True, timeout=300)
 
 
-def _wait(c: httpx.Client, job_id: str, timeout: float = 300) -> dict:
-    deadline = time.monotonic() + timeout
-    while (job := c.get(f"/jobs/{job_id}").json())["state"] not in ("succeeded", "failed", "canceled"):
-        assert time.monotonic() < deadline, job
-        time.sleep(0.3)
-    return job
+_wait = functools.partial(wait_job, timeout=300)  # a job through the whole stack
 
 
 @pytest.fixture(scope="module")
