@@ -329,23 +329,23 @@ def ceiling_rate(path: Path, grid, mpp_override: float | None, threads: int = 2)
     return len(grid) / dt
 
 
+def best_cpu_ms(fn, n: int = 200) -> float:
+    """CPU ms of one `fn()` call on this thread, best of 3 rounds of `n` calls."""
+    best = math.inf
+    for _ in range(3):
+        c0 = time.process_time()
+        for _ in range(n):
+            fn()
+        best = min(best, (time.process_time() - c0) / n)
+    return 1000 * best
+
+
 def resize_cost(read: int, size: int, n: int = 200) -> tuple[float, float]:
     """CPU ms of one area resize `read` -> `size` px, best of 3: (ours = `resize_patch`, the loop's
     `cv2.resize(..., INTER_AREA)`); identical pixels."""
     patch = np.random.default_rng(0).integers(0, 256, (read, read, 3), np.uint8)
-    costs = []
-    for fn in (
-        lambda: resize_patch(patch, size),
-        lambda: cv2.resize(patch, (size, size), interpolation=cv2.INTER_AREA),
-    ):
-        best = math.inf
-        for _ in range(3):
-            c0 = time.process_time()
-            for _ in range(n):
-                fn()
-            best = min(best, (time.process_time() - c0) / n)
-        costs.append(1000 * best)
-    return costs[0], costs[1]
+    ours = best_cpu_ms(lambda: resize_patch(patch, size), n)
+    return ours, best_cpu_ms(lambda: cv2.resize(patch, (size, size), interpolation=cv2.INTER_AREA), n)
 
 
 def _area_weights(read: int, size: int) -> np.ndarray:
@@ -393,16 +393,9 @@ def resize_candidates(read: int, size: int, n: int = 200) -> list[dict]:
     ref = cv2.resize(patch, (size, size), interpolation=cv2.INTER_AREA).astype(int)
     rows = []
     for name, fn in cands.items():
-        best = math.inf
-        for _ in range(3):
-            c0 = time.process_time()
-            for _ in range(n):
-                out = fn(patch)
-            best = min(best, (time.process_time() - c0) / n)
-        d = np.abs(out.astype(int) - ref)
-        rows.append(
-            {"resize": f"{read}->{size}", "way": name, "cpu_ms": 1000 * best, "max": int(d.max()), "mean": d.mean()}
-        )
+        cpu_ms = best_cpu_ms(lambda fn=fn: fn(patch), n)
+        d = np.abs(fn(patch).astype(int) - ref)
+        rows.append({"resize": f"{read}->{size}", "way": name, "cpu_ms": cpu_ms, "max": int(d.max()), "mean": d.mean()})
     return rows
 
 
@@ -548,15 +541,14 @@ def breakdown(path: Path, grid, mpp_override: float | None, repeats: int = 3) ->
                 for lx, ly in warm.level_coords:
                     warm.fast_source.read(int(lx), int(ly), rs, out=buf)
                 keep("cut", time.process_time() - c0)
-                c0 = time.process_time()
-                for _ in range(len(grid)):
-                    resize_patch(buf, ps)
-                keep("resize", time.process_time() - c0 if rs != ps else 0.0)
-                c0 = time.process_time()
-                for _ in range(len(grid)):  # the loop's resize, same pixels (not part of ours_cold)
-                    if rs != ps:
-                        cv2.resize(buf, (ps, ps), interpolation=cv2.INTER_AREA)
-                keep("resize_cv2", time.process_time() - c0 if rs != ps else 0.0)
+                for name, shrink in (  # ours, and the loop's (same pixels; not part of ours_cold)
+                    ("resize", lambda: resize_patch(buf, ps)),
+                    ("resize_cv2", lambda: cv2.resize(buf, (ps, ps), interpolation=cv2.INTER_AREA)),
+                ):
+                    c0 = time.process_time()
+                    for _ in range(len(grid) if rs != ps else 0):
+                        shrink()
+                    keep(name, time.process_time() - c0 if rs != ps else 0.0)
             finally:
                 pr.close()
                 warm.close()
