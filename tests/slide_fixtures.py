@@ -18,17 +18,22 @@ TILE = 256
 JPEG_QUALITY = 90
 
 
+def halvings(pixels: np.ndarray, levels: int) -> list[np.ndarray]:
+    """`pixels` (RGB) and `levels - 1` reductions, each the one before box-filtered to half its size."""
+    out = [pixels]
+    img = Image.fromarray(pixels)
+    for _ in range(levels - 1):
+        img = img.resize((max(1, img.width // 2), max(1, img.height // 2)), Image.Resampling.BOX)
+        out.append(np.asarray(img))
+    return out
+
+
 def svs_pyramid(src: Path, levels: int = 4) -> tuple[list[np.ndarray], float]:
     """Level-0 RGB pixels of `src` and 2x box-filtered reductions, plus its µm/px."""
     with openslide.OpenSlide(str(src)) as s:
         rgba = s.read_region((0, 0), 0, s.dimensions)
         mpp = float(s.properties["openslide.mpp-x"])
-    img = rgba.convert("RGB")
-    out = [np.asarray(img)]
-    for _ in range(levels - 1):
-        img = img.resize((max(1, img.width // 2), max(1, img.height // 2)), Image.Resampling.BOX)
-        out.append(np.asarray(img))
-    return out, mpp
+    return halvings(np.asarray(rgba.convert("RGB")), levels), mpp
 
 
 def _common(mpp: float, scale: int) -> dict:
@@ -90,11 +95,7 @@ def write_mirax(
     import uuid
 
     if isinstance(src, np.ndarray):
-        img = Image.fromarray(src)
-        pyr = [src]
-        for _ in range(levels - 1):
-            img = img.resize((max(1, img.width // 2), max(1, img.height // 2)), Image.Resampling.BOX)
-            pyr.append(np.asarray(img))
+        pyr = halvings(src, levels)
     else:
         pyr, mpp = svs_pyramid(src, levels)
     h0, w0 = pyr[0].shape[:2]
@@ -194,10 +195,11 @@ def _restart_starts(jpeg: bytes) -> list[int]:
     return starts
 
 
-def _ndpi_page(jpeg: bytes, w: int, h: int, mpp: float, lens: float, at: int) -> tuple[bytes, bytes]:
-    """(IFD, data) of one NDPI page whose IFD starts at file offset `at`: the JPEG strip and out-of-line tag
-    values follow the IFD. NDPI's IFD layout: classic 12-byte entries, then an 8-byte next-IFD offset and
-    4 high-order bytes per entry (all zero below 4 GB); libtiff reads it as classic TIFF, tifffile as NDPI."""
+def _ndpi_page(jpeg: bytes, w: int, h: int, mpp: float, lens: float, at: int, last: bool) -> bytes:
+    """One NDPI page whose IFD starts at file offset `at`: the IFD, then the JPEG strip and out-of-line tag
+    values; unless `last`, its next-IFD offset points just past them. NDPI's IFD layout: classic 12-byte
+    entries, then an 8-byte next-IFD offset and 4 high-order bytes per entry (all zero below 4 GB); libtiff
+    reads it as classic TIFF, tifffile as NDPI."""
     import struct
 
     starts = _restart_starts(jpeg)
@@ -244,8 +246,11 @@ def _ndpi_page(jpeg: bytes, w: int, h: int, mpp: float, lens: float, at: int) ->
                 data += b"\0"
             entries.append(struct.pack("<HHII", code, kind, count, strip_at + len(data)))
             data += raw
-    ifd = struct.pack("<H", len(tags)) + b"".join(entries) + b"\0" * 8 + b"\0" * 4 * len(tags)
-    return ifd, bytes(data)
+    if len(data) % 2:
+        data += b"\0"
+    following = 0 if last else strip_at + len(data)
+    high_bytes = b"\0" * 4 * len(tags)
+    return struct.pack("<H", len(tags)) + b"".join(entries) + struct.pack("<Q", following) + high_bytes + data
 
 
 def write_ndpi(pixels: np.ndarray, out: Path, levels: int = 3, mpp: float = 0.2282, quality: int = 90) -> Path:
@@ -260,11 +265,7 @@ def write_ndpi(pixels: np.ndarray, out: Path, levels: int = 3, mpp: float = 0.22
     unit = 8 << (levels - 1)  # every level in whole 8 px MCUs, as scanners write them (OpenSlide reads a
     if pixels.shape[0] % unit or pixels.shape[1] % unit:  # partial-MCU NDPI level as black)
         raise ValueError(f"NDPI sides must be multiples of {unit} px for {levels} levels, not {pixels.shape[:2]}")
-    pyr = [np.ascontiguousarray(pixels)]
-    img = Image.fromarray(pixels)
-    for _ in range(levels - 1):
-        img = img.resize((max(1, img.width // 2), max(1, img.height // 2)), Image.Resampling.BOX)
-        pyr.append(np.asarray(img))
+    pyr = halvings(np.ascontiguousarray(pixels), levels)
     pages = []
     for level in pyr:
         buf = io.BytesIO()
@@ -273,16 +274,8 @@ def write_ndpi(pixels: np.ndarray, out: Path, levels: int = 3, mpp: float = 0.22
     with out.open("wb") as fh:
         fh.write(b"II" + struct.pack("<HQ", 42, 12))  # NDPI: the first-IFD offset is 8 bytes wide
         for i, (level, jpeg) in enumerate(zip(pyr, pages, strict=True)):
-            at = fh.tell()
-            ifd, data = _ndpi_page(jpeg, level.shape[1], level.shape[0], mpp * 2**i, 40.0 / 2**i, at)
-            fh.write(ifd + data)
-            if len(data) % 2:
-                fh.write(b"\0")
-            if i + 1 < len(pyr):  # link this IFD to the next one (its next-IFD field, low 4 bytes)
-                end = fh.tell()
-                fh.seek(at + 2 + 12 * ((len(ifd) - 10) // 16))  # after the entries
-                fh.write(struct.pack("<I", end))
-                fh.seek(end)
+            h, w = level.shape[:2]
+            fh.write(_ndpi_page(jpeg, w, h, mpp * 2**i, 40.0 / 2**i, fh.tell(), last=i + 1 == len(pyr)))
     return out
 
 
