@@ -187,12 +187,14 @@ def build_mirax(min_side: int, mpp: float = 0.5) -> Path:
     return out
 
 
-def build_ndpi(side: int = 16_384, mpp: float = 0.2282) -> Path:
-    """A Hamamatsu NDPI (40x, 4 levels, each one JPEG strip with a restart marker every 8 px row, as NDP.scan
-    writes them) of mirrored CMU pixels, cached; written by the tests' writer (tests/slide_fixtures.py). The
-    real sample has 65 patches at 0.5 µm/px; this one has about 2,000, so the ratio is not set by one slow block
-    at a part boundary. The CMU pixels are 0.5 µm/px, labelled 40x here: tissue looks half the size."""
-    out = BENCH_DIR / f"cmu-mirror-{side}x{side}-{mpp}mpp-40x.ndpi"
+def build_ndpi(side: int = 16_384, mpp: float = 0.2282, interval_mcus: int | None = None) -> Path:
+    """A Hamamatsu NDPI (40x, 4 levels, each one JPEG strip cut by restart markers: every 8 px row, as in the
+    sample, or every `interval_mcus` 8 px MCUs, 256 in most scanner files) of mirrored CMU pixels, cached;
+    written by the tests' writer (tests/slide_fixtures.py). The real sample has 65 patches at 0.5 µm/px; this
+    one has 500, so the ratio is not set by one slow block at a part boundary. The CMU pixels are 0.5 µm/px,
+    labelled 40x here: tissue looks half the size."""
+    cut = "" if interval_mcus is None else f"-ri{interval_mcus}"
+    out = BENCH_DIR / f"cmu-mirror-{side}x{side}-{mpp}mpp-40x{cut}.ndpi"
     if out.exists():
         return out
     with openslide.OpenSlide(str(CMU)) as s:
@@ -200,7 +202,7 @@ def build_ndpi(side: int = 16_384, mpp: float = 0.2282) -> Path:
     pixels = src[_mirror_index(side, src.shape[0])][:, _mirror_index(side, src.shape[1])]
     t0 = time.perf_counter()
     tmp = out.with_name(out.stem + ".tmp.ndpi")
-    _fixtures().write_ndpi(pixels, tmp, levels=4, mpp=mpp, quality=JPEG_QUALITY)
+    _fixtures().write_ndpi(pixels, tmp, levels=4, mpp=mpp, quality=JPEG_QUALITY, interval_mcus=interval_mcus)
     tmp.rename(out)
     print(f"# built {out.name} in {time.perf_counter() - t0:.1f} s", flush=True)
     return out
@@ -650,6 +652,8 @@ def main(argv: list[str] | None = None) -> int:
         ("NDPI, 128 µm", ndpi, None, FIELD_MPP),
         ("NDPI built, 16k", build_ndpi(), None, 0.5),
         ("NDPI built, 16k, 128 µm", build_ndpi(), None, FIELD_MPP),
+        ("NDPI built, 16k, 2,048 px intervals", build_ndpi(interval_mcus=256), None, 0.5),
+        ("NDPI built, 16k, 2,048 px intervals, 128 µm", build_ndpi(interval_mcus=256), None, FIELD_MPP),
         ("JPEG2000 SVS (0.25)", SLIDES / "tcga-cr-7395-01a-01-ts1.svs", 0.25, 0.5),
         ("JPEG2000 YCbCr 33003", build_j2k_ycbcr() if shutil.which("opj_compress") else None, None, 0.5),
         (

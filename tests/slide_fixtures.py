@@ -195,16 +195,16 @@ def _restart_starts(jpeg: bytes) -> list[int]:
     return starts
 
 
-def _ndpi_page(jpeg: bytes, w: int, h: int, mpp: float, lens: float, at: int, last: bool) -> bytes:
+def _ndpi_page(jpeg: bytes, w: int, h: int, mpp: float, lens: float, at: int, last: bool, per_row: int = 1) -> bytes:
     """One NDPI page whose IFD starts at file offset `at`: the IFD, then the JPEG strip and out-of-line tag
     values; unless `last`, its next-IFD offset points just past them. NDPI's IFD layout: classic 12-byte
     entries, then an 8-byte next-IFD offset and 4 high-order bytes per entry (all zero below 4 GB); libtiff
-    reads it as classic TIFF, tifffile as NDPI."""
+    reads it as classic TIFF, tifffile as NDPI. `per_row` restart intervals make one 8 px MCU row."""
     import struct
 
     starts = _restart_starts(jpeg)
-    if len(starts) != -(-h // 8):
-        raise ValueError(f"{len(starts)} restart intervals for {h} px (8 px MCU rows)")
+    if len(starts) != -(-h // 8) * per_row:
+        raise ValueError(f"{len(starts)} restart intervals for {h} px (8 px MCU rows of {per_row})")
     px_per_cm = round(10_000.0 / mpp)
     # (code, TIFF type, values): 2 ASCII, 3 SHORT, 4 LONG, 5 RATIONAL, 9 SLONG, 11 FLOAT
     tags = [
@@ -253,12 +253,23 @@ def _ndpi_page(jpeg: bytes, w: int, h: int, mpp: float, lens: float, at: int, la
     return struct.pack("<H", len(tags)) + b"".join(entries) + struct.pack("<Q", following) + high_bytes + data
 
 
-def write_ndpi(pixels: np.ndarray, out: Path, levels: int = 3, mpp: float = 0.2282, quality: int = 90) -> Path:
+def write_ndpi(
+    pixels: np.ndarray,
+    out: Path,
+    levels: int = 3,
+    mpp: float = 0.2282,
+    quality: int = 90,
+    interval_mcus: int | None = None,
+) -> Path:
     """A Hamamatsu NDPI of `pixels` (RGB at `mpp`, 40x by default) that OpenSlide's hamamatsu driver and
     tifffile both read as NDPI: one page per level (2x box-filtered), each level one baseline JPEG strip
-    (4:4:4) with a restart marker after every MCU row, as NDP.scan writes them (the sample's intervals are
-    whole rows too), and the Hamamatsu tags OpenSlide needs (format flag, source lens, offsets, focal plane,
-    McuStarts). No macro or map image; files stay under 4 GB (no high-order offset bytes)."""
+    (4:4:4) cut by restart markers, and the Hamamatsu tags OpenSlide needs (format flag, source lens, offsets,
+    focal plane, McuStarts). No macro or map image; files stay under 4 GB (no high-order offset bytes).
+
+    The restart interval is one MCU row by default (the sample's layout), else `interval_mcus` 8 px MCUs,
+    which must divide every level's row: Bio-Formats' maintainers report 256 MCUs (2,048 px) in most scanner
+    files (ome/bioformats#4455), and a level wider than libjpeg's 65,500 px limit (level 0 of most 40x slides)
+    cannot be decoded by OpenSlide unless its rows are cut into several intervals."""
     import io
     import struct
 
@@ -266,16 +277,21 @@ def write_ndpi(pixels: np.ndarray, out: Path, levels: int = 3, mpp: float = 0.22
     if pixels.shape[0] % unit or pixels.shape[1] % unit:  # partial-MCU NDPI level as black)
         raise ValueError(f"NDPI sides must be multiples of {unit} px for {levels} levels, not {pixels.shape[:2]}")
     pyr = halvings(np.ascontiguousarray(pixels), levels)
+    if interval_mcus is not None and any(lv.shape[1] // 8 % interval_mcus for lv in pyr):
+        raise ValueError(f"{interval_mcus}-MCU restart intervals do not divide every level's row of 8 px MCUs")
+    restart = {"restart_marker_rows": 1} if interval_mcus is None else {"restart_marker_blocks": interval_mcus}
     pages = []
     for level in pyr:
         buf = io.BytesIO()
-        Image.fromarray(level).save(buf, "JPEG", quality=quality, subsampling=0, restart_marker_rows=1)
+        Image.fromarray(level).save(buf, "JPEG", quality=quality, subsampling=0, **restart)
         pages.append(buf.getvalue())
     with out.open("wb") as fh:
         fh.write(b"II" + struct.pack("<HQ", 42, 12))  # NDPI: the first-IFD offset is 8 bytes wide
         for i, (level, jpeg) in enumerate(zip(pyr, pages, strict=True)):
             h, w = level.shape[:2]
-            fh.write(_ndpi_page(jpeg, w, h, mpp * 2**i, 40.0 / 2**i, fh.tell(), last=i + 1 == len(pyr)))
+            per_row = 1 if interval_mcus is None else w // 8 // interval_mcus
+            page = _ndpi_page(jpeg, w, h, mpp * 2**i, 40.0 / 2**i, fh.tell(), i + 1 == len(pyr), per_row)
+            fh.write(page)
     return out
 
 

@@ -94,19 +94,33 @@ def test_ndpi_grid_streams_fast_and_equals_openslide(ndpi: Path) -> None:
     assert np.array_equal(ours, _openslide_patches(ndpi, g))
 
 
-@pytest.fixture(scope="module")
-def built_ndpi(cmu_svs: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def _cmu_ndpi(cmu_svs: Path, out: Path, **kw) -> Path:
+    """An NDPI of the CMU sample's 1,984 x 1,664 px labelled 40x (`write_ndpi` options in `kw`)."""
     from slide_fixtures import write_ndpi
 
     with openslide.OpenSlide(str(cmu_svs)) as s:
         pixels = np.asarray(s.read_region((0, 0), 0, (1984, 1664)).convert("RGB"))
-    return write_ndpi(pixels, tmp_path_factory.mktemp("ndpi") / "cmu-40x.ndpi")
+    return write_ndpi(pixels, out, **kw)
+
+
+def _grid_streams_fast_as_openslide(path: Path) -> None:
+    """A 0.5 µm/px grid on a 40x NDPI (level 1, 245 -> 224 px) streams through the block reader with OpenSlide +
+    OpenCV's pixels."""
+    with open_slide(path) as r:
+        g = build_grid(r)
+        assert (g.read_level, g.read_size) == (1, 245) and PatchReader(r, g).mode == "fast-ndpi"
+        streamed = _collect(r, g, batch_size=8, workers=2)
+    assert np.array_equal(streamed, _openslide_patches(path, g))
+
+
+@pytest.fixture(scope="module")
+def built_ndpi(cmu_svs: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _cmu_ndpi(cmu_svs, tmp_path_factory.mktemp("ndpi") / "cmu-40x.ndpi")
 
 
 def test_ndpi_written_here_reads_like_scanner_files(built_ndpi: Path, cmu_svs: Path) -> None:
     """The NDPI writer the bench builds large slides with: OpenSlide's hamamatsu driver opens it with the
-    source's pixels; our block reader equals OpenSlide on every level, and a 0.5 µm/px grid (level 1, 245 ->
-    224 px) streams through the fast path with OpenSlide + OpenCV's pixels."""
+    source's pixels; our block reader equals OpenSlide on every level and on a grid."""
     with openslide.OpenSlide(str(built_ndpi)) as s:
         assert s.properties["openslide.vendor"] == "hamamatsu" and s.level_dimensions[0] == (1984, 1664)
         assert abs(float(s.properties["openslide.mpp-x"]) - 0.2282) < 1e-4
@@ -115,11 +129,71 @@ def test_ndpi_written_here_reads_like_scanner_files(built_ndpi: Path, cmu_svs: P
         src = np.asarray(s.read_region((300, 200), 0, (400, 400)).convert("RGB")).astype(int)
     assert np.abs(ours - src).mean() < 2  # JPEG at quality 90, 4:4:4
     _random_regions_equal(built_ndpi, range(3), n=6, size=200)
-    with open_slide(built_ndpi) as r:
-        g = build_grid(r)
-        assert (g.read_level, g.read_size) == (1, 245) and PatchReader(r, g).mode == "fast-ndpi"
-        streamed = _collect(r, g, batch_size=8, workers=2)
-    assert np.array_equal(streamed, _openslide_patches(built_ndpi, g))
+    _grid_streams_fast_as_openslide(built_ndpi)
+
+
+@pytest.fixture(scope="module")
+def ndpi_row_of_intervals(cmu_svs: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Rows cut into restart intervals of 31 MCUs (248 px), as in scanner files with levels too wide for one
+    interval a row (most use 256 MCUs, a size this small slide cannot divide)."""
+    return _cmu_ndpi(cmu_svs, tmp_path_factory.mktemp("ndpi") / "intervals.ndpi", interval_mcus=31)
+
+
+def test_ndpi_with_several_intervals_a_row_equals_openslide(ndpi_row_of_intervals: Path) -> None:
+    """Blocks join several intervals of a row (4 x 248 px) and of 8 rows, restart markers renumbered across
+    both; the pixels equal OpenSlide's, which decodes interval by interval, on every level and on a grid."""
+    path = ndpi_row_of_intervals
+    with openslide.OpenSlide(str(path)) as s:
+        assert s.properties["openslide.level[0].tile-width"] == "248"  # OpenSlide's tile: one interval
+    level = open_tiff_level(path, 992, 832)
+    assert level is not None and (level.iw, level.ih, level.gx, level.tile_w, level.tile_h) == (248, 8, 4, 992, 64)
+    level.close()
+    _random_regions_equal(path, range(3), n=8, size=300)
+    _grid_streams_fast_as_openslide(path)
+
+
+def _mcu_starts_at(path: Path, page: int) -> tuple[int, np.ndarray]:
+    """(file offset of the McuStarts values, the values) of one NDPI page."""
+    with tifffile.TiffFile(path) as tif:
+        tag = tif.pages[page].tags[65426]
+        return tag.valueoffset, np.asarray(tag.value, dtype=np.uint32)
+
+
+@pytest.mark.parametrize("shift", ["next interval", "3 bytes in"])
+def test_damaged_mcu_starts_are_a_typed_error(ndpi_row_of_intervals: Path, tmp_path: Path, shift: str) -> None:
+    """An McuStarts entry pointing at the wrong restart interval (data that decodes, to the wrong place) or
+    into the middle of one fails the block that uses it with a reason, where a decoder would give wrong pixels
+    silently; blocks not using it still read."""
+    bad = tmp_path / "bad-mcu-starts.ndpi"
+    shutil.copy(ndpi_row_of_intervals, bad)
+    at, starts = _mcu_starts_at(bad, 1)  # level 1: 4 intervals a row, 1 block a row
+    k = 4 * 40 + 2  # row 40 (block row 5), third interval
+    starts[k] = starts[k + 1] if shift == "next interval" else starts[k] + 3
+    with open(bad, "r+b") as fh:
+        fh.seek(at)
+        fh.write(starts.tobytes())
+    level = open_tiff_level(bad, 992, 832)
+    src = FastTiffSource(level)
+    assert src.read(0, 0, (992, 64)).shape == (64, 992, 3)  # block row 0 is intact
+    with pytest.raises(CorruptSlideError, match=r"NDPI block \(0, 5\).*interval 162 does not follow marker RST1"):
+        src.read(0, 5 * 64, (992, 64))
+    src.close()
+
+
+def test_mcu_starts_wrapped_past_4_gb_are_undone() -> None:
+    """Files past 4 GB whose McuStartsHighBytes stay 0 where the 32-bit McuStarts wrap: the offsets drop
+    mid-level, and every drop is taken as a wrap, so each interval gets its true offset and length back."""
+    strip_at = 4096
+    for base in (2**32, 2**33):  # high bytes stuck at 0, then stuck at 1
+        rel = np.array([0, base - 300, base - 100, base + 50, base + 400, base + 900], np.int64)  # McuStarts
+        strip_bytes = base + 1200
+        stuck = rel - np.where(rel >= base, 2**32, 0)
+        # tifffile: offsets = strip offset + McuStarts, counts = their differences and the strip's end
+        offsets, counts = fasttiles.ndpi_interval_spans(strip_at + stuck, np.diff(stuck, append=strip_bytes))
+        assert offsets.tolist() == (strip_at + rel).tolist()
+        assert counts.tolist() == np.diff(rel, append=strip_bytes).tolist()
+        intact = fasttiles.ndpi_interval_spans(strip_at + rel, np.diff(rel, append=strip_bytes))
+        assert intact[0].tolist() == offsets.tolist() and intact[1].tolist() == counts.tolist()  # left alone
 
 
 def test_j2k_svs_fast_path(tcga_j2k_svs: Path) -> None:

@@ -22,9 +22,12 @@ Decoded tiles live in a byte-bounded cache; tiles it evicts that no reader still
 (JPEG tiles, NDPI blocks, MIRAX images), which saves the page faults of fresh arrays.
 
 NDPI stores each level as one JPEG whose restart markers cut it into intervals (tifffile lists them as "tiles"
-of one MCU row). Decoding intervals one by one costs a libjpeg set-up per 8 px row, so `NdpiLevel` groups a
-block of intervals into a "super tile" of about 1024 x 64 px, joins their entropy-coded data with restart
+of one MCU row: a whole row in the sample, 256 MCUs = 2,048 px in most scanner files). Decoding intervals one
+by one costs a libjpeg set-up per interval, so `NdpiLevel` groups a block of intervals into a "super tile" of
+about 1024 x 64 px (one interval wide where intervals are wider), joins their entropy-coded data with restart
 markers renumbered from 0 and decodes the block with one call, under a JPEG header patched to the block's size.
+McuStarts, the tag giving each interval's offset, is checked as OpenSlide checks it (each interval follows its
+restart marker) and its 32-bit wrap-arounds past 4 GB are undone.
 Each restart interval is an independent entropy-coded unit, so the pixels equal OpenSlide's, which decodes the
 same intervals; with vertical chroma subsampling (none in the sample) libjpeg's fancy upsampling would smooth
 across interval rows inside a block, which OpenSlide does not.
@@ -257,8 +260,7 @@ class TiffLevel:
         self.tile_h = int(page.tilelength)
         self.tiles_x = -(-self.width // self.tile_w)
         self.tiles_y = -(-self.height // self.tile_h)
-        self.offsets = np.asarray(page.dataoffsets, dtype=np.int64)
-        self.counts = np.asarray(page.databytecounts, dtype=np.int64)
+        self.offsets, self.counts = ndpi_interval_spans(page.dataoffsets, page.databytecounts)
         self._jpegtables = page.jpegtables
         self._decode = page.decode  # a closure over the page's codec settings; no file access
         self._jpeg_args: dict | None = None  # libjpeg-turbo straight into a given buffer (3-sample JPEG)
@@ -487,6 +489,21 @@ def _sof_offset(header: bytes) -> int:
     raise ValueError("no baseline SOF0 marker in the JPEG header")
 
 
+def ndpi_interval_spans(offsets, counts) -> tuple[np.ndarray, np.ndarray]:
+    """(file offset, byte count) of each restart interval of an NDPI level, from tifffile's McuStarts-based
+    offsets and counts, with 32-bit wrap-arounds undone.
+
+    NDPI keeps McuStarts as 32-bit values plus a McuStartsHighBytes tag, and scanner files past 4 GB exist
+    whose high bytes stay 0 where the low ones wrap (ome/bioformats#4082): the offsets then drop by about
+    2^32 mid-level. Intervals follow each other in the strip, so every drop is such a wrap; the strip's end
+    (the last offset plus the last count) does not depend on McuStarts. Whatever is still inconsistent (a
+    damaged tag) is caught where a block is read: each interval must follow its restart marker."""
+    off = np.asarray(offsets, dtype=np.int64)
+    end = int(off[-1]) + int(np.asarray(counts, dtype=np.int64)[-1])
+    off = off + (np.cumsum(np.diff(off, prepend=off[0]) < 0) << 32)
+    return off, np.diff(off, append=end)
+
+
 class NdpiLevel:
     """One NDPI level read in blocks of restart intervals ("super tiles"), each decoded with one libjpeg call."""
 
@@ -520,8 +537,7 @@ class NdpiLevel:
         self.tile_w, self.tile_h = self.gx * self.iw, self.gy * self.ih
         self.tiles_x = -(-self.cols // self.gx)
         self.tiles_y = -(-self.rows // self.gy)
-        self.offsets = np.asarray(page.dataoffsets, dtype=np.int64)
-        self.counts = np.asarray(page.databytecounts, dtype=np.int64)
+        self.offsets, self.counts = ndpi_interval_spans(page.dataoffsets, page.databytecounts)
         self._header = bytes(page.jpegheader)
         self._sof = _sof_offset(self._header)
         self._rgb = page.samplesperpixel == 3
@@ -543,17 +559,26 @@ class NdpiLevel:
         return self._header[:o] + struct.pack(">HH", h, w) + self._header[o + 4 :]
 
     def _block_data(self, c0: int, c1: int, r0: int, r1: int) -> bytes:
-        """Entropy-coded data of intervals [c0, c1) x [r0, r1), restart markers renumbered from RST0."""
+        """Entropy-coded data of intervals [c0, c1) x [r0, r1), restart markers renumbered from RST0.
+
+        Every interval but the level's first must start just after the restart marker that precedes it in the
+        scan (RST0-7 in turn), as OpenSlide checks before trusting McuStarts; an interval that does not means
+        the tag is damaged, and decoding from there would give wrong pixels without any error."""
         parts: list[bytes] = []
         n = 0
         for r in range(r0, r1):
             a, b = r * self.cols + c0, r * self.cols + c1 - 1
-            start, end = int(self.offsets[a]), int(self.offsets[b] + self.counts[b])
+            start, end = int(self.offsets[a]) - (2 if a else 0), int(self.offsets[b] + self.counts[b])
+            if not 0 <= start < end:
+                raise ValueError(f"McuStarts of restart intervals {a}-{b} are out of order")
             raw = os.pread(self._fd, end - start, start)
             if len(raw) != end - start:
                 raise ValueError(f"file truncated: {len(raw)} of {end - start} bytes")
             for i in range(a, b + 1):
-                seg = raw[int(self.offsets[i]) - start : int(self.offsets[i] + self.counts[i]) - start]
+                at = int(self.offsets[i]) - start
+                if i and (at < 2 or raw[at - 2] != 0xFF or raw[at - 1] != 0xD0 + (i - 1) % 8):
+                    raise ValueError(f"restart interval {i} does not follow marker RST{(i - 1) % 8} (McuStarts)")
+                seg = raw[at : at + int(self.counts[i])]
                 if len(seg) >= 2 and seg[-2] == 0xFF and (0xD0 <= seg[-1] <= 0xD7 or seg[-1] == 0xD9):
                     seg = seg[:-2]  # the interval's own trailing marker
                 if n:
