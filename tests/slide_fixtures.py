@@ -179,11 +179,22 @@ def write_mirax(
     return out
 
 
+def jpeg_segments(jpeg: bytes) -> dict[int, tuple[int, int]]:
+    """{marker: (offset of its 0xFF, offset past its segment)} of a baseline JPEG's header, up to SOS."""
+    at, found = 2, {}
+    while jpeg[at] == 0xFF:
+        marker, end = jpeg[at + 1], at + 2 + int.from_bytes(jpeg[at + 2 : at + 4], "big")
+        found[marker] = (at, end)
+        if marker == 0xDA:
+            break
+        at = end
+    return found
+
+
 def _restart_starts(jpeg: bytes) -> list[int]:
     """Byte offsets of each restart interval's entropy-coded data in a baseline JPEG: just after the SOS
     header, then just after each RSTn marker (what Hamamatsu stores as McuStarts)."""
-    sos = jpeg.find(b"\xff\xda")
-    starts = [sos + 2 + int.from_bytes(jpeg[sos + 2 : sos + 4], "big")]
+    starts = [jpeg_segments(jpeg)[0xDA][1]]
     i = starts[0]
     while (i := jpeg.find(b"\xff", i)) >= 0 and i + 1 < len(jpeg):
         marker = jpeg[i + 1]
@@ -253,6 +264,37 @@ def _ndpi_page(jpeg: bytes, w: int, h: int, mpp: float, lens: float, at: int, la
     return struct.pack("<H", len(tags)) + b"".join(entries) + struct.pack("<Q", following) + high_bytes + data
 
 
+def _jpeg_of_intervals(level: np.ndarray, interval_mcus: int, quality: int) -> bytes:
+    """One baseline JPEG of `level` assembled interval by interval, for levels wider than libjpeg encodes
+    (65,500 px; level 0 of most 40x slides): each 8 px high, `interval_mcus`-MCU piece is encoded on its own
+    with the same standard tables (a restart interval starts from zero DC predictions, as a fresh image does),
+    and the entropy-coded pieces are joined with RST0-7 in turn under one header, whose frame width is 0, as in
+    NDPI levels that wide (OpenSlide and tifffile take the size from the TIFF tags)."""
+    import io
+
+    h, w = level.shape[:2]
+    step = 8 * interval_mcus
+    header, data = b"", []
+    for y in range(0, h, 8):
+        for x in range(0, w, step):
+            buf = io.BytesIO()
+            Image.fromarray(np.ascontiguousarray(level[y : y + 8, x : x + step])).save(
+                buf, "JPEG", quality=quality, subsampling=0
+            )
+            piece = buf.getvalue()
+            seg = jpeg_segments(piece)
+            header = header or piece[: seg[0xDA][1]]
+            data.append(piece[seg[0xDA][1] : -2])  # the entropy-coded data, without EOI
+    seg = jpeg_segments(header)
+    sof, sos = seg[0xC0][0], seg[0xDA][0]
+    dri = b"\xff\xdd\x00\x04" + interval_mcus.to_bytes(2, "big")
+    header = header[: sof + 5] + h.to_bytes(2, "big") + b"\0\0" + header[sof + 9 : sos] + dri + header[sos:]
+    joined = bytearray(data[0])
+    for i, piece in enumerate(data[1:]):
+        joined += bytes((0xFF, 0xD0 + i % 8)) + piece
+    return header + bytes(joined) + b"\xff\xd9"
+
+
 def write_ndpi(
     pixels: np.ndarray,
     out: Path,
@@ -282,6 +324,9 @@ def write_ndpi(
     restart = {"restart_marker_rows": 1} if interval_mcus is None else {"restart_marker_blocks": interval_mcus}
     pages = []
     for level in pyr:
+        if level.shape[1] > 65_500 and interval_mcus is not None:  # wider than libjpeg encodes
+            pages.append(_jpeg_of_intervals(level, interval_mcus, quality))
+            continue
         buf = io.BytesIO()
         Image.fromarray(level).save(buf, "JPEG", quality=quality, subsampling=0, **restart)
         pages.append(buf.getvalue())

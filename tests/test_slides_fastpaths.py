@@ -13,6 +13,7 @@ import numpy as np
 import openslide
 import pytest
 import tifffile
+from slide_fixtures import jpeg_segments, write_ndpi
 
 from service.errors import CorruptSlideError
 from service.slides import fasttiles
@@ -96,8 +97,6 @@ def test_ndpi_grid_streams_fast_and_equals_openslide(ndpi: Path) -> None:
 
 def _cmu_ndpi(cmu_svs: Path, out: Path, **kw) -> Path:
     """An NDPI of the CMU sample's 1,984 x 1,664 px labelled 40x (`write_ndpi` options in `kw`)."""
-    from slide_fixtures import write_ndpi
-
     with openslide.OpenSlide(str(cmu_svs)) as s:
         pixels = np.asarray(s.read_region((0, 0), 0, (1984, 1664)).convert("RGB"))
     return write_ndpi(pixels, out, **kw)
@@ -150,6 +149,30 @@ def test_ndpi_with_several_intervals_a_row_equals_openslide(ndpi_row_of_interval
     level.close()
     _random_regions_equal(path, range(3), n=8, size=300)
     _grid_streams_fast_as_openslide(path)
+
+
+def test_ndpi_level_wider_than_a_jpeg_can_be_equals_openslide(cmu_svs: Path, tmp_path: Path) -> None:
+    """Level 0 of most 40x slides is wider than libjpeg's 65,500 px: such a level is one JPEG whose frame says
+    width 0, cut into 2,048 px intervals (256 MCUs, as in most scanner files). OpenSlide reads it interval by
+    interval; our blocks (one interval wide) equal it across the whole width, past 65,535 px too."""
+    with openslide.OpenSlide(str(cmu_svs)) as s:
+        strip = np.asarray(s.read_region((0, 0), 0, (2220, 64)).convert("RGB"))
+    width = 34 * 2048
+    path = write_ndpi(strip[:, np.arange(width) % 2220], tmp_path / "wide.ndpi", levels=2, interval_mcus=256)
+    with tifffile.TiffFile(path) as tif:
+        at = tif.pages[0].tags[273].value[0]  # StripOffsets: the level's JPEG
+    head = path.read_bytes()[at : at + 1024]
+    sof = jpeg_segments(head)[0xC0][0]
+    assert head[sof + 5 : sof + 9] == b"\x00\x40\x00\x00"  # frame: 64 rows, width 0
+    level = open_tiff_level(path, width, 64)
+    assert level is not None and (level.iw, level.gx, level.tile_w, level.tiles_x) == (2048, 1, 2048, 34)
+    src = FastTiffSource(level)
+    with openslide.OpenSlide(str(path)) as s:
+        assert s.level_dimensions[0] == (width, 64)
+        for x in (0, 30_001, 65_300, 65_536, width - 300):
+            ref = np.asarray(s.read_region((x, 0), 0, (300, 64)).convert("RGB"))
+            assert np.array_equal(src.read(x, 0, (300, 64)), ref), x
+    src.close()
 
 
 def _mcu_starts_at(path: Path, page: int) -> tuple[int, np.ndarray]:
