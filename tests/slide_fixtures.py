@@ -206,11 +206,14 @@ def _restart_starts(jpeg: bytes) -> list[int]:
     return starts
 
 
-def _ndpi_page(jpeg: bytes, w: int, h: int, mpp: float, lens: float, at: int, last: bool, per_row: int = 1) -> bytes:
+def _ndpi_page(
+    jpeg: bytes, w: int, h: int, mpp: float, lens: float, at: int, last: bool, per_row: int = 1, chroma_x: int = 1
+) -> bytes:
     """One NDPI page whose IFD starts at file offset `at`: the IFD, then the JPEG strip and out-of-line tag
     values; unless `last`, its next-IFD offset points just past them. NDPI's IFD layout: classic 12-byte
     entries, then an 8-byte next-IFD offset and 4 high-order bytes per entry (all zero below 4 GB); libtiff
-    reads it as classic TIFF, tifffile as NDPI. `per_row` restart intervals make one 8 px MCU row."""
+    reads it as classic TIFF, tifffile as NDPI. `per_row` restart intervals make one 8 px MCU row; chroma is
+    subsampled `chroma_x` times horizontally (1 in 4:4:4, 2 in 4:2:2)."""
     import struct
 
     starts = _restart_starts(jpeg)
@@ -232,7 +235,7 @@ def _ndpi_page(jpeg: bytes, w: int, h: int, mpp: float, lens: float, at: int, la
         (282, 5, [px_per_cm, 1]),
         (283, 5, [px_per_cm, 1]),
         (296, 3, [3]),  # centimetre
-        (530, 3, [1, 1]),  # no chroma subsampling
+        (530, 3, [chroma_x, 1]),  # chroma subsampling: none, or 4:2:2
         (65420, 4, [1]),  # NDPI format flag
         (65421, 11, [lens]),  # source lens: this level's magnification
         (65422, 9, [0]),  # x offset from the slide centre, nm
@@ -302,40 +305,44 @@ def write_ndpi(
     mpp: float = 0.2282,
     quality: int = 90,
     interval_mcus: int | None = None,
+    chroma_422: bool = False,
 ) -> Path:
     """A Hamamatsu NDPI of `pixels` (RGB at `mpp`, 40x by default) that OpenSlide's hamamatsu driver and
     tifffile both read as NDPI: one page per level (2x box-filtered), each level one baseline JPEG strip
-    (4:4:4) cut by restart markers, and the Hamamatsu tags OpenSlide needs (format flag, source lens, offsets,
-    focal plane, McuStarts). No macro or map image; files stay under 4 GB (no high-order offset bytes).
+    (4:4:4, or 4:2:2 with 16 x 8 px MCUs) cut by restart markers, and the Hamamatsu tags OpenSlide needs
+    (format flag, source lens, offsets, focal plane, McuStarts). No macro or map image; files stay under 4 GB
+    (no high-order offset bytes). 4:2:0 is not offered: OpenSlide's NDPI driver cannot decode it (libjpeg
+    reads ahead into the next interval for the vertical chroma context), so scanners cannot be writing it.
 
-    The restart interval is one MCU row by default (the sample's layout), else `interval_mcus` 8 px MCUs,
-    which must divide every level's row: Bio-Formats' maintainers report 256 MCUs (2,048 px) in most scanner
+    The restart interval is one MCU row by default (the sample's layout), else `interval_mcus` MCUs, which
+    must divide every level's row: Bio-Formats' maintainers report 256 MCUs (2,048 px) in most scanner
     files (ome/bioformats#4455), and a level wider than libjpeg's 65,500 px limit (level 0 of most 40x slides)
     cannot be decoded by OpenSlide unless its rows are cut into several intervals."""
     import io
     import struct
 
-    unit = 8 << (levels - 1)  # every level in whole 8 px MCUs, as scanners write them (OpenSlide reads a
+    mcu = 16 if chroma_422 else 8  # MCU width; 8 rows high either way
+    unit = mcu << (levels - 1)  # every level in whole MCUs, as scanners write them (OpenSlide reads a
     if pixels.shape[0] % unit or pixels.shape[1] % unit:  # partial-MCU NDPI level as black)
         raise ValueError(f"NDPI sides must be multiples of {unit} px for {levels} levels, not {pixels.shape[:2]}")
     pyr = halvings(np.ascontiguousarray(pixels), levels)
-    if interval_mcus is not None and any(lv.shape[1] // 8 % interval_mcus for lv in pyr):
-        raise ValueError(f"{interval_mcus}-MCU restart intervals do not divide every level's row of 8 px MCUs")
+    if interval_mcus is not None and any(lv.shape[1] // mcu % interval_mcus for lv in pyr):
+        raise ValueError(f"{interval_mcus}-MCU restart intervals do not divide every level's row of {mcu} px MCUs")
     restart = {"restart_marker_rows": 1} if interval_mcus is None else {"restart_marker_blocks": interval_mcus}
     pages = []
     for level in pyr:
-        if level.shape[1] > 65_500 and interval_mcus is not None:  # wider than libjpeg encodes
+        if level.shape[1] > 65_500 and interval_mcus is not None and not chroma_422:  # wider than libjpeg encodes
             pages.append(_jpeg_of_intervals(level, interval_mcus, quality))
             continue
         buf = io.BytesIO()
-        Image.fromarray(level).save(buf, "JPEG", quality=quality, subsampling=0, **restart)
+        Image.fromarray(level).save(buf, "JPEG", quality=quality, subsampling=1 if chroma_422 else 0, **restart)
         pages.append(buf.getvalue())
     with out.open("wb") as fh:
         fh.write(b"II" + struct.pack("<HQ", 42, 12))  # NDPI: the first-IFD offset is 8 bytes wide
         for i, (level, jpeg) in enumerate(zip(pyr, pages, strict=True)):
             h, w = level.shape[:2]
-            per_row = 1 if interval_mcus is None else w // 8 // interval_mcus
-            page = _ndpi_page(jpeg, w, h, mpp * 2**i, 40.0 / 2**i, fh.tell(), i + 1 == len(pyr), per_row)
+            per_row = 1 if interval_mcus is None else w // mcu // interval_mcus
+            page = _ndpi_page(jpeg, w, h, mpp * 2**i, 40.0 / 2**i, fh.tell(), i + 1 == len(pyr), per_row, mcu // 8)
             fh.write(page)
     return out
 

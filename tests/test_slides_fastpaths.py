@@ -138,14 +138,23 @@ def ndpi_row_of_intervals(cmu_svs: Path, tmp_path_factory: pytest.TempPathFactor
     return _cmu_ndpi(cmu_svs, tmp_path_factory.mktemp("ndpi") / "intervals.ndpi", interval_mcus=31)
 
 
-def test_ndpi_with_several_intervals_a_row_equals_openslide(ndpi_row_of_intervals: Path) -> None:
+@pytest.mark.parametrize("chroma_422", [False, True], ids=["4:4:4", "4:2:2"])
+def test_ndpi_with_several_intervals_a_row_equals_openslide(
+    cmu_svs: Path, ndpi_row_of_intervals: Path, tmp_path: Path, chroma_422: bool
+) -> None:
     """Blocks join several intervals of a row (4 x 248 px) and of 8 rows, restart markers renumbered across
-    both; the pixels equal OpenSlide's, which decodes interval by interval, on every level and on a grid."""
+    both; the pixels equal OpenSlide's, which decodes interval by interval, on every level and on a grid. With
+    chroma halved across (4:2:2) libjpeg would upsample it from the next interval's at interval borders, where
+    OpenSlide repeats the edge: blocks are then one interval wide (and equal OpenSlide's too)."""
     path = ndpi_row_of_intervals
+    if chroma_422:  # 16 x 8 px MCUs: intervals of 31 are 496 px
+        path = _cmu_ndpi(cmu_svs, tmp_path / "intervals-422.ndpi", interval_mcus=31, chroma_422=True)
+    iw = 496 if chroma_422 else 248
     with openslide.OpenSlide(str(path)) as s:
-        assert s.properties["openslide.level[0].tile-width"] == "248"  # OpenSlide's tile: one interval
+        assert s.properties["openslide.level[0].tile-width"] == str(iw)  # OpenSlide's tile: one interval
     level = open_tiff_level(path, 992, 832)
-    assert level is not None and (level.iw, level.ih, level.gx, level.tile_w, level.tile_h) == (248, 8, 4, 992, 64)
+    assert level is not None and (level.iw, level.ih, level.tile_h) == (iw, 8, 64)
+    assert level.gx == (1 if chroma_422 else 4)
     level.close()
     _random_regions_equal(path, range(3), n=8, size=300)
     _grid_streams_fast_as_openslide(path)

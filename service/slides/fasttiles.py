@@ -29,8 +29,8 @@ markers renumbered from 0 and decodes the block with one call, under a JPEG head
 McuStarts, the tag giving each interval's offset, is checked as OpenSlide checks it (each interval follows its
 restart marker) and its 32-bit wrap-arounds past 4 GB are undone.
 Each restart interval is an independent entropy-coded unit, so the pixels equal OpenSlide's, which decodes the
-same intervals; with vertical chroma subsampling (none in the sample) libjpeg's fancy upsampling would smooth
-across interval rows inside a block, which OpenSlide does not.
+same intervals one by one; where chroma is subsampled, blocks never join intervals in that direction (libjpeg's
+fancy upsampling would use the neighbouring interval's chroma at the border, OpenSlide repeats the edge).
 
 MIRAX (`.mrxs` + a folder with Slidedat.ini, Index.dat, Data*.dat) stores one JPEG per camera image; where the
 images sit on a regular grid (no camera overlap, no position buffer, one image per camera field) `MiraxLevel`
@@ -469,7 +469,7 @@ def open_tiff_level(path: str | Path, width: int, height: int) -> TiffLevel | Nd
             for page in _tiled_pages(tif):
                 if _fast_tiled_page(page, width, height):
                     return TiffLevel(path, page)
-    except (tifffile.TiffFileError, OSError, ValueError, KeyError, struct.error):
+    except (tifffile.TiffFileError, OSError, ValueError, KeyError, IndexError, struct.error):
         return None
     return None
 
@@ -532,14 +532,20 @@ class NdpiLevel:
         self.iw, self.ih = int(page.tilewidth), int(page.tilelength)  # one restart interval
         self.cols = -(-self.width // self.iw)
         self.rows = -(-self.height // self.ih)
-        self.gx = max(1, min(self.cols, NDPI_BLOCK_W // self.iw))
-        self.gy = max(1, NDPI_BLOCK_H // self.ih)
+        self._header = bytes(page.jpegheader)
+        self._sof = _sof_offset(self._header)
+        # chroma subsampled across a block's interval borders would be upsampled from the neighbouring
+        # interval's chroma, where OpenSlide, decoding interval by interval, repeats the edge (4:2:2 differs by
+        # up to 18 levels there): blocks then never join intervals in that direction
+        ncomp = self._header[self._sof + 9]
+        factors = self._header[self._sof + 11 : self._sof + 10 + 3 * ncomp : 3]
+        across, down = max(f >> 4 for f in factors), max(f & 15 for f in factors)
+        self.gx = 1 if across > 1 else max(1, min(self.cols, NDPI_BLOCK_W // self.iw))
+        self.gy = 1 if down > 1 else max(1, NDPI_BLOCK_H // self.ih)
         self.tile_w, self.tile_h = self.gx * self.iw, self.gy * self.ih
         self.tiles_x = -(-self.cols // self.gx)
         self.tiles_y = -(-self.rows // self.gy)
         self.offsets, self.counts = ndpi_interval_spans(page.dataoffsets, page.databytecounts)
-        self._header = bytes(page.jpegheader)
-        self._sof = _sof_offset(self._header)
         self._rgb = page.samplesperpixel == 3
         self._fd = os.open(path, os.O_RDONLY)
 
