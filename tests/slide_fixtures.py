@@ -207,13 +207,24 @@ def _restart_starts(jpeg: bytes) -> list[int]:
 
 
 def _ndpi_page(
-    jpeg: bytes, w: int, h: int, mpp: float, lens: float, at: int, last: bool, per_row: int = 1, chroma_x: int = 1
+    jpeg: bytes,
+    w: int,
+    h: int,
+    mpp: float,
+    lens: float,
+    at: int,
+    last: bool,
+    *,
+    per_row: int = 1,
+    chroma_x: int = 1,
+    mcu_starts: bool = True,
 ) -> bytes:
     """One NDPI page whose IFD starts at file offset `at`: the IFD, then the JPEG strip and out-of-line tag
     values; unless `last`, its next-IFD offset points just past them. NDPI's IFD layout: classic 12-byte
     entries, then an 8-byte next-IFD offset and 4 high-order bytes per entry (all zero below 4 GB); libtiff
     reads it as classic TIFF, tifffile as NDPI. `per_row` restart intervals make one 8 px MCU row; chroma is
-    subsampled `chroma_x` times horizontally (1 in 4:4:4, 2 in 4:2:2)."""
+    subsampled `chroma_x` times horizontally (1 in 4:4:4, 2 in 4:2:2). Without `mcu_starts` the McuStarts tag
+    is left out (OpenSlide then finds the intervals by scanning for restart markers)."""
     import struct
 
     starts = _restart_starts(jpeg)
@@ -242,7 +253,7 @@ def _ndpi_page(
         (65423, 9, [0]),  # y offset
         (65424, 9, [0]),  # focal plane
         (65426, 4, starts),  # McuStarts: each restart interval's offset in the strip
-    ]
+    ][: None if mcu_starts else -1]
     fmt = {2: "s", 3: "H", 4: "I", 5: "I", 9: "i", 11: "f"}
     ifd_size = 2 + 16 * len(tags) + 8
     data = bytearray(jpeg)
@@ -306,6 +317,7 @@ def write_ndpi(
     quality: int = 90,
     interval_mcus: int | None = None,
     chroma_422: bool = False,
+    mcu_starts: bool = True,
 ) -> Path:
     """A Hamamatsu NDPI of `pixels` (RGB at `mpp`, 40x by default) that OpenSlide's hamamatsu driver and
     tifffile both read as NDPI: one page per level (2x box-filtered), each level one baseline JPEG strip
@@ -342,7 +354,18 @@ def write_ndpi(
         for i, (level, jpeg) in enumerate(zip(pyr, pages, strict=True)):
             h, w = level.shape[:2]
             per_row = 1 if interval_mcus is None else w // mcu // interval_mcus
-            page = _ndpi_page(jpeg, w, h, mpp * 2**i, 40.0 / 2**i, fh.tell(), i + 1 == len(pyr), per_row, mcu // 8)
+            page = _ndpi_page(
+                jpeg,
+                w,
+                h,
+                mpp * 2**i,
+                40.0 / 2**i,
+                fh.tell(),
+                i + 1 == len(pyr),
+                per_row=per_row,
+                chroma_x=mcu // 8,
+                mcu_starts=mcu_starts,
+            )
             fh.write(page)
     return out
 

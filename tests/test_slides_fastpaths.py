@@ -184,6 +184,18 @@ def test_ndpi_level_wider_than_a_jpeg_can_be_equals_openslide(cmu_svs: Path, tmp
     src.close()
 
 
+def test_ndpi_without_mcu_starts_reads_through_the_generic_path(cmu_svs: Path, tmp_path: Path) -> None:
+    """Without McuStarts nothing says where the intervals are: tifffile sees one strip, the block reader stays
+    out of it and the generic reader (OpenSlide, which scans for the markers) analyses the slide."""
+    path = _cmu_ndpi(cmu_svs, tmp_path / "no-mcu-starts.ndpi", mcu_starts=False)
+    assert open_tiff_level(path, 992, 832) is None
+    with open_slide(path) as r:
+        g = build_grid(r)
+        assert PatchReader(r, g).mode != "fast-ndpi"
+        patches = _collect(r, g, batch_size=8, workers=2)
+    assert len(patches) == len(g) > 0 and np.array_equal(patches, _openslide_patches(path, g))
+
+
 def _mcu_starts_at(path: Path, page: int) -> tuple[int, np.ndarray]:
     """(file offset of the McuStarts values, the values) of one NDPI page."""
     with tifffile.TiffFile(path) as tif:
