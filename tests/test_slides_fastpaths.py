@@ -538,6 +538,8 @@ def test_tiling_bench_row_for_a_real_slide(ndpi: Path) -> None:
     assert bench.samples(3, 3501) == 3 and bench.samples(5, 200) == 8
     assert row["ours"] > 0 and row["loop"] > 0 and row["ceiling"] > 0 and row["max_abs_diff"] == 0
     assert row["cpu_resize"] > 0 and row["cpu_resize_cv2"] > 0  # 245 -> 224 px
+    generic = bench.bench_slide("NDPI" + bench.GENERIC, ndpi, None, repeats=1, max_patches=20, fast=False)
+    assert generic["mode"] == "read_region" and "ceiling" not in generic and generic["max_abs_diff"] == 0
     with open_slide(ndpi) as r:
         grid = bench._subset(build_grid(r), 20)
     parts = bench.breakdown(ndpi, grid, None, repeats=1)

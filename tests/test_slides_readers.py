@@ -25,6 +25,7 @@ from service.errors import (
 from service.slides import mpp as mppmod
 from service.slides.base import Mpp
 from service.slides.open import open_slide, require_mpp
+from service.slides.readers._common import to_rgb
 from service.slides.readers.dicom_reader import jpeg_stream_colour
 from service.slides.sniff import sniff_format
 
@@ -418,3 +419,22 @@ def test_dicom_folder_ignores_non_wsi_objects(tmp_path, dicom_dir):
     _write_dicom(d / "zz-annotation.dcm", "1.2.840.10008.5.1.4.1.1.91.1")  # bulk annotations
     with open_slide(d) as r:
         assert r.dimensions == (2220, 2967) and r.level_count == 3
+
+
+def test_to_rgb_drops_opaque_alpha_and_composites_the_rest_onto_white() -> None:
+    """OpenSlide's RGBA: opaque pixels keep their colour, transparent ones (outside the slide) turn white and
+    partly transparent ones are blended onto white with rounding; views and empty regions work too."""
+    rng = np.random.default_rng(0)
+    rgba = rng.integers(0, 256, (37, 53, 4), dtype=np.uint8)
+    rgba[..., 3] = 255
+    assert np.array_equal(to_rgb(rgba), rgba[..., :3])
+    assert np.array_equal(to_rgb(rgba[5:20, 7:40]), rgba[5:20, 7:40, :3])  # a non-contiguous view
+    rgba[:10, :, 3] = 0
+    rgba[10:20, :, 3] = rng.integers(1, 255, (10, 53), dtype=np.uint8)
+    a = rgba[..., 3:].astype(float) / 255
+    expected = np.floor(rgba[..., :3] * a + 255 * (1 - a) + 0.5).astype(np.uint8)
+    out = to_rgb(rgba)
+    assert out.dtype == np.uint8 and out.flags.c_contiguous and out.shape == (37, 53, 3)
+    assert (out[:10] == 255).all() and np.abs(out.astype(int) - expected).max() <= 1
+    assert np.array_equal(out[20:], rgba[20:, :, :3])
+    assert to_rgb(np.zeros((0, 4, 4), np.uint8)).shape == (0, 4, 3)
