@@ -431,10 +431,11 @@ def test_to_rgb_drops_opaque_alpha_and_composites_the_rest_onto_white() -> None:
     assert np.array_equal(to_rgb(rgba[5:20, 7:40]), rgba[5:20, 7:40, :3])  # a non-contiguous view
     rgba[:10, :, 3] = 0
     rgba[10:20, :, 3] = rng.integers(1, 255, (10, 53), dtype=np.uint8)
+    rgba[30:33, 40:45, 3] = 100  # a second patch of transparency: opaque pixels between them keep their colour
     a = rgba[..., 3:].astype(float) / 255
     expected = np.floor(rgba[..., :3] * a + 255 * (1 - a) + 0.5).astype(np.uint8)
     out = to_rgb(rgba)
     assert out.dtype == np.uint8 and out.flags.c_contiguous and out.shape == (37, 53, 3)
-    assert (out[:10] == 255).all() and np.abs(out.astype(int) - expected).max() <= 1
-    assert np.array_equal(out[20:], rgba[20:, :, :3])
+    assert (out[:10] == 255).all() and np.array_equal(out, expected)
+    assert np.array_equal(out[20:30], rgba[20:30, :, :3]) and np.array_equal(out[33:], rgba[33:, :, :3])
     assert to_rgb(np.zeros((0, 4, 4), np.uint8)).shape == (0, 4, 3)

@@ -50,10 +50,15 @@ def to_rgb(arr: np.ndarray) -> np.ndarray:
     if c == 4 and arr.size:  # OpenSlide's RGBA: one OpenCV pass each to drop and to check the alpha, where
         arr = np.ascontiguousarray(arr)  # NumPy's strided 3-of-4 copy cost as much as OpenSlide's own read
         rgb = cv2.cvtColor(arr, cv2.COLOR_RGBA2RGB)  # (0.46 vs 0.01 ms a 224 px patch, 0.40 the read)
-        if cv2.minMaxLoc(cv2.extractChannel(arr, 3))[0] == 255:
+        alpha = cv2.extractChannel(arr, 3)
+        if cv2.minMaxLoc(alpha)[0] == 255:
             return rgb
-        a = arr[:, :, 3:].astype(np.uint16)
-        return ((rgb.astype(np.uint16) * a + 255 * (255 - a) + 127) // 255).astype(np.uint8)
+        see = alpha != 255  # blend the box around those (a slide's edge, gaps between camera fields): opaque
+        rows, cols = np.flatnonzero(see.any(axis=1)), np.flatnonzero(see.any(axis=0))  # pixels keep their value
+        box = slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)
+        a = alpha[box][:, :, None].astype(np.uint16)
+        rgb[box] = (rgb[box].astype(np.uint16) * a + 255 * (255 - a) + 127) // 255
+        return rgb
     if c in (2, 4):
         rgb = arr[:, :, :-1] if c == 4 else np.repeat(arr[:, :, :1], 3, axis=2)
         a = arr[:, :, -1:].astype(np.uint16)
