@@ -203,23 +203,27 @@ def _mcu_starts_at(path: Path, page: int) -> tuple[int, np.ndarray]:
         return tag.valueoffset, np.asarray(tag.value, dtype=np.uint32)
 
 
-@pytest.mark.parametrize("shift", ["next interval", "3 bytes in"])
+@pytest.mark.parametrize("shift", ["next interval", "3 bytes in", "backwards"])
 def test_damaged_mcu_starts_are_a_typed_error(ndpi_row_of_intervals: Path, tmp_path: Path, shift: str) -> None:
     """An McuStarts entry pointing at the wrong restart interval (data that decodes, to the wrong place) or
     into the middle of one fails the block that uses it with a reason, where a decoder would give wrong pixels
-    silently; blocks not using it still read."""
+    silently; one going backwards is taken for a 4 GB wrap and then points past the file's end, also named;
+    blocks not using it still read."""
     bad = tmp_path / "bad-mcu-starts.ndpi"
     shutil.copy(ndpi_row_of_intervals, bad)
     at, starts = _mcu_starts_at(bad, 1)  # level 1: 4 intervals a row, 1 block a row
     k = 4 * 40 + 2  # row 40 (block row 5), third interval
-    starts[k] = starts[k + 1] if shift == "next interval" else starts[k] + 3
+    starts[k] = {"next interval": starts[k + 1], "3 bytes in": starts[k] + 3, "backwards": starts[k - 1] - 1}[shift]
     with open(bad, "r+b") as fh:
         fh.seek(at)
         fh.write(starts.tobytes())
     level = open_tiff_level(bad, 992, 832)
     src = FastTiffSource(level)
     assert src.read(0, 0, (992, 64)).shape == (64, 992, 3)  # block row 0 is intact
-    with pytest.raises(CorruptSlideError, match=r"NDPI block \(0, 5\).*interval 162 does not follow marker RST1"):
+    reason = (
+        r"end at byte .*\(McuStarts damaged" if shift == "backwards" else "interval 162 does not follow marker RST1"
+    )
+    with pytest.raises(CorruptSlideError, match=rf"NDPI block \(0, 5\).*{reason}"):
         src.read(0, 5 * 64, (992, 64))
     src.close()
 

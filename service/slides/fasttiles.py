@@ -579,7 +579,10 @@ class NdpiLevel:
                 raise ValueError(f"McuStarts of restart intervals {a}-{b} are out of order")
             raw = os.pread(self._fd, end - start, start)
             if len(raw) != end - start:
-                raise ValueError(f"file truncated: {len(raw)} of {end - start} bytes")
+                raise ValueError(
+                    f"restart intervals {a}-{b} end at byte {end} of a {os.fstat(self._fd).st_size} byte file "
+                    "(McuStarts damaged, or the file truncated)"
+                )
             for i in range(a, b + 1):
                 at = int(self.offsets[i]) - start
                 if i and (at < 2 or raw[at - 2] != 0xFF or raw[at - 1] != 0xD0 + (i - 1) % 8):
