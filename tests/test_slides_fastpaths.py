@@ -228,6 +228,44 @@ def test_damaged_mcu_starts_are_a_typed_error(ndpi_row_of_intervals: Path, tmp_p
     src.close()
 
 
+def test_tiff_tiles_out_of_order_or_missing_read_as_stored(cmu_svs: Path, tmp_path: Path) -> None:
+    """TIFF tiles may sit anywhere in the file and in any order, and a tile with no bytes (offset and count 0)
+    is white: the fast path takes each tile's offset and count as stored (NDPI's interval arithmetic, which
+    assumes intervals in file order, is for NDPI only)."""
+    with openslide.OpenSlide(str(cmu_svs)) as s:
+        pixels = np.asarray(s.read_region((0, 0), 0, (768, 512)).convert("RGB"))
+    path = tmp_path / "tiles.tif"
+    tifffile.imwrite(path, pixels, tile=(256, 256), compression="jpeg", photometric="rgb")
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[0]
+        offsets_at, counts_at = page.tags[324].valueoffset, page.tags[325].valueoffset
+        offsets = np.asarray(page.dataoffsets, np.uint32)
+        counts = np.asarray(page.databytecounts, np.uint32)
+        expected = page.asarray()
+    order = [5, 4, 3, 2, 1, 0]  # the tiles' bytes, last tile first
+    data = b"".join(path.read_bytes()[offsets[i] : offsets[i] + counts[i]] for i in order)
+    new_offsets = np.zeros(6, np.uint32)
+    at = path.stat().st_size
+    for i in order:
+        new_offsets[i], at = at, at + counts[i]
+    new_offsets[1], counts[1] = 0, 0  # tile (1, 0) stored nowhere
+    with open(path, "r+b") as fh:
+        fh.seek(0, 2)
+        fh.write(data)
+        fh.seek(offsets_at)
+        fh.write(new_offsets.tobytes())
+        fh.seek(counts_at)
+        fh.write(counts.tobytes())
+    level = open_tiff_level(path, 768, 512)
+    assert level is not None and level.kind == "tiff"
+    src = FastTiffSource(level)
+    got = src.read(0, 0, (768, 512))
+    src.close()
+    assert (got[:256, 256:512] == 255).all()
+    expected[:256, 256:512] = 255
+    assert np.array_equal(got, expected)
+
+
 def test_mcu_starts_wrapped_past_4_gb_are_undone() -> None:
     """Files past 4 GB whose McuStartsHighBytes stay 0 where the 32-bit McuStarts wrap: the offsets drop
     mid-level, and every drop is taken as a wrap, so each interval gets its true offset and length back."""

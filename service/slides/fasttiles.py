@@ -260,7 +260,8 @@ class TiffLevel:
         self.tile_h = int(page.tilelength)
         self.tiles_x = -(-self.width // self.tile_w)
         self.tiles_y = -(-self.height // self.tile_h)
-        self.offsets, self.counts = ndpi_interval_spans(page.dataoffsets, page.databytecounts)
+        self.offsets = np.asarray(page.dataoffsets, dtype=np.int64)
+        self.counts = np.asarray(page.databytecounts, dtype=np.int64)
         self._jpegtables = page.jpegtables
         self._decode = page.decode  # a closure over the page's codec settings; no file access
         self._jpeg_args: dict | None = None  # libjpeg-turbo straight into a given buffer (3-sample JPEG)
