@@ -10,9 +10,12 @@ cached under out/bench/):
   reads 448 px of level 0 and area-resizes to 224 (the resize path);
 - NDPI (restart-interval JPEG), Aperio JPEG 2000 (33005; no µm/px, read with a 0.25 override), DICOM WSI: the
   real samples in ../shared/data/slides;
+- NDPI built, 16k: a 16,384 px NDPI of the mirrored pixels labelled 40x, once with restart intervals a whole
+  row (the sample's layout) and once with 2,048 px ones (256 MCUs, as in most scanner files);
 - OME-TIFF: a pyramidal OME-TIFF (SubIFDs) of the mirrored pixels;
 - MRXS: a MIRAX slide (Slidedat.ini + Index.dat + Data0000.dat, one JPEG per 256 px camera image, no overlap)
-  of the mirrored pixels; no real MRXS sample exists here;
+  of the mirrored pixels; no real MRXS sample exists here. "MRXS, generic path" reads it through `read_region`
+  runs (`fast=False`), as every slide without a fast path reads (MIRAX scanner files with camera overlaps);
 - JPEG 2000 YCbCr (Aperio 33003): 2,048 x 2,048 real CMU pixels, 4:2:2 chroma, tiles coded by opj_compress
   (Debian libopenjp2-tools); no real 33003 sample exists here.
 
