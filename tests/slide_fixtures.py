@@ -252,7 +252,7 @@ def _ndpi_page(
         (65422, 9, [0]),  # x offset from the slide centre, nm
         (65423, 9, [0]),  # y offset
         (65424, 9, [0]),  # focal plane
-        (65426, 4, starts),  # McuStarts: each restart interval's offset in the strip
+        (65426, 4, starts),  # McuStarts: each restart interval's offset in the strip (last: left out below)
     ][: None if mcu_starts else -1]
     fmt = {2: "s", 3: "H", 4: "I", 5: "I", 9: "i", 11: "f"}
     ifd_size = 2 + 16 * len(tags) + 8
@@ -324,7 +324,7 @@ def write_ndpi(
     (4:4:4, or 4:2:2 with 16 x 8 px MCUs) cut by restart markers, and the Hamamatsu tags OpenSlide needs
     (format flag, source lens, offsets, focal plane, McuStarts). No macro or map image; files stay under 4 GB
     (no high-order offset bytes). 4:2:0 is not offered: OpenSlide's NDPI driver cannot decode it (libjpeg
-    reads ahead into the next interval for the vertical chroma context), so scanners cannot be writing it.
+    reads ahead into the next interval for the vertical chroma context), so no NDPI that OpenSlide reads is.
 
     The restart interval is one MCU row by default (the sample's layout), else `interval_mcus` MCUs, which
     must divide every level's row: Bio-Formats' maintainers report 256 MCUs (2,048 px) in most scanner
