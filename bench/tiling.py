@@ -281,6 +281,14 @@ def _timed_threads(fn, chunks: list, threads: int) -> tuple[float, float]:
     return time.perf_counter() - t0, time.process_time() - c0
 
 
+def script_resize(patch: np.ndarray, size: int) -> np.ndarray:
+    """The baseline's shrink, what a user script does: OpenCV's `INTER_AREA` to `size` x `size` px (our
+    `resize_patch` must give the same pixels); a patch already that size is returned as it is."""
+    if patch.shape[0] == size and patch.shape[1] == size:
+        return patch
+    return cv2.resize(patch, (size, size), interpolation=cv2.INTER_AREA)
+
+
 def openslide_rate(path: Path, grid, threads: int = 2) -> tuple[float, float]:
     """(patches/s, CPU ms per patch) of a plain OpenSlide loop over the grid's coordinates."""
     coords = [(int(x), int(y)) for x, y in grid.coords]
@@ -289,9 +297,7 @@ def openslide_rate(path: Path, grid, threads: int = 2) -> tuple[float, float]:
 
         def read(chunk: list[tuple[int, int]]) -> None:  # what a typical script does: OpenSlide + cv2 INTER_AREA
             for xy in chunk:
-                patch = np.asarray(s.read_region(xy, level, (rs, rs)).convert("RGB"))
-                if rs != ps:
-                    cv2.resize(patch, (ps, ps), interpolation=cv2.INTER_AREA)
+                script_resize(np.asarray(s.read_region(xy, level, (rs, rs)).convert("RGB")), ps)
 
         dt, cpu = _timed_threads(read, _chunks(coords, threads), threads)
     return len(coords) / dt, 1000 * cpu / len(coords)
@@ -304,9 +310,7 @@ def reader_loop_rate(path: Path, grid, mpp_override: float | None, threads: int 
 
         def read(chunk: list[tuple[int, int]]) -> None:
             for xy in chunk:
-                patch = r.read_region(xy, grid.read_level, (grid.read_size,) * 2)
-                if grid.read_size != grid.patch_size:
-                    cv2.resize(patch, (grid.patch_size,) * 2, interpolation=cv2.INTER_AREA)
+                script_resize(r.read_region(xy, grid.read_level, (grid.read_size,) * 2), grid.patch_size)
 
         dt, cpu = _timed_threads(read, _chunks(coords, threads), threads)
     return len(coords) / dt, 1000 * cpu / len(coords)
@@ -347,10 +351,9 @@ def best_cpu_ms(fn, n: int = 200) -> float:
 
 def resize_cost(read: int, size: int, n: int = 200) -> tuple[float, float]:
     """CPU ms of one area resize `read` -> `size` px, best of 3: (ours = `resize_patch`, the loop's
-    `cv2.resize(..., INTER_AREA)`); identical pixels."""
+    `script_resize`); identical pixels."""
     patch = np.random.default_rng(0).integers(0, 256, (read, read, 3), np.uint8)
-    ours = best_cpu_ms(lambda: resize_patch(patch, size), n)
-    return ours, best_cpu_ms(lambda: cv2.resize(patch, (size, size), interpolation=cv2.INTER_AREA), n)
+    return best_cpu_ms(lambda: resize_patch(patch, size), n), best_cpu_ms(lambda: script_resize(patch, size), n)
 
 
 def _area_weights(read: int, size: int) -> np.ndarray:
@@ -386,7 +389,7 @@ def resize_candidates(read: int, size: int, n: int = 200) -> list[dict]:
 
     cands = {
         "area_resize (resize_patch)": lambda a: resize_patch(a, size),
-        "cv2 INTER_AREA (uint8)": lambda a: cv2.resize(a, (size, size), interpolation=cv2.INTER_AREA),
+        "cv2 INTER_AREA (uint8)": lambda a: script_resize(a, size),
         "cv2 INTER_AREA on float32": lambda a: cv2.convertScaleAbs(
             cv2.resize(a.astype(np.float32), (size, size), interpolation=cv2.INTER_AREA)
         ),
@@ -395,7 +398,7 @@ def resize_candidates(read: int, size: int, n: int = 200) -> list[dict]:
         "scipy sparse exact weights": sparse_area,
         "cv2 INTER_LINEAR (not area)": lambda a: cv2.resize(a, (size, size), interpolation=cv2.INTER_LINEAR),
     }
-    ref = cv2.resize(patch, (size, size), interpolation=cv2.INTER_AREA).astype(int)
+    ref = script_resize(patch, size).astype(int)
     rows = []
     for name, fn in cands.items():
         cpu_ms = best_cpu_ms(lambda fn=fn: fn(patch), n)
@@ -414,10 +417,9 @@ def pixel_check(
     with openslide.OpenSlide(str(openslide_path(path))) as s:
         ref = np.stack(
             [
-                cv2.resize(  # OpenSlide + OpenCV, as the loop: our area_resize must give the same pixels
+                script_resize(  # OpenSlide + OpenCV, as the loop: our area_resize must give the same pixels
                     np.asarray(s.read_region((int(x), int(y)), grid.read_level, (grid.read_size,) * 2).convert("RGB")),
-                    (grid.patch_size,) * 2,
-                    interpolation=cv2.INTER_AREA,
+                    grid.patch_size,
                 )
                 for x, y in sub.coords
             ]
@@ -555,7 +557,7 @@ def breakdown(path: Path, grid, mpp_override: float | None, repeats: int = 3) ->
                 keep("cut", time.process_time() - c0)
                 for name, shrink in (  # ours, and the loop's (same pixels; not part of ours_cold)
                     ("resize", lambda: resize_patch(buf, ps)),
-                    ("resize_cv2", lambda: cv2.resize(buf, (ps, ps), interpolation=cv2.INTER_AREA)),
+                    ("resize_cv2", lambda: script_resize(buf, ps)),
                 ):
                     c0 = time.process_time()
                     for _ in range(len(grid) if rs != ps else 0):
