@@ -76,6 +76,11 @@ class Settings(BaseSettings):
         "onnxruntime", description="where models run: in-process onnxruntime, or a Triton server"
     )
     ort_device: Literal["auto", "cpu", "cuda", "tensorrt"] = Field("auto", description="onnxruntime providers")
+    tile_decoder: Literal["cpu", "nvimgcodec", "nvimgcodec-cpu"] = Field(
+        "cpu",
+        description="the patch reader's tile decoder: libjpeg-turbo/OpenJPEG per tile, or batches through "
+        "nvImageCodec on a GPU (nvJPEG, nvJPEG2000; extra gpu-decode); nvimgcodec-cpu = its CPU backends",
+    )
     triton_url: str = Field("127.0.0.1:8001", description="Triton address (gRPC port, or HTTP with triton_protocol)")
     triton_protocol: Literal["grpc", "http"] = Field("grpc", description="Triton client protocol")
     runner_workers: int = Field(1, ge=1, le=64, description="embedded runner: worker processes")

@@ -61,6 +61,7 @@ def embed_grid(
     workers: int = 2,
     max_inflight: int | None = None,
     fast: bool | str = "auto",
+    decoder: str = "cpu",
     progress: ProgressFn | None = None,
     should_cancel: CancelFn | None = None,
     stats: EmbedStats | None = None,
@@ -83,7 +84,9 @@ def embed_grid(
         return feats
     done = 0
     t0 = time.perf_counter()
-    batches = iter_batches(reader, grid, batch_size=batch_size, workers=workers, fast=fast, max_inflight=max_inflight)
+    batches = iter_batches(
+        reader, grid, batch_size=batch_size, workers=workers, fast=fast, max_inflight=max_inflight, decoder=decoder
+    )
     try:
         while True:
             if should_cancel is not None and should_cancel():

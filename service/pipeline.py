@@ -156,6 +156,7 @@ def backend_from_settings(bundle: Bundle) -> BundleBackend:
 
 
 def _embed(reader, grid, backend: BundleBackend, options: AnalysisOptions, prog: _Progress) -> np.ndarray:
+    from service.config import Settings
     from service.embedding import embed_grid
 
     prog("embed", 0.0)
@@ -166,6 +167,7 @@ def _embed(reader, grid, backend: BundleBackend, options: AnalysisOptions, prog:
         backend.bundle.manifest.embed_dim,
         batch_size=options.batch_size,
         workers=options.read_workers,
+        decoder=Settings().tile_decoder,
         progress=lambda done, total: prog("embed", done / total),  # also polls cancel, raising JobCanceled
     )
 

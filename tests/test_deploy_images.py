@@ -135,7 +135,7 @@ def test_lock_pins_every_declared_dependency() -> None:
     reqs = list(meta["dependencies"])
     for extra, items in meta["optional-dependencies"].items():
         reqs += [r for r in items if not r.startswith("mstar[")]
-        assert extra in ("api", "serve", "gpu", "worker", "triton", "pacs", "s3", "train", "dev", "all")
+        assert extra in ("api", "serve", "gpu", "gpu-decode", "worker", "triton", "pacs", "s3", "train", "dev", "all")
     for r in map(Requirement, reqs):
         name = canonicalize_name(r.name)
         assert name in pins, f"{r.name} (pyproject.toml) has no pin in requirements/lock.txt: run `make lock`"

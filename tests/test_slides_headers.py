@@ -16,7 +16,7 @@ from PIL import Image
 
 from service.errors import CorruptSlideError
 from service.slides.fasttiles import FastTiffSource, MiraxLevel, open_tiff_level
-from service.slides.headers import check_size, j2k_codestream_size, jpeg_frame_size
+from service.slides.headers import check_size, j2k_codestream_size, jpeg_frame_size, jpeg_scan_intact
 from service.slides.open import open_slide
 
 HUGE = (60_000).to_bytes(2, "big")
@@ -38,6 +38,29 @@ def test_jpeg_frame_size_walks_the_markers() -> None:
             jpeg_frame_size(bad)
     with pytest.raises(ValueError, match="ends before"):
         jpeg_frame_size(_jpeg(8, 8)[:20])
+
+
+def test_jpeg_scan_intact_finds_markers_that_do_not_belong_in_a_scan() -> None:
+    """A JPEG with restart markers (random pixels: stuffed 0xFF00 bytes occur all over its scan) passes;
+    the ways a stream breaks without libjpeg-turbo's decoder failing outright do not."""
+    import cv2
+
+    rng = np.random.default_rng(3)
+    ok, buf = cv2.imencode(".jpg", rng.integers(0, 255, (64, 96, 3), np.uint8), [cv2.IMWRITE_JPEG_RST_INTERVAL, 6])
+    good = buf.tobytes()
+    scan = good.index(b"\xff\xda")
+    rst = [i for i in range(scan, len(good) - 1) if good[i] == 0xFF and 0xD0 <= good[i + 1] <= 0xD7]
+    assert ok and len(rst) == 3 and b"\xff\x00" in good[scan:]  # 24 MCUs, 6 an interval; stuffed bytes
+    assert jpeg_scan_intact(good)
+    assert not jpeg_scan_intact(good[:-2])  # cut short: no EOI
+    assert not jpeg_scan_intact(good[: len(good) // 2] + b"\xff\xd9")  # cut short, EOI appended
+    spliced = bytearray(good)
+    spliced[rst[1] + 1] = 0xD5  # a restart marker out of turn (an interval missing or from elsewhere)
+    assert not jpeg_scan_intact(bytes(spliced))
+    over = bytearray(good)
+    over[rst[2] + 40 : rst[2] + 44] = b"\xff\xc0\x00\x04"  # a frame marker written over scan data
+    assert not jpeg_scan_intact(bytes(over))
+    assert not jpeg_scan_intact(good[:200])  # the header alone
 
 
 def test_j2k_codestream_size_reads_the_siz_segment() -> None:

@@ -60,7 +60,8 @@ from PIL import Image, features
 
 from service.errors import CorruptSlideError
 from service.slides import openjpeg
-from service.slides.headers import check_size, j2k_codestream_size, jpeg_frame_size
+from service.slides.batchdecode import BatchDecoder
+from service.slides.headers import check_size, j2k_codestream_size, jpeg_frame_size, jpeg_scan_intact
 
 JPEG = 7
 APERIO_J2K_YCBCR = 33003
@@ -139,6 +140,30 @@ class TileCache:
             event = self._claim(key)
         self._fill(key, load, event)
 
+    def claim_free(self, keys) -> list[tuple[tuple[int, int], threading.Event]]:
+        """Claim every one of `keys` that is neither cached nor being decoded, for `fill_claimed`; never
+        waits."""
+        with self._lock:
+            return [(k, self._claim(k)) for k in keys if k not in self._data and k not in self._pending]
+
+    def fill_claimed(self, claims: list[tuple[tuple[int, int], threading.Event]], load) -> None:
+        """Fill claimed keys in turn; where one fails, the rest are released (readers waiting on them decode
+        them themselves) and the error goes up."""
+        for i, (key, event) in enumerate(claims):
+            try:
+                self._fill(key, load, event)
+            except BaseException:
+                self.release(claims[i + 1 :])
+                raise
+
+    def release(self, claims: list[tuple[tuple[int, int], threading.Event]]) -> None:
+        """Give claimed keys up undecoded: readers waiting on them wake and decode them themselves."""
+        with self._lock:
+            for k, _ in claims:
+                self._pending.pop(k, None)
+        for _, e in claims:
+            e.set()
+
     def _claim(self, key: tuple[int, int]) -> threading.Event:
         """Mark `key` as being decoded by this thread (lock held)."""
         event = self._pending[key] = threading.Event()
@@ -167,6 +192,25 @@ def _jpeg_into(data: bytes, out: np.ndarray | None, **args) -> np.ndarray:
         with contextlib.suppress(Exception):
             return imagecodecs.jpeg8_decode(data, out=out, **args)
     return imagecodecs.jpeg8_decode(data, **args)
+
+
+# Adobe APP14 with transform 0: the components are R, G, B (libjpeg reads no JFIF marker first)
+_ADOBE_RGB = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00"
+
+
+def complete_jpeg(data: bytes, tables: bytes | None, args: dict) -> bytes | None:
+    """A TIFF JPEG tile as a stream any decoder reads as tifffile's libjpeg call does: the page's JPEGTables
+    merged in, and where tifffile names the colour space RGB (Aperio: RGB-coded, no JFIF marker) an Adobe
+    segment saying so, placed just before the frame so that it is the last one read. None for colour
+    handling a stream cannot carry; ValueError for a tile that is not baseline JPEG."""
+    if args.get("outcolorspace") != 2 or args.get("colorspace") not in (None, 2):
+        return None
+    if tables:
+        data = bytes(tables[:-2]) + data[2:]  # tables: SOI, DQT/DHT, EOI; tile: SOI, frame, scan, EOI
+    if args.get("colorspace") == 2:
+        at = _sof_offset(data)
+        data = data[:at] + _ADOBE_RGB + data[at:]
+    return data
 
 
 def _c_round(x: np.ndarray) -> np.ndarray:
@@ -297,6 +341,22 @@ class TiffLevel:
                 f"stored tile ({tx}, {ty}) of the {self.width}x{self.height} level cannot be decoded ({exc})",
                 slide=self.path.name,
             ) from None
+
+    def stream(self, key: tuple[int, int]) -> bytes | None:
+        """Tile `key` as one complete codestream for a batch decoder (`batchdecode`), or None where only
+        `decode_tile` gives its pixels: no stored tile, Aperio 33003, a JPEG that is not baseline 3-sample RGB,
+        a tile whose bytes or header are wrong (`decode_tile` then names the problem)."""
+        tx, ty = key
+        index = ty * self.tiles_x + tx
+        if int(self.counts[index]) == 0 or self._ycbcr or (self.codec == "jpeg" and self._jpeg_args is None):
+            return None
+        try:
+            data = self._stored(index)
+            if self.codec == "jpeg2000":
+                return data
+            return complete_jpeg(data, self._jpegtables, self._jpeg_args)
+        except ValueError:
+            return None
 
     def _stored(self, index: int) -> bytes:
         """The stored bytes of tile `index` (non-empty), whose header must declare the TIFF tile's size: checked
@@ -598,14 +658,26 @@ class NdpiLevel:
         parts.append(b"\xff\xd9")
         return b"".join(parts)
 
+    def _block_stream(self, key: tuple[int, int]) -> bytes:
+        c0, c1, r0, r1 = self._block(key)
+        return self._block_header((c1 - c0) * self.iw, (r1 - r0) * self.ih) + self._block_data(c0, c1, r0, r1)
+
+    def stream(self, key: tuple[int, int]) -> bytes | None:
+        """Super tile `key` as one JPEG for a batch decoder; None for grey levels and damaged blocks (then
+        `decode_tile` decodes or names the problem)."""
+        if not self._rgb:
+            return None
+        try:
+            return self._block_stream(key)
+        except ValueError:
+            return None
+
     def decode_tile(self, key: tuple[int, int], out: np.ndarray | None = None) -> np.ndarray:
         """uint8 RGB of super tile `key` (edge blocks are smaller, or padded to whole intervals), into `out`
         when given."""
         tx, ty = key
-        c0, c1, r0, r1 = self._block(key)
         try:
-            data = self._block_header((c1 - c0) * self.iw, (r1 - r0) * self.ih) + self._block_data(c0, c1, r0, r1)
-            arr = _jpeg_into(data, out)
+            arr = _jpeg_into(self._block_stream(key), out)
         except Exception as exc:  # any codec error means damaged pixels, never a worker crash
             raise CorruptSlideError(
                 f"NDPI block ({tx}, {ty}) of the {self.width}x{self.height} level cannot be decoded ({exc})",
@@ -689,19 +761,33 @@ class MiraxLevel:
     def tile_shape(self, key: tuple[int, int]) -> tuple[int, int, int]:
         return (self.tile_h, self.tile_w, 3)
 
+    def _image(self, entry: tuple[int, int, int]) -> bytes:
+        """The stored JPEG of one camera image, its size checked against the level's (ValueError)."""
+        fileno, offset, length = entry
+        data = os.pread(self._fds[fileno], length, offset)
+        if len(data) != length:
+            raise ValueError(f"data file truncated: {len(data)} of {length} bytes")
+        check_size(jpeg_frame_size(data), (self.tile_w, self.tile_h), "camera image")
+        return data
+
+    def stream(self, key: tuple[int, int]) -> bytes | None:
+        """The camera image at `key` for a batch decoder; None where there is none or it is damaged."""
+        entry = self.images.get(key)
+        if entry is None:
+            return None
+        try:
+            return self._image(entry)
+        except ValueError:
+            return None
+
     def decode_tile(self, key: tuple[int, int], out: np.ndarray | None = None) -> np.ndarray:
         """uint8 RGB of the camera image at tile `key`, into `out` when given; tiles without an image are
         white, as read_region's transparent pixels become."""
         entry = self.images.get(key)
         if entry is None:
             return np.full((self.tile_h, self.tile_w, 3), 255, np.uint8)
-        fileno, offset, length = entry
         try:
-            data = os.pread(self._fds[fileno], length, offset)
-            if len(data) != length:
-                raise ValueError(f"data file truncated: {len(data)} of {length} bytes")
-            check_size(jpeg_frame_size(data), (self.tile_w, self.tile_h), "camera image")
-            arr = _jpeg_into(data, out)
+            arr = _jpeg_into(self._image(entry), out)
         except Exception as exc:  # any codec error means damaged pixels, never a worker crash
             raise CorruptSlideError(
                 f"MIRAX image {key} of the {self.width}x{self.height} level cannot be decoded ({exc})",
@@ -758,9 +844,14 @@ class FastTiffSource:
     """Cuts `size` x `size` level pixels at level coordinates out of cached decoded tiles."""
 
     def __init__(
-        self, level: TiffLevel | NdpiLevel | MiraxLevel, cache_bytes: int = 64 << 20, read_size: int = 0
+        self,
+        level: TiffLevel | NdpiLevel | MiraxLevel,
+        cache_bytes: int = 64 << 20,
+        read_size: int = 0,
+        decoder: BatchDecoder | None = None,
     ) -> None:
         self.level = level
+        self.decoder = decoder  # None: each tile on the CPU as it is needed; else batches (`batchdecode`)
         # NDPI blocks can be a whole level wide: keep every block row one `read_size` px read spans, plus the
         # next one (at least two), or patch rows thrash the cache
         row_bytes = level.tiles_x * level.tile_w * level.tile_h * 3 if level.kind == "ndpi" else 0
@@ -768,8 +859,37 @@ class FastTiffSource:
         self.cache = TileCache(max(int(cache_bytes), rows * row_bytes))
 
     def _load(self, key: tuple[int, int]) -> np.ndarray:
-        """Decode one stored tile, into a recycled buffer where one of its shape is spare."""
+        """Decode one stored tile, into a recycled buffer where one of its shape is spare (or through the batch
+        decoder, where there is one and the tile is a stream it takes)."""
+        if self.decoder is not None:
+            tile = self._decode_batch([key])[key]
+            if isinstance(tile, Exception):
+                raise tile
+            return tile
         return self.level.decode_tile(key, out=self.cache.recycled(self.level.tile_shape(key)))
+
+    def _decode_batch(self, keys: list[tuple[int, int]]) -> dict[tuple[int, int], np.ndarray | CorruptSlideError]:
+        """`keys` through the batch decoder in one call; a tile it cannot take, rejects or decodes to another
+        shape than the CPU path's is decoded by the CPU path, whose error for a damaged tile is its value."""
+        lv = self.level
+        streams = {k: lv.stream(k) for k in keys}
+        # JPEG whose scan is broken goes to libjpeg-turbo, which fails on it; nvImageCodec would decode it
+        todo = [k for k, s in streams.items() if s is not None and (lv.codec != "jpeg" or jpeg_scan_intact(s))]
+        out: dict = dict(zip(todo, self.decoder.decode([streams[k] for k in todo]), strict=True))
+        for k in keys:
+            arr = out.get(k)
+            if arr is None or arr.shape != self._shape(k):
+                try:
+                    out[k] = lv.decode_tile(k, out=self.cache.recycled(lv.tile_shape(k)))
+                except CorruptSlideError as exc:
+                    out[k] = exc
+        return out
+
+    def _shape(self, key: tuple[int, int]) -> tuple[int, int, int]:
+        """The shape `decode_tile(key)` returns for a stream-backed tile."""
+        lv = self.level
+        shape = lv.tile_shape(key)
+        return shape if shape is not None else (lv.tile_h, lv.tile_w, 3)
 
     def tiles_of(self, origins: np.ndarray, size: int) -> list[list[tuple[int, int]]]:
         """The stored tiles each `size` px read at level `origins` [N, 2] touches, row-major per read."""
@@ -797,6 +917,22 @@ class FastTiffSource:
         lv = self.level
         keys = dict.fromkeys(k for per_read in self.tiles_of(origins, size) for k in per_read)
         if len(keys) * lv.tile_w * lv.tile_h * 3 > self.cache.max_bytes // 4:
+            return
+        if self.decoder is not None:  # one batch call for every tile not cached or claimed by another thread
+            claims = self.cache.claim_free(keys)
+            try:
+                decoded = self._decode_batch([k for k, _ in claims])
+            except BaseException:
+                self.cache.release(claims)
+                raise
+
+            def take(key: tuple[int, int]) -> np.ndarray:
+                tile = decoded.pop(key)
+                if isinstance(tile, Exception):
+                    raise tile
+                return tile
+
+            self.cache.fill_claimed(claims, take)
             return
         for key in keys:
             self.cache.ensure(key, self._load)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import struct
 
+import numpy as np
+
 # start-of-frame markers: SOF0-3, 5-7, 9-11, 13-15 (C4 is DHT, C8 JPG, CC DAC)
 _SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
 _SOS, _SOI = 0xDA, 0xD8
@@ -65,3 +67,51 @@ def check_size(declared: tuple[int, int], expected: tuple[int, int], what: str) 
             f"{what} header says {declared[0]}x{declared[1]} px, not the {expected[0]}x{expected[1]} its container "
             "gives it"
         )
+
+
+def jpeg_scan_intact(data: bytes) -> bool:
+    """Whether a JPEG stream's entropy-coded data carries no marker but restart markers RST0-7 in turn, as many
+    as its restart interval and frame size call for, and ends with EOI: what a stream cut short, overwritten or
+    spliced wrongly breaks. Needed before handing a stream to a decoder that treats libjpeg's "corrupt data"
+    warnings as success (nvImageCodec decodes such a stream to wrong pixels without an error). Bit flips inside
+    the Huffman codes pass it, and so does a stream without restart markers cut short before an EOI. One NumPy
+    pass over the bytes (about 0.1 ms a MB)."""
+    if len(data) < 4 or data[-2:] != b"\xff\xd9":
+        return False
+    try:
+        sos, expected = _scan_layout(data)
+    except (ValueError, struct.error):
+        return False
+    b = np.frombuffer(data, np.uint8, count=len(data) - 2 - sos, offset=sos)
+    ff = np.flatnonzero(b[:-1] == 0xFF)
+    nxt = b[ff + 1]
+    if np.any((nxt != 0) & (nxt != 0xFF) & ((nxt < 0xD0) | (nxt > 0xD7))) or (len(b) and b[-1] == 0xFF):
+        return False
+    rst = nxt[(nxt >= 0xD0) & (nxt <= 0xD7)].astype(np.int64) - 0xD0
+    return bool(np.all(rst == np.arange(len(rst)) % 8)) and (expected is None or len(rst) == expected)
+
+
+def _scan_layout(data: bytes) -> tuple[int, int | None]:
+    """(offset of the first entropy-coded byte, the number of restart markers the scan must hold, or None
+    without a restart interval) of a single-scan baseline JPEG (ValueError where there is no scan)."""
+    i, interval, mcus = 2, 0, None
+    while i + 4 <= len(data):
+        if data[i] != 0xFF:
+            raise ValueError(f"malformed JPEG header at byte {i}")
+        marker = data[i + 1]
+        if marker == 0xFF:
+            i += 1
+            continue
+        length = struct.unpack_from(">H", data, i + 2)[0]
+        if marker == 0xDD:  # DRI
+            interval = struct.unpack_from(">H", data, i + 4)[0]
+        elif marker in _SOF:
+            height, width, n = *struct.unpack_from(">HH", data, i + 5), data[i + 9]
+            f = data[i + 11 : i + 11 + 3 * n : 3]
+            mh, mv = (8 * max(x >> 4 for x in f), 8 * max(x & 15 for x in f)) if n > 1 else (8, 8)
+            mcus = -(-width // mh) * -(-height // mv)
+        elif marker == _SOS:
+            need = -(-mcus // interval) - 1 if interval and mcus else None
+            return i + 2 + length, need
+        i += 2 + length
+    raise ValueError("JPEG stream has no scan")

@@ -31,6 +31,7 @@ import numpy as np
 
 from service.errors import InvalidParameterError
 from service.slides.area_resize import area_resize
+from service.slides.batchdecode import batch_decoder
 from service.slides.fasttiles import FastTiffSource, open_tiff_level
 
 if TYPE_CHECKING:
@@ -85,6 +86,7 @@ class PatchReader:
         fast: bool | str = "auto",
         cache_mb: int = 64,
         run_length: int = 8,
+        decoder: str = "cpu",
     ) -> None:
         self.reader = reader
         self.grid = grid
@@ -99,7 +101,9 @@ class PatchReader:
             lw, lh = reader.level_dimensions[grid.read_level]
             level = open_tiff_level(getattr(reader, "path", ""), int(lw), int(lh))
             if level is not None:
-                self.fast_source = FastTiffSource(level, cache_bytes=int(cache_mb) << 20, read_size=grid.read_size)
+                self.fast_source = FastTiffSource(
+                    level, cache_bytes=int(cache_mb) << 20, read_size=grid.read_size, decoder=batch_decoder(decoder)
+                )
                 self.level_coords = level_coords
         if fast is True and self.fast_source is None:
             raise InvalidParameterError("the fast tile path does not apply to this slide/grid")
@@ -150,7 +154,8 @@ class PatchReader:
             out = np.empty((n, g.patch_size, g.patch_size, 3), np.uint8)
         if self.fast_source is not None:
             rs = g.read_size
-            if self.fast_source.level.kind != "ndpi":  # see FastTiffSource.decode_ahead
+            # see FastTiffSource.decode_ahead; a batch decoder wants every part's tiles in one call
+            if self.fast_source.level.kind != "ndpi" or self.fast_source.decoder is not None:
                 self.fast_source.decode_ahead(self.level_coords[start:stop], rs)
             buf = None if rs == g.patch_size else np.empty((rs, rs, 3), np.uint8)
             for i, (lx, ly) in enumerate(self.level_coords[start:stop]):
@@ -206,11 +211,13 @@ def iter_batches(
     max_inflight: int | None = None,
     cache_mb: int = 64,
     run_length: int = 8,
+    decoder: str = "cpu",
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield `(patches uint8 [B, S, S, 3], coords int64 [B, 2])` in grid order.
 
     At most `max_inflight` batches (default `workers + 1`) are being read or waiting to be consumed; closing
-    the generator early cancels what has not started.
+    the generator early cancels what has not started. `decoder` picks the fast path's tile decoder
+    (`batchdecode.TILE_DECODERS`: "cpu", or nvImageCodec on a GPU).
     """
     if batch_size < 1 or workers < 1:
         raise InvalidParameterError(f"batch_size and workers must be ≥ 1, got {batch_size}, {workers}")
@@ -218,7 +225,7 @@ def iter_batches(
     if n == 0:
         return
     inflight = max(1, max_inflight if max_inflight is not None else workers + 1)
-    patches = PatchReader(reader, grid, fast=fast, cache_mb=cache_mb, run_length=run_length)
+    patches = PatchReader(reader, grid, fast=fast, cache_mb=cache_mb, run_length=run_length, decoder=decoder)
     size = grid.patch_size
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mstar-tiles")
     pending: deque[tuple[int, int, np.ndarray, list[Future]]] = deque()
