@@ -28,6 +28,8 @@ Per slide, each of these is run `--repeats` times, interleaved, and the median i
 - ceiling: every stored tile (NDPI: block) that the grid touches decoded exactly once on 2 threads, no cutting
   or resizing, in patch-equivalents/s (patches of the grid / seconds); only where the fast path applies.
 `vs_loop` = ours / loop (goal >= 2 on every format), `of_ceil` = ours / ceiling (goal >= 0.85 on JPEG TIFF).
+`--decoder nvimgcodec` (a GPU; `nvimgcodec-cpu`: its CPU backends) adds ours through that batch tile decoder,
+interleaved with the rest, and its pixels against the CPU path's (`bench/gpu_decode.sh` runs it on a GPU machine).
 Timings on a shared machine are noisy: compare the ratios, which come from the same minutes.
 """
 
@@ -36,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import statistics
 import sys
@@ -53,11 +56,13 @@ import tifffile
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from service.slides.batchdecode import TILE_DECODERS  # noqa: E402
 from service.slides.grid import build_grid  # noqa: E402
 from service.slides.open import open_slide  # noqa: E402
 from service.slides.stream import PatchReader, iter_batches, resize_patch  # noqa: E402
 
-SLIDES = ROOT.parent / "shared" / "data" / "slides"
+# the real samples; MSTAR_BENCH_SLIDES: a copy of them elsewhere (bench/gpu/tiles.sh carries one to a GPU machine)
+SLIDES = Path(os.environ.get("MSTAR_BENCH_SLIDES", ROOT.parent / "shared" / "data" / "slides"))
 CMU = SLIDES / "CMU-1-Small-Region.svs"
 BENCH_DIR = ROOT / "out" / "bench"
 FIELD_MPP = 128 / 224  # the released mSTAR/UNI field of view: 128 µm in a 224 px patch
@@ -240,7 +245,9 @@ class PeakRss:
         self.peak = max(self.peak, self.proc.memory_info().rss)
 
 
-def stream_rate(path: Path, grid, mpp_override: float | None, workers: int, fast: bool | str = "auto") -> dict:
+def stream_rate(
+    path: Path, grid, mpp_override: float | None, workers: int, fast: bool | str = "auto", decoder: str = "cpu"
+) -> dict:
     """patches/s, CPU ms per patch (all threads), RSS growth and peak while streaming every patch."""
     with open_slide(path, mpp_override=mpp_override) as reader:
         probe = PatchReader(reader, grid, fast=fast)
@@ -250,7 +257,7 @@ def stream_rate(path: Path, grid, mpp_override: float | None, workers: int, fast
         checksum = 0.0
         with PeakRss() as rss:
             t0, c0 = time.perf_counter(), time.process_time()
-            for batch, _ in iter_batches(reader, grid, batch_size=64, workers=workers, fast=fast):
+            for batch, _ in iter_batches(reader, grid, batch_size=64, workers=workers, fast=fast, decoder=decoder):
                 n += len(batch)
                 checksum += float(batch[:, ::37, ::37].mean())  # touch the data like a consumer would
             dt, cpu = time.perf_counter() - t0, time.process_time() - c0
@@ -428,6 +435,21 @@ def pixel_check(
     return int(d.max()), float(d.mean())
 
 
+def decoder_check(path: Path, grid, mpp_override: float | None, decoder: str, n: int = 100) -> tuple[int, float, int]:
+    """(max, mean |difference|, tiles handed back to the CPU path) of the first `n` patches read through the
+    batch `decoder` against the CPU path's."""
+    from service.slides.batchdecode import batch_decoder
+
+    sub = _subset(grid, n)
+    with open_slide(path, mpp_override=mpp_override) as reader:
+        ref = np.concatenate([b for b, _ in iter_batches(reader, sub)]).astype(np.int16)
+        dec = batch_decoder(decoder)
+        dec.rejected = 0
+        got = np.concatenate([b for b, _ in iter_batches(reader, sub, decoder=decoder)]).astype(np.int16)
+    diff = np.abs(got - ref)
+    return int(diff.max()), float(diff.mean()), dec.rejected
+
+
 def openslide_comparable(path: Path, grid) -> bool:
     """OpenSlide must see the same level geometry as our reader (not true for OME SubIFD levels)."""
     try:
@@ -458,8 +480,11 @@ def bench_slide(
     max_patches: int | None,
     target_mpp: float = 0.5,
     fast: bool | str = "auto",
+    decoder: str = "cpu",
 ) -> dict:
-    """One table row; `fast=False` measures the generic read path (what slides without a fast path get)."""
+    """One table row; `fast=False` measures the generic read path (what slides without a fast path get).
+    With a batch `decoder` (`--decoder`), ours through it is measured too, interleaved with the rest (`dec*`
+    columns), and its patches are compared with the CPU path's (`dec_max_diff`, `dec_mean_diff`)."""
     with open_slide(path, mpp_override=mpp_override) as reader:
         grid = build_grid(reader, target_mpp=target_mpp)
         fmt = reader.vendor or reader.format
@@ -479,7 +504,8 @@ def bench_slide(
     }
     if grid.read_size != grid.patch_size:
         row["cpu_resize"], row["cpu_resize_cv2"] = resize_cost(grid.read_size, grid.patch_size)
-    ours, loop, ceil = [], [], []
+    ours, loop, ceil, dec = [], [], [], []
+    decoder = decoder if fast and decoder != "cpu" else "cpu"
     row["samples"] = samples(repeats, len(grid))
     if repeats > 1:  # one untimed round of each column first: a worker's later slides run in memory already
         # mapped (the first stream in a process pays 30 page faults a patch filling the tile cache); its RSS
@@ -487,10 +513,14 @@ def bench_slide(
         ours.append(stream_rate(path, grid, mpp_override, workers=2, fast=fast))
         openslide_rate(path, grid) if comparable else reader_loop_rate(path, grid, mpp_override)
         ceiling_rate(path, grid, mpp_override) if fast else None
+        if decoder != "cpu":
+            stream_rate(path, grid, mpp_override, workers=2, fast=fast, decoder=decoder)
     for _ in range(row["samples"]):  # interleaved, so each repeat sees the same machine load
         ours.append(stream_rate(path, grid, mpp_override, workers=2, fast=fast))
         loop.append(openslide_rate(path, grid) if comparable else reader_loop_rate(path, grid, mpp_override))
         ceil.append(ceiling_rate(path, grid, mpp_override) if fast else None)
+        if decoder != "cpu":
+            dec.append(stream_rate(path, grid, mpp_override, workers=2, fast=fast, decoder=decoder))
     row["mode"] = ours[0]["mode"]
     row["rss_mb"] = max(r["rss"] for r in ours) / 2**20  # the first run grows; later ones reuse freed memory
     row["rss_peak_mb"] = max(r["peak"] for r in ours) / 2**20
@@ -503,6 +533,13 @@ def bench_slide(
     if ceil[0] is not None:
         row["ceiling"] = statistics.median(ceil)
         row["of_ceil"] = row["ours"] / row["ceiling"]
+    if dec:
+        row["dec"] = statistics.median(r["rate"] for r in dec)
+        row["dec_vs_loop"] = row["dec"] / row["loop"]
+        row["cpu_dec"] = statistics.median(r["cpu_ms"] for r in dec)
+        row["dec_max_diff"], row["dec_mean_diff"], row["dec_fallbacks"] = decoder_check(
+            path, grid, mpp_override, decoder
+        )
     if comparable:
         row["max_abs_diff"], row["mean_abs_diff"] = pixel_check(path, grid, mpp_override, fast=fast)
     return row
@@ -603,7 +640,15 @@ def print_table(rows: list[dict]) -> None:
         ("rss_peak_mb", 11, "{:.0f}"),
         ("max_abs_diff", 12, "{}"),
         ("mean_abs_diff", 13, "{:.3f}"),
+        ("dec", 6, "{:.0f}"),
+        ("dec_vs_loop", 11, "{:.2f}"),
+        ("cpu_dec", 7, "{:.2f}"),
+        ("dec_max_diff", 12, "{}"),
+        ("dec_mean_diff", 13, "{:.3f}"),
+        ("dec_fallbacks", 13, "{}"),
     ]
+    if not any("dec" in r for r in rows):
+        cols = [c for c in cols if not c[0].startswith("dec") and c[0] != "cpu_dec"]
     print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w, _) in enumerate(cols)))
     for r in rows:
         cells = []
@@ -622,7 +667,9 @@ def print_table(rows: list[dict]) -> None:
         "of the bench process so far; *_abs_diff = |ours - "
         "OpenSlide| over the first 100 patches (DICOM: OpenSlide skips the YCbCr->RGB conversion of these "
         "mislabelled frames, our reader does not; fractional-downsample levels: nearest level pixel vs "
-        "OpenSlide's sub-pixel resampling)"
+        "OpenSlide's sub-pixel resampling); dec* (with --decoder) = ours through that batch tile decoder: "
+        "patches/s, / loop, CPU ms a patch, |dec - ours| over the first 100 patches, tiles it handed back to "
+        "the CPU path"
     )
 
 
@@ -637,6 +684,12 @@ def main(argv: list[str] | None = None) -> int:
         "--breakdown", action="store_true", help="only print where one patch's CPU time goes, per slide (1 thread)"
     )
     ap.add_argument("--resize", action="store_true", help="only compare ways to area-resize one patch (CPU ms, pixels)")
+    ap.add_argument(
+        "--decoder",
+        default="cpu",
+        choices=TILE_DECODERS,
+        help="also stream through this batch tile decoder (nvimgcodec: a GPU), interleaved: the dec* columns",
+    )
     args = ap.parse_args(argv)
     repeats = 1 if args.quick else args.repeats
     max_patches = args.max_patches or (2000 if args.quick else None)
@@ -699,7 +752,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:22s} {len(grid):5d} patches  {text}")
             continue
         fast = False if name.endswith(GENERIC) else "auto"
-        row = bench_slide(name, path, override, repeats, max_patches, target_mpp, fast)
+        row = bench_slide(name, path, override, repeats, max_patches, target_mpp, fast, args.decoder)
         rows.append(row)
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
     if args.breakdown:
