@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -45,6 +45,7 @@ class EmbedStats:
     total_s: float = 0.0
     wait_s: float = 0.0
     encode_s: float = 0.0
+    read: dict = field(default_factory=dict)  # iter_batches' read_info: path, tile decoder, tiles decoded
 
     @property
     def patches_per_s(self) -> float:
@@ -85,7 +86,14 @@ def embed_grid(
     done = 0
     t0 = time.perf_counter()
     batches = iter_batches(
-        reader, grid, batch_size=batch_size, workers=workers, fast=fast, max_inflight=max_inflight, decoder=decoder
+        reader,
+        grid,
+        batch_size=batch_size,
+        workers=workers,
+        fast=fast,
+        max_inflight=max_inflight,
+        decoder=decoder,
+        info=st.read,
     )
     try:
         while True:

@@ -155,12 +155,14 @@ def backend_from_settings(bundle: Bundle) -> BundleBackend:
     return open_backend(bundle, "onnxruntime", device=s.ort_device)
 
 
-def _embed(reader, grid, backend: BundleBackend, options: AnalysisOptions, prog: _Progress) -> np.ndarray:
+def _embed(reader, grid, backend: BundleBackend, options: AnalysisOptions, prog: _Progress) -> tuple[np.ndarray, dict]:
+    """The grid's patch features, and how its patches were read (`PatchReader.read_info`)."""
     from service.config import Settings
-    from service.embedding import embed_grid
+    from service.embedding import EmbedStats, embed_grid
 
     prog("embed", 0.0)
-    return embed_grid(
+    stats = EmbedStats()
+    feats = embed_grid(
         reader,
         grid,
         backend.embed_patches,
@@ -169,7 +171,9 @@ def _embed(reader, grid, backend: BundleBackend, options: AnalysisOptions, prog:
         workers=options.read_workers,
         decoder=Settings().tile_decoder,
         progress=lambda done, total: prog("embed", done / total),  # also polls cancel, raising JobCanceled
+        stats=stats,
     )
+    return feats, stats.read
 
 
 def _model_refs(bundle: Bundle) -> dict:
@@ -287,7 +291,7 @@ def _analyze_with_models(
     }
     if m.demo:
         res["notice"] = DEMO_NOTICE
-    feats = _embed(reader, grid, backend, options, prog)
+    feats, res["reading"] = _embed(reader, grid, backend, options, prog)
     prog("write", 0.0)
     write_h5(
         out_dir / "features.h5",

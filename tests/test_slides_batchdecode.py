@@ -159,7 +159,7 @@ def test_damaged_tiles_fail_as_on_the_cpu_path_and_the_rest_still_read(
         src.close()
 
 
-def test_a_gpu_decoder_where_none_can_run_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_gpu_decoder_where_none_can_run_is_a_clear_error(ndpi: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     try:
         batchdecode.BatchDecoder("nvimgcodec")
     except InvalidParameterError as exc:
@@ -168,6 +168,8 @@ def test_a_gpu_decoder_where_none_can_run_is_a_clear_error(monkeypatch: pytest.M
         pytest.skip("this machine has a GPU decoder")
     with pytest.raises(InvalidParameterError, match="tile_decoder must be one of"):
         batchdecode.BatchDecoder("nvjpeg")
+    with open_slide(ndpi) as r, pytest.raises(InvalidParameterError, match="tile_decoder must be one of"):
+        PatchReader(r, build_grid(r), fast=False, decoder="nvjpeg")  # refused even where no tile is decoded
     monkeypatch.setitem(sys.modules, "nvidia.nvimgcodec", None)  # not installed
     with pytest.raises(InvalidParameterError, match=r"pip install 'mstar\[gpu-decode\]'"):
         batchdecode.BatchDecoder(CPU_BACKEND)
@@ -185,10 +187,17 @@ def test_the_pipeline_reads_through_the_configured_decoder(
 
     tiny_bundle = build_tiny_bundle(tmp_path_factory.getbasetemp())  # the session's, built once
     opts = AnalysisOptions(tasks=("embedding",))
-    run_analysis(cmu_svs, tmp_path / "cpu", opts, bundle_dir=tiny_bundle)
+    cpu = run_analysis(cmu_svs, tmp_path / "cpu", opts, bundle_dir=tiny_bundle)["reading"]
     monkeypatch.setenv("MSTAR_TILE_DECODER", CPU_BACKEND)
-    run_analysis(cmu_svs, tmp_path / "nv", opts, bundle_dir=tiny_bundle)
+    nv = run_analysis(cmu_svs, tmp_path / "nv", opts, bundle_dir=tiny_bundle)["reading"]
     assert decoder.decoded > 0
+    # the result says how its patches were read: every stored tile by the CPU path, or by the batch decoder
+    assert cpu["path"] == nv["path"] == "fast-tiff" and (cpu["tile_decoder"], nv["tile_decoder"]) == (
+        "cpu",
+        CPU_BACKEND,
+    )
+    assert cpu["tiles_decoded"]["batch"] == nv["tiles_decoded"]["cpu"] == 0
+    assert cpu["tiles_decoded"]["cpu"] == nv["tiles_decoded"]["batch"] > 0
     np.testing.assert_array_equal(
         read_h5(tmp_path / "nv" / "features.h5")[1], read_h5(tmp_path / "cpu" / "features.h5")[1]
     )

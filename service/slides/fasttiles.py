@@ -852,6 +852,8 @@ class FastTiffSource:
     ) -> None:
         self.level = level
         self.decoder = decoder  # None: each tile on the CPU as it is needed; else batches (`batchdecode`)
+        self.decoded = {"batch": 0, "cpu": 0}  # stored tiles decoded by the batch decoder / the CPU path
+        self._count_lock = threading.Lock()
         # NDPI blocks can be a whole level wide: keep every block row one `read_size` px read spans, plus the
         # next one (at least two), or patch rows thrash the cache
         row_bytes = level.tiles_x * level.tile_w * level.tile_h * 3 if level.kind == "ndpi" else 0
@@ -866,7 +868,13 @@ class FastTiffSource:
             if isinstance(tile, Exception):
                 raise tile
             return tile
+        self._count(cpu=1)
         return self.level.decode_tile(key, out=self.cache.recycled(self.level.tile_shape(key)))
+
+    def _count(self, batch: int = 0, cpu: int = 0) -> None:
+        with self._count_lock:
+            self.decoded["batch"] += batch
+            self.decoded["cpu"] += cpu
 
     def _decode_batch(self, keys: list[tuple[int, int]]) -> dict[tuple[int, int], np.ndarray | CorruptSlideError]:
         """`keys` through the batch decoder in one call; a tile it cannot take, rejects or decodes to another
@@ -876,13 +884,16 @@ class FastTiffSource:
         # JPEG whose scan is broken goes to libjpeg-turbo, which fails on it; nvImageCodec would decode it
         todo = [k for k, s in streams.items() if s is not None and (lv.codec != "jpeg" or jpeg_scan_intact(s))]
         out: dict = dict(zip(todo, self.decoder.decode([streams[k] for k in todo]), strict=True))
+        cpu = 0
         for k in keys:
             arr = out.get(k)
             if arr is None or arr.shape != self._shape(k):
+                cpu += 1
                 try:
                     out[k] = lv.decode_tile(k, out=self.cache.recycled(lv.tile_shape(k)))
                 except CorruptSlideError as exc:
                     out[k] = exc
+        self._count(batch=len(keys) - cpu, cpu=cpu)
         return out
 
     def _shape(self, key: tuple[int, int]) -> tuple[int, int, int]:

@@ -31,7 +31,7 @@ import numpy as np
 
 from service.errors import InvalidParameterError
 from service.slides.area_resize import area_resize
-from service.slides.batchdecode import batch_decoder
+from service.slides.batchdecode import TILE_DECODERS, batch_decoder
 from service.slides.fasttiles import FastTiffSource, open_tiff_level
 
 if TYPE_CHECKING:
@@ -90,11 +90,14 @@ class PatchReader:
     ) -> None:
         self.reader = reader
         self.grid = grid
+        self.decoder = decoder
         self.coords = np.asarray(grid.coords, dtype=np.int64).reshape(-1, 2)
         self.run_length = max(1, int(run_length))
         self.fast_source: FastTiffSource | None = None
         if fast not in (True, False, "auto", "exact"):
             raise InvalidParameterError(f"fast must be True, False, 'auto' or 'exact', got {fast!r}")
+        if decoder not in TILE_DECODERS:
+            raise InvalidParameterError(f"tile_decoder must be one of {', '.join(TILE_DECODERS)}, got {decoder!r}")
         level_coords = _level_coords(self.coords, grid.level_downsample)
         self.snapped = not self._same_pixels_as_reader(level_coords)
         if fast and not (fast == "exact" and self.snapped):
@@ -140,6 +143,15 @@ class PatchReader:
                 weights[i] = 0.1 + sum(k not in seen for k in per_patch[i])
                 seen.update(per_patch[i])
         return [start + b for b in balanced_bounds(weights, parts)]
+
+    def read_info(self) -> dict:
+        """How the patches were read, for a result's provenance: `path` (`mode`), the tile decoder asked for,
+        and on the fast path the stored tiles decoded by the batch decoder and by the CPU path (a GPU decoder
+        can differ from libjpeg-turbo by a few levels; tiles it hands back are the CPU path's)."""
+        info: dict = {"path": self.mode, "tile_decoder": self.decoder}
+        if self.fast_source is not None:
+            info["tiles_decoded"] = dict(self.fast_source.decoded)
+        return info
 
     @property
     def mode(self) -> str:
@@ -212,12 +224,14 @@ def iter_batches(
     cache_mb: int = 64,
     run_length: int = 8,
     decoder: str = "cpu",
+    info: dict | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield `(patches uint8 [B, S, S, 3], coords int64 [B, 2])` in grid order.
 
     At most `max_inflight` batches (default `workers + 1`) are being read or waiting to be consumed; closing
     the generator early cancels what has not started. `decoder` picks the fast path's tile decoder
-    (`batchdecode.TILE_DECODERS`: "cpu", or nvImageCodec on a GPU).
+    (`batchdecode.TILE_DECODERS`: "cpu", or nvImageCodec on a GPU); `info`, when given, receives
+    `PatchReader.read_info()` once the readers have stopped.
     """
     if batch_size < 1 or workers < 1:
         raise InvalidParameterError(f"batch_size and workers must be ≥ 1, got {batch_size}, {workers}")
@@ -260,6 +274,8 @@ def iter_batches(
             for f in futs:
                 f.cancel()
         pool.shutdown(wait=True, cancel_futures=True)
+        if info is not None:
+            info.update(patches.read_info())
         patches.close()
 
 
