@@ -155,9 +155,10 @@ def backend_from_settings(bundle: Bundle) -> BundleBackend:
     return open_backend(bundle, "onnxruntime", device=s.ort_device)
 
 
-def _embed(reader, grid, backend: BundleBackend, options: AnalysisOptions, prog: _Progress) -> tuple[np.ndarray, dict]:
+def _embed(
+    reader, grid, backend: BundleBackend, options: AnalysisOptions, prog: _Progress, tile_decoder: str
+) -> tuple[np.ndarray, dict]:
     """The grid's patch features, and how its patches were read (`PatchReader.read_info`)."""
-    from service.config import Settings
     from service.embedding import EmbedStats, embed_grid
 
     prog("embed", 0.0)
@@ -169,7 +170,7 @@ def _embed(reader, grid, backend: BundleBackend, options: AnalysisOptions, prog:
         backend.bundle.manifest.embed_dim,
         batch_size=options.batch_size,
         workers=options.read_workers,
-        decoder=Settings().tile_decoder,
+        decoder=tile_decoder,
         progress=lambda done, total: prog("embed", done / total),  # also polls cancel, raising JobCanceled
         stats=stats,
     )
@@ -211,12 +212,14 @@ def run_analysis(
     should_cancel: CancelFn | None = None,
 ) -> dict:
     """Analyse one slide end to end and write the result files into `out_dir`. See the module docstring."""
+    from service.config import Settings
     from service.inference.bundle import load_bundle
     from service.slides.grid import build_grid
     from service.slides.h5io import write_h5
     from service.slides.open import open_slide
 
     options = options or AnalysisOptions()
+    tile_decoder = Settings().tile_decoder  # read (and a bad MSTAR_* value refused) before any work
     # A slide that is not a file (a PACS series) comes as a source object that opens its own reader.
     source = slide_path if hasattr(slide_path, "open_reader") else None
     if source is None:
@@ -263,7 +266,7 @@ def run_analysis(
                 result["status"] = "tiled"
                 result["note"] = "no model bundle given: stopped after tiling (coordinates only)"
             else:
-                result.update(_analyze_with_models(reader, grid, bundle, backend, options, prog, out_dir))
+                result.update(_analyze_with_models(reader, grid, bundle, backend, options, prog, out_dir, tile_decoder))
             if source is not None:
                 result["source"] = source.transfer()
         result["timings"] = {"started": started, "stages_s": prog.finish(), "total_s": round(time.time() - started, 3)}
@@ -279,7 +282,14 @@ def run_analysis(
 
 
 def _analyze_with_models(
-    reader, grid, bundle: Bundle, backend: BundleBackend, options: AnalysisOptions, prog: _Progress, out_dir: Path
+    reader,
+    grid,
+    bundle: Bundle,
+    backend: BundleBackend,
+    options: AnalysisOptions,
+    prog: _Progress,
+    out_dir: Path,
+    tile_decoder: str = "cpu",
 ) -> dict:
     from service.heatmap import render_heatmap
     from service.slides.h5io import write_h5
@@ -291,7 +301,7 @@ def _analyze_with_models(
     }
     if m.demo:
         res["notice"] = DEMO_NOTICE
-    feats, res["reading"] = _embed(reader, grid, backend, options, prog)
+    feats, res["reading"] = _embed(reader, grid, backend, options, prog, tile_decoder)
     prog("write", 0.0)
     write_h5(
         out_dir / "features.h5",

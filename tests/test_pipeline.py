@@ -156,6 +156,17 @@ def test_cli_analyze_and_refusal(cmu_svs, tcga_j2k_svs, tiny_bundle, tmp_path) -
     )
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error [missing_mpp]")
     assert "Traceback" not in bad.stderr
+    # a setting the settings class refuses is one line naming the variable, before any work, not a traceback
+    unset = subprocess.run(
+        [str(MSTAR), "analyze", str(cmu_svs), "--bundle", str(tiny_bundle), "--out", str(tmp_path / "s")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**env, "MSTAR_TILE_DECODER": "nvjpeg"},
+    )
+    last = unset.stderr.strip().splitlines()[-1]
+    assert unset.returncode == 2 and "Traceback" not in unset.stderr and not (tmp_path / "s").exists()
+    assert last.startswith("error [invalid_settings]: MSTAR_TILE_DECODER") and "'nvimgcodec'" in last
 
 
 @pytest.mark.services

@@ -54,11 +54,25 @@ class _Cli(click.Group):
                 formatter.write_dl(rows)
 
     def invoke(self, ctx: click.Context):  # type: ignore[override]
+        from pydantic import ValidationError
+
         try:
             return super().invoke(ctx)
         except MstarError as err:
             click.echo(f"error [{err.code}]: {err}", err=True)
             sys.exit(2)
+        except ValidationError as err:  # a setting (MSTAR_* variable or .env) the settings classes refuse
+            prefix = _SETTINGS_PREFIX.get(err.title)
+            if prefix is None:
+                raise
+            for e in err.errors():
+                name = prefix + "_".join(str(p) for p in e["loc"]).upper()
+                click.echo(f"error [invalid_settings]: {name} (environment or .env): {e['msg']}", err=True)
+            sys.exit(2)
+
+
+# the settings classes' environment prefixes (service/config.py, service/pacs/config.py), by class name
+_SETTINGS_PREFIX = {"Settings": "MSTAR_", "PacsSettings": "MSTAR_PACS_"}
 
 
 @click.group(cls=_Cli)
