@@ -86,6 +86,7 @@ def test_batch_decoder_streams_the_cpu_paths_pixels(
     got, _ = _stream(path, mpp, decoder=CPU_BACKEND)
     assert np.array_equal(got, ref), np.abs(got.astype(int) - ref).max()
     assert decoder.decoded > 0 and decoder.rejected == 0  # the batch decoder did the work, nothing fell back
+    assert 1 <= decoder.decoders <= 2  # one a reader thread at most, reused from slide to slide
 
 
 def test_33003_stays_on_the_cpu_path(built: dict[str, Path], decoder: batchdecode.BatchDecoder) -> None:

@@ -14,8 +14,10 @@ an NDPI block under its patched header; a MIRAX camera image; an Aperio 33005 JP
 stream stays on the CPU path, and so does every stream this decoder rejects or decodes to another shape: that
 path decodes it again and names the error, so a damaged tile fails as it does without a batch decoder.
 
-One decoder per reader thread (nvImageCodec's decoders are not documented as thread-safe); each is created on
-first use. No torch: nvImageCodec's host images are read through the buffer protocol.
+nvImageCodec's decoders are not documented as thread-safe, so each call takes an idle one from a pool (or makes
+one): as many as reader threads ever decode at once, kept for the process's later slides (reader threads
+are made per slide; a decoder per thread would set up nvJPEG again for every slide). No torch: nvImageCodec's
+host images are read through the buffer protocol.
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ class BatchDecoder:
         self._nv = _nvimgcodec()
         nv = self._nv
         self._params = nv.DecodeParams(apply_exif_orientation=False, color_spec=nv.ColorSpec.SRGB)
-        self._local = threading.local()
+        self._idle: list = []  # decoders no call is using
         self._lock = threading.Lock()
         self.decoded = 0  # streams decoded here, and streams handed back to the CPU path
         self.rejected = 0
@@ -79,44 +81,56 @@ class BatchDecoder:
             )
         self.decoded = self.rejected = 0
 
-    def _decoder(self):
-        dec = getattr(self._local, "decoder", None)
-        if dec is None:
-            nv = self._nv
-            if self.kind == "nvimgcodec-cpu":
-                dec = nv.Decoder(device_id=nv.NVIMGCODEC_DEVICE_CPU_ONLY, backends=[nv.Backend(nv.CPU_ONLY)])
-            else:  # the GPU's own decoders only: a CPU fallback inside nvImageCodec would hide a missing GPU
-                gpu = (nv.BackendKind.HW_GPU_ONLY, nv.BackendKind.GPU_ONLY, nv.BackendKind.HYBRID_CPU_GPU)
-                dec = nv.Decoder(backends=[nv.Backend(k) for k in gpu])
-            self._local.decoder = dec
-        return dec
+    def _new_decoder(self):
+        nv = self._nv
+        if self.kind == "nvimgcodec-cpu":
+            return nv.Decoder(device_id=nv.NVIMGCODEC_DEVICE_CPU_ONLY, backends=[nv.Backend(nv.CPU_ONLY)])
+        # the GPU's own decoders only: a CPU fallback inside nvImageCodec would hide a missing GPU
+        gpu = (nv.BackendKind.HW_GPU_ONLY, nv.BackendKind.GPU_ONLY, nv.BackendKind.HYBRID_CPU_GPU)
+        return nv.Decoder(backends=[nv.Backend(k) for k in gpu])
+
+    @property
+    def decoders(self) -> int:
+        """Decoders made so far that are idle now (all of them between calls)."""
+        with self._lock:
+            return len(self._idle)
 
     def decode(self, streams: Sequence[bytes]) -> list[np.ndarray | None]:
         """One call for the whole list (a GPU decodes a batch at once); host copies, C-contiguous [H, W, 3]."""
         if not streams:
             return []
-        try:
-            images = self._decoder().decode(list(streams), params=self._params)
-        except Exception:  # a batch the library refuses as a whole: every stream goes back to the CPU path
-            images = [None] * len(streams)
-        out: list[np.ndarray | None] = []
-        for im in images:
-            arr = None
-            if im is not None:
-                try:
-                    arr = np.asarray(im.cpu() if self.kind == "nvimgcodec" else im)
-                except Exception:
-                    arr = None
-            if arr is not None and arr.dtype == np.uint8 and arr.ndim == 3 and arr.shape[2] in (1, 3):
-                arr = np.ascontiguousarray(np.repeat(arr, 3, axis=2) if arr.shape[2] == 1 else arr)
-            else:
-                arr = None
-            out.append(arr)
+        with self._lock:
+            dec = self._idle.pop() if self._idle else None
+        try:  # the decoder goes back to the pool once its images are on the host
+            try:
+                if dec is None:  # no GPU or no nvJPEG: no decoder, and the probe fails
+                    dec = self._new_decoder()
+                images = dec.decode(list(streams), params=self._params)
+            except Exception:  # a batch the library refuses as a whole: every stream goes back to the CPU path
+                images = [None] * len(streams)
+            out = [_host_rgb(im) for im in images]
+        finally:
+            if dec is not None:
+                with self._lock:
+                    self._idle.append(dec)
         with self._lock:
             ok = sum(a is not None for a in out)
             self.decoded += ok
             self.rejected += len(out) - ok
         return out
+
+
+def _host_rgb(im) -> np.ndarray | None:
+    """A decoded image as a C-contiguous uint8 [H, W, 3] host array (grey repeated), or None."""
+    if im is None:
+        return None
+    try:
+        arr = np.asarray(im.cpu())  # a copy off the GPU; a host image as it is
+    except Exception:
+        return None
+    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] not in (1, 3):
+        return None
+    return np.ascontiguousarray(np.repeat(arr, 3, axis=2) if arr.shape[2] == 1 else arr)
 
 
 @functools.cache
