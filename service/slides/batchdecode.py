@@ -37,9 +37,11 @@ TILE_DECODERS = ("cpu", "nvimgcodec", "nvimgcodec-cpu")
 _PROBE_SIDE = 16
 
 
-def _nvimgcodec():
+def _nvimgcodec(kind: str):
     """The nvImageCodec module, or an error that says how to install it."""
     os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")  # its CPU JPEG 2000 backend warns on every codestream
+    if kind == "nvimgcodec-cpu":  # its GPU extensions' load errors are expected there (the GPU kind keeps them)
+        os.environ.setdefault("PYNVIMGCODEC_VERBOSITY", "0")
     try:
         nvimgcodec = importlib.import_module("nvidia.nvimgcodec")
     except ImportError as exc:
@@ -65,7 +67,7 @@ class BatchDecoder:
         if kind not in TILE_DECODERS[1:]:
             raise InvalidParameterError(f"tile_decoder must be one of {', '.join(TILE_DECODERS)}, got {kind!r}")
         self.kind = kind
-        self._nv = _nvimgcodec()
+        self._nv = _nvimgcodec(kind)
         nv = self._nv
         self._params = nv.DecodeParams(apply_exif_orientation=False, color_spec=nv.ColorSpec.SRGB)
         self._idle: list = []  # decoders no call is using
