@@ -7,6 +7,8 @@
 #   bash bench/gpu/tiles.sh prepare      # here, with PyPI: .gpu-tiles/ = trimmed cp312 wheels + the sample slides
 #   bash bench/gpu/tiles.sh run [tiling.py options]     # there, with .gpu-tiles carried; writes $OUT/tiles.json
 #
+# run first probes what nvImageCodec makes of Aperio 33003 tiles (bench/gpu/probe_j2k.py), which stay on the CPU.
+#
 # prepare keeps .gpu-tiles under 40 MB (the device carries 64 MiB with the repository): imagecodecs without the
 # codecs the reader never calls, nvImageCodec without the other Pythons' bindings and its CPU OpenCV backend.
 set -euo pipefail
@@ -44,6 +46,9 @@ for whl in Path(sys.argv[1]).glob("*.whl"):
 EOF
   cp -r ../shared/data/slides/CMU-1-Small-Region.svs ../shared/data/slides/tcga-cr-7395-01a-01-ts1.svs \
     ../shared/data/slides/test3-DAPI-2-387.ndpi ../shared/data/slides/dicom-cmu-1-small-region "$dir/slides/"
+  # the 2,048 px Aperio 33003 slide (opj_compress builds it here; the GPU machine has none) for probe_j2k.py
+  .venv/bin/python -c "import sys; sys.path.insert(0, 'bench'); import tiling; print(tiling.build_j2k_ycbcr())" >/dev/null
+  cp out/bench/cmu-2048-33003.svs "$dir/"
   du -sh "$dir"
   ;;
 run)
@@ -59,6 +64,7 @@ EOF
   export PYTHONPATH="$site:$root" MSTAR_BENCH_SLIDES="$root/$dir/slides" OPENCV_LOG_LEVEL=ERROR PYTHONUNBUFFERED=1
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
   python3 -c "from service.slides.batchdecode import batch_decoder; print('decoder ok:', batch_decoder('nvimgcodec').kind)"
+  python3 bench/gpu/probe_j2k.py "$dir/cmu-2048-33003.svs" 2>&1 | grep -v WARN || true
   out=${OUT:-out/bench}
   mkdir -p "$out"
   exec timeout --signal=INT --kill-after=20 "${LIMIT_S:-540}" python3 bench/tiling.py --decoder nvimgcodec \
