@@ -33,11 +33,11 @@ from service.errors import InvalidParameterError
 from service.slides.area_resize import area_resize
 from service.slides.batchdecode import TILE_DECODERS, batch_decoder
 from service.slides.fasttiles import FastTiffSource, open_tiff_level
+from service.slides.memory import keep_freed_memory
 
 if TYPE_CHECKING:
     from service.slides.base import SlideReader
     from service.slides.grid import TileGrid
-
 
 MAX_RUN_PIXELS = 4_000_000  # one generic read_region call covers at most this many level pixels
 MIN_PART = 16  # patches: a batch is split across reader threads only into parts at least this large
@@ -239,6 +239,7 @@ def iter_batches(
     if n == 0:
         return
     inflight = max(1, max_inflight if max_inflight is not None else workers + 1)
+    keep_freed_memory()  # tiles and batches reuse freed heap instead of faulting in fresh pages (memory.py)
     patches = PatchReader(reader, grid, fast=fast, cache_mb=cache_mb, run_length=run_length, decoder=decoder)
     size = grid.patch_size
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mstar-tiles")
