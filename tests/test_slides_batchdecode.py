@@ -20,7 +20,7 @@ from service.slides.grid import build_grid
 from service.slides.open import open_slide
 from service.slides.stream import PatchReader, iter_batches
 
-pytest.importorskip("nvidia.nvimgcodec", reason="nvidia-nvimgcodec-cu12 (extra gpu-decode, installed by make test)")
+pytest.importorskip("nvidia.nvimgcodec", reason="nvidia-nvimgcodec-cu13 (extra gpu-decode; the CPU package: make test)")
 
 CPU_BACKEND = "nvimgcodec-cpu"
 

@@ -6,6 +6,7 @@
 #
 #   bash bench/gpu/tiles.sh prepare      # here, with PyPI: .gpu-tiles/ = trimmed cp312 wheels + the sample slides
 #   bash bench/gpu/tiles.sh run [tiling.py options]     # there, with .gpu-tiles carried; writes $OUT/tiles.json
+#   DECODER=nvimgcodec-cpu bash bench/gpu/tiles.sh run   # a dry run of the packing on a machine without a GPU
 #
 # run first probes what nvImageCodec makes of Aperio 33003 tiles (bench/gpu/probe_j2k.py), which stay on the CPU.
 #
@@ -63,11 +64,12 @@ for whl in Path(sys.argv[1]).glob("*.whl"):  # wheels are zip files: unpacked as
 EOF
   export PYTHONPATH="$site:$root" MSTAR_BENCH_SLIDES="$root/$dir/slides" OPENCV_LOG_LEVEL=ERROR PYTHONUNBUFFERED=1
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
-  python3 -c "from service.slides.batchdecode import batch_decoder; print('decoder ok:', batch_decoder('nvimgcodec').kind)"
-  python3 bench/gpu/probe_j2k.py "$dir/cmu-2048-33003.svs" 2>&1 | grep -v WARN || true
+  decoder=${DECODER:-nvimgcodec}  # DECODER=nvimgcodec-cpu: a dry run of the packing where there is no GPU
+  python3 -c "from service.slides.batchdecode import batch_decoder; print('decoder ok:', batch_decoder('$decoder').kind)"
+  python3 bench/gpu/probe_j2k.py "$dir/cmu-2048-33003.svs" --kind "$decoder" 2>&1 | grep -v WARN || true
   out=${OUT:-out/bench}
   mkdir -p "$out"
-  exec timeout --signal=INT --kill-after=20 "${LIMIT_S:-540}" python3 bench/tiling.py --decoder nvimgcodec \
+  exec timeout --signal=INT --kill-after=20 "${LIMIT_S:-540}" python3 bench/tiling.py --decoder "$decoder" \
     --json "$out/tiles.json" "$@"
   ;;
 *)

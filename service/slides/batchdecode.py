@@ -47,7 +47,7 @@ def _nvimgcodec(kind: str):
     except ImportError as exc:
         raise InvalidParameterError(
             "tile_decoder nvimgcodec needs NVIDIA nvImageCodec: pip install 'mstar[gpu-decode]' "
-            f"(nvidia-nvimgcodec-cu12 with nvJPEG and nvJPEG2000) ({exc})"
+            f"(nvidia-nvimgcodec-cu13 with nvJPEG and nvJPEG2000) ({exc})"
         ) from None
     return nvimgcodec
 
