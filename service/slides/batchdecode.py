@@ -37,6 +37,13 @@ TILE_DECODERS = ("cpu", "nvimgcodec", "nvimgcodec-cpu")
 _PROBE_SIDE = 16
 
 
+def check_decoder(kind: str) -> str:
+    """`kind` where it names a tile decoder, else the error every caller gives (settings, readers, tests)."""
+    if kind not in TILE_DECODERS:
+        raise InvalidParameterError(f"tile_decoder must be one of {', '.join(TILE_DECODERS)}, got {kind!r}")
+    return kind
+
+
 def _nvimgcodec(kind: str):
     """The nvImageCodec module, or an error that says how to install it."""
     os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")  # its CPU JPEG 2000 backend warns on every codestream
@@ -64,8 +71,8 @@ class BatchDecoder:
     """Decodes lists of codestreams into uint8 RGB host arrays, `None` where a stream was not decoded."""
 
     def __init__(self, kind: str) -> None:
-        if kind not in TILE_DECODERS[1:]:
-            raise InvalidParameterError(f"tile_decoder must be one of {', '.join(TILE_DECODERS)}, got {kind!r}")
+        if check_decoder(kind) == "cpu":
+            raise InvalidParameterError("tile_decoder cpu decodes tile by tile: it has no batch decoder")
         self.kind = kind
         self._nv = _nvimgcodec(kind)
         nv = self._nv

@@ -61,7 +61,13 @@ from PIL import Image, features
 from service.errors import CorruptSlideError
 from service.slides import openjpeg
 from service.slides.batchdecode import BatchDecoder
-from service.slides.headers import check_size, j2k_codestream_size, jpeg_frame_size, jpeg_scan_intact
+from service.slides.headers import (
+    check_size,
+    j2k_codestream_size,
+    jpeg_frame_size,
+    jpeg_scan_intact,
+    jpeg_segments,
+)
 
 JPEG = 7
 APERIO_J2K_YCBCR = 33003
@@ -537,16 +543,11 @@ def open_tiff_level(path: str | Path, width: int, height: int) -> TiffLevel | Nd
 
 def _sof_offset(header: bytes) -> int:
     """Offset of the baseline SOF0 marker segment in a JPEG header (ValueError when absent)."""
-    i = 2  # after SOI
-    while i + 4 <= len(header):
-        if header[i] != 0xFF:
-            raise ValueError("malformed JPEG header")
-        marker = header[i + 1]
+    for marker, i in jpeg_segments(header):
         if marker == 0xC0:
             return i
         if marker in (0xC1, 0xC2, 0xC3, 0xDA):
             break  # progressive/lossless or no frame before the scan: not for this path
-        i += 2 + struct.unpack(">H", header[i + 2 : i + 4])[0]
     raise ValueError("no baseline SOF0 marker in the JPEG header")
 
 
@@ -840,6 +841,13 @@ def _mirax_images(index: Path, slide_id: str, zoom: int) -> list[tuple[int, int,
     raise ValueError("Index.dat page chain does not end")
 
 
+def _tile_or_raise(tile: np.ndarray | CorruptSlideError) -> np.ndarray:
+    """A tile from `FastTiffSource._decode_batch`, whose damaged tiles come back as their error."""
+    if isinstance(tile, Exception):
+        raise tile
+    return tile
+
+
 class FastTiffSource:
     """Cuts `size` x `size` level pixels at level coordinates out of cached decoded tiles."""
 
@@ -864,10 +872,7 @@ class FastTiffSource:
         """Decode one stored tile, into a recycled buffer where one of its shape is spare (or through the batch
         decoder, where there is one and the tile is a stream it takes)."""
         if self.decoder is not None:
-            tile = self._decode_batch([key])[key]
-            if isinstance(tile, Exception):
-                raise tile
-            return tile
+            return _tile_or_raise(self._decode_batch([key])[key])
         self._count(cpu=1)
         return self.level.decode_tile(key, out=self.cache.recycled(self.level.tile_shape(key)))
 
@@ -937,13 +942,7 @@ class FastTiffSource:
                 self.cache.release(claims)
                 raise
 
-            def take(key: tuple[int, int]) -> np.ndarray:
-                tile = decoded.pop(key)
-                if isinstance(tile, Exception):
-                    raise tile
-                return tile
-
-            self.cache.fill_claimed(claims, take)
+            self.cache.fill_claimed(claims, lambda key: _tile_or_raise(decoded.pop(key)))
             return
         for key in keys:
             self.cache.ensure(key, self._load)

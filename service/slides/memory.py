@@ -18,25 +18,20 @@ macOS) neither.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
-import threading
 
 MMAP_THRESHOLD = 64 << 20  # arrays below this come from the heap, and are reused from it
 TRIM_THRESHOLD = 128 << 20  # free heap kept before any is given back to the kernel
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 _USER_KNOBS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
 
-_lock = threading.Lock()
-_state: bool | None = None
 
-
+@functools.cache
 def keep_freed_memory() -> bool:
-    """Apply the thresholds once per process (idempotent, thread-safe); True where they are in force."""
-    global _state
-    with _lock:
-        if _state is None:
-            _state = _apply()
-        return _state
+    """Apply the thresholds once per process; True where they are in force. (Two threads racing on the first
+    call both apply the same values: harmless.)"""
+    return _apply()
 
 
 def _apply() -> bool:

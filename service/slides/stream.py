@@ -31,7 +31,7 @@ import numpy as np
 
 from service.errors import InvalidParameterError
 from service.slides.area_resize import area_resize
-from service.slides.batchdecode import TILE_DECODERS, batch_decoder
+from service.slides.batchdecode import batch_decoder, check_decoder
 from service.slides.fasttiles import FastTiffSource, open_tiff_level
 from service.slides.memory import keep_freed_memory
 
@@ -96,8 +96,7 @@ class PatchReader:
         self.fast_source: FastTiffSource | None = None
         if fast not in (True, False, "auto", "exact"):
             raise InvalidParameterError(f"fast must be True, False, 'auto' or 'exact', got {fast!r}")
-        if decoder not in TILE_DECODERS:
-            raise InvalidParameterError(f"tile_decoder must be one of {', '.join(TILE_DECODERS)}, got {decoder!r}")
+        check_decoder(decoder)  # refused even where no tile is decoded
         level_coords = _level_coords(self.coords, grid.level_downsample)
         self.snapped = not self._same_pixels_as_reader(level_coords)
         if fast and not (fast == "exact" and self.snapped):
