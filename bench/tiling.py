@@ -446,19 +446,31 @@ def pixel_check(
     return int(d.max()), float(d.mean())
 
 
-def decoder_check(path: Path, grid, mpp_override: float | None, decoder: str, n: int = 100) -> tuple[int, float, int]:
-    """(max, mean |difference|, tiles handed back to the CPU path) of the first `n` patches read through the
-    batch `decoder` against the CPU path's."""
+def decoder_check(path: Path, grid, mpp_override: float | None, decoder: str, n: int = 100) -> tuple:
+    """(max, mean |difference|, tiles handed back to the CPU path, the decoder's verdict on each stream layout
+    of the slide) of the first `n` patches read through the batch `decoder` against the CPU path's. A layout
+    whose check failed reads on the CPU (difference 0 there): its verdict keeps the decoder's own difference."""
     from service.slides.batchdecode import batch_decoder
 
     sub = _subset(grid, n)
+    info: dict = {}
     with open_slide(path, mpp_override=mpp_override) as reader:
         ref = np.concatenate([b for b, _ in iter_batches(reader, sub)]).astype(np.int16)
         dec = batch_decoder(decoder)
         dec.rejected = 0
-        got = np.concatenate([b for b, _ in iter_batches(reader, sub, decoder=decoder)]).astype(np.int16)
+        got = np.concatenate([b for b, _ in iter_batches(reader, sub, decoder=decoder, info=info)]).astype(np.int16)
     diff = np.abs(got - ref)
-    return int(diff.max()), float(diff.mean()), dec.rejected
+    return int(diff.max()), float(diff.mean()), dec.rejected, info.get("batch_checks", {})
+
+
+def checks_summary(checks: dict) -> str:
+    """One table cell for the verdicts: ok, or each refused layout with the decoder's max / mean difference."""
+    refused = [
+        f"NO {layout} ({v.get('max_diff', '-')}/{v.get('mean_diff', '-')})"
+        for layout, v in checks.items()
+        if not v["accepted"]
+    ]
+    return "; ".join(refused) or ("ok" if checks else "-")
 
 
 def openslide_comparable(path: Path, grid) -> bool:
@@ -549,9 +561,10 @@ def bench_slide(
         row["dec"] = statistics.median(r["rate"] for r in dec)
         row["dec_vs_loop"] = row["dec"] / row["loop"]
         row["cpu_dec"] = statistics.median(r["cpu_ms"] for r in dec)
-        row["dec_max_diff"], row["dec_mean_diff"], row["dec_fallbacks"] = decoder_check(
+        row["dec_max_diff"], row["dec_mean_diff"], row["dec_fallbacks"], row["dec_checks"] = decoder_check(
             path, grid, mpp_override, decoder
         )
+        row["dec_check"] = checks_summary(row["dec_checks"])
     if comparable:
         row["max_abs_diff"], row["mean_abs_diff"] = pixel_check(path, grid, mpp_override, fast=fast)
     return row
@@ -658,6 +671,7 @@ def print_table(rows: list[dict]) -> None:
         ("dec_max_diff", 12, "{}"),
         ("dec_mean_diff", 13, "{:.3f}"),
         ("dec_fallbacks", 13, "{}"),
+        ("dec_check", 9, "{}"),
     ]
     if not any("dec" in r for r in rows):
         cols = [c for c in cols if not c[0].startswith("dec") and c[0] != "cpu_dec"]
@@ -681,7 +695,8 @@ def print_table(rows: list[dict]) -> None:
         "mislabelled frames, our reader does not; fractional-downsample levels: nearest level pixel vs "
         "OpenSlide's sub-pixel resampling); dec* (with --decoder) = ours through that batch tile decoder: "
         "patches/s, / loop, CPU ms a patch, |dec - ours| over the first 100 patches, tiles it handed back to "
-        "the CPU path"
+        "the CPU path, its verdict on the slide's stream layouts (ok, or NO layout (max/mean difference of "
+        "its pixels): those tiles read on the CPU)"
     )
 
 

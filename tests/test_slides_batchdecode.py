@@ -56,7 +56,7 @@ def built(cmu_svs: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, 
     return out
 
 
-def _stream(path: Path, mpp: float | None, **kw) -> tuple[np.ndarray, str]:
+def _stream(path: Path, mpp: float | None, **kw) -> tuple[np.ndarray, str]:  # kw: iter_batches' options
     with open_slide(path, mpp_override=mpp) as r:
         g = build_grid(r)
         mode = PatchReader(r, g).mode
@@ -89,13 +89,85 @@ def test_batch_decoder_streams_the_cpu_paths_pixels(
     assert 1 <= decoder.decoders <= 2  # one a reader thread at most, reused from slide to slide
 
 
-def test_33003_stays_on_the_cpu_path(built: dict[str, Path], decoder: batchdecode.BatchDecoder) -> None:
+def test_33003_goes_to_the_batch_decoder_as_planes_and_stays_on_the_cpu_where_it_cannot_give_them(
+    built: dict[str, Path], decoder: batchdecode.BatchDecoder
+) -> None:
+    """Aperio 33003 tiles are asked for as stored planes; nvImageCodec's CPU backend cannot decode subsampled
+    J2K, so the layout fails its check, every tile takes the CPU path, and the result says why."""
     if "33003" not in built:
         pytest.skip("opj_compress (Debian libopenjp2-tools, in tests/sysdeps.sh) builds the 33003 slide")
     ref, mode = _stream(built["33003"], None)
-    got, _ = _stream(built["33003"], None, decoder=CPU_BACKEND)
+    info: dict = {}
+    got, _ = _stream(built["33003"], None, decoder=CPU_BACKEND, info=info)
     assert mode == "fast-tiff" and np.array_equal(got, ref)
-    assert decoder.decoded == 0  # chroma-subsampled components: OpenSlide's conversion, on the CPU
+    assert info["tiles_decoded"]["batch"] == 0 and info["tiles_decoded"]["cpu"] > 0
+    (layout, verdict), *_ = info["batch_checks"].items()
+    assert layout == "j2k 8b 1x1,2x1,2x1 mct0"  # luma full size, chroma halved across, no colour transform
+    assert verdict["accepted"] is False and "it decoded 0 of" in verdict["reason"]
+
+
+def test_33003_planes_convert_as_the_cpu_path_does(built: dict[str, Path]) -> None:
+    """What a GPU (nvJPEG2000) hands back for 33003: [3, H, W], each chroma plane at its own size in the top-left
+    corner; `from_planes` gives the CPU path's pixels from it (OpenSlide's tables), and refuses what does not
+    fit."""
+    from service.slides import openjpeg
+
+    if "33003" not in built:
+        pytest.skip("opj_compress (Debian libopenjp2-tools, in tests/sysdeps.sh) builds the 33003 slide")
+    with tifffile.TiffFile(built["33003"]) as tif:
+        w, h = tif.pages[0].imagewidth, tif.pages[0].imagelength
+    level = open_tiff_level(built["33003"], w, h)
+    try:
+        for key in [(0, 0), (level.tiles_x - 1, level.tiles_y - 1)]:
+            stream = level.stream(key)
+            y, cb, cr = openjpeg.decode_components(stream, 0, expect_size=(level.tile_w, level.tile_h))
+            assert cb.shape == (level.tile_h, level.tile_w // 2)
+            planes = np.zeros((3, level.tile_h, level.tile_w), np.uint8)
+            planes[0] = y
+            planes[1, : cb.shape[0], : cb.shape[1]] = cb
+            planes[2, : cr.shape[0], : cr.shape[1]] = cr
+            assert np.array_equal(level.from_planes(planes, stream), level.decode_tile(key))
+        assert level.from_planes(planes[:, :-1], stream) is None
+        assert level.from_planes(planes, b"not a codestream") is None
+    finally:
+        level.close()
+
+
+def test_a_layout_whose_pixels_differ_is_refused_for_the_process_and_read_on_the_cpu(
+    cmu_svs: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Aperio's RGB-coded tiles handed over without their Adobe segment: the decoder reads them as YCbCr (as
+    nvJPEG would if it ignored the segment). The layout's first tiles are checked against the CPU path, the
+    layout is refused, and the patches are the CPU path's; the next slide is not checked again."""
+    from service.slides import fasttiles, stream
+
+    fresh = batchdecode.BatchDecoder(CPU_BACKEND)  # its verdicts are its own, not the process decoder's
+    monkeypatch.setattr(stream, "batch_decoder", lambda kind: fresh)
+    real = fasttiles.TiffLevel.stream
+
+    def unmarked(self, key):
+        data = real(self, key)
+        return None if data is None else data.replace(fasttiles._ADOBE_RGB, b"")
+
+    monkeypatch.setattr(fasttiles.TiffLevel, "stream", unmarked)
+    ref, _ = _stream(cmu_svs, None)
+    info: dict = {}
+    got, _ = _stream(cmu_svs, None, decoder=CPU_BACKEND, info=info)
+    assert np.array_equal(got, ref)
+    assert info["tiles_decoded"]["batch"] == 0
+    verdict = info["batch_checks"]["jpeg sof0 1x1,1x1,1x1"]
+    assert verdict["accepted"] is False and verdict["tiles"] == batchdecode.CHECK_TILES
+    assert verdict["mean_diff"] > 10 * batchdecode.CHECK_MEAN_DIFF and "from the CPU path's" in verdict["reason"]
+    decoded = fresh.decoded
+    again: dict = {}
+    assert np.array_equal(_stream(cmu_svs, None, decoder=CPU_BACKEND, info=again)[0], ref)
+    assert fresh.decoded == decoded and again["batch_checks"] == info["batch_checks"]  # refused, not retried
+
+    monkeypatch.setattr(fasttiles.TiffLevel, "stream", real)  # marked: its own layout, checked and accepted
+    _stream(cmu_svs, None, decoder=CPU_BACKEND, info=again)
+    verdict = again["batch_checks"]["jpeg sof0 1x1,1x1,1x1 adobe0"]
+    assert verdict == {"accepted": True, "tiles": batchdecode.CHECK_TILES, "max_diff": 0, "mean_diff": 0.0}
+    assert again["tiles_decoded"]["cpu"] == 0
 
 
 def test_aperio_rgb_jpeg_needs_its_colour_space_marked(cmu_svs: Path, decoder: batchdecode.BatchDecoder) -> None:

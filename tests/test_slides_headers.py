@@ -16,7 +16,14 @@ from PIL import Image
 
 from service.errors import CorruptSlideError
 from service.slides.fasttiles import FastTiffSource, MiraxLevel, open_tiff_level
-from service.slides.headers import check_size, j2k_codestream_size, jpeg_frame_size, jpeg_scan_intact
+from service.slides.headers import (
+    check_size,
+    j2k_codestream_size,
+    j2k_components,
+    jpeg_frame_size,
+    jpeg_scan_intact,
+    stream_layout,
+)
 from service.slides.open import open_slide
 
 HUGE = (60_000).to_bytes(2, "big")
@@ -76,6 +83,37 @@ def test_j2k_codestream_size_reads_the_siz_segment() -> None:
         j2k_codestream_size(bytes(empty))
     with pytest.raises(ValueError, match="says 60000x60000 px, not the 256x256"):
         check_size((60_000, 60_000), (256, 256), "tile")
+
+
+def test_stream_layout_names_what_a_decoder_could_get_wrong(cmu_svs: Path) -> None:
+    """Sampling, colour transform and frame type for JPEG; depth, subsampling and the component transform for
+    J2K: each layout a batch decoder is checked on separately."""
+    import cv2
+
+    px = np.random.default_rng(0).integers(0, 255, (32, 48, 3), np.uint8)
+    assert stream_layout(_jpeg(48, 32)) == "jpeg sof0 2x2,1x1,1x1"  # Pillow's default 4:2:0
+    assert stream_layout(_jpeg(48, 32, subsampling=0)) == "jpeg sof0 1x1,1x1,1x1"
+    assert stream_layout(_jpeg(48, 32, progressive=True)) == "jpeg sof2 2x2,1x1,1x1"
+    grey = cv2.imencode(".jpg", px[..., 0])[1].tobytes()
+    assert stream_layout(grey) == "jpeg sof0 1x1"
+    level = open_tiff_level(cmu_svs, 2220, 2967)
+    try:  # Aperio's RGB-coded tiles carry the Adobe segment the fast path adds (transform 0: R, G, B)
+        assert stream_layout(level.stream((1, 1))) == "jpeg sof0 1x1,1x1,1x1 adobe0"
+    finally:
+        level.close()
+    buf = io.BytesIO()
+    Image.fromarray(px).save(buf, "JPEG2000", no_jp2=True, mct=1)  # RGB with the component transform
+    assert stream_layout(buf.getvalue()) == "j2k 8b 1x1,1x1,1x1 mct1"
+    assert j2k_components(buf.getvalue()) == [(8, 1, 1)] * 3
+    buf = io.BytesIO()
+    Image.fromarray(px).save(buf, "JPEG2000", no_jp2=True, mct=0)
+    assert stream_layout(buf.getvalue()) == "j2k 8b 1x1,1x1,1x1 mct0"
+    buf = io.BytesIO()
+    Image.fromarray(px[..., 0]).save(buf, "JPEG2000", no_jp2=True)
+    assert stream_layout(buf.getvalue()) == "j2k 8b 1x1 mct0"
+    for bad in (b"", b"GIF89a" + bytes(40), _jpeg(8, 8)[:20], buf.getvalue()[:44]):
+        with pytest.raises(ValueError):
+            stream_layout(bad)
 
 
 def _peak_kb() -> int:

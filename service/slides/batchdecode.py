@@ -9,10 +9,19 @@ one idle beside the model (H100s also carry hardware JPEG engines).
 
 The fast path's levels hand over complete codestreams (`stream`): a JPEG tile with the page's tables merged
 in, and an Adobe APP14 segment where tifffile would tell libjpeg the colour space (Aperio's RGB-coded JPEG);
-an NDPI block under its patched header; a MIRAX camera image; an Aperio 33005 JPEG 2000 tile. Aperio 33003
-(chroma-subsampled components, converted with OpenSlide's tables) and anything a level cannot express as one
-stream stays on the CPU path, and so does every stream this decoder rejects or decodes to another shape: that
-path decodes it again and names the error, so a damaged tile fails as it does without a batch decoder.
+an NDPI block under its patched header; a MIRAX camera image; an Aperio JPEG 2000 tile. Anything a level
+cannot express as one stream stays on the CPU path, and so does every stream this decoder rejects or decodes to
+another shape: that path decodes it again and names the error, so a damaged tile fails as it does without a
+batch decoder.
+
+No layout is trusted unchecked: a decoder can be right on one stream layout and wrong on another (nvJPEG may
+ignore the Adobe marker that makes Aperio's RGB-coded JPEG RGB; decoders upsample chroma their own ways). The
+first time a process's decoder meets a layout (`headers.stream_layout`: codec, sampling, colour transform), the
+fast path decodes a few of those tiles on the CPU too and asks `BatchDecoder.judge`; a layout whose pixels are
+further from the CPU path's than `CHECK_MAX_DIFF` / `CHECK_MEAN_DIFF` is refused for the process's life (its
+tiles take the CPU path, a warning names it, and each result's provenance lists the verdicts it read under).
+Aperio 33003 is decoded to its stored planes (YCbCr, chroma at its own size) and converted on the CPU with
+OpenSlide's tables, as the CPU path does; decoders that cannot hand the planes back fail that check.
 
 nvImageCodec's decoders are not documented as thread-safe, so each call takes an idle one from a pool (or makes
 one): as many as reader threads ever decode at once, kept for the process's later slides (reader threads
@@ -24,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import logging
 import os
 import threading
 from collections.abc import Sequence
@@ -32,9 +42,17 @@ import numpy as np
 
 from service.errors import InvalidParameterError
 
+log = logging.getLogger(__name__)
+
 TILE_DECODERS = ("cpu", "nvimgcodec", "nvimgcodec-cpu")
 # a 16 x 16 px baseline JPEG (4:2:0, mid grey): the probe every GPU decoder must decode before it is used
 _PROBE_SIDE = 16
+# a layout's first tiles through both decoders: how many, and how far apart the batch decoder's pixels may be.
+# IDCTs and chroma upsampling differ by a few levels, most at sharp colour edges (tens there with another
+# 4:2:0 upsampling); a wrong colour transform is tens of levels off on average
+CHECK_TILES = 3
+CHECK_MAX_DIFF = 48
+CHECK_MEAN_DIFF = 1.5
 
 
 def check_decoder(kind: str) -> str:
@@ -77,6 +95,11 @@ class BatchDecoder:
         self._nv = _nvimgcodec(kind)
         nv = self._nv
         self._params = nv.DecodeParams(apply_exif_orientation=False, color_spec=nv.ColorSpec.SRGB)
+        # stored planes, no colour conversion: [3, H, W], each subsampled component in its plane's top-left
+        self._planar_params = nv.DecodeParams(
+            apply_exif_orientation=False, color_spec=nv.ColorSpec.SYCC, sample_format=nv.SampleFormat.P_YUV
+        )
+        self._verdicts: dict[str, dict] = {}  # stream layout -> the check's outcome (`judge`)
         self._idle: list = []  # decoders no call is using
         self._lock = threading.Lock()
         self.decoded = 0  # streams decoded here, and streams handed back to the CPU path
@@ -94,9 +117,10 @@ class BatchDecoder:
         nv = self._nv
         if self.kind == "nvimgcodec-cpu":
             return nv.Decoder(device_id=nv.NVIMGCODEC_DEVICE_CPU_ONLY, backends=[nv.Backend(nv.CPU_ONLY)])
-        # the GPU's own decoders only: a CPU fallback inside nvImageCodec would hide a missing GPU
+        # the GPU's own decoders only: a CPU fallback inside nvImageCodec would hide a missing GPU; chroma
+        # upsampled as libjpeg-turbo does by default (unknown options are ignored; the layout check measures it)
         gpu = (nv.BackendKind.HW_GPU_ONLY, nv.BackendKind.GPU_ONLY, nv.BackendKind.HYBRID_CPU_GPU)
-        return nv.Decoder(backends=[nv.Backend(k) for k in gpu])
+        return nv.Decoder(backends=[nv.Backend(k) for k in gpu], options=":fancy_upsampling=1")
 
     @property
     def decoders(self) -> int:
@@ -104,8 +128,49 @@ class BatchDecoder:
         with self._lock:
             return len(self._idle)
 
-    def decode(self, streams: Sequence[bytes]) -> list[np.ndarray | None]:
-        """One call for the whole list (a GPU decodes a batch at once); host copies, C-contiguous [H, W, 3]."""
+    def verdict(self, layout: str) -> dict | None:
+        """The check's outcome for a stream layout (`judge`), or None before its first tiles were checked."""
+        with self._lock:
+            return self._verdicts.get(layout)
+
+    @property
+    def verdicts(self) -> dict[str, dict]:
+        with self._lock:
+            return {k: dict(v) for k, v in self._verdicts.items()}
+
+    def judge(self, layout: str, pairs: Sequence[tuple[np.ndarray | None, np.ndarray]]) -> dict:
+        """Record whether this decoder's pixels on `layout` may stand in for the CPU path's, from `pairs` of
+        (its image or None where it handed the tile back, the CPU path's image) of the layout's first tiles;
+        the first verdict on a layout stands for the process. Returns the verdict: `accepted`, `tiles`,
+        `max_diff` / `mean_diff` (levels, 0-255) where it decoded them, `reason` where refused."""
+        done = [(a, b) for a, b in pairs if a is not None and a.shape == b.shape]
+        if len(done) < len(pairs) or not done:  # a tile it cannot decode is one the CPU path decodes
+            reason = f"it decoded {len(done)} of {len(pairs)} tiles that the CPU path decodes"
+            verdict = {"accepted": False, "tiles": len(pairs), "reason": reason}
+        else:
+            diffs = [np.abs(a.astype(np.int16) - b.astype(np.int16)) for a, b in done]
+            worst, mean = max(int(d.max()) for d in diffs), float(np.mean([d.mean() for d in diffs]))
+            verdict = {
+                "accepted": worst <= CHECK_MAX_DIFF and mean <= CHECK_MEAN_DIFF,
+                "tiles": len(done),
+                "max_diff": worst,
+                "mean_diff": round(mean, 3),
+            }
+            if not verdict["accepted"]:
+                verdict["reason"] = (
+                    f"its pixels are up to {worst} levels (mean {mean:.2f}) from the CPU path's; allowed "
+                    f"{CHECK_MAX_DIFF} (mean {CHECK_MEAN_DIFF})"
+                )
+        with self._lock:
+            first = layout not in self._verdicts
+            verdict = self._verdicts.setdefault(layout, verdict)
+        if first and not verdict["accepted"]:
+            log.warning("tile_decoder %s: %s tiles take the CPU path: %s", self.kind, layout, verdict["reason"])
+        return dict(verdict)
+
+    def decode(self, streams: Sequence[bytes], planar: bool = False) -> list[np.ndarray | None]:
+        """One call for the whole list (a GPU decodes a batch at once); host copies, C-contiguous [H, W, 3],
+        or with `planar` the stored components unconverted, [3, H, W]."""
         if not streams:
             return []
         with self._lock:
@@ -114,10 +179,10 @@ class BatchDecoder:
             try:
                 if dec is None:  # no GPU or no nvJPEG: no decoder, and the probe fails
                     dec = self._new_decoder()
-                images = dec.decode(list(streams), params=self._params)
+                images = dec.decode(list(streams), params=self._planar_params if planar else self._params)
             except Exception:  # a batch the library refuses as a whole: every stream goes back to the CPU path
                 images = [None] * len(streams)
-            out = [_host_rgb(im) for im in images]
+            out = [_host_planes(im) if planar else _host_rgb(im) for im in images]
         finally:
             if dec is not None:
                 with self._lock:
@@ -140,6 +205,19 @@ def _host_rgb(im) -> np.ndarray | None:
     if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] not in (1, 3):
         return None
     return np.ascontiguousarray(np.repeat(arr, 3, axis=2) if arr.shape[2] == 1 else arr)
+
+
+def _host_planes(im) -> np.ndarray | None:
+    """A planar decode as a C-contiguous uint8 [3, H, W] host array, or None."""
+    if im is None:
+        return None
+    try:
+        arr = np.asarray(im.cpu())
+    except Exception:
+        return None
+    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[0] != 3:
+        return None
+    return np.ascontiguousarray(arr)
 
 
 @functools.cache

@@ -60,13 +60,15 @@ from PIL import Image, features
 
 from service.errors import CorruptSlideError
 from service.slides import openjpeg
-from service.slides.batchdecode import BatchDecoder
+from service.slides.batchdecode import CHECK_TILES, BatchDecoder
 from service.slides.headers import (
     check_size,
     j2k_codestream_size,
+    j2k_components,
     jpeg_frame_size,
     jpeg_scan_intact,
     jpeg_segments,
+    stream_layout,
 )
 
 JPEG = 7
@@ -303,6 +305,7 @@ class TiffLevel:
     def __init__(self, path: Path, page: tifffile.TiffPage) -> None:
         self.codec = "jpeg" if page.compression == JPEG else "jpeg2000"
         self._ycbcr = page.compression == APERIO_J2K_YCBCR
+        self.planar = self._ycbcr  # a batch decoder hands back stored planes, converted by `from_planes`
         self.path = path
         self.width = int(page.imagewidth)
         self.height = int(page.imagelength)
@@ -349,12 +352,13 @@ class TiffLevel:
             ) from None
 
     def stream(self, key: tuple[int, int]) -> bytes | None:
-        """Tile `key` as one complete codestream for a batch decoder (`batchdecode`), or None where only
-        `decode_tile` gives its pixels: no stored tile, Aperio 33003, a JPEG that is not baseline 3-sample RGB,
-        a tile whose bytes or header are wrong (`decode_tile` then names the problem)."""
+        """Tile `key` as one complete codestream for a batch decoder (`batchdecode`; Aperio 33003's to be
+        decoded to planes, `planar`), or None where only `decode_tile` gives its pixels: no stored tile, a JPEG
+        that is not baseline 3-sample RGB, a tile whose bytes or header are wrong (`decode_tile` then names the
+        problem)."""
         tx, ty = key
         index = ty * self.tiles_x + tx
-        if int(self.counts[index]) == 0 or self._ycbcr or (self.codec == "jpeg" and self._jpeg_args is None):
+        if int(self.counts[index]) == 0 or (self.codec == "jpeg" and self._jpeg_args is None):
             return None
         try:
             data = self._stored(index)
@@ -363,6 +367,22 @@ class TiffLevel:
             return complete_jpeg(data, self._jpegtables, self._jpeg_args)
         except ValueError:
             return None
+
+    def from_planes(self, planes: np.ndarray, stream: bytes) -> np.ndarray | None:
+        """RGB of an Aperio 33003 tile from a batch decoder's stored planes ([3, H, W] YCbCr, each chroma
+        component at its own size in its plane's top-left corner), with the CPU path's conversion (OpenSlide's
+        tables); None where the planes do not fit the tile."""
+        if planes.shape != (3, self.tile_h, self.tile_w):
+            return None
+        try:
+            comps = j2k_components(stream)
+        except ValueError:
+            return None
+        if len(comps) != 3 or comps[1][1:] != comps[2][1:] or comps[0][1:] != (1, 1):
+            return None
+        dx, dy = comps[1][1:]
+        ch, cw = -(-self.tile_h // dy), -(-self.tile_w // dx)
+        return _ycbcr_to_rgb(planes[0], planes[1, :ch, :cw], planes[2, :ch, :cw])
 
     def _stored(self, index: int) -> bytes:
         """The stored bytes of tile `index` (non-empty), whose header must declare the TIFF tile's size: checked
@@ -571,6 +591,7 @@ class NdpiLevel:
 
     kind = "ndpi"
     codec = "jpeg"
+    planar = False
 
     @staticmethod
     def fits(page: tifffile.TiffPage, width: int, height: int) -> bool:
@@ -703,6 +724,7 @@ class MiraxLevel:
 
     kind = "mrxs"
     codec = "jpeg"
+    planar = False
 
     @classmethod
     def open(cls, path: Path, width: int, height: int) -> MiraxLevel | None:
@@ -861,6 +883,9 @@ class FastTiffSource:
         self.level = level
         self.decoder = decoder  # None: each tile on the CPU as it is needed; else batches (`batchdecode`)
         self.decoded = {"batch": 0, "cpu": 0}  # stored tiles decoded by the batch decoder / the CPU path
+        self.layouts: set[str] = set()  # stream layouts handed to the batch decoder (its verdicts on them)
+        self._refused = False  # the decoder refused this level's layout: tiles go tile by tile, as without one
+        self._layout: str | None = None  # the level's stream layout, from its first stream
         self._count_lock = threading.Lock()
         # NDPI blocks can be a whole level wide: keep every block row one `read_size` px read spans, plus the
         # next one (at least two), or patch rows thrash the cache
@@ -868,10 +893,32 @@ class FastTiffSource:
         rows = max(2, -(-max(0, read_size - 1) // level.tile_h) + 2)
         self.cache = TileCache(max(int(cache_bytes), rows * row_bytes))
 
+    @property
+    def batching(self) -> bool:
+        """Whether tiles go through the batch decoder: there is one, and it has not refused this level's
+        layout (a refused level reads as the CPU path does, each part decoding its tiles one by one, instead of
+        claiming them all for one batch while the other thread waits: 33003 streamed at 0.7-0.8x the CPU path's
+        speed that way, and at its speed (341 vs 343 patches/s) this way)."""
+        return self.decoder is not None and not self._refused
+
+    def _refuses(self, keys) -> bool:
+        """Whether the decoder has refused this level's stream layout (known from the first stream of `keys`
+        once, then a lookup), so that a refused level never claims a batch of tiles it will decode one by
+        one."""
+        if self._layout is None:
+            stream = next((st for st in map(self.level.stream, keys) if st is not None), None)
+            with contextlib.suppress(ValueError):
+                self._layout = None if stream is None else stream_layout(stream)
+        verdict = None if self._layout is None else self.decoder.verdict(self._layout)
+        if verdict is not None and not verdict["accepted"]:
+            self.layouts.add(self._layout)
+            self._refused = True
+        return self._refused
+
     def _load(self, key: tuple[int, int]) -> np.ndarray:
         """Decode one stored tile, into a recycled buffer where one of its shape is spare (or through the batch
         decoder, where there is one and the tile is a stream it takes)."""
-        if self.decoder is not None:
+        if self.batching:
             return _tile_or_raise(self._decode_batch([key])[key])
         self._count(cpu=1)
         return self.level.decode_tile(key, out=self.cache.recycled(self.level.tile_shape(key)))
@@ -882,17 +929,23 @@ class FastTiffSource:
             self.decoded["cpu"] += cpu
 
     def _decode_batch(self, keys: list[tuple[int, int]]) -> dict[tuple[int, int], np.ndarray | CorruptSlideError]:
-        """`keys` through the batch decoder in one call; a tile it cannot take, rejects or decodes to another
-        shape than the CPU path's is decoded by the CPU path, whose error for a damaged tile is its value."""
+        """`keys` through the batch decoder, one call per stream layout (normally one); a tile it cannot take,
+        rejects, decodes to another shape than the CPU path's, or whose layout failed its check is decoded by
+        the CPU path, whose error for a damaged tile is its value."""
         lv = self.level
         streams = {k: lv.stream(k) for k in keys}
         # JPEG whose scan is broken goes to libjpeg-turbo, which fails on it; nvImageCodec would decode it
-        todo = [k for k, s in streams.items() if s is not None and (lv.codec != "jpeg" or jpeg_scan_intact(s))]
-        out: dict = dict(zip(todo, self.decoder.decode([streams[k] for k in todo]), strict=True))
+        layouts: dict[str, list[tuple[int, int]]] = {}
+        for k, st in streams.items():
+            if st is not None and (lv.codec != "jpeg" or jpeg_scan_intact(st)):
+                with contextlib.suppress(ValueError):
+                    layouts.setdefault(stream_layout(st), []).append(k)
+        out: dict = {}
+        for layout, group in layouts.items():
+            out.update(self._batch_layout(layout, group, streams))
         cpu = 0
         for k in keys:
-            arr = out.get(k)
-            if arr is None or arr.shape != self._shape(k):
+            if k not in out:
                 cpu += 1
                 try:
                     out[k] = lv.decode_tile(k, out=self.cache.recycled(lv.tile_shape(k)))
@@ -900,6 +953,35 @@ class FastTiffSource:
                     out[k] = exc
         self._count(batch=len(keys) - cpu, cpu=cpu)
         return out
+
+    def _batch_layout(self, layout: str, keys: list[tuple[int, int]], streams: dict) -> dict:
+        """{key: pixels} of the tiles of one stream layout that the batch decoder decoded to the CPU path's
+        shape. The first time the process's decoder meets a layout, up to `CHECK_TILES` of them are decoded on
+        the CPU as well and `BatchDecoder.judge` decides whether the layout is trusted; a refused layout
+        returns nothing, here and from then on."""
+        lv, dec = self.level, self.decoder
+        self.layouts.add(layout)
+        verdict = dec.verdict(layout)
+        if verdict is not None and not verdict["accepted"]:
+            self._refused = True
+            return {}
+        got = {}
+        for k, image in zip(keys, dec.decode([streams[k] for k in keys], planar=lv.planar), strict=True):
+            if image is not None and lv.planar:
+                image = lv.from_planes(image, streams[k])
+            if image is not None and image.shape == self._shape(k):
+                got[k] = image
+        if verdict is None:
+            pairs = []
+            for k in [k for k in keys if k in got][:CHECK_TILES] or keys[:CHECK_TILES]:
+                with contextlib.suppress(CorruptSlideError):  # a damaged tile proves nothing either way
+                    pairs.append((got.get(k), lv.decode_tile(k)))
+            if not pairs:
+                return {}
+            if not dec.judge(layout, pairs)["accepted"]:
+                self._refused = True
+                return {}
+        return got
 
     def _shape(self, key: tuple[int, int]) -> tuple[int, int, int]:
         """The shape `decode_tile(key)` returns for a stream-backed tile."""
@@ -934,7 +1016,7 @@ class FastTiffSource:
         keys = dict.fromkeys(k for per_read in self.tiles_of(origins, size) for k in per_read)
         if len(keys) * lv.tile_w * lv.tile_h * 3 > self.cache.max_bytes // 4:
             return
-        if self.decoder is not None:  # one batch call for every tile not cached or claimed by another thread
+        if self.batching and not self._refuses(keys):  # one call for every tile not cached or being decoded
             claims = self.cache.claim_free(keys)
             try:
                 decoded = self._decode_batch([k for k, _ in claims])

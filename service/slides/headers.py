@@ -117,3 +117,49 @@ def _scan_layout(data: bytes) -> tuple[int, int | None]:
             need = -(-mcus // interval) - 1 if interval and mcus else None
             return i + 2 + struct.unpack_from(">H", data, i + 2)[0], need
     raise ValueError("JPEG stream has no scan")
+
+
+def stream_layout(data: bytes) -> str:
+    """How a JPEG or raw J2K stream is coded, as a short key: the unit a batch decoder's pixels are checked
+    against the CPU path's (`batchdecode.BatchDecoder.verdict`), since a decoder can be right on one layout
+    and wrong on another (an RGB-coded JPEG whose Adobe marker it ignores, chroma it upsamples its own way).
+    JPEG: frame type, each component's sampling factors, the Adobe transform where a segment gives one
+    ("jpeg sof0 2x2,1x1,1x1", "jpeg sof0 1x1,1x1,1x1 adobe0"); J2K: sample depth, each component's
+    subsampling and whether the multiple-component transform is on ("j2k 8b 1x1,2x1,2x1 mct0").
+    ValueError for anything else or a malformed header."""
+    if data[:2] == b"\xff\xd8":
+        frame, adobe = "", ""
+        for marker, i in jpeg_segments(data):
+            if marker in _SOF:
+                n = data[i + 9]
+                factors = data[i + 11 : i + 10 + 3 * n : 3]
+                if len(factors) != n:
+                    break
+                frame = f"sof{marker - 0xC0} " + ",".join(f"{f >> 4}x{f & 15}" for f in factors)
+            elif marker == 0xEE and data[i + 4 : i + 9] == b"Adobe" and i + 15 < len(data):
+                adobe = f" adobe{data[i + 15]}"
+        if not frame:
+            raise ValueError("JPEG stream has no frame header")
+        return f"jpeg {frame}{adobe}"
+    comps = j2k_components(data)
+    depths = sorted({depth for depth, _, _ in comps})
+    sampling = ",".join(f"{dx}x{dy}" for _, dx, dy in comps)
+    i, mct = 4 + struct.unpack_from(">H", data, 4)[0], None
+    while i + 4 <= len(data) and data[i] == 0xFF and data[i + 1] != 0x90:  # main header, up to the first tile
+        if data[i + 1] == 0x52 and i + 8 < len(data):  # COD: Lcod (2), Scod, progression, layers (2), MCT
+            mct = data[i + 8]
+        i += 2 + struct.unpack_from(">H", data, i + 2)[0]
+    if mct is None:
+        raise ValueError("J2K main header has no COD segment")
+    return f"j2k {'/'.join(map(str, depths))}b {sampling} mct{mct}"
+
+
+def j2k_components(codestream: bytes) -> list[tuple[int, int, int]]:
+    """(bit depth, horizontal subsampling, vertical subsampling) of each component a raw J2K codestream's SIZ
+    segment declares (ValueError where the header is not one or is cut short)."""
+    j2k_codestream_size(codestream)  # SOC, SIZ, a non-empty image
+    n = struct.unpack_from(">H", codestream, 40)[0]
+    raw = codestream[42 : 42 + 3 * n]
+    if n < 1 or len(raw) != 3 * n or 0 in raw[1::3] or 0 in raw[2::3]:
+        raise ValueError("J2K SIZ segment is cut short or declares no subsampling")
+    return [((raw[k] & 0x7F) + 1, raw[k + 1], raw[k + 2]) for k in range(0, 3 * n, 3)]

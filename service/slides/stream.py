@@ -146,10 +146,15 @@ class PatchReader:
     def read_info(self) -> dict:
         """How the patches were read, for a result's provenance: `path` (`mode`), the tile decoder asked for,
         and on the fast path the stored tiles decoded by the batch decoder and by the CPU path (a GPU decoder
-        can differ from libjpeg-turbo by a few levels; tiles it hands back are the CPU path's)."""
+        can differ from libjpeg-turbo by a few levels; tiles it hands back are the CPU path's), and the batch
+        decoder's verdict on each stream layout it was given (`batchdecode.BatchDecoder.judge`)."""
         info: dict = {"path": self.mode, "tile_decoder": self.decoder}
-        if self.fast_source is not None:
-            info["tiles_decoded"] = dict(self.fast_source.decoded)
+        src = self.fast_source
+        if src is not None:
+            info["tiles_decoded"] = dict(src.decoded)
+            if src.decoder is not None:
+                verdicts = src.decoder.verdicts
+                info["batch_checks"] = {k: verdicts[k] for k in sorted(src.layouts) if k in verdicts}
         return info
 
     @property
@@ -166,7 +171,7 @@ class PatchReader:
         if self.fast_source is not None:
             rs = g.read_size
             # see FastTiffSource.decode_ahead; a batch decoder wants every part's tiles in one call
-            if self.fast_source.level.kind != "ndpi" or self.fast_source.decoder is not None:
+            if self.fast_source.level.kind != "ndpi" or self.fast_source.batching:
                 self.fast_source.decode_ahead(self.level_coords[start:stop], rs)
             buf = None if rs == g.patch_size else np.empty((rs, rs, 3), np.uint8)
             for i, (lx, ly) in enumerate(self.level_coords[start:stop]):
