@@ -163,6 +163,32 @@ def slide(orthanc, cmu_svs, tmp_path_factory) -> tuple[str, str, list[Path]]:
     return (*_uids(files), files)
 
 
+def test_pacs_series_streams_frames_through_the_tile_path_with_the_files_pixels(orthanc, slide) -> None:
+    """A series read over DICOMweb takes the frame path (each frame fetched and decoded once, read ahead by
+    both reader threads) and streams the patches its own `read_region` gives, and those of the same series
+    read from its files."""
+    from service.pacs.config import PacsServer
+    from service.pacs.source import PacsSlideSource
+    from service.slides.grid import build_grid
+    from service.slides.open import open_slide
+    from service.slides.stream import PatchReader, iter_batches
+
+    study, series, files = slide
+    ((user, pw),) = USERS.items()
+    server = PacsServer(**_server("main", orthanc.url, auth="basic", username=user, password=pw))
+
+    def patches(reader, grid, **kw) -> np.ndarray:
+        return np.concatenate([b for b, _ in iter_batches(reader, grid, batch_size=16, **kw)])
+
+    with open_slide(files[0]) as local:
+        grid = build_grid(local)
+        ref = patches(local, grid, fast=False)
+    with PacsSlideSource(server, study, series).open_reader() as remote:
+        assert PatchReader(remote, grid).mode == "fast-dicom"
+        fetched = patches(remote, grid)
+    assert len(grid) > 10 and np.array_equal(fetched, ref)
+
+
 def _server(name: str, url: str, **kw) -> dict:
     return {"name": name, "tenant": "hospital", "url": url, "read_timeout_s": 1.5, "stow_backoff_s": 0.05, **kw}
 

@@ -141,12 +141,12 @@ def test_bounded_inflight_with_slow_consumer_and_early_close(cmu_svs: Path) -> N
             PatchReader.read_batch = original
 
 
-def test_bad_stream_parameters(cmu_svs: Path, dicom_dir: Path) -> None:
+def test_bad_stream_parameters(cmu_svs: Path, shared_data: Path) -> None:
     with open_slide(cmu_svs) as r:
         g = build_grid(r)
         with pytest.raises(InvalidParameterError):
             list(iter_batches(r, g, batch_size=0))
-    with open_slide(dicom_dir) as r:
+    with open_slide(shared_data / "tiles" / "TCGA-HE-7130-01Z-00-DX1.png", mpp_override=0.5) as r:  # no tiles
         g = build_grid(r)
         with pytest.raises(InvalidParameterError, match="fast tile path"):
             PatchReader(r, g, fast=True)
@@ -293,3 +293,42 @@ def test_a_batch_is_split_evenly_across_the_reader_threads(cmu_svs: Path, monkey
             assert sorted(seen) == parts, (n, sorted(seen))
             if n == 42:
                 np.testing.assert_array_equal(got, whole)
+
+
+@pytest.mark.parametrize("target_mpp", [0.5, 128 / 224, 1.0])  # level 0; level 0 resized; level 1 (wsi2dcm's)
+def test_dicom_frames_stream_through_the_tile_path_with_read_regions_pixels(dicom_dir: Path, target_mpp) -> None:
+    """DICOM frames are cut like stored tiles (each decoded once by the reader's own decode, colour fix
+    included), with `read_region`'s pixels, edge patches past the image white as there."""
+    with open_slide(dicom_dir) as r:
+        g = build_grid(r, target_mpp=target_mpp)
+        pr = PatchReader(r, g)
+        assert pr.mode == "fast-dicom" and len(g) > 10
+        lw, lh = r.level_dimensions[g.read_level]
+        ds = r.level_downsamples[g.read_level]
+        for lx, ly in [(lw - 300, 0), (0, lh - 300), (lw - 150, lh - 250), (-40, -40)]:  # the edge frames
+            got = pr.fast_source.read(lx, ly, (420, 330))
+            assert np.array_equal(got, r.read_region((round(lx * ds), round(ly * ds)), g.read_level, (420, 330)))
+        pr.close()
+        fast, coords = _collect(r, g)
+        generic, coords_g = _collect(r, g, fast=False)
+    assert np.array_equal(coords, coords_g) and np.array_equal(fast, generic)
+
+
+def test_dicom_frame_stored_cropped_at_the_edge_is_padded_white_and_an_oversized_one_refused(
+    dicom_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Some writers crop the last frame column/row to the image; the tile path pads them as `read_region`
+    leaves what no frame covers. A frame larger than its tags say is a typed error, not a wrong cut."""
+    from service.errors import CorruptSlideError
+    from service.slides.readers.dicom_reader import DicomLevel
+
+    with open_slide(dicom_dir) as r:
+        level = DicomLevel(r, 0)
+        full = r.decode_frame(0, 4, 5)
+        monkeypatch.setattr(r, "decode_frame", lambda lvl, tx, ty: full[:467, :220])  # 2,220 x 2,967 px
+        tile = level.decode_tile((4, 5))
+        assert tile.shape == (500, 500, 3) and np.array_equal(tile[:467, :220], full[:467, :220])
+        assert (tile[467:] == 255).all() and (tile[:, 220:] == 255).all()
+        monkeypatch.setattr(r, "decode_frame", lambda lvl, tx, ty: np.zeros((501, 500, 3), np.uint8))
+        with pytest.raises(CorruptSlideError, match="larger than the 500x500"):
+            level.decode_tile((0, 0))

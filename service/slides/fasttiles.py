@@ -881,7 +881,8 @@ class FastTiffSource:
         decoder: BatchDecoder | None = None,
     ) -> None:
         self.level = level
-        self.decoder = decoder  # None: each tile on the CPU as it is needed; else batches (`batchdecode`)
+        # None: each tile on the CPU as it is needed; else batches (`batchdecode`), where the level has streams
+        self.decoder = decoder if getattr(level, "batchable", True) else None
         self.decoded = {"batch": 0, "cpu": 0}  # stored tiles decoded by the batch decoder / the CPU path
         self.layouts: set[str] = set()  # stream layouts handed to the batch decoder (its verdicts on them)
         self._refused = False  # the decoder refused this level's layout: tiles go tile by tile, as without one

@@ -101,7 +101,12 @@ class PatchReader:
         self.snapped = not self._same_pixels_as_reader(level_coords)
         if fast and not (fast == "exact" and self.snapped):
             lw, lh = reader.level_dimensions[grid.read_level]
-            level = open_tiff_level(getattr(reader, "path", ""), int(lw), int(lh))
+            fast_level = getattr(reader, "fast_level", None)  # readers with tiles of their own (DICOM)
+            level = (
+                fast_level(grid.read_level)
+                if fast_level is not None
+                else open_tiff_level(getattr(reader, "path", ""), int(lw), int(lh))
+            )
             if level is not None:
                 self.fast_source = FastTiffSource(
                     level, cache_bytes=int(cache_mb) << 20, read_size=grid.read_size, decoder=batch_decoder(decoder)
@@ -114,9 +119,10 @@ class PatchReader:
         """Cutting stored tiles reproduces `read_region` when level coordinates are whole numbers, or when
         the reader itself snaps to the nearest level pixel (tifffile reader). OpenSlide resamples fractional
         positions (sub-pixel cairo translation)."""
+        from service.slides.readers.dicom_reader import DicomReader
         from service.slides.readers.tiff_reader import TiffReader
 
-        if isinstance(self.reader, TiffReader):
+        if isinstance(self.reader, TiffReader | DicomReader):  # both land on the nearest level pixel
             return True
         exact = self.coords / self.grid.level_downsample
         return bool(np.abs(exact - level_coords).max(initial=0.0) < 1e-6)
@@ -159,7 +165,8 @@ class PatchReader:
 
     @property
     def mode(self) -> str:
-        """`fast-tiff` (JPEG / JPEG 2000 tiles), `fast-ndpi`, `fast-mrxs` or `read_region`."""
+        """`fast-tiff` (JPEG / JPEG 2000 tiles), `fast-ndpi`, `fast-mrxs`, `fast-dicom` (frames) or
+        `read_region`."""
         return f"fast-{self.fast_source.level.kind}" if self.fast_source is not None else "read_region"
 
     def read_batch(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:

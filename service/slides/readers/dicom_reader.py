@@ -253,6 +253,19 @@ class DicomReader(SlideReader):
             self._inflight.pop(key, None)
         return tile
 
+    def fast_level(self, level: int) -> DicomLevel:
+        """`level`'s frames for the patch reader's tile path (`fasttiles.FastTiffSource`)."""
+        return DicomLevel(self, level)
+
+    def tile_size(self, level: int) -> tuple[int, int]:
+        """(width, height) of the stored frames of `level`."""
+        return self._tile_sizes[level]
+
+    def decode_frame(self, level: int, tx: int, ty: int) -> np.ndarray:
+        """Stored frame (tx, ty) of `level` as uint8 RGB, fetched and decoded now (no cache): what each
+        `read_region` tile costs the first time (the benchmark's decode-once ceiling)."""
+        return self._decode_tile(level, tx, ty)
+
     def _decode_tile(self, level: int, tx: int, ty: int) -> np.ndarray:
         lv = self._levels[level].level
         try:
@@ -318,3 +331,50 @@ class DicomReader(SlideReader):
     def close(self) -> None:
         self._cache.clear()
         self._wsi.close()
+
+
+class DicomLevel:
+    """One level's stored frames as the patch reader's tile path sees a level (`fasttiles.FastTiffSource`):
+    patches are cut out of frames each decoded once, by the reader's own decode (`DicomReader.decode_frame`:
+    wsidicom's decoder, the colour fix, a DICOMweb fetch for a PACS series), so its pixels are `read_region`'s.
+    No batch decoder takes its frames (`stream` is None): a DICOM frame's colour can come from its tags, not
+    only its stream."""
+
+    kind = "dicom"
+    codec = "dicom"
+    planar = False
+    batchable = False  # no batch decoder: the reader's own decode, frame by frame
+
+    def __init__(self, reader: DicomReader, level: int) -> None:
+        self.reader, self.index = reader, level
+        self.path = reader.path
+        self.width, self.height = reader.level_dimensions[level]
+        self.tile_w, self.tile_h = reader.tile_size(level)
+        self.tiles_x = -(-self.width // self.tile_w)
+        self.tiles_y = -(-self.height // self.tile_h)
+
+    def tile_shape(self, key: tuple[int, int]) -> None:
+        return None  # the reader's decoders allocate their own arrays
+
+    def stream(self, key: tuple[int, int]) -> None:
+        return None
+
+    def decode_tile(self, key: tuple[int, int], out: np.ndarray | None = None) -> np.ndarray:
+        """Frame `key` as uint8 RGB [tile_h, tile_w, 3]; a frame stored smaller (cropped at the image's edge)
+        is padded white, as `read_region` leaves what no frame covers."""
+        tile = self.reader.decode_frame(self.index, *key)
+        h, w = tile.shape[:2]
+        if (h, w) == (self.tile_h, self.tile_w):
+            return tile
+        if h > self.tile_h or w > self.tile_w:
+            raise CorruptSlideError(
+                f"frame {key} of level {self.index} is {w}x{h} px, larger than the {self.tile_w}x{self.tile_h} "
+                "its tags give it",
+                slide=self.path.name,
+            )
+        padded = white(self.tile_h, self.tile_w)
+        padded[:h, :w] = tile
+        return padded
+
+    def close(self) -> None:
+        pass  # the reader owns the files (or the PACS connection)
