@@ -26,8 +26,8 @@ Per slide, each of these is run `--repeats` times, interleaved, and the median i
   size, same area resize); where OpenSlide cannot read the slide's levels, our own reader's generic
   `read_region` path with 2 threads instead (column `baseline`);
 - ceiling: every stored tile (NDPI: block) that the grid touches decoded exactly once on 2 threads, no cutting
-  or resizing, in patch-equivalents/s (patches of the grid / seconds); where the fast path applies, and on
-  DICOM (each frame through the reader's own decode: wsidicom's decoder, or libjpeg-turbo for mislabelled
+  or resizing, in patch-equivalents/s (patches of the grid / seconds); only where the fast path applies (on
+  DICOM each frame goes through the reader's own decode: wsidicom's decoder, or libjpeg-turbo for mislabelled
   colour).
 `vs_loop` = ours / loop (goal >= 2 on every format), `of_ceil` = ours / ceiling (goal >= 0.85 on JPEG TIFF).
 `--decoder nvimgcodec` (a GPU; `nvimgcodec-cpu`: its CPU backends) adds ours through that batch tile decoder,
@@ -63,7 +63,6 @@ from service.slides.batchdecode import TILE_DECODERS  # noqa: E402
 from service.slides.grid import build_grid  # noqa: E402
 from service.slides.memory import keep_freed_memory  # noqa: E402
 from service.slides.open import open_slide  # noqa: E402
-from service.slides.readers.dicom_reader import DicomReader  # noqa: E402
 from service.slides.stream import PatchReader, iter_batches, resize_patch  # noqa: E402
 
 # the real samples; MSTAR_BENCH_SLIDES: a copy of them elsewhere (bench/gpu/tiles.sh carries one to a GPU machine)
@@ -343,33 +342,11 @@ def touched_tiles(pr: PatchReader) -> list[tuple[int, int]]:
     return sorted(keys, key=lambda k: (k[1], k[0]))
 
 
-def dicom_frames(reader: DicomReader, grid) -> list[tuple[int, int]]:
-    """Every stored frame of the read level that a grid patch overlaps, row-major (patches land on the nearest
-    level pixel, as `read_region` reads them)."""
-    tw, th = reader.tile_size(grid.read_level)
-    lw, lh = reader.level_dimensions[grid.read_level]
-    rs = grid.read_size
-    keys = set()
-    for x, y in np.rint(np.asarray(grid.coords, np.float64) / grid.level_downsample).astype(np.int64).tolist():
-        x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + rs, lw), min(y + rs, lh)
-        keys.update(
-            (tx, ty) for ty in range(y0 // th, (y1 - 1) // th + 1) for tx in range(x0 // tw, (x1 - 1) // tw + 1)
-        )
-    return sorted(keys, key=lambda k: (k[1], k[0]))
-
-
 def ceiling_rate(path: Path, grid, mpp_override: float | None, threads: int = 2) -> float | None:
     """Patch-equivalents/s when every stored tile (NDPI block, DICOM frame) the grid touches is decoded exactly
     once on `threads` threads, with nothing else done: what any tile-based reader of this file can at most
     reach."""
     with open_slide(path, mpp_override=mpp_override) as r:
-        if isinstance(r, DicomReader):  # no fast path: the reader's own frame decode (wsidicom's decoder)
-            frames = dicom_frames(r, grid)
-            level = grid.read_level
-            dt, _ = _timed_threads(
-                lambda c: [r.decode_frame(level, tx, ty) for tx, ty in c], _chunks(frames, threads, 16), threads
-            )
-            return len(grid) / dt
         pr = PatchReader(r, grid)
         try:
             if pr.fast_source is None:

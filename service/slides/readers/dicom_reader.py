@@ -262,8 +262,8 @@ class DicomReader(SlideReader):
         return self._tile_sizes[level]
 
     def decode_frame(self, level: int, tx: int, ty: int) -> np.ndarray:
-        """Stored frame (tx, ty) of `level` as uint8 RGB, fetched and decoded now (no cache): what each
-        `read_region` tile costs the first time (the benchmark's decode-once ceiling)."""
+        """Stored frame (tx, ty) of `level` as uint8 RGB, fetched and decoded now (no cache): what the tile path
+        (`DicomLevel`) cuts patches from."""
         return self._decode_tile(level, tx, ty)
 
     def _decode_tile(self, level: int, tx: int, ty: int) -> np.ndarray:
@@ -337,8 +337,8 @@ class DicomLevel:
     """One level's stored frames as the patch reader's tile path sees a level (`fasttiles.FastTiffSource`):
     patches are cut out of frames each decoded once, by the reader's own decode (`DicomReader.decode_frame`:
     wsidicom's decoder, the colour fix, a DICOMweb fetch for a PACS series), so its pixels are `read_region`'s.
-    No batch decoder takes its frames (`stream` is None): a DICOM frame's colour can come from its tags, not
-    only its stream."""
+    No batch decoder takes its frames (`batchable`): a DICOM frame's colour can come from its tags, not only
+    its stream."""
 
     kind = "dicom"
     codec = "dicom"
@@ -355,9 +355,6 @@ class DicomLevel:
 
     def tile_shape(self, key: tuple[int, int]) -> None:
         return None  # the reader's decoders allocate their own arrays
-
-    def stream(self, key: tuple[int, int]) -> None:
-        return None
 
     def decode_tile(self, key: tuple[int, int], out: np.ndarray | None = None) -> np.ndarray:
         """Frame `key` as uint8 RGB [tile_h, tile_w, 3]; a frame stored smaller (cropped at the image's edge)
