@@ -74,6 +74,30 @@ def test_views_and_fallbacks() -> None:
     assert resize_patch(small, 100) is small
 
 
+def test_writes_into_a_given_slot() -> None:
+    """Into a batch's slot (no copy), a non-contiguous view, or after OpenCV's own path: OpenCV's pixels in `out`;
+    a slot of the wrong shape or type is an error, not a silently unfilled patch."""
+    rng = np.random.default_rng(13)
+    batch = np.zeros((3, 224, 224, 3), np.uint8)
+    a = rng.integers(0, 256, (245, 245, 3), np.uint8)
+    slot = batch[1]
+    assert area_resize(a, 224, 224, out=slot) is slot
+    assert np.array_equal(batch[1], _cv2(a, 224, 224)) and not batch[[0, 2]].any()
+    wide = np.zeros((224, 448, 3), np.uint8)
+    area_resize(a, 224, 224, out=wide[:, ::2])
+    assert np.array_equal(wide[:, ::2], _cv2(a, 224, 224))
+    whole = rng.integers(0, 256, (448, 448, 3), np.uint8)  # whole factor: OpenCV, then copied into the slot
+    assert np.array_equal(area_resize(whole, 224, 224, out=batch[2]), _cv2(whole, 224, 224))
+    assert np.array_equal(batch[2], _cv2(whole, 224, 224))
+    for bad in (np.zeros((224, 224), np.uint8), np.zeros((224, 224, 3), np.float32), np.zeros((200, 224, 3), np.uint8)):
+        with pytest.raises(ValueError, match="out is"):
+            area_resize(a, 224, 224, out=bad)
+    slot = np.zeros((224, 224, 3), np.uint8)
+    assert resize_patch(a[:224, :224], 224, out=slot) is slot and np.array_equal(slot, a[:224, :224])
+    small = a[:100, :100]
+    assert np.array_equal(resize_patch(small, 224, out=slot), cv2.resize(small, (224, 224)))
+
+
 def test_taps_are_opencvs_weights() -> None:
     index, weight, count = area_taps(245, 224)
     assert index.shape[0] == 224 and count.min() >= 1 and count.max() <= 3

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import itertools
 import shutil
+import threading
+import time
 from pathlib import Path
 
 import cv2
@@ -93,6 +95,39 @@ def test_ndpi_grid_streams_fast_and_equals_openslide(ndpi: Path) -> None:
         assert PatchReader(r, g).mode == "fast-ndpi"
         ours = _collect(r, g, batch_size=8, workers=2)
     assert np.array_equal(ours, _openslide_patches(ndpi, g))
+
+
+def test_ndpi_patches_whose_block_another_thread_decodes_are_read_last(ndpi: Path) -> None:
+    """NDPI parts read their patches in order, not decoding ahead; a patch whose block another thread is
+    decoding waits until the rest of the part is cut, then gets that block's pixels (no second decode)."""
+    with open_slide(ndpi) as r:
+        g = build_grid(r)
+        ref = _collect(r, g, batch_size=len(g), workers=1)
+        pr = PatchReader(r, g)
+        src = pr.fast_source
+        assert src.level.kind == "ndpi" and not src.batching
+        per_patch = src.tiles_of(pr.level_coords, g.read_size)
+        key = per_patch[0][-1]  # held by "another thread": the last block the first patch needs
+        waiting = [i for i, keys in enumerate(per_patch) if key in keys]
+        assert 0 < len(waiting) < len(g)
+        claims = src.cache.claim_free([key])
+        out = np.zeros((len(g), g.patch_size, g.patch_size, 3), np.uint8)
+        done = threading.Event()
+        reader = threading.Thread(target=lambda: (pr.read_batch(0, len(g), out), done.set()))
+        reader.start()
+        try:
+            free = [i for i in range(len(g)) if i not in waiting]
+            deadline = time.monotonic() + 30
+            while not np.array_equal(out[free], ref[free]) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert np.array_equal(out[free], ref[free])  # every other patch was read while the block was held
+            assert not done.is_set() and not out[waiting].any()
+        finally:
+            src.cache.fill_claimed(claims, src._load)
+            reader.join(30)
+        assert done.is_set() and np.array_equal(out, ref)
+        assert src.cache.misses == len({k for keys in per_patch for k in keys})  # each block decoded once
+        pr.close()
 
 
 def _cmu_ndpi(cmu_svs: Path, out: Path, **kw) -> Path:

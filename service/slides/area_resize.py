@@ -114,18 +114,40 @@ def _opencv(region: np.ndarray, width: int, height: int) -> np.ndarray:
     return cv2.resize(region, (width, height), interpolation=cv2.INTER_AREA)
 
 
-def area_resize(region: np.ndarray, width: int, height: int) -> np.ndarray:
+def area_resize(region: np.ndarray, width: int, height: int, out: np.ndarray | None = None) -> np.ndarray:
     """`cv2.resize(region, (width, height), interpolation=cv2.INTER_AREA)` for a uint8 (H, W) or (H, W, C)
-    image, with identical pixels."""
+    image, with identical pixels; written into `out` when given (the shape and dtype OpenCV returns; a batch's
+    slot, which saves copying every patch once more)."""
     h, w = region.shape[:2]
     c = 1 if region.ndim == 2 else region.shape[-1]
-    if region.dtype != np.uint8 or region.ndim not in (2, 3) or c > 4 or _use_opencv(h, w, height, width):
-        return _opencv(region, width, height)
-    kernels = _kernels()
-    return _opencv(region, width, height) if kernels is None else _resize(kernels, region, width, height)
+    fast = region.dtype == np.uint8 and region.ndim in (2, 3) and c <= 4 and not _use_opencv(h, w, height, width)
+    kernels = _kernels() if fast else None
+    if kernels is None:
+        result = _opencv(region, width, height)
+    elif (
+        out is not None
+        and out.dtype == np.uint8
+        and out.flags.c_contiguous
+        and out.shape == _out_shape(height, width, c)
+    ):
+        return _resize(kernels, region, width, height, out)
+    else:
+        result = _resize(kernels, region, width, height)
+    if out is None:
+        return result
+    if out.shape != result.shape or out.dtype != result.dtype:
+        raise ValueError(f"out is {out.dtype}{out.shape}, the resize gives {result.dtype}{result.shape}")
+    out[...] = result
+    return out
 
 
-def _resize(kernels: tuple[Callable, Callable], region: np.ndarray, width: int, height: int) -> np.ndarray:
+def _out_shape(height: int, width: int, c: int) -> tuple[int, ...]:
+    return (height, width, c) if c > 1 else (height, width)  # as cv2: (H, W, 1) -> (H, W)
+
+
+def _resize(
+    kernels: tuple[Callable, Callable], region: np.ndarray, width: int, height: int, out: np.ndarray | None = None
+) -> np.ndarray:
     horizontal, vertical = kernels
     h, w = region.shape[:2]
     c = 1 if region.ndim == 2 else region.shape[-1]
@@ -135,7 +157,8 @@ def _resize(kernels: tuple[Callable, Callable], region: np.ndarray, width: int, 
     cols = cv2.transpose(region, dst=scratch.cols)  # source columns as rows
     horizontal(cols.reshape(w, h * c), xi, xw, xn, scratch.shrunk.reshape(width, h * c))
     rows = cv2.transpose(scratch.shrunk, dst=scratch.rows)  # horizontal pass, back to source row order
-    out = np.empty((height, width, c) if c > 1 else (height, width), np.uint8)  # as cv2: (H, W, 1) -> (H, W)
+    if out is None:
+        out = np.empty(_out_shape(height, width, c), np.uint8)
     vertical(rows.reshape(h, width * c), yi, yw, yn, out.reshape(height, width * c))
     return out
 

@@ -148,6 +148,12 @@ class TileCache:
             event = self._claim(key)
         self._fill(key, load, event)
 
+    def busy(self, keys) -> bool:
+        """Whether any of `keys` is being decoded by some thread and not cached yet: a read needing it would
+        wait."""
+        with self._lock:
+            return any(k in self._pending and k not in self._data for k in keys)
+
     def claim_free(self, keys) -> list[tuple[tuple[int, int], threading.Event]]:
         """Claim every one of `keys` that is neither cached nor being decoded, for `fill_claimed`; never
         waits."""
@@ -1029,6 +1035,13 @@ class FastTiffSource:
             return
         for key in keys:
             self.cache.ensure(key, self._load)
+
+    def busy(self, lx: int, ly: int, size: int) -> bool:
+        """Whether a `size` px read at level (lx, ly) would now wait for a tile another thread is decoding."""
+        lv = self.level
+        x0, x1 = max(lx, 0) // lv.tile_w, (min(lx + size, lv.width) - 1) // lv.tile_w
+        y0, y1 = max(ly, 0) // lv.tile_h, (min(ly + size, lv.height) - 1) // lv.tile_h
+        return self.cache.busy([(tx, ty) for ty in range(y0, y1 + 1) for tx in range(x0, x1 + 1)])
 
     def read(self, lx: int, ly: int, size: int | tuple[int, int], out: np.ndarray | None = None) -> np.ndarray:
         """Level pixels `[ly, ly + h) x [lx, lx + w)` (size = side or (w, h)); outside the level is white."""
