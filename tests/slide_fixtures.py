@@ -432,3 +432,41 @@ def write_aperio_j2k_ycbcr(
         f.unlink()
     work.rmdir()
     return out
+
+
+def write_sparse_dicom(src: Path, out: Path, drop: set[int]) -> Path:
+    """A copy of the DICOM WSI series in `src` whose level 0 is TILED_SPARSE (a plane position per frame, as many
+    scanners and converters write) with frames `drop` (row-major indices) left out, as a sparse series stores
+    none where there is no tissue. New series and instance UIDs, so that a PACS holding `src` keeps both."""
+    import pydicom
+    from pydicom.dataset import Dataset
+    from pydicom.encaps import encapsulate, generate_frames
+    from pydicom.sequence import Sequence
+    from pydicom.uid import generate_uid
+
+    out.mkdir(parents=True)
+    series = generate_uid()
+    for f in sorted(src.glob("*.dcm")):
+        ds = pydicom.dcmread(f)
+        ds.SeriesInstanceUID = series
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        if f.name.startswith("level-0-"):
+            frames = list(generate_frames(ds.PixelData, number_of_frames=int(ds.NumberOfFrames)))
+            across = -(-int(ds.TotalPixelMatrixColumns) // int(ds.Columns))
+            keep = [i for i in range(len(frames)) if i not in drop]
+            per_frame = []
+            for i in keep:
+                pos = Dataset()
+                pos.ColumnPositionInTotalImagePixelMatrix = (i % across) * int(ds.Columns) + 1
+                pos.RowPositionInTotalImagePixelMatrix = (i // across) * int(ds.Rows) + 1
+                pos.XOffsetInSlideCoordinateSystem = pos.YOffsetInSlideCoordinateSystem = 0.0
+                pos.ZOffsetInSlideCoordinateSystem = 0.0
+                item = Dataset()
+                item.PlanePositionSlideSequence = Sequence([pos])
+                per_frame.append(item)
+            ds.PerFrameFunctionalGroupsSequence = Sequence(per_frame)
+            ds.DimensionOrganizationType = "TILED_SPARSE"
+            ds.NumberOfFrames = len(keep)
+            ds.PixelData = encapsulate([frames[i] for i in keep])
+        ds.save_as(out / f.name)
+    return out

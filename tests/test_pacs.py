@@ -34,6 +34,7 @@ from services import (  # noqa: F401
     wait_job,
     webhook_receiver,
 )
+from slide_fixtures import write_sparse_dicom
 
 from service.api import create_app
 from service.api.schemas import DEFAULT_TASKS
@@ -187,6 +188,31 @@ def test_pacs_series_streams_frames_through_the_tile_path_with_the_files_pixels(
         assert PatchReader(remote, grid).mode == "fast-dicom"
         fetched = patches(remote, grid)
     assert len(grid) > 10 and np.array_equal(fetched, ref)
+
+
+def test_sparse_pacs_series_reads_as_its_files(orthanc, dicom_dir, tmp_path) -> None:
+    """A TILED_SPARSE series over DICOMweb (frames placed by their plane positions, two left out): the frame path
+    reads what the same files read locally, white where no frame is stored."""
+    from service.pacs.config import PacsServer
+    from service.pacs.source import PacsSlideSource
+    from service.slides.grid import build_grid
+    from service.slides.open import open_slide
+    from service.slides.stream import PatchReader, iter_batches
+
+    sparse = write_sparse_dicom(dicom_dir, tmp_path / "sparse", drop={7, 12})
+    files = sorted(sparse.glob("*.dcm"))
+    orthanc.upload(files)
+    ((user, pw),) = USERS.items()
+    server = PacsServer(**_server("main", orthanc.url, auth="basic", username=user, password=pw))
+    with open_slide(sparse) as local:
+        grid = build_grid(local, target_mpp=0.5)
+        ref = np.concatenate([b for b, _ in iter_batches(local, grid, fast=False)])
+        hole = local.read_region((1000, 500), 0, (500, 1000))
+    with PacsSlideSource(server, *_uids(files)).open_reader() as remote:
+        assert PatchReader(remote, grid).mode == "fast-dicom"
+        fetched = np.concatenate([b for b, _ in iter_batches(remote, grid)])
+        assert np.array_equal(remote.read_region((1000, 500), 0, (500, 1000)), hole)
+    assert (hole == 255).all() and np.array_equal(fetched, ref)
 
 
 def _server(name: str, url: str, **kw) -> dict:

@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 import openslide
 import pytest
-from slide_fixtures import write_generic_tiff, write_ome_tiff
+from slide_fixtures import write_generic_tiff, write_ome_tiff, write_sparse_dicom
 
 from service.errors import InvalidParameterError
 from service.slides.grid import build_grid
@@ -332,3 +332,26 @@ def test_dicom_frame_stored_cropped_at_the_edge_is_padded_white_and_an_oversized
         monkeypatch.setattr(r, "decode_frame", lambda lvl, tx, ty: np.zeros((501, 500, 3), np.uint8))
         with pytest.raises(CorruptSlideError, match="larger than the 500x500"):
             level.decode_tile((0, 0))
+
+
+def test_sparse_dicom_series_reads_white_where_no_frame_is_stored(dicom_dir: Path, tmp_path: Path) -> None:
+    """TILED_SPARSE level 0 with two frames left out (one in tissue): the tile path and `read_region` read white
+    there and the full series' pixels everywhere else."""
+    sparse = write_sparse_dicom(dicom_dir, tmp_path / "sparse", drop={7, 12})  # frames (2, 1) and (2, 2)
+    with open_slide(dicom_dir) as full, open_slide(sparse) as r:
+        assert r.level_dimensions == full.level_dimensions
+        g = build_grid(full, target_mpp=0.5)
+        assert (g.read_level, g.read_size, g.patch_size) == (0, 224, 224)
+        pr = PatchReader(r, g)
+        assert pr.mode == "fast-dicom"
+        pr.close()
+        ref, ref_coords = _collect(full, g)
+        fast, coords = _collect(r, g)
+        generic, _ = _collect(r, g, fast=False)
+        assert np.array_equal(coords, ref_coords) and np.array_equal(fast, generic)
+        x, y = coords[:, 0], coords[:, 1]  # the missing frames cover x 1,000-1,500, y 500-1,500
+        touches = (x < 1500) & (x + 224 > 1000) & (y < 1500) & (y + 224 > 500)
+        inside = (x >= 1000) & (x + 224 <= 1500) & (y >= 500) & (y + 224 <= 1500)
+        assert inside.any() and np.array_equal(fast[~touches], ref[~touches])
+        assert (fast[inside] == 255).all() and not (ref[inside] == 255).all()
+        assert (r.read_region((1000, 500), 0, (500, 1000)) == 255).all()
