@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 import openslide
 import pytest
-from slide_fixtures import write_generic_tiff, write_ome_tiff, write_sparse_dicom
+from slide_fixtures import write_generic_tiff, write_ome_tiff, write_sparse_dicom, write_transcoded_dicom
 
 from service.errors import InvalidParameterError
 from service.slides.grid import build_grid
@@ -355,3 +355,19 @@ def test_sparse_dicom_series_reads_white_where_no_frame_is_stored(dicom_dir: Pat
         assert inside.any() and np.array_equal(fast[~touches], ref[~touches])
         assert (fast[inside] == 255).all() and not (ref[inside] == 255).all()
         assert (r.read_region((1000, 500), 0, (500, 1000)) == 255).all()
+
+
+@pytest.mark.parametrize("syntax", ["1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.201"])  # JPEG 2000, HTJ2K
+def test_dicom_series_in_jpeg_2000_reads_as_its_jpeg_original(dicom_dir: Path, tmp_path: Path, syntax: str) -> None:
+    """The sample's frames stored again losslessly as JPEG 2000 or HTJ2K (as archives keep slides) stream the
+    original's pixels, on the frame path and the generic one."""
+    j2k = write_transcoded_dicom(dicom_dir, tmp_path / "j2k", syntax)
+    with open_slide(dicom_dir) as jpeg, open_slide(j2k) as r:
+        g = build_grid(jpeg, target_mpp=0.5)
+        ref, _ = _collect(jpeg, g)
+        pr = PatchReader(r, g)
+        assert pr.mode == "fast-dicom"
+        pr.close()
+        fast, _ = _collect(r, g)
+        generic, _ = _collect(r, g, fast=False)
+    assert np.array_equal(fast, ref) and np.array_equal(generic, ref)
