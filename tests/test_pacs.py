@@ -34,7 +34,7 @@ from services import (  # noqa: F401
     wait_job,
     webhook_receiver,
 )
-from slide_fixtures import write_sparse_dicom
+from slide_fixtures import write_sparse_dicom, write_transcoded_dicom
 
 from service.api import create_app
 from service.api.schemas import DEFAULT_TASKS
@@ -213,6 +213,49 @@ def test_sparse_pacs_series_reads_as_its_files(orthanc, dicom_dir, tmp_path) -> 
         fetched = np.concatenate([b for b, _ in iter_batches(remote, grid)])
         assert np.array_equal(remote.read_region((1000, 500), 0, (500, 1000)), hole)
     assert (hole == 255).all() and np.array_equal(fetched, ref)
+
+
+def test_jpeg_2000_pacs_series_is_fetched_as_stored_and_its_label_never(
+    orthanc, dicom_dir, tmp_path, monkeypatch
+) -> None:
+    """A series whose frames are JPEG 2000, fetched over DICOMweb, streams what its files stream. wsidicom on its
+    own asks for JPEG baseline first, which this Orthanc cannot transcode JPEG 2000 into (HTTP 500, the series
+    unreadable), and a server that can would re-compress the lossless frames; the reader asks for the stored
+    syntax (`transfer-syntax=*`). The series' LABEL instance (patient data) is never requested, not even its
+    metadata. (HTJ2K is not tried here: this Orthanc does not know that syntax at all.)"""
+    from pydicom.uid import generate_uid
+
+    from service.pacs.client import PacsSession
+    from service.pacs.config import PacsServer
+    from service.pacs.source import PacsSlideSource
+    from service.slides.grid import build_grid
+    from service.slides.open import open_slide
+    from service.slides.stream import iter_batches
+
+    j2k = write_transcoded_dicom(dicom_dir, tmp_path / "j2k", "1.2.840.10008.1.2.4.90")
+    files = sorted(j2k.glob("*.dcm"))
+    label = pydicom.dcmread(j2k / "level-11-frames-0-1.dcm")
+    label.ImageType = ["ORIGINAL", "PRIMARY", "LABEL", "NONE"]
+    label.SOPInstanceUID = label.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    label.save_as(tmp_path / "label.dcm")
+    orthanc.upload([*files, tmp_path / "label.dcm"])
+    urls: list[str] = []
+    real = PacsSession.request
+
+    def logged(self, method, url, *args, **kwargs):
+        urls.append(str(url))
+        return real(self, method, url, *args, **kwargs)
+
+    monkeypatch.setattr(PacsSession, "request", logged)
+    ((user, pw),) = USERS.items()
+    server = PacsServer(**_server("main", orthanc.url, auth="basic", username=user, password=pw))
+    with open_slide(j2k) as local:
+        grid = build_grid(local, target_mpp=0.5)
+        ref = np.concatenate([b for b, _ in iter_batches(local, grid)])
+    with PacsSlideSource(server, *_uids(files)).open_reader() as remote:
+        fetched = np.concatenate([b for b, _ in iter_batches(remote, grid)])
+    assert np.array_equal(fetched, ref)
+    assert any("/frames/" in u for u in urls) and not any(str(label.SOPInstanceUID) in u for u in urls)
 
 
 def _server(name: str, url: str, **kw) -> dict:

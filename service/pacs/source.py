@@ -2,13 +2,15 @@
 
 wsidicom reads the series' instance metadata, then fetches frames one by one as `read_region` needs them.
 The pipeline asks for the tissue mask from a coarse level first and then reads only the patches under
-tissue, so only those frames travel; the session counts every byte received. Label and overview pixels are
-never requested.
+tissue, so only those frames travel; the session counts every byte received. wsidicom sees only the VOLUME
+instances: nothing of the label, overview or thumbnail instances is requested. Frames travel in the transfer
+syntax they are stored in (`_volume_client`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,24 +22,94 @@ from service.pacs.client import PacsSession, SlideSeries, find_slide_series, mak
 from service.pacs.config import PacsServer, PacsSettings
 from service.slides.readers.dicom_reader import DicomReader, _header_check
 
+#: the syntaxes wsidicom may ask for: its defaults, plus HTJ2K, which archives increasingly keep and it decodes
+_HTJ2K = ("1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.4.202", "1.2.840.10008.1.2.4.203")
+_ANY_SYNTAX = 'multipart/related; type="application/octet-stream"; transfer-syntax=*'
+_SYNTAX_PARAM = re.compile(r"transfer-syntax\s*=\s*\"?([0-9][0-9.]*)")
+
+
+def _volume_client(client: Any, session: PacsSession | None, volumes: set[str] | None) -> Any:
+    """A `WsiDicomWebClient` that shows wsidicom only the series' VOLUME instances and asks for their frames in
+    the syntax they are stored in.
+
+    - Only volumes: wsidicom otherwise opens every instance of the series and fetches frame 1 of each, the
+      label's too (patient data) and the overview's; the reader never uses them. (`volumes` None: a server
+      whose search gave no instance UIDs; then every instance, as before.)
+    - The stored syntax: wsidicom asks for frame 1 in its preferred syntaxes in turn, JPEG baseline first. A
+      PACS storing JPEG 2000 then has to transcode. Orthanc without its GDCM plugin answers 500 and the series
+      cannot be opened; a server that can transcode re-compresses lossless frames into lossy JPEG, so the
+      pixels change. Here frame 1 is asked for once in whatever syntax it is stored in (`transfer-syntax=*`,
+      PS3.18), and that syntax goes to wsidicom as the instance's available one, in place of its own probe
+      (one request either way). Where the server names none, wsidicom probes as before."""
+    from pydicom.uid import UID
+    from wsidicom import WsiDicomWebClient
+
+    class VolumeClient(WsiDicomWebClient):
+        def get_wsi_instances(self, study_uid, series_uids):
+            for series_uid, instance_uid, available in super().get_wsi_instances(study_uid, series_uids):
+                if volumes is not None and str(instance_uid) not in volumes:
+                    continue
+                if available is None and session is not None:
+                    stored = _stored_syntax(client, session, study_uid, series_uid, instance_uid)
+                    available = None if stored is None else {UID(stored)}
+                yield series_uid, instance_uid, available
+
+    return VolumeClient(client)
+
+
+def _stored_syntax(client: Any, session: PacsSession, study: str, series: str, instance: str) -> str | None:
+    """The transfer syntax frame 1 of `instance` is stored in, from the server's answer to `transfer-syntax=*`
+    (the response's or its first part's Content-Type); None where it names none or refuses."""
+    import requests
+
+    base = f"{client.base_url}/{client.wado_url_prefix}" if client.wado_url_prefix else str(client.base_url)
+    url = f"{base}/studies/{study}/series/{series}/instances/{instance}/frames/1"
+    try:
+        resp = session.get(url, headers={"Accept": _ANY_SYNTAX})
+    except requests.RequestException:
+        return None  # wsidicom's own probe then meets the same fault and names it
+    if resp.status_code != 200:
+        return None
+    found = _SYNTAX_PARAM.search(resp.headers.get("Content-Type", ""))
+    if found is None:  # the part headers, before the first frame's bytes
+        found = _SYNTAX_PARAM.search(resp.content[:4096].decode("latin-1"))
+    return found.group(1) if found else None
+
 
 class DicomWebReader(DicomReader):
     """`DicomReader` whose instances come from a DICOMweb server instead of files."""
 
-    def __init__(self, client: Any, server: str, series: SlideSeries, *, max_side: int = 200_000) -> None:
+    def __init__(
+        self,
+        client: Any,
+        server: str,
+        series: SlideSeries,
+        *,
+        max_side: int = 200_000,
+        session: PacsSession | None = None,
+    ) -> None:
         from pydicom import Dataset
-        from wsidicom import WsiDicom, WsiDicomWebClient
+        from wsidicom import WsiDicom
+        from wsidicom.web.wsidicom_web_source import PREFERRED_WEB_TRANSFER_SYNTAXES
 
         self.path = Path(f"dicomweb-{series.series_uid}")  # error messages name the opaque series UID
         self.server = server
         self.series = series
+        volumes: set[str] | None = set()
         for inst in series.volume_instances:  # the bomb guard, from QIDO attributes before any frame
             ds = Dataset.from_json(inst)
             _header_check(ds, Path(str(ds.get("SOPInstanceUID", "instance"))), max_side, self.path.name)
+            uid = ds.get("SOPInstanceUID")
+            volumes = None if volumes is None or not uid else {*volumes, str(uid)}
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                self._wsi = WsiDicom.open_web(WsiDicomWebClient(client), series.study_uid, series.series_uid)
+                self._wsi = WsiDicom.open_web(
+                    _volume_client(client, session, volumes),
+                    series.study_uid,
+                    series.series_uid,
+                    requested_transfer_syntax=[*PREFERRED_WEB_TRANSFER_SYNTAXES, *_HTJ2K],
+                )
         except Exception as exc:
             err = translate(exc, server, f"series {series.series_uid}")
             if type(err).__name__ == "PacsError" and not isinstance(exc, OSError):
@@ -95,7 +167,7 @@ class PacsSlideSource:
                 f"the series declares {self.series.frames_total} frames, over the limit of {limit}",
                 slide=self.series_uid,
             )
-        reader = DicomWebReader(client, self.server.name, self.series, max_side=self.max_side)
+        reader = DicomWebReader(client, self.server.name, self.series, max_side=self.max_side, session=self.session)
         if mpp_override is not None:
             reader.mpp = override_mpp(mpp_override)
         try:
