@@ -122,17 +122,10 @@ def area_resize(region: np.ndarray, width: int, height: int, out: np.ndarray | N
     c = 1 if region.ndim == 2 else region.shape[-1]
     fast = region.dtype == np.uint8 and region.ndim in (2, 3) and c <= 4 and not _use_opencv(h, w, height, width)
     kernels = _kernels() if fast else None
-    if kernels is None:
-        result = _opencv(region, width, height)
-    elif (
-        out is not None
-        and out.dtype == np.uint8
-        and out.flags.c_contiguous
-        and out.shape == _out_shape(height, width, c)
-    ):
-        return _resize(kernels, region, width, height, out)
-    else:
-        result = _resize(kernels, region, width, height)
+    slot = out is not None and out.dtype == np.uint8 and out.flags.c_contiguous
+    if kernels is not None and slot and out.shape == _out_shape(height, width, c):
+        return _resize(kernels, region, width, height, out)  # straight into the slot
+    result = _opencv(region, width, height) if kernels is None else _resize(kernels, region, width, height)
     if out is None:
         return result
     if out.shape != result.shape or out.dtype != result.dtype:
