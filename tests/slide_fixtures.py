@@ -474,8 +474,8 @@ def write_sparse_dicom(src: Path, out: Path, drop: set[int]) -> Path:
 
 def write_transcoded_dicom(src: Path, out: Path, syntax: str) -> Path:
     """A copy of the DICOM WSI series in `src` with every frame decoded and stored again losslessly in transfer
-    syntax `syntax` (JPEG 2000 1.2.840.10008.1.2.4.90 or HTJ2K 1.2.840.10008.1.2.4.201, as PACS archives keep
-    slides), labelled RGB; new series and instance UIDs."""
+    syntax `syntax` (JPEG 2000 1.2.840.10008.1.2.4.90, HTJ2K 1.2.840.10008.1.2.4.201, as PACS archives keep
+    slides, or uncompressed 1.2.840.10008.1.2.1), labelled RGB; new series and instance UIDs."""
     import imagecodecs
     import pydicom
     from pydicom.encaps import encapsulate, generate_frames
@@ -484,13 +484,22 @@ def write_transcoded_dicom(src: Path, out: Path, syntax: str) -> Path:
     encode = {
         "1.2.840.10008.1.2.4.90": lambda a: imagecodecs.jpeg2k_encode(a, level=0, codecformat="j2k"),
         "1.2.840.10008.1.2.4.201": lambda a: imagecodecs.htj2k_encode(a),
+        "1.2.840.10008.1.2.1": None,
     }[syntax]
     out.mkdir(parents=True)
     series = generate_uid()
     for f in sorted(src.glob("*.dcm")):
         ds = pydicom.dcmread(f)
-        frames = generate_frames(ds.PixelData, number_of_frames=int(ds.NumberOfFrames))
-        ds.PixelData = encapsulate([encode(imagecodecs.jpeg8_decode(fr)) for fr in frames])
+        frames = [
+            imagecodecs.jpeg8_decode(fr)
+            for fr in generate_frames(ds.PixelData, number_of_frames=int(ds.NumberOfFrames))
+        ]
+        if syntax == "1.2.840.10008.1.2.1":  # uncompressed, frame after frame
+            ds.PixelData = b"".join(np.ascontiguousarray(a).tobytes() for a in frames)
+            ds["PixelData"].VR = "OB"
+            ds.PlanarConfiguration = 0
+        else:
+            ds.PixelData = encapsulate([encode(a) for a in frames])
         ds.file_meta.TransferSyntaxUID = syntax
         ds.PhotometricInterpretation = "RGB"
         ds.SeriesInstanceUID = series

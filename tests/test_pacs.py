@@ -215,14 +215,15 @@ def test_sparse_pacs_series_reads_as_its_files(orthanc, dicom_dir, tmp_path) -> 
     assert (hole == 255).all() and np.array_equal(fetched, ref)
 
 
-def test_jpeg_2000_pacs_series_is_fetched_as_stored_and_its_label_never(
-    orthanc, dicom_dir, tmp_path, monkeypatch
+@pytest.mark.parametrize("syntax", ["1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.1"])  # JPEG 2000, uncompressed
+def test_lossless_pacs_series_is_fetched_as_stored_and_its_label_never(
+    orthanc, dicom_dir, tmp_path, monkeypatch, syntax
 ) -> None:
-    """A series whose frames are JPEG 2000, fetched over DICOMweb, streams what its files stream. wsidicom on its
-    own asks for JPEG baseline first, which this Orthanc cannot transcode JPEG 2000 into (HTTP 500, the series
-    unreadable), and a server that can would re-compress the lossless frames; the reader asks for the stored
-    syntax (`transfer-syntax=*`). The series' LABEL instance (patient data) is never requested, not even its
-    metadata. (HTJ2K is not tried here: this Orthanc does not know that syntax at all.)"""
+    """A series whose frames are JPEG 2000 or uncompressed, fetched over DICOMweb, streams exactly what its files
+    stream. wsidicom on its own asks for JPEG baseline first: this Orthanc cannot transcode JPEG 2000 into it
+    (HTTP 500, the series unreadable) and re-compressed uncompressed frames into lossy JPEG (up to 22 levels
+    off). The reader asks for the stored syntax (`transfer-syntax=*`). The series' LABEL instance (patient data)
+    is never requested, not even its metadata. (HTJ2K is not tried here: this Orthanc does not know it at all.)"""
     from pydicom.uid import generate_uid
 
     from service.pacs.client import PacsSession
@@ -232,7 +233,7 @@ def test_jpeg_2000_pacs_series_is_fetched_as_stored_and_its_label_never(
     from service.slides.open import open_slide
     from service.slides.stream import iter_batches
 
-    j2k = write_transcoded_dicom(dicom_dir, tmp_path / "j2k", "1.2.840.10008.1.2.4.90")
+    j2k = write_transcoded_dicom(dicom_dir, tmp_path / "j2k", syntax)
     files = sorted(j2k.glob("*.dcm"))
     label = pydicom.dcmread(j2k / "level-11-frames-0-1.dcm")
     label.ImageType = ["ORIGINAL", "PRIMARY", "LABEL", "NONE"]

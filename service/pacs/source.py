@@ -40,7 +40,8 @@ def _volume_client(client: Any, session: PacsSession | None, volumes: set[str] |
       cannot be opened; a server that can transcode re-compresses lossless frames into lossy JPEG, so the
       pixels change. Here frame 1 is asked for once in whatever syntax it is stored in (`transfer-syntax=*`,
       PS3.18), and that syntax goes to wsidicom as the instance's available one, in place of its own probe
-      (one request either way). Where the server names none, wsidicom probes as before."""
+      (one request either way). Where the server names none, wsidicom probes as before.
+    - Uncompressed frames come as `bytes` (see `get_frames`)."""
     from pydicom.uid import UID
     from wsidicom import WsiDicomWebClient
 
@@ -53,6 +54,12 @@ def _volume_client(client: Any, session: PacsSession | None, volumes: set[str] |
                     stored = _stored_syntax(client, session, study_uid, series_uid, instance_uid)
                     available = None if stored is None else {UID(stored)}
                 yield series_uid, instance_uid, available
+
+        def get_frames(self, *args, **kwargs):
+            # dicomweb-client hands uncompressed frames over as bytearrays, which wsidicom's raw decoder turns
+            # into a list (pydicom takes a bytearray PixelData for a multi-value): bytes, as from files
+            for frame in super().get_frames(*args, **kwargs):
+                yield bytes(frame) if isinstance(frame, bytearray) else frame
 
     return VolumeClient(client)
 
