@@ -474,8 +474,9 @@ def write_sparse_dicom(src: Path, out: Path, drop: set[int]) -> Path:
 
 def write_transcoded_dicom(src: Path, out: Path, syntax: str) -> Path:
     """A copy of the DICOM WSI series in `src` with every frame decoded and stored again losslessly in transfer
-    syntax `syntax` (JPEG 2000 1.2.840.10008.1.2.4.90, HTJ2K 1.2.840.10008.1.2.4.201, as PACS archives keep
-    slides, or uncompressed 1.2.840.10008.1.2.1), labelled RGB; new series and instance UIDs."""
+    syntax `syntax` (JPEG 2000 1.2.840.10008.1.2.4.90, HTJ2K 1.2.840.10008.1.2.4.201 or JPEG-LS
+    1.2.840.10008.1.2.4.80, as PACS archives keep slides, or uncompressed 1.2.840.10008.1.2.1), labelled RGB;
+    new series and instance UIDs."""
     import imagecodecs
     import pydicom
     from pydicom.encaps import encapsulate, generate_frames
@@ -484,6 +485,7 @@ def write_transcoded_dicom(src: Path, out: Path, syntax: str) -> Path:
     encode = {
         "1.2.840.10008.1.2.4.90": lambda a: imagecodecs.jpeg2k_encode(a, level=0, codecformat="j2k"),
         "1.2.840.10008.1.2.4.201": lambda a: imagecodecs.htj2k_encode(a),
+        "1.2.840.10008.1.2.4.80": lambda a: imagecodecs.jpegls_encode(a, level=0),
         "1.2.840.10008.1.2.1": None,
     }[syntax]
     out.mkdir(parents=True)

@@ -215,7 +215,9 @@ def test_sparse_pacs_series_reads_as_its_files(orthanc, dicom_dir, tmp_path) -> 
     assert (hole == 255).all() and np.array_equal(fetched, ref)
 
 
-@pytest.mark.parametrize("syntax", ["1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.1"])  # JPEG 2000, uncompressed
+@pytest.mark.parametrize(
+    "syntax", ["1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.4.80"]
+)  # JPEG 2000, uncompressed, JPEG-LS
 def test_lossless_pacs_series_is_fetched_as_stored_and_its_label_never(
     orthanc, dicom_dir, tmp_path, monkeypatch, syntax
 ) -> None:
