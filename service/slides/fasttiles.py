@@ -1036,12 +1036,23 @@ class FastTiffSource:
         for key in keys:
             self.cache.ensure(key, self._load)
 
+    def _inside(self, lx: int, ly: int, w: int, h: int) -> tuple[int, int, int, int] | None:
+        """(x0, y0, x1, y1): the part of the read [lx, lx + w) x [ly, ly + h) inside the level; None if none."""
+        lv = self.level
+        cx0, cy0, cx1, cy1 = max(lx, 0), max(ly, 0), min(lx + w, lv.width), min(ly + h, lv.height)
+        return (cx0, cy0, cx1, cy1) if cx0 < cx1 and cy0 < cy1 else None
+
     def busy(self, lx: int, ly: int, size: int) -> bool:
         """Whether a `size` px read at level (lx, ly) would now wait for a tile another thread is decoding."""
-        lv = self.level
-        x0, x1 = max(lx, 0) // lv.tile_w, (min(lx + size, lv.width) - 1) // lv.tile_w
-        y0, y1 = max(ly, 0) // lv.tile_h, (min(ly + size, lv.height) - 1) // lv.tile_h
-        return self.cache.busy([(tx, ty) for ty in range(y0, y1 + 1) for tx in range(x0, x1 + 1)])
+        box = self._inside(lx, ly, size, size)
+        if box is None:
+            return False
+        cx0, cy0, cx1, cy1 = box
+        tw, th = self.level.tile_w, self.level.tile_h
+        keys = [
+            (tx, ty) for ty in range(cy0 // th, (cy1 - 1) // th + 1) for tx in range(cx0 // tw, (cx1 - 1) // tw + 1)
+        ]
+        return self.cache.busy(keys)
 
     def read(self, lx: int, ly: int, size: int | tuple[int, int], out: np.ndarray | None = None) -> np.ndarray:
         """Level pixels `[ly, ly + h) x [lx, lx + w)` (size = side or (w, h)); outside the level is white."""
@@ -1052,10 +1063,10 @@ class FastTiffSource:
         x0, y0, x1, y1 = lx, ly, lx + w, ly + h
         if x0 < 0 or y0 < 0 or x1 > lv.width or y1 > lv.height:
             out[...] = 255  # outside the slide is white, as read_region promises
-        cx0, cy0 = max(x0, 0), max(y0, 0)
-        cx1, cy1 = min(x1, lv.width), min(y1, lv.height)
-        if cx0 >= cx1 or cy0 >= cy1:
+        box = self._inside(lx, ly, w, h)
+        if box is None:
             return out
+        cx0, cy0, cx1, cy1 = box
         tw, th = lv.tile_w, lv.tile_h
         for ty in range(cy0 // th, (cy1 - 1) // th + 1):
             ry0, ry1 = max(cy0, ty * th), min(cy1, (ty + 1) * th)
