@@ -102,12 +102,12 @@ class DicomWebReader(DicomReader):
         self.path = Path(f"dicomweb-{series.series_uid}")  # error messages name the opaque series UID
         self.server = server
         self.series = series
-        volumes: set[str] | None = set()
+        uids = []
         for inst in series.volume_instances:  # the bomb guard, from QIDO attributes before any frame
             ds = Dataset.from_json(inst)
             _header_check(ds, Path(str(ds.get("SOPInstanceUID", "instance"))), max_side, self.path.name)
-            uid = ds.get("SOPInstanceUID")
-            volumes = None if volumes is None or not uid else {*volumes, str(uid)}
+            uids.append(str(ds.get("SOPInstanceUID") or ""))
+        volumes = set(uids) if all(uids) else None
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
