@@ -7,6 +7,8 @@ Both: 256-px JPEG tiles, µm/px in the resolution tags (cm), and OME PhysicalSiz
 
 from __future__ import annotations
 
+import copy
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -438,38 +440,31 @@ def write_sparse_dicom(src: Path, out: Path, drop: set[int]) -> Path:
     """A copy of the DICOM WSI series in `src` whose level 0 is TILED_SPARSE (a plane position per frame, as many
     scanners and converters write) with frames `drop` (row-major indices) left out, as a sparse series stores
     none where there is no tissue. New series and instance UIDs, so that a PACS holding `src` keeps both."""
-    import pydicom
     from pydicom.dataset import Dataset
-    from pydicom.encaps import encapsulate, generate_frames
+    from pydicom.encaps import encapsulate
     from pydicom.sequence import Sequence
-    from pydicom.uid import generate_uid
 
-    out.mkdir(parents=True)
-    series = generate_uid()
-    for f in sorted(src.glob("*.dcm")):
-        ds = pydicom.dcmread(f)
-        ds.SeriesInstanceUID = series
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        if f.name.startswith("level-0-"):
-            frames = list(generate_frames(ds.PixelData, number_of_frames=int(ds.NumberOfFrames)))
-            across = -(-int(ds.TotalPixelMatrixColumns) // int(ds.Columns))
-            keep = [i for i in range(len(frames)) if i not in drop]
-            per_frame = []
-            for i in keep:
-                pos = Dataset()
-                pos.ColumnPositionInTotalImagePixelMatrix = (i % across) * int(ds.Columns) + 1
-                pos.RowPositionInTotalImagePixelMatrix = (i // across) * int(ds.Rows) + 1
-                pos.XOffsetInSlideCoordinateSystem = pos.YOffsetInSlideCoordinateSystem = 0.0
-                pos.ZOffsetInSlideCoordinateSystem = 0.0
-                item = Dataset()
-                item.PlanePositionSlideSequence = Sequence([pos])
-                per_frame.append(item)
-            ds.PerFrameFunctionalGroupsSequence = Sequence(per_frame)
-            ds.DimensionOrganizationType = "TILED_SPARSE"
-            ds.NumberOfFrames = len(keep)
-            ds.PixelData = encapsulate([frames[i] for i in keep])
-        ds.save_as(out / f.name)
-    return out
+    def edit(ds, level: int, frames: list[bytes]) -> None:
+        if level != 0:
+            return
+        across = -(-int(ds.TotalPixelMatrixColumns) // int(ds.Columns))
+        keep = [i for i in range(len(frames)) if i not in drop]
+        per_frame = []
+        for i in keep:
+            pos = Dataset()
+            pos.ColumnPositionInTotalImagePixelMatrix = (i % across) * int(ds.Columns) + 1
+            pos.RowPositionInTotalImagePixelMatrix = (i // across) * int(ds.Rows) + 1
+            pos.XOffsetInSlideCoordinateSystem = pos.YOffsetInSlideCoordinateSystem = 0.0
+            pos.ZOffsetInSlideCoordinateSystem = 0.0
+            item = Dataset()
+            item.PlanePositionSlideSequence = Sequence([pos])
+            per_frame.append(item)
+        ds.PerFrameFunctionalGroupsSequence = Sequence(per_frame)
+        ds.DimensionOrganizationType = "TILED_SPARSE"
+        ds.NumberOfFrames = len(keep)
+        ds.PixelData = encapsulate([frames[i] for i in keep])
+
+    return write_dicom_variant(src, out, edit)
 
 
 def write_transcoded_dicom(src: Path, out: Path, syntax: str) -> Path:
@@ -508,3 +503,74 @@ def write_transcoded_dicom(src: Path, out: Path, syntax: str) -> Path:
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
         ds.save_as(out / f.name)
     return out
+
+
+def write_dicom_variant(src: Path, out: Path, edit) -> Path:
+    """A copy of the DICOM WSI series in `src` (new series and instance UIDs) with each file passed through
+    `edit(ds, level, frames)`: `level` is the pyramid level its name gives ("level-N-..."), `frames` its
+    encapsulated frames. `edit` changes `ds` in place and returns None, or returns the files `[(name, ds)]` to
+    write in its place (several for a level split into parts, none to leave it out)."""
+    import pydicom
+    from pydicom.encaps import generate_frames
+    from pydicom.uid import generate_uid
+
+    out.mkdir(parents=True)
+    series = generate_uid()
+    for f in sorted(src.glob("*.dcm")):
+        ds = pydicom.dcmread(f)
+        ds.SeriesInstanceUID = series
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        frames = list(generate_frames(ds.PixelData, number_of_frames=int(ds.NumberOfFrames)))
+        written = edit(ds, int(f.name.split("-")[1]), frames)
+        for name, d in [(f.name, ds)] if written is None else written:
+            d.save_as(out / name)
+    return out
+
+
+def concatenation(splits: list[int]):
+    """A `write_dicom_variant` edit storing level 0 as a concatenation: parts starting at the frames `splits`
+    (0-based, after 0), each its own instance with the concatenation attributes, as converters split levels
+    too large for one file."""
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import generate_uid
+
+    def edit(ds, level: int, frames: list[bytes]):
+        if level != 0:
+            return None
+        bounds = [0, *splits, len(frames)]
+        uid, parts = generate_uid(), []
+        for k, (a, b) in enumerate(itertools.pairwise(bounds)):
+            part = copy.deepcopy(ds)
+            part.SOPInstanceUID = part.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+            part.ConcatenationUID = uid
+            part.SOPInstanceUIDOfConcatenationSource = ds.SOPInstanceUID
+            part.ConcatenationFrameOffsetNumber = a
+            part.InConcatenationNumber = k + 1
+            part.InConcatenationTotalNumber = len(bounds) - 1
+            part.NumberOfFrames = b - a
+            part.PixelData = encapsulate(frames[a:b])
+            parts.append((f"level-0-part-{k}.dcm", part))
+        return parts
+
+    return edit
+
+
+def focal_planes(count: int):
+    """A `write_dicom_variant` edit storing `count` (odd) focal planes of level 0 in its one TILED_FULL instance,
+    as a Z-stack scanner writes them: the original frames the middle plane (the nominal focus, which readers
+    show), inverted copies above and below."""
+    import imagecodecs
+    from pydicom.encaps import encapsulate
+
+    def edit(ds, level: int, frames: list[bytes]):
+        measures = ds.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+        measures.SpacingBetweenSlices = measures.SliceThickness = 0.001
+        if level == 0:
+            inverted = [imagecodecs.jpeg8_encode(255 - imagecodecs.jpeg8_decode(f), level=95) for f in frames]
+            ds.TotalPixelMatrixFocalPlanes = ds.NumberOfFocalPlanes = count
+            ds.DistanceBetweenFocalPlanes = 0.001
+            ds.NumberOfFrames = count * len(frames)
+            ds.PixelData = encapsulate(inverted * (count // 2) + frames + inverted * (count // 2))
+        return None
+
+    return edit

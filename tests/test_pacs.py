@@ -34,7 +34,13 @@ from services import (  # noqa: F401
     wait_job,
     webhook_receiver,
 )
-from slide_fixtures import write_sparse_dicom, write_transcoded_dicom
+from slide_fixtures import (
+    concatenation,
+    focal_planes,
+    write_dicom_variant,
+    write_sparse_dicom,
+    write_transcoded_dicom,
+)
 
 from service.api import create_app
 from service.api.schemas import DEFAULT_TASKS
@@ -213,6 +219,86 @@ def test_sparse_pacs_series_reads_as_its_files(orthanc, dicom_dir, tmp_path) -> 
         fetched = np.concatenate([b for b, _ in iter_batches(remote, grid)])
         assert np.array_equal(remote.read_region((1000, 500), 0, (500, 1000)), hole)
     assert (hole == 255).all() and np.array_equal(fetched, ref)
+
+
+def _relabel_level0(ds, level, frames) -> None:
+    if level == 0:
+        ds.PhotometricInterpretation = "YBR_FULL_422"
+
+
+@pytest.mark.parametrize(
+    "variant", ["concatenation", "three focal planes", "sparse, no frame at the corner", "levels labelled apart"]
+)
+def test_series_as_archives_hold_them_read_through_the_pacs_as_from_their_files(
+    orthanc, dicom_dir, tmp_path, variant
+) -> None:
+    """Series written the ways archives hold them, each read over DICOMweb: every level and the streamed grid
+    equal the files' pixels, and the files' equal the sample's (white where a sparse level stores nothing).
+    - Level 0 as a concatenation of three instances: wsidicom's web source took each part for the whole level
+      and numbered every part's frames from the level's first (tile (0, 0) came from another part's frame,
+      later frames were HTTP 400).
+    - Three focal planes in level 0's one instance: refused as "90 frames, at most 30", as the instance search
+      did not ask for the focal plane and optical path counts.
+    - A sparse level 0 with no frame at (0, 0), and a level 0 labelled right while the coarser levels keep the
+      sample's colour mislabel: the mislabel check read tile (0, 0) and applied level 0's label to every level."""
+    from service.pacs.config import PacsServer
+    from service.pacs.source import PacsSlideSource
+    from service.slides.grid import build_grid
+    from service.slides.open import open_slide
+    from service.slides.stream import iter_batches
+
+    folder = tmp_path / "series"
+    if variant == "sparse, no frame at the corner":
+        write_sparse_dicom(dicom_dir, folder, drop={0})
+    else:
+        edit = {
+            "concatenation": concatenation([10, 25]),
+            "three focal planes": focal_planes(3),
+            "levels labelled apart": _relabel_level0,
+        }[variant]
+        write_dicom_variant(dicom_dir, folder, edit)
+    files = sorted(folder.glob("*.dcm"))
+    orthanc.upload(files)
+
+    def levels(reader) -> list[np.ndarray]:
+        return [reader.read_region((0, 0), lv, reader.level_dimensions[lv]) for lv in range(reader.level_count)]
+
+    def patches(reader, grid) -> np.ndarray:
+        return np.concatenate([b for b, _ in iter_batches(reader, grid)])
+
+    with open_slide(dicom_dir) as sample:
+        expected = levels(sample)
+    if variant.startswith("sparse"):
+        expected[0][:500, :500] = 255
+    ((user, pw),) = USERS.items()
+    server = PacsServer(**_server("main", orthanc.url, auth="basic", username=user, password=pw))
+    with open_slide(folder) as local:
+        grid = build_grid(local, target_mpp=0.5)
+        ref = patches(local, grid)
+        assert all(np.array_equal(a, b) for a, b in zip(levels(local), expected, strict=True))
+    with PacsSlideSource(server, *_uids(files)).open_reader() as remote:
+        assert all(np.array_equal(a, b) for a, b in zip(levels(remote), expected, strict=True))
+        assert np.array_equal(patches(remote, grid), ref)
+
+
+def test_concatenation_missing_a_part_in_the_pacs_is_refused(orthanc, dicom_dir, tmp_path) -> None:
+    """A concatenation one of whose parts the PACS does not hold is refused when the series is opened, naming
+    it, rather than failing (or reading white) only where a patch needs a missing frame."""
+    from service.errors import CorruptSlideError
+    from service.pacs.config import PacsServer
+    from service.pacs.source import PacsSlideSource
+
+    folder = write_dicom_variant(dicom_dir, tmp_path / "series", concatenation([15]))
+    files = [f for f in sorted(folder.glob("*.dcm")) if f.name != "level-0-part-1.dcm"]
+    orthanc.upload(files)
+    ((user, pw),) = USERS.items()
+    server = PacsServer(**_server("main", orthanc.url, auth="basic", username=user, password=pw))
+    source = PacsSlideSource(server, *_uids(files))
+    with (
+        pytest.raises(CorruptSlideError, match=r"concatenation .* is incomplete: 1 of its 2 parts"),
+        source.open_reader(),
+    ):
+        pass
 
 
 @pytest.mark.parametrize(

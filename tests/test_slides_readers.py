@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import tifffile
 from PIL import Image
+from slide_fixtures import write_dicom_variant, write_sparse_dicom
 
 from service.errors import (
     CorruptSlideError,
@@ -337,6 +338,94 @@ def test_trusting_the_label_would_fail_this_check(dicom_dir, cmu_svs):
             for loc in _regions()
         ]
     assert min(diffs) > 5 * DICOM_MAX_MEAN_DIFF
+
+
+def _levels(reader) -> list[np.ndarray]:
+    return [reader.read_region((0, 0), lv, reader.level_dimensions[lv]) for lv in range(reader.level_count)]
+
+
+def test_dicom_colour_is_judged_on_a_stored_frame(dicom_dir, tmp_path):
+    """A TILED_SPARSE level storing no frame at its top-left corner (a sparse series stores none over background)
+    is still found mislabelled: the check used to read tile (0, 0), got wsidicom's blank tile and decoded the
+    whole level as RGB (pink, 65 levels off)."""
+    sparse = write_sparse_dicom(dicom_dir, tmp_path / "sparse", drop={0})  # frame (0, 0): x, y < 500
+    with open_slide(dicom_dir) as ref, open_slide(sparse) as r:
+        assert r._corrections == ref._corrections == ["jfif-ycbcr-labelled-rgb"] * 3
+        full = ref.read_region((0, 0), 0, ref.level_dimensions[0])
+        got = r.read_region((0, 0), 0, r.level_dimensions[0])
+    assert (got[:500, :500] == 255).all()
+    assert np.array_equal(got[500:], full[500:]) and np.array_equal(got[:, 500:], full[:, 500:])
+
+
+def test_dicom_colour_is_judged_per_level(dicom_dir, tmp_path):
+    """Level 0 labelled right (YBR_FULL_422) while the coarser levels keep the sample's mislabel: each level is
+    judged by its own label. Level 0's label was used for every level, so the coarse levels, and the tissue mask
+    made from them, came out pink."""
+
+    def relabel(ds, level, frames):
+        if level == 0:
+            ds.PhotometricInterpretation = "YBR_FULL_422"
+
+    with open_slide(dicom_dir) as ref, open_slide(write_dicom_variant(dicom_dir, tmp_path / "v", relabel)) as r:
+        assert r.photometrics == ["YBR_FULL_422", "RGB", "RGB"]
+        assert r._corrections == [None, "jfif-ycbcr-labelled-rgb", "jfif-ycbcr-labelled-rgb"]
+        assert all(np.array_equal(a, b) for a, b in zip(_levels(r), _levels(ref), strict=True))
+
+
+def test_dicom_frame_cut_short_is_refused_not_read_grey(dicom_dir, tmp_path):
+    """A JPEG frame cut to a third: libjpeg decodes it to grey from where the data stops, without an error (the
+    control below), so a damaged series was analysed with grey patches. It is refused, on the read and on the
+    streaming path; the frames around it still read. (Frame items padded with a NUL to an even length pass.)"""
+    import imagecodecs
+    from pydicom.encaps import encapsulate
+
+    from service.slides.grid import build_grid
+    from service.slides.stream import iter_batches
+
+    cut: list[bytes] = []
+
+    def truncate(ds, level, frames):
+        if level == 0:
+            cut.append(frames[7][: len(frames[7]) // 3])  # frame (2, 1)
+            ds.PixelData = encapsulate([*frames[:7], cut[0], *frames[8:]])
+
+    damaged = write_dicom_variant(dicom_dir, tmp_path / "v", truncate)
+    assert imagecodecs.jpeg8_decode(cut[0]).shape == (500, 500, 3)  # the decoder alone does not notice
+    with open_slide(dicom_dir) as ref, open_slide(damaged) as r:
+        assert np.array_equal(r.read_region((500, 500), 0, (500, 500)), ref.read_region((500, 500), 0, (500, 500)))
+        with pytest.raises(CorruptSlideError, match=r"frame \(2, 1\) of level 0 is cut short"):
+            r.read_region((1000, 500), 0, (500, 500))
+        with pytest.raises(CorruptSlideError, match="cut short"):
+            for _ in iter_batches(r, build_grid(r, target_mpp=0.5)):
+                pass
+
+
+@pytest.mark.parametrize("how", ["missing", "zero", "per frame only"])
+def test_dicom_without_pixel_spacing_is_refused_as_missing_mpp(dicom_dir, tmp_path, how):
+    """No usable PixelSpacing: wsidicom cannot build the pyramid (it matches levels by spacing) and raised an
+    error without a message (`unsupported_format`, "wsidicom said: "). Now `missing_mpp` saying why, and that an
+    override cannot stand in (it is refused with one too)."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    def edit(ds, level, frames):
+        shared = ds.SharedFunctionalGroupsSequence[0]
+        if how == "zero":
+            shared.PixelMeasuresSequence[0].PixelSpacing = [0, 0]
+            return
+        if how == "per frame only":
+            items = []
+            for _ in frames:
+                item = Dataset()
+                item.PixelMeasuresSequence = shared.PixelMeasuresSequence
+                items.append(item)
+            ds.PerFrameFunctionalGroupsSequence = Sequence(items)
+        del ds.SharedFunctionalGroupsSequence
+
+    folder = write_dicom_variant(dicom_dir, tmp_path / "v", edit)
+    for override in (None, 0.5):
+        with pytest.raises(MissingMppError, match=r"declare no usable PixelSpacing.*override cannot stand in"):
+            open_slide(folder, mpp_override=override)
 
 
 def test_concurrent_reads_match_serial(dicom_dir):

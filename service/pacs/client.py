@@ -18,8 +18,19 @@ from service.pacs.config import PacsServer
 
 SM_MODALITY = "SM"
 WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"
-# QIDO attributes a discovery needs: ImageType, frames, tile and matrix size (all pixel geometry, no PHI)
-_INSTANCE_FIELDS = ["00080008", "00080016", "00280008", "00280010", "00280011", "00480006", "00480007"]
+# QIDO attributes a discovery needs: ImageType, frames, tile and matrix size, optical paths and focal planes
+# (the frames a matrix holds; all pixel geometry, no PHI)
+_INSTANCE_FIELDS = [
+    "00080008",
+    "00080016",
+    "00280008",
+    "00280010",
+    "00280011",
+    "00480006",
+    "00480007",
+    "00480302",
+    "00480303",
+]
 
 
 class PacsError(MstarError):

@@ -10,6 +10,8 @@ syntax they are stored in (`_volume_client`).
 from __future__ import annotations
 
 import hashlib
+import itertools
+import math
 import re
 import warnings
 from contextlib import contextmanager
@@ -17,10 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from service.errors import MstarError, SlideError, SlideTooLargeError
+from service.errors import CorruptSlideError, MstarError, SlideError, SlideTooLargeError
 from service.pacs.client import PacsSession, SlideSeries, find_slide_series, make_client, translate
 from service.pacs.config import PacsServer, PacsSettings
-from service.slides.readers.dicom_reader import DicomReader, _header_check
+from service.slides.readers.dicom_reader import DicomReader, _header_check, no_spacing
 
 #: the syntaxes wsidicom may ask for: its defaults, plus HTJ2K, which archives increasingly keep and it decodes
 _HTJ2K = ("1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.4.202", "1.2.840.10008.1.2.4.203")
@@ -83,6 +85,118 @@ def _stored_syntax(client: Any, session: PacsSession, study: str, series: str, i
     return found.group(1) if found else None
 
 
+def _joined_web_source(client: Any, study: str, series: str, syntaxes: list, name: str) -> Any:
+    """wsidicom's DICOMweb source with each concatenation (a level stored as several instances sharing a
+    ConcatenationUID, as converters split levels too large for one file) joined into one instance, as its file
+    source does. Its web source takes each part for a whole level and numbers every part's frames from the
+    level's first: tile (0, 0) came from the second part's first frame, and a later frame number was out of the
+    part's range (HTTP 400)."""
+    from pydicom.uid import UID
+    from wsidicom.web.wsidicom_web_source import WsiDicomWebSource
+
+    class JoinedWebSource(WsiDicomWebSource):
+        def __init__(self) -> None:
+            super().__init__(client, UID(study), [UID(series)], [UID(s) for s in syntaxes])
+            self._joined = _join_concatenations(
+                client, super().level_instances, self._decoded_frame_cache, self._encoded_frame_cache, name
+            )
+
+        @property
+        def level_instances(self) -> list:
+            return self._joined
+
+    return JoinedWebSource()
+
+
+def _join_concatenations(client: Any, instances: list, decoded: Any, encoded: Any, name: str) -> list:
+    """`instances` with the parts of each concatenation made one instance whose frames are fetched from the
+    part holding them; a concatenation whose parts do not hold its frames one after another from the first
+    (a part missing from the PACS) is refused."""
+    from wsidicom.instance import WsiInstance
+
+    joined, parts_of = [], {}
+    for inst in instances:
+        uid = inst.dataset.uids.concatenation
+        if uid is None:
+            joined.append(inst)
+        else:
+            parts_of.setdefault(str(uid), []).append(inst)
+    for uid, parts in parts_of.items():
+        datasets = sorted((p.dataset for p in parts), key=lambda d: d.frame_offset)
+        _check_parts(uid, datasets, name)
+        data = _concatenated_image_data(client, datasets, parts[0].image_data.transfer_syntax, decoded, encoded)
+        joined.append(WsiInstance(datasets, data))
+    return joined
+
+
+def _check_parts(uid: str, datasets: list, name: str) -> None:
+    """Refuse a concatenation whose parts (by frame offset) do not hold its frames one after another from the
+    first, or fewer parts or frames than it declares: a part missing from the PACS, or two overlapping."""
+    first = datasets[0].as_dataset()
+
+    def incomplete(what: str) -> CorruptSlideError:
+        return CorruptSlideError(
+            f"concatenation {uid} is incomplete: {what} (a part missing from the PACS?)", slide=name
+        )
+
+    offset = 0
+    for d in datasets:
+        if d.frame_offset != offset:
+            raise incomplete(f"a part starts at frame {d.frame_offset + 1}, not {offset + 1}")
+        offset += d.frame_count
+    total = first.get("InConcatenationTotalNumber")
+    if total is not None and len(datasets) != int(total):
+        raise incomplete(f"{len(datasets)} of its {int(total)} parts are here")
+    if datasets[0].states_tiled_full:
+        size, tile = datasets[0].image_size, datasets[0].tile_size
+        planes = int(first.get("TotalPixelMatrixFocalPlanes", 1) or 1)
+        paths = int(first.get("NumberOfOpticalPaths", 1) or 1)
+        expected = math.ceil(size.width / tile.width) * math.ceil(size.height / tile.height) * planes * paths
+        if offset != expected:
+            raise incomplete(f"its parts hold {offset} frames, its tiling {expected}")
+
+
+def _concatenated_image_data(client: Any, datasets: list, syntax: Any, decoded: Any, encoded: Any) -> Any:
+    """Image data over the parts of a concatenation (`datasets`, by frame offset): frame i of the level is
+    frame i - offset + 1 of the part whose range holds it."""
+    from wsidicom.codec import Codec
+    from wsidicom.instance import WsiDicomImageData
+    from wsidicom.web.wsidicom_web_image_data import WsiDicomWebImageData
+
+    class ConcatenatedWebImageData(WsiDicomWebImageData):
+        def __init__(self) -> None:
+            first = datasets[0]
+            self._client = client
+            self._study_uid = first.uids.slide.study_instance
+            self._series_uid = first.uids.slide.series_instance
+            self._instance_uid = first.uids.instance
+            self._transfer_syntax = syntax
+            self._parts = [(d.frame_offset, d.frame_count, d.uids.instance) for d in datasets]
+            codec = Codec.create(
+                syntax, first.samples_per_pixel, first.bits, first.tile_size, first.photometric_interpretation
+            )
+            WsiDicomImageData.__init__(self, datasets, codec, decoded, encoded)
+
+        def _locate(self, frame_index: int) -> tuple[Any, int]:
+            for offset, count, uid in self._parts:
+                if offset <= frame_index < offset + count:
+                    return uid, frame_index - offset + 1
+            raise ValueError(f"frame {frame_index + 1} is in no part of the concatenation")
+
+        def _get_tile_frame(self, frame_index: int) -> bytes:
+            return next(self._get_tile_frames([frame_index]))
+
+        def _get_tile_frames(self, frame_indices):
+            located = [self._locate(i) for i in frame_indices]
+            for uid, run in itertools.groupby(located, key=lambda loc: loc[0]):
+                numbers = [number for _, number in run]
+                yield from self._client.get_frames(
+                    self._study_uid, self._series_uid, uid, numbers, self._transfer_syntax
+                )
+
+    return ConcatenatedWebImageData()
+
+
 class DicomWebReader(DicomReader):
     """`DicomReader` whose instances come from a DICOMweb server instead of files."""
 
@@ -111,13 +225,16 @@ class DicomWebReader(DicomReader):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                self._wsi = WsiDicom.open_web(
+                source = _joined_web_source(
                     _volume_client(client, session, volumes),
                     series.study_uid,
                     series.series_uid,
-                    requested_transfer_syntax=[*PREFERRED_WEB_TRANSFER_SYNTAXES, *_HTJ2K],
+                    [*PREFERRED_WEB_TRANSFER_SYNTAXES, *_HTJ2K],
+                    self.path.name,
                 )
+                self._wsi = WsiDicom(source, True)
         except Exception as exc:
+            no_spacing(exc, self.path.name)
             err = translate(exc, server, f"series {series.series_uid}")
             if type(err).__name__ == "PacsError" and not isinstance(exc, OSError):
                 raise SlideError(

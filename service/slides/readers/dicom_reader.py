@@ -17,9 +17,15 @@ from typing import Any
 
 import numpy as np
 
-from service.errors import CorruptSlideError, SlideError, SlideTooLargeError, UnsupportedFormatError
+from service.errors import (
+    CorruptSlideError,
+    MissingMppError,
+    SlideError,
+    SlideTooLargeError,
+    UnsupportedFormatError,
+)
 from service.slides.base import SlideReader
-from service.slides.headers import check_size, declared_size
+from service.slides.headers import check_size, declared_size, jpeg_scan_intact
 from service.slides.mpp import from_pixel_spacing
 from service.slides.readers._common import (
     TileCache,
@@ -157,6 +163,22 @@ def _header_check(ds: Any, f: Path, max_side: int, name: str) -> None:
         raise CorruptSlideError(f"{f.name} holds {frames} frames but its size allows at most {expected}", slide=name)
 
 
+def no_spacing(exc: BaseException, name: str) -> None:
+    """Raise `MissingMppError` where wsidicom refused a series for want of pixel spacing (its error carries no
+    message): it matches pyramid levels by their spacing, so the series cannot be opened at all, and a µm/px
+    override cannot stand in for it."""
+    from wsidicom.errors import WsiDicomNoResolutionError
+
+    if isinstance(exc, WsiDicomNoResolutionError):
+        raise MissingMppError(
+            "the series' VOLUME images declare no usable PixelSpacing (Pixel Measures in the Shared Functional "
+            "Groups, required for whole-slide microscopy images; missing, zero, or given only per frame). The "
+            "pyramid's levels are matched by it, so the series cannot be opened and a µm/px override cannot "
+            "stand in: export the series again with its pixel spacing",
+            slide=name,
+        ) from exc
+
+
 class DicomReader(SlideReader):
     def __init__(self, path: str | Path, *, max_side: int = 200_000) -> None:
         from wsidicom import WsiDicom
@@ -176,6 +198,7 @@ class DicomReader(SlideReader):
                 warnings.simplefilter("ignore")  # pydicom warns about over-long UIDs in real files
                 self._wsi = WsiDicom.open(files)
         except Exception as exc:  # wsidicom raises its own errors, pydicom's, and ValueError/KeyError
+            no_spacing(exc, name)
             raise UnsupportedFormatError(
                 "DICOM is not a readable whole-slide image (needs a tiled VL Whole Slide Microscopy series "
                 f"with ImageType VOLUME and pixel spacing; wsidicom said: {exc})",
@@ -205,8 +228,12 @@ class DicomReader(SlideReader):
         if self._wsi.overviews:
             names.append("macro")
         self.associated_names = tuple(names)
-        self.photometric = str(self._levels[0].default_instance.dataset.photometric_interpretation)
-        # Checked per level: converters may write levels differently.
+        # per level, as converters may write levels differently (`photometric` is level 0's, for reports)
+        self.photometrics = [str(lv.default_instance.dataset.photometric_interpretation) for lv in self._levels]
+        self.photometric = self.photometrics[0]
+        self._jpeg = [
+            str(getattr(lv.default_instance.image_data, "transfer_syntax", "")) in JPEG_SYNTAXES for lv in self._levels
+        ]
         self._corrections = [self._detect_mislabel(i) for i in range(len(self._levels))]
         # each level's frame decoder (wsidicom's, from its first instance), where wsidicom exposes one
         self._decoders = [
@@ -219,21 +246,41 @@ class DicomReader(SlideReader):
         self._inflight_lock = threading.Lock()
 
     def _detect_mislabel(self, level: int) -> str | None:
-        """ "jfif-ycbcr-labelled-rgb" when JPEG frames carry YCbCr markers but the header says RGB."""
-        ds = self._levels[level].default_instance.dataset
-        ts = str(ds.file_meta.TransferSyntaxUID) if hasattr(ds, "file_meta") else ""
-        if ts and ts not in JPEG_SYNTAXES:
+        """ "jfif-ycbcr-labelled-rgb" when JPEG frames carry YCbCr markers but the level's header says RGB
+        ("rgb-labelled-ybr" the other way round), judged on the level's first stored frame: a sparse level
+        often stores none at its top-left corner (background), and wsidicom gives its own blank tile there."""
+        if not self._jpeg[level]:
+            return None
+        tile = self._first_stored_tile(level)
+        if tile is None:
             return None
         try:
-            data = self._wsi.read_encoded_tile(self._levels[level].level, (0, 0), crop_to_image_boundary=False)
+            data = self._wsi.read_encoded_tile(self._levels[level].level, tile, crop_to_image_boundary=False)
         except Exception:
             return None
         stream = jpeg_stream_colour(data)
-        if self.photometric == "RGB" and stream == "ycbcr":
+        photometric = self.photometrics[level]
+        if photometric == "RGB" and stream == "ycbcr":
             return "jfif-ycbcr-labelled-rgb"
-        if self.photometric.startswith("YBR") and stream == "rgb":
+        if photometric.startswith("YBR") and stream == "rgb":
             return "rgb-labelled-ybr"
         return None
+
+    def _first_stored_tile(self, level: int) -> tuple[int, int] | None:
+        """The first tile in row-major order that `level` stores a frame for (default focal plane and optical
+        path): (0, 0) in a TILED_FULL level, the first placed frame in a TILED_SPARSE one; None if it stores none."""
+        data = self._levels[level].default_instance.image_data
+        planes = getattr(getattr(data, "tiles", None), "planes", None)
+        if planes is None:  # a full tile index: every tile is stored
+            return (0, 0)
+        plane = planes.get((data.default_z, data.default_path))
+        if plane is None:
+            return None
+        xs, ys = np.nonzero(np.asarray(plane.plane) >= 0)  # the plane is indexed [column, row]
+        if not len(xs):
+            return None
+        first = int(np.lexsort((xs, ys))[0])
+        return int(xs[first]), int(ys[first])
 
     def _tile(self, level: int, tx: int, ty: int) -> np.ndarray:
         """One stored tile, decoded once even when reader threads ask for it together (over DICOMweb each
@@ -275,6 +322,13 @@ class DicomReader(SlideReader):
             declared = declared_size(data)
             if declared is not None:
                 check_size(declared, self._tile_sizes[level], "frame")
+            # libjpeg decodes a frame cut short to grey without an error (only a warning): refused instead. A frame
+            # item may end in one padding NUL (items have even lengths).
+            if self._jpeg[level] and data[:2] == b"\xff\xd8" and not jpeg_scan_intact(data.rstrip(b"\x00")):
+                raise CorruptSlideError(
+                    f"frame ({tx}, {ty}) of level {level} is cut short or damaged (its JPEG scan is incomplete)",
+                    slide=self.path.name,
+                )
             if self._corrections[level] is None:
                 # decode the bytes already fetched with the decoder wsidicom would use: asking wsidicom for the
                 # tile fetched the frame again (a PACS-backed slide read 2.5 MB for a 2.1 MB series)
