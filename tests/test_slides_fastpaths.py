@@ -301,6 +301,35 @@ def test_tiff_tiles_out_of_order_or_missing_read_as_stored(cmu_svs: Path, tmp_pa
     assert np.array_equal(got, expected)
 
 
+def test_cmyk_jpeg_tiff_keeps_the_generic_path(cmu_svs: Path, tmp_path: Path) -> None:
+    """A tiled JPEG TIFF in CMYK (Photometric separated, 4 samples): the fast path took its C, M, Y for R, G, B
+    (110-200 levels off OpenSlide, and a tissue mask with 12 patches more). It is not taken; the stream equals
+    OpenSlide's conversion."""
+    with openslide.OpenSlide(str(cmu_svs)) as s:
+        rgb = np.asarray(s.read_region((600, 1000), 0, (768, 512)).convert("RGB")).astype(np.float64) / 255
+    k = 1 - rgb.max(axis=2, keepdims=True)
+    cmy = (1 - rgb - k) / np.maximum(1 - k, 1e-6)
+    cmyk = np.round(np.dstack([cmy, k]) * 255).astype(np.uint8)
+    path = tmp_path / "cmyk.tif"
+    tifffile.imwrite(
+        path,
+        cmyk,
+        tile=(256, 256),
+        photometric="separated",
+        compression="jpeg",
+        resolution=(20000, 20000),
+        resolutionunit="CENTIMETER",
+    )
+    assert open_tiff_level(path, 768, 512) is None
+    with open_slide(path) as r, openslide.OpenSlide(str(path)) as o:
+        grid = build_grid(r, target_mpp=0.5, patch_size=128, tissue_threshold=0)
+        got = _collect(r, grid)
+        want = np.stack(
+            [np.asarray(o.read_region((int(x), int(y)), 0, (128, 128)).convert("RGB")) for x, y in grid.coords]
+        )
+    assert len(grid.coords) > 10 and np.array_equal(got, want)
+
+
 def test_mcu_starts_wrapped_past_4_gb_are_undone() -> None:
     """Files past 4 GB whose McuStartsHighBytes stay 0 where the 32-bit McuStarts wrap: the offsets drop
     mid-level, and every drop is taken as a wrap, so each interval gets its true offset and length back."""
@@ -600,6 +629,57 @@ def test_damaged_ndpi_block_is_a_typed_error(ndpi: Path, tmp_path: Path) -> None
         for ty in range(level.tiles_y):
             src.read(0, ty * level.tile_h, (level.width, level.tile_h))
     src.close()
+
+
+def _damage(data: bytes, how: str) -> bytes:
+    """`data` (entropy-coded JPEG bytes) with its middle half garbled or zeroed, leaving every 0xFF and the byte
+    after it as they are, so no marker appears or disappears: damage that libjpeg only warns about."""
+    out = bytearray(data)
+    for i in range(len(data) // 4, 3 * len(data) // 4):
+        if data[i] == 0xFF or data[i - 1] == 0xFF:
+            continue
+        new = data[i] ^ 0x5A if how == "garbled" else 0
+        out[i] = data[i] if new == 0xFF else new
+    return bytes(out)
+
+
+@pytest.mark.parametrize("fmt", ["svs", "ndpi"])
+@pytest.mark.parametrize("how", ["garbled", "zeroed"])
+def test_damaged_jpeg_data_is_refused_as_openslide_refuses_it(
+    fmt: str, how: str, cmu_svs: Path, ndpi: Path, tmp_path: Path
+) -> None:
+    """The middle of one SVS tile's or NDPI restart interval's entropy-coded data garbled or zeroed, its markers
+    intact. libjpeg only warns about such data and fills in wrong pixels; OpenSlide turns the warning into an
+    error and refuses the tile, while the fast path (imagecodecs, the control below) decoded it without a word,
+    so an analysis ran on the damaged pixels. The fast path and the streaming reader now refuse it, naming
+    the tile."""
+    import imagecodecs
+
+    # SVS: tile (4, 0) of level 0; NDPI: restart interval 137 of level 1 (rows 1,096-1,103), in block (0, 17)
+    src_path, page_index, (w, h), k = (cmu_svs, 0, (2220, 2967), 4) if fmt == "svs" else (ndpi, 1, (1984, 2432), 137)
+    bad = tmp_path / f"damaged.{fmt}"
+    shutil.copy(src_path, bad)
+    with tifffile.TiffFile(bad) as tif:
+        at, count = int(tif.pages[page_index].dataoffsets[k]), int(tif.pages[page_index].databytecounts[k])
+    raw = bad.read_bytes()
+    bad.write_bytes(raw[:at] + _damage(raw[at : at + count], how) + raw[at + count :])
+    level = open_tiff_level(bad, w, h)
+    assert level is not None and level.kind == ("tiff" if fmt == "svs" else "ndpi")
+    key = (4, 0) if fmt == "svs" else (0, 137 * 8 // level.tile_h)
+    damaged = imagecodecs.jpeg8_decode(level.stream(key) if fmt == "svs" else level._block_stream(key))
+    assert damaged.shape[:2] == (level.tile_h, level.tile_w)  # the control: decoded, no error
+    with pytest.raises(CorruptSlideError, match="damaged JPEG data"):
+        level.decode_tile(key)
+    level.close()
+    with openslide.OpenSlide(str(bad)) as o, pytest.raises(openslide.OpenSlideError, match="JPEG"):
+        if fmt == "svs":
+            o.read_region((960, 0), 0, (240, 240))
+        else:
+            o.read_region((0, 2 * 1096), 1, (1984, 8))
+    with open_slide(bad) as r, pytest.raises(CorruptSlideError, match="damaged JPEG data"):
+        grid = build_grid(r, target_mpp=r.mpp.x * r.level_downsamples[page_index], patch_size=64, tissue_threshold=0)
+        for _ in iter_batches(r, grid):
+            pass
 
 
 def test_tiling_bench_row_for_a_real_slide(ndpi: Path) -> None:

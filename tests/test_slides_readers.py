@@ -528,3 +528,25 @@ def test_to_rgb_drops_opaque_alpha_and_composites_the_rest_onto_white() -> None:
     assert (out[:10] == 255).all() and np.array_equal(out, expected)
     assert np.array_equal(out[20:30], rgba[20:30, :, :3]) and np.array_equal(out[33:], rgba[33:, :, :3])
     assert to_rgb(np.zeros((0, 4, 4), np.uint8)).shape == (0, 4, 3)
+
+
+def test_to_rgb_scales_16_bit_samples_by_their_range_not_the_tile() -> None:
+    """16-bit samples become 8-bit by the type's range (libtiff's, so OpenSlide's): a stored 100 is 0 in every
+    tile. It was scaled by each tile's own maximum only where that exceeded 255, so the same stored value read
+    100 in an all-background tile and 0 in a tile that also held tissue."""
+    background = np.full((8, 8, 3), 100, np.uint16)
+    tissue = background.copy()
+    tissue[:4] = 60000
+    assert (to_rgb(background) == 0).all() and (to_rgb(tissue)[4:] == 0).all()
+    assert (to_rgb(tissue)[:4] == round(60000 * 255 / 65535)).all()
+    assert to_rgb(np.array([[0, 257, 65535]], np.uint16)).tolist() == [[[0] * 3, [1] * 3, [255] * 3]]
+
+
+def test_a_pipe_named_like_a_slide_is_refused_not_waited_on(tmp_path) -> None:
+    """A FIFO called `slide.svs` blocked the format sniffing forever (open waits for a writer)."""
+    import os
+
+    fifo = tmp_path / "slide.svs"
+    os.mkfifo(fifo)
+    with pytest.raises(UnsupportedFormatError, match="not a regular file"):
+        sniff_format(fifo)

@@ -20,7 +20,7 @@ case "${1:-}" in
 prepare)
   rm -rf "$dir" && mkdir -p "$dir/wheels" "$dir/slides"
   grep -qx "/$dir/" .git/info/exclude 2>/dev/null || echo "/$dir/" >>.git/info/exclude
-  for spec in imagecodecs openslide-python openslide-bin "nvidia-nvimgcodec-cu13==0.9.0.20" \
+  for spec in imagecodecs simplejpeg openslide-python openslide-bin "nvidia-nvimgcodec-cu13==0.9.0.20" \
     "nvidia-nvjpeg==13.0.4.44" "nvidia-nvjpeg2k-cu13==0.11.0.51"; do
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \

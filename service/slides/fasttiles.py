@@ -70,6 +70,7 @@ from service.slides.headers import (
     jpeg_segments,
     stream_layout,
 )
+from service.slides.jpeg import DamagedJpegError, decode_rgb
 
 JPEG = 7
 APERIO_J2K_YCBCR = 33003
@@ -200,8 +201,9 @@ class TileCache:
 
 
 def _jpeg_into(data: bytes, out: np.ndarray | None, **args) -> np.ndarray:
-    """libjpeg-turbo decode into `out` where it fits, else (no buffer, another shape or colour layout, damaged
-    data) into a new array, whose error then names the problem."""
+    """imagecodecs' libjpeg-turbo decode into `out` where it fits, else into a new array, whose error then names
+    the problem: for colour handling a complete stream cannot carry (`complete_jpeg` None). Not strict: damaged
+    data decodes to wrong pixels, where `jpeg.decode_rgb` refuses it."""
     if out is not None:
         with contextlib.suppress(Exception):
             return imagecodecs.jpeg8_decode(data, out=out, **args)
@@ -345,8 +347,13 @@ class TiffLevel:
         try:
             data = self._stored(index)
             if self._jpeg_args is not None:
-                with contextlib.suppress(Exception):  # on any failure tifffile's decoder below names the error
-                    return _jpeg_into(data, out, **self._jpeg_args)
+                try:
+                    stream = complete_jpeg(data, self._jpegtables, self._jpeg_args)
+                    return decode_rgb(stream, out) if stream is not None else _jpeg_into(data, out, **self._jpeg_args)
+                except DamagedJpegError:
+                    raise
+                except Exception:  # not baseline 8-bit JPEG after all: tifffile's decoder below names the error
+                    pass
             if self._ycbcr:
                 return decode_aperio_ycbcr(data, self.tile_w, self.tile_h)
             arr, _, _ = self._decode(data, index, jpegtables=self._jpegtables)
@@ -530,7 +537,10 @@ def _fast_tiled_page(page: tifffile.TiffPage, width: int, height: int) -> bool:
         and int(page.imagelength) == height
         and page.compression in FAST_COMPRESSIONS
         and (page.compression != APERIO_J2K_YCBCR or features.check("jpg_2000"))  # Pillow built with OpenJPEG
-        and page.samplesperpixel in (3, 4)
+        # three samples, RGB or YCbCr: a CMYK (separated) JPEG TIFF was cut as if its C, M, Y were R, G, B, and
+        # an alpha sample would be dropped where OpenSlide composites it; both keep the generic path
+        and page.samplesperpixel == 3
+        and page.photometric in (tifffile.PHOTOMETRIC.RGB, tifffile.PHOTOMETRIC.YCBCR)
         and page.bitspersample == 8
         and page.planarconfig == 1
         and int(page.imagedepth) == 1
@@ -705,7 +715,7 @@ class NdpiLevel:
         when given."""
         tx, ty = key
         try:
-            arr = _jpeg_into(self._block_stream(key), out)
+            arr = decode_rgb(self._block_stream(key), out)
         except Exception as exc:  # any codec error means damaged pixels, never a worker crash
             raise CorruptSlideError(
                 f"NDPI block ({tx}, {ty}) of the {self.width}x{self.height} level cannot be decoded ({exc})",
@@ -816,7 +826,7 @@ class MiraxLevel:
         if entry is None:
             return np.full((self.tile_h, self.tile_w, 3), 255, np.uint8)
         try:
-            arr = _jpeg_into(self._image(entry), out)
+            arr = decode_rgb(self._image(entry), out)
         except Exception as exc:  # any codec error means damaged pixels, never a worker crash
             raise CorruptSlideError(
                 f"MIRAX image {key} of the {self.width}x{self.height} level cannot be decoded ({exc})",

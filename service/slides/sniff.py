@@ -71,6 +71,8 @@ def sniff_format(path: str | Path) -> str:
         raise UnsupportedFormatError(
             "folder holds no DICOM files (only a DICOM WSI series can be a folder)", slide=path.name
         )
+    if not path.is_file():  # a FIFO or device would block the read below until a writer came
+        raise UnsupportedFormatError("not a regular file (a pipe, socket or device)", slide=path.name)
     try:
         with path.open("rb") as fh:
             head = fh.read(512)

@@ -38,10 +38,12 @@ def white(h: int, w: int) -> np.ndarray:
 
 
 def to_rgb(arr: np.ndarray) -> np.ndarray:
-    """uint8 RGB from grey / grey+alpha / RGB / RGBA; transparent pixels are composited onto white."""
+    """uint8 RGB from grey / grey+alpha / RGB / RGBA; transparent pixels are composited onto white. Wider
+    integer samples are scaled by their type's range, as libtiff (OpenSlide) does: scaling by each tile's own
+    maximum gave one stored value different 8-bit values in different tiles."""
     arr = np.asarray(arr)
     if arr.dtype != np.uint8:
-        if np.issubdtype(arr.dtype, np.integer) and arr.size and arr.max() > 255:
+        if np.issubdtype(arr.dtype, np.integer) and arr.dtype.itemsize > 1:
             arr = (arr.astype(np.float32) * (255.0 / float(np.iinfo(arr.dtype).max))).round()
         arr = np.clip(arr, 0, 255).astype(np.uint8)
     if arr.ndim == 2:

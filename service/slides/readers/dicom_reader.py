@@ -26,6 +26,7 @@ from service.errors import (
 )
 from service.slides.base import SlideReader
 from service.slides.headers import check_size, declared_size, jpeg_scan_intact
+from service.slides.jpeg import decode_rgb
 from service.slides.mpp import from_pixel_spacing
 from service.slides.readers._common import (
     TileCache,
@@ -234,7 +235,9 @@ class DicomReader(SlideReader):
         self._jpeg = [
             str(getattr(lv.default_instance.image_data, "transfer_syntax", "")) in JPEG_SYNTAXES for lv in self._levels
         ]
-        self._corrections = [self._detect_mislabel(i) for i in range(len(self._levels))]
+        # what each level's first stored JPEG frame says of its colour, and the correction where its label disagrees
+        self._stream_colours = [self._stream_colour(i) for i in range(len(self._levels))]
+        self._corrections = [self._mislabel(i) for i in range(len(self._levels))]
         # each level's frame decoder (wsidicom's, from its first instance), where wsidicom exposes one
         self._decoders = [
             getattr(getattr(getattr(lv, "default_instance", None), "image_data", None), "decoder", None)
@@ -245,10 +248,10 @@ class DicomReader(SlideReader):
         self._inflight: dict[tuple[int, int, int], threading.Lock] = {}
         self._inflight_lock = threading.Lock()
 
-    def _detect_mislabel(self, level: int) -> str | None:
-        """ "jfif-ycbcr-labelled-rgb" when JPEG frames carry YCbCr markers but the level's header says RGB
-        ("rgb-labelled-ybr" the other way round), judged on the level's first stored frame: a sparse level
-        often stores none at its top-left corner (background), and wsidicom gives its own blank tile there."""
+    def _stream_colour(self, level: int) -> str | None:
+        """What the first stored frame of a JPEG level says of its colour (`jpeg_stream_colour`), judged on a
+        stored frame: a sparse level often stores none at its top-left corner, and wsidicom gives its own blank
+        tile there. None for other codecs, or where it says nothing."""
         if not self._jpeg[level]:
             return None
         tile = self._first_stored_tile(level)
@@ -258,7 +261,12 @@ class DicomReader(SlideReader):
             data = self._wsi.read_encoded_tile(self._levels[level].level, tile, crop_to_image_boundary=False)
         except Exception:
             return None
-        stream = jpeg_stream_colour(data)
+        return jpeg_stream_colour(data)
+
+    def _mislabel(self, level: int) -> str | None:
+        """ "jfif-ycbcr-labelled-rgb" when JPEG frames carry YCbCr markers but the level's own header says RGB
+        ("rgb-labelled-ybr" the other way round)."""
+        stream = self._stream_colours[level]
         photometric = self.photometrics[level]
         if photometric == "RGB" and stream == "ycbcr":
             return "jfif-ycbcr-labelled-rgb"
@@ -329,18 +337,17 @@ class DicomReader(SlideReader):
                     f"frame ({tx}, {ty}) of level {level} is cut short or damaged (its JPEG scan is incomplete)",
                     slide=self.path.name,
                 )
-            if self._corrections[level] is None:
-                # decode the bytes already fetched with the decoder wsidicom would use: asking wsidicom for the
-                # tile fetched the frame again (a PACS-backed slide read 2.5 MB for a 2.1 MB series)
-                decoder = self._decoders[level]
-                if decoder is not None:
-                    return to_rgb(np.asarray(decoder.decode(data)))
-                img = self._wsi.read_tile(lv, (tx, ty), crop_to_image_boundary=False)
-                return to_rgb(np.asarray(img))
-            import imagecodecs
-
-            # libjpeg follows the stream's own markers (JFIF -> YCbCr->RGB), which is what the data is.
-            return to_rgb(imagecodecs.jpeg8_decode(data))
+            if self._stream_colours[level] is not None:
+                # the frame's markers name its colour, so libjpeg reads it right (the label corrected where it
+                # disagrees), strictly: damaged data is refused, not decoded to wrong pixels (`jpeg`)
+                return to_rgb(decode_rgb(data))
+            # decode the bytes already fetched with the decoder wsidicom would use: asking wsidicom for the
+            # tile fetched the frame again (a PACS-backed slide read 2.5 MB for a 2.1 MB series)
+            decoder = self._decoders[level]
+            if decoder is not None:
+                return to_rgb(np.asarray(decoder.decode(data)))
+            img = self._wsi.read_tile(lv, (tx, ty), crop_to_image_boundary=False)
+            return to_rgb(np.asarray(img))
         except SlideError:
             raise
         except Exception as exc:
