@@ -90,6 +90,29 @@ def test_multipart_body_without_closing_boundary_is_refused(server, cmu_svs: Pat
     assert _blobs(settings) == before and _staging(settings) == []
 
 
+def test_misspelt_form_fields_and_a_long_boundary_are_refused_not_ignored(server, cmu_svs: Path) -> None:
+    """An unknown form field (`mpp` for `mpp_override`, `analyse` for `analyze`) was dropped without a word, so
+    the slide was analysed at its own µm/px, or analysed when the client meant it not to be: now 422 naming it,
+    nothing stored. A multipart boundary over 256 characters was a 500 (the parser refused it outside the
+    error handling): now 400."""
+    url, settings = server
+    before = _blobs(settings)
+    with _client(url, KEY_A) as c:
+        listed = c.get("/slides").json()["total"]
+        for field in ("mpp", "analyse"):
+            r = c.post("/slides", files={"file": ("a.svs", cmu_svs.read_bytes())}, data={field: "0.25"})
+            assert r.status_code == 422, r.text
+            err = r.json()["error"]
+            assert err["code"] == "invalid_parameter" and f"unknown form field '{field}'" in err["message"]
+        b = "b" * 300
+        body = f'--{b}\r\nContent-Disposition: form-data; name="analyze"\r\n\r\nfalse\r\n--{b}--\r\n'.encode()
+        r = c.post("/slides", content=body, headers={"Content-Type": f"multipart/form-data; boundary={b}"})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_request", r.text
+        assert "boundary" in r.json()["error"]["message"]
+        assert c.get("/slides").json()["total"] == listed
+    assert _blobs(settings) == before and _staging(settings) == []
+
+
 def test_reupload_with_another_mpp_is_never_silently_ignored(server, tmp_path: Path, shared_data: Path) -> None:
     url, _ = server
     tile = (shared_data / "tiles" / "kather1.tif").read_bytes()  # a tile: needs mpp_override

@@ -75,6 +75,25 @@ def test_one_tenants_backlog_does_not_stand_in_front_of_another(sessions):
         assert lifecycle.claim_fair(s, "w", max_running=2).job_id == flood[2]
 
 
+def test_one_worker_slot_alternates_between_tenants(sessions):
+    """One slot (the default): A queues 30 jobs, then B one. A's oldest runs first; when it is done, B's job is
+    next, not A's 30 in turn: the tenant served least recently wins a tie in running jobs. Then back to A, and a
+    tenant never served goes before one that has been."""
+    a, b, c = _tenant_slide(sessions, "a"), _tenant_slide(sessions, "b"), _tenant_slide(sessions, "c")
+    flood = _submit(sessions, a, 30)
+    (single,) = _submit(sessions, b)
+    order = []
+    for _ in range(3):
+        lease = _claim(sessions)
+        order.append(lease.job_id)
+        with transaction(sessions) as s:
+            assert lifecycle.succeed(s, lease, {}, {}).won
+    assert order == [flood[0], single, flood[1]]
+    _submit(sessions, b)
+    (late,) = _submit(sessions, c)
+    assert _claim(sessions).job_id == late
+
+
 def test_interactive_jobs_before_batch_and_tokens_stay_in_their_queue(sessions):
     a = _tenant_slide(sessions, "a")
     (batch,) = _submit(sessions, a)

@@ -378,6 +378,48 @@ def test_gateway_start_publishes_only_jobs_never_published(tmp_path: Path, redis
     engine.dispose()
 
 
+def test_submit_while_the_broker_is_down_is_accepted_and_published_once_it_answers(tmp_path: Path) -> None:
+    """The broker (a real Redis, not started yet) does not answer when a gateway records a job: the publish fails
+    in seconds (kombu's default retries took ~20 s), the submit is accepted (it was a 500 with the job created
+    anyway, so a retry without an idempotency key duplicated it), the job stays queued and unpublished, and the
+    gateway's next sweep publishes it once Redis is up. Without a sweep (`mstar submit`) the failure is raised."""
+    from kombu.exceptions import OperationalError
+    from services import RedisServer
+
+    redis = RedisServer(tmp_path / "redis")
+    settings = Settings(data_dir=tmp_path / "data", broker_url=redis.url)
+    engine = make_engine(settings.db_url)
+    init_db(engine)
+    sessions = session_factory(engine)
+    with transaction(sessions) as s:
+        tenant = repo.ensure_tenant(s, "lab")
+        slide = Slide(id=new_id(), tenant_id=tenant.id, sha256="0" * 64, format="svs", size_bytes=1, blob_key="x")
+        s.add(slide)
+        s.flush()
+        job_id = lifecycle.create(s, tenant_id=tenant.id, slide_id=slide.id, options={})[0].id
+    cli = CeleryQueue(settings)
+    with pytest.raises(OperationalError):
+        cli.notify(job_id)
+    cli.stop()
+    gateway = CeleryQueue(settings)
+    gateway.start()
+    try:
+        began = time.monotonic()
+        gateway.notify(job_id)
+        assert time.monotonic() - began < 15
+        with transaction(sessions) as s:
+            assert s.get(Job, job_id).published_at is None and s.get(Job, job_id).state == "queued"
+        redis.start()
+        gateway.sweep(gateway._sessions())
+        assert _published(redis.url) == {job_id: 1}
+        with transaction(sessions) as s:
+            assert s.get(Job, job_id).published_at is not None
+    finally:
+        gateway.stop()
+        redis.kill()
+        engine.dispose()
+
+
 def test_redis_restart_during_batch_loses_no_job(cluster: Cluster, svc, cmu_svs: Path, tmp_path: Path, redis_server):  # noqa: F811
     service, queue = svc
     manifest = _slides(tmp_path / "b4", cmu_svs, ["slow=1"] * 6)

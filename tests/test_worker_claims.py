@@ -338,7 +338,7 @@ def test_an_older_job_database_gets_the_new_columns(tmp_path):
     assert schema_revision(engine) is None
     init_db(engine)
     init_db(engine)  # idempotent
-    assert schema_revision(engine) == "0003"
+    assert schema_revision(engine) == "0004"
     columns = {c["name"] for c in inspect(engine).get_columns("jobs")}
     assert {"published_at", "webhook_claimed_at", "trace_id", "trace_parent"} <= columns
     assert inspect(engine).has_table("audit_events")

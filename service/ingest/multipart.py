@@ -15,7 +15,7 @@ import asyncio
 from dataclasses import dataclass, field
 
 from python_multipart import MultipartParser
-from python_multipart.exceptions import MultipartParseError
+from python_multipart.exceptions import FormParserError, MultipartParseError
 from python_multipart.multipart import MultipartState, parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
@@ -87,6 +87,10 @@ async def receive_upload(request: Request, blobs: BlobStore, settings: Settings)
         name = opts.get(b"name", b"").decode("utf-8", "replace")
         if disp != b"form-data" or not name:
             raise RequestError("each multipart part needs `Content-Disposition: form-data; name=...`")
+        if name != FILE_FIELD and name not in TEXT_FIELDS:  # a misspelt `analyze` or `mpp_override` was dropped
+            raise InvalidParameterError(
+                f"unknown form field {name[:64]!r}; this upload takes `{FILE_FIELD}` and {', '.join(TEXT_FIELDS)}"
+            )
         cur["name"] = name
         cur["is_file"] = name == FILE_FIELD
         if cur["is_file"]:
@@ -111,21 +115,24 @@ async def receive_upload(request: Request, blobs: BlobStore, settings: Settings)
                 raise RequestError(f"form field {cur['name']!r} is too long")
 
     def on_part_end() -> None:
-        if not cur["is_file"] and cur["name"] in TEXT_FIELDS:
+        if not cur["is_file"]:
             out.fields[cur["name"]] = cur["buf"].decode("utf-8", "replace").strip()
 
-    parser = MultipartParser(
-        boundary,
-        callbacks={
-            "on_part_begin": on_part_begin,
-            "on_part_data": on_part_data,
-            "on_part_end": on_part_end,
-            "on_header_field": on_header_field,
-            "on_header_value": on_header_value,
-            "on_header_end": on_header_end,
-            "on_headers_finished": on_headers_finished,
-        },
-    )
+    try:
+        parser = MultipartParser(
+            boundary,
+            callbacks={
+                "on_part_begin": on_part_begin,
+                "on_part_data": on_part_data,
+                "on_part_end": on_part_end,
+                "on_header_field": on_header_field,
+                "on_header_value": on_header_value,
+                "on_header_end": on_header_end,
+                "on_headers_finished": on_headers_finished,
+            },
+        )
+    except FormParserError as err:  # a boundary over 256 characters (was a 500)
+        raise RequestError(f"malformed multipart boundary ({err})") from None
     idle = settings.upload_idle_timeout_s
     chunks = request.stream()
     pending = bytearray()

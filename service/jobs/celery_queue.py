@@ -39,9 +39,15 @@ log = logging.getLogger("mstar.queue")
 UNREPORTED_WINDOW_S = 3600.0
 
 
+#: a broker that does not answer fails a publish within about the connection timeout, not kombu's default ~20 s
+PUBLISH_RETRY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.25, "interval_max": 0.5}
+
+
 def publish_token(app, job_id: str, queue: str) -> None:
     """One token for `queue`, naming `job_id` as the job it was published for."""
-    app.send_task(TASK_NAME, args=[job_id], queue=queue, routing_key=queue, priority=PRIORITY[queue])
+    app.send_task(
+        TASK_NAME, args=[job_id], queue=queue, routing_key=queue, priority=PRIORITY[queue], retry_policy=PUBLISH_RETRY
+    )
 
 
 class CeleryQueue:
@@ -65,14 +71,15 @@ class CeleryQueue:
         return self._factory
 
     def start(self) -> None:
-        """Publish jobs left `queued` and never published (a crash between commit and publish loses nothing)."""
+        """Start the sweep, then publish jobs left `queued` and never published (a crash between commit and
+        publish loses nothing); with the broker down they wait for the sweep instead of failing the start."""
         factory = self._sessions()
-        n = self.republish_queued(factory, unpublished_only=True)
-        if n:
-            log.info("published %d queued job(s) that had never been published", n)
         self._stop.clear()
         self._reaper = threading.Thread(target=self._reap_loop, args=(factory,), name="mstar-reaper", daemon=True)
         self._reaper.start()
+        n = self.republish_queued(factory, unpublished_only=True)
+        if n:
+            log.info("published %d queued job(s) that had never been published", n)
 
     def stop(self) -> None:
         self._stop.set()
@@ -82,11 +89,26 @@ class CeleryQueue:
         self.app.close()
 
     def notify(self, job_id: str, *, queue: str | None = None) -> None:
-        """Publish a token for the job's queue (naming the job as a hint), then record that it was published."""
+        """Publish a token for the job's queue (naming the job as a hint), then record that it was published.
+
+        The job's row is committed before this. Where the broker does not answer and this process sweeps (a
+        gateway), the job stays queued and unpublished and the next sweep publishes it: the submit is accepted
+        (it was a 500 after ~20 s, with the job created all the same, so a client retrying without an
+        idempotency key made a duplicate). Without a sweep here (`mstar submit`) the failure is raised."""
         if queue is None:
             with transaction(self._sessions()) as s:
                 queue = s.scalar(select(Job.queue).where(Job.id == job_id)) or self.default_queue
-        publish_token(self.app, job_id, queue)
+        try:
+            publish_token(self.app, job_id, queue)
+        except Exception as exc:
+            if self._reaper is None or not self._reaper.is_alive():
+                raise
+            log.warning(
+                "broker unreachable (%s): job %s stays queued; the sweep publishes it when the broker answers",
+                type(exc).__name__,
+                job_id,
+            )
+            return
         try:
             with transaction(self._sessions()) as s:
                 s.execute(

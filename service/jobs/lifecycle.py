@@ -26,7 +26,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service.errors import IdempotencyConflictError, QuotaExceededError
-from service.store.models import JOB_STATES, TERMINAL_STATES, Job, Result, new_id, utcnow
+from service.store.models import JOB_STATES, TERMINAL_STATES, Job, Result, Tenant, new_id, utcnow
 
 INTERACTIVE, BATCH = "interactive", "batch"
 QUEUES = (INTERACTIVE, BATCH)
@@ -190,7 +190,10 @@ def claim_fair(
     max_running: int = 0,
     token: str | None = None,
 ) -> Lease | None:
-    """Claim the next job fairly across tenants (fewest running first, then oldest), or None.
+    """Claim the next job fairly across tenants, or None: the tenant with the fewest jobs running, among those
+    the one served least recently (whose latest job started longest ago, or never), then its oldest job. Without
+    the second rule one worker slot served a tenant's whole backlog before another tenant's one job: whenever the
+    slot came free both had none running, and the older queued job won every time.
 
     `queue` limits it to one queue (Celery tokens); None takes interactive jobs before batch ones. Tenants with
     `max_running` jobs running (0 = no cap) are passed over."""
@@ -204,9 +207,11 @@ def claim_fair(
             .where(Job.state == "queued", Job.follows.is_(None), in_queue)
             .group_by(Job.tenant_id)
         ).all()
+        eligible = [t for t in waiting if not max_running or running.get(t[0], 0) < max_running]
+        served = _last_started(s, [t[0] for t in eligible])
         order = sorted(
-            (t for t in waiting if not max_running or running.get(t[0], 0) < max_running),
-            key=lambda t: (running.get(t[0], 0), t[1]),
+            eligible,
+            key=lambda t: (running.get(t[0], 0), *((0,) if served.get(t[0]) is None else (1, served[t[0]])), t[1]),
         )
         for tenant_id, _ in order:
             candidates = s.scalars(
@@ -220,6 +225,19 @@ def claim_fair(
                     attempt, parent = s.execute(select(Job.attempts, Job.trace_parent).where(Job.id == job_id)).one()
                     return Lease(job_id, worker, int(attempt), parent)
     return None
+
+
+def _last_started(s: Session, tenants: list[str]) -> dict[str, datetime]:
+    """Each tenant's latest job start (`ix_jobs_tenant_started`); tenants never served are absent."""
+    if len(tenants) < 2:
+        return {}
+    latest = (
+        select(func.max(Job.started_at))
+        .where(Job.tenant_id == Tenant.id, Job.started_at.is_not(None))
+        .scalar_subquery()
+    )
+    rows = s.execute(select(Tenant.id, latest).where(Tenant.id.in_(tenants))).all()
+    return {tenant: at for tenant, at in rows if at is not None}
 
 
 def waiting_for_capacity(s: Session, queue: str, max_running: int) -> bool:

@@ -83,6 +83,7 @@ class Job(Base):
         UniqueConstraint("tenant_id", "idempotency_key", name="uq_job_tenant_idem"),
         Index("ix_jobs_state_created", "state", "created_at"),
         Index("ix_jobs_tenant_created", "tenant_id", "created_at"),
+        Index("ix_jobs_tenant_started", "tenant_id", "started_at"),  # the fair claim's tie-break
     )
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
