@@ -171,6 +171,55 @@ def test_idempotency_key_reused_with_another_upload_is_422_and_stores_nothing(se
         assert r.status_code == 422 and r.json()["error"]["code"] == "idempotency_key_reused", r.text
 
 
+def test_idempotency_key_of_an_upload_that_queued_no_job_is_kept(server, cmu_svs: Path) -> None:
+    """`analyze=false` with an Idempotency-Key: the key was kept nowhere (only jobs keep keys), so reusing it with
+    another file stored that file too (201, 201). Now the repeat answers the same slide (200) and another
+    request under the key is 422, with or without an analysis, and stores nothing."""
+    url, settings = server
+    cmu = cmu_svs.read_bytes()
+    with _client(url, KEY_B) as c:
+        key = {"Idempotency-Key": "store-1"}
+        first = c.post("/slides", files={"file": ("a.svs", cmu + b"k1")}, data={"analyze": "false"}, headers=key)
+        assert first.status_code == 201, first.text
+        again = c.post("/slides", files={"file": ("a.svs", cmu + b"k1")}, data={"analyze": "false"}, headers=key)
+        assert again.status_code == 200 and again.json()["id"] == first.json()["id"]
+        slides, jobs, blobs = c.get("/slides").json()["total"], c.get("/jobs").json()["total"], _blobs(settings)
+        for tail, analyze in ((b"k2", "false"), (b"k2", "true"), (b"k1", "true")):
+            r = c.post("/slides", files={"file": ("a.svs", cmu + tail)}, data={"analyze": analyze}, headers=key)
+            assert r.status_code == 422 and r.json()["error"]["code"] == "idempotency_key_reused", r.text
+        assert c.get("/slides").json()["total"] == slides and c.get("/jobs").json()["total"] == jobs
+        assert _blobs(settings) == blobs
+
+
+@pytest.mark.parametrize("analyze", ["false", "true"])
+def test_concurrent_uploads_with_one_key_and_two_files_keep_one(server, cmu_svs: Path, analyze: str) -> None:
+    """Two uploads at once under one Idempotency-Key with different files: one is accepted, the other 422, and
+    only the accepted one's slide stays. Both passed the key check before either had recorded the key, so the
+    refused request's slide was stored anyway."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    url, settings = server
+    cmu = cmu_svs.read_bytes()
+
+    def send(tail: bytes) -> httpx.Response:
+        with _client(url, KEY_B) as c:
+            files = {"file": ("a.svs", cmu + tail + analyze.encode())}
+            return c.post(
+                "/slides", files=files, data={"analyze": analyze}, headers={"Idempotency-Key": f"race-{analyze}"}
+            )
+
+    with _client(url, KEY_B) as c:
+        slides = c.get("/slides").json()["total"]
+    stored = [p for p in _blobs(settings) if "results" not in p.parts]
+    with ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(send, [b"race-1", b"race-2"]))
+    codes = sorted(r.status_code for r in answers)
+    assert codes == sorted([201 if analyze == "false" else 202, 422]), [r.text for r in answers]
+    with _client(url, KEY_B) as c:
+        assert c.get("/slides").json()["total"] == slides + 1
+    assert len([p for p in _blobs(settings) if "results" not in p.parts]) == len(stored) + 1
+
+
 # --- defect 2: stalled and concurrent uploads ---------------------------------------------------------------------
 
 

@@ -28,7 +28,7 @@ def test_head_matches_the_models(db_url):
 
     engine = make_engine(db_url)
     init_db(engine)
-    assert schema_revision(engine) == "0004"
+    assert schema_revision(engine) == "0005"
     with engine.connect() as conn:
         assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
     engine.dispose()
@@ -73,7 +73,7 @@ def test_an_old_database_with_data_is_upgraded(db_url):
     engine.dispose()
     engine = make_engine(db_url)
     init_db(engine)
-    assert schema_revision(engine) == "0004"
+    assert schema_revision(engine) == "0005"
     with session_factory(engine)() as s:
         job = s.get(Job, "j1")
         assert (
@@ -127,4 +127,4 @@ def test_processes_starting_together_migrate_once(postgres_url):  # noqa: F811
     results = [q.get(timeout=120) for _ in procs]
     for p in procs:
         p.join(30)
-    assert results == ["0004"] * 6
+    assert results == ["0005"] * 6

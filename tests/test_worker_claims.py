@@ -330,6 +330,8 @@ def test_an_older_job_database_gets_the_new_columns(tmp_path):
     with engine.begin() as conn:  # back to the shape `create_all` gave an older release
         conn.exec_driver_sql("DROP TABLE alembic_version")
         conn.exec_driver_sql("DROP TABLE audit_events")
+        conn.exec_driver_sql("DROP TABLE upload_keys")
+        conn.exec_driver_sql("DROP INDEX ix_jobs_tenant_started")
         old = ("published_at", "webhook_claimed_at", "webhook_sent_at", "webhook_delivered", "trace_id", "trace_parent")
         for col in old:
             conn.exec_driver_sql(f"ALTER TABLE jobs DROP COLUMN {col}")
@@ -338,10 +340,11 @@ def test_an_older_job_database_gets_the_new_columns(tmp_path):
     assert schema_revision(engine) is None
     init_db(engine)
     init_db(engine)  # idempotent
-    assert schema_revision(engine) == "0004"
+    assert schema_revision(engine) == "0005"
     columns = {c["name"] for c in inspect(engine).get_columns("jobs")}
     assert {"published_at", "webhook_claimed_at", "trace_id", "trace_parent"} <= columns
-    assert inspect(engine).has_table("audit_events")
+    assert inspect(engine).has_table("audit_events") and inspect(engine).has_table("upload_keys")
+    assert "ix_jobs_tenant_started" in {i["name"] for i in inspect(engine).get_indexes("jobs")}
     factory = session_factory(engine)
     finished, queued = _get(factory, done), _get(factory, waiting)
     assert finished.state == "succeeded" and queued.state == "queued"  # the rows survived

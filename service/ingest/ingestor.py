@@ -26,6 +26,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.config import Settings
@@ -38,7 +39,7 @@ from service.slides.sniff import is_dicom_file
 from service.store import repo
 from service.store.blobs import BlobStore, BlobWriter
 from service.store.db import transaction
-from service.store.models import Job, Slide
+from service.store.models import Job, Slide, UploadKey
 
 SINGLE_DICOM = (
     "one DICOM file is one instance of a series: send the whole series (its folder on the manifest line, "
@@ -193,6 +194,40 @@ def find_job_by_key(sessions: sessionmaker[Session], tenant_id: str, key: str) -
     """The tenant's job created with this Idempotency-Key, if any (checked before anything is stored)."""
     with transaction(sessions) as s:
         return s.scalar(select(Job).where(Job.tenant_id == tenant_id, Job.idempotency_key == key))
+
+
+def find_upload_key(sessions: sessionmaker[Session], tenant_id: str, key: str) -> UploadKey | None:
+    """The tenant's upload that queued no job under this Idempotency-Key (`analyze=false`), if any."""
+    with transaction(sessions) as s:
+        return s.get(UploadKey, (tenant_id, key))
+
+
+def record_upload_key(sessions: sessionmaker[Session], tenant_id: str, key: str, digest: str, slide_id: str) -> str:
+    """Keep `key` for an upload that queued no job; the digest kept under it (another request's, where a
+    concurrent one with the same key recorded first)."""
+    try:
+        with transaction(sessions) as s:
+            s.add(UploadKey(tenant_id=tenant_id, idempotency_key=key, request_sha256=digest, slide_id=slide_id))
+        return digest
+    except IntegrityError:
+        kept = find_upload_key(sessions, tenant_id, key)
+        return kept.request_sha256 if kept is not None else digest
+
+
+def forget_new_slide(sessions: sessionmaker[Session], blobs: BlobStore, tenant_id: str, slide_id: str) -> None:
+    """Remove a slide this request stored before its Idempotency-Key turned out to be taken by another request
+    (two concurrent uploads with one key): the refused request keeps nothing. Left alone if a job or a kept key
+    refers to it meanwhile."""
+    with transaction(sessions) as s:
+        slide = repo.get_slide(s, tenant_id, slide_id)
+        used = s.scalar(select(Job.id).where(Job.slide_id == slide_id).limit(1)) or s.scalar(
+            select(UploadKey.slide_id).where(UploadKey.slide_id == slide_id).limit(1)
+        )
+        if slide is None or used:
+            return
+        key = slide.blob_key
+        s.delete(slide)
+    blobs.delete(key)
 
 
 def check_same_mpp(slide: Slide, mpp: float | None) -> None:

@@ -77,6 +77,18 @@ class Slide(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class UploadKey(Base):
+    """An Idempotency-Key of an upload that queued no job (`analyze=false`), with its request digest: jobs keep
+    their own keys, so without this a key reused with another file stored it as well."""
+
+    __tablename__ = "upload_keys"
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True)
+    idempotency_key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    request_sha256: Mapped[str] = mapped_column(String(64))
+    slide_id: Mapped[str] = mapped_column(ForeignKey("slides.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 class Job(Base):
     __tablename__ = "jobs"
     __table_args__ = (

@@ -23,6 +23,7 @@ from service.store.models import (
     Result,
     Slide,
     Tenant,
+    UploadKey,
     new_id,
     utcnow,
 )
@@ -163,6 +164,7 @@ def list_slides(s: Session, tenant_id: str, *, limit: int, offset: int) -> tuple
 def delete_slide(s: Session, slide: Slide) -> list[str]:
     """Delete a slide, its jobs and results; returns the job ids so their result blobs can go too."""
     job_ids = list(s.scalars(select(Job.id).where(Job.slide_id == slide.id)))
+    s.execute(delete(UploadKey).where(UploadKey.slide_id == slide.id))
     if job_ids:
         s.execute(delete(Result).where(Result.job_id.in_(job_ids)))
         s.execute(delete(Job).where(Job.id.in_(job_ids)))

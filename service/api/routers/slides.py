@@ -20,7 +20,7 @@ from service.api.views import job_out, slide_out
 from service.errors import IdempotencyConflictError, InvalidParameterError
 from service.ingest import check_same_mpp, find_job_by_key
 from service.ingest.disk import disk_full_as_error
-from service.ingest.ingestor import slide_ingestor
+from service.ingest.ingestor import find_upload_key, forget_new_slide, record_upload_key, slide_ingestor
 from service.ingest.multipart import parse_bool, parse_mpp, receive_upload
 from service.ingest.slots import UploadSlots
 from service.ingest.sources import check_client_source, copy_s3_source
@@ -103,12 +103,15 @@ def _store_upload(ctx, principal, parsed, idempotency_key: str | None) -> Respon
             prior = find_job_by_key(ctx.sessions, principal.tenant_id, idempotency_key)
             if prior is not None:
                 if prior.request_sha256 not in (None, digest):
-                    raise IdempotencyConflictError(
-                        "this Idempotency-Key was already used with a different upload (another file or other "
-                        "fields); use a new key for a new request"
-                    )
+                    raise _key_reused()
                 writer.discard()
                 return _replay(ctx, principal.tenant_id, prior)
+            earlier = find_upload_key(ctx.sessions, principal.tenant_id, idempotency_key)
+            if earlier is not None:  # the key of an upload that queued no job (analyze=false)
+                if earlier.request_sha256 != digest:
+                    raise _key_reused()
+                writer.discard()
+                return _replay_upload(ctx, principal.tenant_id, earlier.slide_id)
         staged, writer = writer, None
         got = slide_ingestor(ctx).from_writer(principal.tenant_id, staged, mpp=mpp)
         slide, created = got.slide, got.created
@@ -132,15 +135,46 @@ def _store_upload(ctx, principal, parsed, idempotency_key: str | None) -> Respon
         raise
 
     if not analyze:
+        # kept after the slide is stored: a concurrent upload with the same key and another file may win the
+        # race past the check above, and then this one keeps nothing it stored
+        if (
+            idempotency_key
+            and record_upload_key(ctx.sessions, principal.tenant_id, idempotency_key, digest, slide.id) != digest
+        ):
+            if created:
+                forget_new_slide(ctx.sessions, ctx.blobs, principal.tenant_id, slide.id)
+            raise _key_reused()
         return JSONResponse(
             slide_out(slide).model_dump(mode="json"),
             status_code=201 if created else 200,
             headers={"Location": f"/slides/{slide.id}"},
         )
     # the job carries this upload's µm/px (also for a slide stored earlier with another one)
-    job = _queue(ctx, principal.tenant_id, slide, AnalysisRequest(mpp_override=mpp), idempotency_key, digest)
+    try:
+        job = _queue(ctx, principal.tenant_id, slide, AnalysisRequest(mpp_override=mpp), idempotency_key, digest)
+    except IdempotencyConflictError:  # a concurrent request took the key first (its job row won)
+        if created:
+            forget_new_slide(ctx.sessions, ctx.blobs, principal.tenant_id, slide.id)
+        raise
     body = UploadAccepted(slide=slide_out(slide), job=job).model_dump(mode="json")
     return JSONResponse(body, status_code=202, headers={"Location": f"/jobs/{job.id}"})
+
+
+def _key_reused() -> IdempotencyConflictError:
+    return IdempotencyConflictError(
+        "this Idempotency-Key was already used with a different upload (another file or other fields); use a new "
+        "key for a new request"
+    )
+
+
+def _replay_upload(ctx, tenant_id: str, slide_id: str) -> Response:
+    """The answer to a repeated `analyze=false` upload with the same Idempotency-Key and request: its slide."""
+    with transaction(ctx.sessions) as s:
+        slide = repo.get_slide(s, tenant_id, slide_id)
+        if slide is None:
+            raise NotFoundError("the slide this Idempotency-Key stored was deleted since")
+        body = slide_out(slide).model_dump(mode="json")
+    return JSONResponse(body, status_code=200, headers={"Location": f"/slides/{slide_id}"})
 
 
 def _replay(ctx, tenant_id: str, job) -> Response:

@@ -8,6 +8,7 @@ Create Date: 2026-12-07
 
 from __future__ import annotations
 
+import sqlalchemy as sa
 from alembic import op
 
 revision = "0004"
@@ -17,7 +18,8 @@ depends_on = None
 
 
 def upgrade() -> None:
-    op.create_index("ix_jobs_tenant_started", "jobs", ["tenant_id", "started_at"])
+    if "ix_jobs_tenant_started" not in {i["name"] for i in sa.inspect(op.get_bind()).get_indexes("jobs")}:
+        op.create_index("ix_jobs_tenant_started", "jobs", ["tenant_id", "started_at"])
 
 
 def downgrade() -> None:
