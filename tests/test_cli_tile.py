@@ -67,6 +67,7 @@ def test_refusals_are_one_line_and_nonzero(tcga_j2k_svs: Path, cmu_svs: Path, ba
         ([str(cmu_svs), "--mpp", "0.2"], "invalid_parameter"),  # would need upsampling
         ([str(cmu_svs), "--overlap", "300"], "invalid_parameter"),
         ([str(bad_dicom)], ""),
+        ([str(tmp_path / "no-such.svs")], "slide_not_found"),  # was click's multi-line usage error
     ]
     for extra, code in cases:
         res = runner.invoke(main, ["tile", *extra, "--out", str(tmp_path / "x.h5")])
@@ -95,3 +96,12 @@ def test_console_script_subprocess(dicom_dir: Path, tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["vendor"] == "dicom" and summary["patches"] == len(read_h5(out)[0]) > 0
+
+
+def test_analyze_of_a_missing_slide_is_one_line_before_any_bundle_build(tmp_path: Path) -> None:
+    """`mstar analyze` of a path that does not exist: the one-line `slide_not_found` the README promises (it was
+    click's multi-line usage error), before the demo bundle's first-use build could start."""
+    res = CliRunner().invoke(main, ["analyze", str(tmp_path / "no-such.svs"), "--out", str(tmp_path / "out")])
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert res.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error [slide_not_found]"), res.output
+    assert not (tmp_path / "out").exists()

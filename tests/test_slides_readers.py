@@ -550,3 +550,26 @@ def test_a_pipe_named_like_a_slide_is_refused_not_waited_on(tmp_path) -> None:
     os.mkfifo(fifo)
     with pytest.raises(UnsupportedFormatError, match="not a regular file"):
         sniff_format(fifo)
+
+
+def test_a_one_strip_tiff_larger_than_the_cache_is_decoded_once(tmp_path) -> None:
+    """A 5,000 x 5,000 TIFF stored as one strip (75 MB decoded, over the 64 MB tile cache): the strip was dropped
+    by the cache and decoded again for every read (a 64 MP one streamed 125x slower than in 64-row strips). The
+    cache makes room for the largest segment, so twelve reads decode it once."""
+    pixels = np.full((5000, 5000, 3), 240, np.uint8)
+    pixels[1000:4000, 1000:4000] = (180, 90, 160)
+    path = tmp_path / "one-strip.tif"
+    tifffile.imwrite(
+        path, pixels, rowsperstrip=5000, compression="zlib", resolution=(20000, 20000), resolutionunit="CENTIMETER"
+    )
+    from service.slides.readers.tiff_reader import TiffReader
+
+    with TiffReader(path) as r:  # what `open_slide` picks for a stripped TIFF over 50 MP
+        level = r._levels[0]
+        assert (level.seg_w, level.seg_h) == (5000, 5000)
+        calls = []
+        decode = level.decode
+        object.__setattr__(level, "decode", lambda *a, **k: calls.append(1) or decode(*a, **k))
+        for y in range(0, 4800, 400):
+            assert np.array_equal(r.read_region((y, y), 0, (200, 200)), pixels[y : y + 200, y : y + 200])
+    assert len(calls) == 1

@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from service.cli import main
-from service.errors import BundleError
+from service.errors import BundleError, SlideNotFoundError
 from service.pipeline import DEFAULT_TASKS, TASKS, AnalysisOptions, run_analysis
 
 REPO_BUNDLE = Path(__file__).resolve().parents[2] / "model_repository"
@@ -53,7 +53,7 @@ def ensure_demo_bundle(bundle_dir: Path) -> Path:
 
 
 @main.command()
-@click.argument("slide", type=click.Path(exists=True, path_type=Path))
+@click.argument("slide", type=click.Path(path_type=Path))  # a missing one: error [slide_not_found]
 @click.option(
     "--bundle",
     "bundle_dir",
@@ -105,6 +105,8 @@ def analyze(
     from service.pipeline import open_backend
     from service.results.roi import load_region_file
 
+    if not slide.exists():  # before a first-use bundle build, not minutes into it
+        raise SlideNotFoundError(f"no such file or folder: {slide}")
     region = load_region_file(roi_file) if roi_file is not None else None
 
     if bundle_dir is None:

@@ -174,7 +174,10 @@ class TiffReader(SlideReader):
         self.associated_names = ()
         self._lock = threading.Lock()
         self._fh = self._tif.filehandle
-        self._cache = TileCache()
+        # room for the largest decoded segment at least: a strip over the default 64 MB (a one-strip 64 MP TIFF) was
+        # dropped by the cache and decoded again for every read, 125x slower than the same pixels in 64-row strips
+        largest = max(lv.seg_w * lv.seg_h * lv.page.samplesperpixel * lv.page.dtype.itemsize for lv in self._levels)
+        self._cache = TileCache(max(64 << 20, largest + (8 << 20)))
 
     def _load_levels(self, max_side: int) -> list[_Level]:
         name = self.path.name
