@@ -60,4 +60,9 @@ def serve(host: str, port: int, data_dir: str | None, bundle_dir: str | None, wo
     app = create_app(settings)
     # One gateway process: the embedded runner lives beside it and its workers are separate processes.
     # log_config=None: uvicorn's loggers propagate to ours (plain or JSON, with the request id)
-    uvicorn.run(app, host=host, port=port, log_level=settings.log_level.lower(), access_log=False, log_config=None)
+    http = {"http": settings.http_parser}
+    if settings.http_parser == "h11":  # a request head over the limit is refused, not buffered without end
+        http["h11_max_incomplete_event_size"] = settings.max_header_bytes
+    uvicorn.run(
+        app, host=host, port=port, log_level=settings.log_level.lower(), access_log=False, log_config=None, **http
+    )
