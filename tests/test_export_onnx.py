@@ -85,6 +85,60 @@ def test_parity_gate_catches_a_wrong_graph(tmp_path: Path) -> None:
         check_parity("b", b, path, cases, ["features"], ["embedding", "attention", "tokens"])
 
 
+def test_parity_gate_refuses_non_finite_outputs(tmp_path: Path) -> None:
+    """A model whose weights hold NaN passed the gate as a perfect match (max(0.0, nan) is 0.0, and a NaN norm
+    read as cosine 1) and was exported: its ONNX logits were all NaN. The gate now refuses non-finite outputs."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 3).eval()
+    with torch.no_grad():
+        head.weight[0, 0] = float("nan")
+    path = export_onnx(
+        head,
+        (torch.randn(4, 16),),
+        tmp_path / "nan.onnx",
+        input_names=["x"],
+        output_names=["logits"],
+        dynamic_axes={0: {0: ("n", 1, 1000)}},
+    )
+    cases = [(np.random.default_rng(0).standard_normal((n, 16)).astype(np.float32),) for n in (1, 5)]
+    with pytest.raises(ExportParityError, match="non-finite outputs"):
+        check_parity("head", head, path, cases, ["x"], ["logits"])
+
+
+def test_a_failed_export_leaves_the_previous_bundle_whole_and_a_re_export_drops_stale_models(tmp_path: Path) -> None:
+    """Exporting into a folder that holds a good bundle: a failure used to delete its manifest first (the bundle
+    could no longer be loaded), and a re-export with fewer models left the old model folders for Triton to load.
+    Now the export is staged beside the folder and moved in only when it succeeds."""
+    from inference_fixtures import EMBED
+
+    from service.inference.bundle import load_bundle
+    from training.export.bundle import build_bundle
+    from training.models.patch_encoder import build_patch_encoder
+    from training.models.transmil import TransMIL
+
+    torch.manual_seed(0)
+    encoder = build_patch_encoder("vit_micro_112")[0].eval()
+    aggregator = TransMIL(n_features=EMBED, dim=16, heads=2, num_landmarks=8).eval()
+    out = tmp_path / "bundle"
+    first = build_bundle(out, encoder=encoder, patch_size=PATCH, embed_dim=EMBED, aggregator=aggregator, triton=False)
+    names = sorted(m.name for m in first.bundle.manifest.models)
+    manifest = (out / "bundle.json").read_bytes()
+    (out / "notes.txt").write_text("not the export's")
+    wrong = TransMIL(n_features=EMBED + 8, dim=16, heads=2, num_landmarks=8).eval()  # reads 8 more features
+    with pytest.raises(Exception):  # noqa: B017  (whatever the exporter raises; the point is what is left)
+        build_bundle(out, encoder=encoder, patch_size=PATCH, embed_dim=EMBED, aggregator=wrong, triton=False)
+    assert (out / "bundle.json").read_bytes() == manifest and sorted(
+        m.name for m in load_bundle(out).manifest.models
+    ) == names
+    assert not list(tmp_path.glob(".bundle.export-*"))
+    again = build_bundle(out, encoder=encoder, patch_size=PATCH, embed_dim=EMBED, triton=False)  # no aggregator
+    assert [m.name for m in again.bundle.manifest.models] == ["mstar_patch_encoder"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["bundle.json", "parity.json", "mstar_patch_encoder", "notes.txt"]
+    )
+    assert load_bundle(out, verify_checksums=True).manifest.models[0].name == "mstar_patch_encoder"
+
+
 def test_export_refuses_foreign_run_dir(tmp_path: Path) -> None:
     from training.export.bundle import export_run
 

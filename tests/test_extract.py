@@ -182,3 +182,21 @@ def test_extract_slide_api_with_open_reader(tmp_path, cmu_svs, stage0):
         res = extract_slide(r, enc, tmp_path / "x.h5", target_mpp=2.0, patch_size=112, workers=1)
         assert r.read_region((0, 0), 0, (4, 4)).shape == (4, 4, 3)  # the caller's reader stays open
     assert res["patches"] == _h5(tmp_path / "x.h5")["features"].shape[0] > 0
+
+
+@pytest.mark.parametrize(
+    "option",
+    [("--patch-size", "0"), ("--mpp", "0"), ("--mpp", "nan"), ("--batch-size", "0"), ("--tissue-threshold", "5")],
+)
+def test_out_of_range_run_options_are_refused_before_any_slide(tmp_path: Path, option) -> None:
+    """An out-of-range run-wide option failed every slide one by one ("8 slide(s) failed") and exited 0."""
+    from click.testing import CliRunner
+
+    from training.extract import extract
+
+    (tmp_path / "slides").mkdir()
+    res = CliRunner().invoke(
+        extract, [str(tmp_path / "slides"), "--encoder", "vit_micro_112", "--out", str(tmp_path / "out"), *option]
+    )
+    assert res.exit_code != 0 and f"{option[0]} out of range" in res.output, res.output
+    assert not (tmp_path / "out").exists()

@@ -157,3 +157,19 @@ def test_slides_only_cohort_trains_on_the_triplet_term(tmp_path):
     losses = list(csv.DictReader((tmp_path / "run" / "metrics.csv").open()))
     assert losses and all(r["slide_report"] == "" and r["triplet"] != "" for r in losses)
     assert "knn_acc" in result["metrics"] and "slide2report_R@5" not in result["metrics"]
+
+
+def test_a_nan_in_the_features_stops_training_with_a_reason(tmp_path):
+    """One training slide's features all NaN: every loss was NaN, the run exited 0 with R@k = 1.0 (a NaN match
+    counted as ranked first). It now stops at the first non-finite loss, naming the step."""
+    import h5py
+
+    config = write_tiny_setup(tmp_path, n_cases=24)
+    cfg = load_config(config, overrides={"out_dir": str(tmp_path / "run"), "optim.epochs": 1})
+    import csv
+
+    train = next(r["slide_id"] for r in csv.DictReader(cfg.data.cohort.open()) if r["split"] == "train")
+    with h5py.File(cfg.data.features_dir / f"{train}.h5", "r+") as f:
+        f["features"][...] = np.nan
+    with pytest.raises(InvalidParameterError, match="non-finite loss at step"):
+        train_stage1(cfg)

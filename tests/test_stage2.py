@@ -425,3 +425,28 @@ def test_default_config_documents_the_paper_defaults():
     assert (cfg.ema.momentum, cfg.ema.final_momentum, cfg.ema.schedule) == (0.996, 1.0, "cosine")
     with pytest.raises(InvalidParameterError):
         load_config(path, Stage2Config, {"loss.similarity": "l1"})
+
+
+def test_cached_targets_are_recomputed_when_the_teacher_file_changes_in_place(setup, tmp_path):
+    """The target cache was keyed by the teacher's path and sizes only: a new Stage-1 checkpoint of the same sizes
+    written to the same path kept the old targets (up to 4.4 off). The recipe now records the file's sha256."""
+    import shutil
+
+    ids = [s for s, _ in cohort_slides(setup["cohort"], None)]
+    teacher = tmp_path / "teacher.pt"
+    shutil.copy(setup["teacher"], teacher)
+    compute_targets(ids, setup["root"] / "feats", teacher, tmp_path / "t", n_patches=64, seed=3)
+    sid = ids[0]
+    with h5py.File(tmp_path / "t" / f"{sid}.h5", "r") as f:
+        before = f["targets"][...]
+    raw = torch.load(teacher, weights_only=False)
+    state = {
+        k: (v + 0.5 if k.startswith("vision_encoder.") and v.is_floating_point() else v)
+        for k, v in raw["model_state_dict"].items()
+    }
+    torch.save({**raw, "model_state_dict": state}, teacher)  # same path, same sizes, other weights
+    compute_targets(ids, setup["root"] / "feats", teacher, tmp_path / "t", n_patches=64, seed=3)
+    compute_targets(ids, setup["root"] / "feats", teacher, tmp_path / "fresh", n_patches=64, seed=3)
+    with h5py.File(tmp_path / "t" / f"{sid}.h5", "r") as f, h5py.File(tmp_path / "fresh" / f"{sid}.h5", "r") as g:
+        after, fresh = f["targets"][...], g["targets"][...]
+    assert not np.allclose(after, before) and np.array_equal(after, fresh)

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from service.atomic import atomic_path
 from service.errors import InvalidParameterError
 from training.models.heads import MILHead
 from training.models.mstar import Stage1Encoders, Stage1Vision
@@ -245,7 +246,8 @@ def save_head(path: str | Path, model: nn.Module, meta: dict[str, Any]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     ckpt = {"format": HEAD_FORMAT, "model": kind, "config": dict(model.config), "state_dict": model.state_dict()}
-    torch.save({**ckpt, "meta": meta}, path)
+    with atomic_path(path) as tmp:  # a full disk mid-write left the previous run's head unreadable
+        torch.save({**ckpt, "meta": meta}, tmp)
     return path
 
 

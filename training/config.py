@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import click
 import yaml
@@ -48,22 +48,22 @@ class DataConfig(_Strict):
 
 
 class AggregatorConfig(_Strict):
-    dim: int = Field(512, description="shared embedding width; TransMIL width")
-    heads: int = 8
-    dim_head: int | None = Field(None, description="default dim // heads (64)")
-    num_landmarks: int | None = Field(None, description="default dim // 2 (256)")
-    pinv_iterations: int = 6
-    fc_dropout: float = 0.25
-    attn_dropout: float = 0.1
+    dim: int = Field(512, ge=1, description="shared embedding width; TransMIL width")
+    heads: int = Field(8, ge=1)
+    dim_head: int | None = Field(None, ge=1, description="default dim // heads (64)")
+    num_landmarks: int | None = Field(None, ge=1, description="default dim // 2 (256)")
+    pinv_iterations: int = Field(6, ge=1)
+    fc_dropout: float = Field(0.25, ge=0, lt=1)
+    attn_dropout: float = Field(0.1, ge=0, lt=1)
 
 
 class TinyBertConfig(_Strict):
     """A small random BERT whose WordPiece vocabulary is trained on the training reports (fast CPU runs)."""
 
-    vocab_size: int = 1000
-    hidden: int = 64
-    layers: int = 2
-    heads: int = 2
+    vocab_size: int = Field(1000, ge=1)
+    hidden: int = Field(64, ge=1)
+    layers: int = Field(2, ge=1)
+    heads: int = Field(2, ge=1)
 
 
 class TextConfig(_Strict):
@@ -72,21 +72,21 @@ class TextConfig(_Strict):
     tiny_bert: TinyBertConfig | None = Field(
         None, description="instead of model_dir: build a tiny BERT from the training reports into <out_dir>"
     )
-    max_length: int = 512
-    lr: float = Field(1e-5, description="lower lr for the pretrained language model (§9 ASSUME)")
+    max_length: int = Field(512, ge=8)
+    lr: float = Field(1e-5, ge=0, description="lower lr for the pretrained language model (§9 ASSUME)")
     freeze: bool = False
 
 
 class GeneConfig(_Strict):
     enabled: bool = True
-    n_bins: int = Field(5, description="scBERT bin count (§7.6)")
+    n_bins: int = Field(5, ge=1, description="scBERT bin count (§7.6)")
     binning: Literal["scbert", "quantile"] = Field(
         "quantile", description="scbert = floor+clip of log1p(RSEM); quantile = per-gene train quantiles"
     )
-    dim: int = 200
-    depth: int = Field(1, description="Performer depth; ~1 layer matches the 0.94M count (§1.4)")
-    heads: int = 10
-    dim_head: int = 64
+    dim: int = Field(200, ge=1)
+    depth: int = Field(1, ge=1, description="Performer depth; ~1 layer matches the 0.94M count (§1.4)")
+    heads: int = Field(10, ge=1)
+    dim_head: int = Field(64, ge=1)
     gene2vec: Path | None = Field(None, description="Gene2Vec text table; absent -> learned gene embedding")
     freeze_gene2vec: bool = True
 
@@ -95,7 +95,7 @@ class ModelConfig(_Strict):
     aggregator: AggregatorConfig = AggregatorConfig()
     text: TextConfig = TextConfig()
     gene: GeneConfig = GeneConfig()
-    init_temperature: float = 0.07
+    init_temperature: float = Field(0.07, gt=0)
     learn_temperature: bool = True
 
 
@@ -104,19 +104,20 @@ class LossConfig(_Strict):
     slide_rna: float = 1.0
     report_rna: float = 1.0
     triplet: float = 1.0
-    margin: float = 0.3
+    margin: float = Field(0.3, ge=0)
 
 
 class OptimConfig(_Strict):
-    epochs: int = 50
-    batch_size: int = Field(128, description="global batch (all ranks together)")
+    epochs: int = Field(50, ge=1)
+    batch_size: int = Field(128, ge=2, description="global batch (all ranks together)")
     per_class: int = Field(4, description="patients per cancer type chunk in a batch (triplet positives)")
-    lr: float = 1e-4
-    weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.98)
-    warmup_frac: float = 0.05
-    grad_clip: float | None = 1.0
-    max_steps: int | None = Field(None, description="stop after this many steps (tests, smoke runs)")
+    lr: float = Field(1e-4, ge=0)
+    weight_decay: float = Field(0.05, ge=0)
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.98)
+    warmup_frac: float = Field(0.05, ge=0, le=1)
+    # a negative clip norm flips the gradient's sign (clip_grad_norm_ scales by max_norm / norm): gradient ascent
+    grad_clip: float | None = Field(1.0, gt=0, description="max gradient norm; null: no clipping")
+    max_steps: int | None = Field(None, ge=1, description="stop after this many steps (tests, smoke runs)")
 
     @model_validator(mode="after")
     def _batch(self) -> OptimConfig:
@@ -126,9 +127,9 @@ class OptimConfig(_Strict):
 
 
 class EvalConfig(_Strict):
-    knn_k: int = 5
-    recall_at: list[int] = [1, 5, 10]
-    every_epochs: int = 1
+    knn_k: int = Field(5, ge=1)
+    recall_at: list[Annotated[int, Field(ge=1)]] = Field([1, 5, 10], min_length=1)
+    every_epochs: int = Field(1, ge=1)
 
 
 class Stage1Config(_Strict):
@@ -140,10 +141,10 @@ class Stage1Config(_Strict):
     out_dir: Path = Path("runs/stage1")
     seed: int = 0
     amp: bool = Field(True, description="bf16 autocast, only when running on CUDA")
-    checkpoint_every: int = Field(0, description="also checkpoint every N steps (0: at epoch ends only)")
+    checkpoint_every: int = Field(0, ge=0, description="also checkpoint every N steps (0: at epoch ends only)")
     tensorboard: bool = False
     num_threads: int | None = Field(
-        None, description="torch intra-op threads; 1 is much faster on an oversubscribed CPU (OpenMP spin-waits)"
+        None, ge=1, description="torch intra-op threads; 1 is much faster on an oversubscribed CPU (OpenMP spin-waits)"
     )
 
 
@@ -183,7 +184,11 @@ def load_config(path: str | Path, model: type[BaseModel] = Stage1Config, overrid
     try:
         cfg = model.model_validate(raw)
     except ValidationError as err:
-        raise InvalidParameterError(f"{path}: invalid config:\n{err}") from err
+        # one line, as every refusal prints: `field.path: message` per problem, without pydantic's links
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in e['loc']) or '(top level)'}: {e['msg']}" for e in err.errors()
+        )
+        raise InvalidParameterError(f"{path}: invalid config: {problems}") from err
     return _resolve_paths(cfg, path.parent.resolve())
 
 

@@ -19,6 +19,7 @@ import csv
 import hashlib
 import json
 import logging
+import math
 import os
 import time
 import traceback
@@ -298,6 +299,31 @@ class ExtractOptions:
     seed: int = 0
     field_um: float | None = None  # None: the encoder's own field of view (official 128 µm for mSTAR/UNI)
 
+    def __post_init__(self) -> None:
+        """Run-wide options checked before any slide is read: out of range, every slide used to fail one by one
+        and the run still exited 0."""
+
+        def outside(value: float, lo: float, hi: float) -> bool:
+            return not (math.isfinite(value) and lo <= value <= hi)
+
+        bad = [
+            name
+            for name, wrong in (
+                ("--mpp", outside(self.target_mpp, 0.05, 20)),
+                ("--patch-size", self.patch_size < 16),
+                ("--tissue-threshold", outside(self.tissue_threshold, 0, 1)),
+                ("--batch-size", self.batch_size < 1),
+                ("--workers", self.workers < 1),
+                ("--field-um", self.field_um is not None and outside(self.field_um, 1e-6, math.inf)),
+            )
+            if wrong
+        ]
+        if bad:
+            raise InvalidParameterError(
+                f"{', '.join(bad)} out of range (--mpp 0.05-20 µm/px, --patch-size >= 16, --tissue-threshold 0-1, "
+                "--batch-size and --workers >= 1, --field-um > 0)"
+            )
+
     def field_for(self, encoder: Encoder) -> float | None:
         return self.field_um if self.field_um is not None else encoder.field_um
 
@@ -546,8 +572,8 @@ def extract(
     """Extract patch features for a cohort manifest (cohort.csv) or a folder of slides."""
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("wsidicom").setLevel(logging.ERROR)  # per-file UID chatter on every DICOM series
-    opts = ExtractOptions(target_mpp, patch_size, tissue_threshold, batch_size, workers, pt, arch, seed, field_um)
     try:
+        opts = ExtractOptions(target_mpp, patch_size, tissue_threshold, batch_size, workers, pt, arch, seed, field_um)
         summary = extract_cohort(
             source, encoder, out_dir, options=opts, devices=parse_devices(devices), mpp_override=mpp_override
         )

@@ -188,6 +188,7 @@ def recall_at_k(queries: torch.Tensor, keys: torch.Tensor, ks: Iterable[int]) ->
     """Query i's match is key i; fraction of queries whose match ranks within the top k by cosine."""
     sim = queries @ keys.t()
     rank = (sim > sim.diag()[:, None]).sum(1)  # number of keys scoring strictly higher than the match
+    rank[~torch.isfinite(sim.diag())] = sim.shape[1]  # a NaN match outranks nothing (NaN > x is false): a miss
     return {k: float((rank < k).float().mean()) for k in ks}
 
 
@@ -427,6 +428,11 @@ def _train(cfg: Stage1Config, resume: bool, stop_after: int | None) -> dict[str,
         )
         for batch in loader:
             loss, logs = step_loss(ddp, batch, weights, device, amp=cfg.amp)
+            if not bool(torch.isfinite(torch.as_tensor(loss)).all()):  # NaN trained on silently and scored R@k = 1
+                raise InvalidParameterError(
+                    f"stage1: non-finite loss at step {step + 1} ({logs}): this batch's features, reports or RNA "
+                    "hold NaN or inf, or training diverged (lower optim.lr)"
+                )
             opt.zero_grad(set_to_none=True)
             if loss.requires_grad:
                 loss.backward()

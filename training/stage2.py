@@ -112,14 +112,15 @@ class EMAConfig(_Strict):
 class Stage2OptimConfig(_Strict):
     epochs: int = Field(1, ge=1)
     batch_size: int = Field(512, ge=1, description="global batch of patches (all ranks)")
-    lr: float = Field(1e-5, description="student lr [ASSUME, §9]")
-    proj_lr: float = Field(1e-4, description="lr of the freshly initialised projection [ASSUME]")
+    lr: float = Field(1e-5, ge=0, description="student lr [ASSUME, §9]")
+    proj_lr: float = Field(1e-4, ge=0, description="lr of the freshly initialised projection [ASSUME]")
     layer_decay: float = Field(0.75, gt=0, le=1, description="layer-wise lr decay of the ViT (1 = off)")
-    weight_decay: float = 0.05
+    weight_decay: float = Field(0.05, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
-    warmup_frac: float = 0.05
-    grad_clip: float | None = 1.0
-    max_steps: int | None = Field(None, description="stop after this many steps (smoke runs, tests)")
+    warmup_frac: float = Field(0.05, ge=0, le=1)
+    # a negative clip norm flips the gradient's sign (clip_grad_norm_ scales by max_norm / norm): gradient ascent
+    grad_clip: float | None = Field(1.0, gt=0, description="max gradient norm; null: no clipping")
+    max_steps: int | None = Field(None, ge=1, description="stop after this many steps (smoke runs, tests)")
 
 
 class Stage2Config(_Strict):
@@ -132,7 +133,7 @@ class Stage2Config(_Strict):
     out_dir: Path = Path("runs/stage2")
     seed: int = 0
     amp: bool = Field(True, description="bf16 autocast, only on CUDA")
-    log_every: int = 1
+    log_every: int = Field(1, ge=1)
 
 
 # ------------------------------------------------------------------------------------------------- model

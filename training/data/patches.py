@@ -56,8 +56,12 @@ def load_teacher(checkpoint: str | os.PathLike, num_landmarks: int | None = None
     aggregator = build_stage1_aggregator(ckpt, num_landmarks=num_landmarks)
     model = Stage1Vision(aggregator, ckpt.feature_mean, ckpt.feature_std)
     model.requires_grad_(False)
+    from service.inference.bundle import sha256_file
+
     info = {
         "checkpoint": str(Path(checkpoint).resolve()),
+        # its content, not only its path: a new Stage-1 checkpoint written to the same path kept the old targets
+        "sha256": sha256_file(checkpoint),
         "n_features": int(aggregator.config["n_features"]),
         "dim": int(aggregator.config["dim"]),
         "heads": int(aggregator.config["heads"]),

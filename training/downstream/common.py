@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from service.atomic import atomic_path
 from training.checkpoints import load_stage1_vision, mil_sizes, run_meta, save_head
 from training.cohort import Case, FeatureStore
 from training.downstream.config import DownstreamConfig
@@ -35,7 +36,9 @@ def sample_bag(feats: torch.Tensor, max_patches: int | None, gen: torch.Generato
 
 
 def write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2, default=float))
+    """Replaced whole or not at all (a full disk mid-write keeps the previous file)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, default=float))
 
 
 def stage1_vision(cfg: DownstreamConfig) -> Any:
@@ -81,7 +84,8 @@ def finish_run(
         save_head(out / "head.pt", model, meta)
     else:
         state = model.state_dict() if model is not None else {}
-        torch.save({"state_dict": state, "meta": meta}, out / "head.pt")
+        with atomic_path(out / "head.pt") as tmp:
+            torch.save({"state_dict": state, "meta": meta}, tmp)
     metrics = {"task": cfg.task, "best_epoch": best_epoch, "history": history, **result}
     write_json(out / "metrics.json", metrics)
     light = {k: v for k, v in meta.items() if k != "config"}

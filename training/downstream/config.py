@@ -65,20 +65,21 @@ class DownstreamConfig(BaseModel):
     # Stage-2 checkpoint holding `proj` (1024->512), for patch-level zero-shot
     patch_proj: Path | None = None
     transmil: dict[str, Any] = Field(default_factory=dict)
-    dim: int = 512
-    dropout: float = 0.25
-    epochs: int = 50
-    lr: float = 2e-4
-    lr_pretrained: float = 2e-5
-    weight_decay: float = 1e-5
-    max_patches: int | None = 4096  # random subset per training step; evaluation uses every patch
-    n_bins: int = 4
+    dim: int = Field(512, ge=1)
+    dropout: float = Field(0.25, ge=0, lt=1)
+    epochs: int = Field(50, ge=1)
+    # per parameter group, which torch does not check: a negative lr trained "successfully" away from the labels
+    lr: float = Field(2e-4, ge=0)
+    lr_pretrained: float = Field(2e-5, ge=0)
+    weight_decay: float = Field(1e-5, ge=0)
+    max_patches: int | None = Field(4096, ge=1)  # random subset per training step; evaluation uses every patch
+    n_bins: int = Field(4, ge=1)
     # survival, two documented deviations from the official code (docs/downstream.md): the hazard layer starts at
     # the training split's marginal hazards ("marginal"; official: "random"), and the kept epoch has the lowest
     # validation NLL ("val_nll"; official: the highest validation C-index, "val_c_index")
     survival_init: Literal["marginal", "random"] = "marginal"
     survival_selection: Literal["val_nll", "val_c_index"] = "val_nll"
-    n_boot: int = 1000
+    n_boot: int = Field(1000, ge=5)  # bootstrap resamples of the confidence intervals (0 gave NaN intervals)
     seed: int = 1
     # multimodal (classification and survival; docs/downstream.md, "Slide + RNA-Seq"): with "rna" in modalities,
     # or with `rna` set, the task trains a Porpoise-style fusion head on the cases that have RNA (complete cases)
@@ -90,12 +91,12 @@ class DownstreamConfig(BaseModel):
     # mcat_groups with those groups, restricted to the head's gene list
     mcat_signatures: Path | None = None
     rna_encoder: Literal["snn", "stage1"] = "snn"  # stage1: the Stage-1 gene encoder (needs stage1_checkpoint)
-    rna_min_coverage: float = 0.5
+    rna_min_coverage: float = Field(0.5, ge=0, le=1)
     report: ReportConfig = Field(default_factory=ReportConfig)
     prompts: Path | None = None
     topk: list[int] = Field(default_factory=lambda: [1, 5, 10, 50, 100])
     shots: list[int] | None = None
-    fewshot_repeats: int = 5
+    fewshot_repeats: int = Field(5, ge=1)
     # patch_prototype (official §3.5) needs stage1_checkpoint (+ prompts); skipped without one unless listed here
     fewshot_methods: list[Literal["prototype", "linear_probe", "patch_prototype"]] = Field(
         default_factory=lambda: ["prototype", "linear_probe", "patch_prototype"]

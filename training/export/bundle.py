@@ -16,12 +16,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -383,7 +385,66 @@ def _zeroshot_spec(given: ZeroShotSpec | dict | None) -> ZeroShotSpec:
         raise BundleError(f"invalid zero-shot method {given}: {err}") from err
 
 
-def build_bundle(
+def build_bundle(out: str | Path, **models: Any) -> ExportReport:
+    """Export every given model (`_build_into`'s arguments) into a staging folder beside `out`, then move the
+    result into `out`. A failed export leaves `out`'s previous bundle as it was: it used to delete the manifest
+    first, so a good bundle could no longer be loaded. Model folders the previous manifest listed and this one
+    does not are removed: a re-export left them behind, and Triton (`--model-control-mode=none`) loads every
+    folder. Nothing else in `out` is touched."""
+    root = Path(out)
+    if root.exists() and not root.is_dir():
+        raise BundleError(f"--out {root} is a file, not a folder")
+    root.parent.mkdir(parents=True, exist_ok=True)
+    stage = root.parent / f".{root.name}.export-{os.getpid()}"
+    shutil.rmtree(stage, ignore_errors=True)
+    try:
+        report = _build_into(stage, **models)
+        _move_in(stage, root)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return ExportReport(bundle=load_bundle(root), parity=report.parity)
+
+
+def _listed(root: Path) -> set[str]:
+    """Top-level names a bundle's manifest accounts for: its files' first path parts and its own files."""
+    try:
+        manifest = json.loads((root / "bundle.json").read_text())
+    except (OSError, ValueError):
+        return set()
+    names = {"bundle.json", "parity.json", "report_vocab.json"}
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key in ("file", "path") and isinstance(value, str) and value and not Path(value).is_absolute():
+                    names.add(Path(value).parts[0])
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(manifest)
+    return {n for n in names if n not in ("", ".", "..")}
+
+
+def _move_in(stage: Path, root: Path) -> None:
+    """Replace `root`'s previous bundle with the staged one: the old manifest goes first and the new one comes
+    last, so no moment has a manifest describing files of both."""
+    root.mkdir(parents=True, exist_ok=True)
+    fresh, previous = {p.name for p in stage.iterdir()}, _listed(root)
+    (root / "bundle.json").unlink(missing_ok=True)
+    for name in (previous | fresh) - {"bundle.json"}:
+        old = root / name
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old)
+        elif old.exists() or old.is_symlink():
+            old.unlink()
+    for name in sorted(fresh - {"bundle.json"}):
+        os.replace(stage / name, root / name)
+    os.replace(stage / "bundle.json", root / "bundle.json")
+
+
+def _build_into(
     out: str | Path,
     *,
     encoder: nn.Module,

@@ -163,6 +163,14 @@ def check_parity(
             r = r.detach().float().numpy()
             if r.shape != g.shape:
                 raise ExportParityError(f"{name}.{oname}: ONNX shape {g.shape} != PyTorch {r.shape} at {case[0].shape}")
+            # NaN compares false everywhere: max(0.0, nan) is 0.0 and a NaN norm read as cosine 1, so a model with
+            # NaN weights passed as a perfect match and was exported
+            if not (np.isfinite(r).all() and np.isfinite(g).all()):
+                raise ExportParityError(
+                    f"{name}.{oname}: non-finite outputs (PyTorch {int((~np.isfinite(r)).sum())}, ONNX Runtime "
+                    f"{int((~np.isfinite(g)).sum())} of {r.size} values) at input {case[0].shape}: the weights hold "
+                    "NaN or inf"
+                )
             diff = float(np.abs(r - g).max())
             cos = _cosine_rows(r, g)
             res.max_abs[oname] = max(res.max_abs.get(oname, 0.0), diff)
