@@ -85,7 +85,7 @@ def stage1(work: Path, cohort: Path, feats: Path, epochs: int) -> Path:
     }
     path = work / "stage1.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    res = train_stage1(load_config(path, Stage1Config))
+    res = train_stage1(load_config(path, Stage1Config), overwrite=True)  # a bench rerun replaces its run
     step(f"stage 1 done: {json.dumps(res['metrics'])}")
     return ckpt
 

@@ -173,3 +173,24 @@ def test_a_nan_in_the_features_stops_training_with_a_reason(tmp_path):
         f["features"][...] = np.nan
     with pytest.raises(InvalidParameterError, match="non-finite loss at step"):
         train_stage1(cfg)
+
+
+def test_a_run_into_a_folder_holding_one_is_refused_unless_resumed_or_overwritten(tmp_path):
+    """A new run without --resume into an out_dir holding a run truncated its logs and replaced its checkpoint (a
+    finished 40-epoch run lost); two runs into one out_dir at once interleaved their metrics. Both are refused,
+    and nothing of the existing run changes; --overwrite replaces it on purpose."""
+    import fcntl
+
+    config = write_tiny_setup(tmp_path, n_cases=24)
+    cfg = load_config(config, overrides={"out_dir": str(tmp_path / "run"), "optim.epochs": 1})
+    train_stage1(cfg)
+    run = tmp_path / "run"
+    kept = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    with pytest.raises(InvalidParameterError, match="already holds a run"):
+        train_stage1(cfg)
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == kept
+    with (run / ".run.lock").open("w") as other:  # another run holds the folder
+        fcntl.flock(other, fcntl.LOCK_EX)
+        with pytest.raises(InvalidParameterError, match="another run is writing"):
+            train_stage1(cfg, overwrite=True)
+    assert train_stage1(cfg, overwrite=True)["checkpoint"].endswith("last.pt")

@@ -246,7 +246,7 @@ def _stage1(work: Path, cohort: Path, features: Path, s: DemoSettings, step) -> 
             "num_threads": s.threads,
         },
     )
-    res = train_stage1(cfg)
+    res = train_stage1(cfg, overwrite=True)  # a rebuild replaces the previous build's run
     m = res["metrics"]
     step(f"  val kNN cancer-type accuracy {m.get('knn_acc', float('nan')):.3f}")
     return Path(res["checkpoint"])

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 from service.atomic import atomic_path
 from service.errors import InvalidParameterError
 from training import dist as tdist
-from training.checkpoints import stage1_record
+from training.checkpoints import run_folder, stage1_record
 from training.cohort import load_cohort, load_reports, normalize_split
 from training.config import Stage1Config, load_config, parse_set_options
 from training.data.features import Stage1Dataset, cancer_type_batches, collate, fit_bin_edges, load_expression
@@ -305,17 +305,22 @@ def tiny_text_model(cfg: Stage1Config, train_ds: Stage1Dataset, info: tdist.Dist
     return path
 
 
-def train_stage1(cfg: Stage1Config, resume: bool = False, stop_after: int | None = None) -> dict[str, Any]:
+def train_stage1(
+    cfg: Stage1Config, resume: bool = False, stop_after: int | None = None, overwrite: bool = False
+) -> dict[str, Any]:
     """Train; returns the last validation metrics and the paths written.
 
     `stop_after` ends the run after that global step as an interruption would (checkpoint written, schedule
-    unchanged), which the resume test uses.
+    unchanged), which the resume test uses. An out_dir holding a run is refused unless `resume` or `overwrite`,
+    and so is one another run is writing to (`checkpoints.run_folder`).
     """
     threads = torch.get_num_threads()
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
+    main = int(os.environ.get("RANK", "0")) == 0
     try:
-        return _train(cfg, resume, stop_after)
+        with run_folder(cfg.out_dir, resume=resume, overwrite=overwrite, marker="last.pt", main=main):
+            return _train(cfg, resume, stop_after)
     finally:
         torch.set_num_threads(threads)
 
@@ -524,6 +529,7 @@ def plot_curves(out_dir: str | Path, path: str | Path | None = None) -> Path:
 @click.command("stage1")
 @click.option("--config", "config_path", required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--resume", is_flag=True, help="continue from <out_dir>/last.pt (mid-epoch)")
+@click.option("--overwrite", is_flag=True, help="replace the run <out_dir> already holds (refused without this)")
 @click.option(
     "--set",
     "overrides",
@@ -532,11 +538,11 @@ def plot_curves(out_dir: str | Path, path: str | Path | None = None) -> Path:
     callback=parse_set_options,
     help="override a config field, e.g. optim.epochs=3 (value parsed as JSON when it can be)",
 )
-def stage1_command(config_path: str, resume: bool, overrides: dict[str, Any]) -> None:
+def stage1_command(config_path: str, resume: bool, overwrite: bool, overrides: dict[str, Any]) -> None:
     """Stage-1 multimodal pretraining from a YAML/TOML config."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     cfg = load_config(config_path, Stage1Config, overrides)
-    result = train_stage1(cfg, resume=resume)
+    result = train_stage1(cfg, resume=resume, overwrite=overwrite)
     if int(os.environ.get("RANK", "0")) == 0:
         click.echo(json.dumps(result, indent=2))
 
