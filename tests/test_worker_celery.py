@@ -343,14 +343,8 @@ def _published(redis_url: str) -> dict[str, int]:
     return counts
 
 
-def test_gateway_start_publishes_only_jobs_never_published(tmp_path: Path, redis_server):  # noqa: F811
-    """A restart must not publish a second message for every waiting job: only for rows committed but never
-    published (a crash between commit and publish)."""
-    broker = redis_server.url.rsplit("/", 1)[0] + "/3"  # a db no worker consumes: the messages stay put
-    import redis
-
-    redis.Redis.from_url(broker).flushdb()
-    settings = Settings(data_dir=tmp_path, broker_url=broker)
+def _queued_jobs(settings: Settings, options: list[dict]):
+    """(engine, sessions, job ids): a fresh job store with one queued job per `options`, never published."""
     engine = make_engine(settings.db_url)
     init_db(engine)
     sessions = session_factory(engine)
@@ -359,10 +353,19 @@ def test_gateway_start_publishes_only_jobs_never_published(tmp_path: Path, redis
         slide = Slide(id=new_id(), tenant_id=tenant.id, sha256="0" * 64, format="svs", size_bytes=1, blob_key="x")
         s.add(slide)
         s.flush()
-        ids = [
-            lifecycle.create(s, tenant_id=tenant.id, slide_id=slide.id, options=opts)[0].id
-            for opts in ({}, {}, {"batch_id": "b" * 32})
-        ]
+        ids = [lifecycle.create(s, tenant_id=tenant.id, slide_id=slide.id, options=o)[0].id for o in options]
+    return engine, sessions, ids
+
+
+def test_gateway_start_publishes_only_jobs_never_published(tmp_path: Path, redis_server):  # noqa: F811
+    """A restart must not publish a second message for every waiting job: only for rows committed but never
+    published (a crash between commit and publish)."""
+    broker = redis_server.url.rsplit("/", 1)[0] + "/3"  # a db no worker consumes: the messages stay put
+    import redis
+
+    redis.Redis.from_url(broker).flushdb()
+    settings = Settings(data_dir=tmp_path, broker_url=broker)
+    engine, sessions, ids = _queued_jobs(settings, [{}, {}, {"batch_id": "b" * 32}])
     first = CeleryQueue(settings)
     first.notify(ids[0])  # published; ids[1] and ids[2] were committed, then the gateway died
     first.stop()
@@ -388,15 +391,7 @@ def test_submit_while_the_broker_is_down_is_accepted_and_published_once_it_answe
 
     redis = RedisServer(tmp_path / "redis")
     settings = Settings(data_dir=tmp_path / "data", broker_url=redis.url)
-    engine = make_engine(settings.db_url)
-    init_db(engine)
-    sessions = session_factory(engine)
-    with transaction(sessions) as s:
-        tenant = repo.ensure_tenant(s, "lab")
-        slide = Slide(id=new_id(), tenant_id=tenant.id, sha256="0" * 64, format="svs", size_bytes=1, blob_key="x")
-        s.add(slide)
-        s.flush()
-        job_id = lifecycle.create(s, tenant_id=tenant.id, slide_id=slide.id, options={})[0].id
+    engine, sessions, (job_id,) = _queued_jobs(settings, [{}])
     cli = CeleryQueue(settings)
     with pytest.raises(OperationalError):
         cli.notify(job_id)

@@ -226,7 +226,7 @@ def forget_new_slide(sessions: sessionmaker[Session], blobs: BlobStore, tenant_i
         if slide is None or used:
             return
         key = slide.blob_key
-        s.delete(slide)
+        repo.delete_slide(s, slide)
     blobs.delete(key)
 
 

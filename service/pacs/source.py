@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import math
 import re
 import warnings
 from contextlib import contextmanager
@@ -22,7 +21,7 @@ from typing import Any
 from service.errors import CorruptSlideError, MstarError, SlideError, SlideTooLargeError
 from service.pacs.client import PacsSession, SlideSeries, find_slide_series, make_client, translate
 from service.pacs.config import PacsServer, PacsSettings
-from service.slides.readers.dicom_reader import DicomReader, _header_check, no_spacing
+from service.slides.readers.dicom_reader import DicomReader, _header_check, matrix_frames, no_spacing
 
 #: the syntaxes wsidicom may ask for: its defaults, plus HTJ2K, which archives increasingly keep and it decodes
 _HTJ2K = ("1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.4.202", "1.2.840.10008.1.2.4.203")
@@ -148,10 +147,7 @@ def _check_parts(uid: str, datasets: list, name: str) -> None:
     if total is not None and len(datasets) != int(total):
         raise incomplete(f"{len(datasets)} of its {int(total)} parts are here")
     if datasets[0].states_tiled_full:
-        size, tile = datasets[0].image_size, datasets[0].tile_size
-        planes = int(first.get("TotalPixelMatrixFocalPlanes", 1) or 1)
-        paths = int(first.get("NumberOfOpticalPaths", 1) or 1)
-        expected = math.ceil(size.width / tile.width) * math.ceil(size.height / tile.height) * planes * paths
+        expected = matrix_frames(first)
         if offset != expected:
             raise incomplete(f"its parts hold {offset} frames, its tiling {expected}")
 

@@ -24,9 +24,11 @@ def decode_rgb(stream: bytes, out: np.ndarray | None = None) -> np.ndarray:
     """uint8 RGB [h, w, 3] of a complete JPEG stream (its own markers decide the colour transform, as in
     libjpeg), written into `out` when it is a C-contiguous array of exactly that shape, else a new array."""
     try:
-        h, w = simplejpeg.decode_jpeg_header(stream)[:2]
-        into = out is not None and out.shape == (h, w, 3) and out.dtype == np.uint8 and out.flags.c_contiguous
-        return simplejpeg.decode_jpeg(stream, colorspace="RGB", buffer=out if into else None, strict=True)
+        if out is not None:
+            h, w = simplejpeg.decode_jpeg_header(stream)[:2]
+            if not (out.shape == (h, w, 3) and out.dtype == np.uint8 and out.flags.c_contiguous):
+                out = None
+        return simplejpeg.decode_jpeg(stream, colorspace="RGB", buffer=out, strict=True)
     except ValueError as strict:
         try:
             simplejpeg.decode_jpeg(stream, colorspace="RGB", strict=False)

@@ -474,9 +474,7 @@ def _build_into(
     """Export every given model into `out` (a Triton repository), write `bundle.json`, then re-load it
     with the service's validator so what is written is what a worker will accept."""
     root = Path(out)
-    root.mkdir(parents=True, exist_ok=True)
-    for stale in ("bundle.json", "parity.json", "report_vocab.json"):  # a re-export never mixes old and new
-        (root / stale).unlink(missing_ok=True)
+    root.mkdir(parents=True, exist_ok=True)  # a fresh staging folder (`build_bundle`): nothing old to mix in
     say = progress or (lambda msg: log.info(msg))
     specs: list[ModelSpec] = []
     parity: list[ParityResult] = []

@@ -144,10 +144,15 @@ def _header_checks(files: list[Path], max_side: int, name: str) -> list[Path]:
     return wsi_files
 
 
-def _header_check(ds: Any, f: Path, max_side: int, name: str) -> None:
+def _matrix_and_tile(ds: Any) -> tuple[int, int, int, int]:
+    """(columns, rows) of the instance's total pixel matrix and (width, height) of its frames, 0 where absent."""
     cols = int(ds.get("TotalPixelMatrixColumns", ds.get("Columns", 0)) or 0)
     rows = int(ds.get("TotalPixelMatrixRows", ds.get("Rows", 0)) or 0)
-    tw, th = int(ds.get("Columns", 0) or 0), int(ds.get("Rows", 0) or 0)
+    return cols, rows, int(ds.get("Columns", 0) or 0), int(ds.get("Rows", 0) or 0)
+
+
+def _header_check(ds: Any, f: Path, max_side: int, name: str) -> None:
+    cols, rows, tw, th = _matrix_and_tile(ds)
     if max(cols, rows) > max_side:
         raise SlideTooLargeError(
             f"{f.name} declares {cols}x{rows} px, over the limit of {max_side} px per side", slide=name
@@ -157,11 +162,17 @@ def _header_check(ds: Any, f: Path, max_side: int, name: str) -> None:
     if max(tw, th) > _MAX_TILE_SIDE:
         raise SlideTooLargeError(f"{f.name} stores {tw}x{th} px frames; too large to decode safely", slide=name)
     frames = int(ds.get("NumberOfFrames", 1) or 1)
-    planes = max(1, int(ds.get("TotalPixelMatrixFocalPlanes", 1) or 1))
-    paths = max(1, int(ds.get("NumberOfOpticalPaths", 1) or 1))
-    expected = math.ceil(cols / tw) * math.ceil(rows / th) * planes * paths
+    expected = matrix_frames(ds)
     if frames > expected:
         raise CorruptSlideError(f"{f.name} holds {frames} frames but its size allows at most {expected}", slide=name)
+
+
+def matrix_frames(ds: Any) -> int:
+    """Frames a full tiling of the instance's total pixel matrix holds: tiles x focal planes x optical paths."""
+    cols, rows, tw, th = _matrix_and_tile(ds)
+    planes = max(1, int(ds.get("TotalPixelMatrixFocalPlanes", 1) or 1))
+    paths = max(1, int(ds.get("NumberOfOpticalPaths", 1) or 1))
+    return math.ceil(cols / tw) * math.ceil(rows / th) * planes * paths
 
 
 def no_spacing(exc: BaseException, name: str) -> None:
