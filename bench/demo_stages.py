@@ -92,17 +92,20 @@ def evaluate(work: Path, cohort: Path, feats: Path, name: str, epochs: int, seed
                 max_patches=512,
                 out_dir=work / f"ds_{name}_{task}",
                 **common,
-            )
+            ),
+            overwrite=True,  # a bench rerun replaces its run
         )
         key = "macro_auc" if task == "classification" else "c_index"
         v = m["test"][key]
         out[f"test_{key}"] = v["value"]
         out[f"test_{key}_ci"] = [v["ci_low"], v["ci_high"]]
-    r = run(DownstreamConfig(task="retrieval", recall_ks=[1, 5], out_dir=work / f"ds_{name}_retrieval", **common))
+    retrieval = DownstreamConfig(task="retrieval", recall_ks=[1, 5], out_dir=work / f"ds_{name}_retrieval", **common)
+    r = run(retrieval, overwrite=True)
     s2s = r["test"]["slide_to_slide"]["mean_patch_features"]
     out["recall_at_1"], out["recall_at_5"] = _recall(s2s, 1), _recall(s2s, 5)
     f = run(
-        DownstreamConfig(task="fewshot", fewshot_methods=["prototype"], out_dir=work / f"ds_{name}_fewshot", **common)
+        DownstreamConfig(task="fewshot", fewshot_methods=["prototype"], out_dir=work / f"ds_{name}_fewshot", **common),
+        overwrite=True,
     )
     curve = f["test"]["mean_patch_features"]["prototype"]
     k = max(curve, key=lambda x: int(x))

@@ -70,7 +70,7 @@ def main() -> None:
                     seed=seed,
                     fusion=fusion,
                 )
-                m = run(cfg)
+                m = run(cfg, overwrite=True)  # a bench rerun replaces its run
                 ci = m["test"]["c_index"]
                 row[arm] = f"{ci['value']:.3f} [{ci['ci_low']:.3f}, {ci['ci_high']:.3f}]"
                 row["true"] = round(m["true_risk_c_index_test_cases"], 3)

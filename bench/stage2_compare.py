@@ -115,7 +115,7 @@ def stage2(work: Path, cohort: Path, feats: Path, teacher: Path, stage0: Path, s
     }
     path = work / "stage2.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    res = train_stage2(load_config(path, Stage2Config))
+    res = train_stage2(load_config(path, Stage2Config), overwrite=True)  # a bench rerun replaces its run
     rows = list(csv.DictReader((out / "metrics.csv").open()))
     first, last = rows[0], rows[-1]
     step(
@@ -157,7 +157,7 @@ def downstream(work: Path, cohort: Path, feats: Path, name: str, seed: int, epoc
             n_boot=200,
             max_patches=512,
         )
-        m = run(cfg)
+        m = run(cfg, overwrite=True)  # a bench rerun replaces its run
         out[task] = m
     return {
         "val_auc": out["classification"]["val"]["macro_auc"]["value"],

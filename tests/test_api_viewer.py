@@ -178,3 +178,46 @@ def test_region_in_the_analyses_request(served) -> None:
         bad = c.post(f"/slides/{job['slide_id']}/analyses", json={"region": region}, headers=A)
         assert bad.status_code == 422 and why.strip() in bad.json()["error"]["message"], (why, bad.text)
     assert c.get("/jobs", params={"limit": 100}, headers=A).json()["items"] == jobs_before  # no job was queued
+
+
+def test_a_reader_evicted_while_tiles_are_read_from_it_stays_open_until_they_are_done(tmp_path, cmu_svs: Path) -> None:
+    """Tiles of more slides than the cache keeps open, requested at once, made the cache close a reader another
+    request was still reading: OpenSlide then aborted the whole gateway process (`_openslide_tiffcache_destroy:
+    assertion failed`). An evicted reader is now closed by its last user."""
+    import ctypes
+    import threading
+
+    from service.api.tiles import TileCache
+    from service.store.blobs import FileBlobStore
+
+    blobs = FileBlobStore(tmp_path / "blobs")
+    for i in range(4):
+        blobs.put_file(f"s{i}", cmu_svs)
+    cache = TileCache(blobs, max_readers=2, max_bytes=1)  # every tile rendered: every request reads
+    with cache.reading("s0", "s0", None) as held:
+        for i in (1, 2, 3):  # s0 is evicted meanwhile
+            with cache.reading(f"s{i}", f"s{i}", None):
+                pass
+        assert held.evicted and held.reader.read_region((0, 0), 0, (64, 64)).shape == (64, 64, 3)
+    with pytest.raises(ctypes.ArgumentError, match="closed slide"):  # closed once its last user left
+        held.reader.read_region((0, 0), 0, (64, 64))
+
+    errors: list[BaseException] = []
+    info = cache.info("s0", "s0", None)
+    level = info.max_level
+
+    def view(worker: int) -> None:
+        try:
+            for n in range(24):
+                i = (worker + n) % 4
+                cache.tile(f"s{i}", f"s{i}", None, level, n % 4, worker % 4)
+        except BaseException as err:
+            errors.append(err)
+
+    threads = [threading.Thread(target=view, args=(w,)) for w in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    cache.close()

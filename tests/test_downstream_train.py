@@ -172,6 +172,13 @@ def test_cli_and_errors(cohort, tmp_path, monkeypatch) -> None:
     assert json.loads(res.output.strip().splitlines()[-1])["test"]["macro_auc"] >= 0
     res = runner.invoke(main, ["eval", str(tmp_path / "cli")])
     assert res.exit_code == 0 and (tmp_path / "cli" / "report.md").is_file()
+    # a second run into a finished run's folder replaced the head and metrics its report was written from
+    kept = {p.name: p.read_bytes() for p in (tmp_path / "cli").iterdir() if p.is_file()}
+    res = runner.invoke(main, ["train", "downstream", "--config", str(cfg_path), "--out", "cli"])
+    assert res.exit_code == 2 and "already holds a run (head.pt): replace it with --overwrite" in res.output
+    assert {p.name: p.read_bytes() for p in (tmp_path / "cli").iterdir() if p.is_file()} == kept
+    res = runner.invoke(main, ["train", "downstream", "--config", str(cfg_path), "--out", "cli", "--overwrite"])
+    assert res.exit_code == 0, res.output
     # a bad config is one clear error line, not a traceback
     bad = tmp_path / "bad.yaml"
     bad.write_text("task: classification\ncohort: nowhere.csv\nfeatures_dir: nowhere\nbogus: 1\n")

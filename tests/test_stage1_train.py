@@ -194,3 +194,65 @@ def test_a_run_into_a_folder_holding_one_is_refused_unless_resumed_or_overwritte
         with pytest.raises(InvalidParameterError, match="another run is writing"):
             train_stage1(cfg, overwrite=True)
     assert train_stage1(cfg, overwrite=True)["checkpoint"].endswith("last.pt")
+
+
+def test_a_kill_after_the_last_checkpoint_resumes_without_repeating_logs_and_with_its_own_config(tmp_path):
+    """A run killed after logging steps (and an epoch's validation) past its last checkpoint logged them again
+    after --resume: two rows for one step in metrics.csv, two validations of one epoch. The logs are now cut back
+    to the checkpoint's step, so the resumed run's logs equal an uninterrupted run's. A resume with a config that
+    changes what is trained (here the learning rate) went on as a mixed run; it is refused naming the field, and
+    what only changes how the run is run (threads) is allowed."""
+    config = write_tiny_setup(tmp_path, n_cases=24)
+    full = load_config(config, overrides={"out_dir": str(tmp_path / "full"), "optim.epochs": 3})
+    train_ds, *_ = prepare_data(full)
+    per_epoch = len(cancer_type_batches(train_ds.labels, 8, 2, full.seed, 0))
+    train_stage1(full)
+    part_dir = tmp_path / "part"
+    part = load_config(config, overrides={"out_dir": str(part_dir), "optim.epochs": 3})
+    train_stage1(part, stop_after=per_epoch)  # epoch 1 done and checkpointed
+    epoch1 = (part_dir / "last.pt").read_bytes()
+    train_stage1(part, resume=True, stop_after=2 * per_epoch)  # epoch 2 logged and validated ...
+    (part_dir / "last.pt").write_bytes(epoch1)  # ... but killed before its checkpoint reached the disk
+    logged = (part_dir / "metrics.csv").read_bytes()
+
+    other_lr = load_config(config, overrides={"out_dir": str(part_dir), "optim.epochs": 3, "optim.lr": 3e-4})
+    with pytest.raises(InvalidParameterError, match=r"config differs .*optim\.lr: 0\.001 -> 0\.0003"):
+        train_stage1(other_lr, resume=True)
+    assert (part_dir / "metrics.csv").read_bytes() == logged and (part_dir / "last.pt").read_bytes() == epoch1
+
+    threads = load_config(config, overrides={"out_dir": str(part_dir), "optim.epochs": 3, "num_threads": 1})
+    train_stage1(threads, resume=True)
+    with (part_dir / "metrics.csv").open() as fh:
+        steps = [int(r["step"]) for r in csv.DictReader(fh)]
+    assert steps == list(range(1, 3 * per_epoch + 1))
+    a, b = _losses(tmp_path / "full"), _losses(part_dir)
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6), step
+    val = [json.loads(line) for line in (part_dir / "val_metrics.jsonl").read_text().splitlines()]
+    assert [v["epoch"] for v in val] == [1, 2, 3]
+
+
+def test_damaged_rna_and_feature_files_are_refused_in_one_line_before_training(tmp_path):
+    """A text value in the RNA matrix and a truncated feature file ended Stage 1 in a traceback (the feature file
+    only when a batch reached it). Each is now one error line naming the file (and line and case), exit 2, and
+    every feature file is checked when the data is prepared."""
+    config = write_tiny_setup(tmp_path, n_cases=16)
+    cfg = load_config(config)
+    rna = cfg.data.rna.read_text()
+    lines = rna.splitlines()
+    header, row = lines[0].split(","), lines[3].split(",")
+    row[2] = "n/a"
+    cfg.data.rna.write_text("\n".join([*lines[:3], ",".join(row), *lines[4:]]) + "\n")
+    run = ["train", "stage1", "--config", str(config), "--set", "optim.epochs=1"]
+    result = CliRunner().invoke(main, run)
+    assert result.exit_code == 2, result.output
+    assert f"line 4, case {header[2]}: expression value 'n/a' is not a finite number" in result.output
+    cfg.data.rna.write_text(rna.replace(lines[3], ",".join(row[:-1])))  # a ragged row
+    assert "fields where the header has" in CliRunner().invoke(main, run).output
+    cfg.data.rna.write_text(rna)
+
+    last = sorted(cfg.data.features_dir.glob("*.h5"))[-1]  # read last, after the first batches
+    last.write_bytes(last.read_bytes()[:1000])
+    result = CliRunner().invoke(main, run)
+    assert result.exit_code == 2 and f"cannot read feature file {last}" in result.output, result.output
+    assert "Traceback" not in result.output

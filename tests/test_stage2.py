@@ -7,7 +7,9 @@ take too long here); `bench/stage2_compare.py` runs the real chain with a traine
 from __future__ import annotations
 
 import csv
+import io
 import json
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -411,6 +413,109 @@ def test_stage2_is_repeatable_with_two_loader_workers(setup, tmp_path):
     logged = [(tmp_path / n / "metrics.csv").read_text().splitlines() for n in ("a", "b")]
     strip = [[",".join(r.split(",")[:-1]) for r in rows] for rows in logged]  # drop the wall-clock column
     assert strip[0] == strip[1]
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_stage2_run_folder_is_held_and_a_killed_run_resumes_to_the_same_weights_and_logs(setup, tmp_path, monkeypatch):
+    """Stage 2 did not hold its out_dir as Stage 1 does: a new run replaced a finished run's checkpoint and logs.
+    It is now refused unless --resume or --overwrite. A run killed after logging past its last checkpoint
+    (checkpoints are written at epoch ends) logged those steps twice after --resume; the log is now cut back to
+    the checkpoint, so the resumed run ends with an uninterrupted run's weights and log. A resume with another
+    learning rate is refused naming it."""
+    import training.stage2 as stage2
+    from training.stage2 import Stage2Config, train_stage2
+
+    run_dir = tmp_path / "run"
+    raw = _stage2_cfg(setup, run_dir, n_patches=2, num_workers=0, block=2)
+    raw["optim"].update({"epochs": 2, "batch_size": 4})
+    cfg = Stage2Config.model_validate({**raw, "seed": 3})
+    saves: list[bytes] = []
+    real_save = stage2._save
+
+    def keep_each(path, obj):  # the checkpoint of each epoch end, as the disk held it then
+        real_save(path, obj)
+        if path.name == "last.pt":
+            saves.append(path.read_bytes())
+
+    monkeypatch.setattr(stage2, "_save", keep_each)
+    done = train_stage2(cfg)
+    monkeypatch.setattr(stage2, "_save", real_save)
+    assert len(saves) == 2  # one checkpoint at each epoch end
+    finished = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    with pytest.raises(InvalidParameterError, match="already holds a run"):
+        train_stage2(cfg)
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == finished
+
+    (run_dir / "last.pt").write_bytes(saves[0])  # killed in epoch 2, after logging it, before its checkpoint
+    faster = Stage2Config.model_validate({**raw, "seed": 3, "optim": {**raw["optim"], "lr": 3e-4}})
+    with pytest.raises(InvalidParameterError, match=r"config differs .*optim\.lr: 0\.0001 -> 0\.0003"):
+        train_stage2(faster, resume=True)
+    resumed = train_stage2(Stage2Config.model_validate({**raw, "seed": 3, "log_every": 1}), resume=True)
+    assert resumed["step"] == done["step"]
+    rows = (run_dir / "metrics.csv").read_text().splitlines()
+    first = finished["metrics.csv"].decode().splitlines()
+    strip = [[",".join(r.split(",")[:-1]) for r in lines] for lines in (rows, first)]  # no wall-clock column
+    assert strip[0] == strip[1]
+    end = torch.load(run_dir / "last.pt", weights_only=False)
+    assert _identical(end["student"], torch.load(io.BytesIO(saves[1]), weights_only=False)["student"])
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_the_runs_of_mstar_train_export_into_one_bundle_that_analyses_a_slide(setup, tmp_path):
+    """`mstar export RUN_DIR` read only an `export.pt`, which only the demo build wrote, so a researcher's own Stage
+    2 encoder, Stage 1 aggregator and heads could not be served. `mstar export-runs` builds the bundle from them:
+    the sidecar's architecture and scale, each input named by sha256, and the bundle analyses a slide. A head that
+    reads another width, and weights without a sidecar or --arch, are refused in one line."""
+    from click.testing import CliRunner
+
+    from service.cli import main
+    from service.inference.bundle import load_bundle, sha256_file
+    from training.checkpoints import save_head
+    from training.models.heads import MILHead
+    from training.stage2 import Stage2Config, train_stage2
+
+    raw = _stage2_cfg(setup, tmp_path / "stage2", n_patches=2, num_workers=0, block=2)
+    raw["optim"].update({"epochs": 1, "batch_size": 4, "max_steps": 2})
+    encoder = Path(train_stage2(Stage2Config.model_validate(raw))["backbone"])
+    sidecar = json.loads(encoder.with_suffix(".pt.json").read_text())
+    assert sidecar["arch"] == "vit_micro_112" and sidecar["target_mpp"] == 0.5 and sidecar["field_um"] == 56.0
+    # a head as `mstar train downstream` saves it (this 5-case cohort has no validation split to train one on)
+    head = save_head(tmp_path / "type" / "head.pt", MILHead("abmil", 96, 3, dim=16), {"labels": ["a", "b", "c"]})
+    out = tmp_path / "bundle"
+    args = ["export-runs", "--encoder", str(encoder), "--stage1", str(setup["teacher"]), "--out", str(out)]
+    res = CliRunner().invoke(main, [*args, "--head", f"cancer_type={head}", "--name", "mine"])
+    assert res.exit_code == 0, res.output
+    bundle = load_bundle(out)
+    manifest = json.loads((out / "bundle.json").read_text())
+    pre = manifest["preprocessing"]
+    assert (pre["target_mpp"], pre["patch_size"], pre["field_um"]) == (0.5, 112, 56.0) and manifest["name"] == "mine"
+    assert [h.name for h in bundle.heads] == ["cancer_type"] and bundle.aggregator is not None
+    inputs = manifest["provenance"]["inputs"]
+    assert inputs["encoder"] == {"file": encoder.name, "sha256": sha256_file(encoder), "arch": "vit_micro_112"}
+    assert inputs["heads"]["cancer_type"]["sha256"] == sha256_file(head)
+
+    slide = cohort_slides(setup["cohort"], None)[0][1]
+    res = CliRunner().invoke(main, ["analyze", str(slide), "--bundle", str(out), "--out", str(tmp_path / "a")])
+    assert res.exit_code == 0, res.output
+    result = json.loads((tmp_path / "a" / "result.json").read_text())
+    assert result["embedding"]["dim"] == 64 and set(result["classification"]["cancer_type"]["probabilities"]) == {
+        "a",
+        "b",
+        "c",
+    }
+
+    other = tmp_path / "other.pt"  # the same weights without their sidecar
+    other.write_bytes(encoder.read_bytes())
+    res = CliRunner().invoke(main, ["export-runs", "--encoder", str(other), "--out", str(tmp_path / "x")])
+    assert res.exit_code == 2 and "naming its architecture: use --arch" in res.output, res.output
+    res = CliRunner().invoke(
+        main, ["export-runs", "--encoder", str(other), "--arch", "vit_tiny_224", "--out", str(tmp_path / "x")]
+    )
+    assert res.exit_code == 2 and "does not match vit_tiny_224" in res.output, res.output
+    wide = save_head(tmp_path / "wide.pt", MILHead("abmil", 32, 2, dim=8), {"labels": ["a", "b"]})
+    res = CliRunner().invoke(main, [*args[:-1], str(tmp_path / "x"), "--head", f"other={wide}"])
+    assert res.exit_code == 2 and "reads 32-d features, the encoder gives 96" in res.output, res.output
+    assert not (tmp_path / "x").exists() and load_bundle(out).manifest.name == "mine"  # nothing written or replaced
 
 
 def test_default_config_documents_the_paper_defaults():

@@ -18,10 +18,7 @@ nothing); a head without `format` takes its sizes from the `meta` it was saved w
 
 from __future__ import annotations
 
-import fcntl
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -243,35 +240,6 @@ def load_patch_proj(path: str | Path) -> nn.Linear:
 
 
 # ---- run folders ----------------------------------------------------------------------------------------------
-@contextmanager
-def run_folder(out_dir: str | Path, *, resume: bool, overwrite: bool, marker: str, main: bool = True) -> Iterator[Path]:
-    """`out_dir` held for one run: a second run into it at the same time is refused (a lock file), and so is a new
-    run into a folder that already holds one (`marker`, e.g. `last.pt`) unless it resumes it or says `overwrite`.
-    Without this a run without --resume truncated a finished 40-epoch run's logs and replaced its checkpoint, and
-    two runs interleaved their rows in one metrics.csv. Other ranks than the main one only get the folder."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if not main:
-        yield out
-        return
-    lock = (out / ".run.lock").open("w")
-    try:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise InvalidParameterError(
-                f"another run is writing to {out}: wait for it, or choose another out_dir"
-            ) from None
-        if not resume and not overwrite and (out / marker).exists():
-            raise InvalidParameterError(
-                f"{out} already holds a run ({marker}): continue it with --resume, replace it with --overwrite, or "
-                "choose another out_dir"
-            )
-        yield out
-    finally:
-        lock.close()
-
-
 # ---- downstream heads ----------------------------------------------------------------------------
 def save_head(path: str | Path, model: nn.Module, meta: dict[str, Any]) -> Path:
     """Write a head checkpoint: format, the model's constructor config, weights and run metadata."""

@@ -16,6 +16,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("training.data.synth_cli:synth", "Generate a synthetic multimodal cohort with known ground truth."),
     "eval": ("training.downstream.cli:eval_command", "Evaluate a run: report.md, metrics.json and plots."),
     "export": ("training.export.cli:export", "Export a training run to a Triton model repository + bundle."),
+    "export-runs": (
+        "training.export.cli:export_runs_cmd",
+        "Export the runs of mstar train (Stage 2 encoder, Stage 1 aggregator, heads) into one bundle.",
+    ),
     "export-fusion": (
         "training.export.cli:export_fusion_cmd",
         "Add a slide + RNA head (train downstream --modalities wsi,rna) to a bundle.",

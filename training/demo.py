@@ -13,7 +13,6 @@ the demo bundle.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import shutil
@@ -26,6 +25,7 @@ from pathlib import Path
 import torch
 
 from service.errors import InvalidParameterError
+from training.export.assemble import fold_standardization
 
 ENCODER = "vit_micro_112"  # the demo ViT (training.models.patch_encoder)
 STAGE0_TEACHER = "tissue_stats_112"  # the weight-free features Stage 0 distils the ViT from
@@ -91,19 +91,6 @@ def report_settings(arch: str) -> dict:
     if arch not in REPORT_ARCHS:
         raise InvalidParameterError(f"unknown demo report architecture {arch!r} (one of {sorted(REPORT_ARCHS)})")
     return REPORT_COMMON | REPORT_ARCHS[arch]
-
-
-def fold_standardization(aggregator: torch.nn.Module, mean: torch.Tensor, std: torch.Tensor) -> torch.nn.Module:
-    """A copy of a TransMIL whose input Linear absorbs `(x - mean) / std`, so the exported graph takes raw features.
-
-    W((x - m) / s) + b = (W / s) x + (b - W (m / s)): exact, and keeps the official parameter layout."""
-    agg = copy.deepcopy(aggregator)
-    fc = agg._fc1[0] if isinstance(agg._fc1, torch.nn.Sequential) else agg._fc1
-    with torch.no_grad():
-        scale = 1.0 / std.to(fc.weight.dtype)
-        fc.bias.sub_(fc.weight @ (mean.to(fc.weight.dtype) * scale))
-        fc.weight.mul_(scale[None, :])
-    return agg
 
 
 def build_demo_bundle(
@@ -283,7 +270,7 @@ def _stage2(work: Path, cohort: Path, features0: Path, stage1: Path, stage0: Pat
             "log_every": 1,
         }
     )
-    res = train_stage2(cfg)
+    res = train_stage2(cfg, overwrite=True)  # a rebuild replaces the previous build's run
     last = res["last"]
     (work / "stage2" / "demo_summary.json").write_text(json.dumps(last))
     step(
@@ -316,7 +303,7 @@ def _downstream(work: Path, cohort: Path, features: Path, stage1: Path, s: DemoS
     ):
         step(f"downstream {task} head ...")
         cfg = DownstreamConfig(task=task, out_dir=work / "heads" / name, **common, **extra)
-        metrics = run(cfg)
+        metrics = run(cfg, overwrite=True)  # a rebuild replaces the previous build's run
         step(f"  test: {_headline(metrics)}")
         module, meta = load_head(work / "heads" / name / "head.pt")
         heads.append((name, module, meta))
@@ -329,7 +316,7 @@ def _downstream(work: Path, cohort: Path, features: Path, stage1: Path, s: DemoS
         report=report_settings(s.report_arch),
         **common,
     )
-    metrics = run(rcfg)
+    metrics = run(rcfg, overwrite=True)
     step(f"  test: {_headline(metrics)}")
     return heads, work / "heads" / "report" / "head.pt"
 

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 from service.atomic import atomic_path
 from service.errors import InvalidParameterError
 from training import dist as tdist
-from training.checkpoints import run_folder, stage1_record
+from training.checkpoints import stage1_record
 from training.cohort import load_cohort, load_reports, normalize_split
 from training.config import Stage1Config, load_config, parse_set_options
 from training.data.features import Stage1Dataset, cancer_type_batches, collate, fit_bin_edges, load_expression
@@ -39,9 +39,12 @@ from training.models.mstar import MStar
 from training.models.text_encoder import TextEncoder, build_tiny_bert
 from training.models.transmil import TransMIL
 from training.repro import loader_generator, seed_everything, seed_worker
+from training.runs import resume_checkpoint, run_folder, trim_logs
 
 log = logging.getLogger(__name__)
 
+# what a resume may change (`runs.check_resume_config`): where the run lives and how it is run, not what it trains
+RESUME_FREE = ("out_dir", "num_threads", "tensorboard", "checkpoint_every", "data.num_workers")
 LOG_COLUMNS = [
     "step",
     "epoch",
@@ -312,7 +315,7 @@ def train_stage1(
 
     `stop_after` ends the run after that global step as an interruption would (checkpoint written, schedule
     unchanged), which the resume test uses. An out_dir holding a run is refused unless `resume` or `overwrite`,
-    and so is one another run is writing to (`checkpoints.run_folder`).
+    and so is one another run is writing to (`runs.run_folder`).
     """
     threads = torch.get_num_threads()
     if cfg.num_threads:
@@ -333,6 +336,18 @@ def _train(cfg: Stage1Config, resume: bool, stop_after: int | None) -> dict[str,
     seed_everything(cfg.seed)
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out_dir / "last.pt"
+    ckpt = (
+        resume_checkpoint(
+            ckpt_path,
+            cfg.model_dump(mode="json"),
+            RESUME_FREE,
+            ("model_state_dict", "optimizer", "scheduler", "step"),
+            "Stage-1",
+        )
+        if resume
+        else None
+    )  # refused before any data is read
     train_ds, val_ds, label_names, genes, edges = prepare_data(cfg)
     text_dir = tiny_text_model(cfg, train_ds, info)
     seed_everything(cfg.seed)  # model init independent of whether the tiny BERT was just built
@@ -359,11 +374,7 @@ def _train(cfg: Stage1Config, resume: bool, stop_after: int | None) -> dict[str,
     opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.optim.lr, betas=cfg.optim.betas)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, cfg.optim.warmup_frac))
     step, epoch, step_in_epoch = 0, 0, 0
-    ckpt_path = out_dir / "last.pt"
-    if resume:
-        if not ckpt_path.is_file():
-            raise InvalidParameterError(f"--resume: no checkpoint at {ckpt_path}")
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    if ckpt is not None:
         model.load_state_dict(ckpt["model_state_dict"])
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
@@ -371,6 +382,8 @@ def _train(cfg: Stage1Config, resume: bool, stop_after: int | None) -> dict[str,
         torch.set_rng_state(ckpt["rng"]["torch"])
         if torch.cuda.is_available() and ckpt["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+        if info.is_main:
+            trim_logs(out_dir, step, ("metrics.csv", "val_metrics.jsonl"))
         log.info("resumed at step %d (epoch %d, batch %d)", step, epoch, step_in_epoch)
     ddp: nn.Module = model
     if info.enabled:

@@ -51,6 +51,7 @@ from training.data.patches import (
 from training.ema import EMA, momentum_at
 from training.models.patch_encoder import PATCH_ENCODERS, build_patch_encoder
 from training.repro import loader_generator, seed_everything, seed_worker
+from training.runs import resume_checkpoint, run_folder, trim_logs
 from training.stage1 import lr_lambda
 
 log = logging.getLogger(__name__)
@@ -241,6 +242,19 @@ def _save(path: Path, obj: Any) -> None:
         torch.save(obj, tmp)
 
 
+def _geometry(slides: list[Any]) -> dict[str, float]:
+    """The µm/px and field of view the student learnt at (its slides' feature extraction), recorded in its sidecar
+    so that `mstar export-runs` serves it at that scale; nothing where the slides disagree."""
+    seen = {
+        (float(s.attrs["target_mpp"]), float(s.attrs.get("field_um", s.attrs["patch_size"] * s.attrs["target_mpp"])))
+        for s in slides
+    }
+    if len(seen) != 1:
+        return {}
+    mpp, field = seen.pop()
+    return {"target_mpp": mpp, "field_um": field}
+
+
 def export_student(student: Student, encoder: str, out_dir: Path, extra: dict | None = None) -> dict[str, str]:
     """Write the backbone (timm keys, loads strictly into `encoder`) + sidecar, and `proj` separately."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -291,13 +305,34 @@ def epoch_loader(
     )
 
 
-def train_stage2(cfg: Stage2Config, resume: bool = False) -> dict[str, Any]:
-    """Targets (cached once), then the distillation loop; returns the paths written and the final metrics."""
+# what a resume may change (`runs.check_resume_config`): where things live and how the run is fed, not what it trains
+RESUME_FREE = ("out_dir", "log_every", "data.targets_dir", "data.num_workers", "data.open_slides", "data.cache_mb")
+
+
+def train_stage2(cfg: Stage2Config, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+    """Targets (cached once), then the distillation loop; returns the paths written and the final metrics.
+
+    An out_dir holding a run is refused unless `resume` or `overwrite`, and so is one another run is writing to
+    (`runs.run_folder`); a resume is refused when the config differs from the checkpoint's in what it trains."""
+    main = int(os.environ.get("RANK", "0")) == 0
+    with run_folder(cfg.out_dir, resume=resume, overwrite=overwrite, marker="last.pt", main=main):
+        return _train(cfg, resume)
+
+
+def _train(cfg: Stage2Config, resume: bool) -> dict[str, Any]:
     info = tdist.init_distributed()
     device = torch.device(f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu")
     seed_everything(cfg.seed)
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out_dir / "last.pt"
+    ck = (
+        resume_checkpoint(
+            ckpt_path, cfg.model_dump(mode="json"), RESUME_FREE, ("student", "ema", "optimizer", "step"), "Stage-2"
+        )
+        if resume
+        else None
+    )  # refused before any target is computed
     targets_dir = Path(cfg.data.targets_dir or out_dir / "targets")
     slides = cohort_slides(Path(cfg.data.cohort), cfg.data.splits)
     if info.is_main:
@@ -343,11 +378,7 @@ def train_stage2(cfg: Stage2Config, resume: bool = False) -> dict[str, Any]:
     opt = torch.optim.AdamW(param_groups(student, cfg.optim), lr=cfg.optim.lr, betas=cfg.optim.betas)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, cfg.optim.warmup_frac))
     step = epoch = 0
-    ckpt_path = out_dir / "last.pt"
-    if resume:
-        if not ckpt_path.is_file():
-            raise InvalidParameterError(f"--resume: no checkpoint at {ckpt_path}")
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    if ck is not None:
         student.load_state_dict(ck["student"])
         ema.module.load_state_dict(ck["ema"])
         opt.load_state_dict(ck["optimizer"])
@@ -358,6 +389,8 @@ def train_stage2(cfg: Stage2Config, resume: bool = False) -> dict[str, Any]:
         ids = [device.index] if device.type == "cuda" else None
         model = nn.parallel.DistributedDataParallel(student, device_ids=ids)
     log_path = out_dir / "metrics.csv"
+    if info.is_main and resume:
+        trim_logs(out_dir, step, ("metrics.csv",))  # the steps after the checkpoint run, and are logged, again
     if info.is_main and not (resume and log_path.exists()):
         with log_path.open("w", newline="") as fh:
             csv.writer(fh).writerow(LOG_COLUMNS)
@@ -427,9 +460,8 @@ def train_stage2(cfg: Stage2Config, resume: bool = False) -> dict[str, Any]:
     ds.close()
     paths: dict[str, str] = {}
     if info.is_main:
-        paths = export_student(
-            student, cfg.student.encoder, out_dir, {"stage": 2, "steps": step, "teacher": str(cfg.teacher.checkpoint)}
-        )
+        extra = {"stage": 2, "steps": step, "teacher": str(cfg.teacher.checkpoint), **_geometry(ds.slides)}
+        paths = export_student(student, cfg.student.encoder, out_dir, extra)
     tdist.barrier()
     tdist.cleanup()
     return {"step": step, "epoch": epoch, "last": last, "out_dir": str(out_dir), **paths}
@@ -438,6 +470,7 @@ def train_stage2(cfg: Stage2Config, resume: bool = False) -> dict[str, Any]:
 @click.command("stage2")
 @click.option("--config", "config_path", required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--resume", is_flag=True, help="continue from <out_dir>/last.pt")
+@click.option("--overwrite", is_flag=True, help="replace the run <out_dir> already holds (refused without this)")
 @click.option(
     "--set",
     "overrides",
@@ -446,10 +479,10 @@ def train_stage2(cfg: Stage2Config, resume: bool = False) -> dict[str, Any]:
     callback=parse_set_options,
     help="override a config field, e.g. optim.max_steps=10 (value parsed as JSON when it can be)",
 )
-def stage2_command(config_path: str, resume: bool, overrides: dict[str, Any]) -> None:
+def stage2_command(config_path: str, resume: bool, overwrite: bool, overrides: dict[str, Any]) -> None:
     """Stage-2 self-taught patch-extractor training from a YAML/TOML config."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     cfg = load_config(config_path, Stage2Config, overrides)
-    result = train_stage2(cfg, resume=resume)
+    result = train_stage2(cfg, resume=resume, overwrite=overwrite)
     if int(os.environ.get("RANK", "0")) == 0:
         click.echo(json.dumps(result, indent=1))

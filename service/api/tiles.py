@@ -15,7 +15,8 @@ from __future__ import annotations
 import math
 import threading
 from collections import OrderedDict
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -103,13 +104,28 @@ def encode_jpeg(rgb: np.ndarray) -> bytes:
     return buf.tobytes()
 
 
+@dataclass
+class _OpenSlide:
+    """A cached reader, and how many requests are reading it: an evicted one is closed by its last user."""
+
+    reader: SlideReader
+    info: DeepZoomInfo
+    stack: ExitStack
+    users: int = 0
+    evicted: bool = False
+
+
 class TileCache:
-    """Open readers (at most `max_readers`) and encoded tiles (at most `max_bytes`), least recently used out."""
+    """Open readers (at most `max_readers`) and encoded tiles (at most `max_bytes`), least recently used out.
+
+    A reader evicted while other requests still read from it is closed when the last of them is done: closing it
+    under them made OpenSlide abort the whole gateway (`tiffcache_destroy: assertion failed`) as soon as tiles of
+    more than `max_readers` slides were requested at once."""
 
     def __init__(self, blobs: Any, *, max_readers: int = 8, max_bytes: int = 128 << 20) -> None:
         self.blobs = blobs
         self.max_readers, self.max_bytes = max_readers, max_bytes
-        self._readers: OrderedDict[str, tuple[SlideReader, DeepZoomInfo, ExitStack]] = OrderedDict()
+        self._readers: OrderedDict[str, _OpenSlide] = OrderedDict()
         self._tiles: OrderedDict[tuple, bytes] = OrderedDict()
         # A slide's Deep Zoom geometry outlives its reader: tile checks need it, and reopening a slide (a download
         # from S3) only to refuse a tile or answer a 304 would cost what the tile cache saves.
@@ -118,43 +134,64 @@ class TileCache:
         self._lock = threading.Lock()
         self.hits = self.misses = 0
 
-    def reader(self, slide_id: str, blob_key: str, mpp_override: float | None) -> tuple[SlideReader, DeepZoomInfo]:
+    @contextmanager
+    def reading(self, slide_id: str, blob_key: str, mpp_override: float | None) -> Iterator[_OpenSlide]:
+        """The slide's cached reader (opened if needed), held open for the block."""
+        entry = self._acquire(slide_id, blob_key, mpp_override)
+        try:
+            yield entry
+        finally:
+            with self._lock:
+                entry.users -= 1
+                done = entry.evicted and entry.users == 0
+            if done:
+                entry.stack.close()
+
+    def _acquire(self, slide_id: str, blob_key: str, mpp_override: float | None) -> _OpenSlide:
         from service.slides.open import open_slide
 
         with self._lock:
-            if slide_id in self._readers:
+            entry = self._readers.get(slide_id)
+            if entry is not None:
                 self._readers.move_to_end(slide_id)
-                reader, info, _ = self._readers[slide_id]
-                return reader, info
+                entry.users += 1
+                return entry
         stack = ExitStack()
         try:
             path = stack.enter_context(self.blobs.local_copy(blob_key))
             reader = stack.enter_context(open_slide(path, mpp_override=mpp_override))
+            info = deep_zoom_info(reader)
         except BaseException:
             stack.close()
             raise
-        info = deep_zoom_info(reader)
+        closing: list[_OpenSlide] = []
         with self._lock:
-            if slide_id in self._readers:  # another request opened it meanwhile
-                stack.close()
-                reader, info, _ = self._readers[slide_id]
-                return reader, info
-            self._readers[slide_id] = (reader, info, stack)
-            self._infos[slide_id] = info
-            self._infos.move_to_end(slide_id)
-            while len(self._infos) > 4096:
-                self._infos.popitem(last=False)
+            entry = self._readers.get(slide_id)
+            if entry is not None:  # another request opened it meanwhile
+                closing.append(_OpenSlide(reader, info, stack, evicted=True))
+            else:
+                entry = self._readers[slide_id] = _OpenSlide(reader, info, stack)
+                self._infos[slide_id] = info
+                self._infos.move_to_end(slide_id)
+                while len(self._infos) > 4096:
+                    self._infos.popitem(last=False)
+            entry.users += 1
             while len(self._readers) > self.max_readers:
-                _, (_, _, old) = self._readers.popitem(last=False)
-                old.close()
-        return reader, info
+                _, old = self._readers.popitem(last=False)
+                old.evicted = True
+                if old.users == 0:
+                    closing.append(old)
+        for old in closing:  # outside the lock: closing a slide can take a while
+            old.stack.close()
+        return entry
 
     def info(self, slide_id: str, blob_key: str, mpp_override: float | None) -> DeepZoomInfo:
         """The slide's Deep Zoom geometry, without opening it again when it was opened before."""
         with self._lock:
             info = self._infos.get(slide_id)
         if info is None:
-            info = self.reader(slide_id, blob_key, mpp_override)[1]
+            with self.reading(slide_id, blob_key, mpp_override) as entry:
+                info = entry.info
         return info
 
     def tile(self, slide_id: str, blob_key: str, mpp: float | None, level: int, col: int, row: int) -> bytes:
@@ -166,8 +203,8 @@ class TileCache:
                 self.hits += 1
                 return data
             self.misses += 1
-        reader, info = self.reader(slide_id, blob_key, mpp)
-        data = encode_jpeg(render_tile(reader, info, level, col, row))
+        with self.reading(slide_id, blob_key, mpp) as entry:
+            data = encode_jpeg(render_tile(entry.reader, entry.info, level, col, row))
         with self._lock:
             if key not in self._tiles:
                 self._tiles[key] = data
@@ -178,11 +215,15 @@ class TileCache:
         return data
 
     def close(self) -> None:
+        """Forget everything; readers still in use are closed by their last user."""
         with self._lock:
             entries = list(self._readers.values())
             self._readers.clear()
             self._infos.clear()
             self._tiles.clear()
             self._bytes = 0
-        for _, _, stack in entries:
-            stack.close()
+            for entry in entries:
+                entry.evicted = True
+            idle = [e for e in entries if e.users == 0]
+        for entry in idle:
+            entry.stack.close()

@@ -159,6 +159,9 @@ class Provenance(_Strict):
     checkpoint_sha256: str | None = None
     notes: str = ""
     encoder: EncoderLineage | None = None  # absent in older manifests and imported encoders
+    # `mstar export-runs`: the training outputs it was built from ({"encoder": {"file", "sha256", "arch"},
+    # "stage1", "report": {"file", "sha256"}, "heads": {name: {"file", "sha256"}}})
+    inputs: dict[str, Any] | None = None
 
 
 class RnaFusionSpec(_Strict):

@@ -35,13 +35,40 @@ def load_expression(path: str | Path | None) -> tuple[list[str], dict[str, np.nd
         return [], {}
     with open(path, newline="", encoding="utf-8") as fh:
         reader = csv.reader(fh)
-        header = next(reader)
-        genes, rows = [], []
-        for row in reader:
+        header = next(reader, None)
+        if not header or len(header) < 2:
+            raise InvalidParameterError(f"{path}: expected a header 'gene,<case_id>,...' (genes x cases CSV)")
+        genes, rows, seen = [], [], set()
+        for line, row in enumerate(reader, start=2):
+            if not row:
+                continue
+            if len(row) != len(header):
+                raise InvalidParameterError(
+                    f"{path}, line {line}: {len(row)} fields where the header has {len(header)}"
+                )
+            if row[0] in seen:
+                raise InvalidParameterError(f"{path}, line {line}: gene {row[0]!r} listed twice")
+            seen.add(row[0])
             genes.append(row[0])
-            rows.append([float(v) if v != "" else np.nan for v in row[1:]])
-    mat = np.asarray(rows, dtype=np.float32)  # genes x cases
+            rows.append([_expression_value(v, path, line, header[j + 1]) for j, v in enumerate(row[1:])])
+    mat = np.asarray(rows, dtype=np.float32).reshape(len(rows), len(header) - 1)  # genes x cases
     return genes, {case: mat[:, j] for j, case in enumerate(header[1:])}
+
+
+def _expression_value(text: str, path: str | Path, line: int, case: str) -> float:
+    """One expression value; an empty cell is missing (NaN), anything else must be a finite number."""
+    if text.strip() == "":
+        return np.nan
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not np.isfinite(value):
+        raise InvalidParameterError(
+            f"{path}, line {line}, case {case}: expression value {text[:40]!r} is not a finite number "
+            "(leave the cell empty for a missing value)"
+        )
+    return value
 
 
 def sample_indices(n: int, count: int, rng: np.random.Generator) -> np.ndarray:
@@ -57,21 +84,30 @@ def sample_indices(n: int, count: int, rng: np.random.Generator) -> np.ndarray:
 
 def read_feature_rows(path: Path, idx: np.ndarray) -> np.ndarray:
     """Rows `idx` (sorted, may repeat) of dataset `features`, reading each distinct row once."""
-    with h5py.File(path, "r") as fh:
-        ds = fh["features"]
-        uniq, inverse = np.unique(idx, return_inverse=True)
-        rows = ds[:] if len(uniq) * 2 > ds.shape[0] else ds[uniq]
-        if len(uniq) * 2 > ds.shape[0]:
-            rows = rows[uniq]
+    try:
+        with h5py.File(path, "r") as fh:
+            ds = fh["features"]
+            uniq, inverse = np.unique(idx, return_inverse=True)
+            rows = ds[:] if len(uniq) * 2 > ds.shape[0] else ds[uniq]
+            if len(uniq) * 2 > ds.shape[0]:
+                rows = rows[uniq]
+    except (OSError, KeyError) as err:  # a file cut short or overwritten after the run started
+        raise InvalidParameterError(f"cannot read features from {path}: {err}") from err
     return np.asarray(rows, dtype=np.float32)[inverse]
 
 
 def feature_count(path: Path) -> tuple[int, int]:
-    with h5py.File(path, "r") as fh:
-        if "features" not in fh:
-            raise InvalidParameterError(f"{path}: no 'features' dataset")
-        n, d = fh["features"].shape
-    return int(n), int(d)
+    """(patches, width) of a feature file, refused with the reason when it cannot be read or is no [N, D] array."""
+    try:
+        with h5py.File(path, "r") as fh:
+            if "features" not in fh:
+                raise InvalidParameterError(f"{path}: no 'features' dataset")
+            shape = fh["features"].shape
+    except OSError as err:  # truncated, not HDF5, unreadable
+        raise InvalidParameterError(f"cannot read feature file {path}: {err}") from err
+    if len(shape) != 2 or shape[0] == 0:
+        raise InvalidParameterError(f"{path}: 'features' must be a non-empty [patches, width] array, not {shape}")
+    return int(shape[0]), int(shape[1])
 
 
 class Stage1Dataset(Dataset):
@@ -107,16 +143,29 @@ class Stage1Dataset(Dataset):
                 self.cases.append(case.with_slides(slides))
         if dropped:
             log.warning("%d slides have no feature file under %s and are skipped", dropped, self.features_dir)
+        # every file checked up front (metadata only): a damaged one refused now, not hours into training
+        widths = {s: feature_count(self.features_dir / f"{s}.h5")[1] for case in self.cases for s in case.slide_ids}
+        if len(set(widths.values())) > 1:
+            first = next(iter(widths))
+            odd = next(s for s, w in widths.items() if w != widths[first])
+            raise InvalidParameterError(
+                f"feature files disagree on their width: {first} has {widths[first]}, {odd} has {widths[odd]} "
+                "(extracted with different encoders?)"
+            )
         if self.cases:
-            self.n_features = feature_count(self.features_dir / f"{self.cases[0].slide_ids[0]}.h5")[1]
+            self.n_features = next(iter(widths.values()))
 
     def fit_standardization(self, max_rows: int = 200_000) -> tuple[np.ndarray, np.ndarray]:
         """Per-dimension mean/std over (up to `max_rows`) patches of this split's slides; applied to every item."""
         rows, total = [], 0
         for case in self.cases:
             for slide in case.slide_ids:
-                with h5py.File(self.features_dir / f"{slide}.h5", "r") as fh:
-                    rows.append(np.asarray(fh["features"][:], dtype=np.float64))
+                path = self.features_dir / f"{slide}.h5"
+                try:
+                    with h5py.File(path, "r") as fh:
+                        rows.append(np.asarray(fh["features"][:], dtype=np.float64))
+                except OSError as err:
+                    raise InvalidParameterError(f"cannot read features from {path}: {err}") from err
                 total += len(rows[-1])
             if total >= max_rows:
                 break

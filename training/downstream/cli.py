@@ -23,6 +23,7 @@ from training.downstream.report import train_report
 from training.downstream.retrieval import run_retrieval
 from training.downstream.survival import train_survival
 from training.downstream.zeroshot import run_zeroshot
+from training.runs import run_folder
 
 TASKS = ("classification", "survival", "report", "zeroshot", "fewshot", "retrieval")
 _RUNNERS = {
@@ -35,8 +36,16 @@ _RUNNERS = {
 }
 
 
-def run(cfg: DownstreamConfig) -> dict:
-    """Seed, run `cfg.task`, write its run directory (`training.downstream.common`), return its metrics."""
+def run(cfg: DownstreamConfig, overwrite: bool = False) -> dict:
+    """Seed, run `cfg.task`, write its run directory (`training.downstream.common`), return its metrics.
+
+    An out_dir that holds a finished run (`head.pt`) is refused unless `overwrite`, and so is one another run is
+    writing to (`runs.run_folder`): a rerun replaced the head and metrics a report had been written from."""
+    with run_folder(cfg.out_dir, resume=False, overwrite=overwrite, marker="head.pt", resumable=False):
+        return _run(cfg)
+
+
+def _run(cfg: DownstreamConfig) -> dict:
     seed_everything(cfg.seed)
     runner = _RUNNERS.get(cfg.task)
     if is_multimodal(cfg):
@@ -76,6 +85,7 @@ def _headline(metrics: dict) -> dict:
 @click.option("--task", type=click.Choice(TASKS), default=None, help="overrides the config's task")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None, help="overrides out_dir")
 @click.option("--epochs", type=int, default=None, help="overrides epochs")
+@click.option("--overwrite", is_flag=True, help="replace the run out_dir already holds (refused without this)")
 @click.option("--seed", type=int, default=None, help="overrides seed")
 @click.option("--modalities", default=None, help="wsi, rna or wsi,rna (classification and survival; overrides)")
 @click.option("--rna", "rna_path", type=click.Path(exists=True), default=None, help="RNA matrix or profile folder")
@@ -90,6 +100,7 @@ def downstream_command(
     task: str | None,
     out_dir: str | None,
     epochs: int | None,
+    overwrite: bool,
     seed: int | None,
     modalities: str | None,
     rna_path: str | None,
@@ -104,7 +115,7 @@ def downstream_command(
     cfg = DownstreamConfig.from_yaml(
         config_path, task=task, out_dir=out_dir, epochs=epochs, seed=seed, modalities=mods, rna=rna, fusion=fusion
     )
-    metrics = run(cfg)
+    metrics = run(cfg, overwrite=overwrite)
     click.echo(json.dumps({"task": cfg.task, "out_dir": str(cfg.out_dir), "test": _headline(metrics)}, default=float))
 
 

@@ -42,7 +42,7 @@ def _slide(ctx, principal, slide_id: str) -> tuple[str, str, float | None, str]:
 )
 async def deep_zoom(slide_id: str, principal: TenantDep, ctx: ContextDep, request: Request) -> dict:
     sid, key, mpp, _ = await run_in_threadpool(_slide, ctx, principal, slide_id)
-    _, info = await run_in_threadpool(request.app.state.tiles.reader, sid, key, mpp)
+    info = await run_in_threadpool(request.app.state.tiles.info, sid, key, mpp)
     return {**info.to_json(), "tiles": f"/slides/{sid}/tiles/{{level}}/{{col}}_{{row}}.jpeg"}
 
 
