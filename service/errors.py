@@ -74,6 +74,14 @@ class BundleError(MstarError):
     http_status = 500
 
 
+class NonFiniteResultError(MstarError):
+    """An analysis produced NaN or an infinity (an input beyond what the models take, a damaged model): the job fails
+    naming the field rather than writing a result that strict JSON parsers refuse and that means nothing."""
+
+    code = "non_finite_result"
+    http_status = 422
+
+
 class BackendUnavailableError(MstarError):
     """An inference backend (Triton server, GPU provider) that cannot be reached or started."""
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -27,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from service.atomic import atomic_path
-from service.errors import InvalidParameterError, MstarError
+from service.errors import InvalidParameterError, MstarError, NonFiniteResultError
 
 if TYPE_CHECKING:
     from service.inference.backend import BundleBackend
@@ -116,8 +117,28 @@ class _Progress:
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
+    bad = _non_finite_at(data)
+    if bad is not None:
+        raise NonFiniteResultError(f"the analysis produced a non-finite number at {bad}")
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=False, allow_nan=False) + "\n")
+
+
+def _non_finite_at(node: object, at: str = "") -> str | None:
+    """The dotted path of the first NaN or infinity in a result document, or None."""
+    if isinstance(node, float):
+        return None if math.isfinite(node) else (at or "(root)")
+    if isinstance(node, dict):
+        for key, value in node.items():
+            found = _non_finite_at(value, f"{at}.{key}" if at else str(key))
+            if found:
+                return found
+    elif isinstance(node, list | tuple):
+        for i, value in enumerate(node):
+            found = _non_finite_at(value, f"{at}[{i}]")
+            if found:
+                return found
+    return None
 
 
 def slide_fingerprint(path: Path) -> str:

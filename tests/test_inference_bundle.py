@@ -118,6 +118,9 @@ def test_missing_file_and_checksum_refused(tmp_path: Path) -> None:
         (lambda d: d["preprocessing"].update(target_mpp=72.0), "target_mpp"),
         (lambda d: d["models"][2].update(role="survival", bin_edges=[3.0, 1.0]), "must increase"),
         (lambda d: d["models"][2].update(role="text_encoder"), "needs a tokenizer"),
+        # sizes the manifest contradicts itself on: each failed every job (zip() too short, a 1-interval curve)
+        (lambda d: d["models"][2].update(labels=["a", "b", "c"]), "3 labels for 2 logits"),
+        (lambda d: d["models"][2].update(role="survival", labels=None, bin_edges=[0.0, 5.0]), "2 bin edges for 2"),
     ],
 )
 def test_schema_violations_refused(tmp_path: Path, mutate, message: str) -> None:
@@ -145,3 +148,73 @@ def test_summarize_head_survival_and_classifier(tmp_path: Path) -> None:
     assert res["hazards"] == pytest.approx([0.5, 0.25])
     assert res["survival"] == pytest.approx([0.5, 0.375])
     assert res["risk"] == pytest.approx(-0.875)
+
+
+def test_a_model_file_that_loops_or_is_a_folder_is_refused_at_load(tmp_path: Path) -> None:
+    """A symlink loop crashed `mstar serve` at start with a RuntimeError traceback; a folder skipped its checksum
+    and failed only at first use, after a whole slide was tiled."""
+    doc = _manifest(tmp_path)
+    _save(tmp_path, doc)
+    (tmp_path / "loop.onnx").symlink_to(tmp_path / "loop.onnx")
+    doc["models"][1]["file"] = "loop.onnx"
+    with pytest.raises(BundleError, match=r"'agg'.*cannot be resolved"):
+        load_bundle(_save(tmp_path, doc))
+    (tmp_path / "folder.onnx").mkdir()
+    doc["models"][1]["file"] = "folder.onnx"
+    with pytest.raises(BundleError, match=r"'agg' 'folder\.onnx' is not a file"):
+        load_bundle(_save(tmp_path, doc))
+
+
+def test_the_demo_bundle_s_files_are_checked_against_the_manifest_and_the_graphs(
+    tmp_path: Path, tmp_path_factory
+) -> None:
+    """A report vocabulary shorter than the decoder's logits (IndexError in every report), a graph whose fixed
+    sizes disagree with the manifest (a raw onnxruntime error in every job), and a model file replaced under a
+    running worker (served unverified, the result naming the old checksum) are each refused with the reason."""
+    import shutil
+
+    from inference_fixtures import build_tiny_bundle
+
+    from service.inference.ort_backend import OrtBackend
+
+    src = build_tiny_bundle(tmp_path_factory.getbasetemp())
+    root = tmp_path / "b"
+    shutil.copytree(src, root)
+    doc = json.loads((root / MANIFEST_NAME).read_text())
+    vocab = json.loads((root / doc["report_vocab"]["path"]).read_text())
+    short = {**vocab, "itos": vocab["itos"][:-1]}
+    (root / "short_vocab.json").write_text(json.dumps(short))
+    bad = {**doc, "report_vocab": {**doc["report_vocab"], "path": "short_vocab.json"}}
+    bad["report_vocab"]["sha256"] = sha256_file(root / "short_vocab.json")
+    with pytest.raises(BundleError, match=f"{len(vocab['itos']) - 1} words for {len(vocab['itos'])} decoder logits"):
+        load_bundle(_save(root, bad))
+
+    head = next(m for m in doc["models"] if m["role"] == "classifier")
+    width = head["inputs"][0]["shape"][-1]
+    wrong = json.loads(json.dumps(doc))
+    next(m for m in wrong["models"] if m["name"] == head["name"])["inputs"][0]["shape"][-1] = width + 1
+    wrong["embed_dim"] = doc["embed_dim"]
+    backend = OrtBackend(load_bundle(_save(root, wrong)), device="cpu")
+    with pytest.raises(BundleError, match=rf"{head['name']!r} input 'features': ONNX is .*{width}\]"):
+        backend.session(head["name"])
+
+    _save(root, doc)
+    backend = OrtBackend(load_bundle(root), device="cpu")
+    (root / head["file"]).write_bytes((src / head["file"]).read_bytes() + b"\0")  # replaced after the load
+    with pytest.raises(BundleError, match="changed since the bundle was loaded"):
+        backend.session(head["name"])
+
+
+def test_prompts_without_the_zeroshot_task_and_blank_prompts_are_decided_at_submit() -> None:
+    """Prompts with tasks that leave zero-shot out were ignored (the job succeeded without them); a blank prompt
+    was accepted and failed the job after the whole analysis. Prompts alone now enable zero-shot, as `mstar
+    analyze --prompt` does; with explicit tasks they are refused, and so is a blank prompt, before any work."""
+    from pydantic import ValidationError
+
+    from service.api.schemas import AnalysisRequest
+
+    assert AnalysisRequest(prompts=["tumour", "normal"]).tasks[-1] == "zeroshot"
+    with pytest.raises(ValidationError, match="add 'zeroshot' to tasks"):
+        AnalysisRequest(tasks=["embedding"], prompts=["tumour", "normal"])
+    with pytest.raises(ValidationError, match=r"prompts\.1"):
+        AnalysisRequest(tasks=["zeroshot"], prompts=["tumour", "   "])

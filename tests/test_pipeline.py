@@ -193,3 +193,20 @@ def test_triton_backend_gives_the_same_analysis(cmu_svs, tiny_bundle, tmp_path, 
     pb = remote["classification"]["subtype"]["probabilities"]
     assert pa == pytest.approx(pb, abs=1e-5)
     assert local["survival"]["survival"]["risk"] == pytest.approx(remote["survival"]["survival"]["risk"], abs=1e-5)
+
+
+def test_a_result_holding_nan_or_infinity_is_refused_naming_the_field(tmp_path) -> None:
+    """A NaN from a model (an RNA value beyond float32, a region of 1e300 px) was written into result.json as a
+    bare `NaN`/`Infinity` token, which strict JSON parsers and the viewer refuse, and the job succeeded. The job
+    now fails with `non_finite_result` naming the field, and no result file is written."""
+    from service.errors import NonFiniteResultError
+    from service.pipeline import _write_json_atomic
+
+    path = tmp_path / "result.json"
+    with pytest.raises(NonFiniteResultError, match=r"at survival\.risk$") as err:
+        _write_json_atomic(path, {"slide": {"sha256": "x"}, "survival": {"risk": float("nan")}})
+    assert err.value.code == "non_finite_result" and not path.exists() and not list(tmp_path.iterdir())
+    with pytest.raises(NonFiniteResultError, match=r"at roi\.area\[1\]$"):
+        _write_json_atomic(path, {"roi": {"area": [1.0, float("inf")]}})
+    _write_json_atomic(path, {"ok": [1.0, 2], "nested": {"x": 0.5}})
+    assert json.loads(path.read_text()) == {"ok": [1.0, 2], "nested": {"x": 0.5}}

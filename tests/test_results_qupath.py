@@ -462,6 +462,9 @@ def test_qupath_region_shapes_are_accepted_as_exported(cmu_svs: Path) -> None:
         ({"type": "Polygon", "coordinates": [[[0, 0], [50, 0], [100, 0], [0, 0]]]}, "no area"),
         ({"type": "Polygon", "coordinates": [[[0, 0], ["a", 0], [1, 1], [0, 0]]]}, "not a valid polygon"),
         ({"type": "Circle", "coordinates": [0, 0]}, "unknown GeoJSON type"),
+        # corners at 1e300: finite, but the job wrote an area of Infinity into its result (invalid JSON)
+        ({"type": "Polygon", "coordinates": [_ring(-1e300, -1e300, 1e300, 1e300)]}, "coordinates reach 1e\\+300"),
+        ({"type": "Polygon", "coordinates": [_ring(0, 0, 100, 2e7)]}, "below 1e\\+07"),
     ],
 )
 def test_bad_region_shapes_say_why(region, message: str) -> None:

@@ -62,7 +62,7 @@ class SlidePage(Page):
     items: list[SlideOut]
 
 
-Prompt = Annotated[str, Field(min_length=1, max_length=500)]
+Prompt = Annotated[str, Field(min_length=1, max_length=500, pattern=r"\S")]  # not blank: refused at submit
 GeneId = Annotated[str, Field(min_length=1, max_length=64)]
 RnaValue = Annotated[float, Field(allow_inf_nan=False, strict=True)]
 MAX_RNA_GENES = 100_000
@@ -148,6 +148,10 @@ class AnalysisRequest(BaseModel):
 
     @model_validator(mode="after")
     def _zeroshot_needs_prompts(self) -> AnalysisRequest:
+        if self.prompts and "zeroshot" not in self.tasks:
+            if "tasks" in self.model_fields_set:  # prompts were silently ignored: the job succeeded without them
+                raise ValueError("prompts are scored by the zeroshot task: add 'zeroshot' to tasks")
+            self.tasks = [*self.tasks, "zeroshot"]  # as `mstar analyze --prompt` does
         if "zeroshot" in self.tasks and len(self.prompts) < 2:
             raise ValueError("zero-shot scoring needs at least two prompts")
         self.tasks = list(dict.fromkeys(self.tasks))

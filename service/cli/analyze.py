@@ -64,7 +64,9 @@ def ensure_demo_bundle(bundle_dir: Path) -> Path:
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("out/analysis"), show_default=True)
 @click.option("--task", "tasks", multiple=True, type=click.Choice(TASKS), help="Repeatable. Default: all but zeroshot.")
 @click.option("--prompt", "prompts", multiple=True, help="Zero-shot class prompt (repeatable); enables zeroshot.")
-@click.option("--mpp", "mpp_override", type=float, default=None, help="µm/px override for slides without it.")
+@click.option(
+    "--mpp", "--mpp-override", "mpp_override", type=float, default=None, help="µm/px override for slides without it."
+)
 @click.option("--backend", type=click.Choice(["onnxruntime", "triton"]), default="onnxruntime", show_default=True)
 @click.option("--triton-url", default="127.0.0.1:8001", show_default=True)
 @click.option("--batch-size", type=int, default=64, show_default=True)

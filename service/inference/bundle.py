@@ -281,6 +281,14 @@ class BundleManifest(_Strict):
         agg = next((m for m in self.models if m.role == "aggregator"), None)
         if agg is not None and agg.inputs[0].shape[-1] != self.embed_dim:
             raise ValueError(f"aggregator input {agg.inputs[0].shape} does not take {self.embed_dim}-d features")
+        for m in self.models:
+            width = m.outputs[0].shape[-1] if m.outputs[0].shape else None
+            if not isinstance(width, int):
+                continue
+            if m.role == "classifier" and m.labels and len(m.labels) != width:
+                raise ValueError(f"classifier {m.name!r} has {len(m.labels)} labels for {width} logits")
+            if m.role == "survival" and m.bin_edges and len(m.bin_edges) != width + 1:
+                raise ValueError(f"survival head {m.name!r} has {len(m.bin_edges)} bin edges for {width} intervals")
         if "text_encoder" in roles and self.tokenizer is None:
             raise ValueError("a text_encoder needs a tokenizer")
         if "report_decoder" in roles and ("report_encoder" not in roles or self.report_vocab is None):
@@ -351,15 +359,38 @@ def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
 
 
 def _check_file(root: Path, rel: str, sha: str | None, what: str, verify: bool) -> None:
-    p = (root / rel).resolve()
-    if not p.is_relative_to(root.resolve()):
+    try:
+        p = (root / rel).resolve()
+        inside = p.is_relative_to(root.resolve())
+    except (OSError, RuntimeError) as err:  # a symlink loop: RuntimeError from resolve()
+        raise BundleError(f"{what} file {rel!r} cannot be resolved: {err}") from None
+    if not inside:
         raise BundleError(f"{what} {rel!r} points outside the bundle {root}")
     if not p.exists():
         raise BundleError(f"{what} file {rel!r} is missing from bundle {root} (weights are written by `mstar export`)")
-    if verify and sha is not None and p.is_file():
+    if not p.is_file():
+        raise BundleError(f"{what} {rel!r} is not a file")
+    if verify and sha is not None:
         got = sha256_file(p)
         if got != sha:
             raise BundleError(f"{what} file {rel!r} fails its checksum (manifest {sha[:12]}…, file {got[:12]}…)")
+
+
+def _check_vocab(path: Path, manifest: BundleManifest) -> None:
+    """The report vocabulary must have one word per decoder logit (a shorter one failed every report with an
+    IndexError), and its special tokens must be words of it."""
+    try:
+        doc = json.loads(path.read_text())
+        itos = doc["itos"]
+        specials = [int(doc[k]) for k in ("pad", "bos", "eos", "unk")]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
+        raise BundleError(f"report vocabulary {path.name} is not a vocabulary ({err!r})") from None
+    if not isinstance(itos, list) or any(not 0 <= i < len(itos) for i in specials):
+        raise BundleError(f"report vocabulary {path.name}: 'itos' must list every word, special tokens included")
+    dec = next((m for m in manifest.models if m.role == "report_decoder"), None)
+    width = dec.outputs[0].shape[-1] if dec is not None and dec.outputs[0].shape else None
+    if isinstance(width, int) and width != len(itos):
+        raise BundleError(f"report vocabulary {path.name} has {len(itos)} words for {width} decoder logits")
 
 
 def parse_manifest(data: dict | str | bytes) -> BundleManifest:
@@ -398,6 +429,7 @@ def load_bundle(root: str | Path, *, verify_checksums: bool = True) -> Bundle:
     if manifest.report_vocab is not None:
         v = manifest.report_vocab
         _check_file(root, v.path, v.sha256, "report vocabulary", verify_checksums)
+        _check_vocab(root / v.path, manifest)
     if manifest.rna_fusion is not None:
         _check_file(root, manifest.rna_fusion.file, manifest.rna_fusion.sha256, "rna_fusion head", verify_checksums)
     return Bundle(root=root, manifest=manifest)

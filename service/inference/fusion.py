@@ -4,12 +4,14 @@ profile mapping did. The profile's values are never logged or returned; only cou
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from service.errors import InvalidParameterError
+from service.errors import BundleError, InvalidParameterError
 from service.inference.bundle import Bundle
 from service.inference.rna_input import impute, map_profile, read_profile
 
@@ -25,6 +27,22 @@ def _risk(logits: np.ndarray) -> float:
 
 
 @dataclass
+def _verified(path: Path, sha256: str) -> bytes:
+    """The fusion graph's bytes, checked against the manifest as they are read (it is opened for each job: a file
+    replaced under a running worker was served unverified)."""
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise BundleError(f"rna_fusion head {path.name}: cannot read it: {err}") from None
+    got = hashlib.sha256(data).hexdigest()
+    if got != sha256:
+        raise BundleError(
+            f"rna_fusion head {path.name} changed since the bundle was loaded (manifest {sha256[:12]}…, file "
+            f"{got[:12]}…); reload the bundle"
+        )
+    return data
+
+
 class RnaFusion:
     """An ORT session over the bundle's fusion graph, with the gene list it expects."""
 
@@ -37,7 +55,17 @@ class RnaFusion:
         if spec is None:
             raise InvalidParameterError("this model bundle has no slide + RNA head; send the request without RNA")
         self.spec = spec
-        self.session = ort.InferenceSession(str(self.bundle.root / spec.file), providers=["CPUExecutionProvider"])
+        data = _verified(self.bundle.root / spec.file, spec.sha256)
+        try:
+            self.session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+        except Exception as err:  # onnxruntime raises its own untyped errors for bad files
+            raise BundleError(f"rna_fusion head {spec.file}: onnxruntime cannot load it: {err}") from None
+        inputs = {i.name: i.shape for i in self.session.get_inputs()}
+        width = inputs.get("rna", [None])[-1]
+        if "rna" not in inputs or (isinstance(width, int) and width != len(spec.genes)):
+            raise BundleError(
+                f"rna_fusion head {spec.file} takes inputs {inputs}, the manifest lists {len(spec.genes)} genes"
+            )
 
     def predict(self, features: np.ndarray, rna: bytes | str, min_coverage: float = 0.5) -> dict[str, Any]:
         """The fused output for one slide's features [N, D] and one profile; raises `InvalidParameterError` for a

@@ -16,7 +16,7 @@ import numpy as np
 
 from service.errors import BackendUnavailableError, BundleError
 from service.inference.backend import BundleBackend
-from service.inference.bundle import Bundle, ModelSpec
+from service.inference.bundle import Bundle, ModelSpec, sha256_file
 
 _ORT_TYPES = {
     "tensor(uint8)": "uint8",
@@ -97,6 +97,17 @@ class OrtBackend(BundleBackend):
             so.intra_op_num_threads = self.intra_op_threads
         so.log_severity_level = 3
         path = self.bundle.root / spec.file
+        # checked again as it is opened: a file replaced under a running worker was served unverified, while
+        # results still named the manifest's checksum
+        try:
+            got = sha256_file(path)
+        except OSError as err:
+            raise BundleError(f"model {spec.name!r}: cannot read {spec.file}: {err}") from None
+        if got != spec.sha256:
+            raise BundleError(
+                f"model {spec.name!r}: {spec.file} changed since the bundle was loaded (manifest {spec.sha256[:12]}…, "
+                f"file {got[:12]}…); reload the bundle"
+            )
         try:
             sess = ort.InferenceSession(str(path), sess_options=so, providers=self.providers)
         except Exception as err:  # onnxruntime raises its own untyped errors for bad files
@@ -138,8 +149,14 @@ def _check_signature(spec: ModelSpec, sess) -> None:
             a = got.get(t.name)
             if a is None:
                 raise BundleError(f"model {spec.name!r}: ONNX has no {kind} {t.name!r} (has {sorted(got)})")
-            if _ORT_TYPES.get(a.type) != t.dtype or len(a.shape) != len(t.shape):
+            fixed = [
+                (want, have)
+                for want, have in zip(t.shape, a.shape, strict=False)
+                if isinstance(want, int) and isinstance(have, int) and want != have
+            ]
+            if _ORT_TYPES.get(a.type) != t.dtype or len(a.shape) != len(t.shape) or fixed:
+                # a size the two disagree on (patch size, feature width, class count) failed every job in ORT
                 raise BundleError(
-                    f"model {spec.name!r} {kind} {t.name!r}: ONNX is {a.type} rank {len(a.shape)}, "
+                    f"model {spec.name!r} {kind} {t.name!r}: ONNX is {a.type} {list(a.shape)}, "
                     f"manifest says {t.dtype} {t.shape}"
                 )

@@ -54,12 +54,16 @@ def _check_gene(raw: str, row: int) -> str:
     return normalize_gene_id(raw)
 
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def _number(text: str, row: int) -> float:
     try:
         value = float(text)
     except ValueError:
         raise InvalidParameterError(f"RNA row {row}: the value is not a number") from None
-    if not math.isfinite(value):
+    if not math.isfinite(value) or abs(value) > FLOAT32_MAX:
+        # beyond float32 a value is inf in the model, and every output NaN
         raise InvalidParameterError(f"RNA row {row}: the value is not finite")
     return value
 
@@ -150,7 +154,7 @@ def profile_from_lists(genes: Sequence[str], values: Sequence[float]) -> dict[st
         gene = _check_gene(raw, n)
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise InvalidParameterError(f"RNA gene {n}: the value is not a number")
-        if not math.isfinite(value):
+        if not math.isfinite(value) or abs(value) > FLOAT32_MAX:
             raise InvalidParameterError(f"RNA gene {n}: the value is not finite")
         if gene in profile:
             raise InvalidParameterError(f"RNA gene {n}: listed twice")

@@ -51,6 +51,9 @@ def _geometries(obj: Any, depth: int = 0) -> list[dict]:
     raise InvalidParameterError(f"the region has an unknown GeoJSON type {kind!r}")
 
 
+MAX_COORDINATE = 1e7  # level-0 px: ten times the widest scanned slide
+
+
 def parse_region(obj: Any) -> BaseGeometry:
     """A valid shapely (Multi)Polygon from GeoJSON; a clear error for anything that encloses no area."""
     import shapely
@@ -72,6 +75,12 @@ def parse_region(obj: Any) -> BaseGeometry:
         raise InvalidParameterError(f"the region's coordinates are not a valid polygon ({err})") from None
     if region.is_empty or region.area <= 0 or not np.isfinite(region.bounds).all():
         raise InvalidParameterError("the region encloses no area")
+    if not np.isfinite(region.area) or np.abs(region.bounds).max() > MAX_COORDINATE:
+        # 1e300 corners passed as finite, and the job then wrote an area of Infinity into its result
+        raise InvalidParameterError(
+            f"the region's coordinates reach {np.abs(region.bounds).max():.3g} px: level-0 pixel coordinates of a "
+            f"slide are below {MAX_COORDINATE:.0e}"
+        )
     return region
 
 
