@@ -141,6 +141,10 @@ def test_export_fusion_command_adds_the_head_to_a_bundle(tmp_path) -> None:
             f = bundle_dir / raw[key]["path"]
             f.parent.mkdir(parents=True, exist_ok=True)
             f.write_text("{}")
+            if key == "report_vocab":  # one word per decoder logit, as load_bundle checks
+                dec = next(m for m in raw["models"] if m["role"] == "report_decoder")
+                words = [f"w{i}" for i in range(dec["outputs"][0]["shape"][-1])]
+                f.write_text(json.dumps({"itos": words, "pad": 0, "bos": 1, "eos": 2, "unk": 3}))
             if raw[key].get("sha256"):
                 raw[key]["sha256"] = sha256_file(f)
     (bundle_dir / "bundle.json").write_text(json.dumps(raw))

@@ -26,7 +26,6 @@ def _risk(logits: np.ndarray) -> float:
     return float(-np.cumprod(1.0 - hazards).sum())
 
 
-@dataclass
 def _verified(path: Path, sha256: str) -> bytes:
     """The fusion graph's bytes, checked against the manifest as they are read (it is opened for each job: a file
     replaced under a running worker was served unverified)."""
@@ -43,6 +42,7 @@ def _verified(path: Path, sha256: str) -> bytes:
     return data
 
 
+@dataclass
 class RnaFusion:
     """An ORT session over the bundle's fusion graph, with the gene list it expects."""
 
