@@ -22,9 +22,11 @@ import hmac
 import ipaddress
 import json
 import logging
+import os
 import socket
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -42,6 +44,10 @@ TIMESTAMP_HEADER = "X-Mstar-Timestamp"
 EVENT_ID_HEADER = "X-Mstar-Event-Id"  # the same on every attempt and re-send of one job's terminal event
 #: added to the slowest possible delivery before a silent claim is taken over
 CLAIM_GRACE_S = 60.0
+
+
+#: internal but not `is_private` in Python 3.11: carrier-grade NAT (RFC 6598), used for cluster and VPC networks
+_SHARED_NETS = (ipaddress.ip_network("100.64.0.0/10"),)
 
 
 def sign(secret: str, timestamp: str, body: bytes) -> str:
@@ -70,7 +76,8 @@ def check_url(url: str, *, allow_private: bool) -> None:
         raise InvalidParameterError("webhook_url host does not resolve") from None
     for info in infos:
         ip = ipaddress.ip_address(info[4][0])
-        if ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_reserved or ip.is_multicast:
+        internal = ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_reserved or ip.is_multicast
+        if internal or ip.is_unspecified or any(ip in net for net in _SHARED_NETS):
             raise InvalidParameterError("webhook_url points at an internal network address")
 
 
@@ -213,3 +220,115 @@ def send_in_background(factory: Any, job_id: str, settings: Settings) -> threadi
     thread = threading.Thread(target=run, name=f"mstar-webhook-{job_id[:8]}", daemon=True)
     thread.start()
     return thread
+
+
+class Deliveries:
+    """Terminal webhooks delivered off the job slots, fair between tenants.
+
+    A receiver that hangs holds a delivery for up to `claim_lease_s` (every attempt timing out, every backoff
+    slept: about 65 s by default). Delivered on the worker's job slot, that stalled every tenant's next job; in
+    one shared two-thread pool, one tenant's hanging receivers delayed every other tenant's webhooks. Here each
+    tenant has its own queue, at most `per_tenant` of a tenant's deliveries run at once, and `threads` senders
+    take the tenants in turn, so a tenant's slow receivers only wait on each other. Daemon threads: a process
+    that exits mid-delivery leaves the claim unfinished, and the gateway's sweep sends it again after the claim
+    lease (at least once, as before)."""
+
+    def __init__(self, factory: Any, settings: Settings, *, threads: int = 4, per_tenant: int = 2) -> None:
+        self.factory, self.settings = factory, settings
+        self.per_tenant = max(1, min(per_tenant, threads))
+        self._pending: dict[str, deque[str]] = {}
+        self._running: dict[str, int] = {}
+        self._turn: deque[str] = deque()  # tenants with pending deliveries, in the order they are served
+        self._cv = threading.Condition()
+        self._closed = False
+        self._threads = [
+            threading.Thread(target=self._loop, name=f"mstar-webhook-{i}", daemon=True) for i in range(threads)
+        ]
+        for t in self._threads:
+            t.start()
+
+    def submit(self, job_id: str, tenant_id: str | None = None) -> None:
+        """Queue the job's webhook (a no-op at delivery when the job has none or another sender has it)."""
+        tenant = tenant_id if tenant_id is not None else self._tenant(job_id)
+        with self._cv:
+            if self._closed:
+                return
+            queue = self._pending.setdefault(tenant, deque())
+            if job_id in queue:  # the sweep found it again before it was sent
+                return
+            queue.append(job_id)
+            if tenant not in self._turn:
+                self._turn.append(tenant)
+            self._cv.notify()
+
+    def pending(self) -> int:
+        with self._cv:
+            return sum(len(q) for q in self._pending.values()) + sum(self._running.values())
+
+    def close(self) -> None:
+        """Stop taking deliveries; the ones queued and not started are left to the sweep (still unclaimed)."""
+        with self._cv:
+            self._closed = True
+            self._pending.clear()
+            self._turn.clear()
+            self._cv.notify_all()
+
+    def _tenant(self, job_id: str) -> str:
+        from sqlalchemy import select
+
+        from service.store.db import transaction
+        from service.store.models import Job
+
+        try:
+            with transaction(self.factory) as s:
+                return s.scalar(select(Job.tenant_id).where(Job.id == job_id)) or ""
+        except Exception as err:  # the store briefly unreachable: the delivery itself will say so
+            log.warning("webhook for job %s: tenant lookup failed (%s)", job_id, type(err).__name__)
+            return ""
+
+    def _next(self) -> tuple[str, str] | None:
+        """The next (tenant, job) whose tenant is under its cap, rotating through the tenants; None when closed."""
+        with self._cv:
+            while True:
+                if self._closed:
+                    return None
+                for _ in range(len(self._turn)):
+                    tenant = self._turn[0]
+                    self._turn.rotate(-1)
+                    if self._running.get(tenant, 0) < self.per_tenant and self._pending.get(tenant):
+                        job_id = self._pending[tenant].popleft()
+                        if not self._pending[tenant]:
+                            del self._pending[tenant]
+                            self._turn.remove(tenant)
+                        self._running[tenant] = self._running.get(tenant, 0) + 1
+                        return tenant, job_id
+                self._cv.wait()
+
+    def _loop(self) -> None:
+        while (got := self._next()) is not None:
+            tenant, job_id = got
+            try:
+                send_for_job(self.factory, job_id, self.settings)
+            except Exception:  # the verdict is recorded either way; the receiver can poll GET /jobs/{id}
+                log.exception("webhook for job %s failed", job_id)
+            finally:
+                with self._cv:
+                    self._running[tenant] -= 1
+                    if not self._running[tenant]:
+                        del self._running[tenant]
+                    self._cv.notify_all()
+
+
+_PROCESS_DELIVERIES: dict[tuple[int, int], Deliveries] = {}
+_PROCESS_LOCK = threading.Lock()
+
+
+def process_deliveries(factory: Any, settings: Settings) -> Deliveries:
+    """This process's `Deliveries` over `factory` (a Celery worker child's: its job slot never waits on a
+    receiver), started on first use, after any fork."""
+    with _PROCESS_LOCK:
+        key = (os.getpid(), id(factory))  # a forked child never uses its parent's (dead) sender threads
+        got = _PROCESS_DELIVERIES.get(key)
+        if got is None:
+            got = _PROCESS_DELIVERIES[key] = Deliveries(factory, settings)
+        return got

@@ -324,7 +324,12 @@ def test_private_webhook_urls_are_refused_at_submit(tmp_path: Path, cmu_svs: Pat
     settings = Settings(data_dir=tmp_path, pipeline="runner_pipelines:tiny", api_keys=[{"tenant": "a", "key": KEY_A}])
     with live_server(create_app(settings)) as url, _client(url, KEY_A) as c:
         sid = c.post("/slides", files={"file": ("x", cmu_svs.read_bytes())}, data={"analyze": "false"}).json()["id"]
-        for hook in ("http://127.0.0.1:9/h", "http://10.1.2.3/h", "http://169.254.169.254/latest"):
+        for hook in (
+            "http://127.0.0.1:9/h",
+            "http://10.1.2.3/h",
+            "http://169.254.169.254/latest",
+            "http://100.64.0.1/h",
+        ):
             r = c.post(f"/slides/{sid}/analyses", json={"webhook_url": hook})
             assert r.status_code == 422 and "internal network" in r.json()["error"]["message"], r.text
         assert c.get("/jobs").json()["total"] == 0

@@ -29,9 +29,9 @@ def sessions(tmp_path):
     engine.dispose()
 
 
-def _job(factory, webhook_url: str | None = None) -> str:
+def _job(factory, webhook_url: str | None = None, tenant: str = "lab") -> str:
     with transaction(factory) as s:
-        tenant = repo.ensure_tenant(s, "lab")
+        tenant = repo.ensure_tenant(s, tenant)
         slide = Slide(
             id=new_id(),
             tenant_id=tenant.id,
@@ -362,3 +362,64 @@ def test_an_older_job_database_gets_the_new_columns(tmp_path):
     assert finished.webhook_sent_at == finished.finished_at and queued.webhook_sent_at is None
     assert queued.published_at is None
     engine.dispose()
+
+
+def test_webhooks_of_a_tenant_with_hanging_receivers_never_delay_another_tenant(sessions):
+    """One tenant's receivers that hang held the senders for a minute each: on a Celery worker the delivery ran on
+    the job slot (every tenant's next job waited), and the embedded runner's two shared sender threads kept
+    every other tenant's webhooks waiting. `Deliveries` keeps a queue per tenant and runs at most `per_tenant`
+    of a tenant's at once, so the other tenant's webhook leaves at once and the hanging tenant uses two senders."""
+    import http.server
+    import threading
+
+    release, lock, seen = threading.Event(), threading.Lock(), {"now": 0, "max": 0}
+
+    class Hangs(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            with lock:
+                seen["now"] += 1
+                seen["max"] = max(seen["max"], seen["now"])
+            release.wait(20)
+            with lock:
+                seen["now"] -= 1
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hangs)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    settings = Settings(webhook_allow_private=True, webhook_timeout_s=30.0, webhook_max_attempts=1)
+
+    def ended(tenant: str, url: str) -> str:
+        job_id = _job(sessions, url, tenant=tenant)
+        with transaction(sessions) as s:
+            lifecycle.finish_unowned(s, job_id, "canceled", error_code="canceled", error_message="canceled")
+        return job_id
+
+    deliveries = webhooks.Deliveries(sessions, settings, threads=4, per_tenant=2)
+    try:
+        with webhook_receiver() as (fast_url, got):
+            slow = [ended("slow-lab", f"http://127.0.0.1:{server.server_port}/hook") for _ in range(5)]
+            for job_id in slow:
+                deliveries.submit(job_id)
+            time.sleep(0.3)
+            fast = ended("fast-lab", fast_url)
+            t0 = time.monotonic()
+            deliveries.submit(fast)
+            while not got and time.monotonic() - t0 < 10:
+                time.sleep(0.02)
+            waited = time.monotonic() - t0
+            assert got and json.loads(got[0][1])["job_id"] == fast and waited < 2.0, waited
+            assert seen["max"] == 2  # the hanging tenant holds two senders, never all four
+            release.set()
+            deadline = time.monotonic() + 15
+            while deliveries.pending() and time.monotonic() < deadline:
+                time.sleep(0.05)
+        assert all(_get(sessions, j).webhook_delivered for j in [*slow, fast])
+    finally:
+        release.set()
+        deliveries.close()
+        server.shutdown()
+        server.server_close()

@@ -20,12 +20,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import suppress
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from service import webhooks
 from service.config import Settings
 from service.jobs import lifecycle, rna_channel
 from service.jobs.celery_app import BATCH, INTERACTIVE, PRIORITY, TASK_NAME, make_celery
@@ -60,7 +59,7 @@ class CeleryQueue:
         self._factory: sessionmaker[Session] | None = None
         self._stop = threading.Event()
         self._reaper: threading.Thread | None = None
-        self._hooks = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mstar-webhook")  # off the sweep thread
+        self._hooks: dict[int, webhooks.Deliveries] = {}  # per job store: off the sweep thread, fair between tenants
         self._health_at = 0.0
         self._health: dict = {"ok": False, "kind": "celery"}
 
@@ -85,7 +84,8 @@ class CeleryQueue:
         self._stop.set()
         if self._reaper is not None:
             self._reaper.join(5)
-        self._hooks.shutdown(wait=False, cancel_futures=True)
+        for hooks in self._hooks.values():
+            hooks.close()
         self.app.close()
 
     def notify(self, job_id: str, *, queue: str | None = None) -> None:
@@ -122,10 +122,13 @@ class CeleryQueue:
 
     def job_terminal(self, job_id: str) -> None:
         """A job the gateway itself made terminal (a cancel, a reused result): send its webhook off this thread."""
-        from service import webhooks
+        self._deliveries(self._sessions()).submit(job_id)
 
-        with suppress(RuntimeError):  # shutting down: the sweep of the next start sends it
-            self._hooks.submit(webhooks.send_for_job, self._sessions(), job_id, self.settings)
+    def _deliveries(self, factory: sessionmaker[Session]) -> webhooks.Deliveries:
+        hooks = self._hooks.get(id(factory))
+        if hooks is None:
+            hooks = self._hooks[id(factory)] = webhooks.Deliveries(factory, self.settings)
+        return hooks
 
     def republish_queued(self, factory, *, job_ids: list[str] | None = None, unpublished_only: bool = False) -> int:
         """Publish queued jobs (again), batch jobs (options carry `batch_id`) on the batch queue."""
@@ -148,8 +151,6 @@ class CeleryQueue:
         """One pass: requeue and re-publish jobs whose worker vanished with no message left to redeliver them,
         fail those out of attempts, publish tokens for jobs that never had one (followers whose leader failed),
         and send the webhooks of jobs that ended without a sender."""
-        from service import webhooks
-
         reaped = lifecycle.Reaped()
         try:
             with transaction(factory) as s:
@@ -168,7 +169,7 @@ class CeleryQueue:
                 self.republish_queued(factory, job_ids=reaped.requeued)
             self.republish_queued(factory, unpublished_only=True)
             for job_id in dict.fromkeys([*reaped.failed, *due]):  # the claim inside decides who sends: once
-                self._hooks.submit(webhooks.send_for_job, factory, job_id, self.settings)
+                self._deliveries(factory).submit(job_id)
             rna_channel.sweep(factory, open_store(self.settings).blobs, ttl_s=self.settings.rna_ttl_s)
         except Exception:  # broker or database down for a moment: try again next period
             log.warning("stale-job sweep failed", exc_info=True)

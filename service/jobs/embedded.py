@@ -29,7 +29,6 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from dataclasses import dataclass
 from multiprocessing import util as mp_util
@@ -39,6 +38,7 @@ from typing import Any
 
 from sqlalchemy import select
 
+from service import webhooks
 from service.config import Settings, time_limits
 from service.errors import JobTimeLimitError, MstarError
 from service.jobs import lifecycle, rna_channel
@@ -229,7 +229,7 @@ class EmbeddedRunner:
         os.set_blocking(self._wake_w, False)
         self._wake_open = True
         self._thread: threading.Thread | None = None
-        self._hooks = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mstar-webhook")
+        self._hooks = webhooks.Deliveries(self._factory, settings)  # fair between tenants, off the job slots
         self._last_tick = 0.0
         self.worker_name = f"{socket.gethostname()}:{os.getpid()}"
 
@@ -257,7 +257,7 @@ class EmbeddedRunner:
             self._thread.join(timeout)
         with self._lock:
             _stop_all(self._slots)
-        self._hooks.shutdown(wait=False, cancel_futures=True)  # unsent ones are swept at the next start
+        self._hooks.close()  # unsent ones are swept at the next start
         with self._wake_lock:
             if self._wake_open:
                 self._wake_open = False
@@ -301,22 +301,11 @@ class EmbeddedRunner:
         claim happens on the sending thread, so a send dropped at shutdown is still unclaimed and swept)."""
         if self._stop.is_set():
             return
-        with suppress(RuntimeError):  # the pool is shutting down
-            self._hooks.submit(self._send_webhook, job_id)
-
-    def _send_webhook(self, job_id: str) -> None:
-        from service import webhooks
-
-        try:
-            webhooks.send_for_job(self._factory, job_id, self.settings)
-        except Exception:  # the verdict is recorded either way; the receiver can poll GET /jobs/{id}
-            log.exception("webhook for job %s failed", job_id)
+        self._hooks.submit(job_id)
 
     def _sweep_webhooks(self, *, settled_s: float) -> None:
         """Terminal jobs whose webhook nobody claimed (the gateway stopped before sending, or start-up
         recovery just ended them) or whose sender died mid-delivery: send them now."""
-        from service import webhooks
-
         lease = self.settings.worker_lease_s
         with transaction(self._factory) as s:
             due = lifecycle.unreported(

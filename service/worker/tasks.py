@@ -226,13 +226,12 @@ def _queue_of(factory: sessionmaker[Session], job_id: str) -> str:
 
 
 def _webhook(settings: Settings, factory: sessionmaker[Session], job_id: str) -> None:
-    """Deliver the terminal webhook if the job is terminal and no one else claimed it (a no-op otherwise)."""
+    """Queue the terminal webhook (sent if the job is terminal and no one else claimed it) on this process's
+    senders: delivered on the job slot, a hanging receiver held the slot, and every tenant's next job, for a
+    minute."""
     from service import webhooks
 
-    try:
-        webhooks.send_for_job(factory, job_id, settings)
-    except Exception:  # the job is done either way; the receiver can poll GET /jobs/{id}
-        log.exception("webhook for job %s failed", job_id)
+    webhooks.process_deliveries(factory, settings).submit(job_id)
 
 
 def register(app: Celery, settings: Settings) -> Task:
