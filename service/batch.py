@@ -155,6 +155,12 @@ class SubmitReport:
     failed_ingest: int = 0
 
 
+NO_JOB = (
+    "this line has no job: its slide was deleted, or a submit is still ingesting it or stopped before it had one; "
+    "if no submit is running, submit the manifest again to run it"
+)
+
+
 @dataclass
 class ItemStatus:
     idx: int
@@ -329,15 +335,19 @@ class BatchService:
             items = []
             for item, job in rows:
                 if job is None:
-                    state = "failed" if item.error_code else "queued"
+                    # no job and no error: the submit adding the line stopped (killed mid-ingest), or its job went
+                    # with its slide. It read "queued" for ever, and `mstar submit --wait` never returned.
+                    code, message = item.error_code, item.error_message
+                    if not code:
+                        code, message = "no_job", NO_JOB
                     items.append(
                         ItemStatus(
                             item.idx,
                             item.name,
                             item.source,
-                            state,
-                            item.error_code,
-                            item.error_message,
+                            "failed",
+                            code,
+                            message,
                             None,
                             item.slide_id,
                             0,

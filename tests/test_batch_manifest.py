@@ -241,3 +241,30 @@ def test_dicom_folders_through_the_http_gateway(tmp_path, dicom_dir):
             assert c.delete(f"/slides/{sid}").status_code == 204
             assert not folders[0].exists()
     assert not [p for p in (settings.blob_dir / ".staging").iterdir()]  # nothing left half-staged
+
+
+def test_a_line_without_a_job_is_failed_with_its_reason_and_a_resubmission_runs_it(tmp_path, cmu_svs):
+    """A line whose job went with its deleted slide, or whose submit was killed mid-ingest, read `queued` for ever,
+    and `mstar submit --wait` never returned. Such a line is now failed with the reason, and submitting the
+    manifest again gives it a job."""
+    from service.store.batches import BatchItem
+
+    (tmp_path / "a.svs").write_bytes(cmu_svs.read_bytes())
+    (tmp_path / "b.svs").write_bytes(cmu_svs.read_bytes() + b"y")
+    m = _write(tmp_path / "m.csv", "slide\na.svs\nb.svs\n")
+    svc = BatchService(Settings(data_dir=tmp_path / "data"))
+    try:
+        rep = svc.submit(m, tenant="lab", queue=_Published())
+        with transaction(svc.sessions) as s:
+            s.delete(s.get(Job, rep.queued[0]))  # gone with its slide
+            item = s.get(BatchItem, (rep.batch_id, 1))
+            item.job_id = item.slide_id = None  # the submit adding it was killed before its job existed
+        st = svc.status(rep.batch_id)
+        assert st.counts()["remaining"] == 0 and st.counts()["failed"] == 2
+        why = {it.name: (it.state, it.error_code, it.reason) for it in st.items}
+        assert why["a.svs"][:2] == why["b.svs"][:2] == ("failed", "no_job") and "slide was deleted" in why["a.svs"][2]
+        assert "submit the manifest again" in why["b.svs"][2]
+        again = svc.submit(m, tenant="lab", queue=_Published())
+        assert len(again.queued) == 2 and svc.status(rep.batch_id).counts()["queued"] == 2
+    finally:
+        svc.close()

@@ -423,3 +423,23 @@ def test_webhooks_of_a_tenant_with_hanging_receivers_never_delay_another_tenant(
         deliveries.close()
         server.shutdown()
         server.server_close()
+
+
+def test_a_tenant_s_batch_never_counts_against_its_interactive_quota(sessions):
+    """Batch jobs never ask for the queued quota, but they counted against it: a tenant with a large batch queued
+    had every interactive upload refused with 429. Each queue now counts its own."""
+    from service.errors import QuotaExceededError
+
+    with transaction(sessions) as s:
+        tenant = repo.ensure_tenant(s, "lab")
+        slide = Slide(
+            id=new_id(), tenant_id=tenant.id, sha256="b" * 64, format="svs", size_bytes=1, blob_key="k", info={}
+        )
+        s.add(slide)
+        s.flush()
+        for i in range(3):
+            lifecycle.create(s, tenant_id=tenant.id, slide_id=slide.id, options={"batch_id": "b1", "line": i})
+        for i in range(2):
+            lifecycle.create(s, tenant_id=tenant.id, slide_id=slide.id, options={"i": i}, max_queued=2)
+        with pytest.raises(QuotaExceededError, match="already has 2 queued interactive jobs"):
+            lifecycle.create(s, tenant_id=tenant.id, slide_id=slide.id, options={"i": 9}, max_queued=2)

@@ -100,11 +100,16 @@ def create(
         found = _by_idem(s, tenant_id, idempotency_key)
         if found is not None:
             return _replay(found, request_sha256)
+    queue = BATCH if options.get("batch_id") else INTERACTIVE
     if max_queued is not None:
-        queued = s.scalar(select(func.count()).where(Job.tenant_id == tenant_id, Job.state == "queued")) or 0
-        if queued >= max_queued:
+        # each queue against its own count: a tenant's 1,000-line batch (which never asks for the quota) left the
+        # same tenant's interactive uploads refused with 429
+        in_queue = func.coalesce(Job.queue, INTERACTIVE) == queue
+        queued = s.scalar(select(func.count()).where(Job.tenant_id == tenant_id, Job.state == "queued", in_queue))
+        if (queued or 0) >= max_queued:
             raise QuotaExceededError(
-                f"this tenant already has {queued} queued jobs (the limit is {max_queued}); retry when some finish"
+                f"this tenant already has {queued} queued {queue} jobs (the limit is {max_queued}); retry when some "
+                "finish"
             )
     now = utcnow()
     job = Job(
@@ -113,7 +118,7 @@ def create(
         slide_id=slide_id,
         state="queued",
         options=options,
-        queue=BATCH if options.get("batch_id") else INTERACTIVE,
+        queue=queue,
         idempotency_key=idempotency_key or None,
         request_sha256=request_sha256 if idempotency_key else None,
         webhook_url=webhook_url,
