@@ -51,6 +51,16 @@ def test_tcga_rsem_table_strips_entrez_and_logs() -> None:
     assert prof["TP53"] == pytest.approx(math.log1p(812.5))
 
 
+def test_an_rsem_table_without_normalized_counts_is_refused() -> None:
+    """A legacy `*.rsem.genes.results` (raw_count, scaled_estimate) was read on the wrong scale (scaled_estimate is
+    TPM / 1e6: every gene near zero against training means of 2-6) and a result came back."""
+    legacy = "gene_id\traw_count\tscaled_estimate\ttranscript_id\nTP53|7157\t812.0\t3.1e-05\tuc002\n"
+    with pytest.raises(InvalidParameterError, match="without normalized_count"):
+        read_profile(legacy.encode())
+    with pytest.raises(InvalidParameterError, match="without normalized_count"):
+        read_profile(b"gene_id\traw_count\nTP53|7157\t812\n")
+
+
 def test_cohort_matrix_with_missing_cells(tmp_path: Path) -> None:
     p = tmp_path / "rna.csv"
     p.write_text("gene,case-1,case-2\nTP53,1.0,\nENSG00000111640.15,2.0,3.0\n")

@@ -11,8 +11,8 @@ Formats (`read_profile` detects them from the header):
 - GDC STAR "augmented gene counts" (`gene_id, gene_name, gene_type, ..., tpm_unstranded`): `gene_name`, and
   log1p(`tpm_unstranded`), the house scale; the `N_unmapped`-style summary rows are skipped; a symbol listed
   twice (the PAR genes, a few GENCODE symbols) keeps its larger value;
-- legacy TCGA RSEM (`gene_id` / `normalized_count` or `scaled_estimate`, ids `SYMBOL|ENTREZ`): log1p(value),
-  the rows without a symbol (`?|ENTREZ`) skipped;
+- legacy TCGA RSEM (`gene_id` / `normalized_count`, ids `SYMBOL|ENTREZ`): log1p(value), the rows without a
+  symbol (`?|ENTREZ`) skipped; a table with only `scaled_estimate` or `raw_count` is refused (another scale);
 - a cohort matrix (`read_matrix`): genes x cases, the first column the gene, one column per case id.
 
 Gene ids are normalised (`normalize_gene_id`): Ensembl version suffixes dropped, `SYMBOL|ENTREZ` -> SYMBOL,
@@ -101,7 +101,14 @@ def read_profile(data: bytes | str | Path) -> dict[str, float]:
         gi, vi, log = header.index("gene_name"), header.index(_GDC_VALUE), True
         body = [r for r in rows[1:] if r and not r[0].startswith("N_")]
     elif header and header[0] in ("gene_id", "gene") and any(v in header for v in _RSEM_VALUES):
-        gi, vi, log = 0, header.index(next(v for v in _RSEM_VALUES if v in header)), True
+        if "normalized_count" not in header:
+            # scaled_estimate is TPM / 1e6, raw_count unnormalised: both read as near-zero or far-off expression
+            # on the model's log1p(normalized_count) scale, and a result came back anyway
+            raise InvalidParameterError(
+                "a TCGA RSEM table without normalized_count: its scaled_estimate or raw_count is on another scale "
+                "than the model's (log1p of RSEM normalized counts); send the *.rsem.genes.normalized_results file"
+            )
+        gi, vi, log = 0, header.index("normalized_count"), True
         body = [r for r in rows[1:] if r and not r[0].startswith("?|")]  # TCGA rows with no gene symbol
     elif "gene" in header and "value" in header:  # Gene,...,Value with extra columns (mSTAR's Gene,Index,Value)
         gi, vi, log = header.index("gene"), header.index("value"), False
