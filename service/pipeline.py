@@ -73,6 +73,13 @@ class AnalysisOptions:
             raise InvalidParameterError(f"unknown task(s) {unknown}; choose from {list(TASKS)}")
         if "zeroshot" in self.tasks and not self.prompts:
             raise InvalidParameterError("the zeroshot task needs at least one prompt")
+        if "zeroshot" in self.tasks:  # checked before any tile is read: they were refused after the whole analysis
+            from service.inference.zeroshot import MAX_PROMPT_CHARS, MAX_PROMPTS
+
+            if len(self.prompts) > MAX_PROMPTS:
+                raise InvalidParameterError(f"give between 1 and {MAX_PROMPTS} prompts")
+            if any(not p.strip() or len(p) > MAX_PROMPT_CHARS for p in self.prompts):
+                raise InvalidParameterError(f"prompts must be non-empty and at most {MAX_PROMPT_CHARS} characters")
         if self.batch_size < 1 or self.read_workers < 1:
             raise InvalidParameterError("batch_size and read_workers must be >= 1")
         if self.region is not None:
@@ -253,6 +260,8 @@ def run_analysis(
     bundle = backend.bundle if backend is not None else (load_bundle(bundle_dir) if bundle_dir else None)
     pre = bundle.manifest.preprocessing if bundle is not None else None
     grid_mpp, patch_size = tiling_for(pre, options)
+    if bundle is not None and "zeroshot" in options.tasks and bundle.text_encoder is None:
+        raise InvalidParameterError("zero-shot scoring needs a bundle with a text encoder; this one has none")
     owns_backend = backend is None and bundle is not None
     if owns_backend:
         backend = backend_from_settings(bundle)

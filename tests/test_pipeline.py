@@ -210,3 +210,15 @@ def test_a_result_holding_nan_or_infinity_is_refused_naming_the_field(tmp_path) 
         _write_json_atomic(path, {"roi": {"area": [1.0, float("inf")]}})
     _write_json_atomic(path, {"ok": [1.0, 2], "nested": {"x": 0.5}})
     assert json.loads(path.read_text()) == {"ok": [1.0, 2], "nested": {"x": 0.5}}
+
+
+def test_zero_shot_prompts_are_checked_before_any_tile_is_read() -> None:
+    """Too many prompts, a blank one or one over the length limit were refused only after tiling, embedding,
+    aggregation, heads and report had all run (minutes on a large slide), leaving partial outputs behind."""
+    with pytest.raises(InvalidParameterError, match="between 1 and 64 prompts"):
+        AnalysisOptions(tasks=("zeroshot",), prompts=tuple(f"class {i}" for i in range(65)))
+    with pytest.raises(InvalidParameterError, match="non-empty and at most 1000"):
+        AnalysisOptions(tasks=("embedding", "zeroshot"), prompts=("tumour", "   "))
+    with pytest.raises(InvalidParameterError, match="non-empty and at most 1000"):
+        AnalysisOptions(tasks=("zeroshot",), prompts=("tumour", "x" * 1001))
+    assert AnalysisOptions(tasks=("zeroshot",), prompts=("tumour", "normal")).prompts == ("tumour", "normal")
