@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import re
 import secrets
+from datetime import UTC, datetime
 
 from sqlalchemy import delete, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from service.errors import MstarError
 from service.slides import formats
 from service.store.blobs import BlobStore
 from service.store.db import transaction
@@ -30,6 +33,18 @@ from service.store.models import (
 
 _ID_RE = re.compile(r"^[0-9a-f]{32}$")
 _TOKEN_RE = re.compile(r"^mstar_([0-9a-f]{12})_([A-Za-z0-9_-]{20,})$")
+# a key's public half as `mstar keys list` shows it: 12 hex digits of a minted key (also written `mstar_<prefix>`,
+# the start of the key), or `h` and 15 hex digits of a key given in MSTAR_API_KEYS
+_PREFIX_RE = re.compile(r"^(?:mstar_)?([0-9a-f]{12})_?$|^(h[0-9a-f]{15})$")
+
+log = logging.getLogger("mstar.store")
+
+
+class UnknownApiKeyError(MstarError):
+    """No API key matches what was named (`mstar keys revoke`)."""
+
+    code = "unknown_key"
+    http_status = 404
 
 
 # --- tenants and keys -------------------------------------------------------------------------------------
@@ -67,17 +82,75 @@ def create_api_key(s: Session, tenant_name: str, *, admin: bool = False) -> str:
     return token
 
 
-def install_api_key(s: Session, tenant_name: str, token: str, *, admin: bool = False) -> None:
-    """Idempotently install a key given by configuration (bootstrap)."""
+def install_api_key(s: Session, tenant_name: str, token: str, *, admin: bool = False) -> bool:
+    """Idempotently install a key given by configuration (bootstrap); False when it stays unusable because it was
+    revoked (`mstar keys revoke`): a revoked key is never brought back by a restart, even while still configured."""
     if len(token) < 16:
         raise ValueError("bootstrap API keys must be at least 16 characters")
+    prefix = _prefix_of(token)
+    row = s.get(ApiKey, prefix)
+    if row is not None and row.revoked:
+        log.warning(
+            "API key %s from MSTAR_API_KEYS (tenant %s) is revoked and stays revoked: remove it from MSTAR_API_KEYS "
+            "and configure a new key",
+            prefix,
+            tenant_name,
+        )
+        return False
     tenant = ensure_tenant(s, tenant_name)
-    row = s.get(ApiKey, _prefix_of(token))
     if row is None:
-        s.add(ApiKey(prefix=_prefix_of(token), tenant_id=tenant.id, secret_sha256=_digest(token), admin=admin))
+        s.add(ApiKey(prefix=prefix, tenant_id=tenant.id, secret_sha256=_digest(token), admin=admin))
     else:
-        row.tenant_id, row.secret_sha256, row.admin, row.revoked = tenant.id, _digest(token), admin, False
+        row.tenant_id, row.secret_sha256, row.admin = tenant.id, _digest(token), admin
     s.flush()
+    return True
+
+
+def find_api_key(s: Session, ident: str) -> ApiKey | None:
+    """The key `ident` names: its public prefix as `mstar keys list` shows it (also `mstar_<prefix>`), or the whole
+    key (then its secret must match too, so a mistyped key never names another one)."""
+    ident = ident.strip()
+    m = _PREFIX_RE.match(ident)
+    if m:
+        row = s.get(ApiKey, m.group(1) or m.group(2))
+        if row is not None:
+            return row
+    if not ident or len(ident) > 512:
+        return None
+    row = s.get(ApiKey, _prefix_of(ident))
+    if row is not None and hmac.compare_digest(row.secret_sha256, _digest(ident)):
+        return row
+    return None
+
+
+def list_api_keys(s: Session, tenant_name: str | None = None) -> list[tuple[ApiKey, str]]:
+    """Every key with its tenant's name (no secrets: only digests are stored), by tenant, oldest first."""
+    q = select(ApiKey, Tenant.name).join(Tenant, Tenant.id == ApiKey.tenant_id)
+    if tenant_name is not None:
+        q = q.where(Tenant.name == tenant_name)
+    return [(key, name) for key, name in s.execute(q.order_by(Tenant.name, ApiKey.created_at, ApiKey.prefix))]
+
+
+def revoke_api_key(s: Session, ident: str) -> tuple[ApiKey, str, bool]:
+    """Revoke the key `ident` names (see `find_api_key`): (key, tenant name, whether it was revoked already).
+
+    Gateways refuse it from their next check: at once, or within `MSTAR_AUTH_CACHE_S` where they had just seen it.
+    Raises `UnknownApiKeyError` (without repeating `ident`, which may be a secret) when no key matches."""
+    row = find_api_key(s, ident)
+    if row is None:
+        shown = f" {ident.strip()!r}" if _PREFIX_RE.match(ident.strip()) else ""
+        raise UnknownApiKeyError(f"no API key matches{shown} (see `mstar keys list`)")
+    tenant = s.get(Tenant, row.tenant_id)
+    already = bool(row.revoked)
+    row.revoked = True
+    s.flush()
+    return row, tenant.name if tenant is not None else row.tenant_id, already
+
+
+def key_created_at(row: ApiKey) -> datetime:
+    """When `row` was made, in UTC (SQLite gives the stored UTC time back without its zone)."""
+    at = row.created_at
+    return at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
 
 
 def authenticate(s: Session, token: str) -> tuple[Tenant, bool] | None:
