@@ -150,3 +150,13 @@ def real_patches(n: int, size: int = PATCH) -> np.ndarray:
         out.append(t[y : y + size, x : x + size])
         i += 1
     return np.stack(out).astype(np.uint8)
+
+
+def stand_in_vocab(manifest: dict) -> str:
+    """A report vocabulary with one word per logit of the manifest's report decoder (what `load_bundle` checks),
+    for tests whose bundles carry stand-in files instead of real weights."""
+    import json
+
+    dec = next(m for m in manifest["models"] if m["role"] == "report_decoder")
+    words = [f"w{i}" for i in range(dec["outputs"][0]["shape"][-1])]
+    return json.dumps({"itos": words, "pad": 0, "bos": 1, "eos": 2, "unk": 3})

@@ -234,6 +234,12 @@ def _fake_weights_bundle(dest: Path) -> Path:
     for key in ("tokenizer", "report_vocab"):
         if manifest.get(key):
             manifest[key]["sha256"] = fill(manifest[key]["path"])
+    if manifest.get("report_vocab"):  # one word per decoder logit, as load_bundle checks
+        from inference_fixtures import stand_in_vocab
+
+        vocab = dest / manifest["report_vocab"]["path"]
+        vocab.write_text(stand_in_vocab(manifest))
+        manifest["report_vocab"]["sha256"] = sha256_file(vocab)
     (dest / "bundle.json").write_text(json.dumps(manifest, indent=2))
     return dest
 

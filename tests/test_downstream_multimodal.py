@@ -141,7 +141,7 @@ def test_classification_with_kronecker_fusion(cohort, tmp_path) -> None:
     m = run(_cfg(cohort, tmp_path, task="classification", fusion="kronecker"))
     assert 0.0 <= m["test"]["macro_auc"]["value"] <= 1.0
     with pytest.raises(InvalidParameterError, match="kronecker fusion needs both"):
-        run(_cfg(cohort, tmp_path, task="classification", fusion="kronecker", modalities=["rna"]))
+        run(_cfg(cohort, tmp_path / "rna_only", task="classification", fusion="kronecker", modalities=["rna"]))
 
 
 def test_folder_of_per_case_profiles_equals_the_matrix(cohort, tmp_path) -> None:
@@ -187,7 +187,7 @@ def test_stage1_gene_encoder_as_rna_branch(cohort, tmp_path) -> None:
     assert not head["meta"]["rna_standardise"] and head["meta"]["rna_bin_edges"] is not None
     torch.save({"model_state_dict": {}, "genes": []}, tmp_path / "empty.pt")
     with pytest.raises(InvalidParameterError, match="no Stage-1 gene encoder"):
-        run(_cfg(cohort, tmp_path, rna_encoder="stage1", stage1_checkpoint=str(tmp_path / "empty.pt")))
+        run(_cfg(cohort, tmp_path / "empty", rna_encoder="stage1", stage1_checkpoint=str(tmp_path / "empty.pt")))
 
 
 def test_cli_modalities_flag_and_errors(cohort, tmp_path) -> None:

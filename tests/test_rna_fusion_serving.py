@@ -125,6 +125,7 @@ def test_export_fusion_command_adds_the_head_to_a_bundle(tmp_path) -> None:
     The demo bundle's own model files are not built here (minutes on CPU), so the copy's model entries point at
     stand-in files with their checksums; only the fusion graph is run."""
     from click.testing import CliRunner
+    from inference_fixtures import stand_in_vocab
 
     from service.inference.bundle import load_bundle, sha256_file
     from training.export.cli import export_fusion_cmd
@@ -142,9 +143,7 @@ def test_export_fusion_command_adds_the_head_to_a_bundle(tmp_path) -> None:
             f.parent.mkdir(parents=True, exist_ok=True)
             f.write_text("{}")
             if key == "report_vocab":  # one word per decoder logit, as load_bundle checks
-                dec = next(m for m in raw["models"] if m["role"] == "report_decoder")
-                words = [f"w{i}" for i in range(dec["outputs"][0]["shape"][-1])]
-                f.write_text(json.dumps({"itos": words, "pad": 0, "bos": 1, "eos": 2, "unk": 3}))
+                f.write_text(stand_in_vocab(raw))
             if raw[key].get("sha256"):
                 raw[key]["sha256"] = sha256_file(f)
     (bundle_dir / "bundle.json").write_text(json.dumps(raw))

@@ -112,7 +112,9 @@ def test_survival_keeps_the_epoch_with_the_lowest_validation_nll(cohort, tmp_pat
     assert m["test"]["c_index"]["value"] > 0.6
 
     # the official rule stays available: highest validation C-index, ties to the lower loss
-    m = run(_cfg(cohort, tmp_path, epochs=5, survival_selection="val_c_index", survival_init="random"))
+    official = tmp_path / "official"
+    official.mkdir()
+    m = run(_cfg(cohort, official, epochs=5, survival_selection="val_c_index", survival_init="random"))
     keys = [(h["val_score"], -h["val_loss"]) for h in m["history"]]
     assert m["selection"] == "val_c_index" and m["best_epoch"] == max(range(5), key=keys.__getitem__)
 

@@ -384,7 +384,8 @@ def _check_vocab(path: Path, manifest: BundleManifest) -> None:
         itos = doc["itos"]
         specials = [int(doc[k]) for k in ("pad", "bos", "eos", "unk")]
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
-        raise BundleError(f"report vocabulary {path.name} is not a vocabulary ({err!r})") from None
+        why = "not UTF-8 JSON" if isinstance(err, UnicodeDecodeError) else f"{type(err).__name__}: {str(err)[:120]}"
+        raise BundleError(f"report vocabulary {path.name} is not a vocabulary ({why})") from None
     if not isinstance(itos, list) or any(not 0 <= i < len(itos) for i in specials):
         raise BundleError(f"report vocabulary {path.name}: 'itos' must list every word, special tokens included")
     dec = next((m for m in manifest.models if m.role == "report_decoder"), None)
