@@ -4,6 +4,8 @@ read the results; draw a region of interest and analyse it alone; open a PACS jo
 a wrong key and another tenant's job are refused in the page; axe-core audits every view. Everything behind it is
 real: uvicorn, the embedded runner, the tiny exported bundle, Orthanc with DICOMweb holding the CMU slide as DICOM
 WSI. Screenshots go to $MSTAR_UI_SHOTS (docs/viewer when refreshing the committed ones) or a temporary folder.
+A second, shorter test (no PACS) switches jobs while the answers about the job opened before are held back, and
+outlines a MultiPolygon region.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import httpx
 import pytest
 from inference_fixtures import build_tiny_bundle
 from services import dicomize, live_server, run_orthanc, wait_job
-from shapely.geometry import Point, shape
+from shapely.geometry import MultiPolygon, Point, shape
 
 from service.api import create_app
 from service.config import Settings
@@ -213,3 +215,181 @@ def test_viewer_end_to_end(
         assert lay["overlaps"] == [] and lay["outside"] == [], v
     bad = [(v["view"], x) for v in views for x in v["violations"] if x["impact"] in ("serious", "critical")]
     assert bad == [], bad
+
+
+# Opens job B after job A (and B alone) while the answers about A are held back by Playwright's routing, and prints
+# what the page shows once every held answer has come: only B's results, B's patches and B's heatmap may be there.
+# Env: BASE_URL, API_KEY, FULL_JOB (A), REGION_JOB (B), CHROMIUM; run with the repository root as the working folder.
+SWITCH_FLOW = r"""
+import { join } from "node:path";
+import { createRequire } from "node:module";
+
+const require = createRequire(join(process.cwd(), "ui", "package.json"));
+const { chromium } = require("playwright-core");
+const env = process.env;
+const A = env.FULL_JOB, B = env.REGION_JOB;
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+const browser = await chromium.launch({ executablePath: env.CHROMIUM, headless: true,
+  args: ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"] });
+const out = { rounds: {}, failures: [] };
+try {
+  const page = await (await browser.newContext({ viewport: { width: 1280, height: 800 } })).newPage();
+  page.setDefaultTimeout(30000);
+  page.on("pageerror", (e) => out.failures.push(String(e)));
+  page.on("console", (m) => { if (m.type() === "error") out.failures.push(m.text()); });
+  // Holds back the first request whose path matches `re` until release() is called: started resolves when the page
+  // asks for it, done once it is answered (or found aborted by the page).
+  const hold = async (re) => {
+    let started, done, release, used = false;
+    const s = new Promise((r) => { started = r; }), d = new Promise((r) => { done = r; });
+    const go = new Promise((r) => { release = r; });
+    await page.route((u) => re.test(new URL(u).pathname), async (route) => {
+      if (used) { await route.fallback(); return; }
+      used = true;
+      started();
+      await go;
+      await route.continue().catch(() => {});  // the page may have aborted it meanwhile
+      done();
+    });
+    return { started: s, done: d, release };
+  };
+  const shownB = () => page.waitForFunction((b) => state.job === b && region.closed &&
+    document.getElementById("viewer").dataset.overlay === "on" && document.querySelector("#downloads li") !== null, B);
+  const seen = () => page.evaluate(() => ({
+    job: state.job,
+    worldItems: state.viewer.world.getItemCount(),
+    headings: document.querySelectorAll("#classification p").length,
+    bars: document.querySelectorAll("#classification .bar").length,
+    downloads: [...document.querySelectorAll("#downloads button")].map((b) => b.dataset.href),
+    patches: state.patches ? state.patches.cells.size : null,
+    outlines: [...document.querySelectorAll(".roi-layer path.roi")].map((p) => Number(p.dataset.rings)),
+    shown: region.shown,
+    regionStatus: document.getElementById("region-status").textContent,
+  }));
+  const open = (id) => page.evaluate((j) => { location.hash = `job=${j}`; }, id);
+
+  await page.goto(`${env.BASE_URL}/ui`);
+  await page.fill("#api-key", env.API_KEY);
+  await page.click("#signin-btn");
+  await page.waitForSelector("#jobs li[data-job-id]");
+  // B alone, its first GET /jobs/B held until a poll of the job list (which finds B succeeded) has been answered.
+  let held = await hold(new RegExp(`^/jobs/${B}$`));
+  await open(B);
+  await held.started;
+  await page.waitForResponse((r) => new URL(r.url()).pathname === "/jobs");
+  await sleep(200);
+  held.release();
+  await held.done;
+  await shownB();
+  await sleep(500);
+  out.rounds.alone = await seen();
+  // A, then B 100 ms later while A's results are on their way; they come once B is shown.
+  held = await hold(new RegExp(`^/jobs/${A}/result$`));
+  await open(A);
+  await held.started;
+  await sleep(100);
+  await open(B);
+  await shownB();
+  held.release();
+  await held.done;
+  await sleep(800);
+  out.rounds.resultsLate = await seen();
+  // A, then B while A's heatmap is on its way; it comes once B is shown.
+  held = await hold(new RegExp(`^/jobs/${A}/heatmap$`));
+  await open(A);
+  await held.started;
+  await open(B);
+  await shownB();
+  held.release();
+  await held.done;
+  await sleep(1200);  // time for a late heatmap to be decoded and added to the slide
+  out.rounds.heatmapLate = await seen();
+  // The overlay toggle hides every heatmap on the slide.
+  await page.uncheck("#overlay-toggle");
+  out.opacitiesOff = await page.evaluate(() => {
+    const w = state.viewer.world;
+    return [...Array(w.getItemCount()).keys()].slice(1).map((i) => w.getItemAt(i).getOpacity());
+  });
+} finally {
+  await browser.close();
+}
+console.log(JSON.stringify(out));
+"""
+
+
+def test_viewer_job_switch_and_multipolygon_region(
+    playwright_ready, tmp_path: Path, tmp_path_factory, cmu_svs: Path
+) -> None:
+    """Answers about a job opened before never land on the job opened after it (results, patches, heatmap), a job's
+    results are shown once, the overlay toggle acts on the open job's heatmap, and a MultiPolygon region (one square
+    with a hole, another apart) is outlined whole on the slide."""
+    bundle = build_tiny_bundle(tmp_path_factory.getbasetemp())
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        bundle_dir=bundle,
+        runner_workers=1,
+        runner_poll_s=0.2,
+        api_keys=[{"tenant": "a", "key": KEY_A}],
+    )
+
+    def square(x0: int, y0: int, x1: int, y1: int) -> list[list[int]]:
+        return [[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]
+
+    multi = {
+        "type": "MultiPolygon",
+        "coordinates": [
+            [square(200, 200, 1100, 1100), square(500, 500, 800, 800)],
+            [square(1300, 1600, 2000, 2300)],
+        ],
+    }
+    with live_server(create_app(settings)) as url:
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY_A}"}, timeout=60) as a:
+            r = a.post("/slides", files={"file": ("cmu.svs", cmu_svs.read_bytes())})
+            assert r.status_code == 202, r.text
+            slide, full = r.json()["slide"]["id"], r.json()["job"]["id"]
+            r = a.post(f"/slides/{slide}/analyses", json={"region": multi})
+            assert r.status_code == 202, r.text
+            full, reg = _wait(a, full), _wait(a, r.json()["id"])
+            assert full["state"] == reg["state"] == "succeeded", (full, reg)
+            result = a.get(f"/jobs/{reg['id']}/result").json()
+            fc = a.get(f"/jobs/{reg['id']}/annotations.geojson").json()
+            full_fc = a.get(f"/jobs/{full['id']}/annotations.geojson").json()
+        flow = tmp_path / "switch_flow.mjs"
+        flow.write_text(SWITCH_FLOW)
+        env = {
+            **os.environ,
+            "BASE_URL": url,
+            "API_KEY": KEY_A,
+            "FULL_JOB": full["id"],
+            "REGION_JOB": reg["id"],
+            "CHROMIUM": CHROMIUM,
+        }
+        proc = subprocess.run(["node", str(flow)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        seen = json.loads(proc.stdout.strip().splitlines()[-1])
+
+    def detections(c: dict) -> int:
+        return sum(f["properties"]["objectType"] == "detection" for f in c["features"])
+
+    assert detections(fc) < detections(full_fc)  # the patches on the page tell the two jobs apart
+    heads = result["classification"]
+    want = {
+        "job": reg["id"],
+        "worldItems": 2,  # the slide and the region job's heatmap, nothing of the job opened before
+        "headings": len(heads),  # the results once, not twice, and not the other job's too
+        "bars": sum(len(v["probabilities"]) for v in heads.values()),
+        "patches": detections(fc),
+        "outlines": [2, 1],  # both polygons, the first with its hole
+        "regionStatus": f"Job {reg['id'][:8]} analysed only the outlined region.",
+    }
+    rounds = seen["rounds"]
+    assert list(rounds) == ["alone", "resultsLate", "heatmapLate"]
+    wrong = {name: {k: (got[k], v) for k, v in want.items() if got[k] != v} for name, got in rounds.items()}
+    assert not any(wrong.values()), wrong  # (seen, wanted) per round
+    roi = next(f for f in fc["features"] if f["properties"].get("name") == "Region of interest")
+    for name, got in rounds.items():
+        assert got["downloads"] and all(f"/jobs/{reg['id']}/" in h for h in got["downloads"]), (name, got)
+        outline = MultiPolygon([(rings[0], rings[1:]) for rings in got["shown"]])
+        assert outline.equals(shape(roi["geometry"])) and outline.equals(shape(multi)), (name, got["shown"])
+    assert seen["opacitiesOff"] == [0]
+    assert seen["failures"] == [], seen["failures"]  # no script error, no revoked heatmap URL read

@@ -4,7 +4,8 @@
 "use strict";
 
 const KEY = "mstar.apiKey";
-const state = { key: sessionStorage.getItem(KEY), viewer: null, job: null, overlay: null, overlayUrl: null,
+// state.open: the job now open (see openJob); state.job is its id and state.overlay its heatmap on the slide.
+const state = { key: sessionStorage.getItem(KEY), viewer: null, job: null, open: null, overlay: null,
   patches: null, poll: null, slideId: null, slideOpen: false };
 const $ = (id) => document.getElementById(id);
 
@@ -92,9 +93,10 @@ async function refreshLists() {
       s.size_bytes > 0 ? `${s.format.toUpperCase()} · ${(s.size_bytes / 1e6).toFixed(1)} MB` : `${s.format.toUpperCase()} series`,
       el("span", { class: "meta" }, `${s.id.slice(0, 8)}${known ? ` · ${dims.join(" × ")} px` : " · in the PACS"}`));
   }));
-  if (state.job) {
-    const cur = jobs.items.find((j) => j.id === state.job);
-    if (cur && cur.state === "succeeded" && !state.shown) showJob(state.job);
+  const open = state.open;  // a job opened before it succeeded: its results are shown once, when it has
+  if (open && open.waiting && !isStale(open)) {
+    const cur = jobs.items.find((j) => j.id === open.id);
+    if (cur && cur.state === "succeeded") { open.waiting = false; showJob(open); }
   }
 }
 
@@ -134,16 +136,39 @@ function openFromHash() {
   if (m) openJob(m[1]);
 }
 
+// Each opened job gets its own context. Opening another job aborts its requests (their signal) and removes what it
+// put on the page, and every continuation checks that its context is still the open one before it touches the
+// page: a slow answer about one job never lands on the job opened after it.
+function closeJob() {
+  const open = state.open;
+  state.open = null; state.job = null; state.overlay = null;
+  if (!open) return;
+  open.ctl.abort();
+  for (const ov of open.overlays) {
+    if (ov.pending) continue;  // still being added: its success callback removes it (the job is stale by then)
+    if (ov.item && state.viewer) state.viewer.world.removeItem(ov.item);
+    URL.revokeObjectURL(ov.url);
+  }
+  open.overlays = [];
+}
+
+const isStale = (open) => state.open !== open;
+
 async function openJob(id) {
-  state.job = id; state.shown = false;
+  closeJob();
+  const open = { id, ctl: new AbortController(), shown: false, waiting: false, overlays: [] };
+  const signal = open.ctl.signal;
+  state.open = open; state.job = id;
   for (const li of document.querySelectorAll("#jobs li[data-job-id]")) li.classList.toggle("current", li.dataset.jobId === id);
   $("job-error").textContent = "";
   clearResults();
+  if (region.aboutJob) { $("region-status").textContent = ""; region.aboutJob = false; }  // it described the last job
   let job;
   try {
-    job = await apiJson(`/jobs/${encodeURIComponent(id)}`);
+    job = await apiJson(`/jobs/${encodeURIComponent(id)}`, { signal });
   } catch (e) {
-    state.job = null;
+    if (isStale(open)) return;
+    closeJob();
     $("job-error").textContent = e.status === 404 ? "Job not found: it does not exist or belongs to another account."
       : `Cannot open the job: ${e.message}`;
     if (state.viewer) state.viewer.close();
@@ -152,23 +177,30 @@ async function openJob(id) {
     $("hover-info").textContent = "No slide open.";
     return;
   }
+  if (isStale(open)) return;
   try {
-    await openSlide(job.slide_id);
+    await openSlide(open, job.slide_id);
   } catch (e) {  // e.g. a slide that lives in a PACS: its results are still shown
+    if (isStale(open)) return;
     state.slideOpen = false; state.slideId = null;
     regionReset(true);  // a region drawn on another slide must not be sent for this one
     if (state.viewer) state.viewer.close();
     $("hover-info").textContent = `The slide cannot be shown here: ${e.message}`;
   }
-  if (job.state === "succeeded") await showJob(id);
-  else $("hover-info").textContent = `Job ${job.state}${job.error ? ": " + job.error.message : ""}; results appear when it succeeds.`;
+  if (isStale(open)) return;
+  if (job.state === "succeeded") await showJob(open);
+  else {
+    open.waiting = true;  // refreshLists shows the results when the job succeeds
+    $("hover-info").textContent = `Job ${job.state}${job.error ? ": " + job.error.message : ""}; results appear when it succeeds.`;
+  }
 }
 
-async function openSlide(slideId) {
+async function openSlide(open, slideId) {
   const other = slideId !== state.slideId;  // a region belongs to the slide it was drawn on
   state.slideId = slideId; state.slideOpen = false;
   regionReset(other);
-  const dz = await apiJson(`/slides/${encodeURIComponent(slideId)}/dzi`);
+  const dz = await apiJson(`/slides/${encodeURIComponent(slideId)}/dzi`, { signal: open.ctl.signal });
+  if (isStale(open)) return;
   const source = { width: dz.width, height: dz.height, tileSize: dz.tileSize, tileOverlap: dz.tileOverlap,
     minLevel: dz.minLevel, maxLevel: dz.maxLevel,
     getTileUrl: (l, x, y) => dz.tiles.replace("{level}", l).replace("{col}", x).replace("{row}", y) };
@@ -179,21 +211,30 @@ async function openSlide(slideId) {
     new OpenSeadragon.MouseTracker({ element: state.viewer.canvas, moveHandler: onHover }).setTracking(true);
     regionWire(state.viewer);
   }
-  state.overlay = null;
   state.viewer.open(source);
   state.slideOpen = true;
   $("region-draw").disabled = false;
   $("hover-info").textContent = "Slide loaded.";
 }
 
-async function showJob(id) {
-  state.shown = true;
-  const [job, result] = await Promise.all([apiJson(`/jobs/${encodeURIComponent(id)}`),
-    apiJson(`/jobs/${encodeURIComponent(id)}/result`)]);
+async function showJob(open) {
+  if (open.shown || isStale(open)) return;  // once per opened job
+  open.shown = true;
+  const id = open.id, signal = open.ctl.signal;
+  let job, result;
+  try {
+    [job, result] = await Promise.all([apiJson(`/jobs/${encodeURIComponent(id)}`, { signal }),
+      apiJson(`/jobs/${encodeURIComponent(id)}/result`, { signal })]);
+  } catch (e) {
+    if (!isStale(open)) $("job-error").textContent = `Cannot load the results: ${e.message}`;
+    return;
+  }
+  if (isStale(open)) return;
   renderResults(id, result, job.links);
   if (!state.slideOpen) return;  // results only (the reason is already on the page)
   try {
-    const fc = await apiJson(`/jobs/${encodeURIComponent(id)}/annotations.geojson`);
+    const fc = await apiJson(`/jobs/${encodeURIComponent(id)}/annotations.geojson`, { signal });
+    if (isStale(open)) return;
     indexPatches(fc);
     const roi = fc.features.find((f) => f.properties.objectType === "annotation" && f.properties.name === "Region of interest");
     if (roi) {
@@ -204,29 +245,42 @@ async function showJob(id) {
       $("region-status").textContent = "";
       region.aboutJob = false;
     }
-    await loadOverlay(id);
+    await loadOverlay(open);
+    if (isStale(open)) return;
     $("hover-info").textContent = "Hover a patch to see its attention and scores.";
   } catch (e) {
+    if (isStale(open)) return;
     $("hover-info").textContent = `No per-patch scores for this job (${e.message}).`;
   }
 }
 
 // --- heatmap overlay and hover -------------------------------------------------------------------------------
-async function loadOverlay(id) {
-  const blob = await (await api(`/jobs/${encodeURIComponent(id)}/heatmap`)).blob();
-  if (state.overlayUrl) URL.revokeObjectURL(state.overlayUrl);
-  state.overlayUrl = URL.createObjectURL(blob);
+// The heatmap is a blob URL that OpenSeadragon reads its one tile from: it stays valid while the overlay is on the
+// slide and is revoked when the overlay is removed (another job opened).
+async function loadOverlay(open) {
+  const blob = await (await api(`/jobs/${encodeURIComponent(open.id)}/heatmap`, { signal: open.ctl.signal })).blob();
+  if (isStale(open)) return;
+  const ov = { url: URL.createObjectURL(blob), item: null, pending: true };
+  open.overlays.push(ov);
   const opacity = $("overlay-opacity").value / 100;
-  state.viewer.addTiledImage({ tileSource: { type: "image", url: state.overlayUrl, buildPyramid: false },
+  const settled = () => { ov.pending = false; if (isStale(open)) URL.revokeObjectURL(ov.url); };
+  state.viewer.addTiledImage({ tileSource: { type: "image", url: ov.url, buildPyramid: false },
     x: 0, y: 0, width: 1, opacity, loadTilesWithAjax: false,
-    success: (ev) => { state.overlay = ev.item; $("overlay-toggle").checked = true; $("viewer").dataset.overlay = "on"; } });
+    success: (ev) => {
+      settled();
+      if (isStale(open)) { state.viewer.world.removeItem(ev.item); return; }  // another job opened meanwhile
+      ov.item = ev.item; state.overlay = ev.item;
+      $("overlay-toggle").checked = true; $("viewer").dataset.overlay = "on";
+    },
+    error: settled });
   $("overlay-toggle").disabled = false; $("overlay-opacity").disabled = false;
 }
 
-function setOverlay() {
-  if (!state.overlay) return;
+function setOverlay() {  // every heatmap of the open job (one), never another job's
+  const items = state.open ? state.open.overlays.map((ov) => ov.item).filter(Boolean) : [];
+  if (!items.length) return;
   const on = $("overlay-toggle").checked;
-  state.overlay.setOpacity(on ? $("overlay-opacity").value / 100 : 0);
+  for (const item of items) item.setOpacity(on ? $("overlay-opacity").value / 100 : 0);
   $("viewer").dataset.overlay = on ? "on" : "off";
 }
 
@@ -344,7 +398,9 @@ function renderResults(id, r, links) {
 // Vertices are kept in level-0 image pixels (the API's and QuPath's space) and drawn in an SVG layer that
 // follows the viewport; the layer ignores the pointer, so panning and zooming work while drawing.
 const SVG_NS = "http://www.w3.org/2000/svg";
-const region = { drawing: false, points: [], closed: false, layer: null, aboutJob: false };
+// shown: the region of the finished job that is open, as polygons (each a list of rings: its outline, then its holes,
+// without the closing vertex); points is then the first polygon's outline.
+const region = { drawing: false, points: [], closed: false, shown: null, layer: null, aboutJob: false };
 
 function regionWire(viewer) {
   region.layer = document.createElementNS(SVG_NS, "svg");
@@ -389,7 +445,20 @@ function regionDraw() {
   const layer = region.layer;
   if (!layer || !state.viewer || !state.viewer.world.getItemCount()) return;
   const item = slideItem();
-  const pts = region.points.map(([x, y]) => item.imageToViewerElementCoordinates(new OpenSeadragon.Point(x, y)));
+  const screen = ([x, y]) => item.imageToViewerElementCoordinates(new OpenSeadragon.Point(x, y));
+  if (region.shown) {  // a job's region: one path per polygon, holes cut out (even-odd)
+    layer.replaceChildren(...region.shown.map((rings) => {
+      const path = document.createElementNS(SVG_NS, "path");
+      path.setAttribute("d", rings.map((ring) => "M" + ring.map(screen)
+        .map((q) => `${q.x.toFixed(1)},${q.y.toFixed(1)}`).join(" L") + " Z").join(" "));
+      path.setAttribute("fill-rule", "evenodd");
+      path.setAttribute("class", "roi closed");
+      path.dataset.rings = String(rings.length);
+      return path;
+    }));
+    return;
+  }
+  const pts = region.points.map(screen);
   const shape = document.createElementNS(SVG_NS, region.closed ? "polygon" : "polyline");
   shape.setAttribute("points", pts.map((q) => `${q.x.toFixed(1)},${q.y.toFixed(1)}`).join(" "));
   shape.setAttribute("class", region.closed ? "roi closed" : "roi");
@@ -411,7 +480,7 @@ function regionSetDrawing(on) {
 
 function regionStart() {
   if (region.drawing) { regionClose(); return; }
-  region.points = []; region.closed = false;
+  region.points = []; region.closed = false; region.shown = null;
   regionSetDrawing(true);
   regionDraw();
   $("region-clear").disabled = false;
@@ -436,21 +505,23 @@ function regionClose() {
 
 function regionCancel() {
   regionSetDrawing(false);
-  region.points = []; region.closed = false;
+  region.points = []; region.closed = false; region.shown = null;
   regionDraw();
   $("region-status").textContent = "Drawing cancelled.";
 }
 
-function regionShow(geometry) {  // the region a finished job was limited to (outer ring of its first polygon)
-  const ring = geometry.type === "MultiPolygon" ? geometry.coordinates[0][0] : geometry.coordinates[0];
-  region.points = ring.slice(0, -1).map(([x, y]) => [x, y]);
+function regionShow(geometry) {  // the region a finished job was limited to: every polygon, holes included
+  const polygons = geometry.type === "MultiPolygon" ? geometry.coordinates : [geometry.coordinates];
+  region.shown = polygons.map((rings) => rings.map((ring) => ring.slice(0, -1).map(([x, y]) => [x, y])))
+    .filter((rings) => rings.length && rings[0].length >= 3);
+  region.points = region.shown.length ? region.shown[0][0] : [];
   region.closed = true;
   regionDraw();
 }
 
 function regionReset(forget) {  // forget: another slide (or none) is opened, so the pasted/drawn region goes too
   regionSetDrawing(false);
-  region.points = []; region.closed = false;
+  region.points = []; region.closed = false; region.shown = null;
   if (region.layer) region.layer.replaceChildren();
   $("region-draw").disabled = true;
   if (!forget) return;
@@ -473,6 +544,7 @@ async function regionRun() {
     const job = await apiJson(`/slides/${encodeURIComponent(state.slideId)}/analyses`, {
       method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ region: geojson }) });
     $("region-status").textContent = `Region analysis queued (job ${job.id.slice(0, 8)}).`;
+    region.aboutJob = false;  // the line is about the new job now: opening it keeps it
     location.hash = `job=${job.id}`;
     refreshLists();
   } catch (e) {
