@@ -120,6 +120,12 @@ def test_every_access_to_tenant_data_is_audited(server, cmu_svs) -> None:
         ("GET", "/metrics", {}, None, None),
         ("GET", "/models", {}, None, None),
         ("POST", "/models/reload", {}, None, ("reload", "model", None)),
+        # a PACS analysis was not audited at all, and these result contents were logged as plain reads
+        ("POST", "/pacs/analyses", {}, "/jobs/j3", ("create", "job", "j3")),
+        ("GET", "/jobs/{job_id}/fhir", {"job_id": "j"}, None, ("download", "job", "j")),
+        ("GET", "/jobs/{job_id}/dicom", {"job_id": "j"}, None, ("download", "job", "j")),
+        ("GET", "/jobs/{job_id}/annotations.geojson", {"job_id": "j"}, None, ("download", "job", "j")),
+        ("GET", "/jobs/{job_id}/heatmap", {"job_id": "j"}, None, ("download", "job", "j")),
     ],
 )
 def test_audit_actions_from_route_templates(method, template, params, location, expected) -> None:

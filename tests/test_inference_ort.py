@@ -189,6 +189,14 @@ def test_served_zeroshot_equals_the_evaluated_one(backend: OrtBackend, models: d
     assert res["best"] == prompts[int(logits.argmax())]
     with pytest.raises(InvalidParameterError, match="prompts"):
         zeroshot.score(backend.bundle, backend, feats, None, [])
+    assert "warnings" not in res and not any("truncated" in p for p in res["prompts"])
+    # past the tokenizer's limit two prompts that differ only in their ends scored the same, without a word
+    limit = backend.bundle.manifest.tokenizer.max_length
+    long = ["tumour " * limit + "benign lesion", "tumour " * limit + "metastatic high grade carcinoma"]
+    cut = zeroshot.score(backend.bundle, backend, feats, None, [*long, "normal"])
+    assert [p.get("truncated", False) for p in cut["prompts"]] == [True, True, False]
+    assert cut["prompts"][0]["cosine"] == pytest.approx(cut["prompts"][1]["cosine"], abs=1e-6)
+    assert len(cut["warnings"]) == 2 and f"{limit} tokens and was cut" in cut["warnings"][0]
 
 
 def test_zeroshot_method_comes_from_the_manifest(bundle_dir: Path, models: dict, tmp_path: Path) -> None:

@@ -89,3 +89,17 @@ def test_tiff_reader_concurrent_reads_match_serial(containers):
         for t in threads:
             t.join()
     assert all(np.array_equal(serial[i], out[i]) for i in range(len(jobs)))
+
+
+def test_opening_a_dicom_series_logs_no_paths_or_uids(dicom_dir, caplog) -> None:
+    """wsidicom warned, nine lines a slide, with the file path and the Study, Series and Frame-of-Reference UIDs
+    of each instance whose frame of reference differs from its series' (the sample's do), into the gateway log;
+    the service logs ids only."""
+    import logging
+
+    from service.slides.open import open_slide
+
+    with caplog.at_level(logging.WARNING), open_slide(dicom_dir) as reader:
+        assert reader.read_region((0, 0), 0, (16, 16)).shape == (16, 16, 3)
+    leaked = [r.getMessage() for r in caplog.records if "1.2.276" in r.getMessage() or str(dicom_dir) in r.getMessage()]
+    assert not leaked, leaked[:1]

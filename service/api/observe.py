@@ -33,8 +33,22 @@ if TYPE_CHECKING:
 log = logging.getLogger("mstar.audit")
 
 #: first path segment -> audited resource kind
-RESOURCES = {"slides": "slide", "jobs": "job", "batches": "batch", "audit": "audit", "models": "model"}
-DOWNLOADS = {"result", "features", "heatmap.png", "thumbnail", "thumbnail.png", "preview", "download"}
+RESOURCES = {"slides": "slide", "jobs": "job", "batches": "batch", "audit": "audit", "models": "model", "pacs": "pacs"}
+# every route that hands out a result's content (the FHIR report, the DICOM objects, the outlines and heatmaps were
+# logged as plain reads)
+DOWNLOADS = {
+    "result",
+    "features",
+    "heatmap.png",
+    "heatmap",
+    "annotations.geojson",
+    "fhir",
+    "dicom",
+    "thumbnail",
+    "thumbnail.png",
+    "preview",
+    "download",
+}
 VERBS = {"cancel", "reload"}
 _UNPRINTABLE = re.compile(r"[^\x20-\x7e]")  # a path parameter is stored as plain ASCII (NUL breaks PostgreSQL)
 

@@ -38,7 +38,11 @@ def keys() -> None:
 
 @keys.command("create")
 @click.option("--tenant", required=True, help="tenant name (created when new)")
-@click.option("--admin", is_flag=True, help="also grant the admin scope (model management)")
+@click.option(
+    "--admin",
+    is_flag=True,
+    help="also grant the admin scope: deployment-wide (model reloads, PACS servers, every tenant's audit log)",
+)
 def create(tenant: str, admin: bool) -> None:
     """Print a new key for TENANT; keep it, it cannot be shown again."""
     from service.store import repo

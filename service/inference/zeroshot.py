@@ -80,13 +80,29 @@ def score(
     logits = spec.logits(text, tokens, slide_emb)
     probs = spec.probabilities(logits)
     best = int(logits.argmax())
-    return {
+    cut = truncated_prompts(bundle, prompts)
+    out = {
         "prompts": [
-            {"prompt": p, "cosine": float(c), "probability": float(q)}
-            for p, c, q in zip(prompts, logits, probs, strict=True)
+            {"prompt": p, "cosine": float(c), "probability": float(q), **({"truncated": True} if i in cut else {})}
+            for i, (p, c, q) in enumerate(zip(prompts, logits, probs, strict=True))
         ],
         "best": prompts[best],
         "method": spec.method,
         "topk": spec.topk if spec.method == "mi_zero_topk" else None,
         "logit_scale": spec.logit_scale,
     }
+    if cut:
+        # past the tokenizer's limit the text encoder never sees the rest: two prompts differing only there score
+        # the same, which is worth saying rather than leaving the user to wonder
+        out["warnings"] = [
+            f"prompt {i + 1} is longer than the text encoder's {bundle.manifest.tokenizer.max_length} tokens and was "
+            "cut: only its beginning was scored"
+            for i in sorted(cut)
+        ]
+    return out
+
+
+def truncated_prompts(bundle: Bundle, prompts: list[str]) -> set[int]:
+    """Indices of the prompts the tokenizer cut at its `max_length`."""
+    tok = _tokenizer(str(bundle.tokenizer_path), bundle.manifest.tokenizer.max_length)
+    return {i for i, enc in enumerate(tok.encode_batch(prompts)) if enc.overflowing}

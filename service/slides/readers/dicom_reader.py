@@ -9,6 +9,7 @@ transform flag, component ids) and, when they contradict the label, decode the f
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import warnings
@@ -36,6 +37,10 @@ from service.slides.readers._common import (
     to_rgb,
     white,
 )
+
+# wsidicom warns with file paths and Study/Series/Frame-of-Reference UIDs (an instance whose frame of reference
+# differs from its series', nine lines a slide): patient-linked metadata that the service never logs
+logging.getLogger("wsidicom").setLevel(logging.ERROR)
 
 WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"
 JPEG_SYNTAXES = {"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51"}
