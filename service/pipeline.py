@@ -6,9 +6,12 @@ The CLI (`mstar analyze`), the embedded job runner and the Celery tasks are thin
     run_analysis(slide_path, out_dir, options, *, bundle_dir=None, backend=None, progress=None,
                  should_cancel=None) -> dict
 
-writes into `out_dir` (atomically, file by file): `result.json`, `features.h5` (CLAM/TRIDENT layout), `heatmap.png`
-when an aggregator gives attention, `patch_scores.h5` (per-patch attention and class scores, tissue outline;
-`service.results.patch_scores`) with a bundle, and returns the result dict that `result.json` holds. Without a bundle it
+writes into `out_dir`: `result.json`, `features.h5` (CLAM/TRIDENT layout), `heatmap.png` when an aggregator gives
+attention, `patch_scores.h5` (per-patch attention and class scores, tissue outline; `service.results.patch_scores`)
+with a bundle, and returns the result dict that `result.json` holds. The files are written into a staging folder
+inside `out_dir` and moved in together only when the analysis succeeded, `result.json` last; a previous analysis's
+files that this one does not write go, so the folder never mixes two analyses (a failed run used to leave its new
+`features.h5` beside the previous slide's `result.json`). Without a bundle it
 stops after tiling (coordinates only) and says so in the result.
 `progress(stage, fraction)` is called with stages "open", "grid", "embed", "aggregate", "heads", "report",
 "write"; `should_cancel()` is polled between batches and raises `JobCanceled` when true.
@@ -19,6 +22,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -252,7 +258,7 @@ def run_analysis(
     source = slide_path if hasattr(slide_path, "open_reader") else None
     if source is None:
         slide_path = Path(slide_path)
-    out_dir = Path(out_dir)
+    final_dir = Path(out_dir)
     prog = _Progress(progress, should_cancel)
     started = time.time()
 
@@ -265,6 +271,8 @@ def run_analysis(
     owns_backend = backend is None and bundle is not None
     if owns_backend:
         backend = backend_from_settings(bundle)
+    final_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(tempfile.mkdtemp(prefix=".analysis-", dir=final_dir))
     try:
         opened = (
             source.open_reader(options.mpp_override)
@@ -289,7 +297,6 @@ def run_analysis(
                 "tiling": {**grid.summary(), "field_um": round(grid_mpp * patch_size, 4)},
                 "options": options.to_json(),
             }
-            out_dir.mkdir(parents=True, exist_ok=True)
             if bundle is None:
                 prog("write", 0.0)
                 write_h5(out_dir / "features.h5", grid)
@@ -305,10 +312,28 @@ def run_analysis(
         if embed_s:
             result["timings"]["patches_per_s"] = round(n_embed / embed_s, 2)
         _write_json_atomic(out_dir / "result.json", result)
+        _publish(out_dir, final_dir)
         return result
     finally:
+        shutil.rmtree(out_dir, ignore_errors=True)
         if owns_backend and backend is not None:
             backend.close()
+
+
+#: what an analysis may leave in its folder (`annotations.geojson`: `mstar analyze --geojson`, written after it)
+OUTPUT_NAMES = ("result.json", "features.h5", "patch_scores.h5", "heatmap.png", "annotations.geojson")
+
+
+def _publish(stage: Path, out_dir: Path) -> None:
+    """Move a finished analysis from `stage` into `out_dir`: the previous `result.json` goes first and the new one
+    comes last, so no moment shows a result beside another analysis's files; a previous analysis's other outputs
+    that this one did not write go too."""
+    (out_dir / "result.json").unlink(missing_ok=True)
+    for name in OUTPUT_NAMES:
+        if name != "result.json" and not (stage / name).exists():
+            (out_dir / name).unlink(missing_ok=True)
+    for path in sorted(stage.iterdir(), key=lambda p: p.name == "result.json"):
+        os.replace(path, out_dir / path.name)
 
 
 def _analyze_with_models(

@@ -222,3 +222,28 @@ def test_zero_shot_prompts_are_checked_before_any_tile_is_read() -> None:
     with pytest.raises(InvalidParameterError, match="non-empty and at most 1000"):
         AnalysisOptions(tasks=("zeroshot",), prompts=("tumour", "x" * 1001))
     assert AnalysisOptions(tasks=("zeroshot",), prompts=("tumour", "normal")).prompts == ("tumour", "normal")
+
+
+def test_a_failed_analysis_leaves_the_previous_one_whole(cmu_svs, tiny_bundle, tmp_path) -> None:
+    """An analysis that failed after writing its features left them beside the previous analysis's result.json
+    (another slide's), a folder that looked complete. The files now go into a staging folder and move in only
+    when the analysis succeeds; a later success replaces every output of the previous one."""
+    out = tmp_path / "out"
+    first = run_analysis(cmu_svs, out, AnalysisOptions(batch_size=32), bundle_dir=tiny_bundle)
+    (out / "annotations.geojson").write_text("{}")  # as `mstar analyze --geojson` leaves it
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    seen: list[str] = []
+    with pytest.raises(JobCanceled):  # fails after features.h5 and heatmap.png were written
+        run_analysis(
+            cmu_svs,
+            out,
+            AnalysisOptions(batch_size=32, tissue_threshold=0.5),
+            bundle_dir=tiny_bundle,
+            progress=lambda s, f: seen.append(s),
+            should_cancel=lambda: "heads" in seen,
+        )
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing changed, no staging left
+    second = run_analysis(cmu_svs, out, AnalysisOptions(batch_size=32, tissue_threshold=0.5), bundle_dir=tiny_bundle)
+    assert second["tiling"]["patches"] < first["tiling"]["patches"]
+    assert sorted(p.name for p in out.iterdir()) == ["features.h5", "heatmap.png", "patch_scores.h5", "result.json"]
+    _check_outputs(out, second)
