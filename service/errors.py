@@ -82,6 +82,14 @@ class NonFiniteResultError(MstarError):
     http_status = 422
 
 
+class BundleUnavailableError(MstarError):
+    """The configured model bundle was refused when the service loaded it: analyses cannot run until it is fixed
+    and reloaded, so they are refused at submit instead of failing one by one."""
+
+    code = "bundle_unavailable"
+    http_status = 503
+
+
 class BackendUnavailableError(MstarError):
     """An inference backend (Triton server, GPU provider) that cannot be reached or started."""
 

@@ -383,3 +383,27 @@ def test_identical_analyses_reuse_the_finished_result(server, cmu_svs: Path) -> 
         assert fresh["state"] == "succeeded" and fresh["attempts"] == 1 and "reused_from" not in fresh["options"]
         other = wait_job(c, c.post(f"/slides/{sid}/analyses", json={"tasks": ["embedding"]}).json()["id"])
         assert "reused_from" not in other["options"]  # other options: computed anew
+
+
+def test_a_refused_bundle_refuses_analyses_at_submit(tmp_path: Path, cmu_svs: Path) -> None:
+    """With its bundle refused (/readyz unavailable) the gateway still took analyses (202) and failed each one with
+    invalid_bundle, and an RNA request was told the bundle has no slide + RNA head. Each is now a 503 naming the
+    refusal, before anything is stored; a slide stored without analysis is still taken."""
+    bad = tmp_path / "bundle"
+    bad.mkdir()
+    (bad / "bundle.json").write_text("{not json")
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        bundle_dir=bad,
+        pipeline="runner_pipelines:tiny",
+        api_keys=[{"tenant": "a", "key": KEY_A}],
+    )
+    with live_server(create_app(settings)) as url, _client(url, KEY_A) as c:
+        r = c.post("/slides", files={"file": ("x.svs", cmu_svs.read_bytes())})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "bundle_unavailable", r.text
+        assert "not readable JSON" in r.json()["error"]["message"] and c.get("/slides").json()["total"] == 0
+        sid = c.post("/slides", files={"file": ("x.svs", cmu_svs.read_bytes())}, data={"analyze": "false"}).json()["id"]
+        for body in ({}, {"rna": {"genes": ["TP53"], "values": [1.0]}}):
+            r = c.post(f"/slides/{sid}/analyses", json=body)
+            assert r.status_code == 503 and r.json()["error"]["code"] == "bundle_unavailable", r.text
+        assert c.get("/jobs").json()["total"] == 0

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.api.metrics import Metrics
 from service.api.schemas import AnalysisRequest, ModelInfo, ModelsOut
 from service.config import Settings
-from service.errors import BundleError, InvalidParameterError, MstarError
+from service.errors import BundleError, BundleUnavailableError, InvalidParameterError, MstarError
 from service.jobs import lifecycle
 from service.jobs.factory import make_queue
 from service.jobs.protocol import JobQueue
@@ -160,8 +160,17 @@ class ServiceContext:
                 f"bundle version {wanted!r} is not served (this service runs {m.name} {self.bundle_version})"
             )
 
+    def require_bundle(self) -> None:
+        """Refuse (503) while the configured bundle is refused: each analysis was accepted and then failed."""
+        if self.settings.bundle_dir is not None and self.bundle is None:
+            raise BundleUnavailableError(
+                f"the model bundle was refused ({self.bundle_error}); no analysis can run until it is fixed and "
+                "reloaded (POST /models/reload)"
+            )
+
     def submit(self, tenant_id: str, slide: Slide, req: AnalysisRequest, **kwargs: Any) -> Submitted:
         """Queue an analysis of `slide` as `req` asks (see `service.jobs.submit`)."""
+        self.require_bundle()
         self.check_bundle_version(req.bundle_version)
         return submit_analysis(
             self.sessions,

@@ -83,6 +83,8 @@ def _store_upload(ctx, principal, parsed, idempotency_key: str | None) -> Respon
     try:
         source = parsed.fields.get("source")
         analyze = parse_bool(parsed.fields.get("analyze"), "analyze", True)
+        if analyze:
+            ctx.require_bundle()  # before anything is stored
         mpp = parse_mpp(parsed.fields.get("mpp_override"))
         if writer is None and source:
             check_client_source(ctx.blobs, source, settings.s3_source_buckets)
@@ -289,6 +291,7 @@ def create_analysis(
         from service.inference.rna_input import profile_from_lists, read_profile
 
         profile = read_profile(rna_file) if rna_file is not None else profile_from_lists(req.rna.genes, req.rna.values)
+        ctx.require_bundle()  # a refused bundle is not one without an RNA head
         rna = rna_channel.prepare(ctx.bundle, profile)
     job = _queue(ctx, principal.tenant_id, slide, req, idempotency_key, rna=rna)
     response.headers["Location"] = f"/jobs/{job.id}"
