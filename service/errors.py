@@ -82,6 +82,14 @@ class NonFiniteResultError(MstarError):
     http_status = 422
 
 
+class ResultDamagedError(MstarError):
+    """A finished job's stored result file is missing or unreadable (storage lost or damaged it): the server's fault,
+    said without its storage paths."""
+
+    code = "result_damaged"
+    http_status = 500
+
+
 class BundleUnavailableError(MstarError):
     """The configured model bundle was refused when the service loaded it: analyses cannot run until it is fixed
     and reloaded, so they are refused at submit instead of failing one by one."""

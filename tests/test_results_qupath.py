@@ -503,3 +503,20 @@ def test_heatmap_colouring_keeps_matplotlib_s_pixels_in_a_fraction_of_the_memory
     tracemalloc.stop()
     # the RGBA output (4 bytes a pixel) plus about a megapixel band of temporaries; was 56 bytes a pixel
     assert peak - 4 * big.size < 64e6, peak
+
+
+def test_a_lost_or_damaged_patch_score_file_is_said_without_storage_paths(tmp_path: Path) -> None:
+    """A missing or truncated patch_scores.h5 answered 422 with the undocumented code `error` and a message holding
+    the server's absolute storage path (tenant id included). It is now `result_damaged` naming only the file."""
+    from service.errors import ResultDamagedError
+    from service.results import patch_scores
+
+    missing = tmp_path / "tenant-x" / "patch_scores.h5"
+    with pytest.raises(ResultDamagedError, match="is missing") as err:
+        patch_scores.read(missing)
+    assert err.value.code == "result_damaged" and "tenant-x" not in str(err.value)
+    missing.parent.mkdir()
+    missing.write_bytes(b"\x89HDF\r\n\x1a\n" + b"\x00" * 40)
+    with pytest.raises(ResultDamagedError, match="not a readable patch score file") as err:
+        patch_scores.read(missing)
+    assert str(tmp_path) not in str(err.value)

@@ -90,6 +90,7 @@ def test_gene_ids_are_normalised() -> None:
         (b"Gene,Value\nTP53,nan\n", "not finite"),
         (b"Gene,Value\nTP53,inf\n", "not finite"),
         (b"Gene,Value\nTP53,1e39\n", "not finite"),  # inf in float32: every output was NaN
+        (b"Gene,Value\nTP53,1_000\n", "not a number"),  # Python's float() took it as 1000
         (b"Gene,Value\n<script>,1\n", "not a gene identifier"),
         (b"a,b,c\n1,2,3\n", "format not recognised"),
         (b"\xff\xfe\x00bad", "not UTF-8"),

@@ -59,6 +59,8 @@ FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 def _number(text: str, row: int) -> float:
     try:
+        if "_" in text:  # Python's float() reads 1_000 as 1000; no expression table writes that
+            raise ValueError(text)
         value = float(text)
     except ValueError:
         raise InvalidParameterError(f"RNA row {row}: the value is not a number") from None

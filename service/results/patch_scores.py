@@ -24,7 +24,7 @@ import h5py
 import numpy as np
 
 from service.atomic import atomic_path
-from service.errors import MstarError
+from service.errors import ResultDamagedError
 
 if TYPE_CHECKING:
     from service.inference.backend import BundleBackend
@@ -188,10 +188,14 @@ def read(path: str | Path) -> PatchScores:
             for key in ("tissue", "region"):
                 if key in f:
                     setattr(scores, key, json.loads(f[key][()]))
-    except (OSError, KeyError) as err:
-        raise MstarError(f"{path.name}: not a patch score file ({err})") from None
+    except FileNotFoundError:
+        raise ResultDamagedError(f"{path.name} (the per-patch scores) is missing") from None
+    except (OSError, KeyError, ValueError) as err:  # h5py's messages name the file's full (storage) path
+        raise ResultDamagedError(
+            f"the job's {path.name} is not a readable patch score file ({type(err).__name__})"
+        ) from None
     n = len(coords)
     for arr in [scores.attention] + [a for h in scores.heads for a in (h.attention, h.probabilities)]:
         if arr is not None and arr.shape[0] != n:
-            raise MstarError(f"{path.name}: {arr.shape[0]} score rows for {n} patches")
+            raise ResultDamagedError(f"{path.name} has {arr.shape[0]} score rows for {n} patches")
     return scores
