@@ -353,3 +353,35 @@ def test_time_limits_follow_the_celery_settings(env) -> None:
     assert time_limits(Settings(data_dir=settings.data_dir)) == (3240.0, 3600.0)
     with pytest.raises(InvalidParameterError, match="must be below"):
         EmbeddedRunner(settings.model_copy(update={"task_time_limit_s": 5.0, "task_soft_time_limit_s": 5.0}))
+
+
+def test_a_job_whose_ending_was_never_recorded_runs_again_or_fails(env) -> None:
+    """With the job store's disk full, a worker's verdict and then the runner's crash handling both failed to
+    commit, and the job stayed `running` for ever (a cancel could not end it; a batch behind it never finished).
+    The runner's periodic sweep now takes such jobs, claimed by it and held by none of its workers, as after a
+    worker crash: run again, or failed once out of attempts."""
+    from service.store.models import utcnow
+
+    settings, submit, job, factory, _ = env
+    runner = EmbeddedRunner(settings)
+    lost, spent = submit(tasks=["embedding"]), submit(tasks=["embedding"])
+    with transaction(factory) as s:  # claimed by this runner, its ending never recorded
+        for job_id, attempts in ((lost, 1), (spent, settings.job_max_attempts)):
+            j = s.get(Job, job_id)
+            j.state, j.worker, j.attempts, j.started_at, j.heartbeat_at = (
+                "running",
+                runner.worker_name,
+                attempts,
+                utcnow(),
+                utcnow(),
+            )
+    runner._reap_own()
+    assert job(lost).state == "queued"
+    failed = job(spent)
+    assert failed.state == "failed" and failed.error_code == "worker_crashed"
+    assert "could not be recorded" in failed.error_message
+    runner.start()
+    try:
+        assert _wait(job, lost).state == "succeeded"
+    finally:
+        runner.stop()

@@ -89,6 +89,17 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, err: Exception) -> JSONResponse:
+        from service.errors import is_disk_full
+        from service.store.db import db_full
+
+        if is_disk_full(err, also=db_full):  # e.g. a DELETE on a full disk: the store refused the write
+            log.error(
+                "no space left in the store on %s %s",
+                request.method,
+                request.scope.get("route") and request.scope["route"].path,
+            )
+            message = "the store has no space left, so the request was not carried out; retry when space is freed"
+            return JSONResponse(error_body("storage_full", message), status_code=507)
         log.exception(
             "unhandled error on %s %s",
             request.method,

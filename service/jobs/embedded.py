@@ -357,7 +357,27 @@ class EmbeddedRunner:
         self._replace_workers()
         self._fill()
         if time.monotonic() - self._swept_at >= self.settings.worker_lease_s:
+            self._reap_own()
             self._sweep_webhooks(settled_s=self.settings.worker_lease_s)
+
+    def _reap_own(self) -> None:
+        """Jobs this runner claimed that none of its workers holds: their ending never reached the job store (a full
+        disk, the database down for a moment), so they stayed `running` for ever, and a cancel could not end them.
+        They run again, or fail once out of attempts, as after a worker crash. Runs on the dispatcher thread, which
+        alone claims and hands out jobs, so a job between its claim and its worker is never taken for one of these."""
+        with self._lock:
+            held = {slot.lease.job_id for slot in self._slots if slot.lease is not None}
+        with transaction(self._factory) as s:
+            rows = s.execute(
+                select(Job.id, Job.attempts).where(Job.state == "running", Job.worker == self.worker_name)
+            ).all()
+        for job_id, attempts in rows:
+            if job_id not in held:
+                log.warning("job %s: its ending was never recorded; running it again or failing it", job_id)
+                self._handle_crash(
+                    Lease(job_id, self.worker_name, attempts or 0),
+                    "the job's ending could not be recorded (the job store was full or unreachable)",
+                )
 
     def _sleep(self) -> None:
         """Until a worker reports or dies, a job is queued, a deadline passes or the poll period ends."""

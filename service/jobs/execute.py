@@ -36,7 +36,7 @@ from service.jobs.resources import open_store
 from service.obs import tracing
 from service.obs.context import bind_log_context, log_context
 from service.store.blobs import scratch_dir
-from service.store.db import transaction
+from service.store.db import db_full, transaction
 from service.store.models import Job, Slide
 
 log = logging.getLogger("mstar.jobs")
@@ -189,15 +189,7 @@ def job_tenant_name(s: Any, tenant_id: str) -> str:
 
 
 def _no_space(err: BaseException) -> bool:
-    return is_disk_full(err, also=_db_full)
-
-
-def _db_full(err: BaseException) -> bool:
-    """A job store write refused for lack of space (SQLite and PostgreSQL word it differently)."""
-    if not isinstance(err, DBAPIError):
-        return False
-    text = str(err.orig).lower()
-    return "disk is full" in text or "no space left" in text or "could not extend file" in text
+    return is_disk_full(err, also=db_full)
 
 
 # --- one job --------------------------------------------------------------------------------------------------
@@ -250,7 +242,7 @@ def _execute(lease: Lease, settings: Settings, pipeline: str | PipelineFn | None
                     raise LeaseLost(job_id)
                 state["cancel"] = not ok
         except DBAPIError as err:
-            if _db_full(err):  # SQLite beside the data on a full disk
+            if db_full(err):  # SQLite beside the data on a full disk
                 raise StorageFullError("no space left for the job store while processing this job") from err
             raise
         state["t_write"] = time.monotonic()

@@ -11,6 +11,7 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 
@@ -91,3 +92,11 @@ def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
 def ping(engine: Engine) -> None:
     with engine.connect() as conn:
         conn.execute(text("SELECT 1"))
+
+
+def db_full(err: BaseException) -> bool:
+    """A job store write refused for lack of space (SQLite and PostgreSQL word it differently)."""
+    if not isinstance(err, DBAPIError):
+        return False
+    text = str(err.orig).lower()
+    return "disk is full" in text or "no space left" in text or "could not extend file" in text
