@@ -10,6 +10,7 @@ come from `GET /jobs/{id}` and `GET /jobs/{id}/features`.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import sys
 import tempfile
@@ -24,6 +25,8 @@ from service.errors import InvalidParameterError, MstarError
 from service.ingest import series as dicom_series
 
 TERMINAL = ("succeeded", "failed", "canceled")
+# refusals that say nothing about a line: the submit stops, and the batch's record stays as it was
+_STOP = {"unauthorized", "forbidden", "server_unreachable", "internal_error", "busy", "bundle_unavailable"}
 
 
 class HttpBatch:
@@ -37,6 +40,8 @@ class HttpBatch:
             timeout=httpx.Timeout(30.0, write=600.0),
         )
         self.state_dir = Path(state_dir) if state_dir else Path.home() / ".mstar" / "batches"
+        # the key's fingerprint (not the key): a batch's record belongs to the key (tenant) that submitted it
+        self.key_id = hashlib.sha256(api_key.encode()).hexdigest()[:16]
 
     def _path(self, batch_id: str) -> Path:
         return self.state_dir / f"{batch_id}.json"
@@ -45,7 +50,14 @@ class HttpBatch:
         p = self._path(batch_id)
         if not p.is_file():
             raise InvalidParameterError(f"no batch {batch_id} in {self.state_dir}")
-        return json.loads(p.read_text())
+        rec = json.loads(p.read_text())
+        if rec.setdefault("key_id", self.key_id) != self.key_id:
+            # another key (another tenant) sees none of this batch's jobs: every line read `failed`, its slides
+            # were uploaded again into that tenant, and the record of the finished batch was overwritten
+            raise InvalidParameterError(
+                f"batch {batch_id} was submitted with another API key: use that key, or name a new batch (--batch-id)"
+            )
+        return rec
 
     def _save(self, rec: dict) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -53,18 +65,35 @@ class HttpBatch:
             tmp.write_text(json.dumps(rec, indent=1))
 
     def _job(self, job_id: str) -> dict:
-        r = self.client.get(f"/jobs/{job_id}")
-        if r.status_code != 200:
-            return {"state": "failed", "error": {"code": "job_not_found", "message": f"HTTP {r.status_code}"}}
+        r = self._call("GET", f"/jobs/{job_id}")
+        if r.status_code == 404:  # deleted (with its slide): the line failed, and a resubmission runs it again
+            return {"state": "failed", "error": {"code": "job_not_found", "message": "the job no longer exists"}}
+        if r.status_code != 200:  # a refused key or a server in trouble says nothing about the job: stop
+            _raise(r, f"GET /jobs/{job_id}")
         return r.json()
+
+    def _call(self, method: str, url: str, **kwargs) -> httpx.Response:
+        """A request; an unreachable server is one clear error, not a traceback."""
+        try:
+            return self.client.request(method, url, **kwargs)
+        except httpx.HTTPError as err:
+            exc = MstarError(f"cannot reach {self.server} ({type(err).__name__}); the batch record is unchanged")
+            exc.code = "server_unreachable"
+            raise exc from None
 
     def submit(self, manifest: str | Path, *, batch_id: str | None = None) -> dict:
         rows = parse_manifest(manifest)
         batch_id = batch_id or default_batch_id(self.server, manifest)
-        try:
+        if self._path(batch_id).is_file():
             rec = self._load(batch_id)
-        except InvalidParameterError:
-            rec = {"batch_id": batch_id, "server": self.server, "manifest": str(Path(manifest).resolve()), "items": {}}
+        else:
+            rec = {
+                "batch_id": batch_id,
+                "server": self.server,
+                "manifest": str(Path(manifest).resolve()),
+                "key_id": self.key_id,
+                "items": {},
+            }
         out = {"batch_id": batch_id, "queued": 0, "skipped_done": 0, "in_flight": 0, "failed_ingest": 0}
         for row in rows:
             item = rec["items"].get(row.source)
@@ -83,13 +112,15 @@ class HttpBatch:
                 "error_code": None,
                 "reason": None,
             }
-            rec["items"][row.source] = item
             try:
                 item["job_id"] = self._upload(row.source, row.mpp_override, row.rna)
                 out["queued"] += 1
             except MstarError as err:
+                if err.code in _STOP:  # about the key or the server, not this line: keep the record as it is
+                    raise
                 item["error_code"], item["reason"] = err.code, str(err)
                 out["failed_ingest"] += 1
+            rec["items"][row.source] = item
             self._save(rec)
         self._save(rec)
         return out
@@ -125,9 +156,9 @@ class HttpBatch:
             data["source"] = source
             # multipart, like a file upload: an empty files= makes httpx send a url-encoded form instead
             files = {k: (None, v) for k, v in data.items()}
-            r = self.client.post("/slides", files=files)
+            r = self._call("POST", "/slides", files=files)
         else:
-            r = self.client.post("/slides", files={"file": (name, fh)}, data=data)
+            r = self._call("POST", "/slides", files={"file": (name, fh)}, data=data)
         if r.status_code not in ((200, 201) if rna else (202,)):
             _raise(r, "upload")
         if rna:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import httpx
 import pytest
 
 from service.batch import BatchService, default_batch_id, parse_manifest
@@ -268,3 +269,45 @@ def test_a_line_without_a_job_is_failed_with_its_reason_and_a_resubmission_runs_
         assert len(again.queued) == 2 and svc.status(rep.batch_id).counts()["queued"] == 2
     finally:
         svc.close()
+
+
+def test_a_server_batch_record_survives_a_wrong_key_another_tenant_and_a_server_down(tmp_path, cmu_svs):
+    """`mstar submit --server` took any non-200 for a failed job: resubmitting with a wrong or revoked key replaced
+    every finished line's job with `unauthorized` (exit 0), another tenant's key re-uploaded every slide into that
+    tenant, and a server down was a traceback. Each now stops with one reason and leaves the record as it was."""
+    from services import free_port, live_server
+
+    from service.api import create_app
+    from service.batch_http import HttpBatch
+    from service.errors import MstarError
+
+    key_a, key_b = "lab-a-key-0123456789abcdef", "lab-b-key-0123456789abcdef"
+    (tmp_path / "a.svs").write_bytes(cmu_svs.read_bytes())
+    m = _write(tmp_path / "m.csv", "slide\na.svs\n")
+    settings = Settings(
+        data_dir=tmp_path / "srv",
+        pipeline="runner_pipelines:tiny",
+        runner_workers=1,
+        runner_poll_s=0.1,
+        api_keys=[{"tenant": "a", "key": key_a}, {"tenant": "b", "key": key_b}],
+    )
+    state = tmp_path / "state"
+    with live_server(create_app(settings)) as url:
+        first = HttpBatch(url, key_a, state)
+        batch = first.submit(m)["batch_id"]
+        assert first.follow(batch, poll_s=0.2)["succeeded"] == 1
+        record = (state / f"{batch}.json").read_bytes()
+        for other in ("wrong-key-0123456789abcdef", key_b):
+            with pytest.raises(InvalidParameterError, match="submitted with another API key"):
+                HttpBatch(url, other, state).submit(m)
+        fresh = _write(tmp_path / "m2.csv", "slide\na.svs\n")
+        with pytest.raises(MstarError) as err:  # a refused key stops the submit: no line is recorded as failed
+            HttpBatch(url, "wrong-key-0123456789abcdef", state).submit(fresh)
+        assert err.value.code == "unauthorized" and len(list(state.iterdir())) == 1
+        assert (state / f"{batch}.json").read_bytes() == record
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key_b}"}) as c:
+            assert c.get("/slides").json()["total"] == 0  # nothing uploaded into the other tenant
+    down = HttpBatch(f"http://127.0.0.1:{free_port()}", key_a, state)
+    with pytest.raises(MstarError) as err:
+        down.status(batch)
+    assert err.value.code == "server_unreachable" and (state / f"{batch}.json").read_bytes() == record
