@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from sqlalchemy import select
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
 
 from service.config import Settings
 from service.errors import InvalidParameterError, MstarError
@@ -155,6 +156,10 @@ class SubmitReport:
     failed_ingest: int = 0
 
 
+class _LineTaken(Exception):
+    """A concurrent submit of the same batch gave the line its job first."""
+
+
 NO_JOB = (
     "this line has no job: its slide was deleted, or a submit is still ingesting it or stopped before it had one; "
     "if no submit is running, submit the manifest again to run it"
@@ -262,8 +267,14 @@ class BatchService:
                     )
                     next_idx += 1
                     s.add(item)
-                    s.flush()
-                item_key = (batch_id, item.idx)
+                    try:
+                        s.flush()
+                    except IntegrityError:  # was a raw traceback
+                        raise InvalidParameterError(
+                            f"another submit of batch {batch_id} is adding lines right now: let it finish, then "
+                            "submit again to pick up anything it left"
+                        ) from None
+                item_key, prior_job = (batch_id, item.idx), item.job_id
             try:
                 rna = _read_rna(bundle, row.rna) if row.rna else None
                 slide_id = self._ingest(tenant_id, row)
@@ -285,9 +296,22 @@ class BatchService:
                     new_job, _ = lifecycle.create(
                         s, tenant_id=tenant_id, slide_id=slide_id, options=job_options, job_id=job_id
                     )
-                    item = s.get(BatchItem, item_key)
-                    item.slide_id, item.job_id, item.error_code, item.error_message = slide_id, new_job.id, None, None
+                    # the line's job only if no concurrent submit gave it one meanwhile (each made a job, and one
+                    # of them ran untracked); losing rolls this job back with the transaction
+                    same = BatchItem.job_id.is_(None) if prior_job is None else BatchItem.job_id == prior_job
+                    won = s.execute(
+                        update(BatchItem)
+                        .where(BatchItem.batch_id == batch_id, BatchItem.idx == item_key[1], same)
+                        .values(slide_id=slide_id, job_id=new_job.id, error_code=None, error_message=None)
+                        .execution_options(synchronize_session=False)
+                    ).rowcount
+                    if won != 1:
+                        raise _LineTaken
                     report.queued.append(new_job.id)
+            except _LineTaken:
+                if rna is not None:
+                    rna_channel.discard(self.blobs, [job_id])
+                report.in_flight += 1
             except BaseException:
                 if rna is not None:
                     rna_channel.discard(self.blobs, [job_id])

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from sqlalchemy import select
 
 from service.batch import BatchService, default_batch_id, parse_manifest
 from service.config import Settings
@@ -311,3 +312,35 @@ def test_a_server_batch_record_survives_a_wrong_key_another_tenant_and_a_server_
     with pytest.raises(MstarError) as err:
         down.status(batch)
     assert err.value.code == "server_unreachable" and (state / f"{batch}.json").read_bytes() == record
+
+
+def test_two_submits_of_one_manifest_at_once_never_run_a_line_twice(tmp_path, cmu_svs, monkeypatch):
+    """Two `mstar submit` runs of one manifest at once: one ended in a raw IntegrityError traceback, and a line
+    got two jobs, the second running untracked. Here a second submit runs whole while the first is ingesting
+    its first line: the first then finds every line taken, gives none a second job, and says why it stops."""
+    from service.store.batches import BatchItem
+
+    for name in ("a", "b", "c"):
+        (tmp_path / f"{name}.svs").write_bytes(cmu_svs.read_bytes() + name.encode())
+    m = _write(tmp_path / "m.csv", "slide\na.svs\nb.svs\nc.svs\n")
+    svc = BatchService(Settings(data_dir=tmp_path / "data"))
+    real_ingest, nested = svc._ingest, []
+
+    def ingest_while_another_submits(tenant_id, row):
+        if not nested:
+            nested.append(None)  # the second submit ingests through the real method
+            monkeypatch.setattr(svc, "_ingest", real_ingest)
+            nested[0] = svc.submit(m, tenant="lab", queue=_Published())
+        return real_ingest(tenant_id, row)
+
+    monkeypatch.setattr(svc, "_ingest", ingest_while_another_submits)
+    try:
+        with pytest.raises(InvalidParameterError, match=r"another submit of batch \w+ is adding lines"):
+            svc.submit(m, tenant="lab", queue=_Published())
+        assert len(nested[0].queued) == 3
+        with transaction(svc.sessions) as s:
+            jobs = s.scalars(select(Job.id)).all()
+            linked = s.scalars(select(BatchItem.job_id)).all()
+        assert sorted(jobs) == sorted(linked) and len(jobs) == 3  # one job a line, none untracked
+    finally:
+        svc.close()
