@@ -460,7 +460,10 @@ def test_qupath_region_shapes_are_accepted_as_exported(cmu_svs: Path) -> None:
         ({"type": "FeatureCollection", "features": []}, "no Polygon"),
         ({"type": "LineString", "coordinates": [[0, 0], [100, 100]]}, "no Polygon"),
         ({"type": "Polygon", "coordinates": [[[0, 0], [50, 0], [100, 0], [0, 0]]]}, "no area"),
-        ({"type": "Polygon", "coordinates": [[[0, 0], ["a", 0], [1, 1], [0, 0]]]}, "not a valid polygon"),
+        ({"type": "Polygon", "coordinates": [[[0, 0], ["a", 0], [1, 1], [0, 0]]]}, "must be numbers, not str"),
+        # shapely read "0" and true as numbers without a word
+        ({"type": "Polygon", "coordinates": [[[0, 0], ["100", 0], [100, 100], [0, 0]]]}, "must be numbers, not str"),
+        ({"type": "Polygon", "coordinates": [[[0, 0], [100, True], [100, 100], [0, 0]]]}, "must be numbers, not bool"),
         ({"type": "Circle", "coordinates": [0, 0]}, "unknown GeoJSON type"),
         # corners at 1e300: finite, but the job wrote an area of Infinity into its result (invalid JSON)
         ({"type": "Polygon", "coordinates": [_ring(-1e300, -1e300, 1e300, 1e300)]}, "coordinates reach 1e\\+300"),

@@ -45,10 +45,22 @@ def _geometries(obj: Any, depth: int = 0) -> list[dict]:
     if kind == "GeometryCollection":
         return _geometries(obj.get("geometries") or [], depth + 1)
     if kind in ("Polygon", "MultiPolygon"):
+        _check_numbers(obj.get("coordinates"), 0)
         return [obj]
     if kind in ("Point", "MultiPoint", "LineString", "MultiLineString"):
         return []  # QuPath exports may hold points or lines next to the region; they enclose no area
     raise InvalidParameterError(f"the region has an unknown GeoJSON type {kind!r}")
+
+
+def _check_numbers(node: Any, depth: int) -> None:
+    """Coordinates are JSON numbers: shapely took "0" and true as 0 and 1 without a word."""
+    if depth > 4:
+        raise InvalidParameterError("the region's coordinates nest too deeply")
+    if isinstance(node, list):
+        for item in node:
+            _check_numbers(item, depth + 1)
+    elif isinstance(node, bool) or not isinstance(node, int | float):
+        raise InvalidParameterError(f"the region's coordinates must be numbers, not {type(node).__name__} values")
 
 
 MAX_COORDINATE = 1e7  # level-0 px: ten times the widest scanned slide
