@@ -221,3 +221,59 @@ def test_a_reader_evicted_while_tiles_are_read_from_it_stays_open_until_they_are
         t.join()
     assert not errors, errors
     cache.close()
+
+
+def test_coarse_tiles_of_a_slide_without_a_pyramid_come_from_its_overview(tmp_path, cmu_svs: Path, monkeypatch) -> None:
+    """A single-level slide (a flat TIFF export) had no level coarse enough for zoomed-out tiles: each read the
+    whole level, past the reader's limit a 413 `slide_too_large`, so the navigator and every zoomed-out view stayed
+    empty. Those tiles are now cut from the slide's overview, made once. Here the sample (one level, 2220 x 2967)
+    stands for a large flat slide: the reader's limit is lowered below its size."""
+    import service.api.tiles as tiles
+    import service.slides.readers._common as common
+    import service.slides.thumbnail as thumbnail
+    from service.api.tiles import TileCache, render_tile
+    from service.store.blobs import FileBlobStore
+
+    blobs = FileBlobStore(tmp_path / "blobs")
+    blobs.put_file("s", cmu_svs)
+    cache = TileCache(blobs, max_bytes=1)
+    with cache.reading("s", "s", None) as entry:
+        assert len(entry.reader.level_downsamples) == 1
+        info = entry.info
+        coarse = info.max_level - 4  # 16 level-0 px a tile pixel: the whole slide in one tile
+        direct = render_tile(entry.reader, info, coarse, 0, 0)
+        monkeypatch.setattr(common, "MAX_REGION_PIXELS", 1_000_000)
+        monkeypatch.setattr(tiles, "DIRECT_READ_PIXELS", 500_000)
+        monkeypatch.setattr(thumbnail, "CHUNK", 512)  # the overview reads in chunks under the (lowered) limit
+        with pytest.raises(Exception, match="pixels per read"):  # what a coarse tile of a large flat slide met
+            render_tile(entry.reader, info, coarse, 0, 0)
+        cut = render_tile(entry.reader, info, coarse, 0, 0, entry.overview)
+        assert cut.shape == direct.shape and np.abs(cut.astype(int) - direct).mean() < 3
+        overview = entry._overview
+        assert overview is not None and max(overview.shape[:2]) == min(
+            tiles.OVERVIEW_SIDE, max(info.width, info.height)
+        )
+        for level in range(coarse - 3, info.max_level - 1):  # every zoomed-out level renders, from one overview
+            w, h = info.level_size(level)
+            render_tile(entry.reader, info, level, (w - 1) // info.tile_size, (h - 1) // info.tile_size, entry.overview)
+        assert entry._overview is overview
+        fine = render_tile(entry.reader, info, info.max_level, 1, 1, entry.overview)  # fine tiles read the slide
+        assert np.array_equal(fine, render_tile(entry.reader, info, info.max_level, 1, 1))
+    cache.close()
+
+
+def test_the_default_heatmap_of_a_slide_without_a_small_level_is_an_overview(served, monkeypatch) -> None:
+    """The default heatmap is the finest level under the overlay limit; a slide without a pyramid has none, so the
+    default fell back to its only level, past the image limit: a 422, and the viewer said the job had no
+    per-patch scores. It is now an overview-sized canvas (the viewer stretches the overlay over the slide)."""
+    import service.results.heatmap_levels as hl
+
+    c, job = served
+    jid = job["id"]
+    dims = c.get(f"/jobs/{jid}/result", headers=A).json()["slide"]["level_dimensions"]
+    assert len(dims) == 1  # the sample has one level, as a flat slide does
+    monkeypatch.setattr(hl, "OVERLAY_PIXELS", 1_000_000)  # the sample then stands for a large flat slide
+    r = c.get(f"/jobs/{jid}/heatmap", params={"alpha": 0.9}, headers=A)
+    assert r.status_code == 200 and r.headers["x-pyramid-level"] == "overview", r.text
+    w, h = Image.open(io.BytesIO(r.content)).size
+    assert w * h <= 1_000_000 and abs(w / h - dims[0][0] / dims[0][1]) < 0.01

@@ -15,9 +15,9 @@ from __future__ import annotations
 import math
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import cv2
@@ -75,8 +75,24 @@ def tile_etag(slide_sha256: str, level: int, col: int, row: int) -> str:
     return f'"{slide_sha256[:32]}-{level}-{col}-{row}-t{TILE}q{JPEG_QUALITY}"'
 
 
-def render_tile(reader: SlideReader, info: DeepZoomInfo, level: int, col: int, row: int) -> np.ndarray:
-    """RGB uint8 tile (`TILE` px, smaller at the right and bottom edges)."""
+#: a tile whose source region is larger than this is cut from the slide's overview instead (see `render_tile`)
+DIRECT_READ_PIXELS = 16_000_000
+OVERVIEW_SIDE = 2048  # px, longer side of a slide's overview
+
+
+def render_tile(
+    reader: SlideReader,
+    info: DeepZoomInfo,
+    level: int,
+    col: int,
+    row: int,
+    overview: Callable[[], np.ndarray] | None = None,
+) -> np.ndarray:
+    """RGB uint8 tile (`TILE` px, smaller at the right and bottom edges).
+
+    A coarse tile of a slide with no level coarse enough (a single-level TIFF) would read the whole level for one
+    tile: past the reader's limit that was a 413 on every zoomed-out view and an empty navigator. Such tiles are
+    cut from `overview()`, the slide's thumbnail, built once (in bounded chunks) and kept with its reader."""
     check_tile(info, level, col, row)
     lw, lh = info.level_size(level)
     t = info.tile_size
@@ -90,9 +106,18 @@ def render_tile(reader: SlideReader, info: DeepZoomInfo, level: int, col: int, r
     w0 = min(round(tw * scale), info.width - loc[0])
     h0 = min(round(th * scale), info.height - loc[1])
     size = (max(1, round(w0 / ds)), max(1, round(h0 / ds)))
-    region = reader.read_region(loc, src, size)
+    if overview is not None and size[0] * size[1] > DIRECT_READ_PIXELS:
+        img = overview()
+        sx, sy = img.shape[1] / info.width, img.shape[0] / info.height
+        ox0, oy0 = math.floor(loc[0] * sx), math.floor(loc[1] * sy)
+        ox1 = max(ox0 + 1, min(img.shape[1], math.ceil((loc[0] + w0) * sx)))
+        oy1 = max(oy0 + 1, min(img.shape[0], math.ceil((loc[1] + h0) * sy)))
+        region = img[oy0:oy1, ox0:ox1]
+    else:
+        region = reader.read_region(loc, src, size)
     if region.shape[1] != tw or region.shape[0] != th:
-        region = cv2.resize(region, (tw, th), interpolation=cv2.INTER_AREA)
+        shrink = region.shape[1] >= tw and region.shape[0] >= th
+        region = cv2.resize(region, (tw, th), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
     return region
 
 
@@ -113,6 +138,15 @@ class _OpenSlide:
     stack: ExitStack
     users: int = 0
     evicted: bool = False
+    _overview: np.ndarray | None = None
+    _overview_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def overview(self) -> np.ndarray:
+        """The slide's thumbnail (longer side `OVERVIEW_SIDE`), made on first use by one request at a time."""
+        with self._overview_lock:
+            if self._overview is None:
+                self._overview = self.reader.thumbnail(OVERVIEW_SIDE)
+            return self._overview
 
 
 class TileCache:
@@ -204,7 +238,7 @@ class TileCache:
                 return data
             self.misses += 1
         with self.reading(slide_id, blob_key, mpp) as entry:
-            data = encode_jpeg(render_tile(entry.reader, entry.info, level, col, row))
+            data = encode_jpeg(render_tile(entry.reader, entry.info, level, col, row, entry.overview))
         with self._lock:
             if key not in self._tiles:
                 self._tiles[key] = data

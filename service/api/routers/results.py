@@ -4,6 +4,7 @@ re-rendered at any pyramid level. Tenant-checked; only succeeded jobs have resul
 from __future__ import annotations
 
 import json
+import math
 import threading
 from collections import OrderedDict
 from contextlib import ExitStack
@@ -113,15 +114,23 @@ async def annotations(job_id: str, principal: TenantDep, ctx: ContextDep, reques
     return Response(cached[0], media_type="application/geo+json", headers=cached[1])
 
 
-def _heatmap(ctx, files: dict, level: int | None, score: str, alpha: float) -> tuple[bytes, int]:
+def _heatmap(ctx, files: dict, level: int | None, score: str, alpha: float) -> tuple[bytes, int | str]:
     from service.results import heatmap_levels as hl
 
     result, scores = _load(ctx, files)
     dims = result["slide"]["level_dimensions"]
+    chosen: int | str
     if level is None:  # the finest level small enough for a browser overlay
-        level = next((i for i, (w, h) in enumerate(dims) if w * h <= hl.OVERLAY_PIXELS), len(dims) - 1)
+        chosen = level = next((i for i, (w, h) in enumerate(dims) if w * h <= hl.OVERLAY_PIXELS), len(dims))
+        if level == len(dims):
+            # no such level (a slide without a pyramid): the default was its only level, over the size limit, so
+            # the viewer had no overlay; an overview-sized canvas instead (the overlay is stretched to the slide)
+            (w0, h0), f = dims[0], math.sqrt(hl.OVERLAY_PIXELS / (dims[0][0] * dims[0][1]))
+            dims, chosen = [*dims, [max(1, int(w0 * f)), max(1, int(h0 * f))]], "overview"
+    else:
+        chosen = level
     rgba = hl.render_rgba(scores, dims, level, score=score, alpha=alpha)
-    return hl.png_bytes(rgba), level
+    return hl.png_bytes(rgba), chosen
 
 
 @router.get(
