@@ -277,3 +277,20 @@ def test_the_default_heatmap_of_a_slide_without_a_small_level_is_an_overview(ser
     assert r.status_code == 200 and r.headers["x-pyramid-level"] == "overview", r.text
     w, h = Image.open(io.BytesIO(r.content)).size
     assert w * h <= 1_000_000 and abs(w / h - dims[0][0] / dims[0][1]) < 0.01
+
+
+def test_downloads_answer_head_and_revalidate_with_their_checksum(served) -> None:
+    """HEAD answered 405 on every GET route (what `curl -I`, load balancers and download managers send), and the
+    stored downloads sent an ETag but ignored If-None-Match: every revalidation sent the whole file again."""
+    c, job = served
+    jid = job["id"]
+    for path in ("features", "heatmap.png", "result"):
+        full = c.get(f"/jobs/{jid}/{path}", headers=A)
+        assert full.status_code == 200 and full.headers["etag"] == f'"{full.headers["x-content-sha256"]}"', path
+        head = c.head(f"/jobs/{jid}/{path}", headers=A)
+        assert head.status_code == 200 and head.content == b"", path
+        assert head.headers["etag"] == full.headers["etag"] and head.headers["content-length"] == str(len(full.content))
+        again = c.get(f"/jobs/{jid}/{path}", headers={**A, "If-None-Match": full.headers["etag"]})
+        assert again.status_code == 304 and again.content == b"", path
+        assert c.head(f"/jobs/{jid}/{path}", headers=B).status_code == 404  # the GET's checks, tenant included
+    assert c.head("/slides", headers=A).status_code == 200 and c.head("/slides").status_code == 401

@@ -16,6 +16,7 @@ from service import __version__
 from service.api.body_limit import GatewayApp
 from service.api.context import ServiceContext
 from service.api.errors import install_handlers
+from service.api.head import HeadAsGet
 from service.api.metrics import MetricsMiddleware
 from service.api.observe import RequestContextMiddleware
 from service.api.responses import ERRORS
@@ -57,6 +58,7 @@ def create_app(settings: Settings | None = None, *, queue: JobQueue | None = Non
     )
     app.state.ctx = ctx
     install_handlers(app)
+    app.add_middleware(HeadAsGet)  # innermost: the router sees a GET, metrics and the audit see the HEAD
     app.add_middleware(MetricsMiddleware, metrics=ctx.metrics)
     app.add_middleware(RequestContextMiddleware, ctx=ctx)  # outermost: request id on every response, audit after
 

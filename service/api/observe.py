@@ -75,6 +75,8 @@ def audit_action(method: str, template: str, path_params: dict[str, Any], locati
         return "create", resource, resource_id
     if method == "GET":
         return ("download" if len(parts) > 1 and last in DOWNLOADS else "read"), resource, resource_id
+    if method == "HEAD":  # the GET's headers (size, checksum), never its content
+        return "read", resource, resource_id
     return None
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
@@ -12,7 +12,7 @@ from starlette.background import BackgroundTask
 from service.api.deps import ContextDep, TenantDep
 from service.api.errors import NotFoundError, NotReadyError
 from service.api.lookups import POLLS, succeeded_files
-from service.api.responses import ERRORS
+from service.api.responses import ERRORS, not_modified
 from service.api.schemas import JobOut, JobPage, JobState
 from service.api.views import job_out
 from service.jobs import lifecycle, rna_channel
@@ -90,10 +90,14 @@ def _file(ctx, principal, job_id: str, name: str) -> tuple[str, dict]:
     return files[name]["key"], files[name]
 
 
-def _send(ctx, key: str, meta: dict, media_type: str, filename: str | None = None) -> Response:
+def _send(ctx, request: Request, key: str, meta: dict, media_type: str, filename: str | None = None) -> Response:
     """A stored result file: the file itself from a filesystem store; streamed in chunks from an object store
-    (never read whole into memory), with its length, so a cut stream is an error the client sees."""
-    headers = {"X-Content-SHA256": meta["sha256"]}
+    (never read whole into memory), with its length, so a cut stream is an error the client sees. Its ETag is its
+    sha256, and a matching If-None-Match is a 304 (it was ignored: every revalidation sent the whole file)."""
+    headers = {"X-Content-SHA256": meta["sha256"], "ETag": f'"{meta["sha256"]}"'}
+    unchanged = not_modified(request, headers["ETag"], {"X-Content-SHA256": meta["sha256"]})
+    if unchanged is not None:
+        return unchanged
     if ctx.blobs.is_local:
         return FileResponse(ctx.blobs.local_path(key), media_type=media_type, filename=filename, headers=headers)
     body = ctx.blobs.open(key)
@@ -116,13 +120,14 @@ def _send(ctx, key: str, meta: dict, media_type: str, filename: str | None = Non
         **ERRORS(401, 404, 409),
     },
 )
-def get_result(job_id: str, principal: TenantDep, ctx: ContextDep) -> Response:
+def get_result(job_id: str, principal: TenantDep, ctx: ContextDep, request: Request) -> Response:
     key, meta = _file(ctx, principal, job_id, "result.json")
-    if not ctx.blobs.is_local:
-        return _send(ctx, key, meta, "application/json")
+    if not ctx.blobs.is_local or request.headers.get("if-none-match"):
+        return _send(ctx, request, key, meta, "application/json")
     with ctx.blobs.open(key) as fh:  # the bytes the pipeline wrote, checksum and all: no re-encoding
         data = fh.read()
-    return Response(data, media_type="application/json", headers={"X-Content-SHA256": meta["sha256"]})
+    headers = {"X-Content-SHA256": meta["sha256"], "ETag": f'"{meta["sha256"]}"'}
+    return Response(data, media_type="application/json", headers=headers)
 
 
 @router.get(
@@ -136,9 +141,9 @@ def get_result(job_id: str, principal: TenantDep, ctx: ContextDep) -> Response:
         **ERRORS(401, 404, 409),
     },
 )
-def get_features(job_id: str, principal: TenantDep, ctx: ContextDep) -> Response:
+def get_features(job_id: str, principal: TenantDep, ctx: ContextDep, request: Request) -> Response:
     key, meta = _file(ctx, principal, job_id, "features.h5")
-    return _send(ctx, key, meta, "application/x-hdf5", filename=f"{job_id}-features.h5")
+    return _send(ctx, request, key, meta, "application/x-hdf5", filename=f"{job_id}-features.h5")
 
 
 @router.get(
@@ -149,6 +154,6 @@ def get_features(job_id: str, principal: TenantDep, ctx: ContextDep) -> Response
         **ERRORS(401, 404, 409),
     },
 )
-def get_heatmap(job_id: str, principal: TenantDep, ctx: ContextDep) -> Response:
+def get_heatmap(job_id: str, principal: TenantDep, ctx: ContextDep, request: Request) -> Response:
     key, meta = _file(ctx, principal, job_id, "heatmap.png")
-    return _send(ctx, key, meta, "image/png")
+    return _send(ctx, request, key, meta, "image/png")
