@@ -150,3 +150,61 @@ def test_json_logs_carry_ids_and_no_file_names(capsys) -> None:
     assert first["request_id"] == "r-1" and first["job_id"] == "j" * 32 and first["tenant"] == "t1"
     assert first["level"] == "info" and first["logger"] == "mstar.test" and first["ts"].endswith("Z")
     assert "request_id" not in second and second["exc_type"] == "ValueError" and "boom" in second["exc"]
+
+
+def test_audit_events_the_database_refuses_are_kept_and_written_when_it_takes_writes_again(tmp_path) -> None:
+    """Events the database could not take (its disk full) were dropped after one try, a read answered 200 with
+    no trace left. They are now held and written, in order, once the database takes writes again."""
+    import time
+
+    from sqlalchemy import func, select, text
+
+    from service.api.observe import AuditWriter
+    from service.store.db import init_db, make_engine, session_factory, transaction
+    from service.store.models import AuditEvent
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'jobs.db'}")
+    init_db(engine)
+    sessions = session_factory(engine)
+
+    def event(i: int) -> dict:
+        return {
+            "tenant_id": "t",
+            "key_prefix": "p",
+            "action": "download",
+            "resource": "job",
+            "resource_id": f"j{i}",
+            "method": "GET",
+            "route": "/jobs/{job_id}/features",
+            "status": 200,
+            "client": "127.0.0.1",
+            "request_id": f"r{i}",
+        }
+
+    def count() -> int:
+        with transaction(sessions) as s:
+            return s.scalar(select(func.count()).select_from(AuditEvent))
+
+    writer = AuditWriter(sessions)
+    try:
+        with engine.begin() as conn:  # the database refuses the writes for a while
+            conn.execute(text("ALTER TABLE audit_events RENAME TO audit_events_away"))
+        for i in range(3):
+            writer.put(event(i))
+        time.sleep(1.5)  # a flush or two fail meanwhile
+        with engine.begin() as conn:
+            conn.execute(text("ALTER TABLE audit_events_away RENAME TO audit_events"))
+        writer.put(event(3))
+        deadline = time.monotonic() + 10
+        while count() < 4 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        with transaction(sessions) as s:
+            assert [e.resource_id for e in s.scalars(select(AuditEvent).order_by(AuditEvent.id))] == [
+                "j0",
+                "j1",
+                "j2",
+                "j3",
+            ]
+    finally:
+        writer.close()
+        engine.dispose()

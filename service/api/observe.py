@@ -93,10 +93,15 @@ class AuditWriter:
     """Audit events written in batches by one background thread (one transaction per batch, at most every
     `FLUSH_S`), so a busy poller costs the database one insert per batch instead of one write transaction per
     request, and no request waits for the audit write. Each event keeps the time it happened; `close()` writes what
-    is pending (gateway shutdown). A hard kill can lose at most the last `FLUSH_S` of events."""
+    is pending (gateway shutdown). A hard kill can lose at most the last `FLUSH_S` of events.
+
+    Events the database refuses (its disk full, a failover) are kept, up to `MAX_HELD`, and written when it takes
+    writes again, retried with a growing pause: they were dropped after one try."""
 
     FLUSH_S = 0.5
     MAX_BATCH = 500
+    MAX_HELD = 100_000
+    MAX_PAUSE_S = 30.0
 
     def __init__(self, sessions) -> None:
         import queue
@@ -126,23 +131,52 @@ class AuditWriter:
         return batch
 
     def _run(self) -> None:
-        while not self._stop.is_set():
-            self._flush(self._drain(self.FLUSH_S))
-        while batch := self._drain(None):
-            self._flush(batch)
+        import time
 
-    def _flush(self, batch: list[dict]) -> None:
+        held: list[dict] = []
+        pause, next_try = 0.0, 0.0
+        while not self._stop.is_set():
+            held += self._drain(self.FLUSH_S)
+            if held and time.monotonic() >= next_try:
+                held = self._write(held)
+                if held:
+                    pause = min(self.MAX_PAUSE_S, max(1.0, 2 * pause))
+                    next_try = time.monotonic() + pause
+                    held = self._bounded(held)
+                else:
+                    pause = 0.0
+        while batch := self._drain(None):
+            held += batch
+        if held and (left := self._write(held)):
+            log.error(
+                "could not write %d audit event(s) before shutting down, e.g. request %s",
+                len(left),
+                left[0]["request_id"],
+            )
+
+    def _bounded(self, held: list[dict]) -> list[dict]:
+        if len(held) <= self.MAX_HELD:
+            return held
+        log.error("dropping %d audit event(s): the database has refused writes for too long", len(held) - self.MAX_HELD)
+        return held[-self.MAX_HELD :]
+
+    def _write(self, events: list[dict]) -> list[dict]:
+        """Write `events` in batches, one transaction each; returns those not written (from the first refusal on)."""
         from service.store import audit
         from service.store.db import transaction
 
-        if not batch:
-            return
-        try:
-            with transaction(self.sessions) as s:
-                for event in batch:
-                    audit.append(s, **event)
-        except Exception:  # the requests were answered; the gap is logged where operators look
-            log.exception("could not write %d audit event(s), e.g. request %s", len(batch), batch[0]["request_id"])
+        for i in range(0, len(events), self.MAX_BATCH):
+            batch = events[i : i + self.MAX_BATCH]
+            try:
+                with transaction(self.sessions) as s:
+                    for event in batch:
+                        audit.append(s, **event)
+            except Exception as err:  # kept and retried; the requests were answered
+                log.warning(
+                    "could not write %d audit event(s) yet (%s); kept, retrying", len(events) - i, type(err).__name__
+                )
+                return events[i:]
+        return []
 
     def close(self, timeout: float = 10.0) -> None:
         self._stop.set()
