@@ -125,3 +125,18 @@ def test_a_gene_named_twice_in_a_gene_value_file_is_refused(tmp_path: Path) -> N
     p.write_text("gene,case-1,case-1\nTP53,1.0,2.0\n")
     with pytest.raises(InvalidParameterError, match="more than one column"):
         read_matrix(p)
+
+
+def test_errors_name_the_line_an_editor_shows_and_a_missing_first_value_is_not_a_header() -> None:
+    """Row numbers in errors skipped comment and summary rows (a bad value on line 26 of a GDC table was reported
+    as row 21); a headerless Gene,Value file whose first value was NA had that row taken for a header, and the
+    gene silently imputed, where NA on any other row is refused."""
+    lines = GDC.splitlines()
+    bad = len(lines)  # the last line, after the comment and N_* rows
+    with pytest.raises(InvalidParameterError, match=rf"RNA row {bad}: the value is not a number"):
+        cells = lines[-1].split("\t")
+        cells[6] = "high"  # tpm_unstranded
+        read_profile("\n".join([*lines[:-1], "\t".join(cells)]).encode())
+    with pytest.raises(InvalidParameterError, match="RNA row 1: the value is not a number"):
+        read_profile(b"TP53,NA\nEGFR,2.5\n")
+    assert read_profile(b"Gene,Value\nTP53,1.5\n") == {"TP53": 1.5}

@@ -55,6 +55,7 @@ def _check_gene(raw: str, row: int) -> str:
 
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
+_MISSING = {"", "na", "nan", "n/a", "null", "none", "-"}
 
 
 def _number(text: str, row: int) -> float:
@@ -81,14 +82,27 @@ def _decode(data: bytes | str) -> str:
     return data
 
 
-def _rows(text: str) -> list[list[str]]:
-    lines = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
-    if not lines:
+class _Row(list):
+    """A row's cells and its line in the file (errors name the line an editor shows, comments included)."""
+
+    line: int
+
+
+def _rows(text: str) -> list[_Row]:
+    numbered = [(i, ln) for i, ln in enumerate(text.splitlines(), start=1) if ln.strip() and not ln.startswith("#")]
+    if not numbered:
         raise InvalidParameterError("RNA profile is empty")
-    if len(lines) > MAX_GENES + 10:
+    if len(numbered) > MAX_GENES + 10:
         raise InvalidParameterError(f"RNA profile has more than {MAX_GENES} rows")
-    delim = "\t" if "\t" in lines[0] else ","
-    return [[c.strip() for c in r] for r in csv.reader(io.StringIO("\n".join(lines)), delimiter=delim)]
+    delim = "\t" if "\t" in numbered[0][1] else ","
+    rows = []
+    for (line, _), cells in zip(
+        numbered, csv.reader(io.StringIO("\n".join(ln for _, ln in numbered)), delimiter=delim), strict=False
+    ):
+        row = _Row(c.strip() for c in cells)
+        row.line = line
+        rows.append(row)
+    return rows
 
 
 def read_profile(data: bytes | str | Path) -> dict[str, float]:
@@ -117,7 +131,9 @@ def read_profile(data: bytes | str | Path) -> dict[str, float]:
         body = rows[1:]
     elif len(header) == 2:
         gi, vi, log = 0, 1, False
-        body = rows[1:] if not _is_number(rows[0][1]) else rows
+        # a header names its columns: a first row whose value is missing ("NA", empty) is data, refused as such
+        # (it was taken for a header and that gene silently imputed)
+        body = rows[1:] if not _is_number(rows[0][1]) and rows[0][1].lower() not in _MISSING else rows
     else:
         raise InvalidParameterError(
             "RNA profile format not recognised: expected two columns (Gene,Value), a GDC STAR gene-counts table "
@@ -125,7 +141,8 @@ def read_profile(data: bytes | str | Path) -> dict[str, float]:
         )
     profile: dict[str, float] = {}
     first_row: dict[str, int] = {}
-    for n, r in enumerate(body, start=2):
+    for r in body:
+        n = r.line
         if len(r) <= max(gi, vi):
             raise InvalidParameterError(f"RNA row {n}: expected at least {max(gi, vi) + 1} columns")
         gene, value = _check_gene(r[gi], n), _number(r[vi], n)
