@@ -77,8 +77,9 @@ class AnalysisOptions:
         unknown = sorted(set(self.tasks) - set(TASKS))
         if unknown:
             raise InvalidParameterError(f"unknown task(s) {unknown}; choose from {list(TASKS)}")
-        if "zeroshot" in self.tasks and not self.prompts:
-            raise InvalidParameterError("the zeroshot task needs at least one prompt")
+        if "zeroshot" in self.tasks and len(self.prompts) < 2:
+            # a softmax over one prompt is 1.0 whatever the slide: the API has always asked for two
+            raise InvalidParameterError("zero-shot scoring needs at least two prompts (one per class)")
         if "zeroshot" in self.tasks:  # checked before any tile is read: they were refused after the whole analysis
             from service.inference.zeroshot import MAX_PROMPT_CHARS, MAX_PROMPTS
 

@@ -115,6 +115,8 @@ def test_refusals_are_typed_and_leave_no_result(tcga_j2k_svs, bad_dicom, cmu_svs
         AnalysisOptions(tasks=("embedding", "astrology"))
     with pytest.raises(InvalidParameterError, match="prompt"):
         AnalysisOptions(tasks=("zeroshot",))
+    with pytest.raises(InvalidParameterError, match="at least two prompts"):  # one always scored 1.0
+        AnalysisOptions(tasks=("zeroshot",), prompts=("tumour",))
     assert not any((tmp_path / d / "result.json").exists() for d in "abcd")
 
 
