@@ -226,3 +226,19 @@ def test_writers_racing_a_sweeping_replica_lose_nothing(tmp_path: Path) -> None:
         body = p.read_bytes()
         assert body in (b"a" * 100, b"b" * 100, b"copied" * 1000), p
     assert not list(root.rglob("*.part"))
+
+
+def test_folders_a_dead_zip_ingest_unpacked_are_swept_once_stale(tmp_path: Path) -> None:
+    """A DICOM ZIP is unpacked into `staging/series-*`; an ingest killed meanwhile left the folder for ever (no
+    sweep looked at it). A sweep now removes such folders untouched for an hour, and never a fresh one."""
+    store = FileBlobStore(tmp_path / "blobs")
+    store.staging.mkdir(parents=True, exist_ok=True)
+    old, fresh = store.staging / "series-dead", store.staging / "series-live"
+    for folder in (old, fresh):
+        (folder / "files").mkdir(parents=True)
+        (folder / "files" / "level-0.dcm").write_bytes(b"\0" * 128)
+    hour_ago = time.time() - 3700
+    for p in (old, old / "files", old / "files" / "level-0.dcm"):
+        os.utime(p, (hour_ago, hour_ago))
+    assert store.sweep_partials() == 1
+    assert not old.exists() and (fresh / "files" / "level-0.dcm").is_file()

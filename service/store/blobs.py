@@ -124,6 +124,22 @@ def _sweep(paths: Iterable[Path], *, min_age_s: float, stale_after_s: float) -> 
     return removed
 
 
+def _sweep_unpacked(staging: Path, *, stale_after_s: float) -> int:
+    """Remove the folders a DICOM ZIP was unpacked into (`series-*`) by an ingest that died: nothing else removes
+    them. Only folders untouched for `stale_after_s` (an unpack takes minutes at most), so never a live ingest's."""
+    removed = 0
+    now = time.time()
+    for folder in staging.glob("series-*") if staging.is_dir() else ():
+        try:
+            newest = max([folder.stat().st_mtime, *(p.stat().st_mtime for p in folder.rglob("*"))])
+        except OSError:  # removed meanwhile by its own ingest
+            continue
+        if folder.is_dir() and not folder.is_symlink() and now - newest >= stale_after_s:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed += 1
+    return removed
+
+
 class BlobWriter:
     """A streaming write with a byte count and a running SHA-256; `commit(key)` publishes it atomically.
 
@@ -236,7 +252,8 @@ class BlobStore(ABC):
         the file system takes no locks, only when it has not been written for `stale_after_s` (an hour)."""
         if not self.staging.is_dir():
             return 0
-        return _sweep(self.staging.rglob("*.part"), min_age_s=min_age_s, stale_after_s=stale_after_s)
+        n = _sweep(self.staging.rglob("*.part"), min_age_s=min_age_s, stale_after_s=stale_after_s)
+        return n + _sweep_unpacked(self.staging, stale_after_s=stale_after_s)
 
     def describe(self) -> str:
         """Where the blobs are, for logs (no credentials)."""
@@ -313,7 +330,8 @@ class FileBlobStore(BlobStore):
     def sweep_partials(self, *, min_age_s: float = 0.0, stale_after_s: float = STALE_PARTIAL_S) -> int:
         """Remove temporary files whose writer is gone, in staging and beside committed blobs (a copy cut short);
         returns how many. Files other processes are writing are kept: see `BlobStore.sweep_partials`."""
-        return _sweep(self.root.rglob("*.part"), min_age_s=min_age_s, stale_after_s=stale_after_s)
+        n = _sweep(self.root.rglob("*.part"), min_age_s=min_age_s, stale_after_s=stale_after_s)
+        return n + _sweep_unpacked(self.staging, stale_after_s=stale_after_s)
 
     def files(self) -> Iterator[Path]:
         """Every committed blob (used by tests to prove nothing is orphaned)."""
