@@ -107,3 +107,35 @@ def test_small_crop_gets_a_finer_mask_and_keeps_its_tissue(cmu_svs: Path, tmp_pa
     sat = _saturation(m.thumbnail)
     if (~m.mask).any():
         assert sat[m.mask].mean() > sat[~m.mask].mean()
+
+
+def test_the_mask_of_a_jpeg_slide_without_a_pyramid_decodes_its_tiles_scaled(
+    cmu_svs: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """A slide without a pyramid has no level near the mask's scale: its mask read every pixel of level 0 in full
+    (268 MP: 22 s; a 60k x 60k file 125 s). JPEG tiles are now decoded by libjpeg's DCT scaling (at most 1/8,
+    the IDCT of each 8x8 block at the smaller size), then area-shrunk: 24x less time on that file, the mask
+    within a fraction of a percent of the full decode's."""
+    import tifffile
+
+    import service.slides.fasttiles as ft
+    from service.slides.fasttiles import reduced_j2k_image
+
+    with open_slide(cmu_svs) as r:
+        src = r.read_region((0, 0), 0, (2048, 2048))
+    quad = np.concatenate([np.concatenate([src, src[:, ::-1]], 1), np.concatenate([src[::-1], src[::-1, ::-1]], 1)])
+    path = tmp_path / "flat.tif"  # 4096 x 4096, one level: past the mask's direct read (16 MP)
+    tifffile.imwrite(path, quad, tile=(256, 256), compression="jpeg", photometric="rgb")
+    scaled = reduced_j2k_image(path, 4096, 4096, 1 / 8)
+    assert scaled is not None and scaled.shape == (512, 512, 3)
+    assert np.abs(scaled.astype(int) - cv2.resize(quad, (512, 512), interpolation=cv2.INTER_AREA)).mean() < 2
+
+    masks = {}
+    for most in (0, ft.MAX_JPEG_REDUCE):  # 0: the full decode it replaces
+        monkeypatch.setattr(ft, "MAX_JPEG_REDUCE", most)
+        with open_slide(path, mpp_override=0.5) as r:
+            masks[most] = tissue_mask(r, mpp=0.5)
+    full, fast = masks[0], masks[ft.MAX_JPEG_REDUCE]
+    assert full.thumbnail.shape == fast.thumbnail.shape
+    assert np.abs(full.thumbnail.astype(int) - fast.thumbnail).mean() < 1
+    assert (full.mask != fast.mask).mean() < 0.01 and fast.mask.any()

@@ -416,14 +416,14 @@ class TiffLevel:
         ceil(tile_w / f), 3]: OpenJPEG (Pillow's `reduce`) stops the inverse wavelet transform early and skips
         the finer resolutions' code-blocks, so a 16x smaller tile costs ~1/15 of a full decode. The pixels are
         the wavelet low-pass band, not an area average of the full tile. Missing tiles are white."""
-        if self.codec != "jpeg2000":
-            raise ValueError("reduced-resolution decoding needs JPEG 2000 tiles")
         tx, ty = key
         f = 1 << reduce
         shape = (-(-self.tile_h // f), -(-self.tile_w // f), 3)
         index = ty * self.tiles_x + tx
         if int(self.counts[index]) == 0:
             return np.full(shape, 255, np.uint8)
+        if self.codec == "jpeg":
+            return self._decode_jpeg_scaled(key, shape, f)
         try:
             data = self._stored(index)
             if self._ycbcr:
@@ -446,6 +446,26 @@ class TiffLevel:
             ) from None
         return arr
 
+    def _decode_jpeg_scaled(self, key: tuple[int, int], shape: tuple[int, int, int], f: int) -> np.ndarray:
+        """A JPEG tile decoded at 1/f (f = 2, 4 or 8) by libjpeg-turbo's DCT scaling: the IDCT of each 8x8 block
+        is computed at the smaller size (at 1/8 only its mean, the DC term), so the whole-level mask read of a
+        slide without a pyramid skips most of the work. ValueError where the tile has no complete stream."""
+        import simplejpeg
+
+        stream = self.stream(key)
+        if stream is None:
+            raise ValueError("this JPEG tile has no complete stream to scale")
+        try:
+            arr = simplejpeg.decode_jpeg(stream, colorspace="RGB", min_height=shape[0], min_width=shape[1], strict=True)
+        except ValueError as exc:
+            raise CorruptSlideError(
+                f"stored tile {key} of the {self.width}x{self.height} level cannot be decoded at 1/{f} ({exc})",
+                slide=self.path.name,
+            ) from None
+        if arr.shape != shape:
+            raise ValueError(f"tile decodes to {arr.shape} at 1/{f}, not {shape}")
+        return arr
+
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
@@ -461,7 +481,7 @@ def read_level_reduced(level: TiffLevel, reduce: int) -> np.ndarray:
     from reduced-resolution tile decodes (`TiffLevel.decode_reduced`); tile sides must be multiples of 2**reduce
     so the tiles land on whole pixels (ValueError otherwise)."""
     f = 1 << reduce
-    if level.codec != "jpeg2000" or level.tile_w % f or level.tile_h % f:
+    if level.codec not in ("jpeg2000", "jpeg") or level.tile_w % f or level.tile_h % f:
         raise ValueError(f"level with {level.tile_w}x{level.tile_h} {level.codec} tiles cannot be read at 1/{f}")
     h, w = -(-level.height // f), -(-level.width // f)
     tw, th = level.tile_w // f, level.tile_h // f
@@ -475,32 +495,37 @@ def read_level_reduced(level: TiffLevel, reduce: int) -> np.ndarray:
 
 
 MAX_J2K_REDUCE = 5  # wavelet resolutions skipped at most (Aperio codes 5 decomposition levels)
+MAX_JPEG_REDUCE = 3  # libjpeg's DCT scaling goes down to 1/8
 MAX_REDUCED_PIXELS = 64_000_000  # a reduced whole-level read is refused above this (callers read in chunks)
 
 
 def reduced_j2k_image(path: str | Path, width: int, height: int, shrink: float) -> np.ndarray | None:
     """`reduced_level_image` of the `width` x `height` level of `path`, or None where it is not a tiled JPEG
-    2000 level."""
+    2000 or JPEG level. JPEG levels (the thumbnails' and the overview's only: a grid's tissue mask keeps its area
+    average where a level fits in one read) are decoded by DCT scaling, at most 1/8."""
     level = open_tiff_level(path, width, height)
     if level is None:
         return None
     try:
-        return reduced_level_image(level, shrink)
+        return reduced_level_image(level, shrink, jpeg=True)
     finally:
         level.close()
 
 
-def reduced_level_image(level: TiffLevel | NdpiLevel | MiraxLevel, shrink: float) -> np.ndarray | None:
+def reduced_level_image(
+    level: TiffLevel | NdpiLevel | MiraxLevel, shrink: float, *, jpeg: bool = False
+) -> np.ndarray | None:
     """A JPEG 2000 `level` decoded straight at the coarsest power-of-two resolution not below `shrink` (output
     px per level px; downsamples within 1 % of a power of two count, for levels like 2.0005), or None where
     that does not apply: not JPEG 2000, `shrink` above 1/2, tile sides not divisible, too many pixels, or fewer
     wavelet levels than asked (callers then decode in full, which also names real damage). Its pixels are the
     wavelet low-pass band, not an area average."""
-    if not isinstance(level, TiffLevel) or level.codec != "jpeg2000":
+    if not isinstance(level, TiffLevel) or level.codec not in (("jpeg2000", "jpeg") if jpeg else ("jpeg2000",)):
         return None
+    most = MAX_J2K_REDUCE if level.codec == "jpeg2000" else MAX_JPEG_REDUCE
     reduce = 0
     while (
-        reduce < MAX_J2K_REDUCE
+        reduce < most
         and (1 << (reduce + 1)) * shrink <= 1.01
         and level.tile_w % (2 << reduce) == 0
         and level.tile_h % (2 << reduce) == 0
@@ -511,7 +536,7 @@ def reduced_level_image(level: TiffLevel | NdpiLevel | MiraxLevel, shrink: float
         return None
     try:
         return read_level_reduced(level, reduce)
-    except CorruptSlideError:
+    except (CorruptSlideError, ValueError):
         return None
 
 
