@@ -20,9 +20,9 @@ import torch
 
 from service.errors import InvalidParameterError
 from service.inference.bundle import sha256_file
-from training.checkpoints import load_any_head, load_report_generator, load_stage1
+from training.checkpoints import load_report_generator, load_stage1
 from training.export.bundle import ExportReport, export_run
-from training.export.contract import EXPORT_FILE, head_row, save_export_checkpoint
+from training.export.contract import EXPORT_FILE, encoder_head_row, save_export_checkpoint
 from training.models.patch_encoder import PATCH_ENCODERS, build_patch_encoder
 
 
@@ -108,12 +108,7 @@ def assemble_export(
 
     rows = []
     for head_name, path in heads:
-        module, head_meta = load_any_head(path)
-        if module.config["n_features"] != width:
-            raise InvalidParameterError(
-                f"head {head_name!r} ({path}) reads {module.config['n_features']}-d features, the encoder gives {width}"
-            )
-        rows.append(head_row(head_name, module, head_meta))
+        rows.append(encoder_head_row(head_name, path, width))
         sources.setdefault("heads", {})[head_name] = _source(Path(path))
 
     report_entry = None

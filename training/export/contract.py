@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from service.errors import InvalidParameterError
+from service.errors import BundleError, InvalidParameterError
 from service.inference.bundle import ZeroShotSpec
 from training.models.heads import MILHead
 from training.models.patch_encoder import PATCH_ENCODERS, Preprocessing, build_patch_encoder
@@ -36,6 +36,19 @@ from training.models.transmil import TransMIL
 EXPORT_FORMAT = "mstar-export/1"
 EXPORT_FILE = "export.pt"
 _TRANSMIL_SIZE_KEYS = ("heads", "num_landmarks", "pinv_iterations", "dim_head")
+
+
+def encoder_head_row(name: str, path: str | Path, width: int) -> dict:
+    """`head_row` of a saved head (`mstar train downstream` head.pt, or an official TransMIL classifier) that must
+    read the encoder's `width`-d features: a head trained on other features is refused naming both widths."""
+    from training.checkpoints import load_any_head
+
+    module, meta = load_any_head(path)
+    if module.config["n_features"] != width:
+        raise BundleError(
+            f"head {name!r} ({path}) reads {module.config['n_features']}-d features, the encoder gives {width}"
+        )
+    return head_row(name, module, meta)
 
 
 def head_row(name: str, module: MILHead, meta: dict) -> dict:

@@ -15,18 +15,14 @@ from training.models.patch_encoder import PATCH_ENCODERS, build_patch_encoder
 def _heads(heads: Sequence[tuple[str, str | Path]], embed_dim: int) -> list[HeadSpec]:
     """Heads saved by `mstar train downstream` (`head.pt`) or official TransMIL classifiers, checked to read this
     encoder's features."""
-    from training.checkpoints import load_any_head
-    from training.export.contract import head_row
+    from training.export.contract import encoder_head_row
 
     out = []
     for name, path in heads:
-        module, meta = load_any_head(path)
-        if module.config["n_features"] != embed_dim:
-            raise BundleError(
-                f"head {name!r} ({path}) reads {module.config['n_features']}-d features, the encoder gives {embed_dim}"
-            )
-        row = head_row(name, module, meta)
-        out.append(HeadSpec(name, module, row["task"], row["n_outputs"], row.get("labels"), row.get("bin_edges")))
+        row = encoder_head_row(name, path, embed_dim)
+        out.append(
+            HeadSpec(name, row["module"], row["task"], row["n_outputs"], row.get("labels"), row.get("bin_edges"))
+        )
     return out
 
 
