@@ -156,6 +156,27 @@ class SubmitReport:
     failed_ingest: int = 0
 
 
+def write_summary(out: Path, records: list[dict]) -> Path:
+    """`out/summary.csv` of one row per line (columns in first-seen order; a Parquet copy where pyarrow is
+    installed), the same for `--broker` and `--server` batches. Returns the CSV path."""
+    columns = list(dict.fromkeys(k for r in records for k in r)) or ["idx"]
+    csv_path = out / "summary.csv"
+    with csv_path.open("w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=columns, restval="")
+        w.writeheader()
+        w.writerows(records)
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        return csv_path
+    table = pa.Table.from_pylist(
+        [{k: ("" if r.get(k) is None else str(r.get(k, ""))) for k in columns} for r in records]
+    )
+    pq.write_table(table, out / "summary.parquet")
+    return csv_path
+
+
 class _LineTaken(Exception):
     """A concurrent submit of the same batch gave the line its job first."""
 
@@ -462,22 +483,7 @@ class BatchService:
                     **{f"meta_{k}": v for k, v in item.meta.items()},
                 }
             )
-        columns = list(dict.fromkeys(k for r in records for k in r))
-        csv_path = out / "summary.csv"
-        with csv_path.open("w", newline="", encoding="utf-8") as fh:
-            w = csv.DictWriter(fh, fieldnames=columns, restval="")
-            w.writeheader()
-            w.writerows(records)
-        try:
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-        except ImportError:
-            return csv_path
-        table = pa.Table.from_pylist(
-            [{k: ("" if r.get(k) is None else str(r.get(k, ""))) for k in columns} for r in records]
-        )
-        pq.write_table(table, out / "summary.parquet")
-        return csv_path
+        return write_summary(out, records)
 
     def iter_until_done(self, batch_id: str, poll_s: float = 1.0) -> Iterator[BatchStatus]:
         """Yield the batch status every `poll_s` until every item is terminal (the caller may stop early)."""

@@ -9,7 +9,6 @@ come from `GET /jobs/{id}` and `GET /jobs/{id}/features`.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import sys
@@ -20,7 +19,7 @@ from pathlib import Path
 import httpx
 
 from service.atomic import atomic_path
-from service.batch import _SAFE, default_batch_id, parse_manifest
+from service.batch import _SAFE, default_batch_id, parse_manifest, write_summary
 from service.errors import InvalidParameterError, MstarError
 from service.ingest import series as dicom_series
 
@@ -111,6 +110,7 @@ class HttpBatch:
                 "job_id": None,
                 "error_code": None,
                 "reason": None,
+                "meta": dict(row.meta or {}),
             }
             try:
                 item["job_id"] = self._upload(row.source, row.mpp_override, row.rna)
@@ -198,7 +198,10 @@ class HttpBatch:
                     error_code=err.get("code"),
                     reason=err.get("message"),
                     attempts=job.get("attempts", 0),
+                    slide_id=job.get("slide_id"),
+                    seconds=_seconds(job),
                 )
+            row["meta"] = it.get("meta") or {}
             items.append(row)
         return items
 
@@ -223,10 +226,13 @@ class HttpBatch:
             time.sleep(poll_s)
 
     def results(self, batch_id: str, out_dir: Path) -> Path:
+        """`features/` and the summary table as `--broker` batches write them (`service.batch.write_summary`):
+        the same columns, manifest metadata as `meta_<column>`, and a Parquet copy where pyarrow is installed."""
         items = self.status(batch_id)
         (out_dir / "features").mkdir(parents=True, exist_ok=True)
+        records = []
         for it in items:
-            it["features"] = ""
+            features, patches = "", ""
             if it["state"] == "succeeded":
                 dest = out_dir / "features" / f"{it['idx']:05d}_{_SAFE.sub('_', it['name'])[:80]}.h5"
                 with self.client.stream("GET", f"/jobs/{it['job_id']}/features") as r:
@@ -236,13 +242,45 @@ class HttpBatch:
                             for chunk in r.iter_bytes(1 << 20):
                                 fh.write(chunk)
                         tmp.replace(dest)
-                        it["features"] = str(dest.relative_to(out_dir))
-        path = out_dir / "summary.csv"
-        with path.open("w", newline="", encoding="utf-8") as fh:
-            w = csv.DictWriter(fh, fieldnames=list(items[0]) if items else ["idx"])
-            w.writeheader()
-            w.writerows(items)
-        return path
+                        features = str(dest.relative_to(out_dir))
+                result = self._call("GET", f"/jobs/{it['job_id']}/result")
+                if result.status_code == 200:  # as `BatchService.patches` reads it
+                    doc = result.json()
+                    patches = (doc.get("tiling") or {}).get("patches", doc.get("n_patches", ""))
+            records.append(
+                {
+                    "idx": it["idx"],
+                    "name": it["name"],
+                    "source": it["source"],
+                    "state": it["state"],
+                    "error_code": it["error_code"] or "",
+                    "reason": it["reason"] or "",
+                    "attempts": it["attempts"],
+                    "n_patches": patches,
+                    "seconds": "" if it.get("seconds") is None else it["seconds"],
+                    "features": features,
+                    "job_id": it["job_id"] or "",
+                    "slide_id": it.get("slide_id") or "",
+                    **{f"meta_{k}": v for k, v in it["meta"].items()},
+                }
+            )
+        return write_summary(out_dir, records)
+
+
+def _seconds(job: dict) -> float | None:
+    """Wall seconds of a finished job, from its ISO timestamps."""
+    from datetime import datetime
+
+    try:
+        started, finished = job.get("started_at"), job.get("finished_at")
+        if not started or not finished:
+            return None
+        delta = datetime.fromisoformat(finished.replace("Z", "+00:00")) - datetime.fromisoformat(
+            started.replace("Z", "+00:00")
+        )
+        return round(delta.total_seconds(), 3)
+    except (TypeError, ValueError):
+        return None
 
 
 def _raise(r, what: str) -> None:

@@ -284,7 +284,7 @@ def test_a_server_batch_record_survives_a_wrong_key_another_tenant_and_a_server_
 
     key_a, key_b = "lab-a-key-0123456789abcdef", "lab-b-key-0123456789abcdef"
     (tmp_path / "a.svs").write_bytes(cmu_svs.read_bytes())
-    m = _write(tmp_path / "m.csv", "slide\na.svs\n")
+    m = _write(tmp_path / "m.csv", "slide,site\na.svs,left lung\n")
     settings = Settings(
         data_dir=tmp_path / "srv",
         pipeline="runner_pipelines:tiny",
@@ -297,6 +297,16 @@ def test_a_server_batch_record_survives_a_wrong_key_another_tenant_and_a_server_
         first = HttpBatch(url, key_a, state)
         batch = first.submit(m)["batch_id"]
         assert first.follow(batch, poll_s=0.2)["succeeded"] == 1
+        # the summary has the --broker summary's columns (it lacked patches, seconds, slide id, manifest metadata)
+        import csv
+
+        rows = list(csv.DictReader(first.results(batch, tmp_path / "out").open()))
+        assert list(rows[0])[:12] == [
+            "idx", "name", "source", "state", "error_code", "reason", "attempts", "n_patches", "seconds",
+            "features", "job_id", "slide_id",
+        ]  # fmt: skip
+        assert rows[0]["meta_site"] == "left lung" and int(rows[0]["n_patches"]) > 0 and float(rows[0]["seconds"]) > 0
+        assert rows[0]["slide_id"] and rows[0]["features"].startswith("features/")
         record = (state / f"{batch}.json").read_bytes()
         for other in ("wrong-key-0123456789abcdef", key_b):
             with pytest.raises(InvalidParameterError, match="submitted with another API key"):
