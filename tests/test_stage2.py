@@ -483,7 +483,12 @@ def test_the_runs_of_mstar_train_export_into_one_bundle_that_analyses_a_slide(se
     head = save_head(tmp_path / "type" / "head.pt", MILHead("abmil", 96, 3, dim=16), {"labels": ["a", "b", "c"]})
     out = tmp_path / "bundle"
     args = ["export-runs", "--encoder", str(encoder), "--stage1", str(setup["teacher"]), "--out", str(out)]
-    res = CliRunner().invoke(main, [*args, "--head", f"cancer_type={head}", "--name", "mine"])
+    from training.models.report_decoder import ReportGenerator
+
+    gen = ReportGenerator(96, 30, d_model=16, n_memory=4, heads=2, d_ff=16, decoder_layers=1, max_len=9)
+    report = save_head(tmp_path / "report" / "head.pt", gen, {"vocabulary": {"itos": [f"w{i}" for i in range(30)]}})
+    extra = ["--head", f"cancer_type={head}", "--report", str(report), "--name", "mine"]
+    res = CliRunner().invoke(main, [*args, *extra])
     assert res.exit_code == 0, res.output
     bundle = load_bundle(out)
     manifest = json.loads((out / "bundle.json").read_text())
@@ -493,6 +498,7 @@ def test_the_runs_of_mstar_train_export_into_one_bundle_that_analyses_a_slide(se
     inputs = manifest["provenance"]["inputs"]
     assert inputs["encoder"] == {"file": encoder.name, "sha256": sha256_file(encoder), "arch": "vit_micro_112"}
     assert inputs["heads"]["cancer_type"]["sha256"] == sha256_file(head)
+    assert inputs["report"]["sha256"] == sha256_file(report) and bundle.report_models is not None
 
     slide = cohort_slides(setup["cohort"], None)[0][1]
     res = CliRunner().invoke(main, ["analyze", str(slide), "--bundle", str(out), "--out", str(tmp_path / "a")])

@@ -86,7 +86,7 @@ def assemble_export(
         raise InvalidParameterError(f"unknown architecture {arch!r}; choose one of {sorted(PATCH_ENCODERS)}")
     spec = PATCH_ENCODERS[arch]
     width = spec.embed_dim
-    model, _ = build_patch_encoder(arch, encoder)  # loaded strictly: weights of another architecture are refused
+    patch_encoder, _ = build_patch_encoder(arch, encoder)  # loaded strictly: weights of another architecture refused
     target_mpp = float(target_mpp or meta.get("target_mpp") or 0.5)
     field_um = field_um or meta.get("field_um") or spec.field_um
     sources: dict[str, Any] = {"encoder": {**_source(encoder), "arch": arch}}
@@ -113,12 +113,12 @@ def assemble_export(
 
     report_entry = None
     if report is not None:
-        model, kwargs, itos = load_report_generator(report)
+        generator, kwargs, itos = load_report_generator(report)
         if int(kwargs["n_features"]) != width:
             raise InvalidParameterError(
                 f"report generator {report} reads {kwargs['n_features']}-d features, the encoder gives {width}"
             )
-        report_entry = {"module": model, "kwargs": kwargs, "itos": itos}
+        report_entry = {"module": generator, "kwargs": kwargs, "itos": itos}
         sources["report"] = _source(Path(report))
 
     # named by the bundle, not by the scratch folder export.pt is written to: two exports write the same manifest
@@ -126,7 +126,7 @@ def assemble_export(
     return save_export_checkpoint(
         Path(run_dir) / EXPORT_FILE,
         encoder_name=arch,
-        encoder_state=model.state_dict(),
+        encoder_state=patch_encoder.state_dict(),
         target_mpp=target_mpp,
         field_um=float(field_um) if field_um else None,
         aggregator=aggregator,
