@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -199,8 +200,15 @@ def test_the_demo_bundle_s_files_are_checked_against_the_manifest_and_the_graphs
         backend.session(head["name"])
 
     _save(root, doc)
-    backend = OrtBackend(load_bundle(root), device="cpu")
-    (root / head["file"]).write_bytes((src / head["file"]).read_bytes() + b"\0")  # replaced after the load
+    loaded = load_bundle(root)
+    assert head["file"] in loaded.verified  # opened unchanged, it is not hashed a second time
+    backend = OrtBackend(loaded, device="cpu")
+    original = (src / head["file"]).read_bytes()
+    time.sleep(0.05)  # past the file system's timestamp granularity: the rewrite gets another mtime
+    (root / head["file"]).write_bytes(original[:-1] + bytes([original[-1] ^ 1]))  # same size, rewritten in place
+    with pytest.raises(BundleError, match="changed since the bundle was loaded"):
+        backend.session(head["name"])
+    (root / head["file"]).write_bytes(original + b"\0")  # replaced after the load
     with pytest.raises(BundleError, match="changed since the bundle was loaded"):
         backend.session(head["name"])
 

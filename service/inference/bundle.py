@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -298,10 +298,30 @@ class BundleManifest(_Strict):
 
 @dataclass(frozen=True)
 class Bundle:
-    """A validated bundle on disk."""
+    """A validated bundle on disk. `verified`: each file whose checksum `load_bundle` checked, with its
+    (inode, size, mtime) then, so `check_unchanged` re-hashes only a file that changed since."""
 
     root: Path
     manifest: BundleManifest
+    verified: dict[str, tuple[int, int, int]] = field(default_factory=dict, compare=False)
+
+    def check_unchanged(self, rel: str, sha: str, what: str) -> Path:
+        """The path of `rel`, refused when it no longer matches the manifest's `sha`: a file replaced under a
+        running worker was used unverified while results named the manifest's checksum. A file whose (inode, size,
+        mtime) are those it was verified with is not hashed again (a ViT-L graph is 1.2 GB)."""
+        path = self.root / rel
+        try:
+            if self.verified.get(rel) == _signature(path):
+                return path
+            got = sha256_file(path)
+        except OSError as err:
+            raise BundleError(f"{what}: cannot read {rel}: {err}") from None
+        if got != sha:
+            raise BundleError(
+                f"{what}: {rel} changed since the bundle was loaded (manifest {sha[:12]}…, file {got[:12]}…); "
+                "reload the bundle"
+            )
+        return path
 
     def model(self, name: str) -> ModelSpec:
         for m in self.manifest.models:
@@ -358,7 +378,13 @@ def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def _check_file(root: Path, rel: str, sha: str | None, what: str, verify: bool) -> None:
+def _signature(path: Path) -> tuple[int, int, int]:
+    st = path.stat()
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _check_file(root: Path, rel: str, sha: str | None, what: str, verify: bool) -> tuple[int, int, int] | None:
+    """Refuse what `rel` cannot be; with `verify`, check its checksum and return the file's signature then."""
     try:
         p = (root / rel).resolve()
         inside = p.is_relative_to(root.resolve())
@@ -370,10 +396,13 @@ def _check_file(root: Path, rel: str, sha: str | None, what: str, verify: bool) 
         raise BundleError(f"{what} file {rel!r} is missing from bundle {root} (weights are written by `mstar export`)")
     if not p.is_file():
         raise BundleError(f"{what} {rel!r} is not a file")
-    if verify and sha is not None:
-        got = sha256_file(p)
-        if got != sha:
-            raise BundleError(f"{what} file {rel!r} fails its checksum (manifest {sha[:12]}…, file {got[:12]}…)")
+    if not verify or sha is None:
+        return None
+    before = _signature(p)
+    got = sha256_file(p)
+    if got != sha:
+        raise BundleError(f"{what} file {rel!r} fails its checksum (manifest {sha[:12]}…, file {got[:12]}…)")
+    return before if _signature(p) == before else None  # changed while hashed: checked again on use
 
 
 def _check_vocab(path: Path, manifest: BundleManifest) -> None:
@@ -423,8 +452,10 @@ def load_bundle(root: str | Path, *, verify_checksums: bool = True) -> Bundle:
     if not isinstance(raw, dict):
         raise BundleError(f"bundle manifest {manifest_path} must be a JSON object")
     manifest = parse_manifest(raw)
+    verified: dict[str, tuple[int, int, int]] = {}
     for m in manifest.models:
-        _check_file(root, m.file, m.sha256, f"model {m.name!r}", verify_checksums)
+        if sig := _check_file(root, m.file, m.sha256, f"model {m.name!r}", verify_checksums):
+            verified[m.file] = sig
     if manifest.tokenizer is not None:
         _check_file(root, manifest.tokenizer.path, manifest.tokenizer.sha256, "tokenizer", verify_checksums)
     if manifest.report_vocab is not None:
@@ -432,8 +463,10 @@ def load_bundle(root: str | Path, *, verify_checksums: bool = True) -> Bundle:
         _check_file(root, v.path, v.sha256, "report vocabulary", verify_checksums)
         _check_vocab(root / v.path, manifest)
     if manifest.rna_fusion is not None:
-        _check_file(root, manifest.rna_fusion.file, manifest.rna_fusion.sha256, "rna_fusion head", verify_checksums)
-    return Bundle(root=root, manifest=manifest)
+        fusion = manifest.rna_fusion
+        if sig := _check_file(root, fusion.file, fusion.sha256, "rna_fusion head", verify_checksums):
+            verified[fusion.file] = sig
+    return Bundle(root=root, manifest=manifest, verified=verified)
 
 
 def write_manifest(root: str | Path, manifest: BundleManifest) -> Path:

@@ -4,9 +4,7 @@ profile mapping did. The profile's values are never logged or returned; only cou
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,22 +24,6 @@ def _risk(logits: np.ndarray) -> float:
     return float(-np.cumprod(1.0 - hazards).sum())
 
 
-def _verified(path: Path, sha256: str) -> bytes:
-    """The fusion graph's bytes, checked against the manifest as they are read (it is opened for each job: a file
-    replaced under a running worker was served unverified)."""
-    try:
-        data = path.read_bytes()
-    except OSError as err:
-        raise BundleError(f"rna_fusion head {path.name}: cannot read it: {err}") from None
-    got = hashlib.sha256(data).hexdigest()
-    if got != sha256:
-        raise BundleError(
-            f"rna_fusion head {path.name} changed since the bundle was loaded (manifest {sha256[:12]}…, file "
-            f"{got[:12]}…); reload the bundle"
-        )
-    return data
-
-
 @dataclass
 class RnaFusion:
     """An ORT session over the bundle's fusion graph, with the gene list it expects."""
@@ -55,9 +37,10 @@ class RnaFusion:
         if spec is None:
             raise InvalidParameterError("this model bundle has no slide + RNA head; send the request without RNA")
         self.spec = spec
-        data = _verified(self.bundle.root / spec.file, spec.sha256)
+        # opened for each job: checked each time (a file replaced under a running worker was served unverified)
+        path = self.bundle.check_unchanged(spec.file, spec.sha256, "rna_fusion head")
         try:
-            self.session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         except Exception as err:  # onnxruntime raises its own untyped errors for bad files
             raise BundleError(f"rna_fusion head {spec.file}: onnxruntime cannot load it: {err}") from None
         inputs = {i.name: i.shape for i in self.session.get_inputs()}

@@ -16,7 +16,7 @@ import numpy as np
 
 from service.errors import BackendUnavailableError, BundleError
 from service.inference.backend import BundleBackend
-from service.inference.bundle import Bundle, ModelSpec, sha256_file
+from service.inference.bundle import Bundle, ModelSpec
 
 _ORT_TYPES = {
     "tensor(uint8)": "uint8",
@@ -96,18 +96,8 @@ class OrtBackend(BundleBackend):
         if self.intra_op_threads:
             so.intra_op_num_threads = self.intra_op_threads
         so.log_severity_level = 3
-        path = self.bundle.root / spec.file
-        # checked again as it is opened: a file replaced under a running worker was served unverified, while
-        # results still named the manifest's checksum
-        try:
-            got = sha256_file(path)
-        except OSError as err:
-            raise BundleError(f"model {spec.name!r}: cannot read {spec.file}: {err}") from None
-        if got != spec.sha256:
-            raise BundleError(
-                f"model {spec.name!r}: {spec.file} changed since the bundle was loaded (manifest {spec.sha256[:12]}…, "
-                f"file {got[:12]}…); reload the bundle"
-            )
+        # checked again as it is opened: a file replaced under a running worker was served unverified
+        path = self.bundle.check_unchanged(spec.file, spec.sha256, f"model {spec.name!r}")
         try:
             sess = ort.InferenceSession(str(path), sess_options=so, providers=self.providers)
         except Exception as err:  # onnxruntime raises its own untyped errors for bad files
