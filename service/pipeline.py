@@ -77,16 +77,13 @@ class AnalysisOptions:
         unknown = sorted(set(self.tasks) - set(TASKS))
         if unknown:
             raise InvalidParameterError(f"unknown task(s) {unknown}; choose from {list(TASKS)}")
-        if "zeroshot" in self.tasks and len(self.prompts) < 2:
-            # a softmax over one prompt is 1.0 whatever the slide: the API has always asked for two
-            raise InvalidParameterError("zero-shot scoring needs at least two prompts (one per class)")
         if "zeroshot" in self.tasks:  # checked before any tile is read: they were refused after the whole analysis
-            from service.inference.zeroshot import MAX_PROMPT_CHARS, MAX_PROMPTS
+            if len(self.prompts) < 2:
+                # a softmax over one prompt is 1.0 whatever the slide: the API has always asked for two
+                raise InvalidParameterError("zero-shot scoring needs at least two prompts (one per class)")
+            from service.inference.zeroshot import check_prompts
 
-            if len(self.prompts) > MAX_PROMPTS:
-                raise InvalidParameterError(f"give between 1 and {MAX_PROMPTS} prompts")
-            if any(not p.strip() or len(p) > MAX_PROMPT_CHARS for p in self.prompts):
-                raise InvalidParameterError(f"prompts must be non-empty and at most {MAX_PROMPT_CHARS} characters")
+            check_prompts(self.prompts)
         if self.batch_size < 1 or self.read_workers < 1:
             raise InvalidParameterError("batch_size and read_workers must be >= 1")
         if self.region is not None:

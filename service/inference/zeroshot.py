@@ -42,15 +42,20 @@ def _tokenizer(path: str, max_length: int):
     return tok
 
 
+def check_prompts(prompts: list[str] | tuple[str, ...]) -> None:
+    """Between 1 and `MAX_PROMPTS` prompts, none blank or over `MAX_PROMPT_CHARS` characters."""
+    if not prompts or len(prompts) > MAX_PROMPTS:
+        raise InvalidParameterError(f"give between 1 and {MAX_PROMPTS} prompts")
+    if any(not p.strip() or len(p) > MAX_PROMPT_CHARS for p in prompts):
+        raise InvalidParameterError(f"prompts must be non-empty and at most {MAX_PROMPT_CHARS} characters")
+
+
 def embed_prompts(bundle: Bundle, backend: BundleBackend, prompts: list[str]) -> np.ndarray:
     """Prompt embeddings [P, E] in the slide-embedding space (not normalised)."""
     spec = bundle.text_encoder
     if spec is None or bundle.manifest.tokenizer is None:
         raise BundleError("this bundle has no text encoder")
-    if not prompts or len(prompts) > MAX_PROMPTS:
-        raise InvalidParameterError(f"give between 1 and {MAX_PROMPTS} prompts")
-    if any(not p.strip() or len(p) > MAX_PROMPT_CHARS for p in prompts):
-        raise InvalidParameterError(f"prompts must be non-empty and at most {MAX_PROMPT_CHARS} characters")
+    check_prompts(prompts)
     tok = _tokenizer(str(bundle.tokenizer_path), bundle.manifest.tokenizer.max_length)
     enc = tok.encode_batch(prompts)
     ids = np.asarray([e.ids for e in enc], dtype=np.int64)
