@@ -26,7 +26,7 @@ import os
 import socket
 import threading
 import time
-from collections import deque
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -236,9 +236,9 @@ class Deliveries:
     def __init__(self, factory: Any, settings: Settings, *, threads: int = 4, per_tenant: int = 2) -> None:
         self.factory, self.settings = factory, settings
         self.per_tenant = max(1, min(per_tenant, threads))
-        self._pending: dict[str, deque[str]] = {}
-        self._running: dict[str, int] = {}
-        self._turn: deque[str] = deque()  # tenants with pending deliveries, in the order they are served
+        # a queue per tenant with deliveries waiting, the tenants in the order they are served (served: to the end)
+        self._pending: OrderedDict[str, deque[str]] = OrderedDict()
+        self._running: Counter[str] = Counter()
         self._cv = threading.Condition()
         self._closed = False
         self._threads = [
@@ -257,8 +257,6 @@ class Deliveries:
             if job_id in queue:  # the sweep found it again before it was sent
                 return
             queue.append(job_id)
-            if tenant not in self._turn:
-                self._turn.append(tenant)
             self._cv.notify()
 
     def pending(self) -> int:
@@ -270,7 +268,6 @@ class Deliveries:
         with self._cv:
             self._closed = True
             self._pending.clear()
-            self._turn.clear()
             self._cv.notify_all()
 
     def _tenant(self, job_id: str) -> str:
@@ -292,17 +289,18 @@ class Deliveries:
             while True:
                 if self._closed:
                     return None
-                for _ in range(len(self._turn)):
-                    tenant = self._turn[0]
-                    self._turn.rotate(-1)
-                    if self._running.get(tenant, 0) < self.per_tenant and self._pending.get(tenant):
-                        job_id = self._pending[tenant].popleft()
-                        if not self._pending[tenant]:
-                            del self._pending[tenant]
-                            self._turn.remove(tenant)
-                        self._running[tenant] = self._running.get(tenant, 0) + 1
-                        return tenant, job_id
-                self._cv.wait()
+                tenant = next((t for t in self._pending if self._running[t] < self.per_tenant), None)
+                if tenant is None:
+                    self._cv.wait()
+                    continue
+                queue = self._pending[tenant]
+                job_id = queue.popleft()
+                if queue:
+                    self._pending.move_to_end(tenant)
+                else:
+                    del self._pending[tenant]
+                self._running[tenant] += 1
+                return tenant, job_id
 
     def _loop(self) -> None:
         while (got := self._next()) is not None:
