@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import fcntl
 import json
+import os
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,16 +29,15 @@ def run_folder(
     resume: bool,
     overwrite: bool,
     marker: str,
-    main: bool = True,
     resumable: bool = True,
 ) -> Iterator[Path]:
     """`out_dir` held for one run: a second run into it at the same time is refused (a lock file), and so is a new
     run into a folder that already holds one (`marker`, e.g. `last.pt`) unless it resumes it or says `overwrite`.
-    Other ranks than the main one only get the folder. `resumable` False: the command has no --resume (the
-    refusal does not offer it)."""
+    Other ranks than the main one (`RANK`, as torchrun sets it) only get the folder. `resumable` False: the command
+    has no --resume (the refusal does not offer it)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if not main:
+    if int(os.environ.get("RANK", "0")) != 0:
         yield out
         return
     lock = (out / ".run.lock").open("w")

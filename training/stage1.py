@@ -320,9 +320,8 @@ def train_stage1(
     threads = torch.get_num_threads()
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    main = int(os.environ.get("RANK", "0")) == 0
     try:
-        with run_folder(cfg.out_dir, resume=resume, overwrite=overwrite, marker="last.pt", main=main):
+        with run_folder(cfg.out_dir, resume=resume, overwrite=overwrite, marker="last.pt"):
             return _train(cfg, resume, stop_after)
     finally:
         torch.set_num_threads(threads)

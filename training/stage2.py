@@ -314,8 +314,7 @@ def train_stage2(cfg: Stage2Config, resume: bool = False, overwrite: bool = Fals
 
     An out_dir holding a run is refused unless `resume` or `overwrite`, and so is one another run is writing to
     (`runs.run_folder`); a resume is refused when the config differs from the checkpoint's in what it trains."""
-    main = int(os.environ.get("RANK", "0")) == 0
-    with run_folder(cfg.out_dir, resume=resume, overwrite=overwrite, marker="last.pt", main=main):
+    with run_folder(cfg.out_dir, resume=resume, overwrite=overwrite, marker="last.pt"):
         return _train(cfg, resume)
 
 
